@@ -1,0 +1,44 @@
+# make demo: fresh machine -> .venv -> the local profile's demo matrix -> results/report.html
+# make test: .venv + the whole test suite (starts the project's Slurm test cluster when it can)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv demo test test-fast plan clean cluster-up cluster-down
+
+venv: $(STAMP)
+
+# torch first, pinned to the CPU wheel that lies on this kind of machine; a bare
+# `torch` (fairscale asks for one) would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip>=23" setuptools wheel
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==$${TORCH_VERSION:-2.13.0}"
+	$(BIN)/pip install -q --no-build-isolation "fairscale==0.4.13"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --profile profiles/local
+	@echo "report: $(CURDIR)/results/report.html"
+
+plan: venv
+	$(BIN)/llmenergy plan --config config.yaml
+
+test: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
+
+test-fast: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" LLMENERGY_NO_CLUSTER=1 $(BIN)/python -m pytest -q -m "not slurm and not slow" tests
+
+cluster-up:
+	bash tests/slurm/cluster.sh up
+
+cluster-down:
+	bash tests/slurm/cluster.sh down
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,96 @@
+"""Architectures: the table of named LLaMA sizes and their memory arithmetic.
+
+Kept free of torch so that config validation and planning (which run every time
+Snakemake parses the workflow) stay cheap.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from llmenergy.errors import ConfigError
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    n_kv_heads: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """FFN width by LLaMA's rule: 2/3 of 4*dim, rounded up to ``multiple_of``."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def replace(self, **changes: object) -> ModelArgs:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+SIZES: dict[str, ModelArgs] = {
+    # Small enough to run a whole demo cell on two CPU cores in seconds.
+    "llama-tiny": ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=2048, multiple_of=32, max_seq_len=1024),
+    "llama-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
+    "llama-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
+    "llama-30b": ModelArgs(dim=6656, n_layers=60, n_heads=52, vocab_size=32000),
+    "llama-65b": ModelArgs(dim=8192, n_layers=80, n_heads=64, vocab_size=32000),
+    "llama2-70b": ModelArgs(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000,
+        multiple_of=4096, ffn_dim_multiplier=1.3, max_seq_len=4096,
+    ),
+}
+
+
+def get_arch(name: str, *, key: str = "model") -> ModelArgs:
+    try:
+        return SIZES[name]
+    except KeyError:
+        known = ", ".join(sorted(SIZES))
+        raise ConfigError(f"{key}: unknown architecture {name!r} (known: {known})") from None
+
+
+def n_params(args: ModelArgs) -> int:
+    """Parameter count of the LLaMA transformer."""
+    head = args.head_dim
+    attn = args.dim * args.n_heads * head * 2 + args.dim * args.kv_heads * head * 2
+    ffn = 3 * args.dim * args.hidden_dim
+    per_layer = attn + ffn + 2 * args.dim
+    return args.n_layers * per_layer + 2 * args.vocab_size * args.dim + args.dim
+
+
+def weight_bytes(args: ModelArgs, dtype: str = "float16") -> int:
+    return n_params(args) * DTYPE_BYTES[dtype]
+
+
+def kv_cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype: str = "float16") -> int:
+    return 2 * args.n_layers * batch * seq_len * args.kv_heads * args.head_dim * DTYPE_BYTES[dtype]
+
+
+def shard_problem(name: str, args: ModelArgs, shards: int) -> str | None:
+    """Why ``shards`` cannot split this architecture, or None when it can."""
+    if args.n_heads % shards:
+        return f"{name} × {shards} shards: {shards} does not divide {args.n_heads} attention heads"
+    if args.kv_heads % shards:
+        return f"{name} × {shards} shards: {shards} does not divide {args.kv_heads} key/value heads"
+    if args.vocab_size % shards or args.dim % shards or args.hidden_dim % shards:
+        return f"{name} × {shards} shards: {shards} does not divide the layer widths"
+    return None

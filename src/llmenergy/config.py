@@ -1,0 +1,286 @@
+"""Load and validate ``config.yaml`` into typed objects.
+
+Two layers: a JSON schema (structure, types, unknown keys) and semantic checks
+(names that refer to each other, ranges, files). Every problem becomes one
+:class:`~llmenergy.errors.ConfigError` line naming the file and the key, e.g.
+``config.yaml: matrix[1].batch_size: -4 must be a positive integer``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from llmenergy.arch import SIZES, ModelArgs
+from llmenergy.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+AXES = ("model", "dataset", "gpu", "shards", "batch_size", "max_gen_len", "power_cap_w", "engine")
+ENGINES = ("reference",)
+BACKENDS = ("auto", "dcgm", "nvml", "rapl", "estimate", "none")
+SCHEMA_PATH = Path(str(resources.files("llmenergy") / "schemas" / "config.schema.json"))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    arch: str
+    args: ModelArgs
+    weights: str = "synthetic"
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    stop_at_eos: bool = False
+
+
+@dataclass(frozen=True)
+class DatasetSpecCfg:
+    name: str
+    format: str
+    path: str
+    n_prompts: int
+    seed: int = 0
+    order: str = "shuffle"
+    train_path: str | None = None
+    kshot: int = 0
+    max_prompt_len: int = 256
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    partition: str
+    gpus_per_node: int
+    memory_gb: float
+    constraint: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    cpus_per_gpu: int = 4
+    mem_mb_per_gpu: int | None = None
+    device: str = "cuda"
+    tdp_w: float | None = None
+    min_power_w: float | None = None
+    max_power_w: float | None = None
+    mem_bandwidth_gbs: float = 900.0
+
+
+@dataclass(frozen=True)
+class CollectorSpec:
+    backend: str = "auto"
+    interval_ms: int = 100
+    idle_baseline_s: float = 5.0
+    estimate_tdp_w: float | None = None
+    dcgm_host: str | None = None
+
+
+@dataclass(frozen=True)
+class Policies:
+    on_oom: str = "record"
+    on_power_cap_denied: str = "fail"
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    models: dict[str, ModelSpec]
+    datasets: dict[str, DatasetSpecCfg]
+    gpus: dict[str, GpuSpec]
+    matrix: list[dict[str, list[Any]]]
+    repeats: int = 1
+    seed: int = 0
+    output_dir: str = "results"
+    warmup_tokens: int = 8
+    collector: CollectorSpec = field(default_factory=CollectorSpec)
+    policies: Policies = field(default_factory=Policies)
+    grid_gco2_per_kwh: float | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+def _schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def _key_path(parts: list[Any]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _schema_errors(data: dict[str, Any], source: str) -> None:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if not errors:
+        return
+    err = errors[0]
+    path = list(err.absolute_path)
+    if len(path) >= 3 and path[0] == "matrix" and isinstance(path[-1], int):
+        path = path[:-1]  # matrix[1].batch_size[0] reads better as matrix[1].batch_size
+    where = _key_path(path)
+    if err.validator == "additionalProperties":
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        raise ConfigError(f"{source}: {where}: unknown key {extra[0]!r}" if extra else f"{source}: {where}: {err.message}")
+    if err.validator == "type":
+        raise ConfigError(f"{source}: {where}: {err.instance!r} must be of type {err.validator_value}")
+    if err.validator in ("minimum", "exclusiveMinimum") and isinstance(err.instance, int) and \
+            err.schema.get("type") == "integer":
+        raise ConfigError(f"{source}: {where}: {err.instance!r} must be a positive integer")
+    if err.validator == "required":
+        raise ConfigError(f"{source}: {where}: {err.message}")
+    raise ConfigError(f"{source}: {where}: {err.message}")
+
+
+def _name(source: str, key: str, name: str) -> str:
+    if not NAME_RE.match(name):
+        raise ConfigError(f"{source}: {key}: name {name!r} may only contain letters, digits, '.', '_' and '-'")
+    return name
+
+
+def _models(raw: dict[str, Any], source: str) -> dict[str, ModelSpec]:
+    out: dict[str, ModelSpec] = {}
+    for name, m in raw.items():
+        _name(source, f"models.{name}", name)
+        arch = m.get("arch", name)
+        if arch not in SIZES:
+            raise ConfigError(f"{source}: models.{name}.arch: unknown architecture {arch!r} (known: {', '.join(SIZES)})")
+        args = SIZES[arch]
+        if "max_seq_len" in m:
+            args = args.replace(max_seq_len=int(m["max_seq_len"]))
+        out[name] = ModelSpec(
+            name=name, arch=arch, args=args, weights=str(m.get("weights", "synthetic")),
+            tokenizer=m.get("tokenizer"), dtype=m.get("dtype", "auto"), stop_at_eos=bool(m.get("stop_at_eos", False)),
+        )
+    return out
+
+
+def _datasets(raw: dict[str, Any], source: str) -> dict[str, DatasetSpecCfg]:
+    out: dict[str, DatasetSpecCfg] = {}
+    for name, d in raw.items():
+        _name(source, f"datasets.{name}", name)
+        if d.get("kshot", 0) and not d.get("train_path"):
+            raise ConfigError(f"{source}: datasets.{name}.kshot: needs datasets.{name}.train_path")
+        out[name] = DatasetSpecCfg(name=name, **d)
+    return out
+
+
+def _gpus(raw: dict[str, Any], source: str) -> dict[str, GpuSpec]:
+    out: dict[str, GpuSpec] = {}
+    for name, g in raw.items():
+        _name(source, f"gpus.{name}", name)
+        spec = GpuSpec(name=name, **g)
+        for key in ("partition", "constraint", "account", "qos"):
+            value = getattr(spec, key)
+            if value is not None and not NAME_RE.match(str(value).replace(",", "").replace("&", "").replace("|", "")):
+                raise ConfigError(f"{source}: gpus.{name}.{key}: {value!r} has characters a Slurm name cannot have")
+        if spec.min_power_w and spec.max_power_w and spec.min_power_w > spec.max_power_w:
+            raise ConfigError(f"{source}: gpus.{name}.min_power_w: {spec.min_power_w} exceeds max_power_w {spec.max_power_w}")
+        out[name] = spec
+    return out
+
+
+def _check_matrix(cfg: Config) -> None:
+    src = cfg.source
+    if not cfg.matrix:
+        raise ConfigError(f"{src}: matrix: is empty; add at least one group")
+    refs = {"model": cfg.models, "dataset": cfg.datasets, "gpu": cfg.gpus}
+    for i, group in enumerate(cfg.matrix):
+        for axis in ("model", "dataset", "gpu"):
+            if axis not in group:
+                raise ConfigError(f"{src}: matrix[{i}]: missing axis '{axis}'")
+            for v in group[axis]:
+                if v not in refs[axis]:
+                    raise ConfigError(f"{src}: matrix[{i}].{axis}: unknown {axis} {v!r} (define it under {axis}s)")
+        for axis, values in group.items():
+            if len(values) != len(set(map(str, values))):
+                raise ConfigError(f"{src}: matrix[{i}].{axis}: duplicate value in {values!r}")
+        for v in group.get("engine", ["reference"]):
+            if v not in ENGINES:
+                raise ConfigError(f"{src}: matrix[{i}].engine: unknown engine {v!r} (known: {', '.join(ENGINES)})")
+        for gen in group.get("max_gen_len", []):
+            for m in group["model"]:
+                for d in group["dataset"]:
+                    ctx = cfg.models[m].args.max_seq_len
+                    if gen + cfg.datasets[d].max_prompt_len > ctx:
+                        raise ConfigError(
+                            f"{src}: matrix[{i}].max_gen_len: {gen} + datasets.{d}.max_prompt_len "
+                            f"{cfg.datasets[d].max_prompt_len} exceeds {m}'s context of {ctx} tokens")
+        for cap in group.get("power_cap_w", [None]):
+            if cap is None:
+                continue
+            for g in group["gpu"]:
+                spec = cfg.gpus[g]
+                lo, hi = spec.min_power_w, spec.max_power_w
+                if (lo is not None and cap < lo) or (hi is not None and cap > hi):
+                    raise ConfigError(f"{src}: matrix[{i}].power_cap_w: {cap} W is outside gpus.{g}'s range {lo}–{hi} W")
+
+
+def _check_files(cfg: Config) -> None:
+    src = cfg.source
+    for name, m in cfg.models.items():
+        if m.weights != "synthetic" and not Path(m.weights).exists():
+            raise ConfigError(f"{src}: models.{name}.weights: checkpoint directory {m.weights!r} does not exist")
+    for name, d in cfg.datasets.items():
+        for key in ("path", "train_path"):
+            value = getattr(d, key)
+            if value and value != "synthetic" and not Path(value).exists():
+                raise ConfigError(f"{src}: datasets.{name}.{key}: file {value!r} does not exist")
+
+
+def from_dict(data: dict[str, Any], *, source: str = "config.yaml", check_files: bool = True) -> Config:
+    """Validate a config mapping (as loaded from YAML) and return a :class:`Config`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: must be a mapping of keys to values")
+    _schema_errors(data, source)
+    for i, group in enumerate(data["matrix"]):
+        for axis, values in group.items():
+            if isinstance(values, list) and not values:
+                raise ConfigError(f"{source}: matrix[{i}].{axis}: is empty")
+    cfg = Config(
+        source=source,
+        models=_models(data["models"], source),
+        datasets=_datasets(data["datasets"], source),
+        gpus=_gpus(data["gpus"], source),
+        matrix=[{k: list(v) for k, v in g.items()} for g in data["matrix"]],
+        repeats=data.get("repeats", 1),
+        seed=data.get("seed", 0),
+        output_dir=data.get("output_dir", "results"),
+        warmup_tokens=data.get("warmup_tokens", 8),
+        collector=CollectorSpec(**data.get("collector", {})),
+        policies=Policies(**data.get("policies", {})),
+        grid_gco2_per_kwh=data.get("grid_gco2_per_kwh"),
+        raw=data,
+    )
+    if cfg.collector.backend == "estimate" and not cfg.collector.estimate_tdp_w:
+        raise ConfigError(f"{source}: collector.estimate_tdp_w: required when collector.backend is 'estimate'")
+    out = Path(cfg.output_dir)
+    if ".." in out.parts:
+        raise ConfigError(f"{source}: output_dir: {cfg.output_dir!r} may not contain '..'")
+    _check_matrix(cfg)
+    if check_files:
+        _check_files(cfg)
+    return cfg
+
+
+def load(path: str | Path, *, overrides: dict[str, Any] | None = None, check_files: bool = True) -> Config:
+    """Read ``path`` (YAML) and validate it."""
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise ConfigError(f"{p}: {where}: not valid YAML") from None
+    if overrides:
+        data = {**(data or {}), **overrides}
+    return from_dict(data or {}, source=p.name if p.parent == Path(".") else str(p), check_files=check_files)

@@ -1,0 +1,277 @@
+"""Run one cell: start a collector per node and one worker rank per GPU, then finalise.
+
+Two launchers share everything but the process start:
+
+* ``local``: ranks and the collector are child processes of this one;
+* ``srun``: inside a Slurm job, ``srun --overlap`` starts the ranks across the
+  job's nodes and, beside them, one collector per node.
+
+Whatever happens to the ranks, the collectors are stopped (SIGUSR1, so they
+flush), the power files are merged, the metrics are computed and ``cell.json``
+is written last. Only an ``ok`` cell (or an ``oom`` cell under
+``policies.on_oom: record``) exits 0, so Snakemake reruns the others.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmenergy import atomic
+from llmenergy.config import Config
+from llmenergy.matrix import Cell, dtype_for, estimate_runtime_s
+from llmenergy.provenance import collect_provenance
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 20.0
+COLLECTOR_STOP_S = 30.0
+
+
+def cell_resources(cfg: Config, cell: Cell, *, runtime_s: float | None = None) -> dict[str, Any]:
+    """Snakemake resources of the cell's Slurm job (see :mod:`llmenergy.slurm`)."""
+    from llmenergy import slurm
+
+    runtime_s = estimate_runtime_s(cfg, cell) if runtime_s is None else runtime_s
+    res = slurm.resources_for(cell.shards, cfg.gpus[cell.gpu], max(10, math.ceil(runtime_s * 1.5 / 60)))
+    return slurm.snakemake_resources(res)
+
+
+def cell_spec(cfg: Config, cell: Cell) -> dict[str, Any]:
+    """Everything a rank needs, resolved from the config: written to ``spec.json``."""
+    model, ds, gpu = cfg.models[cell.model], cfg.datasets[cell.dataset], cfg.gpus[cell.gpu]
+    gpn = gpu.gpus_per_node
+    nodes = max(1, math.ceil(cell.shards / gpn))
+    device = gpu.device
+    if device == "auto":
+        device = "cuda" if _cuda_count() >= cell.shards else "cpu"
+    spec = {
+        "cell_id": cell.id, "cell": cell.identity(), "arch": model.arch, "weights": model.weights,
+        "tokenizer": model.tokenizer, "stop_at_eos": model.stop_at_eos, "device": device,
+        "dtype": "float32" if device == "cpu" else dtype_for(cfg, cell),
+        "batch_size": cell.batch_size, "max_gen_len": cell.max_gen_len, "max_prompt_len": ds.max_prompt_len,
+        "max_seq_len": ds.max_prompt_len + cell.max_gen_len, "repeats": cfg.repeats, "seed": cfg.seed,
+        "warmup_tokens": cfg.warmup_tokens, "idle_baseline_s": cfg.collector.idle_baseline_s,
+        "nodes": nodes, "ranks_per_node": cell.shards // nodes,
+        "dataset": {"name": ds.name, "format": ds.format, "path": ds.path, "n_prompts": ds.n_prompts,
+                    "seed": ds.seed, "order": ds.order, "train_path": ds.train_path, "kshot": ds.kshot},
+        "collector": {"backend": cfg.collector.backend, "interval_ms": cfg.collector.interval_ms,
+                      "estimate_tdp_w": cfg.collector.estimate_tdp_w, "dcgm_host": cfg.collector.dcgm_host},
+        "power_cap_w": cell.power_cap_w, "policies": {"on_oom": cfg.policies.on_oom},
+        "grid_gco2_per_kwh": cfg.grid_gco2_per_kwh,
+    }
+    return spec
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _collector_args(spec: dict[str, Any], run_dir: Path, node: str) -> list[str]:
+    c = spec["collector"]
+    args = [sys.executable, "-m", "llmenergy.cli", "collect", "--backend", c["backend"],
+            "--interval-ms", str(c["interval_ms"]), "--out", str(run_dir / "power"), "--node", node,
+            "--uuid-dir", str(run_dir / "uuids"), "--ready-dir", str(run_dir / "ready"),
+            "--expect-devices", str(spec["ranks_per_node"])]
+    if c.get("estimate_tdp_w"):
+        args += ["--estimate-tdp-w", str(c["estimate_tdp_w"])]
+    if c.get("dcgm_host"):
+        args += ["--dcgm-host", c["dcgm_host"]]
+    return args
+
+
+class _Forward:
+    """Forward SIGTERM/SIGINT/SIGUSR1/2 to the ranks (Slurm's time-limit signal)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.signum: int | None = None
+        self._old = {s: signal.signal(s, self._handle)
+                     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        log.warning("signal %d: forwarding to the ranks", signum)
+        for p in self.procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _wait_ranks(procs: list[subprocess.Popen[bytes]]) -> list[int]:
+    """Wait for all ranks; once one fails, give the rest GRACE_S, then kill them."""
+    failed_at: float | None = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return [int(c) for c in codes if c is not None]
+        if failed_at is None and any(c not in (None, 0) for c in codes):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > GRACE_S:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGUSR1)
+    try:
+        proc.wait(timeout=COLLECTOR_STOP_S)
+    except subprocess.TimeoutExpired:
+        log.warning("collector did not stop within %.0f s; killing it", COLLECTOR_STOP_S)
+        proc.kill()
+        proc.wait()
+
+
+def _launch_local(spec: dict[str, Any], cell_dir: Path, fwd: _Forward) -> tuple[list[int], Any]:
+    run_dir, logs = cell_dir / ".run", cell_dir / "logs"
+    node = socket.gethostname()
+    coll_log = open(logs / f"collector.{node}.log", "ab")  # noqa: SIM115 - closed below
+    collector = subprocess.Popen(_collector_args(spec, run_dir, node), stdout=coll_log, stderr=subprocess.STDOUT)
+    port = _free_port()
+    n = spec["cell"]["shards"]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for rank in range(n):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_RANK": str(rank),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+            out = open(logs / f"rank{rank}.log", "ab")  # noqa: SIM115 - child owns it
+            procs.append(subprocess.Popen([sys.executable, "-m", "llmenergy.worker", str(cell_dir / "spec.json")],
+                                          env=env, stdout=out, stderr=subprocess.STDOUT))
+            out.close()
+        fwd.procs = procs
+        codes = _wait_ranks(procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        _stop(collector)
+        coll_log.close()
+    return codes, None
+
+
+def _launch_srun(spec: dict[str, Any], cell_dir: Path, fwd: _Forward, cfg: Config, cell: Cell) -> tuple[list[int], Any]:
+    from llmenergy import slurm
+
+    run_dir, logs = cell_dir / ".run", cell_dir / "logs"
+    res = slurm.resources_for(cell.shards, cfg.gpus[cell.gpu], 60)
+    coll_cmd = " ".join(_quote(a) for a in _collector_args(spec, run_dir, "NODE")).replace(" --node NODE", ' --node "$(hostname)"')
+    coll = subprocess.Popen(
+        [*slurm.srun_collector_args(res), "--output", str(logs / "collector.%N.log"), "bash", "-c", f"exec {coll_cmd}"])
+    worker = subprocess.Popen(
+        [*slurm.srun_worker_args(res), "--output", str(logs / "rank%t.log"),
+         sys.executable, "-m", "llmenergy.worker", str(cell_dir / "spec.json")])
+    fwd.procs = [worker]
+    try:
+        codes = [worker.wait()]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        _stop(coll)
+    return codes, res
+
+
+def _quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+def _status(cell_dir: Path, codes: list[int], signum: int | None) -> tuple[str, str | None]:
+    ws = cell_dir / ".run" / "worker_status.json"
+    if ws.exists():
+        st = json.loads(ws.read_text())
+        if st["status"] != "ok" or all(c == 0 for c in codes):
+            return st["status"], st.get("reason")
+    if signum is not None:
+        return "incomplete", f"interrupted by signal {signum}"
+    bad = [c for c in codes if c != 0]
+    return ("failed", f"rank exited with code {bad[0]}; see logs/") if bad else ("ok", None)
+
+
+def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = False) -> int:
+    """Run ``cell`` and write its outputs; returns the process exit code."""
+    from llmenergy.collector.process import merge_node_files
+    from llmenergy.metrics import compute_cell_metrics
+
+    cell_dir = cell.dir(cfg.output_dir)
+    done = cell_dir / "cell.json"
+    if done.exists() and not force and json.loads(done.read_text()).get("status") == "ok":
+        log.info("%s: already finished (cell.json is ok); skipping", cell.id)
+        return 0
+    if launcher == "auto":
+        launcher = "srun" if os.environ.get("SLURM_JOB_ID") and shutil.which("srun") else "local"
+    for stale in ("cell.json", "metrics.parquet", "events.parquet", "responses.parquet", "power.parquet"):
+        (cell_dir / stale).unlink(missing_ok=True)
+    shutil.rmtree(cell_dir / ".run", ignore_errors=True)
+    for d in ("uuids", "ready", "power"):
+        (cell_dir / ".run" / d).mkdir(parents=True, exist_ok=True)
+    (cell_dir / "logs").mkdir(parents=True, exist_ok=True)
+    spec = cell_spec(cfg, cell)
+    atomic.write_json(cell_dir / "spec.json", spec)
+    started = time.time()
+    log.info("%s: launching %d rank(s) on %d node(s) via %s", cell.id, cell.shards, spec["nodes"], launcher)
+    fwd = _Forward()
+    try:
+        if launcher == "srun":
+            codes, _ = _launch_srun(spec, cell_dir, fwd, cfg, cell)
+        else:
+            codes, _ = _launch_local(spec, cell_dir, fwd)
+    finally:
+        fwd.restore()
+    status, reason = _status(cell_dir, codes, fwd.signum)
+    power, recovered = merge_node_files(cell_dir / ".run" / "power")
+    if power is not None and power.num_rows:
+        atomic.write_parquet(cell_dir / "power.parquet", power)
+    cell_json = {
+        "schema_version": 1, "cell_id": cell.id, "cell": cell.identity(), "status": status, "reason": reason,
+        "repeats": cfg.repeats, "launcher": launcher, "rank_exit_codes": codes,
+        "power_recovered_from_parts": bool(recovered),
+        "provenance": collect_provenance(cell_dir, started=started, power=power),
+    }
+    atomic.write_json(cell_dir / "cell.status.json", cell_json)
+    try:
+        atomic.write_parquet(cell_dir / "metrics.parquet", compute_cell_metrics(cell_dir, status=cell_json))
+    except Exception as exc:  # noqa: BLE001 - a metrics bug must not lose the run's raw data
+        log.exception("%s: computing metrics failed", cell.id)
+        cell_json.update(status="failed", reason=f"metrics: {exc}")
+    ok = status == "ok" or (status == "oom" and cfg.policies.on_oom == "record")
+    if ok:
+        shutil.rmtree(cell_dir / ".run", ignore_errors=True)
+    atomic.write_json(done, cell_json)
+    (cell_dir / "cell.status.json").unlink(missing_ok=True)
+    if not ok:
+        failed = Path(cfg.output_dir) / "failed" / f"{cell.id}.json"
+        atomic.write_json(failed, cell_json)
+        log.error("%s: %s (%s)", cell.id, status, reason)
+        return 1
+    log.info("%s: %s in %.1f s", cell.id, status, time.time() - started)
+    return 0

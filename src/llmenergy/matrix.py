@@ -1,0 +1,148 @@
+"""The experiment matrix: groups → cartesian cells, feasibility, ids and paths.
+
+A :class:`Cell` owns its identity and every path derived from it. Cells that
+cannot run (shards that do not divide the heads, a model that does not fit in
+shards × GPU memory, more shards than a job may have) are kept out of the plan
+as :class:`Infeasible` entries with a reason.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from llmenergy.arch import kv_cache_bytes, shard_problem, weight_bytes
+from llmenergy.config import Config
+from llmenergy.errors import ConfigError
+
+MAX_SHARDS = 32
+DEFAULTS: dict[str, list[Any]] = {
+    "shards": [1], "batch_size": [1], "max_gen_len": [256], "power_cap_w": [None], "engine": ["reference"],
+}
+# Per GPU: CUDA context, allocator slack and activations not counted in weights + KV cache.
+RESERVE_GB_PER_GPU = 2.0
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    dataset: str
+    gpu: str
+    shards: int
+    batch_size: int
+    max_gen_len: int
+    power_cap_w: float | None
+    engine: str = "reference"
+
+    @property
+    def id(self) -> str:
+        cap = "none" if self.power_cap_w is None else f"{self.power_cap_w:g}W"
+        return (f"{self.model}_{self.dataset}_{self.gpu}_s{self.shards}_b{self.batch_size}"
+                f"_g{self.max_gen_len}_p{cap}_{self.engine}")
+
+    def identity(self) -> dict[str, Any]:
+        return {"cell_id": self.id, **asdict(self)}
+
+    def dir(self, output_dir: str | Path) -> Path:
+        return Path(output_dir) / "cells" / self.id
+
+    @classmethod
+    def from_identity(cls, d: dict[str, Any]) -> Cell:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Infeasible:
+    cell: Cell
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    cells: list[Cell]
+    infeasible: list[Infeasible]
+
+    def by_id(self) -> dict[str, Cell]:
+        return {c.id: c for c in self.cells}
+
+    def get(self, cell_id: str) -> Cell:
+        try:
+            return self.by_id()[cell_id]
+        except KeyError:
+            raise ConfigError(f"cell {cell_id!r} is not in the plan") from None
+
+
+def dtype_for(cfg: Config, cell: Cell) -> str:
+    dtype = cfg.models[cell.model].dtype
+    if dtype != "auto":
+        return dtype
+    return "float32" if cfg.gpus[cell.gpu].device == "cpu" else "float16"
+
+
+def memory_problem(cfg: Config, cell: Cell) -> str | None:
+    """Why ``cell`` does not fit in shards × GPU memory, or None."""
+    spec, gpu = cfg.models[cell.model], cfg.gpus[cell.gpu]
+    dtype = dtype_for(cfg, cell)
+    seq = cfg.datasets[cell.dataset].max_prompt_len + cell.max_gen_len
+    need = weight_bytes(spec.args, dtype) + kv_cache_bytes(spec.args, cell.batch_size, seq, dtype)
+    have = cell.shards * (gpu.memory_gb - RESERVE_GB_PER_GPU) * 1e9
+    if need > have:
+        return (f"{cell.model} × {cell.shards} × {cell.gpu}: needs {need / 1e9:.0f} GB (weights + KV cache), "
+                f"{cell.shards} × {gpu.memory_gb:g} GB holds {have / 1e9:.0f} GB usable")
+    return None
+
+
+def feasibility(cfg: Config, cell: Cell) -> str | None:
+    if cell.shards > MAX_SHARDS:
+        return f"{cell.shards} shards: more than the {MAX_SHARDS} GPUs a cell may use"
+    gpn = cfg.gpus[cell.gpu].gpus_per_node
+    if cell.shards > gpn and cell.shards % gpn:
+        return f"{cell.shards} shards on {cell.gpu}: not a multiple of its {gpn} GPUs per node"
+    return shard_problem(cell.model, cfg.models[cell.model].args, cell.shards) or memory_problem(cfg, cell)
+
+
+def expand(cfg: Config) -> Plan:
+    """Expand every group of ``cfg.matrix`` into cells, dropping infeasible ones with a reason."""
+    seen: dict[str, int] = {}
+    cells: list[Cell] = []
+    infeasible: list[Infeasible] = []
+    for i, group in enumerate(cfg.matrix):
+        axes = {**DEFAULTS, **group}
+        names = list(Cell.__dataclass_fields__)
+        for values in itertools.product(*(axes[n] for n in names)):
+            cell = Cell(**dict(zip(names, values, strict=True)))
+            if cell.id in seen:
+                raise ConfigError(
+                    f"{cfg.source}: matrix[{i}]: cell {cell.id} is already produced by matrix[{seen[cell.id]}]")
+            seen[cell.id] = i
+            reason = feasibility(cfg, cell)
+            if reason:
+                infeasible.append(Infeasible(cell, reason))
+            else:
+                cells.append(cell)
+    if not cells:
+        first = infeasible[0].reason if infeasible else "no cells"
+        raise ConfigError(f"{cfg.source}: matrix: no feasible cells ({len(infeasible)} left out; first: {first})")
+    return Plan(cells, infeasible)
+
+
+def estimate_runtime_s(cfg: Config, cell: Cell) -> float:
+    """A rough upper estimate of a cell's wall time, for the plan and Slurm's --time.
+
+    Decode is memory-bound: each step streams the shard's weights once.
+    """
+    spec, gpu, ds = cfg.models[cell.model], cfg.gpus[cell.gpu], cfg.datasets[cell.dataset]
+    dtype = dtype_for(cfg, cell)
+    step_s = max(weight_bytes(spec.args, dtype) / cell.shards / (gpu.mem_bandwidth_gbs * 1e9) * 3, 0.02)
+    if gpu.device == "cpu":
+        step_s = max(step_s, 0.01 * cell.shards)
+    batches = math.ceil(ds.n_prompts / cell.batch_size)
+    steps = batches * (cell.max_gen_len + ds.max_prompt_len / 8) * cfg.repeats
+    load_s = 60 + weight_bytes(spec.args, dtype) / cell.shards / 1e9  # synthesis or reading ~1 GB/s
+    return load_s + cfg.collector.idle_baseline_s + steps * step_s
+
+
+def plan(cfg: Config) -> Plan:
+    return expand(cfg)

@@ -1,0 +1,83 @@
+"""Provenance of a cell: versions, commit, hosts, GPUs, driver, Slurm job, energy seen by Slurm."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import llmenergy
+
+log = logging.getLogger(__name__)
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    return _run(["git", "rev-parse", "HEAD"], cwd=Path.cwd())
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"llmenergy": llmenergy.__version__, "python": platform.python_version()}
+    for mod in ("torch", "fairscale", "pyarrow", "pandas", "snakemake"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except (ImportError, AttributeError):
+            out[mod] = None
+    return out
+
+
+def _driver() -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            v = pynvml.nvmlSystemGetDriverVersion()
+            return v.decode() if isinstance(v, bytes) else str(v)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML here: no driver to report
+        return None
+
+
+def slurm_consumed_energy_j(job_id: str | None) -> float | None:
+    """Slurm's own ConsumedEnergyRaw for the job's finished steps (acct_gather_energy), if recorded."""
+    if not job_id:
+        return None
+    out = _run(["sacct", "-j", job_id, "-n", "-P", "--format=ConsumedEnergyRaw"])
+    if not out:
+        return None
+    vals = [float(v) for v in out.split() if v.strip().replace(".", "", 1).isdigit()]
+    return sum(vals) if vals and any(vals) else None
+
+
+def collect_provenance(cell_dir: Path, *, started: float, power: Any = None) -> dict[str, Any]:
+    uuids = [json.loads(p.read_text()) for p in sorted((cell_dir / ".run" / "uuids").glob("*.json"))]
+    ready = [json.loads(p.read_text()) for p in sorted((cell_dir / ".run" / "ready").glob("*.json"))]
+    job = os.environ.get("SLURM_JOB_ID")
+    return {
+        "versions": _versions(),
+        "git_commit": git_commit(),
+        "hosts": sorted({u["node"] for u in uuids}),
+        "gpus": uuids,
+        "collectors": ready,
+        "driver": _driver(),
+        "slurm_job_id": job,
+        "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME"),
+        "slurm_consumed_energy_j": slurm_consumed_energy_j(job),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_s": round(time.time() - started, 3),
+        "power_samples": int(power.num_rows) if power is not None else 0,
+    }
