@@ -89,6 +89,19 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
+def _malformed_dataset() -> dict[str, Any]:
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "gsm8k.jsonl"
+    path.write_text('{"question": "q1", "answer": "a #### 3"}\n{"question": "q2"}\n')
+    data = base()
+    data["datasets"]["alp"] = {"format": "gsm8k", "path": str(path), "n_prompts": 1}
+    return data
+
+
+BAD.append(("malformed dataset file", _malformed_dataset(), "line 2: missing field 'answer'"))
+
+
 @pytest.mark.parametrize(("case", "data", "expected"), BAD, ids=[c for c, _, _ in BAD])
 def test_bad_input_is_one_line_naming_file_and_key(case: str, data: dict[str, Any], expected: str) -> None:
     with pytest.raises(ConfigError) as err:

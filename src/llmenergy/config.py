@@ -231,6 +231,15 @@ def _check_files(cfg: Config) -> None:
             value = getattr(d, key)
             if value and value != "synthetic" and not Path(value).exists():
                 raise ConfigError(f"{src}: datasets.{name}.{key}: file {value!r} does not exist")
+        if d.path != "synthetic":
+            from llmenergy.data import DatasetSpec, check_dataset
+            from llmenergy.errors import DatasetError
+
+            try:
+                check_dataset(DatasetSpec(name=name, format=d.format, path=d.path, n_prompts=d.n_prompts,
+                                          seed=d.seed, order=d.order, train_path=d.train_path, kshot=d.kshot))
+            except DatasetError as exc:
+                raise ConfigError(f"{src}: datasets.{name}.path: {exc}") from None
 
 
 def from_dict(data: dict[str, Any], *, source: str = "config.yaml", check_files: bool = True) -> Config:
