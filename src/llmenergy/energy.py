@@ -1,0 +1,239 @@
+"""Attribution of power samples to phase events.
+
+For each event ``[start_ns, end_ns]`` and each device, the energy is the
+difference of the cumulative counter (``energy_mj``) linearly interpolated at
+the two boundaries. It is cross-checked against the trapezoid integral of the
+instant power (``power_w``), with the boundary values interpolated too. Device
+energies are summed. Events that are not fully inside a device's sampled range
+get a null energy and ``power_out_of_range = True``: nothing is extrapolated.
+
+Only GPU-domain devices (``gpu``, ``estimate``) count as GPU energy; CPU RAPL
+domains (``cpu_package``, ``dram``) go to ``cpu_energy_j``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SHORT_WINDOW_S = 5.0
+GPU_DOMAINS = ("gpu", "estimate")
+CPU_DOMAINS = ("cpu_package", "dram")
+
+#: Columns added by :func:`attribute_events`.
+ATTRIBUTION_COLUMNS = (
+    "duration_s",
+    "energy_j",
+    "energy_instant_j",
+    "energy_discrepancy_pct",
+    "avg_power_w",
+    "short_window",
+    "n_devices",
+    "power_source",
+    "power_out_of_range",
+    "max_sample_gap_s",
+    "gpu_util_pct",
+    "mem_util_pct",
+    "cpu_energy_j",
+)
+
+
+@dataclass
+class _Series:
+    """One device's samples of one quantity, sorted by time (seconds as ns floats)."""
+
+    t_ns: np.ndarray
+    values: np.ndarray
+
+
+def _series(df: pd.DataFrame, column: str) -> _Series | None:
+    if column not in df.columns:
+        return None
+    sub = df.loc[df[column].notna(), ["timestamp_ns", column]]
+    if len(sub) < 2:
+        return None
+    sub = sub.sort_values("timestamp_ns").drop_duplicates("timestamp_ns", keep="last")
+    if len(sub) < 2:
+        return None
+    return _Series(sub["timestamp_ns"].to_numpy(np.float64), sub[column].to_numpy(np.float64))
+
+
+def _in_range(s: _Series, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    return (start >= s.t_ns[0]) & (end <= s.t_ns[-1]) & (end >= start)
+
+
+def _counter_energy_j(s: _Series, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Counter difference (mJ → J) interpolated at the boundaries; NaN outside the range."""
+    ok = _in_range(s, start, end)
+    e_start = np.interp(start, s.t_ns, s.values)
+    e_end = np.interp(end, s.t_ns, s.values)
+    energy = (e_end - e_start) / 1000.0
+    energy = np.where(ok, energy, np.nan)
+    if np.any(energy < 0):
+        log.warning("energy counter decreased inside %d event(s): counter reset? energy set to null",
+                    int(np.sum(energy < 0)))
+        energy = np.where(energy < 0, np.nan, energy)
+    return energy
+
+
+def _cumulative_integral_j(s: _Series, x_ns: np.ndarray) -> np.ndarray:
+    """Exact integral (J) of the piecewise-linear power from the first sample to ``x_ns``."""
+    t = s.t_ns
+    p = s.values
+    dt_s = np.diff(t) / 1e9
+    cum = np.concatenate([[0.0], np.cumsum(0.5 * (p[1:] + p[:-1]) * dt_s)])
+    x = np.clip(x_ns, t[0], t[-1])
+    i = np.clip(np.searchsorted(t, x, side="right") - 1, 0, len(t) - 2)
+    h_s = (x - t[i]) / 1e9
+    slope = (p[i + 1] - p[i]) / (dt_s[i])
+    return cum[i] + p[i] * h_s + 0.5 * slope * h_s * h_s
+
+
+def _instant_energy_j(s: _Series, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    ok = _in_range(s, start, end)
+    energy = _cumulative_integral_j(s, end) - _cumulative_integral_j(s, start)
+    return np.where(ok, energy, np.nan)
+
+
+def _max_gap_s(s: _Series, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Largest spacing between samples that bracket or fall inside each window."""
+    t = s.t_ns
+    gaps = np.diff(t) / 1e9
+    lo = np.clip(np.searchsorted(t, start, side="right") - 1, 0, len(gaps) - 1)
+    hi = np.clip(np.searchsorted(t, end, side="left"), 1, len(t) - 1)
+    out = np.empty(len(start))
+    for k in range(len(start)):
+        seg = gaps[lo[k]:max(hi[k], lo[k] + 1)]
+        out[k] = float(seg.max()) if len(seg) else np.nan
+    return out
+
+
+def _window_sum_count(df: pd.DataFrame, column: str, start: np.ndarray,
+                      end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum and count of a column's non-null samples with start <= t <= end."""
+    if column not in df.columns:
+        return np.zeros(len(start)), np.zeros(len(start))
+    sub = df.loc[df[column].notna(), ["timestamp_ns", column]].sort_values("timestamp_ns")
+    t = sub["timestamp_ns"].to_numpy(np.float64)
+    v = sub[column].to_numpy(np.float64)
+    cs = np.concatenate([[0.0], np.cumsum(v)])
+    lo = np.searchsorted(t, start, side="left")
+    hi = np.searchsorted(t, end, side="right")
+    return cs[hi] - cs[lo], (hi - lo).astype(np.float64)
+
+
+def _sum_domain(power: pd.DataFrame, start: np.ndarray, end: np.ndarray,
+                ) -> dict[str, np.ndarray]:
+    """Per-event sums over the devices of ``power`` (already filtered to one domain group)."""
+    n = len(start)
+    counter = np.zeros(n)
+    counter_ok = np.ones(n, dtype=bool)
+    n_counter_dev = 0
+    instant = np.zeros(n)
+    instant_ok = np.ones(n, dtype=bool)
+    n_instant_dev = 0
+    covered = np.zeros(n, dtype=np.int64)
+    out_of_range = np.zeros(n, dtype=bool)
+    gap = np.full(n, np.nan)
+    keys = ["node", "device"] if "node" in power.columns else ["device"]
+    for _, dev in power.groupby(keys, sort=True, dropna=False):
+        cs = _series(dev, "energy_mj")
+        ps = _series(dev, "power_w")
+        ref = cs if cs is not None else ps
+        if ref is None:
+            continue
+        if cs is not None:
+            n_counter_dev += 1
+            e = _counter_energy_j(cs, start, end)
+            counter_ok &= ~np.isnan(e)
+            counter += np.nan_to_num(e)
+        if ps is not None:
+            n_instant_dev += 1
+            e = _instant_energy_j(ps, start, end)
+            instant_ok &= ~np.isnan(e)
+            instant += np.nan_to_num(e)
+        ok = _in_range(ref, start, end)
+        covered += ok.astype(np.int64)
+        out_of_range |= ~ok
+        gap = np.fmax(gap, _max_gap_s(ref, start, end))
+    return {
+        "counter": np.where(counter_ok & (n_counter_dev > 0), counter, np.nan),
+        "instant": np.where(instant_ok & (n_instant_dev > 0), instant, np.nan),
+        "covered": covered,
+        "out_of_range": out_of_range,
+        "gap": gap,
+    }
+
+
+def power_source_of(power: pd.DataFrame | None) -> str:
+    """The GPU-domain power source(s) of a power table: e.g. ``nvml``; ``none`` if no GPU data."""
+    if power is None or len(power) == 0 or "domain" not in power.columns:
+        return "none"
+    gpu = power[power["domain"].isin(GPU_DOMAINS)]
+    if len(gpu) == 0:
+        return "none"
+    if "source" not in gpu.columns:
+        return "estimate" if (gpu["domain"] == "estimate").all() else "unknown"
+    sources = sorted({str(s) for s in gpu["source"].dropna().unique()} - {"none"})
+    return "+".join(sources) if sources else "none"
+
+
+def attribute_events(events: pd.DataFrame, power: pd.DataFrame | None) -> pd.DataFrame:
+    """Return a copy of ``events`` with the energy columns of :data:`ATTRIBUTION_COLUMNS`.
+
+    ``energy_j`` comes from the cumulative counter (null if no GPU device has one);
+    ``energy_instant_j`` from integrating ``power_w``; both are sums over GPU-domain
+    devices and null when any device's samples do not cover the whole event.
+    """
+    out = events.copy().reset_index(drop=True)
+    n = len(out)
+    start = out["start_ns"].to_numpy(np.float64) if n else np.zeros(0)
+    end = out["end_ns"].to_numpy(np.float64) if n else np.zeros(0)
+    duration_s = (end - start) / 1e9
+    out["duration_s"] = duration_s
+    out["short_window"] = duration_s < SHORT_WINDOW_S
+    source = power_source_of(power)
+    out["power_source"] = source
+
+    has_power = power is not None and len(power) > 0 and "domain" in power.columns
+    gpu = power[power["domain"].isin(GPU_DOMAINS)] if has_power else None
+    cpu = power[power["domain"].isin(CPU_DOMAINS)] if has_power else None
+
+    if gpu is not None and len(gpu) > 0 and n > 0:
+        g = _sum_domain(gpu, start, end)
+        out["energy_j"] = g["counter"]
+        out["energy_instant_j"] = g["instant"]
+        out["n_devices"] = g["covered"]
+        out["power_out_of_range"] = g["out_of_range"]
+        out["max_sample_gap_s"] = g["gap"]
+        for col in ("gpu_util_pct", "mem_util_pct"):
+            total, count = _window_sum_count(gpu, col, start, end)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[col] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    else:
+        for col in ("energy_j", "energy_instant_j", "max_sample_gap_s", "gpu_util_pct", "mem_util_pct"):
+            out[col] = np.full(n, np.nan)
+        out["n_devices"] = np.zeros(n, dtype=np.int64)
+        out["power_out_of_range"] = np.zeros(n, dtype=bool)
+
+    if cpu is not None and len(cpu) > 0 and n > 0:
+        c = _sum_domain(cpu, start, end)
+        out["cpu_energy_j"] = np.where(np.isnan(c["counter"]), c["instant"], c["counter"])
+    else:
+        out["cpu_energy_j"] = np.full(n, np.nan)
+
+    e = out["energy_j"].to_numpy(np.float64)
+    ei = out["energy_instant_j"].to_numpy(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["energy_discrepancy_pct"] = np.where(e > 0, 100.0 * (ei - e) / e, np.nan)
+        best = np.where(np.isnan(e), ei, e)
+        out["avg_power_w"] = np.where(duration_s > 0, best / duration_s, np.nan)
+    n_oor = int(out["power_out_of_range"].sum()) if n else 0
+    if n_oor:
+        log.warning("%d of %d event(s) are not fully covered by power samples: energy left null",
+                    n_oor, n)
+    return out
