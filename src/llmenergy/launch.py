@@ -43,7 +43,7 @@ def cell_resources(cfg: Config, cell: Cell, *, runtime_s: float | None = None) -
     from llmenergy import slurm
 
     runtime_s = estimate_runtime_s(cfg, cell) if runtime_s is None else runtime_s
-    res = slurm.resources_for(cell.shards, cfg.gpus[cell.gpu], max(10, math.ceil(runtime_s * 1.5 / 60)))
+    res = slurm.resources_for(cell.shards, cfg.gpus[cell.gpu], max(15, math.ceil(runtime_s * 2 / 60) + 10))
     return slurm.snakemake_resources(res)
 
 

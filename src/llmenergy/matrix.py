@@ -135,7 +135,10 @@ def estimate_runtime_s(cfg: Config, cell: Cell) -> float:
     """
     spec, gpu, ds = cfg.models[cell.model], cfg.gpus[cell.gpu], cfg.datasets[cell.dataset]
     dtype = dtype_for(cfg, cell)
-    step_s = max(weight_bytes(spec.args, dtype) / cell.shards / (gpu.mem_bandwidth_gbs * 1e9) * 3, 0.02)
+    nodes = math.ceil(cell.shards / gpu.gpus_per_node)
+    # Eager fairscale decode ran at ~3x the bandwidth bound, never faster than ~30 ms/step (H100, 7B).
+    step_s = max(weight_bytes(spec.args, dtype) / cell.shards / (gpu.mem_bandwidth_gbs * 1e9) * 3, 0.03)
+    step_s += 0.01 * (nodes - 1)  # two all-reduces per layer cross the network
     if gpu.device == "cpu":
         step_s = max(step_s, 0.01 * cell.shards)
     batches = math.ceil(ds.n_prompts / cell.batch_size)

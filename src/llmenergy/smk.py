@@ -45,7 +45,12 @@ class Context:
         from llmenergy.launch import cell_resources
 
         cell = self._cells[cell_id]
-        return cell_resources(self.cfg, cell, runtime_s=estimate_runtime_s(self.cfg, cell))
+        res = dict(cell_resources(self.cfg, cell, runtime_s=estimate_runtime_s(self.cfg, cell)))
+        # Optional sbatch options go through slurm_extra: every cell must have the same
+        # resource keys, and the plugin turns an empty constraint/qos into `-C ''`.
+        extra = [f"--{k}={res.pop(k)}" for k in ("constraint", "qos") if k in res]
+        res["slurm_extra"] = " ".join(extra)
+        return res
 
     def rule_resources(self) -> dict[str, Callable[..., Any]]:
         """Resource callables for ``rule run_cell`` (one Slurm job per cell)."""

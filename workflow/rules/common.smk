@@ -13,3 +13,10 @@ REPORT = f"{OUT}/report.html"
 
 wildcard_constraints:
     cell=r"[A-Za-z0-9._-]+",
+
+
+if CTX.plan.infeasible:
+    logger.info(
+        f"llmenergy: {len(CTX.cell_ids)} cells planned, {len(CTX.plan.infeasible)} left out "
+        f"(see `llmenergy plan --config {CTX.cfg.source}` for each reason)"
+    )

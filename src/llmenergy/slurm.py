@@ -1,0 +1,423 @@
+"""Slurm facts as pure functions: the ``SLURM_*`` environment table, node lists,
+the rendezvous address, per-cell resource templates and the sbatch/srun/Snakemake
+argument builders.
+
+Everything here is deterministic and free of side effects except
+:func:`resolve_node_addr`, which asks ``scontrol`` (and falls back to DNS).
+The builders are golden-tested in ``tests/test_slurm.py``.
+
+How a cell runs on Slurm (see design.md, section 3):
+
+* one job per cell, ``nodes`` nodes with ``tasks_per_node`` GPUs used on each;
+* inside the job, the cell's launcher starts one collector per node with
+  :func:`srun_collector_args` in the background and the ranks with
+  :func:`srun_worker_args`; both use ``--overlap`` so they share the allocation,
+  and both spell out every count so that neither the inherited ``SLURM_*``
+  variables (plain sbatch, submitit) nor their absence (the Snakemake jobstep
+  strips them) change the step's shape;
+* ``--gpu-bind=single:1`` gives each rank exactly one GPU in
+  ``CUDA_VISIBLE_DEVICES``: without it, every rank of a step sees all GPUs of its
+  node (checked on the test cluster).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import socket
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmenergy.errors import UserError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ENV_TABLE",
+    "TEMPLATE_SHARDS",
+    "Resources",
+    "ShardLayoutError",
+    "SlurmEnv",
+    "expand_nodelist",
+    "rendezvous",
+    "rendezvous_port",
+    "resolve_node_addr",
+    "resource_templates",
+    "resources_for",
+    "sbatch_args",
+    "snakemake_resources",
+    "srun_collector_args",
+    "srun_worker_args",
+]
+
+#: GPU counts for which resource templates are built (the paper's range).
+TEMPLATE_SHARDS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+
+RENDEZVOUS_PORT_BASE = 20000
+RENDEZVOUS_PORT_SPAN = 20000
+
+
+class ShardLayoutError(UserError, ValueError):
+    """A shard count cannot be laid out on a GPU type's nodes."""
+
+
+# --------------------------------------------------------------------------- #
+# Environment table
+# --------------------------------------------------------------------------- #
+
+_RANGE_RE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside ``[...]``."""
+    parts: list[str] = []
+    depth = 0
+    start = 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"node list {text!r}: unbalanced ']'")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"node list {text!r}: unbalanced '['")
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_ranges(spec: str, whole: str) -> list[str]:
+    """``"1-3,05"`` -> ``["1", "2", "3", "05"]``; zero padding follows the lower bound."""
+    out: list[str] = []
+    for item in spec.split(","):
+        m = _RANGE_RE.match(item.strip())
+        if not m:
+            raise ValueError(f"node list {whole!r}: bad range {item!r}")
+        lo_s, hi_s = m.group(1), m.group(2)
+        if hi_s is None:
+            out.append(lo_s)
+            continue
+        lo, hi = int(lo_s), int(hi_s)
+        if hi < lo:
+            raise ValueError(f"node list {whole!r}: range {item!r} runs backwards")
+        width = len(lo_s)
+        out.extend(str(i).zfill(width) for i in range(lo, hi + 1))
+    return out
+
+
+def _expand_one(name: str, whole: str) -> list[str]:
+    """Expand one host expression, which may hold several bracket groups."""
+    m = re.search(r"\[([^\]]*)\]", name)
+    if m is None:
+        if "[" in name or "]" in name:
+            raise ValueError(f"node list {whole!r}: unbalanced brackets in {name!r}")
+        return [name]
+    prefix, suffix = name[: m.start()], name[m.end():]
+    if "[" in prefix or "]" in prefix:
+        raise ValueError(f"node list {whole!r}: unbalanced brackets in {name!r}")
+    return [
+        prefix + value + rest
+        for value in _expand_ranges(m.group(1), whole)
+        for rest in _expand_one(suffix, whole)
+    ]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a Slurm host list, in order: ``"node[1-3,5],gpu07"`` ->
+    ``["node1", "node2", "node3", "node5", "gpu07"]``.
+
+    Pure Python (no ``scontrol show hostnames``). Handles zero padding
+    (``gpu[08-10]``) and several bracket groups (``r[1-2]n[1-2]``). Raises
+    ``ValueError`` on malformed input.
+    """
+    names: list[str] = []
+    for part in _split_top_level(nodelist.strip()):
+        names.extend(_expand_one(part, nodelist))
+    return names
+
+
+def _int(value: str) -> int:
+    return int(value.strip())
+
+
+def _job_id(value: str) -> int:
+    # SLURM_JOB_ID is numeric; array tasks have their own numeric id too.
+    return int(value.strip().split("_")[0])
+
+
+@dataclass(frozen=True)
+class _EnvField:
+    field: str
+    names: tuple[str, ...]  # first present wins
+    parse: Callable[[str], Any]
+
+
+#: The one table from ``SLURM_*`` variables to :class:`SlurmEnv` fields.
+ENV_TABLE: tuple[_EnvField, ...] = (
+    _EnvField("job_id", ("SLURM_JOB_ID", "SLURM_JOBID"), _job_id),
+    _EnvField("rank", ("SLURM_PROCID",), _int),
+    _EnvField("local_rank", ("SLURM_LOCALID",), _int),
+    _EnvField("world_size", ("SLURM_NTASKS", "SLURM_NPROCS"), _int),
+    _EnvField("node_id", ("SLURM_NODEID",), _int),
+    _EnvField("nodes", ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"),
+              lambda v: tuple(expand_nodelist(v))),
+    _EnvField("launch_addr", ("SLURM_LAUNCH_NODE_IPADDR",), lambda v: v.strip() or None),
+)
+
+
+@dataclass(frozen=True)
+class SlurmEnv:
+    """What a process learns from its ``SLURM_*`` variables (defaults: one local process)."""
+
+    job_id: int | None = None
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    node_id: int = 0
+    nodes: tuple[str, ...] = field(default_factory=tuple)
+    launch_addr: str | None = None
+
+    @property
+    def in_slurm(self) -> bool:
+        return self.job_id is not None
+
+    @classmethod
+    def from_environ(cls, env: Mapping[str, str]) -> SlurmEnv:
+        values: dict[str, Any] = {}
+        for entry in ENV_TABLE:
+            for name in entry.names:
+                raw = env.get(name)
+                if raw is None or raw.strip() == "":
+                    continue
+                try:
+                    values[entry.field] = entry.parse(raw)
+                except ValueError as exc:
+                    raise ValueError(f"environment {name}={raw!r}: {exc}") from None
+                break
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------- #
+# Rendezvous
+# --------------------------------------------------------------------------- #
+
+def _run_scontrol(args: list[str]) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=10, check=True)
+    return proc.stdout
+
+
+def resolve_node_addr(host: str, *, run: Callable[[list[str]], str] = _run_scontrol) -> str:
+    """The address to reach Slurm node ``host``: its ``NodeAddr`` from
+    ``scontrol show node -o``, else DNS, else ``host`` itself."""
+    try:
+        out = run(["scontrol", "show", "node", "-o", host])
+        m = re.search(r"(?:^|\s)NodeAddr=(\S+)", out)
+        if m and m.group(1) not in ("(null)", ""):
+            return m.group(1)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("scontrol show node %s failed: %s", host, exc)
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        log.warning("cannot resolve node %s; using the name as address", host)
+        return host
+
+
+def rendezvous_port(job_id: int | None, *, base: int = RENDEZVOUS_PORT_BASE,
+                    span: int = RENDEZVOUS_PORT_SPAN) -> int:
+    """A port derived from the job id, so concurrent jobs on a node rarely collide."""
+    if job_id is None:
+        return base
+    return base + job_id % span
+
+
+def rendezvous(env: SlurmEnv, *,
+               resolve: Callable[[str], str] = resolve_node_addr) -> tuple[str, int]:
+    """``(address, port)`` for ``torch.distributed``: the first node of the step
+    (resolved through ``resolve``), else the launch node's address, else loopback."""
+    if env.nodes:
+        addr = resolve(env.nodes[0])
+    elif env.launch_addr:
+        addr = env.launch_addr
+    else:
+        addr = "127.0.0.1"
+    return addr, rendezvous_port(env.job_id)
+
+
+# --------------------------------------------------------------------------- #
+# Resources
+# --------------------------------------------------------------------------- #
+
+@dataclass(frozen=True)
+class Resources:
+    """One cell's Slurm allocation. ``mem_mb`` is per node; ``None`` leaves it to
+    the cluster's default (``DefMemPerCPU``)."""
+
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    cpus_per_task: int
+    mem_mb: int | None
+    runtime_min: int
+    partition: str | None
+    constraint: str | None = None
+    account: str | None = None
+    qos: str | None = None
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ShardLayoutError(f"{what}: {value!r} must be a positive integer")
+    return value
+
+
+def resources_for(shards: int, gpu: Any, runtime_min: int) -> Resources:
+    """Lay ``shards`` ranks (one GPU each) out on nodes of GPU type ``gpu``.
+
+    ``gpu`` needs ``name``, ``partition``, ``gpus_per_node``, ``memory_gb`` and may
+    have ``constraint``, ``account``, ``qos``, ``cpus_per_gpu`` (default 4) and
+    ``mem_mb_per_gpu``. Uses the fewest nodes, and the same number of GPUs on each.
+    """
+    name = getattr(gpu, "name", "?")
+    _positive_int(shards, f"gpu {name}: shards")
+    per_node_max = _positive_int(getattr(gpu, "gpus_per_node", None), f"gpus.{name}.gpus_per_node")
+    _positive_int(runtime_min, f"gpu {name}: runtime_min")
+    nodes = math.ceil(shards / per_node_max)
+    if shards % nodes:
+        raise ShardLayoutError(
+            f"gpu {name}: {shards} shards do not spread evenly over {nodes} nodes "
+            f"of {per_node_max} GPUs"
+        )
+    per_node = shards // nodes
+    cpus_per_gpu = getattr(gpu, "cpus_per_gpu", None) or 4
+    _positive_int(cpus_per_gpu, f"gpus.{name}.cpus_per_gpu")
+    mem_per_gpu = getattr(gpu, "mem_mb_per_gpu", None)
+    mem_mb = None if mem_per_gpu is None else _positive_int(mem_per_gpu, f"gpus.{name}.mem_mb_per_gpu") * per_node
+    return Resources(
+        nodes=nodes,
+        tasks_per_node=per_node,
+        gpus_per_node=per_node,
+        cpus_per_task=cpus_per_gpu,
+        mem_mb=mem_mb,
+        runtime_min=runtime_min,
+        partition=getattr(gpu, "partition", None),
+        constraint=getattr(gpu, "constraint", None),
+        account=getattr(gpu, "account", None),
+        qos=getattr(gpu, "qos", None),
+    )
+
+
+def resource_templates(gpu: Any, runtime_min: int) -> dict[int, Resources]:
+    """:func:`resources_for` for each of :data:`TEMPLATE_SHARDS` that fits ``gpu``."""
+    out: dict[int, Resources] = {}
+    for shards in TEMPLATE_SHARDS:
+        try:
+            out[shards] = resources_for(shards, gpu, runtime_min)
+        except ShardLayoutError as exc:
+            log.debug("no template: %s", exc)
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Command builders
+# --------------------------------------------------------------------------- #
+
+def snakemake_resources(res: Resources) -> dict[str, Any]:
+    """Resources for a Snakemake rule under snakemake-executor-plugin-slurm 2.8.0.
+
+    Multi-rank cells need ``mpi="srun"`` (else multi-node silently runs one
+    rank) with ``tasks`` (``tasks_per_node`` is rejected with ``mpi``) and
+    ``tasks_per_gpu=1`` (else ``tasks`` becomes ``--ntasks-per-gpu``). The
+    plugin rejects ``mpi`` with one task, so one-rank cells drop it.
+    """
+    out: dict[str, Any] = {}
+    if res.ranks > 1:
+        out["mpi"] = "srun"
+    out["nodes"] = res.nodes
+    out["tasks"] = res.ranks
+    out["tasks_per_gpu"] = 1
+    out["gres"] = f"gpu:{res.gpus_per_node}"
+    if res.partition is not None:
+        out["slurm_partition"] = res.partition
+    if res.constraint is not None:
+        out["constraint"] = res.constraint
+    out["runtime"] = res.runtime_min
+    if res.mem_mb is not None:
+        out["mem_mb"] = res.mem_mb
+    out["cpus_per_task"] = res.cpus_per_task
+    if res.account is not None:
+        out["slurm_account"] = res.account
+    if res.qos is not None:
+        out["qos"] = res.qos
+    return out
+
+
+def srun_worker_args(res: Resources, *, kill_on_bad_exit: bool = True) -> list[str]:
+    """``srun`` prefix that starts the cell's ranks inside its allocation,
+    one GPU per rank. The same form serves one- and many-rank cells."""
+    return [
+        "srun",
+        "--overlap",
+        f"--nodes={res.nodes}",
+        f"--ntasks={res.ranks}",
+        f"--ntasks-per-node={res.tasks_per_node}",
+        f"--cpus-per-task={res.cpus_per_task}",
+        "--gpu-bind=single:1",
+        f"--kill-on-bad-exit={1 if kill_on_bad_exit else 0}",
+    ]
+
+
+def srun_collector_args(res: Resources) -> list[str]:
+    """``srun`` prefix for one background helper per node (the power collector).
+    Stop it with ``kill -USR1 <srun pid>`` so the helpers can flush."""
+    return [
+        "srun",
+        "--overlap",
+        f"--nodes={res.nodes}",
+        f"--ntasks={res.nodes}",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=1",
+    ]
+
+
+def sbatch_args(res: Resources, job_name: str, output: str) -> list[str]:
+    """``sbatch`` command line (without the script) for one cell's job.
+
+    Uses ``--ntasks-per-node`` rather than ``--ntasks-per-gpu``: the latter is
+    exported as ``SLURM_NTASKS_PER_GPU`` and then makes the inner
+    ``srun --ntasks-per-node`` fail."""
+    args = [
+        "sbatch",
+        "--parsable",
+        f"--job-name={job_name}",
+        f"--output={output}",
+        f"--nodes={res.nodes}",
+        f"--ntasks-per-node={res.tasks_per_node}",
+        f"--gres=gpu:{res.gpus_per_node}",
+        f"--cpus-per-task={res.cpus_per_task}",
+        f"--time={res.runtime_min}",
+    ]
+    if res.partition is not None:
+        args.append(f"--partition={res.partition}")
+    if res.mem_mb is not None:
+        args.append(f"--mem={res.mem_mb}M")
+    if res.constraint is not None:
+        args.append(f"--constraint={res.constraint}")
+    if res.account is not None:
+        args.append(f"--account={res.account}")
+    if res.qos is not None:
+        args.append(f"--qos={res.qos}")
+    return args
