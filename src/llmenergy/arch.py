@@ -13,8 +13,14 @@ from llmenergy.errors import ConfigError
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+#: vocabulary size of the project's own tokenizer (see :mod:`llmenergy.tokenizer`)
+TINY_VOCAB_SIZE = 1536
+
+
 @dataclass(frozen=True)
 class ModelArgs:
+    """Architecture of a LLaMA-shaped model (Meta's ``params.json`` fields)."""
+
     dim: int
     n_layers: int
     n_heads: int
@@ -22,13 +28,14 @@ class ModelArgs:
     n_kv_heads: int | None = None
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
-    norm_eps: float = 1e-5
+    ffn_hidden_dim: int | None = None  # explicit override (HF ``intermediate_size``)
+    norm_eps: float = 1e-6
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
 
     @property
     def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
     def head_dim(self) -> int:
@@ -36,7 +43,9 @@ class ModelArgs:
 
     @property
     def hidden_dim(self) -> int:
-        """FFN width by LLaMA's rule: 2/3 of 4*dim, rounded up to ``multiple_of``."""
+        """Feed-forward width, computed the way Meta's reference does (2/3 of 4*dim, rounded up)."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -48,15 +57,15 @@ class ModelArgs:
 
 SIZES: dict[str, ModelArgs] = {
     # Small enough to run a whole demo cell on two CPU cores in seconds.
-    "llama-tiny": ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=2048, multiple_of=32, max_seq_len=1024),
+    "llama-tiny": ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=TINY_VOCAB_SIZE,
+                            multiple_of=32, norm_eps=1e-5, max_seq_len=512),
     "llama-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
     "llama-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
     "llama-30b": ModelArgs(dim=6656, n_layers=60, n_heads=52, vocab_size=32000),
     "llama-65b": ModelArgs(dim=8192, n_layers=80, n_heads=64, vocab_size=32000),
-    "llama2-70b": ModelArgs(
-        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000,
-        multiple_of=4096, ffn_dim_multiplier=1.3, max_seq_len=4096,
-    ),
+    "llama2-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000,
+                            multiple_of=4096, ffn_dim_multiplier=1.3, norm_eps=1e-5,
+                            max_seq_len=4096),
 }
 
 
@@ -64,8 +73,7 @@ def get_arch(name: str, *, key: str = "model") -> ModelArgs:
     try:
         return SIZES[name]
     except KeyError:
-        known = ", ".join(sorted(SIZES))
-        raise ConfigError(f"{key}: unknown architecture {name!r} (known: {known})") from None
+        raise ConfigError(f"{key}: unknown model architecture {name!r} (known: {', '.join(SIZES)})") from None
 
 
 def n_params(args: ModelArgs) -> int:
@@ -78,19 +86,35 @@ def n_params(args: ModelArgs) -> int:
 
 
 def weight_bytes(args: ModelArgs, dtype: str = "float16") -> int:
-    return n_params(args) * DTYPE_BYTES[dtype]
+    return n_params(args) * DTYPE_BYTES[_dtype_name(dtype)]
+
+
+def _dtype_name(dtype: object) -> str:
+    """'float16' for "float16" or torch.float16 (no torch import here)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def kv_cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype: str = "float16") -> int:
-    return 2 * args.n_layers * batch * seq_len * args.kv_heads * args.head_dim * DTYPE_BYTES[dtype]
+    return 2 * args.n_layers * batch * seq_len * args.kv_heads * args.head_dim * DTYPE_BYTES[_dtype_name(dtype)]
 
 
 def shard_problem(name: str, args: ModelArgs, shards: int) -> str | None:
-    """Why ``shards`` cannot split this architecture, or None when it can."""
-    if args.n_heads % shards:
-        return f"{name} × {shards} shards: {shards} does not divide {args.n_heads} attention heads"
-    if args.kv_heads % shards:
-        return f"{name} × {shards} shards: {shards} does not divide {args.kv_heads} key/value heads"
-    if args.vocab_size % shards or args.dim % shards or args.hidden_dim % shards:
-        return f"{name} × {shards} shards: {shards} does not divide the layer widths"
+    """Why ``shards`` ranks cannot hold model ``name``, or None when they can.
+
+    Example: ``llama-13b × 16 shards: 16 does not divide 40 attention heads``.
+    """
+    if shards < 1:
+        return f"{name} × {shards} shards: the shard count must be positive"
+    checks = [
+        (args.n_heads, "attention heads"),
+        (args.kv_heads, "key/value heads"),
+        (args.hidden_dim, "feed-forward units"),
+        (args.dim, "model dimensions"),
+        (args.vocab_size, "vocabulary entries"),
+    ]
+    if args.n_kv_heads is None:
+        checks.pop(1)
+    for count, what in checks:
+        if count % shards:
+            return f"{name} × {shards} shards: {shards} does not divide {count} {what}"
     return None

@@ -95,9 +95,9 @@ def _collector_args(spec: dict[str, Any], run_dir: Path, node: str) -> list[str]
             "--uuid-dir", str(run_dir / "uuids"), "--ready-dir", str(run_dir / "ready"),
             "--expect-devices", str(spec["ranks_per_node"])]
     if c.get("estimate_tdp_w"):
-        args += ["--estimate-tdp-w", str(c["estimate_tdp_w"])]
+        args += ["--option", f"tdp_w={c['estimate_tdp_w']}"]
     if c.get("dcgm_host"):
-        args += ["--dcgm-host", c["dcgm_host"]]
+        args += ["--option", f"dcgm_host={c['dcgm_host']}"]
     return args
 
 
@@ -219,7 +219,7 @@ def _status(cell_dir: Path, codes: list[int], signum: int | None) -> tuple[str, 
 
 def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = False) -> int:
     """Run ``cell`` and write its outputs; returns the process exit code."""
-    from llmenergy.collector.process import merge_node_files
+    from llmenergy.collector.process import merge_node_files, recovered_nodes
     from llmenergy.metrics import compute_cell_metrics
 
     cell_dir = cell.dir(cfg.output_dir)
@@ -248,13 +248,14 @@ def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = F
     finally:
         fwd.restore()
     status, reason = _status(cell_dir, codes, fwd.signum)
-    power, recovered = merge_node_files(cell_dir / ".run" / "power")
-    if power is not None and power.num_rows:
+    power = merge_node_files(cell_dir / ".run" / "power")
+    recovered = recovered_nodes(power)
+    if power.num_rows:
         atomic.write_parquet(cell_dir / "power.parquet", power)
     cell_json = {
         "schema_version": 1, "cell_id": cell.id, "cell": cell.identity(), "status": status, "reason": reason,
         "repeats": cfg.repeats, "launcher": launcher, "rank_exit_codes": codes,
-        "power_recovered_from_parts": bool(recovered),
+        "power_recovered_from_parts": recovered,
         "provenance": collect_provenance(cell_dir, started=started, power=power),
     }
     atomic.write_json(cell_dir / "cell.status.json", cell_json)

@@ -24,97 +24,23 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llmenergy.errors import ConfigError
 
 # cuDNN attention is left out: it plans anew for every key length, which costs
 # ~1.6 ms of CPU per layer and decode step (measured on H100, torch 2.11).
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-#: vocabulary size of the project's own tokenizer (see :mod:`llmenergy.tokenizer`)
-TINY_VOCAB_SIZE = 1536
+from llmenergy.arch import (  # noqa: E402 - the torch-free table of sizes lives in arch
+    SIZES,
+    TINY_VOCAB_SIZE,
+    ModelArgs,
+    get_arch,
+    kv_cache_bytes,
+    n_params,
+    weight_bytes,
+)
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelArgs:
-    """Architecture of a LLaMA-shaped model (Meta's ``params.json`` fields)."""
-
-    dim: int
-    n_layers: int
-    n_heads: int
-    vocab_size: int
-    n_kv_heads: int | None = None
-    multiple_of: int = 256
-    ffn_dim_multiplier: float | None = None
-    ffn_hidden_dim: int | None = None  # explicit override (HF ``intermediate_size``)
-    norm_eps: float = 1e-6
-    max_seq_len: int = 2048
-    rope_theta: float = 10000.0
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def hidden_dim(self) -> int:
-        """Feed-forward width, computed the way Meta's reference does."""
-        if self.ffn_hidden_dim is not None:
-            return self.ffn_hidden_dim
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
-    def replace(self, **changes: object) -> ModelArgs:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
-
-
-SIZES: dict[str, ModelArgs] = {
-    "llama-tiny": ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=TINY_VOCAB_SIZE,
-                            multiple_of=32, norm_eps=1e-5, max_seq_len=512),
-    "llama-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
-    "llama-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
-    "llama-30b": ModelArgs(dim=6656, n_layers=60, n_heads=52, vocab_size=32000),
-    "llama-65b": ModelArgs(dim=8192, n_layers=80, n_heads=64, vocab_size=32000),
-    "llama2-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000,
-                            multiple_of=4096, ffn_dim_multiplier=1.3, norm_eps=1e-5,
-                            max_seq_len=4096),
-}
-
-
-def get_arch(name: str) -> ModelArgs:
-    """The architecture called ``name``; unknown names raise :class:`ConfigError`."""
-    try:
-        return SIZES[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown model architecture {name!r} (known: {', '.join(SIZES)})") from None
-
-
-def n_params(args: ModelArgs) -> int:
-    """Number of parameters of the full (unsharded) model."""
-    d, hd = args.dim, args.head_dim
-    attn = d * args.n_heads * hd * 2 + d * args.kv_heads * hd * 2
-    ffn = 3 * d * args.hidden_dim
-    per_layer = attn + ffn + 2 * d
-    return args.n_layers * per_layer + 2 * args.vocab_size * d + d
-
-
-def weight_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
-    """Bytes of all weights of the full model in ``dtype``."""
-    return n_params(args) * _itemsize(dtype)
-
-
-def kv_cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype: torch.dtype) -> int:
-    """Bytes of the key and value caches of the full model."""
-    return 2 * args.n_layers * batch * seq_len * args.kv_heads * args.head_dim * _itemsize(dtype)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype, device="meta").element_size()
+__all__ = ["SIZES", "TINY_VOCAB_SIZE", "ModelArgs", "Transformer", "get_arch", "kv_cache_bytes", "n_params",
+           "weight_bytes"]
 
 
 def shard_dim(param_name: str) -> int | None:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
 from llmenergy.errors import UserError
-from llmenergy.model import ModelArgs
+from llmenergy.arch import ModelArgs, shard_problem
 
 log = logging.getLogger(__name__)
 
@@ -67,28 +67,6 @@ def mp_rank() -> int:
 
 def mp_world_size() -> int:
     return fs_init.get_model_parallel_world_size()
-
-
-def shard_problem(name: str, args: ModelArgs, shards: int) -> str | None:
-    """Why ``shards`` ranks cannot hold model ``name``, or None when they can.
-
-    Example: ``llama-13b × 16 shards: 16 does not divide 40 attention heads``.
-    """
-    if shards < 1:
-        return f"{name} × {shards} shards: the shard count must be positive"
-    checks = [
-        (args.n_heads, "attention heads"),
-        (args.kv_heads, "key/value heads"),
-        (args.hidden_dim, "feed-forward units"),
-        (args.dim, "model dimensions"),
-        (args.vocab_size, "vocabulary entries"),
-    ]
-    if args.n_kv_heads is None:
-        checks.pop(1)
-    for count, what in checks:
-        if count % shards:
-            return f"{name} × {shards} shards: {shards} does not divide {count} {what}"
-    return None
 
 
 def check_shards(name: str, args: ModelArgs, shards: int) -> None:

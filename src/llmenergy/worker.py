@@ -152,6 +152,17 @@ def _wait_ready(run_dir: Path, nodes: int, timeout_s: float = 60.0) -> list[dict
     return [json.loads(f.read_text()) for f in files]
 
 
+def _tokenizer(spec: dict[str, Any]) -> Any:
+    """The cell's tokenizer: configured, else the checkpoint's, else the project's own."""
+    from llmenergy.tokenizer import default_tokenizer, load_tokenizer
+
+    if spec.get("tokenizer"):
+        return load_tokenizer(spec["tokenizer"])
+    if spec["weights"] != "synthetic":
+        return load_tokenizer(spec["weights"])
+    return default_tokenizer()
+
+
 def _batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
@@ -162,7 +173,6 @@ def run(spec_path: Path) -> int:
 
     from llmenergy import generate, tp, weights
     from llmenergy.data import DatasetSpec, load_prompts
-    from llmenergy.tokenizer import load_tokenizer
 
     spec = json.loads(spec_path.read_text())
     cell_dir = spec_path.parent
@@ -195,7 +205,7 @@ def run(spec_path: Path) -> int:
         model, load_info = weights.build(
             spec["arch"], spec["weights"], device=dev, dtype=dtype, seed=spec["seed"],
             max_batch_size=spec["batch_size"], max_seq_len=spec["max_seq_len"])
-        tok = load_tokenizer(spec["weights"], spec.get("tokenizer"))
+        tok = _tokenizer(spec)
         ds = DatasetSpec(**spec["dataset"])
         prompts = load_prompts(ds)
         encoded = [tok.encode(p.text, bos=True, eos=False)[-spec["max_prompt_len"]:] for p in prompts]
@@ -216,7 +226,7 @@ def run(spec_path: Path) -> int:
                 rec.batch_index = b
                 _run_batch(rec, model, tok, batch, spec, is_main)
         rec.repeat = rec.batch_index = -1
-        status: dict[str, Any] = {"status": "ok", "load": getattr(load_info, "__dict__", {})}
+        status: dict[str, Any] = {"status": "ok", "load": load_info.to_dict()}
         code = 0
     except CellInterrupted as exc:
         status, code = {"status": "incomplete", "reason": str(exc)}, EXIT_INTERRUPTED
