@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from llmenergy.errors import LLMEnergyError, UserError
@@ -74,13 +73,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        import importlib
+# Subcommands whose own module parses the arguments (argparse cannot pass options through).
+DELEGATES = {
+    "collect": ("llmenergy.collector.process", "per-node power collector (started by run-cell)"),
+    "powercap-guard": ("llmenergy.powercap_guard", "per-node power-cap guard (started by run-cell)"),
+    "submit": ("llmenergy.submit", "submit cells through submitit, without Snakemake"),
+    "data": ("llmenergy.data.fetch", "datasets: `data fetch alpaca|gsm8k --dest data/`"),
+}
 
-        return int(importlib.import_module(module).main(args.rest) or 0)
 
-    return run
+def _delegate(name: str, argv: list[str]) -> int:
+    import importlib
+
+    module = importlib.import_module(DELEGATES[name][0])
+    if name == "data":
+        if not argv or argv[0] != "fetch":
+            sys.stderr.write("usage: llmenergy data fetch alpaca|gsm8k [--dest DIR]\n")
+            return 2
+        argv = argv[1:]
+    return int(module.main(argv) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,24 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None)
     s.set_defaults(func=cmd_report)
 
-    for name, module, text in (
-        ("collect", "llmenergy.collector.process", "per-node power collector (started by run-cell)"),
-        ("submit", "llmenergy.submit", "submit cells through submitit, without Snakemake"),
-        ("data", "llmenergy.data.fetch", "datasets: `data fetch alpaca|gsm8k --dest data/`"),
-    ):
-        s = sub.add_parser(name, help=text, add_help=False)
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(func=_delegate(module))
+    for name, (_, text) in DELEGATES.items():
+        sub.add_parser(name, help=text, add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    delegated = argv[0] if argv and argv[0] in DELEGATES else None
+    args = parser.parse_args(argv) if delegated is None else argparse.Namespace(verbose=False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        return _delegate(delegated, argv[1:]) if delegated else args.func(args)
     except UserError as exc:
         sys.stderr.write(f"llmenergy: error: {exc}\n")
         return exc.exit_code

@@ -67,7 +67,8 @@ def cell_spec(cfg: Config, cell: Cell) -> dict[str, Any]:
                     "seed": ds.seed, "order": ds.order, "train_path": ds.train_path, "kshot": ds.kshot},
         "collector": {"backend": cfg.collector.backend, "interval_ms": cfg.collector.interval_ms,
                       "estimate_tdp_w": cfg.collector.estimate_tdp_w, "dcgm_host": cfg.collector.dcgm_host},
-        "power_cap_w": cell.power_cap_w, "policies": {"on_oom": cfg.policies.on_oom},
+        "power_cap_w": cell.power_cap_w,
+        "policies": {"on_oom": cfg.policies.on_oom, "on_power_cap_denied": cfg.policies.on_power_cap_denied},
         "grid_gco2_per_kwh": cfg.grid_gco2_per_kwh,
     }
     return spec
@@ -88,17 +89,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _collector_args(spec: dict[str, Any], run_dir: Path, node: str) -> list[str]:
-    c = spec["collector"]
-    args = [sys.executable, "-m", "llmenergy.cli", "collect", "--backend", c["backend"],
-            "--interval-ms", str(c["interval_ms"]), "--out", str(run_dir / "power"), "--node", node,
-            "--uuid-dir", str(run_dir / "uuids"), "--ready-dir", str(run_dir / "ready"),
-            "--expect-devices", str(spec["ranks_per_node"])]
-    if c.get("estimate_tdp_w"):
-        args += ["--option", f"tdp_w={c['estimate_tdp_w']}"]
-    if c.get("dcgm_host"):
-        args += ["--option", f"dcgm_host={c['dcgm_host']}"]
-    return args
+def _agent_args(cell_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "llmenergy.node_agent", str(cell_dir / "spec.json")]
 
 
 class _Forward:
@@ -152,10 +144,10 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 def _launch_local(spec: dict[str, Any], cell_dir: Path, fwd: _Forward) -> tuple[list[int], Any]:
-    run_dir, logs = cell_dir / ".run", cell_dir / "logs"
+    logs = cell_dir / "logs"
     node = socket.gethostname()
-    coll_log = open(logs / f"collector.{node}.log", "ab")  # noqa: SIM115 - closed below
-    collector = subprocess.Popen(_collector_args(spec, run_dir, node), stdout=coll_log, stderr=subprocess.STDOUT)
+    agent_log = open(logs / f"agent.{node}.log", "ab")  # noqa: SIM115 - closed below
+    agent = subprocess.Popen(_agent_args(cell_dir), stdout=agent_log, stderr=subprocess.STDOUT)
     port = _free_port()
     n = spec["cell"]["shards"]
     procs: list[subprocess.Popen[bytes]] = []
@@ -173,19 +165,18 @@ def _launch_local(spec: dict[str, Any], cell_dir: Path, fwd: _Forward) -> tuple[
         for p in procs:
             if p.poll() is None:
                 p.kill()
-        _stop(collector)
-        coll_log.close()
+        _stop(agent)
+        agent_log.close()
     return codes, None
 
 
 def _launch_srun(spec: dict[str, Any], cell_dir: Path, fwd: _Forward, cfg: Config, cell: Cell) -> tuple[list[int], Any]:
     from llmenergy import slurm
 
-    run_dir, logs = cell_dir / ".run", cell_dir / "logs"
+    logs = cell_dir / "logs"
     res = slurm.resources_for(cell.shards, cfg.gpus[cell.gpu], 60)
-    coll_cmd = " ".join(_quote(a) for a in _collector_args(spec, run_dir, "NODE")).replace(" --node NODE", ' --node "$(hostname)"')
-    coll = subprocess.Popen(
-        [*slurm.srun_collector_args(res), "--output", str(logs / "collector.%N.log"), "bash", "-c", f"exec {coll_cmd}"])
+    agent = subprocess.Popen([*slurm.srun_collector_args(res), "--output", str(logs / "agent.%N.log"),
+                              *_agent_args(cell_dir)])
     worker = subprocess.Popen(
         [*slurm.srun_worker_args(res), "--output", str(logs / "rank%t.log"),
          sys.executable, "-m", "llmenergy.worker", str(cell_dir / "spec.json")])
@@ -195,14 +186,8 @@ def _launch_srun(spec: dict[str, Any], cell_dir: Path, fwd: _Forward, cfg: Confi
     finally:
         if worker.poll() is None:
             worker.kill()
-        _stop(coll)
+        _stop(agent)
     return codes, res
-
-
-def _quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
 
 
 def _status(cell_dir: Path, codes: list[int], signum: int | None) -> tuple[str, str | None]:
@@ -229,10 +214,11 @@ def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = F
         return 0
     if launcher == "auto":
         launcher = "srun" if os.environ.get("SLURM_JOB_ID") and shutil.which("srun") else "local"
+    shutil.rmtree(cell_dir / "powercap", ignore_errors=True)
     for stale in ("cell.json", "metrics.parquet", "events.parquet", "responses.parquet", "power.parquet"):
         (cell_dir / stale).unlink(missing_ok=True)
     shutil.rmtree(cell_dir / ".run", ignore_errors=True)
-    for d in ("uuids", "ready", "power"):
+    for d in ("uuids", "ready", "capready", "power"):
         (cell_dir / ".run" / d).mkdir(parents=True, exist_ok=True)
     (cell_dir / "logs").mkdir(parents=True, exist_ok=True)
     spec = cell_spec(cfg, cell)
@@ -264,7 +250,12 @@ def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = F
     except Exception as exc:  # noqa: BLE001 - a metrics bug must not lose the run's raw data
         log.exception("%s: computing metrics failed", cell.id)
         cell_json.update(status="failed", reason=f"metrics: {exc}")
-    ok = status == "ok" or (status == "oom" and cfg.policies.on_oom == "record")
+    if cell.power_cap_w is not None:
+        from llmenergy.powercap import read_cap_report
+
+        cell_json["provenance"]["power_cap"] = read_cap_report(cell_dir / "powercap")
+    ok = (status == "ok" or (status == "oom" and cfg.policies.on_oom == "record")
+          or (status == "power_cap_denied" and cfg.policies.on_power_cap_denied == "skip"))
     if ok:
         shutil.rmtree(cell_dir / ".run", ignore_errors=True)
     atomic.write_json(done, cell_json)

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import atomic
-from llmenergy.errors import CellInterrupted
+from llmenergy.errors import CellInterrupted, PowerCapDenied, PowerCapError
 
 log = logging.getLogger("llmenergy.worker")
 
 EXIT_OOM = 75
 EXIT_INTERRUPTED = 76
+EXIT_CAP_DENIED = 77
 
 
 @dataclass
@@ -152,6 +153,27 @@ def _wait_ready(run_dir: Path, nodes: int, timeout_s: float = 60.0) -> list[dict
     return [json.loads(f.read_text()) for f in files]
 
 
+def _check_caps(run_dir: Path, nodes: int, timeout_s: float = 120.0) -> None:
+    """Wait for every node's power-cap guard; a cell never runs silently uncapped."""
+    deadline = time.monotonic() + timeout_s
+    files: list[Path] = []
+    while time.monotonic() < deadline:
+        files = sorted((run_dir / "capready").glob("*.json"))
+        if len(files) >= nodes:
+            break
+        time.sleep(0.05)
+    else:
+        raise PowerCapError(f"only {len(files)} of {nodes} power-cap guards answered in {timeout_s:.0f} s")
+    for f in files:
+        rep = json.loads(f.read_text())
+        if rep["status"] == "denied":
+            raise PowerCapDenied(f"node {rep['node']}: {rep.get('reason') or 'permission denied'}")
+        if rep["status"] != "applied":
+            raise PowerCapError(f"node {rep['node']}: power cap {rep['status']}: {rep.get('reason')}")
+        log.info("power cap on %s: %s", rep["node"],
+                 ", ".join(f"{g['uuid']}: {g['enforced_w']} W" for g in rep.get("gpus", [])))
+
+
 def _tokenizer(spec: dict[str, Any]) -> Any:
     """The cell's tokenizer: configured, else the checkpoint's, else the project's own."""
     from llmenergy.tokenizer import default_tokenizer, load_tokenizer
@@ -213,6 +235,9 @@ def run(spec_path: Path) -> int:
         rec.event("load", t0, rec.now_ns())
         stop.check()
 
+        if spec.get("power_cap_w") is not None:
+            _check_caps(run_dir, spec["nodes"])
+        stop.check()
         t0 = rec.now_ns()
         generate.generate(model, encoded[: spec["batch_size"]], spec["warmup_tokens"], eos_id=tok.eos_id,
                           stop_at_eos=False)
@@ -228,6 +253,10 @@ def run(spec_path: Path) -> int:
         rec.repeat = rec.batch_index = -1
         status: dict[str, Any] = {"status": "ok", "load": load_info.to_dict()}
         code = 0
+    except PowerCapDenied as exc:
+        status, code = {"status": "power_cap_denied", "reason": str(exc)}, EXIT_CAP_DENIED
+    except PowerCapError as exc:
+        status, code = {"status": "failed", "reason": f"power cap: {exc}"}, 1
     except CellInterrupted as exc:
         status, code = {"status": "incomplete", "reason": str(exc)}, EXIT_INTERRUPTED
     except torch.OutOfMemoryError as exc:
@@ -275,7 +304,8 @@ def _run_batch(rec: Recorder, model: Any, tok: Any, batch: list[Any], spec: dict
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s rank?: %(message)s")
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
     return run(Path(args[0]))
 
 

@@ -1,0 +1,105 @@
+"""The per-node agent of a cell (``llmenergy node-agent SPEC``).
+
+One runs on every node of the cell, beside the ranks (``srun --overlap
+--ntasks-per-node=1`` inside Slurm, a child process locally). It starts the
+node's power collector and, for a capped cell, the power-cap guard; on
+SIGUSR1/SIGTERM/SIGINT it stops both (SIGUSR1, so they flush and restore),
+then runs ``powercap-guard --restore`` as a safety net, which changes nothing
+when the guard already restored.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("llmenergy.node_agent")
+
+STOP_TIMEOUT_S = 30.0
+
+
+def collector_args(spec: dict[str, Any], run_dir: Path, node: str) -> list[str]:
+    c = spec["collector"]
+    args = [sys.executable, "-m", "llmenergy.collector.process", "--backend", c["backend"],
+            "--interval-ms", str(c["interval_ms"]), "--out", str(run_dir / "power"), "--node", node,
+            "--uuid-dir", str(run_dir / "uuids"), "--ready-dir", str(run_dir / "ready"),
+            "--expect-devices", str(spec["ranks_per_node"])]
+    if c.get("estimate_tdp_w"):
+        args += ["--option", f"tdp_w={c['estimate_tdp_w']}"]
+    if c.get("dcgm_host"):
+        args += ["--option", f"dcgm_host={c['dcgm_host']}"]
+    return args
+
+
+def guard_args(spec: dict[str, Any], cell_dir: Path, node: str) -> list[str]:
+    run_dir = cell_dir / ".run"
+    backend = "dcgm" if spec["collector"]["backend"] == "dcgm" else "nvml"
+    args = [sys.executable, "-m", "llmenergy.powercap_guard", "--cap-w", str(spec["power_cap_w"]),
+            "--uuid-dir", str(run_dir / "uuids"), "--ready-dir", str(run_dir / "capready"),
+            "--state-dir", str(cell_dir / "powercap"), "--node", node,
+            "--expect-devices", str(spec["ranks_per_node"]), "--backend", backend,
+            "--on-denied", spec["policies"].get("on_power_cap_denied", "fail")]
+    if spec["collector"].get("dcgm_host"):
+        args += ["--dcgm-host", spec["collector"]["dcgm_host"]]
+    return args
+
+
+def _stop(proc: subprocess.Popen[bytes], name: str) -> int:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGUSR1)
+    try:
+        return proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not stop within %.0f s; killing it", name, STOP_TIMEOUT_S)
+        proc.kill()
+        return proc.wait()
+
+
+def run(spec_path: Path, node: str | None = None) -> int:
+    spec = json.loads(spec_path.read_text())
+    cell_dir = spec_path.parent
+    node = node or socket.gethostname()
+    logs = cell_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    stop = {"signum": 0}
+
+    def handle(signum: int, frame: Any) -> None:
+        stop["signum"] = signum
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    with open(logs / f"collector.{node}.log", "ab") as out:
+        children.append(("collector", subprocess.Popen(collector_args(spec, cell_dir / ".run", node),
+                                                       stdout=out, stderr=subprocess.STDOUT)))
+    if spec.get("power_cap_w") is not None:
+        with open(logs / f"powercap.{node}.log", "ab") as out:
+            children.append(("powercap-guard", subprocess.Popen(guard_args(spec, cell_dir, node),
+                                                                stdout=out, stderr=subprocess.STDOUT)))
+    log.info("node %s: started %s", node, ", ".join(n for n, _ in children))
+    while not stop["signum"]:  # children may end early (a denied cap); the agent waits for its stop
+        time.sleep(0.1)
+    codes = {name: _stop(p, name) for name, p in children}
+    if spec.get("power_cap_w") is not None:
+        subprocess.run([sys.executable, "-m", "llmenergy.powercap_guard", "--restore",
+                        "--state-dir", str(cell_dir / "powercap"), "--node", node], check=False)
+    log.info("node %s: stopped (%s)", node, codes)
+    return 0 if all(c == 0 for c in codes.values()) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(Path(args[0]), args[1] if len(args) > 1 else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
