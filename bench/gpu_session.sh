@@ -15,5 +15,7 @@ if [ "$kind" = x1 ]; then
     --overhead llama-7b_alpaca_H100_s1_b16_g256_pnone_reference --out "$OUT/h100x1_overhead.json"
 else
   python3 bench/gpu_cells.py --config bench/configs/h100x2.yaml --out "$OUT/h100x2_cells.json"
+  python3 bench/gpu_cells.py --config bench/configs/h100x2.yaml --runs 3 \
+    --overhead llama-7b_alpaca_H100_s1_b16_g256_pnone_reference --out "$OUT/h100x2_overhead.json"
 fi
 tar czf "$OUT/results_$kind.tgz" bench-results

@@ -120,3 +120,31 @@ def test_counter_reset_inside_window_is_null() -> None:
     att = attribute_events(_events([(3.0, 7.0), (6.0, 9.0)]), _device("GPU-a", t, counter, None))
     assert np.isnan(att.loc[0, "energy_j"])
     assert att.loc[1, "energy_j"] == pytest.approx(300.0)
+
+
+def test_staircase_counter_is_interpolated_between_its_updates() -> None:
+    """A counter updated every 100 ms, polled at 50 Hz, under a constant 300 W.
+
+    Interpolating the raw staircase would put up to one 30 J step on the wrong
+    side of an edge; interpolating between update instants recovers the energy.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from llmenergy.energy import attribute_events
+
+    t0 = 1_000_000_000_000
+    poll_ns = np.arange(0, 10_000_000_000, 20_000_000)  # 50 Hz for 10 s
+    update_ns = (poll_ns // 100_000_000) * 100_000_000  # last 100 ms update before each poll
+    power = pd.DataFrame({
+        "node": "n", "device": "GPU-x", "device_index": 0, "domain": "gpu",
+        "timestamp_ns": t0 + poll_ns, "energy_mj": update_ns / 1e9 * 300.0 * 1000.0,
+        "power_w": 300.0, "source": "nvml",
+    })
+    events = pd.DataFrame({"cell_id": "c", "repeat": 0, "phase": "decode", "batch_index": 0,
+                           "start_ns": [t0 + 1_234_000_000], "end_ns": [t0 + 2_491_000_000],
+                           "n_seqs": 1, "tokens_in": 0, "tokens_out": 10})
+    out = attribute_events(events, power)
+    expected_j = 300.0 * 1.257
+    assert abs(out.energy_j.iloc[0] - expected_j) / expected_j < 0.01
+    assert abs(out.energy_discrepancy_pct.iloc[0]) < 1.0

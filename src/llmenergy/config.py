@@ -73,6 +73,7 @@ class GpuSpec:
 class CollectorSpec:
     backend: str = "auto"
     interval_ms: int = 100
+    power_interval_ms: int = 40
     idle_baseline_s: float = 5.0
     estimate_tdp_w: float | None = None
     dcgm_host: str | None = None

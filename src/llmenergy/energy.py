@@ -62,6 +62,27 @@ def _series(df: pd.DataFrame, column: str) -> _Series | None:
     return _Series(sub["timestamp_ns"].to_numpy(np.float64), sub[column].to_numpy(np.float64))
 
 
+def _counter_series(df: pd.DataFrame) -> _Series | None:
+    """The counter at its update instants.
+
+    NVML's energy counter changes about every 100 ms while the collector polls
+    it at up to 50 Hz, so raw samples form a staircase. Keeping only the first
+    sample of each new value (plus the last sample) and interpolating between
+    those treats power as constant between updates, instead of putting a
+    whole step's energy at one edge of an event.
+    """
+    s = _series(df, "energy_mj")
+    if s is None:
+        return None
+    changed = np.empty(len(s.values), dtype=bool)
+    changed[0] = True
+    changed[1:] = s.values[1:] != s.values[:-1]
+    changed[-1] = True
+    if changed.sum() < 2:
+        return s
+    return _Series(s.t_ns[changed], s.values[changed])
+
+
 def _in_range(s: _Series, start: np.ndarray, end: np.ndarray) -> np.ndarray:
     return (start >= s.t_ns[0]) & (end <= s.t_ns[-1]) & (end >= start)
 
@@ -141,7 +162,7 @@ def _sum_domain(power: pd.DataFrame, start: np.ndarray, end: np.ndarray,
     gap = np.full(n, np.nan)
     keys = ["node", "device"] if "node" in power.columns else ["device"]
     for _, dev in power.groupby(keys, sort=True, dropna=False):
-        cs = _series(dev, "energy_mj")
+        cs = _counter_series(dev)
         ps = _series(dev, "power_w")
         ref = cs if cs is not None else ps
         if ref is None:

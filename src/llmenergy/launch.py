@@ -66,6 +66,7 @@ def cell_spec(cfg: Config, cell: Cell) -> dict[str, Any]:
         "dataset": {"name": ds.name, "format": ds.format, "path": ds.path, "n_prompts": ds.n_prompts,
                     "seed": ds.seed, "order": ds.order, "train_path": ds.train_path, "kshot": ds.kshot},
         "collector": {"backend": cfg.collector.backend, "interval_ms": cfg.collector.interval_ms,
+                      "power_interval_ms": cfg.collector.power_interval_ms,
                       "estimate_tdp_w": cfg.collector.estimate_tdp_w, "dcgm_host": cfg.collector.dcgm_host},
         "power_cap_w": cell.power_cap_w,
         "policies": {"on_oom": cfg.policies.on_oom, "on_power_cap_denied": cfg.policies.on_power_cap_denied},

@@ -28,7 +28,8 @@ STOP_TIMEOUT_S = 30.0
 def collector_args(spec: dict[str, Any], run_dir: Path, node: str) -> list[str]:
     c = spec["collector"]
     args = [sys.executable, "-m", "llmenergy.collector.process", "--backend", c["backend"],
-            "--interval-ms", str(c["interval_ms"]), "--out", str(run_dir / "power"), "--node", node,
+            "--interval-ms", str(c["interval_ms"]), "--power-interval-ms", str(c.get("power_interval_ms", 40)),
+            "--out", str(run_dir / "power"), "--node", node,
             "--uuid-dir", str(run_dir / "uuids"), "--ready-dir", str(run_dir / "ready"),
             "--expect-devices", str(spec["ranks_per_node"])]
     if c.get("estimate_tdp_w"):
