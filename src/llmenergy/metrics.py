@@ -40,7 +40,7 @@ IDENTITY_FIELDS: list[tuple[str, pa.DataType]] = [
 IDENTITY_COLUMNS = [name for name, _ in IDENTITY_FIELDS if name != "repeat"]
 
 _FIELDS: list[tuple[str, pa.DataType]] = IDENTITY_FIELDS + [
-    ("status", pa.string()), ("reason", pa.string()),
+    ("status", pa.string()), ("reason", pa.string()), ("template", pa.string()),
     ("n_prompts", pa.int64()), ("responses", pa.int64()), ("tokens_in", pa.int64()),
     ("tokens_out", pa.int64()), ("words_out", pa.int64()), ("duration_s", pa.float64()),
     ("tokens_per_s", pa.float64()), ("words_per_s", pa.float64()),
@@ -163,6 +163,8 @@ def _repeat_row(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | None,
     row["responses"] = int(len(rs)) if rs is not None else None
     if row.get("n_prompts") is None:
         row["n_prompts"] = row["responses"]
+    if rs is not None and "template" in rs.columns and rs["template"].notna().any():
+        row["template"] = "+".join(sorted(rs["template"].dropna().unique()))
     row["tokens_in"] = _sum(rs, "tokens_in")
     row["tokens_out"] = _sum(rs, "tokens_out")
     row["words_out"] = _sum(rs, "words_out")

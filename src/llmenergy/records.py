@@ -28,6 +28,7 @@ RESPONSES_SCHEMA = pa.schema([
     ("text", pa.string()),
     ("reference", pa.string()),
     ("correct", pa.bool_()),
+    ("template", pa.string()),
 ])
 
 PHASES = ("idle", "load", "warmup", "prefill", "decode")

@@ -299,6 +299,7 @@ def _run_batch(rec: Recorder, model: Any, tok: Any, batch: list[Any], spec: dict
             "tokens_in": len(t), "tokens_out": len(o), "words_out": len(text.split()), "text": text,
             "reference": p.reference, "correct": is_correct(text, p.reference) if p.reference and
             spec["dataset"]["format"] == "gsm8k" else None,
+            "template": p.template,
         })
 
 
