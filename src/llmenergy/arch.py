@@ -118,3 +118,38 @@ def shard_problem(name: str, args: ModelArgs, shards: int) -> str | None:
         if count % shards:
             return f"{name} × {shards} shards: {shards} does not divide {count} {what}"
     return None
+
+
+def checkpoint_problem(path: str, args: ModelArgs) -> str | None:
+    """Why directory ``path`` is not a checkpoint of ``args``, or None. Cheap: reads JSON only.
+
+    The full check (tensor shapes, shard files) happens when the ranks load it.
+    """
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_dir():
+        return f"checkpoint directory {path!r} does not exist"
+    if list(p.glob("consolidated.*.pth")):
+        meta = p / "params.json"
+        if not meta.exists():
+            return f"{path}: Meta checkpoint without params.json"
+        try:
+            params = json.loads(meta.read_text())
+        except ValueError:
+            return f"{meta}: not valid JSON"
+        found = {k: params.get(k) for k in ("dim", "n_layers", "n_heads")}
+    elif (p / "config.json").exists() and list(p.glob("*.safetensors")):
+        try:
+            hf = json.loads((p / "config.json").read_text())
+        except ValueError:
+            return f"{p / 'config.json'}: not valid JSON"
+        found = {"dim": hf.get("hidden_size"), "n_layers": hf.get("num_hidden_layers"),
+                 "n_heads": hf.get("num_attention_heads")}
+    else:
+        return (f"{path}: neither a Meta checkpoint (consolidated.NN.pth + params.json) "
+                f"nor an HF one (config.json + *.safetensors)")
+    want = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads}
+    bad = [f"{k} {found[k]} (arch has {want[k]})" for k in want if found[k] != want[k]]
+    return f"{path}: checkpoint does not match the architecture: {', '.join(bad)}" if bad else None

@@ -224,9 +224,13 @@ def _check_matrix(cfg: Config) -> None:
 
 def _check_files(cfg: Config) -> None:
     src = cfg.source
+    from llmenergy.arch import checkpoint_problem
+
     for name, m in cfg.models.items():
-        if m.weights != "synthetic" and not Path(m.weights).exists():
-            raise ConfigError(f"{src}: models.{name}.weights: checkpoint directory {m.weights!r} does not exist")
+        if m.weights != "synthetic":
+            problem = checkpoint_problem(m.weights, m.args)
+            if problem:
+                raise ConfigError(f"{src}: models.{name}.weights: {problem}")
     for name, d in cfg.datasets.items():
         for key in ("path", "train_path"):
             value = getattr(d, key)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import atomic
-from llmenergy.errors import CellInterrupted, PowerCapDenied, PowerCapError
+from llmenergy.errors import CellInterrupted, PowerCapDenied, PowerCapError, UserError
 
 log = logging.getLogger("llmenergy.worker")
 
@@ -257,6 +257,9 @@ def run(spec_path: Path) -> int:
         status, code = {"status": "power_cap_denied", "reason": str(exc)}, EXIT_CAP_DENIED
     except PowerCapError as exc:
         status, code = {"status": "failed", "reason": f"power cap: {exc}"}, 1
+    except UserError as exc:  # a bad checkpoint, dataset or tokenizer: one line, no traceback
+        log.error("%s", exc)
+        status, code = {"status": "failed", "reason": str(exc)}, 2
     except CellInterrupted as exc:
         status, code = {"status": "incomplete", "reason": str(exc)}, EXIT_INTERRUPTED
     except torch.OutOfMemoryError as exc:
