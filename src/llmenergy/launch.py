@@ -10,6 +10,16 @@ Whatever happens to the ranks, the collectors are stopped (SIGUSR1, so they
 flush), the power files are merged, the metrics are computed and ``cell.json``
 is written last. Only an ``ok`` cell (or an ``oom`` cell under
 ``policies.on_oom: record``) exits 0, so Snakemake reruns the others.
+
+Signals: SIGTERM/SIGINT/SIGUSR1/SIGUSR2 reaching ``run-cell`` (Slurm's
+time-limit warning, ``scancel --signal=TERM``) are passed on to the ranks, which
+finish the current batch, record ``incomplete`` and exit non-zero. Under
+``srun`` they are passed on as SIGUSR2, because ``srun`` answers SIGTERM by
+killing its tasks but forwards SIGUSR1/2 to them.
+
+Test hook: ``LLMENERGY_TEST_FAIL_CELL`` (see :data:`TEST_FAIL_ENV`) makes the
+named cells fail on purpose. It exists only for the integration tests of
+incremental reruns; never set it in a real run.
 """
 from __future__ import annotations
 
@@ -37,13 +47,30 @@ log = logging.getLogger(__name__)
 GRACE_S = 20.0
 COLLECTOR_STOP_S = 30.0
 
+#: Test hook: a comma-separated list of cell ids that ``run-cell`` fails on
+#: purpose (status ``failed``, exit 1) without starting anything. Used by
+#: ``tests/integration`` to check that a rerun executes exactly the failed cells;
+#: Slurm jobs inherit it from the submitting environment (``--export=ALL``).
+TEST_FAIL_ENV = "LLMENERGY_TEST_FAIL_CELL"
+
+
+def runtime_min(cfg: Config, cell: Cell, *, runtime_s: float | None = None) -> int:
+    """The Slurm time limit of a cell's job: twice the estimate plus 10 min, at least 15 min."""
+    runtime_s = estimate_runtime_s(cfg, cell) if runtime_s is None else runtime_s
+    return max(15, math.ceil(runtime_s * 2 / 60) + 10)
+
+
+def test_fail_requested(cell_id: str, environ: dict[str, str] | None = None) -> bool:
+    """Whether the test hook :data:`TEST_FAIL_ENV` names ``cell_id``."""
+    raw = (os.environ if environ is None else environ).get(TEST_FAIL_ENV, "")
+    return cell_id in {c.strip() for c in raw.split(",") if c.strip()}
+
 
 def cell_resources(cfg: Config, cell: Cell, *, runtime_s: float | None = None) -> dict[str, Any]:
     """Snakemake resources of the cell's Slurm job (see :mod:`llmenergy.slurm`)."""
     from llmenergy import slurm
 
-    runtime_s = estimate_runtime_s(cfg, cell) if runtime_s is None else runtime_s
-    res = slurm.resources_for(cell.shards, cfg.gpus[cell.gpu], max(15, math.ceil(runtime_s * 2 / 60) + 10))
+    res = slurm.resources_for(cell.shards, cfg.gpus[cell.gpu], runtime_min(cfg, cell, runtime_s=runtime_s))
     return slurm.snakemake_resources(res)
 
 
@@ -95,11 +122,16 @@ def _agent_args(cell_dir: Path) -> list[str]:
 
 
 class _Forward:
-    """Forward SIGTERM/SIGINT/SIGUSR1/2 to the ranks (Slurm's time-limit signal)."""
+    """Forward SIGTERM/SIGINT/SIGUSR1/2 to the ranks (Slurm's time-limit signal).
 
-    def __init__(self) -> None:
+    ``as_signal`` replaces the forwarded signal: the srun launcher uses SIGUSR2,
+    which ``srun`` passes on to its tasks (SIGTERM would make it kill them).
+    """
+
+    def __init__(self, as_signal: int | None = None) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.signum: int | None = None
+        self.as_signal = as_signal
         self._old = {s: signal.signal(s, self._handle)
                      for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
 
@@ -109,7 +141,10 @@ class _Forward:
         for p in self.procs:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    p.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+                    if self.as_signal is not None:
+                        p.send_signal(self.as_signal)
+                    else:
+                        p.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
 
     def restore(self) -> None:
         for s, h in self._old.items():
@@ -144,11 +179,34 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait()
 
 
+def _die_with_launcher(launcher_pid: int) -> Any:
+    """A ``preexec_fn`` for local children: SIGTERM them when ``run-cell`` dies, even by SIGKILL.
+
+    Linux ``PR_SET_PDEATHSIG``: the ranks then stop after their batch and the
+    agent stops the guard, which restores the power caps. Without it a killed
+    launcher left the agent, the guard (caps applied) and the ranks running.
+    """
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return None
+
+    def set_parent_death_signal() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_parent_death_signal
+
+
 def _launch_local(spec: dict[str, Any], cell_dir: Path, fwd: _Forward) -> tuple[list[int], Any]:
     logs = cell_dir / "logs"
     node = socket.gethostname()
     agent_log = open(logs / f"agent.{node}.log", "ab")  # noqa: SIM115 - closed below
-    agent = subprocess.Popen(_agent_args(cell_dir), stdout=agent_log, stderr=subprocess.STDOUT)
+    agent = subprocess.Popen(_agent_args(cell_dir), stdout=agent_log, stderr=subprocess.STDOUT,
+                             preexec_fn=_die_with_launcher(os.getpid()))
     port = _free_port()
     n = spec["cell"]["shards"]
     procs: list[subprocess.Popen[bytes]] = []
@@ -158,7 +216,8 @@ def _launch_local(spec: dict[str, Any], cell_dir: Path, fwd: _Forward) -> tuple[
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
             out = open(logs / f"rank{rank}.log", "ab")  # noqa: SIM115 - child owns it
             procs.append(subprocess.Popen([sys.executable, "-m", "llmenergy.worker", str(cell_dir / "spec.json")],
-                                          env=env, stdout=out, stderr=subprocess.STDOUT))
+                                          env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          preexec_fn=_die_with_launcher(os.getpid())))
             out.close()
         fwd.procs = procs
         codes = _wait_ranks(procs)
@@ -203,6 +262,31 @@ def _status(cell_dir: Path, codes: list[int], signum: int | None) -> tuple[str, 
     return ("failed", f"rank exited with code {bad[0]}; see logs/") if bad else ("ok", None)
 
 
+def _fail_on_purpose(cfg: Config, cell: Cell, launcher: str, started: float) -> int:
+    """The :data:`TEST_FAIL_ENV` hook: record a failed cell without running it."""
+    cell_dir = cell.dir(cfg.output_dir)
+    cell_json = {
+        "schema_version": 1, "cell_id": cell.id, "cell": cell.identity(), "status": "failed",
+        "reason": f"failed on purpose by the test hook {TEST_FAIL_ENV}", "repeats": cfg.repeats,
+        "launcher": launcher, "rank_exit_codes": [], "power_recovered_from_parts": [],
+        "provenance": collect_provenance(cell_dir, started=started, power=None),
+    }
+    atomic.write_json(cell_dir / "cell.json", cell_json)
+    atomic.write_json(Path(cfg.output_dir) / "failed" / f"{cell.id}.json", cell_json)
+    log.error("%s: failed (%s)", cell.id, cell_json["reason"])
+    return 1
+
+
+def accepted(cfg: Config, status: str) -> bool:
+    """Whether a cell with ``status`` is finished under the config's policies (exit 0, never rerun).
+
+    ``ok`` always; ``oom`` under ``policies.on_oom: record``; ``power_cap_denied``
+    under ``policies.on_power_cap_denied: skip``.
+    """
+    return (status == "ok" or (status == "oom" and cfg.policies.on_oom == "record")
+            or (status == "power_cap_denied" and cfg.policies.on_power_cap_denied == "skip"))
+
+
 def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = False) -> int:
     """Run ``cell`` and write its outputs; returns the process exit code."""
     from llmenergy.collector.process import merge_node_files, recovered_nodes
@@ -210,8 +294,9 @@ def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = F
 
     cell_dir = cell.dir(cfg.output_dir)
     done = cell_dir / "cell.json"
-    if done.exists() and not force and json.loads(done.read_text()).get("status") == "ok":
-        log.info("%s: already finished (cell.json is ok); skipping", cell.id)
+    finished = json.loads(done.read_text()).get("status") if done.exists() and not force else None
+    if finished is not None and accepted(cfg, finished):
+        log.info("%s: already finished (cell.json is %s); skipping", cell.id, finished)
         return 0
     if launcher == "auto":
         launcher = "srun" if os.environ.get("SLURM_JOB_ID") and shutil.which("srun") else "local"
@@ -225,8 +310,10 @@ def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = F
     spec = cell_spec(cfg, cell)
     atomic.write_json(cell_dir / "spec.json", spec)
     started = time.time()
+    if test_fail_requested(cell.id):
+        return _fail_on_purpose(cfg, cell, launcher, started)
     log.info("%s: launching %d rank(s) on %d node(s) via %s", cell.id, cell.shards, spec["nodes"], launcher)
-    fwd = _Forward()
+    fwd = _Forward(signal.SIGUSR2 if launcher == "srun" else None)
     try:
         if launcher == "srun":
             codes, _ = _launch_srun(spec, cell_dir, fwd, cfg, cell)
@@ -255,8 +342,7 @@ def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = F
         from llmenergy.powercap import read_cap_report
 
         cell_json["provenance"]["power_cap"] = read_cap_report(cell_dir / "powercap")
-    ok = (status == "ok" or (status == "oom" and cfg.policies.on_oom == "record")
-          or (status == "power_cap_denied" and cfg.policies.on_power_cap_denied == "skip"))
+    ok = accepted(cfg, status)
     if ok:
         shutil.rmtree(cell_dir / ".run", ignore_errors=True)
     atomic.write_json(done, cell_json)

@@ -6,12 +6,19 @@ node's power collector and, for a capped cell, the power-cap guard; on
 SIGUSR1/SIGTERM/SIGINT it stops both (SIGUSR1, so they flush and restore),
 then runs ``powercap-guard --restore`` as a safety net, which changes nothing
 when the guard already restored.
+
+Under ``srun`` a signal forwarded to the step reaches every process of it, the
+agent's children included, so the agent first gives them
+:data:`SELF_STOP_GRACE_S` to stop on their own: a second SIGUSR1, arriving after
+a child has flushed and restored its default handlers, would kill it and mark
+the step FAILED in ``sacct``.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -23,6 +30,7 @@ from typing import Any
 log = logging.getLogger("llmenergy.node_agent")
 
 STOP_TIMEOUT_S = 30.0
+SELF_STOP_GRACE_S = 3.0
 
 
 def collector_args(spec: dict[str, Any], run_dir: Path, node: str) -> list[str]:
@@ -52,7 +60,10 @@ def guard_args(spec: dict[str, Any], cell_dir: Path, node: str) -> list[str]:
     return args
 
 
-def _stop(proc: subprocess.Popen[bytes], name: str) -> int:
+def _stop(proc: subprocess.Popen[bytes], name: str, grace_s: float = 0.0) -> int:
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        if grace_s > 0:
+            proc.wait(timeout=grace_s)
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGUSR1)
@@ -88,7 +99,9 @@ def run(spec_path: Path, node: str | None = None) -> int:
     log.info("node %s: started %s", node, ", ".join(n for n, _ in children))
     while not stop["signum"]:  # children may end early (a denied cap); the agent waits for its stop
         time.sleep(0.1)
-    codes = {name: _stop(p, name) for name, p in children}
+    grace_s = SELF_STOP_GRACE_S if os.environ.get("SLURM_STEP_ID") is not None else 0.0
+    deadline = time.monotonic() + grace_s
+    codes = {name: _stop(p, name, max(0.0, deadline - time.monotonic())) for name, p in children}
     if spec.get("power_cap_w") is not None:
         subprocess.run([sys.executable, "-m", "llmenergy.powercap_guard", "--restore",
                         "--state-dir", str(cell_dir / "powercap"), "--node", node], check=False)

@@ -26,6 +26,7 @@ import json
 import logging
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -250,19 +251,70 @@ def _load_commands_file(path: Path) -> tuple[list[list[str]], list[Resources], l
     return commands, resources, names
 
 
+def llmenergy_command() -> list[str]:
+    """How a job calls the ``llmenergy`` CLI: this interpreter's console script, else ``-m``."""
+    script = Path(sys.executable).with_name("llmenergy")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("llmenergy")
+    return [found] if found else [sys.executable, "-m", "llmenergy.cli"]
+
+
+def cell_jobs(config_path: str | Path, cell_ids: Sequence[str] | None = None,
+              ) -> tuple[list[list[str]], list[Resources], list[str], Path]:
+    """Commands, resources and names of the cells of ``config_path`` (all planned
+    cells, or ``cell_ids``), plus the config's output directory.
+
+    Each command is ``llmenergy run-cell --config CFG --cell ID`` with the config's
+    absolute path; each resource set is :func:`llmenergy.slurm.resources_for` with
+    the cell's time limit (:func:`llmenergy.launch.runtime_min`), as in the
+    Snakemake rule. The config is validated, and unknown cell ids rejected,
+    before anything is submitted.
+    """
+    from llmenergy import config, slurm
+    from llmenergy.launch import runtime_min
+    from llmenergy.matrix import expand
+
+    cfg_path = Path(config_path).resolve()
+    cfg = config.load(cfg_path)
+    plan = expand(cfg)
+    cells = plan.cells if not cell_ids else [plan.get(cid) for cid in cell_ids]
+    base = llmenergy_command()
+    commands = [[*base, "run-cell", "--config", str(cfg_path), "--cell", c.id] for c in cells]
+    resources = [slurm.resources_for(c.shards, cfg.gpus[c.gpu], runtime_min(cfg, c)) for c in cells]
+    out_dir = Path(cfg.output_dir)
+    if not out_dir.is_absolute():
+        out_dir = Path.cwd() / out_dir
+    return commands, resources, [c.id for c in cells], out_dir
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``llmenergy submit --commands-file jobs.json [--folder F] [--executor K] [--wait]``."""
-    parser = argparse.ArgumentParser(prog="llmenergy submit",
-                                     description="Submit jobs through submitit (no Snakemake).")
-    parser.add_argument("--commands-file", type=Path, required=True,
-                        help='JSON list of {"command": [...], "resources": {...}, "name": "..."}')
-    parser.add_argument("--folder", type=Path, default=Path("results/submitit"),
-                        help="where submitit keeps job files and logs (default: %(default)s)")
+    """``llmenergy submit (--config CFG [--cells ID ...] | --commands-file F) [--folder F]
+    [--executor K] [--wait]``."""
+    parser = argparse.ArgumentParser(
+        prog="llmenergy submit",
+        description="Submit cells (one job each) through submitit, without Snakemake.")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", type=Path, help="config.yaml whose cells to submit")
+    src.add_argument("--commands-file", type=Path,
+                     help='JSON list of {"command": [...], "resources": {...}, "name": "..."}')
+    parser.add_argument("--cells", nargs="+", metavar="ID",
+                        help="cell ids to submit (default: every planned cell); see `llmenergy plan`")
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="where submitit keeps job files and logs "
+                             "(default: OUTPUT_DIR/submitit, or results/submitit)")
     parser.add_argument("--executor", choices=["auto", "slurm", "local"], default="auto")
     parser.add_argument("--wait", action="store_true", help="wait and print each job's final state")
     args = parser.parse_args(argv)
-    commands, resources, names = _load_commands_file(args.commands_file)
-    jobs = submit_jobs(commands, resources, args.folder, args.executor, job_names=names)
+    if args.config is not None:
+        commands, resources, names, out_dir = cell_jobs(args.config, args.cells)
+        folder = args.folder or out_dir / "submitit"
+    else:
+        if args.cells:
+            raise UserError("submit: --cells needs --config")
+        commands, resources, names = _load_commands_file(args.commands_file)
+        folder = args.folder or Path("results/submitit")
+    jobs = submit_jobs(commands, resources, folder, args.executor, job_names=names, cwd=Path.cwd())
     for name, job in zip(names, jobs, strict=True):
         print(f"{job.job_id}\t{name}")
     if not args.wait:

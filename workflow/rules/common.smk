@@ -15,6 +15,12 @@ wildcard_constraints:
     cell=r"[A-Za-z0-9._-]+",
 
 
+# Corrupt or unfinished cell outputs are moved aside (*.rejected), so that their cells rerun.
+if workflow.is_main_process:
+    _derived = [f"{OUT}/summary.parquet", f"{OUT}/summary_stats.parquet", REPORT]
+    for _cell in CTX.quarantine_corrupt(dry_run=workflow.dryrun, derived=_derived):
+        logger.warning(f"llmenergy: {_cell}: outputs rejected (see above); the cell will be rerun")
+
 if CTX.plan.infeasible:
     logger.info(
         f"llmenergy: {len(CTX.cell_ids)} cells planned, {len(CTX.plan.infeasible)} left out "

@@ -1,0 +1,132 @@
+"""The whole workflow through real Slurm and real Snakemake (issue 3): a 2-node
+cell, a 1-node cell, the plan of the default config, an incremental rerun after
+a failed cell, and `llmenergy submit` through submitit."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import slurm_helpers as h
+
+
+@pytest.fixture
+def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    yield from h.private_workdir(request.node.name)
+
+N_PROMPTS = h.TINY_DATASET["n_prompts"]
+
+
+def _resources(output: str) -> dict[str, dict[str, str]]:
+    """``{cell: {resource: value}}`` of the run_cell jobs in Snakemake's output."""
+    out: dict[str, dict[str, str]] = {}
+    for block in output.split("rule run_cell:")[1:]:
+        cell = re.search(r"wildcards: .*\bcell=([A-Za-z0-9._-]+)", block)
+        res = re.search(r"resources: (.*)", block)
+        if cell and res:
+            out[cell.group(1)] = dict(kv.split("=", 1) for kv in res.group(1).split(", ") if "=" in kv)
+    return out
+
+
+def test_plan_of_default_config_asks_for_whole_nodes(workdir: Path) -> None:
+    """`snakemake -n` of the default config: a 32-GPU A100 cell is 8 nodes × gpu:4
+    on partition a100, and no cell asks a node for more GPUs than it has."""
+    shutil.copy(h.REPO / "config.yaml", workdir / "config.yaml")
+    proc = subprocess.run(h.snakemake_args(workdir, "-n", timeout_s=120), cwd=workdir, env=h.env(),
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = _resources(proc.stdout + proc.stderr)
+    cells = h.planned_cells(workdir)
+    assert set(jobs) == set(cells)
+    big = [cid for cid, c in cells.items() if c.gpu == "A100" and c.shards == 32]
+    assert big, "the default matrix should hold a 32-GPU A100 cell"
+    for cid in big:
+        assert jobs[cid]["nodes"] == "8" and jobs[cid]["gres"] == "gpu:4"
+        assert jobs[cid]["slurm_partition"] == "a100" and jobs[cid]["tasks"] == "32"
+        assert jobs[cid]["mpi"] == "srun"
+    per_node = {"V100": 2, "A100": 4}
+    for cid, res in jobs.items():
+        gpus = int(res["gres"].removeprefix("gpu:"))
+        assert gpus <= per_node[cells[cid].gpu], (cid, res)
+        assert gpus * int(res["nodes"]) == cells[cid].shards, (cid, res)
+        assert "--signal=TERM@" in res["slurm_extra"]
+
+
+@pytest.mark.slurm
+def test_two_node_and_one_node_cells(workdir: Path) -> None:
+    h.write_config(workdir, h.tiny_config({"V1": h.gpu_type("v100", 1)},
+                                           [h.group("V1", 2), h.group("V1", 1)]))
+    two, one = h.cell_id(workdir, shards=2), h.cell_id(workdir, shards=1)
+    run = h.run_snakemake(workdir)
+    assert run.returncode == 0, run.tail()
+    assert sorted(run.executed_cells) == sorted([two, one])
+
+    for cell, nodes in ((two, 2), (one, 1)):
+        (job,) = run.job_ids(cell)
+        rows = {r["JobID"]: r for r in h.sacct(job)}
+        assert rows[str(job)]["State"] == "COMPLETED" and rows[str(job)]["NNodes"] == str(nodes)
+        # run-cell runs in the batch step; its srun steps are the node agents and the ranks
+        steps = [k for k in rows if re.fullmatch(rf"{job}\.\d+", k)]
+        assert len(steps) == 2, rows
+        assert all(rows[s]["NNodes"] == str(nodes) for s in steps), rows
+        info = h.cell_json(workdir, cell)
+        assert info["status"] == "ok" and info["launcher"] == "srun"
+        assert info["provenance"]["slurm_job_id"] == str(job)
+        rank_hosts = {g["rank"]: g["node"] for g in info["provenance"]["gpus"]}
+        assert sorted(rank_hosts) == list(range(nodes))
+        assert len(set(rank_hosts.values())) == nodes, rank_hosts  # one rank per node
+        m = h.metrics_row(workdir, cell)
+        assert m["status"] == "ok" and m["nodes"] == nodes and m["shards"] == nodes
+        assert m["tokens_out"] == N_PROMPTS * 4 * 1  # n_prompts × max_gen_len × repeats
+        assert m["responses"] == N_PROMPTS and m["energy_j"] > 0
+    assert (workdir / "results" / "report.html").is_file()
+
+
+@pytest.mark.slurm
+def test_rerun_after_a_failed_cell_runs_only_that_cell(workdir: Path) -> None:
+    h.write_config(workdir, h.tiny_config({"V1": h.gpu_type("v100", 1), "A1": h.gpu_type("a100", 1)},
+                                           [h.group("V1", 1), h.group("A1", 1), h.group("A1", 2)]))
+    cells = list(h.planned_cells(workdir))
+    bad = h.cell_id(workdir, gpu="A1", shards=1)
+    others = [c for c in cells if c != bad]
+
+    first = h.run_snakemake(workdir, fail_cells=[bad])
+    assert first.returncode != 0, first.tail()
+    assert sorted(first.executed_cells) == sorted(cells)
+    assert "Error in rule run_cell" in first.output
+    failed = (workdir / "results" / "failed" / f"{bad}.json").read_text()
+    assert h.TEST_FAIL_ENV in failed
+    assert not (h.cell_dir(workdir, bad) / "metrics.parquet").exists()
+    assert all(h.cell_json(workdir, c)["status"] == "ok" for c in others)
+    before = h.fingerprint(workdir, others)
+
+    second = h.run_snakemake(workdir)
+    assert second.returncode == 0, second.tail()
+    assert second.executed_cells == [bad]
+    assert h.cell_json(workdir, bad)["status"] == "ok"
+    assert h.fingerprint(workdir, others) == before
+
+
+@pytest.mark.slurm
+def test_llmenergy_submit_runs_a_cell_through_submitit(workdir: Path) -> None:
+    h.write_config(workdir, h.tiny_config({"V1": h.gpu_type("v100", 1)}, [h.group("V1", 2), h.group("V1", 1)]))
+    cell = h.cell_id(workdir, shards=2)
+    proc = subprocess.run(
+        ["timeout", "-s", "INT", "240", str(h.VENV_BIN / "llmenergy"), "submit", "--config", "config.yaml",
+         "--cells", cell, "--executor", "slurm", "--wait"],
+        cwd=workdir, env=h.env(), capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    job_id, name, state = proc.stdout.splitlines()[-1].split("\t")
+    assert name == cell and state == "COMPLETED"
+    rows = {r["JobID"]: r for r in h.sacct(int(job_id))}
+    assert rows[job_id]["NNodes"] == "2"
+    info = h.cell_json(workdir, cell)
+    assert info["status"] == "ok" and info["provenance"]["slurm_job_id"] == job_id
+    assert len(info["provenance"]["hosts"]) == 2
+    assert h.metrics_row(workdir, cell)["tokens_out"] == N_PROMPTS * 4
+    assert (workdir / "results" / "submitit" / job_id).is_dir()
+    # only the requested cell ran
+    assert [p.name for p in (workdir / "results" / "cells").iterdir()] == [cell]
