@@ -79,3 +79,13 @@ def test_plans_of_the_shipped_profiles_parse(tmp_path: Path) -> None:
                              cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
         assert out.returncode == 0, (profile, out.stderr[-2000:])
         assert "run_cell" in out.stdout + out.stderr
+
+
+def test_snakemake_stops_on_bad_config_with_one_line(tmp_path: Path) -> None:
+    bad = {**CONFIG, "matrix": [{**CONFIG["matrix"][0], "batch_size": [2, -4]}]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(bad))
+    out = _snakemake(tmp_path, "-n")
+    assert out.returncode == 2
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    assert lines == ["llmenergy: error: config.yaml: matrix[0].batch_size: -4 must be a positive integer"]
+    assert not (tmp_path / "results" / "cells").exists()

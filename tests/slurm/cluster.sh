@@ -183,7 +183,8 @@ mariadb_init() {  # Debian 12 / Ubuntu 22.04+: mariadb; older: mysql
 
 start_mariadb() {
   if ! mysqladmin ping >/dev/null 2>&1; then
-    "$(mariadb_init)" start >"$DIR/log/mariadb-start.log" 2>&1 \
+    # setsid: a signal to the caller's process group (timeout, Ctrl-C) must not reach mariadb.
+    setsid "$(mariadb_init)" start >"$DIR/log/mariadb-start.log" 2>&1 </dev/null \
       || { cat "$DIR/log/mariadb-start.log" >&2; die "mariadb did not start"; }
     touch "$DIR/run/started-mariadb"
   fi
@@ -269,7 +270,7 @@ all_daemons_alive() {
 cmd_up() {
   need_root
   local t0; t0="$(now_s)"
-  if all_daemons_alive && nodes_idle_or_busy; then
+  if all_daemons_alive && nodes_idle_or_busy && mysqladmin ping >/dev/null 2>&1; then
     log "already up ($DIR)"; return 0
   fi
   mkdir -p "$DIR/log" "$DIR/run"
@@ -352,6 +353,7 @@ cmd_status() {
     name="$(basename "$f" .pid)"
     if pid_alive "$f"; then echo "$name: running (pid $(cat "$f"))"; else echo "$name: dead"; rc=1; fi
   done
+  if ! mysqladmin ping >/dev/null 2>&1; then echo "mariadb: not answering (sacct will fail)"; rc=1; fi
   if sinfo -h >/dev/null 2>&1; then
     sinfo -N -o '%N %P %t %c %m %G'
     nodes_idle_or_busy || rc=1

@@ -1,9 +1,16 @@
 # Validate the config and build the matrix; all logic lives in llmenergy.
 from snakemake.utils import validate
 
-from llmenergy import smk
+import sys
 
-CTX = smk.load(config, workflow.configfiles)
+from llmenergy import smk
+from llmenergy.errors import UserError
+
+try:
+    CTX = smk.load(config, workflow.configfiles)
+except UserError as exc:  # one line naming the file and key, before anything is submitted
+    sys.stderr.write(f"llmenergy: error: {exc}\n")
+    sys.exit(exc.exit_code)
 validate(config, schema="../schemas/config.schema.json")
 
 OUT = CTX.output_dir
