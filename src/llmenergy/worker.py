@@ -10,6 +10,7 @@ rank geometry in ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -264,13 +265,18 @@ def run(spec_path: Path) -> int:
         status, code = {"status": "incomplete", "reason": str(exc)}, EXIT_INTERRUPTED
     except torch.OutOfMemoryError as exc:
         status, code = {"status": "oom", "reason": f"CUDA out of memory: {str(exc).splitlines()[0]}"}, EXIT_OOM
+    except Exception as exc:  # noqa: BLE001 - e.g. a peer rank's node died: record why, keep what was measured
+        log.exception("rank %d failed", renv.rank)
+        first = (str(exc).splitlines() or [""])[0][:300]
+        status, code = {"status": "failed", "reason": f"rank {renv.rank}: {type(exc).__name__}: {first}"}, 1
     if is_main:
         rec.write(cell_dir)
         atomic.write_json(run_dir / "worker_status.json", status)
     log.info("rank %d done: %s", renv.rank, status["status"])
     if code == 0:
         dist.barrier()
-    dist.destroy_process_group()
+    with contextlib.suppress(Exception):  # a broken group cannot always be torn down cleanly
+        dist.destroy_process_group()
     return code
 
 
