@@ -14,7 +14,6 @@ them directly on the target device and dtype.  Filling in values is the job of
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator
 
 import torch

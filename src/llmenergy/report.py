@@ -24,7 +24,7 @@ from llmenergy import __version__
 from llmenergy.aggregate import PROBLEMS_NAME, STATS_NAME, SUMMARY_NAME, cell_stats
 from llmenergy.atomic import write_text
 from llmenergy.errors import UserError
-from llmenergy.plots import FigureInfo, load_manifest, make_figures
+from llmenergy.plots import load_manifest, make_figures
 
 log = logging.getLogger(__name__)
 
