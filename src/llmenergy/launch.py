@@ -60,7 +60,7 @@ def runtime_min(cfg: Config, cell: Cell, *, runtime_s: float | None = None) -> i
     return max(15, math.ceil(runtime_s * 2 / 60) + 10)
 
 
-def test_fail_requested(cell_id: str, environ: dict[str, str] | None = None) -> bool:
+def fail_requested_by_test_hook(cell_id: str, environ: dict[str, str] | None = None) -> bool:
     """Whether the test hook :data:`TEST_FAIL_ENV` names ``cell_id``."""
     raw = (os.environ if environ is None else environ).get(TEST_FAIL_ENV, "")
     return cell_id in {c.strip() for c in raw.split(",") if c.strip()}
@@ -310,7 +310,7 @@ def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = F
     spec = cell_spec(cfg, cell)
     atomic.write_json(cell_dir / "spec.json", spec)
     started = time.time()
-    if test_fail_requested(cell.id):
+    if fail_requested_by_test_hook(cell.id):
         return _fail_on_purpose(cfg, cell, launcher, started)
     log.info("%s: launching %d rank(s) on %d node(s) via %s", cell.id, cell.shards, spec["nodes"], launcher)
     fwd = _Forward(signal.SIGUSR2 if launcher == "srun" else None)
