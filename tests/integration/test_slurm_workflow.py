@@ -60,7 +60,8 @@ def test_two_node_and_one_node_cells(workdir: Path) -> None:
     h.write_config(workdir, h.tiny_config({"V1": h.gpu_type("v100", 1)},
                                            [h.group("V1", 2), h.group("V1", 1)]))
     two, one = h.cell_id(workdir, shards=2), h.cell_id(workdir, shards=1)
-    run = h.run_snakemake(workdir)
+    # The profile polls squeue; this run overrides it to exercise the plugin's default sacct path.
+    run = h.run_snakemake(workdir, "--slurm-status-command", "sacct")
     assert run.returncode == 0, run.tail()
     assert sorted(run.executed_cells) == sorted([two, one])
 
