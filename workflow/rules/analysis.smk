@@ -12,8 +12,10 @@ rule aggregate:
     params:
         config=CTX.config_arg,
     localrule: True
+    conda:
+        "../../envs/analysis.yaml"
     shell:
-        "llmenergy aggregate --config {params.config:q} --results {OUT:q} > {log:q} 2>&1"
+        "{LLMENERGY} aggregate --config {params.config:q} --results {OUT:q} > {log:q} 2>&1"
 
 
 rule plot:
@@ -24,8 +26,10 @@ rule plot:
     log:
         f"{OUT}/logs/plot.log",
     localrule: True
+    conda:
+        "../../envs/analysis.yaml"
     shell:
-        "llmenergy plot --summary {input:q} --out {output:q} > {log:q} 2>&1"
+        "{LLMENERGY} plot --summary {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule report:
@@ -39,5 +43,7 @@ rule report:
     params:
         config=CTX.config_arg,
     localrule: True
+    conda:
+        "../../envs/analysis.yaml"
     shell:
-        "llmenergy report --config {params.config:q} --results {OUT:q} --out {output:q} > {log:q} 2>&1"
+        "{LLMENERGY} report --config {params.config:q} --results {OUT:q} --out {output:q} > {log:q} 2>&1"

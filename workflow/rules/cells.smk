@@ -11,5 +11,7 @@ rule run_cell:
         config=CTX.config_arg,
     resources:
         **CTX.rule_resources(),
+    conda:
+        "../../envs/llmenergy.yaml"
     shell:
-        "llmenergy run-cell --config {params.config:q} --cell {wildcards.cell:q} > {log:q} 2>&1"
+        "{LLMENERGY} run-cell --config {params.config:q} --cell {wildcards.cell:q} > {log:q} 2>&1"

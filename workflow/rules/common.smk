@@ -14,6 +14,11 @@ except UserError as exc:  # one line naming the file and key, before anything is
 validate(config, schema="../schemas/config.schema.json")
 
 OUT = CTX.output_dir
+# The package from this checkout, by whichever `python` the environment has (a venv,
+# or the conda env of `--sdm conda`, which holds the dependencies but not llmenergy).
+LLMENERGY = (
+    f'PYTHONPATH="{workflow.basedir}/src${{PYTHONPATH:+:$PYTHONPATH}}" python -m llmenergy.cli'
+)
 CELLS = CTX.cell_ids
 REPORT = f"{OUT}/report.html"
 
