@@ -49,6 +49,7 @@ class DatasetSpecCfg:
     train_path: str | None = None
     kshot: int = 0
     max_prompt_len: int = 256
+    template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,8 @@ def _check_files(cfg: Config) -> None:
 
             try:
                 check_dataset(DatasetSpec(name=name, format=d.format, path=d.path, n_prompts=d.n_prompts,
-                                          seed=d.seed, order=d.order, train_path=d.train_path, kshot=d.kshot))
+                                          seed=d.seed, order=d.order, train_path=d.train_path, kshot=d.kshot,
+                                          template=d.template))
             except DatasetError as exc:
                 raise ConfigError(f"{src}: datasets.{name}.path: {exc}") from None
 
