@@ -247,10 +247,16 @@ def run(spec_path: Path) -> int:
         for repeat in range(spec["repeats"]):
             rec.repeat = repeat
             pairs = list(zip(prompts, encoded, strict=True))
-            for b, batch in enumerate(_batches(pairs, spec["batch_size"])):
+            batches = _batches(pairs, spec["batch_size"])
+            for b, batch in enumerate(batches):
                 stop.check()
                 rec.batch_index = b
+                t_batch = time.monotonic()
                 _run_batch(rec, model, tok, batch, spec, is_main)
+                if is_main:
+                    log.info("repeat %d/%d, batch %d/%d: %d sequences in %.2f s",
+                             repeat + 1, spec["repeats"], b + 1, len(batches), len(batch),
+                             time.monotonic() - t_batch)
         rec.repeat = rec.batch_index = -1
         status: dict[str, Any] = {"status": "ok", "load": load_info.to_dict()}
         code = 0
