@@ -52,6 +52,7 @@ def test_local_workflow_two_cells_end_to_end(tmp_path: Path) -> None:
     assert (summary.tokens_out == 4 * 8).all()  # EOS ignored: every prompt generates max_gen_len tokens
     assert (summary.tokens_per_s > 0).all()
     assert (summary.power_source == "estimate").all()
+    assert (summary.gpu_name == "cpu").all()  # what the ranks really ran on, from provenance
     assert (summary.energy_j > 0).all()
     pd.testing.assert_series_equal(summary.j_per_token, summary.energy_j / summary.tokens_out, check_names=False)
     # The shards=2 cell ran 2 real ranks and, with the same weights, generated exactly the same text.

@@ -40,7 +40,7 @@ IDENTITY_FIELDS: list[tuple[str, pa.DataType]] = [
 IDENTITY_COLUMNS = [name for name, _ in IDENTITY_FIELDS if name != "repeat"]
 
 _FIELDS: list[tuple[str, pa.DataType]] = IDENTITY_FIELDS + [
-    ("status", pa.string()), ("reason", pa.string()), ("template", pa.string()),
+    ("status", pa.string()), ("reason", pa.string()), ("template", pa.string()), ("gpu_name", pa.string()),
     ("n_prompts", pa.int64()), ("responses", pa.int64()), ("tokens_in", pa.int64()),
     ("tokens_out", pa.int64()), ("words_out", pa.int64()), ("duration_s", pa.float64()),
     ("tokens_per_s", pa.float64()), ("words_per_s", pa.float64()),
@@ -254,6 +254,13 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def _gpu_names(cell: dict[str, Any] | None) -> str | None:
+    """The devices the ranks really ran on (provenance), e.g. "NVIDIA H100 80GB HBM3" or "cpu"."""
+    gpus = ((cell or {}).get("provenance") or {}).get("gpus") or []
+    names = sorted({str(g.get("name")) for g in gpus if g.get("name")})
+    return "+".join(names) or None
+
+
 def compute_cell_metrics(cell_dir: Path, *, status: str | dict[str, Any] | None = None,
                          reason: str | None = None,
                          grid_gco2_per_kwh: float | None = None) -> pa.Table:
@@ -291,6 +298,7 @@ def compute_cell_metrics(cell_dir: Path, *, status: str | dict[str, Any] | None 
     base["weights_synthetic"] = None if weights is None else str(weights) == "synthetic"
     source = power_source_of(power)  # from the samples, not from what cell.json planned
     base["power_source"] = source
+    base["gpu_name"] = _gpu_names(cell)
     base["schema_version"] = SCHEMA_VERSION
 
     att = attribute_events(events, power) if events is not None and len(events) else None
