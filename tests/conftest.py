@@ -15,8 +15,10 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,3 +150,12 @@ def slurm_cluster() -> SlurmClusterInfo:
     if not rows:
         pytest.fail(f"cluster.sh up succeeded but sinfo does not answer:\n{output[-3000:]}")
     return _cluster_info(rows, started_here=True)
+
+
+@pytest.fixture
+def runs() -> Iterator[list[Any]]:
+    """The `run-cell` processes a test starts (launch_helpers.CellRun); leftovers are killed after it, by pid."""
+    started: list[Any] = []
+    yield started
+    for run in started:
+        run.kill_leftovers()

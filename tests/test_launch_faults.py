@@ -10,21 +10,12 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from launch_helpers import CellRun, cell_id_of, make_env, start_run_cell, wait_for, write_config
-
-
-@pytest.fixture
-def runs() -> Iterator[list[CellRun]]:
-    started: list[CellRun] = []
-    yield started
-    for run in started:  # only what these tests started, by pid
-        run.kill_leftovers()
 
 
 def _run(root: Path, runs: list[CellRun], cell_id: str, *extra: str, timeout_s: float = 90.0,

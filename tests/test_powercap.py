@@ -7,7 +7,6 @@ The fakes log every call; the tests assert the exact sequence of set calls.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -17,7 +16,6 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -25,26 +23,14 @@ import pytest
 import llmenergy.powercap as powercap
 from llmenergy.errors import ConfigError, PowerCapDenied, PowerCapError
 from llmenergy.powercap import CapState, apply_caps, load_state, read_cap_report, restore_caps, validate_cap
+from launch_helpers import FAKES, fake_nvml
 from llmenergy.powercap_guard import main as guard_main
 
-FAKES = Path(__file__).resolve().parent / "fakes"
 SRC = Path(powercap.__file__).resolve().parents[1]
 GPU_A, GPU_B = "GPU-fake-aaaa", "GPU-fake-bbbb"
 SET_FNS = ("nvmlDeviceSetPowerManagementLimit", "dcgmConfigSet")
 
 
-def load_fake_nvml() -> ModuleType:
-    """The fake module itself, loaded by file so that ``pynvml`` is never shadowed in this process."""
-    if "fake_nvml_impl" in sys.modules:
-        return sys.modules["fake_nvml_impl"]
-    spec = importlib.util.spec_from_file_location("fake_nvml_impl", FAKES / "fake_nvml_impl.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fake_nvml_impl"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fake_nvml = load_fake_nvml()
 
 
 class FakeNode:

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -37,14 +36,6 @@ from llmenergy.errors import ConfigError
 CAP_W = 250.0
 DEFAULT_W = 700.0
 CAP_THEN_RESTORE = [(FAKE_GPU_UUID, CAP_W, True), (FAKE_GPU_UUID, DEFAULT_W, True)]
-
-
-@pytest.fixture
-def runs() -> Iterator[list[CellRun]]:
-    started: list[CellRun] = []
-    yield started
-    for run in started:  # only what these tests started, by pid
-        run.kill_leftovers()
 
 
 def _start(root: Path, node: FakeGpuNode, runs: list[CellRun], **cfg: object) -> CellRun:

@@ -39,13 +39,13 @@ from typing import Any
 
 from llmenergy import atomic
 from llmenergy.config import Config
-from llmenergy.matrix import Cell, dtype_for, estimate_runtime_s
+from llmenergy.matrix import Cell, dtype_for, estimate_runtime_s, layout
+from llmenergy.node_agent import stop_flushing
 from llmenergy.provenance import collect_provenance
 
 log = logging.getLogger(__name__)
 
 GRACE_S = 20.0
-COLLECTOR_STOP_S = 30.0
 
 #: Test hook: a comma-separated list of cell ids that ``run-cell`` fails on
 #: purpose (status ``failed``, exit 1) without starting anything. Used by
@@ -77,8 +77,7 @@ def cell_resources(cfg: Config, cell: Cell, *, runtime_s: float | None = None) -
 def cell_spec(cfg: Config, cell: Cell) -> dict[str, Any]:
     """Everything a rank needs, resolved from the config: written to ``spec.json``."""
     model, ds, gpu = cfg.models[cell.model], cfg.datasets[cell.dataset], cfg.gpus[cell.gpu]
-    gpn = gpu.gpus_per_node
-    nodes = max(1, math.ceil(cell.shards / gpn))
+    nodes, ranks_per_node = layout(cfg, cell)
     device = gpu.device
     if device == "auto":
         device = "cuda" if _cuda_count() >= cell.shards else "cpu"
@@ -89,7 +88,7 @@ def cell_spec(cfg: Config, cell: Cell) -> dict[str, Any]:
         "batch_size": cell.batch_size, "max_gen_len": cell.max_gen_len, "max_prompt_len": ds.max_prompt_len,
         "max_seq_len": ds.max_prompt_len + cell.max_gen_len, "repeats": cfg.repeats, "seed": cfg.seed,
         "warmup_tokens": cfg.warmup_tokens, "idle_baseline_s": cfg.collector.idle_baseline_s,
-        "nodes": nodes, "ranks_per_node": cell.shards // nodes,
+        "nodes": nodes, "ranks_per_node": ranks_per_node,
         "dataset": {"name": ds.name, "format": ds.format, "path": ds.path, "n_prompts": ds.n_prompts,
                     "seed": ds.seed, "order": ds.order, "train_path": ds.train_path, "kshot": ds.kshot,
                     "template": ds.template},
@@ -168,18 +167,6 @@ def _wait_ranks(procs: list[subprocess.Popen[bytes]]) -> list[int]:
         time.sleep(0.1)
 
 
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGUSR1)
-    try:
-        proc.wait(timeout=COLLECTOR_STOP_S)
-    except subprocess.TimeoutExpired:
-        log.warning("collector did not stop within %.0f s; killing it", COLLECTOR_STOP_S)
-        proc.kill()
-        proc.wait()
-
-
 def _die_with_launcher(launcher_pid: int) -> Any:
     """A ``preexec_fn`` for local children: SIGTERM them when ``run-cell`` dies, even by SIGKILL.
 
@@ -226,7 +213,7 @@ def _launch_local(spec: dict[str, Any], cell_dir: Path, fwd: _Forward) -> tuple[
         for p in procs:
             if p.poll() is None:
                 p.kill()
-        _stop(agent)
+        stop_flushing(agent, "node agent")
         agent_log.close()
     return codes, None
 
@@ -247,7 +234,7 @@ def _launch_srun(spec: dict[str, Any], cell_dir: Path, fwd: _Forward, cfg: Confi
     finally:
         if worker.poll() is None:
             worker.kill()
-        _stop(agent)
+        stop_flushing(agent, "node agents")
     return codes, res
 
 

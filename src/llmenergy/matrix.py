@@ -128,6 +128,12 @@ def expand(cfg: Config) -> Plan:
     return Plan(cells, infeasible)
 
 
+def layout(cfg: Config, cell: Cell) -> tuple[int, int]:
+    """(nodes, ranks per node) of a cell: whole nodes of its GPU type, one rank per GPU."""
+    nodes = max(1, math.ceil(cell.shards / cfg.gpus[cell.gpu].gpus_per_node))
+    return nodes, cell.shards // nodes
+
+
 def estimate_runtime_s(cfg: Config, cell: Cell) -> float:
     """A rough upper estimate of a cell's wall time, for the plan and Slurm's --time.
 
@@ -135,7 +141,7 @@ def estimate_runtime_s(cfg: Config, cell: Cell) -> float:
     """
     spec, gpu, ds = cfg.models[cell.model], cfg.gpus[cell.gpu], cfg.datasets[cell.dataset]
     dtype = dtype_for(cfg, cell)
-    nodes = math.ceil(cell.shards / gpu.gpus_per_node)
+    nodes, _ = layout(cfg, cell)
     # Eager fairscale decode ran at ~3x the bandwidth bound, never faster than ~30 ms/step (H100, 7B).
     step_s = max(weight_bytes(spec.args, dtype) / cell.shards / (gpu.mem_bandwidth_gbs * 1e9) * 3, 0.03)
     step_s += 0.01 * (nodes - 1)  # two all-reduces per layer cross the network

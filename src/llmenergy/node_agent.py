@@ -60,7 +60,9 @@ def guard_args(spec: dict[str, Any], cell_dir: Path, node: str) -> list[str]:
     return args
 
 
-def _stop(proc: subprocess.Popen[bytes], name: str, grace_s: float = 0.0) -> int:
+def stop_flushing(proc: subprocess.Popen[bytes], name: str, grace_s: float = 0.0) -> int:
+    """Stop ``proc`` with SIGUSR1 (it flushes or restores first) after ``grace_s`` to end by itself;
+    kill it after :data:`STOP_TIMEOUT_S`. Returns its exit code."""
     with contextlib.suppress(subprocess.TimeoutExpired):
         if grace_s > 0:
             proc.wait(timeout=grace_s)
@@ -101,7 +103,7 @@ def run(spec_path: Path, node: str | None = None) -> int:
         time.sleep(0.1)
     grace_s = SELF_STOP_GRACE_S if os.environ.get("SLURM_STEP_ID") is not None else 0.0
     deadline = time.monotonic() + grace_s
-    codes = {name: _stop(p, name, max(0.0, deadline - time.monotonic())) for name, p in children}
+    codes = {name: stop_flushing(p, name, max(0.0, deadline - time.monotonic())) for name, p in children}
     if spec.get("power_cap_w") is not None:
         subprocess.run([sys.executable, "-m", "llmenergy.powercap_guard", "--restore",
                         "--state-dir", str(cell_dir / "powercap"), "--node", node], check=False)

@@ -4,11 +4,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from typing import Any
 
 from llmenergy.config import Config
-from llmenergy.matrix import estimate_runtime_s, expand
+from llmenergy.matrix import estimate_runtime_s, expand, layout
 
 
 def plan_rows(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
@@ -16,10 +15,10 @@ def plan_rows(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     rows = []
     for cell in p.cells:
         gpu = cfg.gpus[cell.gpu]
-        nodes = max(1, math.ceil(cell.shards / gpu.gpus_per_node))
+        nodes, per_node = layout(cfg, cell)
         runtime_s = estimate_runtime_s(cfg, cell)
         rows.append({
-            "cell_id": cell.id, "nodes": nodes, "gpus": cell.shards, "gpus_per_node": cell.shards // nodes,
+            "cell_id": cell.id, "nodes": nodes, "gpus": cell.shards, "gpus_per_node": per_node,
             "partition": gpu.partition, "constraint": gpu.constraint or "",
             "power_cap_w": cell.power_cap_w, "est_runtime_min": round(runtime_s / 60, 1),
             "gpu_hours": round(runtime_s / 3600 * cell.shards, 2),

@@ -17,7 +17,7 @@ from typing import Any
 
 from llmenergy import atomic
 from llmenergy.config import Config, from_dict
-from llmenergy.matrix import Cell, Plan, estimate_runtime_s, expand
+from llmenergy.matrix import Cell, Plan, expand
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,18 @@ class Context:
     def _cells(self) -> dict[str, Cell]:
         return self.plan.by_id()
 
+    @cached_property
+    def _resources(self) -> dict[str, dict[str, Any]]:
+        return {cid: self._resources_of(cid) for cid in self.cell_ids}
+
     def resources_of(self, cell_id: str) -> dict[str, Any]:
+        """The cell's Slurm resources, computed once per parse."""
+        return self._resources[cell_id]
+
+    def _resources_of(self, cell_id: str) -> dict[str, Any]:
         from llmenergy.launch import cell_resources
 
-        cell = self._cells[cell_id]
-        res = dict(cell_resources(self.cfg, cell, runtime_s=estimate_runtime_s(self.cfg, cell)))
+        res = dict(cell_resources(self.cfg, self._cells[cell_id]))
         # Optional sbatch options go through slurm_extra: every cell must have the same
         # resource keys, and the plugin turns an empty constraint/qos into `-C ''`.
         extra = [f"--{k}={res.pop(k)}" for k in ("constraint", "qos") if k in res]

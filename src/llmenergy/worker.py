@@ -142,28 +142,27 @@ def _device_info(dev: Any, node: str, rank: int) -> dict[str, Any]:
     return {"node": node, "rank": rank, "uuid": uuid, "name": props.name, "index": dev.index}
 
 
-def _wait_ready(run_dir: Path, nodes: int, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+def _wait_files(directory: Path, count: int, timeout_s: float) -> list[Path]:
+    """The ``*.json`` files of ``directory`` once there are ``count`` (or what is there at the timeout)."""
     deadline = time.monotonic() + timeout_s
-    ready_dir = run_dir / "ready"
-    while time.monotonic() < deadline:
-        files = sorted(ready_dir.glob("*.json")) if ready_dir.exists() else []
-        if len(files) >= nodes:
-            return [json.loads(f.read_text()) for f in files]
+    while True:
+        files = sorted(directory.glob("*.json")) if directory.exists() else []
+        if len(files) >= count or time.monotonic() >= deadline:
+            return files
         time.sleep(0.05)
-    log.warning("only %d of %d collectors ready after %.0f s; continuing", len(files), nodes, timeout_s)
+
+
+def _wait_ready(run_dir: Path, nodes: int, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    files = _wait_files(run_dir / "ready", nodes, timeout_s)
+    if len(files) < nodes:
+        log.warning("only %d of %d collectors ready after %.0f s; continuing", len(files), nodes, timeout_s)
     return [json.loads(f.read_text()) for f in files]
 
 
 def _check_caps(run_dir: Path, nodes: int, timeout_s: float = 120.0) -> None:
     """Wait for every node's power-cap guard; a cell never runs silently uncapped."""
-    deadline = time.monotonic() + timeout_s
-    files: list[Path] = []
-    while time.monotonic() < deadline:
-        files = sorted((run_dir / "capready").glob("*.json"))
-        if len(files) >= nodes:
-            break
-        time.sleep(0.05)
-    else:
+    files = _wait_files(run_dir / "capready", nodes, timeout_s)
+    if len(files) < nodes:
         raise PowerCapError(f"only {len(files)} of {nodes} power-cap guards answered in {timeout_s:.0f} s")
     for f in files:
         rep = json.loads(f.read_text())

@@ -22,7 +22,15 @@ import types
 from pathlib import Path
 from typing import Any
 
-from llmenergy.collector.base import DeviceInfo, PowerBackend, make_row, map_sensor_errors, sensor_call
+from llmenergy.collector.base import (
+    DeviceInfo,
+    PowerBackend,
+    make_row,
+    map_sensor_errors,
+    select_devices,
+    sensor_call,
+    vendor_text,
+)
 from llmenergy.errors import SensorError, SensorUnavailable
 
 log = logging.getLogger(__name__)
@@ -183,16 +191,10 @@ class DcgmBackend(PowerBackend):
         found: dict[str, DeviceInfo] = {}
         for gpu_id in discovery.GetAllSupportedGpuIds():
             ident = discovery.GetGpuAttributes(gpu_id).identifiers
-            uuid = _text(ident.uuid)
+            uuid = vendor_text(ident.uuid)
             if uuids is None or uuid in uuids:
-                found[uuid] = DeviceInfo(index=int(gpu_id), uuid=uuid, name=_text(ident.deviceName), domain="gpu")
-        if uuids is not None:
-            missing = [u for u in uuids if u not in found]
-            if missing:
-                raise SensorUnavailable(f"dcgm: GPU UUID(s) not seen by DCGM: {', '.join(missing)}")
-            self._devices = [found[u] for u in dict.fromkeys(uuids)]
-        else:
-            self._devices = sorted(found.values(), key=lambda d: d.index)
+                found[uuid] = DeviceInfo(index=int(gpu_id), uuid=uuid, name=vendor_text(ident.deviceName), domain="gpu")
+        self._devices = select_devices(found, uuids, missing_what="dcgm: GPU UUID(s) not seen by DCGM")
         if not self._devices:
             raise SensorUnavailable("dcgm: no supported GPUs")
 
@@ -328,6 +330,3 @@ def _power_w(values: dict[int, Any]) -> float | None:
     power = _as_float(values.get(FI_POWER_INSTANT_W))
     return power if power is not None else _as_float(values.get(FI_POWER_USAGE_W))
 
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

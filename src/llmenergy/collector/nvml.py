@@ -20,17 +20,13 @@ from typing import Any
 
 import pynvml
 
-from llmenergy.collector.base import DeviceInfo, PowerBackend, make_row, sensor_call
-from llmenergy.errors import SensorError, SensorUnavailable
+from llmenergy.collector.base import DeviceInfo, PowerBackend, make_row, select_devices, vendor_text, sensor_call
+from llmenergy.errors import SensorError
 
 log = logging.getLogger(__name__)
 
 FI_DEV_POWER_INSTANT = 186
 _BYTES_PER_MB = 1024 * 1024
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _error_code(exc: BaseException) -> int | None:
@@ -86,23 +82,17 @@ class NvmlBackend(PowerBackend):
         found: dict[str, DeviceInfo] = {}
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
+            uuid = vendor_text(pynvml.nvmlDeviceGetUUID(handle))
             if uuids is not None and uuid not in uuids:
                 continue
             found[uuid] = DeviceInfo(
                 index=index,
                 uuid=uuid,
-                name=_text(pynvml.nvmlDeviceGetName(handle)),
+                name=vendor_text(pynvml.nvmlDeviceGetName(handle)),
                 domain="gpu",
             )
             self._handles[index] = handle
-        if uuids is not None:
-            missing = [u for u in uuids if u not in found]
-            if missing:
-                raise SensorUnavailable(f"nvml: GPU UUID(s) not on this node: {', '.join(missing)}")
-            self._devices = [found[u] for u in dict.fromkeys(uuids)]
-        else:
-            self._devices = sorted(found.values(), key=lambda d: d.index)
+        self._devices = select_devices(found, uuids, missing_what="nvml: GPU UUID(s) not on this node")
         for dev in self._devices:
             self._unsupported[dev.index] = set()
         log.info("nvml: watching %s", ", ".join(f"{d.index}:{d.uuid}" for d in self._devices))
