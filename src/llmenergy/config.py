@@ -51,6 +51,14 @@ class DatasetSpecCfg:
     max_prompt_len: int = 256
     template: str | None = None
 
+    def data_spec(self) -> Any:
+        """The :class:`llmenergy.data.DatasetSpec` the loaders take (everything but ``max_prompt_len``)."""
+        from llmenergy.data import DatasetSpec
+
+        return DatasetSpec(name=self.name, format=self.format, path=self.path, n_prompts=self.n_prompts,
+                           seed=self.seed, order=self.order, train_path=self.train_path, kshot=self.kshot,
+                           template=self.template)
+
 
 @dataclass(frozen=True)
 class GpuSpec:
@@ -238,13 +246,11 @@ def _check_files(cfg: Config) -> None:
             if value and value != "synthetic" and not Path(value).exists():
                 raise ConfigError(f"{src}: datasets.{name}.{key}: file {value!r} does not exist")
         if d.path != "synthetic":
-            from llmenergy.data import DatasetSpec, check_dataset
+            from llmenergy.data import check_dataset
             from llmenergy.errors import DatasetError
 
             try:
-                check_dataset(DatasetSpec(name=name, format=d.format, path=d.path, n_prompts=d.n_prompts,
-                                          seed=d.seed, order=d.order, train_path=d.train_path, kshot=d.kshot,
-                                          template=d.template))
+                check_dataset(d.data_spec())
             except DatasetError as exc:
                 raise ConfigError(f"{src}: datasets.{name}.path: {exc}") from None
 
