@@ -2,10 +2,15 @@
 
     python bench/collector_overhead.py --arch llama-7b --batch 16 --gen 256 --rounds 5 --out OUT.json
 
-The model is built once; rounds alternate "collector off" and "collector on"
-(the real `llmenergy collect` process watching this GPU), swapping the order
-every round so drift does not favour one side. Reports the median tokens/s of
-each side, per instant-power poll rate. Read-only on the GPU.
+The model is built once and one real collector process (``llmenergy.collector.process``,
+NVML) watches this GPU per poll rate.  Rounds alternate "collector off" (the
+process stopped with SIGSTOP, so it makes no NVML call and uses no CPU) and
+"collector on" (SIGCONT), swapping the order every round (ABBA) so drift does
+not favour one side; each side of a round is ``--reps`` generations.  Reports,
+per instant-power poll rate, the median tokens/s of each side, the overhead of
+the medians and the median of the paired (same-round) differences.  With
+``--pin`` the worker is pinned to one CPU and the collector to another.
+Read-only on the GPU.
 """
 from __future__ import annotations
 
@@ -50,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--poll-ms", type=int, nargs="+", default=[20, 40])
+    p.add_argument("--reps", type=int, default=1, help="generations per side of a round")
+    p.add_argument("--pin", action="store_true", help="pin worker and collector to separate CPUs")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
 
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from llmenergy import generate, tp, weights
+    from llmenergy.collector.process import merge_node_files
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -71,29 +79,44 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 1000, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
 
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cpus) >= 2:
+        os.sched_setaffinity(0, {cpus[0]})
+
     def tok_s() -> float:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        res = generate.generate(model, prompts, args.gen, eos_id=None, stop_at_eos=False)
+        tokens = 0
+        for _ in range(args.reps):
+            tokens += generate.generate(model, prompts, args.gen, eos_id=None, stop_at_eos=False).tokens_out
         torch.cuda.synchronize()
-        return res.tokens_out / (time.perf_counter() - t0)
+        return tokens / (time.perf_counter() - t0)
 
     tok_s()  # warm-up
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(dev), "arch": args.arch, "batch": args.batch,
-                              "gen": args.gen, "rounds": args.rounds, "by_poll_ms": {}}
+                              "gen": args.gen, "rounds": args.rounds, "reps": args.reps, "pinned": args.pin,
+                              "by_poll_ms": {}}
     with tempfile.TemporaryDirectory() as tmpdir:
         for poll in args.poll_ms:
+            proc = _collector(Path(tmpdir) / f"p{poll}", uuid, poll)
+            if args.pin and len(cpus) >= 2:
+                os.sched_setaffinity(proc.pid, {cpus[1]})
+            proc.send_signal(signal.SIGSTOP)
             runs: dict[str, list[float]] = {"off": [], "on": []}
             for r in range(args.rounds):
                 for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                    proc = _collector(Path(tmpdir) / f"p{poll}r{r}", uuid, poll) if mode == "on" else None
+                    proc.send_signal(signal.SIGCONT if mode == "on" else signal.SIGSTOP)
                     runs[mode].append(tok_s())
-                    if proc is not None:
-                        proc.send_signal(signal.SIGUSR1)
-                        proc.wait(timeout=30)
+            proc.send_signal(signal.SIGCONT)
+            proc.send_signal(signal.SIGUSR1)
+            proc.wait(timeout=30)
             off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
+            paired = [(a - b) / a * 100 for a, b in zip(runs["off"], runs["on"])]
+            samples = merge_node_files(Path(tmpdir) / f"p{poll}" / "power").num_rows
             result["by_poll_ms"][poll] = {"runs": runs, "median_off": off, "median_on": on,
-                                          "overhead_pct": (off - on) / off * 100}
+                                          "overhead_pct": (off - on) / off * 100,
+                                          "paired_overhead_pct_median": statistics.median(paired),
+                                          "collector_rows": samples}
             print(json.dumps({poll: result["by_poll_ms"][poll]}), flush=True)
     args.out.write_text(json.dumps(result, indent=2))
     dist.destroy_process_group()

@@ -7,7 +7,7 @@ The summary per cell: load time, tokens/s, J/token, energy per second (all GPUs)
 idle power, and the decode-phase agreement of the energy counter with the
 integral of instant power. `--overhead` runs one cell alternately with the
 collector off (backend none) and on (the config's backend) and reports the
-median tokens/s of each. Read-only on the GPU: it never changes a setting.
+median tokens/s of each (rounds alternate the order: off-on, on-off, ...). Read-only on the GPU: it never changes a setting.
 """
 from __future__ import annotations
 
@@ -59,6 +59,11 @@ def summarise(cell_dir: Path) -> dict[str, Any]:
         "decode_discrepancy_pct_median": float(decode.energy_discrepancy_pct.abs().median()) if len(decode) else None,
         "decode_discrepancy_pct_max": float(decode.energy_discrepancy_pct.abs().max()) if len(decode) else None,
         "decode_j_per_token": float(decode.energy_j.sum() / max(1, decode.tokens_out.sum())) if len(decode) else None,
+        "decode_s": float(decode.duration_s.sum()),
+        "decode_energy_j": float(decode.energy_j.sum()),
+        "decode_energy_instant_j": float(decode.energy_instant_j.sum()),
+        "decode_phase_discrepancy_pct": (float(100 * (decode.energy_instant_j.sum() - decode.energy_j.sum())
+                                               / decode.energy_j.sum()) if len(decode) else None),
         "power_samples": int(len(power)) if power is not None else 0,
     }
 
@@ -67,7 +72,8 @@ def overhead(config: Path, cell_id: str, runs: int, tmp: Path) -> dict[str, Any]
     base = yaml.safe_load(config.read_text())
     out: dict[str, list[float]] = {"none": [], base.get("collector", {}).get("backend", "auto"): []}
     for i in range(runs):
-        for backend in list(out):
+        order = list(out) if i % 2 == 0 else list(reversed(out))  # ABBA: drift favours neither side
+        for backend in order:
             cfg = {**base, "collector": {**base.get("collector", {}), "backend": backend}}
             path = tmp / f"overhead-{backend}.yaml"
             path.write_text(yaml.safe_dump(cfg))
