@@ -2,6 +2,8 @@
 # One device call for the collector issue on one H100 (read-only on the GPU):
 #   probe  - raw NVML trace under decode load (bench/nvml_probe.py), the decode
 #            acceptance cell through run-cell, and the in-process overhead bench;
+#   inproc - real-NVML tests, the decode acceptance cell and the in-process
+#            overhead bench (20 ABBA rounds, default 40 ms poll, unpinned);
 #   accept - the decode acceptance cell and the run-cell overhead (ABBA, 4 rounds).
 #   bash bench/gpu_session_collector.sh probe|accept   (carry wheels/)
 set -uo pipefail
@@ -17,6 +19,10 @@ if [ "$mode" = probe ]; then
   step 150 python3 bench/nvml_probe.py --out "$OUT/probe.npz" --batches 6
   step 200 python3 bench/gpu_cells.py --config bench/configs/h100x1_decode.yaml --out "$OUT/decode_cell.json"
   TAIL=3 step 260 python3 bench/collector_overhead.py --rounds 8 --poll-ms 40 20 --pin --out "$OUT/overhead_inproc.json"
+elif [ "$mode" = inproc ]; then
+  step 60 python3 -m pytest -q -p no:cacheprovider tests/collector/test_nvml_hardware.py
+  step 200 python3 bench/gpu_cells.py --config bench/configs/h100x1_decode.yaml --out "$OUT/decode_cell.json"
+  TAIL=3 step 300 python3 bench/collector_overhead.py --rounds 20 --poll-ms 40 --out "$OUT/overhead_inproc.json"
 else
   step 200 python3 bench/gpu_cells.py --config bench/configs/h100x1_decode.yaml --out "$OUT/decode_cell.json"
   step 330 python3 bench/gpu_cells.py --config bench/configs/h100x1.yaml --runs 4 \

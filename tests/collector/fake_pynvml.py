@@ -36,6 +36,7 @@ NVML_TEMPERATURE_GPU = 0
 NVML_CLOCK_SM = 1
 NVML_CLOCK_MEM = 2
 NVML_PERF_POLICY_POWER = 0
+NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION = 83
 NVML_FI_DEV_POWER_INSTANT = 186
 
 
@@ -63,22 +64,26 @@ class FakeGpu:
     violation_ns: int = 0
     unsupported: set[str] = field(default_factory=set)
     field_unsupported: bool = False  # field 186 returns NOT_SUPPORTED in its nvmlReturn
+    energy_field_unsupported: bool = False  # field 83 returns NOT_SUPPORTED in its nvmlReturn
     lost: bool = False
 
 
 def make_fake_pynvml(gpus: list[FakeGpu], *, init_error: int | None = None) -> types.ModuleType:
-    """A pynvml look-alike over ``gpus``; ``mod.calls`` counts calls by function name."""
+    """A pynvml look-alike over ``gpus``; ``mod.calls`` counts calls by function name,
+    ``mod.order`` lists them in order."""
     mod = types.ModuleType("pynvml")
     for name, value in globals().items():
         if name.startswith("NVML_"):
             setattr(mod, name, value)
     mod.NVMLError = NVMLError
     mod.calls = {}
+    mod.order = []
     mod.initialised = 0
 
     def api(func):  # register, count calls, honour unsupported/lost
         def wrapper(*args: Any) -> Any:
             mod.calls[func.__name__] = mod.calls.get(func.__name__, 0) + 1
+            mod.order.append(func.__name__)
             if func.__name__ not in ("nvmlInit", "nvmlShutdown") and mod.initialised <= 0:
                 raise NVMLError(NVML_ERROR_UNINITIALIZED)
             if args and isinstance(args[0], FakeGpu):
@@ -136,14 +141,15 @@ def make_fake_pynvml(gpus: list[FakeGpu], *, init_error: int | None = None) -> t
         out = []
         for fid in field_ids:
             value = types.SimpleNamespace(dVal=0.0, uiVal=0, ulVal=0, ullVal=0, sllVal=0, siVal=0, usVal=0)
-            ret = NVML_SUCCESS
+            ret, vtype = NVML_SUCCESS, NVML_VALUE_TYPE_UNSIGNED_INT
             if fid == NVML_FI_DEV_POWER_INSTANT and not gpu.field_unsupported:
                 value.uiVal = gpu.power_mw
+            elif fid == NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION and not gpu.energy_field_unsupported:
+                value.ullVal, vtype = gpu.energy_mj, NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
             else:
                 ret = NVML_ERROR_NOT_SUPPORTED
             out.append(types.SimpleNamespace(fieldId=fid, scopeId=0, timestamp=0, latencyUsec=0,
-                                             valueType=NVML_VALUE_TYPE_UNSIGNED_INT,
-                                             nvmlReturn=ret, value=value))
+                                             valueType=vtype, nvmlReturn=ret, value=value))
         return out
 
     @api

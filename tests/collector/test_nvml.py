@@ -78,6 +78,7 @@ def test_sample_row_has_every_column_and_converted_units(fake, gpus) -> None:
 
 def test_unsupported_metric_is_null_and_not_asked_again(fake, gpus) -> None:
     gpus[0].unsupported = {"nvmlDeviceGetViolationStatus", "nvmlDeviceGetTotalEnergyConsumption"}
+    gpus[0].energy_field_unsupported = True
     backend = NvmlBackend(["GPU-aaaa"])
     for t in range(3):
         [row] = backend.sample(t)
@@ -107,13 +108,35 @@ def test_missing_field_186_falls_back_to_power_usage(fake, gpus) -> None:
     assert fake.calls["nvmlDeviceGetFieldValues"] == 1  # not retried once known unsupported
 
 
-def test_fast_sample_reads_only_energy_and_power(fake, gpus) -> None:
+def test_fast_sample_reads_energy_and_power_in_one_call_per_gpu(fake, gpus) -> None:
     with NvmlBackend(["GPU-aaaa", "GPU-bbbb"]) as backend:
         assert backend.fast_power
+        fake.calls.clear()
         rows = backend.sample_power(99)
+        calls = dict(fake.calls)
     assert [r["power_w"] for r in rows] == [pytest.approx(70.0), pytest.approx(71.0)]
+    assert [r["energy_mj"] for r in rows] == [pytest.approx(1_000_000), pytest.approx(2_000_000)]
     assert all(r["temperature_c"] is None and r["timestamp_ns"] == 99 for r in rows)
-    assert "nvmlDeviceGetTemperature" not in fake.calls
+    assert calls == {"nvmlDeviceGetFieldValues": 2}
+
+
+def test_full_sample_reads_energy_and_power_first(fake, gpus) -> None:
+    with NvmlBackend(["GPU-aaaa"]) as backend:
+        fake.order.clear()
+        backend.sample(5)
+    assert fake.order[0] == "nvmlDeviceGetFieldValues"
+    assert "nvmlDeviceGetTotalEnergyConsumption" not in fake.order
+
+
+def test_missing_energy_field_falls_back_to_the_counter_function(fake, gpus) -> None:
+    gpus[0].energy_field_unsupported = True
+    gpus[0].energy_mj, gpus[0].power_mw = 7_654_321, 250_000
+    with NvmlBackend(["GPU-aaaa"]) as backend:
+        for _ in range(3):
+            assert backend.read_energy_and_power(0) == (pytest.approx(7_654_321), pytest.approx(250.0))
+    # the pair is asked once; afterwards the counter function and field 186 alone
+    assert fake.calls["nvmlDeviceGetTotalEnergyConsumption"] == 3
+    assert fake.calls["nvmlDeviceGetFieldValues"] == 3
 
 
 def test_lost_gpu_raises_sensor_error(fake, gpus) -> None:

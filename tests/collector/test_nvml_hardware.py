@@ -47,6 +47,18 @@ def test_backend_reads_counter_and_instant_power_of_every_gpu() -> None:
         assert all(r["source"] == "nvml" and r["power_limit_w"] for r in rows)
 
 
+def test_energy_field_and_counter_function_read_the_same_counter() -> None:
+    from llmenergy.collector.nvml import NvmlBackend
+
+    with NvmlBackend() as backend:
+        for d in backend.devices():
+            energy_mj, power_w = backend.read_energy_and_power(d.index)
+            counter_mj = backend.read_energy_mj(d.index)
+            assert energy_mj is not None and power_w is not None and 10 < power_w < 1500
+            # one ~100 ms counter update may fall between the two reads: at most ~150 J
+            assert 0 <= counter_mj - energy_mj <= 150_000
+
+
 def test_backend_watches_only_the_requested_uuid() -> None:
     from llmenergy.collector.nvml import NvmlBackend
 

@@ -141,22 +141,22 @@ class PowerBackend(abc.ABC):
         """Release vendor handles.  Safe to call twice."""
 
     # -- shared helpers ---------------------------------------------------
+    def read_energy_and_power(self, device_index: int) -> tuple[float | None, float | None]:
+        """``(read_energy_mj, read_power_w)`` of one device; backends that can read
+        both in one vendor call override this."""
+        return self.read_energy_mj(device_index), self.read_power_w(device_index)
+
     def sample_power(self, timestamp_ns: int) -> list[dict[str, Any]]:
         """A light row per device: energy counter and instant power only.
 
         The collector calls this between full samples when :attr:`fast_power` is set.
         """
-        return [
-            make_row(
-                node=self.node,
-                device=dev,
-                timestamp_ns=timestamp_ns,
-                source=self.name,
-                energy_mj=self.read_energy_mj(dev.index),
-                power_w=self.read_power_w(dev.index),
-            )
-            for dev in self.devices()
-        ]
+        rows = []
+        for dev in self.devices():
+            energy_mj, power_w = self.read_energy_and_power(dev.index)
+            rows.append(make_row(node=self.node, device=dev, timestamp_ns=timestamp_ns, source=self.name,
+                                 energy_mj=energy_mj, power_w=power_w))
+        return rows
 
     def device(self, device_index: int) -> DeviceInfo:
         for dev in self.devices():

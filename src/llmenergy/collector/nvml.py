@@ -1,10 +1,14 @@
 """NVML backend (nvidia-ml-py's ``pynvml``).
 
-Energy comes from the total-energy counter (``nvmlDeviceGetTotalEnergyConsumption``,
-mJ since driver load; it updates about every 100 ms on H100).  Instant power
-is NVML field 186 ``NVML_FI_DEV_POWER_INSTANT`` (mW), cheap enough to poll at
-~50 Hz; where a driver lacks that field we fall back to ``nvmlDeviceGetPowerUsage``
-(a 1-s average on Hopper) and say so in the log.  The rest of a sample
+Energy comes from the total-energy counter (field 83
+``NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION``, the same mJ-since-driver-load counter as
+``nvmlDeviceGetTotalEnergyConsumption``, which is the fallback).  Instant power is
+field 186 ``NVML_FI_DEV_POWER_INSTANT`` (mW); where a driver lacks it we fall back
+to ``nvmlDeviceGetPowerUsage`` (a 1-s average on Hopper) and say so in the log.
+Both fields are read in one ``nvmlDeviceGetFieldValues`` call, first in every
+sample, so they share one instant and the row's timestamp is theirs.  On the lent
+H100 (driver 580) both values change every ~100 ms and one NVML call takes
+~2.9 ms (``bench/nvml_probe.py``), so polling faster than ~25 Hz adds little.  The rest of a sample
 (utilisation, memory, clocks, temperature, enforced limit, clock-event reasons,
 power-cap throttle time) is best effort: a metric the GPU does not support is
 asked once, then reported as null.
@@ -25,6 +29,7 @@ from llmenergy.errors import SensorError
 
 log = logging.getLogger(__name__)
 
+FI_DEV_TOTAL_ENERGY_CONSUMPTION = 83
 FI_DEV_POWER_INSTANT = 186
 _BYTES_PER_MB = 1024 * 1024
 
@@ -161,15 +166,38 @@ class NvmlBackend(PowerBackend):
             "power_instant",
             lambda: pynvml.nvmlDeviceGetFieldValues(handle, [FI_DEV_POWER_INSTANT]),
         )
-        if values is None:
-            return None
-        field = values[0]
+        return None if values is None else self._field_result(device_index, values[0], "power_instant")
+
+    def _field_result(self, device_index: int, field: Any, key: str) -> float | None:
+        """A field's value, or None; a field the GPU lacks is marked unsupported under ``key``."""
         ret = getattr(field, "nvmlReturn", 0)
         if ret != 0:  # NVML_SUCCESS
             if ret in (_code("NVML_ERROR_NOT_SUPPORTED"), _code("NVML_ERROR_FUNCTION_NOT_FOUND")):
-                self._unsupported[device_index].add("power_instant")
+                self._unsupported[device_index].add(key)
             return None
         return _field_value(field)
+
+    @sensor_call
+    def read_energy_and_power(self, device_index: int) -> tuple[float | None, float | None]:
+        """Counter (mJ) and instant power (W) from one field-values call; per-metric fallbacks."""
+        handle = self._handle(device_index)
+        unsupported = self._unsupported[device_index]
+        if "energy_field" in unsupported or "power_instant" in unsupported:
+            return self.read_energy_mj(device_index), self.read_power_w(device_index)
+        values = self._optional(
+            device_index,
+            "energy_field",
+            lambda: pynvml.nvmlDeviceGetFieldValues(
+                handle, [FI_DEV_TOTAL_ENERGY_CONSUMPTION, FI_DEV_POWER_INSTANT]),
+        )
+        if values is None:
+            return self.read_energy_mj(device_index), self.read_power_w(device_index)
+        energy_mj = self._field_result(device_index, values[0], "energy_field")
+        milliwatts = self._field_result(device_index, values[1], "power_instant")
+        if energy_mj is None:
+            energy_mj = self.read_energy_mj(device_index)
+        power_w = milliwatts / 1000.0 if milliwatts is not None else self.read_power_w(device_index)
+        return energy_mj, power_w
 
     @sensor_call
     def sample(self, timestamp_ns: int) -> list[dict[str, Any]]:
@@ -180,6 +208,7 @@ class NvmlBackend(PowerBackend):
 
     def _sample_device(self, dev: DeviceInfo, timestamp_ns: int) -> dict[str, Any]:
         i, handle = dev.index, self._handle(dev.index)
+        energy_mj, power_w = self.read_energy_and_power(i)  # first: closest to timestamp_ns
         util = self._optional(i, "utilization", lambda: pynvml.nvmlDeviceGetUtilizationRates(handle))
         memory = self._optional(i, "memory", lambda: pynvml.nvmlDeviceGetMemoryInfo(handle))
         sm_clock = self._optional(i, "sm_clock", lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
@@ -201,8 +230,8 @@ class NvmlBackend(PowerBackend):
             device=dev,
             timestamp_ns=timestamp_ns,
             source=self.name,
-            energy_mj=self.read_energy_mj(i),
-            power_w=self.read_power_w(i),
+            energy_mj=energy_mj,
+            power_w=power_w,
             gpu_util_pct=None if util is None else float(util.gpu),
             mem_util_pct=None if util is None else float(util.memory),
             mem_used_mb=None if memory is None else memory.used / _BYTES_PER_MB,
