@@ -4,7 +4,8 @@
 #            acceptance cell through run-cell, and the in-process overhead bench;
 #   inproc - real-NVML tests, the decode acceptance cell and the in-process
 #            overhead bench (20 ABBA rounds, default 40 ms poll, unpinned);
-#   accept - the decode acceptance cell and the run-cell overhead (ABBA, 4 rounds).
+#   accept - real-NVML tests and the run-cell overhead (ABBA, 4 rounds);
+#   x2     - real-NVML tests and 7B shards 1 vs 2 (both GPUs metered).
 #   bash bench/gpu_session_collector.sh probe|accept   (carry wheels/)
 set -uo pipefail
 mode=${1:-probe}
@@ -23,9 +24,12 @@ elif [ "$mode" = inproc ]; then
   step 60 python3 -m pytest -q -p no:cacheprovider tests/collector/test_nvml_hardware.py
   step 200 python3 bench/gpu_cells.py --config bench/configs/h100x1_decode.yaml --out "$OUT/decode_cell.json"
   TAIL=3 step 300 python3 bench/collector_overhead.py --rounds 20 --poll-ms 40 --out "$OUT/overhead_inproc.json"
+elif [ "$mode" = x2 ]; then
+  step 60 python3 -m pytest -q -p no:cacheprovider tests/collector/test_nvml_hardware.py
+  TAIL=2 step 300 python3 bench/gpu_cells.py --config bench/configs/h100x2.yaml --out "$OUT/x2_cells.json"
 else
-  step 200 python3 bench/gpu_cells.py --config bench/configs/h100x1_decode.yaml --out "$OUT/decode_cell.json"
-  step 330 python3 bench/gpu_cells.py --config bench/configs/h100x1.yaml --runs 4 \
+  step 60 python3 -m pytest -q -p no:cacheprovider tests/collector/test_nvml_hardware.py
+  step 400 python3 bench/gpu_cells.py --config bench/configs/h100x1.yaml --runs 4 \
     --overhead llama-7b_alpaca_H100_s1_b16_g256_pnone_reference --out "$OUT/overhead_runcell.json"
 fi
 tar czf "$OUT/cells.tgz" bench-results

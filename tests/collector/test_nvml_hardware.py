@@ -1,8 +1,9 @@
 """NVML on real hardware (read-only). Runs on a GPU machine; skips elsewhere, saying why.
 
-The raw-sample check below allows 3%: without interpolation the 100 ms counter
-steps misalign the window ends. The 1% agreement over decode phases, with
-interpolation, is measured by bench/gpu_cells.py.
+The load check below allows 3% over one 8 s window of a matmul load near the
+power limit: both the counter and instant power update every ~100 ms on H100,
+and instant power samples a fluctuating load.  The 1% agreement over a cell's
+decode phase is measured by bench/gpu_cells.py.
 
 On the lent H100s: `python -m pytest tests/collector/test_nvml_hardware.py`.
 """
@@ -69,26 +70,43 @@ def test_backend_watches_only_the_requested_uuid() -> None:
 
 
 def test_counter_energy_matches_integrated_instant_power_within_3pct_under_load() -> None:
+    """A steady matmul load (a thread keeps the GPU busy) sampled at 25 Hz as the
+    collector does; the attribution code compares counter and instant power over
+    an 8 s window.  (A pulsed load aliases with the 100 ms sensor updates.)"""
     torch = pytest.importorskip("torch", reason="torch is needed to load the GPU")
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")
+    import threading
+
+    import pandas as pd
+
     from llmenergy.collector.nvml import NvmlBackend
+    from llmenergy.energy import attribute_events
+
+    stop = threading.Event()
+
+    def load() -> None:
+        a = torch.randn(8192, 8192, device="cuda:0", dtype=torch.float16)
+        while not stop.is_set():
+            for _ in range(16):
+                a = (a @ a).clamp_(-1, 1)
+            torch.cuda.synchronize()
 
     with NvmlBackend() as backend:
-        dev = backend.devices()[0]
-        a = torch.randn(8192, 8192, device="cuda:0", dtype=torch.float16)
-        samples = []
-        e0 = backend.read_energy_mj(dev.index)
-        t_end = time.monotonic() + 6.0
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        time.sleep(1.0)
+        rows = []
+        t_end = time.monotonic() + 9.0
         while time.monotonic() < t_end:
-            for _ in range(4):
-                a = (a @ a).clamp_(-1, 1)
-            samples.append((time.time_ns(), backend.read_power_w(dev.index), backend.read_energy_mj(dev.index)))
-            time.sleep(0.02)
-        torch.cuda.synchronize()
-    # Compare over the span between the first and last counter change, integrating instant power.
-    ts = [s[0] / 1e9 for s in samples]
-    integral_j = sum((ts[i + 1] - ts[i]) * (samples[i][1] + samples[i + 1][1]) / 2 for i in range(len(ts) - 1))
-    counter_j = (samples[-1][2] - samples[0][2]) / 1000
-    assert e0 is not None and counter_j > 0
-    assert abs(integral_j - counter_j) / counter_j < 0.03, (integral_j, counter_j)
+            rows.extend(backend.sample_power(time.time_ns()))
+            time.sleep(0.04)
+        stop.set()
+        worker.join(timeout=30)
+    power = pd.DataFrame(rows)
+    power = power[power["device_index"] == power["device_index"].iloc[0]]
+    t0 = int(power["timestamp_ns"].min())
+    events = pd.DataFrame({"phase": ["load"], "start_ns": [t0 + 500_000_000], "end_ns": [t0 + 8_500_000_000]})
+    [row] = attribute_events(events, power).to_dict("records")
+    assert row["energy_j"] > 8 * 100  # the GPU is busy: well above 100 W
+    assert abs(row["energy_discrepancy_pct"]) < 3, row
