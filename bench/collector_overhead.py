@@ -63,21 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from llmenergy import generate, tp, weights
+    from _single_gpu import build, init_rank
+    from llmenergy import generate
     from llmenergy.collector.process import merge_node_files
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    tp.init_model_parallel(1)
-    dev = torch.device("cuda", 0)
-    torch.cuda.set_device(dev)
-    model, _ = weights.build(args.arch, "synthetic", device=dev, dtype=torch.float16, seed=0,
-                             max_batch_size=args.batch, max_seq_len=args.prompt + args.gen)
-    uuid = str(torch.cuda.get_device_properties(dev).uuid)
-    uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 1000, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
+    dev, uuid = init_rank(29533)
+    model, prompts = build(args.arch, args.batch, args.prompt, args.gen, dev)
 
     cpus = sorted(os.sched_getaffinity(0))
     if args.pin and len(cpus) >= 2:

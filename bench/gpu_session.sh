@@ -1,23 +1,50 @@
 #!/usr/bin/env bash
-# One device call: real-NVML tests, GPU cells and the collector-overhead bench.
-#   bash bench/gpu_session.sh x1|x2|x4   (on a lent GPU machine; carry wheels/)
-set -euo pipefail
-kind=${1:-x1}
+# One device call (read-only on the GPU; carry wheels/):
+#   bash bench/gpu_session.sh MODE
+#   x1     - real-NVML tests, the 7B cells of bench/configs/h100x1.yaml, run-cell overhead (3 rounds)
+#   x2     - 7B shards 1 vs 2 (both GPUs metered) and run-cell overhead (3 rounds)
+#   x4     - 65B shards 4 (bench/configs/h100x4_65b.yaml)
+#   probe  - raw NVML trace under decode load (bench/nvml_probe.py), the decode
+#            acceptance cell through run-cell, and the in-process overhead bench (pinned);
+#   inproc - real-NVML tests, the decode acceptance cell and the in-process
+#            overhead bench (20 ABBA rounds, default 40 ms poll, unpinned);
+#   accept - real-NVML tests and the run-cell overhead (ABBA, 4 rounds);
+#   shards - real-NVML tests and 7B shards 1 vs 2 (both GPUs metered).
+set -uo pipefail
+mode=${1:-x1}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/pylibs
 python3 -m pip install -q --no-deps --target /tmp/pylibs wheels/*.whl
 export PYTHONPATH=$PWD/src:/tmp/pylibs
-nvidia-smi --query-gpu=name,uuid,driver_version,power.limit --format=csv | tee "$OUT/gpus_$kind.csv"
-if [ "$kind" = x1 ]; then
-  python3 -m pytest -q -p no:cacheprovider tests/collector/test_nvml_hardware.py 2>&1 | tail -3 | tee "$OUT/nvml_tests.txt"
-  python3 bench/gpu_cells.py --config bench/configs/h100x1.yaml --out "$OUT/h100x1_cells.json"
-  python3 bench/gpu_cells.py --config bench/configs/h100x1.yaml --runs 3 \
-    --overhead llama-7b_alpaca_H100_s1_b16_g256_pnone_reference --out "$OUT/h100x1_overhead.json"
-elif [ "$kind" = x4 ]; then
-  python3 bench/gpu_cells.py --config bench/configs/h100x4_65b.yaml --out "$OUT/h100x4_65b_cells.json"
-else
-  python3 bench/gpu_cells.py --config bench/configs/h100x2.yaml --out "$OUT/h100x2_cells.json"
-  python3 bench/gpu_cells.py --config bench/configs/h100x2.yaml --runs 3 \
-    --overhead llama-7b_alpaca_H100_s1_b16_g256_pnone_reference --out "$OUT/h100x2_overhead.json"
-fi
-tar czf "$OUT/results_$kind.tgz" bench-results
+nvidia-smi --query-gpu=name,uuid,driver_version,power.limit,clocks.sm,temperature.gpu --format=csv | tee "$OUT/gpus_$mode.csv"
+nproc
+step() { local t=$1; shift; echo "== $* (limit ${t}s)"; local s=$SECONDS; timeout "$t" "$@" 2>&1 | tail -"${TAIL:-6}"; echo "== rc ${PIPESTATUS[0]} in $((SECONDS - s)) s"; }
+nvml_tests() { step 60 python3 -m pytest -q -p no:cacheprovider tests/collector/test_nvml_hardware.py; }
+cell7b=llama-7b_alpaca_H100_s1_b16_g256_pnone_reference
+case "$mode" in
+  x1)
+    nvml_tests
+    step 200 python3 bench/gpu_cells.py --config bench/configs/h100x1.yaml --out "$OUT/h100x1_cells.json"
+    step 300 python3 bench/gpu_cells.py --config bench/configs/h100x1.yaml --runs 3 --overhead $cell7b --out "$OUT/h100x1_overhead.json" ;;
+  x2)
+    step 200 python3 bench/gpu_cells.py --config bench/configs/h100x2.yaml --out "$OUT/h100x2_cells.json"
+    step 300 python3 bench/gpu_cells.py --config bench/configs/h100x2.yaml --runs 3 --overhead $cell7b --out "$OUT/h100x2_overhead.json" ;;
+  x4)
+    step 500 python3 bench/gpu_cells.py --config bench/configs/h100x4_65b.yaml --out "$OUT/h100x4_65b_cells.json" ;;
+  probe)
+    step 150 python3 bench/nvml_probe.py --out "$OUT/probe.npz" --batches 6
+    step 200 python3 bench/gpu_cells.py --config bench/configs/h100x1_decode.yaml --out "$OUT/decode_cell.json"
+    TAIL=3 step 260 python3 bench/collector_overhead.py --rounds 8 --poll-ms 40 20 --pin --out "$OUT/overhead_inproc.json" ;;
+  inproc)
+    nvml_tests
+    step 200 python3 bench/gpu_cells.py --config bench/configs/h100x1_decode.yaml --out "$OUT/decode_cell.json"
+    TAIL=3 step 300 python3 bench/collector_overhead.py --rounds 20 --poll-ms 40 --out "$OUT/overhead_inproc.json" ;;
+  accept)
+    nvml_tests
+    step 450 python3 bench/gpu_cells.py --config bench/configs/h100x1.yaml --runs 4 --overhead $cell7b --out "$OUT/overhead_runcell.json" ;;
+  shards)
+    nvml_tests
+    TAIL=2 step 300 python3 bench/gpu_cells.py --config bench/configs/h100x2.yaml --out "$OUT/x2_cells.json" ;;
+  *) echo "unknown mode $mode" >&2; exit 2 ;;
+esac
+tar czf "$OUT/cells_$mode.tgz" bench-results

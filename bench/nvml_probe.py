@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import time
 from pathlib import Path
 
@@ -75,17 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from llmenergy import generate, tp, weights
+    from _single_gpu import build, init_rank
+    from llmenergy import generate
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29537")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    tp.init_model_parallel(1)
-    dev = torch.device("cuda", 0)
-    torch.cuda.set_device(dev)
-    torch.zeros(1, device=dev)
-    uuid = str(torch.cuda.get_device_properties(dev).uuid)
-    uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+    dev, uuid = init_rank(29537)
 
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
@@ -98,12 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     time.sleep(args.idle_s)
     windows.append(("idle", t, time.time_ns()))
     t = time.time_ns()
-    model, _ = weights.build(args.arch, "synthetic", device=dev, dtype=torch.float16, seed=0,
-                             max_batch_size=args.batch, max_seq_len=args.prompt + args.gen)
+    model, prompts = build(args.arch, args.batch, args.prompt, args.gen, dev)
     torch.cuda.synchronize()
     windows.append(("load", t, time.time_ns()))
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 1000, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
     for _ in range(args.batches):
         generate.generate(model, prompts, args.gen, eos_id=None, stop_at_eos=False,
                           on_phase=lambda ph, a, b: windows.append((ph, a, b)))
