@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import subprocess
-from dataclasses import dataclass
 
 import pytest
 
+from llmenergy.config import GpuSpec
 from llmenergy.errors import UserError
 from llmenergy.slurm import (
     Resources,
@@ -23,22 +23,8 @@ from llmenergy.slurm import (
     srun_worker_args,
 )
 
-
-@dataclass
-class GpuType:
-    name: str
-    partition: str
-    gpus_per_node: int
-    memory_gb: int
-    constraint: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    cpus_per_gpu: int = 4
-    mem_mb_per_gpu: int | None = None
-
-
-A100 = GpuType("A100", "a100", 4, 80, constraint="a100_80g")
-H100 = GpuType("H100", "gpu", 8, 80, account="proj42", qos="high", cpus_per_gpu=8,
+A100 = GpuSpec("A100", "a100", 4, 80, constraint="a100_80g")
+H100 = GpuSpec("H100", "gpu", 8, 80, account="proj42", qos="high", cpus_per_gpu=8,
                mem_mb_per_gpu=64000)
 
 
@@ -155,7 +141,7 @@ def test_resolve_node_addr_falls_back_to_dns() -> None:
     [(A100, 1, 1, 1), (A100, 2, 1, 2), (A100, 4, 1, 4), (A100, 8, 2, 4), (A100, 16, 4, 4),
      (A100, 32, 8, 4), (H100, 1, 1, 1), (H100, 8, 1, 8), (H100, 16, 2, 8), (H100, 32, 4, 8)],
 )
-def test_resources_for_layout(gpu: GpuType, shards: int, nodes: int, per_node: int) -> None:
+def test_resources_for_layout(gpu: GpuSpec, shards: int, nodes: int, per_node: int) -> None:
     res = resources_for(shards, gpu, 30)
     assert (res.nodes, res.tasks_per_node, res.gpus_per_node, res.ranks) == (nodes, per_node, per_node, shards)
     assert res.gpus_per_node <= gpu.gpus_per_node
@@ -169,18 +155,18 @@ def test_resources_for_fields() -> None:
 
 
 def test_resources_for_uneven_layout_is_user_error() -> None:
-    v100 = GpuType("V100", "v100", 4, 32)
+    v100 = GpuSpec("V100", "v100", 4, 32)
     assert resources_for(6, v100, 10).tasks_per_node == 3  # 2 nodes x 3 GPUs is even
     with pytest.raises(ShardLayoutError, match="V100: 10 shards do not spread evenly over 3 nodes of 4 GPUs"):
         resources_for(10, v100, 10)
     with pytest.raises(UserError):
         resources_for(0, v100, 10)
     with pytest.raises(ValueError, match="gpus_per_node"):
-        resources_for(1, GpuType("X", "p", 0, 16), 10)
+        resources_for(1, GpuSpec("X", "p", 0, 16), 10)
 
 
 def test_resource_templates_skip_infeasible() -> None:
-    three = GpuType("T4", "t4", 3, 16)
+    three = GpuSpec("T4", "t4", 3, 16)
     templates = resource_templates(three, 20)
     assert sorted(templates) == [1, 2, 4]  # 8, 16, 32 do not split over 3-GPU nodes
     assert templates[4].nodes == 2 and templates[4].tasks_per_node == 2
@@ -213,7 +199,7 @@ def test_snakemake_resources_one_rank_drops_mpi() -> None:
                     "slurm_account": "proj42", "qos": "high"}),
     ],
 )
-def test_snakemake_resources_multi_rank(gpu: GpuType, shards: int, expected: dict) -> None:
+def test_snakemake_resources_multi_rank(gpu: GpuSpec, shards: int, expected: dict) -> None:
     assert snakemake_resources(resources_for(shards, gpu, 30)) == expected
 
 
@@ -239,7 +225,7 @@ def test_snakemake_resources_never_invents_account() -> None:
                     "--cpus-per-task=8", "--gpu-bind=single:1", "--kill-on-bad-exit=1"]),
     ],
 )
-def test_srun_worker_args(gpu: GpuType, shards: int, expected: list[str]) -> None:
+def test_srun_worker_args(gpu: GpuSpec, shards: int, expected: list[str]) -> None:
     assert srun_worker_args(resources_for(shards, gpu, 30)) == expected
 
 
@@ -248,7 +234,7 @@ def test_srun_worker_args_without_kill() -> None:
 
 
 @pytest.mark.parametrize(("gpu", "shards", "nodes"), [(A100, 1, 1), (A100, 8, 2), (A100, 32, 8), (H100, 32, 4)])
-def test_srun_collector_args(gpu: GpuType, shards: int, nodes: int) -> None:
+def test_srun_collector_args(gpu: GpuSpec, shards: int, nodes: int) -> None:
     assert srun_collector_args(resources_for(shards, gpu, 30)) == [
         "srun", "--overlap", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1",
         "--cpus-per-task=1"]

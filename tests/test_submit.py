@@ -2,14 +2,15 @@
 submissions (Slurm test cluster, and the local executor)."""
 from __future__ import annotations
 
+import functools
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import submitit
 
+from llmenergy.config import GpuSpec
 from llmenergy.errors import UserError
 from llmenergy.slurm import Resources, resources_for
 from llmenergy.submit import (
@@ -22,18 +23,8 @@ from llmenergy.submit import (
     wait_jobs,
 )
 
-
-@dataclass
-class GpuType:
-    name: str
-    partition: str
-    gpus_per_node: int
-    memory_gb: int = 32
-    cpus_per_gpu: int = 2
-    constraint: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    mem_mb_per_gpu: int | None = None
+# the config's GPU type with the small memory and CPU counts of the test cluster
+GpuType = functools.partial(GpuSpec, memory_gb=32, cpus_per_gpu=2)
 
 
 def _write_file_command(path: Path, text: str) -> list[str]:

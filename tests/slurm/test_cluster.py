@@ -2,27 +2,28 @@
 srun forms of llmenergy.slurm run for real inside an allocation."""
 from __future__ import annotations
 
+import functools
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from llmenergy.slurm import resources_for, sbatch_args, srun_collector_args, srun_worker_args
+from llmenergy.config import GpuSpec
+from llmenergy.slurm import (
+    resources_for,
+    sbatch_args,
+    srun_collector_args,
+    srun_worker_args,
+)
 
 pytestmark = pytest.mark.slurm
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
 
 
-@dataclass
-class GpuType:
-    name: str
-    partition: str
-    gpus_per_node: int
-    memory_gb: int = 32
-    cpus_per_gpu: int = 2
+# the config's GPU type with the small memory and CPU counts of the test cluster
+GpuType = functools.partial(GpuSpec, memory_gb=32, cpus_per_gpu=2)
 
 
 def _multi_gpu_partition(cluster) -> tuple[str, int]:
