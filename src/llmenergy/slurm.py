@@ -277,6 +277,13 @@ class Resources:
     def gpus(self) -> int:
         return self.nodes * self.gpus_per_node
 
+    def optional_settings(self) -> dict[str, Any]:
+        """The optional settings that are set, by field name, in the order
+        partition, mem_mb, constraint, account, qos."""
+        values = {"partition": self.partition, "mem_mb": self.mem_mb, "constraint": self.constraint,
+                  "account": self.account, "qos": self.qos}
+        return {k: v for k, v in values.items() if v is not None}
+
 
 def _positive_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -335,6 +342,14 @@ def resource_templates(gpu: Any, runtime_min: int) -> dict[int, Resources]:
 # Command builders
 # --------------------------------------------------------------------------- #
 
+#: Resources.optional_settings() names -> snakemake-executor-plugin-slurm resource keys.
+_SNAKEMAKE_KEYS = {"partition": "slurm_partition", "mem_mb": "mem_mb", "constraint": "constraint",
+                   "account": "slurm_account", "qos": "qos"}
+#: ... -> sbatch flags.
+_SBATCH_FLAGS = {"partition": "--partition={}", "mem_mb": "--mem={}M", "constraint": "--constraint={}",
+                 "account": "--account={}", "qos": "--qos={}"}
+
+
 def snakemake_resources(res: Resources) -> dict[str, Any]:
     """Resources for a Snakemake rule under snakemake-executor-plugin-slurm 2.8.0.
 
@@ -350,18 +365,9 @@ def snakemake_resources(res: Resources) -> dict[str, Any]:
     out["tasks"] = res.ranks
     out["tasks_per_gpu"] = 1
     out["gres"] = f"gpu:{res.gpus_per_node}"
-    if res.partition is not None:
-        out["slurm_partition"] = res.partition
-    if res.constraint is not None:
-        out["constraint"] = res.constraint
     out["runtime"] = res.runtime_min
-    if res.mem_mb is not None:
-        out["mem_mb"] = res.mem_mb
     out["cpus_per_task"] = res.cpus_per_task
-    if res.account is not None:
-        out["slurm_account"] = res.account
-    if res.qos is not None:
-        out["qos"] = res.qos
+    out.update({_SNAKEMAKE_KEYS[k]: v for k, v in res.optional_settings().items()})
     return out
 
 
@@ -410,14 +416,5 @@ def sbatch_args(res: Resources, job_name: str, output: str) -> list[str]:
         f"--cpus-per-task={res.cpus_per_task}",
         f"--time={res.runtime_min}",
     ]
-    if res.partition is not None:
-        args.append(f"--partition={res.partition}")
-    if res.mem_mb is not None:
-        args.append(f"--mem={res.mem_mb}M")
-    if res.constraint is not None:
-        args.append(f"--constraint={res.constraint}")
-    if res.account is not None:
-        args.append(f"--account={res.account}")
-    if res.qos is not None:
-        args.append(f"--qos={res.qos}")
+    args += [_SBATCH_FLAGS[k].format(v) for k, v in res.optional_settings().items()]
     return args

@@ -83,16 +83,9 @@ def submitit_parameters(res: Resources, *, job_name: str) -> dict[str, Any]:
         "slurm_gres": f"gpu:{res.gpus_per_node}",
         "slurm_use_srun": False,
     }
-    if res.partition is not None:
-        params["slurm_partition"] = res.partition
-    if res.mem_mb is not None:
-        params["slurm_mem"] = f"{res.mem_mb}M"
-    if res.constraint is not None:
-        params["slurm_constraint"] = res.constraint
-    if res.account is not None:
-        params["slurm_account"] = res.account
-    if res.qos is not None:
-        params["slurm_qos"] = res.qos
+    for name, value in res.optional_settings().items():
+        key = "slurm_mem" if name == "mem_mb" else f"slurm_{name}"
+        params[key] = f"{value}M" if name == "mem_mb" else value
     return params
 
 
