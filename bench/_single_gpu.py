@@ -11,7 +11,7 @@ def init_rank(port: int) -> tuple[Any, str]:
     import torch
     import torch.distributed as dist
 
-    from llmenergy import tp
+    from llmenergy.inference import tp
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(port))
@@ -28,7 +28,7 @@ def build(arch: str, batch: int, prompt: int, gen: int, dev: Any) -> tuple[Any, 
     """(model, prompts): ``arch`` with synthetic fp16 weights and ``batch`` prompts of ``prompt`` tokens."""
     import torch
 
-    from llmenergy import weights
+    from llmenergy.inference import weights
 
     model, _ = weights.build(arch, "synthetic", device=dev, dtype=torch.float16, seed=0,
                              max_batch_size=batch, max_seq_len=prompt + gen)

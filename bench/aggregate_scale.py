@@ -1,4 +1,4 @@
-"""Time ``llmenergy.aggregate.aggregate`` over many synthetic cells.
+"""Time ``llmenergy.analysis.aggregate.aggregate`` over many synthetic cells.
 
 Usage: python bench/aggregate_scale.py [--cells 10000] [--repeats 3] [--runs 3]
 Creates the cell directories (each with a metrics.parquet of ``repeats`` rows)
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from llmenergy.aggregate import aggregate
-from llmenergy.metrics import to_table
+from llmenergy.analysis.aggregate import aggregate
+from llmenergy.analysis.metrics import to_table
 
 log = logging.getLogger("aggregate_scale")
 

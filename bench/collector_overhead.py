@@ -2,7 +2,7 @@
 
     python bench/collector_overhead.py --arch llama-7b --batch 16 --gen 256 --rounds 5 --out OUT.json
 
-The model is built once and one real collector process (``llmenergy.collector.process``,
+The model is built once and one real collector process (``llmenergy.power.collector``,
 NVML) watches this GPU per poll rate.  Rounds alternate "collector off" (the
 process stopped with SIGSTOP, so it makes no NVML call and uses no CPU) and
 "collector on" (SIGCONT), swapping the order every round (ABBA) so drift does
@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmenergy import entrypoints
+
 
 def _collector(tmp: Path, uuid: str, power_interval_ms: int) -> subprocess.Popen[bytes]:
     node = socket.gethostname()
@@ -35,7 +37,7 @@ def _collector(tmp: Path, uuid: str, power_interval_ms: int) -> subprocess.Popen
     (tmp / "uuids" / f"{node}.0.json").write_text(json.dumps({"node": node, "rank": 0, "uuid": uuid}))
     for f in (tmp / "ready").glob("*"):
         f.unlink()
-    proc = subprocess.Popen([sys.executable, "-m", "llmenergy.collector.process", "--backend", "nvml",
+    proc = subprocess.Popen([sys.executable, "-m", entrypoints.COLLECTOR, "--backend", "nvml",
                              "--interval-ms", "100", "--power-interval-ms", str(power_interval_ms),
                              "--out", str(tmp / "power"), "--node", node, "--uuid-dir", str(tmp / "uuids"),
                              "--ready-dir", str(tmp / "ready"), "--expect-devices", "1"])
@@ -62,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     import torch.distributed as dist
-
     from _single_gpu import build, init_rank
-    from llmenergy import generate
-    from llmenergy.collector.process import merge_node_files
+
+    from llmenergy.inference import generate
+    from llmenergy.power.collector import merge_node_files
 
     dev, uuid = init_rank(29533)
     model, prompts = build(args.arch, args.batch, args.prompt, args.gen, dev)

@@ -24,12 +24,14 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from llmenergy import entrypoints
+
 log = logging.getLogger("bench.gpu_cells")
 
 
 def run_cell(config: Path, cell_id: str) -> float:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "llmenergy.cli", "run-cell", "--force", "--config", str(config),
+    proc = subprocess.run([sys.executable, "-m", entrypoints.CLI, "run-cell", "--force", "--config", str(config),
                            "--cell", cell_id], check=False)
     if proc.returncode:
         raise SystemExit(f"{cell_id}: run-cell exited {proc.returncode}")
@@ -37,7 +39,7 @@ def run_cell(config: Path, cell_id: str) -> float:
 
 
 def summarise(cell_dir: Path) -> dict[str, Any]:
-    from llmenergy.energy import attribute_events
+    from llmenergy.analysis.energy import attribute_events
 
     m = pd.read_parquet(cell_dir / "metrics.parquet")
     cell = json.loads((cell_dir / "cell.json").read_text())
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from llmenergy import config as cfgmod
-    from llmenergy.matrix import expand
+    from llmenergy.planning.matrix import expand
 
     cfg = cfgmod.load(args.config)
     result: dict[str, Any] = {"config": args.config.name, "cells": []}

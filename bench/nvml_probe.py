@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     import torch.distributed as dist
-
     from _single_gpu import build, init_rank
-    from llmenergy import generate
+
+    from llmenergy.inference import generate
 
     dev, uuid = init_rank(29537)
 

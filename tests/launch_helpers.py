@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 import llmenergy
+from llmenergy import entrypoints
 
 FAKES = Path(__file__).resolve().parent / "fakes"
 RANK_FAKES = FAKES / "rank"  # sitecustomize: fake_oom, fake_rank_gpu (inert unless their env is set)
@@ -83,7 +84,7 @@ def write_config(root: Path, *, power_cap_w: float | None = None, on_oom: str = 
 def cell_id_of(config_path: Path) -> str:
     """The id of the config's only cell, as ``llmenergy plan`` would show it."""
     from llmenergy.config import load
-    from llmenergy.matrix import expand
+    from llmenergy.planning.matrix import expand
 
     cells = expand(load(config_path, check_files=False)).cells
     if len(cells) != 1:
@@ -249,7 +250,7 @@ class CellRun:
 def start_run_cell(root: Path, cell_id: str, env: dict[str, str], *extra: str) -> CellRun:
     """Start ``llmenergy run-cell --launcher local`` with ``root`` as its working directory."""
     log_path = root / f"run-cell.{time.time_ns()}.log"
-    cmd = [sys.executable, "-m", "llmenergy.cli", "run-cell", "--config", "config.yaml", "--cell", cell_id,
+    cmd = [sys.executable, "-m", entrypoints.CLI, "run-cell", "--config", "config.yaml", "--cell", cell_id,
            "--launcher", "local", *extra]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from llmenergy import config
+from llmenergy import config, entrypoints
 from llmenergy.errors import ConfigError
-from llmenergy.matrix import expand
+from llmenergy.planning.matrix import expand
 
 
 def base() -> dict[str, Any]:
@@ -152,7 +152,7 @@ def test_cell_ids_are_stable_unique_slugs() -> None:
 def test_cli_prints_one_line_without_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "config.yaml"
     bad.write_text(yaml.safe_dump(with_(f"{M0}.batch_size", [-4])))
-    out = subprocess.run([sys.executable, "-m", "llmenergy.cli", "plan", "--config", str(bad)],
+    out = subprocess.run([sys.executable, "-m", entrypoints.CLI, "plan", "--config", str(bad)],
                          capture_output=True, text=True, check=False)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr

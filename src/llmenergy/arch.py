@@ -13,7 +13,7 @@ from llmenergy.errors import ConfigError
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-#: vocabulary size of the project's own tokenizer (see :mod:`llmenergy.tokenizer`)
+#: vocabulary size of the project's own tokenizer (see :mod:`llmenergy.inference.tokenizer`)
 TINY_VOCAB_SIZE = 1536
 
 

@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from llmenergy import entrypoints
 from llmenergy.errors import LLMEnergyError, UserError
 
 log = logging.getLogger("llmenergy")
@@ -22,7 +23,7 @@ def _load(args: argparse.Namespace, check_files: bool = True):  # noqa: ANN202
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from llmenergy.plan import format_plan
+    from llmenergy.planning.plan import format_plan
 
     cfg = _load(args)
     sys.stdout.write(format_plan(cfg, show_infeasible=not args.hide_infeasible, fmt=args.format))
@@ -30,8 +31,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run_cell(args: argparse.Namespace) -> int:
-    from llmenergy.launch import run_cell
-    from llmenergy.matrix import expand
+    from llmenergy.orchestrate.launch import run_cell
+    from llmenergy.planning.matrix import expand
 
     cfg = _load(args)
     cell = expand(cfg).get(args.cell)
@@ -39,12 +40,12 @@ def cmd_run_cell(args: argparse.Namespace) -> int:
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
-    from llmenergy.aggregate import aggregate
+    from llmenergy.analysis.aggregate import aggregate
 
     expected = None
     grid = None
     if args.config:
-        from llmenergy.matrix import expand
+        from llmenergy.planning.matrix import expand
 
         cfg = _load(args, check_files=False)
         expected = [c.identity() for c in expand(cfg).cells]
@@ -57,7 +58,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from llmenergy.plots import make_figures
+    from llmenergy.analysis.plots import make_figures
 
     figs = make_figures(pd.read_parquet(args.summary), Path(args.out))
     for f in figs:
@@ -66,7 +67,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from llmenergy.report import render_report
+    from llmenergy.analysis.report import render_report
 
     out = render_report(Path(args.results), out_path=Path(args.out) if args.out else None)
     log.info("report: %s", out)
@@ -75,10 +76,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # Subcommands whose own module parses the arguments (argparse cannot pass options through).
 DELEGATES = {
-    "collect": ("llmenergy.collector.process", "per-node power collector (started by run-cell)"),
-    "powercap-guard": ("llmenergy.powercap_guard", "per-node power-cap guard (started by run-cell)"),
-    "submit": ("llmenergy.submit", "submit cells through submitit, without Snakemake"),
-    "data": ("llmenergy.data.fetch", "datasets: `data fetch alpaca|gsm8k --dest data/`"),
+    "collect": (entrypoints.COLLECTOR, "per-node power collector (started by run-cell)"),
+    "powercap-guard": (entrypoints.POWERCAP_GUARD, "per-node power-cap guard (started by run-cell)"),
+    "submit": (entrypoints.SUBMIT, "submit cells through submitit, without Snakemake"),
+    "data": (entrypoints.DATA_FETCH, "datasets: `data fetch alpaca|gsm8k --dest data/`"),
 }
 
 

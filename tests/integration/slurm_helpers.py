@@ -69,7 +69,7 @@ def write_config(workdir: Path, cfg: dict[str, Any]) -> Path:
 def planned_cells(workdir: Path) -> dict[str, Any]:
     """``{cell_id: Cell}`` of ``workdir/config.yaml``, in plan order."""
     from llmenergy import config
-    from llmenergy.matrix import expand
+    from llmenergy.planning.matrix import expand
 
     cfg = config.load(workdir / "config.yaml", check_files=False)
     return {c.id: c for c in expand(cfg).cells}

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import slurm_helpers as h
 
+from llmenergy import entrypoints
+
 
 @pytest.fixture
 def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
@@ -181,7 +183,7 @@ def test_collector_killed_mid_cell(workdir: Path) -> None:
     def inject(wd: Path, cell: str, job: int) -> None:
         h.wait_for(lambda: len(list((h.cell_dir(wd, cell) / ".run" / "power").glob("*.part-*"))) >= 2, 60,
                    "a part file from each collector")
-        pids = h.pids_of("llmenergy.collector.process", wd)
+        pids = h.pids_of(entrypoints.COLLECTOR, wd)
         pids = [p for p in pids if cell in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
         assert len(pids) == 2, pids  # one per node
         for p in pids:

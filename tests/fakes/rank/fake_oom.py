@@ -3,14 +3,14 @@
 GPU memory is hardware the test machines lack, so this fake stands in for it.
 With env ``FAKE_OOM_AT_BATCH=N`` (0-based, counting the measured batches of
 every repeat, not the warm-up), :func:`install` arranges that, once
-``llmenergy.generate`` is imported, its ``generate`` raises
+``llmenergy.inference.generate`` is imported, its ``generate`` raises
 ``torch.OutOfMemoryError`` on the N-th measured batch, as the CUDA caching
 allocator would.  A warm-up call is told apart by having no ``on_phase``
 callback.  Every injected error is appended to ``FAKE_OOM_LOG`` (if set) as one
 JSON line ``{"batch", "pid"}``.
 
 Nothing is imported or patched in a process that never imports
-``llmenergy.generate`` (the launcher, collector, guard), so torch is not loaded
+``llmenergy.inference.generate`` (the launcher, collector, guard), so torch is not loaded
 there.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-TARGET = "llmenergy.generate"
+TARGET = "llmenergy.inference.generate"
 ENV_BATCH = "FAKE_OOM_AT_BATCH"
 ENV_LOG = "FAKE_OOM_LOG"
 

@@ -1,0 +1,1 @@
+"""After the run: energy attribution, per-cell metrics, summary, figures, report."""

@@ -1,0 +1,262 @@
+"""The self-contained HTML report (``results/report.html``).
+
+jinja2 with autoescape on; figures are embedded as base64 PNG data URIs, CSS is
+inline, and a Content-Security-Policy forbids any fetch, so the file works
+offline and leaks nothing. Sections: banners about the power source, matrix and
+status counts, key findings, figures (and skipped ones), all cells, failed and
+flagged cells, aggregate problems, accuracy, provenance, how to rerun.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from llmenergy import __version__
+from llmenergy.analysis.aggregate import (
+    PROBLEMS_NAME,
+    STATS_NAME,
+    SUMMARY_NAME,
+    cell_stats,
+)
+from llmenergy.analysis.plots import load_manifest, make_figures
+from llmenergy.atomic import write_text
+from llmenergy.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DISCREPANCY_LIMIT_PCT = 1.0
+MATRIX_AXES = ["model", "dataset", "gpu", "shards", "batch_size", "max_gen_len", "power_cap_w",
+               "engine"]
+CONFIG_COLUMNS = ["gpu", "shards", "batch_size", "max_gen_len", "power_cap_w", "dataset"]
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    """Numbers to short text; None/NaN → an em dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    try:
+        if pd.isna(value):
+            return "—"
+    except (TypeError, ValueError):
+        pass
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) < 1e12):
+        return f"{int(value):,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e6 else f"{value:.3e}"
+    return str(value)
+
+
+def _axis_values(summary: pd.DataFrame, axis: str) -> list[str]:
+    """Distinct values of one matrix axis, numerically sorted; a null cap reads ``default``."""
+    values = summary[axis].dropna().unique().tolist()
+    try:
+        values = sorted(values)
+    except TypeError:
+        values = sorted(values, key=str)
+    out = [_fmt(v) for v in values]
+    if axis == "power_cap_w" and summary.loc[summary["status"] != "missing", axis].isna().any():
+        out.append("default")
+    return out
+
+
+def _records(df: pd.DataFrame, columns: list[str]) -> list[dict[str, Any]]:
+    cols = [c for c in columns if c in df.columns]
+    return df[cols].astype(object).where(df[cols].notna(), None).to_dict("records")
+
+
+def _figures(output_dir: Path, summary: pd.DataFrame, summary_path: Path) -> list[dict[str, Any]]:
+    figdir = output_dir / "figures"
+    infos = load_manifest(figdir)
+    fresh = (infos is not None and (figdir / "index.json").stat().st_mtime
+             >= summary_path.stat().st_mtime
+             and all(i.skipped or (i.png is not None and i.png.exists()) for i in infos))
+    if not fresh:
+        infos = make_figures(summary, figdir)
+    out = []
+    for info in infos or []:
+        item: dict[str, Any] = {"name": info.name, "caption": info.caption,
+                                "skipped": info.skipped, "reason": info.reason,
+                                "power_source": info.power_source}
+        if not info.skipped and info.png is not None:
+            item["data_uri"] = "data:image/png;base64," + base64.b64encode(
+                Path(info.png).read_bytes()).decode("ascii")
+        out.append(item)
+    return out
+
+
+def _provenance(output_dir: Path, cell_ids: list[str]) -> dict[str, Any]:
+    keys = ("llmenergy_version", "torch_version", "python", "git_commit", "driver")
+    seen: dict[str, set[str]] = {k: set() for k in keys}
+    gpus: set[str] = set()
+    hosts: set[str] = set()
+    jobs: set[str] = set()
+    started: list[str] = []
+    finished: list[str] = []
+    n_read = 0
+    for cid in cell_ids:
+        path = output_dir / "cells" / cid / "cell.json"
+        try:
+            prov = json.loads(path.read_text()).get("provenance") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        n_read += 1
+        for k in keys:
+            if prov.get(k) is not None:
+                seen[k].add(str(prov[k]))
+        gpus.update(str(g.get("name")) for g in prov.get("gpus") or [] if isinstance(g, dict))
+        hosts.update(str(h) for h in prov.get("hosts") or [])
+        if prov.get("slurm_job_id"):
+            jobs.add(str(prov["slurm_job_id"]))
+        started += [str(prov["started_at"])] if prov.get("started_at") else []
+        finished += [str(prov["finished_at"])] if prov.get("finished_at") else []
+    rows = [(k, ", ".join(sorted(v)) or "—") for k, v in seen.items()]
+    rows += [("GPU names", ", ".join(sorted(gpus)) or "—"),
+             ("hosts", f"{len(hosts)}: " + ", ".join(sorted(hosts)[:20])
+              + (" …" if len(hosts) > 20 else "") if hosts else "—"),
+             ("Slurm jobs", str(len(jobs)) if jobs else "—"),
+             ("first start", min(started) if started else "—"),
+             ("last finish", max(finished) if finished else "—")]
+    return {"rows": rows, "n_read": n_read, "n_cells": len(cell_ids)}
+
+
+def _banners(summary: pd.DataFrame) -> list[dict[str, str]]:
+    ok = summary[summary["status"] == "ok"]
+    sources = ok["power_source"].fillna("none").astype(str)
+    out = []
+    if len(ok) and (sources == "none").all():
+        out.append({"level": "error", "text": "No power sensor: energy columns are empty. "
+                    "Throughput and latency are measured; energy is not."})
+    elif (sources == "none").any():
+        n = ok.loc[sources == "none", "cell_id"].nunique()
+        out.append({"level": "warn", "text": f"No power sensor for {n} cell(s): their energy "
+                    "columns are empty."})
+    if sources.str.contains("estimate").any():
+        n = ok.loc[sources.str.contains("estimate"), "cell_id"].nunique()
+        out.append({"level": "warn", "text": f"Energy is an ESTIMATE for {n} cell(s) (power "
+                    "source 'estimate': modelled, not measured by a sensor)."})
+    if len(ok) == 0:
+        out.append({"level": "error", "text": "No cell finished successfully."})
+    return out
+
+
+def _key_findings(stats: pd.DataFrame) -> list[dict[str, Any]]:
+    ok = stats[(stats["status"] == "ok") & stats["j_per_token_mean"].notna()]
+    rows = []
+    for model, grp in ok.groupby("model"):
+        best = grp.loc[grp["j_per_token_mean"].idxmin()]
+        config = ", ".join(
+            f"{c}={'default' if c == 'power_cap_w' and pd.isna(best[c]) else _fmt(best[c])}"
+            for c in CONFIG_COLUMNS if c in best.index)
+        rows.append({"model": model, "j_per_token": best["j_per_token_mean"],
+                     "ci95": best["j_per_token_ci95"], "tokens_per_s": best["tokens_per_s_mean"],
+                     "config": config, "cell_id": best["cell_id"],
+                     "power_source": best["power_source"], "n": best["j_per_token_n"]})
+    return rows
+
+
+def _flags(summary: pd.DataFrame, stats: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
+    failed = stats[stats["status"] != "ok"]
+    ok = summary[summary["status"] == "ok"]
+    short = ok[ok["short_window"].fillna(False).astype(bool)]
+    disc = ok[ok["energy_discrepancy_pct"].abs() > DISCREPANCY_LIMIT_PCT]
+    oor = ok[ok["power_out_of_range"].fillna(False).astype(bool)]
+    src = ok[ok["power_source"].fillna("none").str.contains("none|estimate")]
+    src = src.groupby("cell_id", as_index=False)["power_source"].first()
+    return {
+        "failed": _records(failed, ["cell_id", "status", "n_ok", "n_repeats", "reason"]),
+        "short": _records(short, ["cell_id", "repeat", "duration_s"]),
+        "discrepancy": _records(disc, ["cell_id", "repeat", "energy_discrepancy_pct",
+                                       "energy_j", "energy_instant_j"]),
+        "out_of_range": _records(oor, ["cell_id", "repeat"]),
+        "source": _records(src, ["cell_id", "power_source"]),
+    }
+
+
+def _accuracy(summary: pd.DataFrame) -> list[dict[str, Any]]:
+    acc = summary[summary["accuracy"].notna()]
+    if len(acc) == 0:
+        return []
+    grp = acc.groupby("cell_id").agg(model=("model", "first"), dataset=("dataset", "first"),
+                                     accuracy=("accuracy", "mean"),
+                                     j_per_correct=("j_per_correct", "mean"),
+                                     synthetic=("weights_synthetic", "any"))
+    return grp.reset_index().to_dict("records")
+
+
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("llmenergy", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = _fmt
+    return env
+
+
+def render_report(output_dir: Path, *, summary_path: Path | None = None,
+                  out_path: Path | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Render ``report.html`` from the aggregate outputs in ``output_dir``; return its path."""
+    output_dir = Path(output_dir)
+    summary_path = Path(summary_path) if summary_path else output_dir / SUMMARY_NAME
+    out_path = Path(out_path) if out_path else output_dir / "report.html"
+    if not summary_path.exists():
+        raise UserError(f"{summary_path}: no summary; run `llmenergy aggregate` first")
+    summary = pd.read_parquet(summary_path)
+    stats_path = output_dir / STATS_NAME
+    stats = pd.read_parquet(stats_path) if stats_path.exists() else cell_stats(summary)[0]
+    problems: list[dict[str, Any]] = []
+    if (output_dir / PROBLEMS_NAME).exists():
+        problems = json.loads((output_dir / PROBLEMS_NAME).read_text()).get("problems", [])
+    figures = _figures(output_dir, summary, summary_path)
+    by_status_rows = summary["status"].value_counts().sort_index()
+    by_status_cells = stats["status"].value_counts().sort_index()
+    axes = {a: _axis_values(summary, a) for a in MATRIX_AXES if a in summary}
+    ctx = {
+        "title": f"llmenergy report: {output_dir.resolve().name}",
+        "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "version": __version__,
+        "output_dir": str(output_dir),
+        "banners": _banners(summary),
+        "axes": axes,
+        "status_rows": list(by_status_rows.items()),
+        "status_cells": list(by_status_cells.items()),
+        "n_cells": len(stats),
+        "n_rows": len(summary),
+        "findings": _key_findings(stats),
+        "figures": [f for f in figures if not f["skipped"]],
+        "skipped_figures": [f for f in figures if f["skipped"]],
+        "cells": _records(stats, ["cell_id", "model", "dataset", "gpu", "shards", "batch_size",
+                                  "max_gen_len", "power_cap_w", "status", "n_ok", "n_repeats",
+                                  "tokens_per_s_mean", "tokens_per_s_ci95", "j_per_token_mean",
+                                  "j_per_token_ci95", "avg_power_w_mean", "power_source"]),
+        "flags": _flags(summary, stats),
+        "discrepancy_limit_pct": DISCREPANCY_LIMIT_PCT,
+        "problems": problems,
+        "accuracy": _accuracy(summary),
+        "provenance": _provenance(output_dir, sorted(stats["cell_id"].astype(str))),
+        "extra": extra or {},
+    }
+    html = _env().get_template("report.html.j2").render(**ctx)
+    write_text(out_path, html)
+    log.info("wrote %s (%d cells, %d figures, %d skipped)", out_path, len(stats),
+             len(ctx["figures"]), len(ctx["skipped_figures"]))
+    return out_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``llmenergy report [--results DIR] [--out FILE]``."""
+    ap = argparse.ArgumentParser(prog="llmenergy report", description="Render the HTML report.")
+    ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--out", type=Path, default=None, help="default: RESULTS/report.html")
+    args = ap.parse_args(argv)
+    render_report(args.results, out_path=args.out)
+    return 0

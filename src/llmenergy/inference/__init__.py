@@ -1,0 +1,1 @@
+"""One rank: the fairscale LLaMA, its weights and tokenizer, generation, the worker."""

@@ -1,0 +1,371 @@
+"""Meta (``consolidated.NN.pth`` + ``params.json``) and HF (``config.json`` +
+``*.safetensors``) checkpoints: detection, resharding load, and writers.
+
+Loading reshards on the fly: a Meta checkpoint saved with MP degree ``S``
+(= number of files) loads on any ``N`` ranks whose slices line up.  Each rank
+memory-maps the files (``torch.load(..., mmap=True, weights_only=True)``) and
+copies only the rows/columns of its own shard.  Split dimensions follow
+fairscale (see :func:`llmenergy.inference.model.shard_dim`); norms are replicated and
+read from file 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel.initialize import get_model_parallel_group
+
+from llmenergy.atomic import atomic_path, write_json
+from llmenergy.errors import CheckpointError
+from llmenergy.inference.model import ModelArgs, Transformer, full_shapes, shard_dim
+
+log = logging.getLogger(__name__)
+
+_META_FILE = re.compile(r"consolidated\.(\d+)\.pth$")
+
+
+class Checkpoint(Protocol):
+    path: Path
+    format: str
+    args: ModelArgs
+    mp: int
+
+    def load_into(self, model: Transformer, *, rank: int, shards: int) -> None: ...
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """Detect the format of checkpoint directory ``path``."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint must be a directory")
+    if list(path.glob("consolidated.*.pth")):
+        return MetaCheckpoint.open(path)
+    if (path / "config.json").exists() and list(path.glob("*.safetensors")):
+        return HFCheckpoint.open(path)
+    raise CheckpointError(f"{path}: neither a Meta checkpoint (consolidated.NN.pth + "
+                          f"params.json) nor an HF one (config.json + *.safetensors)")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _need(data: dict[str, Any], key: str, where: Path) -> Any:
+    if key not in data:
+        raise CheckpointError(f"{where}: missing key {key!r}")
+    return data[key]
+
+
+# --------------------------------------------------------------------------- Meta
+
+def params_json(args: ModelArgs) -> dict[str, Any]:
+    """Meta ``params.json`` content for ``args``."""
+    out: dict[str, Any] = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
+                           "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
+                           "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+                           "max_seq_len": args.max_seq_len}
+    if args.n_kv_heads is not None:
+        out["n_kv_heads"] = args.n_kv_heads
+    if args.ffn_dim_multiplier is not None:
+        out["ffn_dim_multiplier"] = args.ffn_dim_multiplier
+    if args.ffn_hidden_dim is not None:
+        out["ffn_hidden_dim"] = args.ffn_hidden_dim  # not Meta's; written only when set
+    return out
+
+
+def args_from_params(data: dict[str, Any], where: Path, vocab_size: int) -> ModelArgs:
+    return ModelArgs(
+        dim=int(_need(data, "dim", where)), n_layers=int(_need(data, "n_layers", where)),
+        n_heads=int(_need(data, "n_heads", where)), vocab_size=vocab_size,
+        n_kv_heads=data.get("n_kv_heads"), multiple_of=int(data.get("multiple_of", 256)),
+        ffn_dim_multiplier=data.get("ffn_dim_multiplier"),
+        ffn_hidden_dim=data.get("ffn_hidden_dim"), norm_eps=float(data.get("norm_eps", 1e-6)),
+        max_seq_len=int(data.get("max_seq_len", 2048)),
+        rope_theta=float(data.get("rope_theta", 10000.0)))
+
+
+@dataclasses.dataclass
+class MetaCheckpoint:
+    path: Path
+    args: ModelArgs
+    mp: int
+    format: str = "meta"
+
+    @classmethod
+    def open(cls, path: Path) -> MetaCheckpoint:
+        files = sorted(path.glob("consolidated.*.pth"))
+        numbers = sorted(int(m.group(1)) for f in files if (m := _META_FILE.search(f.name)))
+        if numbers != list(range(len(numbers))) or not numbers:
+            raise CheckpointError(f"{path}: consolidated.NN.pth files must be numbered 00.."
+                                  f"{len(files) - 1:02d} without gaps, found {numbers}")
+        params_file = path / "params.json"
+        if not params_file.exists():
+            raise CheckpointError(f"{path}: params.json is missing next to consolidated.*.pth")
+        data = _read_json(params_file)
+        vocab = int(data.get("vocab_size", -1))
+        if vocab <= 0:  # LLaMA-1 writes -1: take it from the embedding
+            vocab = int(_load(cls.file(path, 0))["tok_embeddings.weight"].shape[0])
+        return cls(path=path, args=args_from_params(data, params_file, vocab), mp=len(numbers))
+
+    @staticmethod
+    def file(path: Path, index: int) -> Path:
+        return path / f"consolidated.{index:02d}.pth"
+
+    def load_into(self, model: Transformer, *, rank: int, shards: int) -> None:
+        states: dict[int, dict[str, torch.Tensor]] = {}
+
+        def state(i: int) -> dict[str, torch.Tensor]:
+            if i not in states:
+                states[i] = _load(self.file(self.path, i))
+            return states[i]
+
+        full = full_shapes(self.args)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                d = shard_dim(name)
+                pieces = []
+                for src, sl in _source_slices(full[name], d, self.mp, rank, shards, self.path):
+                    tensor = _get(state(src), name, self.file(self.path, src))
+                    want = _shard_shape(full[name], d, self.mp)
+                    if tuple(tensor.shape) != want:
+                        raise CheckpointError(
+                            f"{self.file(self.path, src)}: {name} has shape "
+                            f"{tuple(tensor.shape)}, expected {want} for MP{self.mp}")
+                    pieces.append(tensor[sl])
+                param.copy_(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=d or 0))
+
+
+def _load(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds
+        raise CheckpointError(f"{file}: cannot load ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def _get(state: dict[str, torch.Tensor], name: str, file: Path) -> torch.Tensor:
+    if name not in state:
+        raise CheckpointError(f"{file}: missing tensor {name}")
+    return state[name]
+
+
+def _shard_shape(full: tuple[int, ...], d: int | None, mp: int) -> tuple[int, ...]:
+    if d is None:
+        return full
+    s = list(full)
+    s[d] //= mp
+    return tuple(s)
+
+
+def _source_slices(full: tuple[int, ...], d: int | None, src_mp: int, rank: int, shards: int,
+                   where: Path) -> list[tuple[int, tuple[slice, ...]]]:
+    """(source file, index into its tensor) pairs that make up ``rank``'s shard."""
+    if d is None:
+        return [(0, (slice(None),))]
+    size = full[d]
+    if size % src_mp or size % shards:
+        raise CheckpointError(f"{where}: dimension {size} splits neither into {src_mp} "
+                              f"checkpoint files and {shards} shards")
+    src_sz, tgt_sz = size // src_mp, size // shards
+    lo, hi = rank * tgt_sz, (rank + 1) * tgt_sz
+    out = []
+    for src in range(lo // src_sz, (hi - 1) // src_sz + 1):
+        a, b = max(lo, src * src_sz) - src * src_sz, min(hi, (src + 1) * src_sz) - src * src_sz
+        index = (slice(None),) * d + (slice(a, b),)
+        out.append((src, index))
+    return out
+
+
+def save_meta_checkpoint(model_state_full: dict[str, torch.Tensor],
+                         params: ModelArgs | dict[str, Any], directory: Path | str,
+                         mp: int) -> None:
+    """Write a full state dict as a Meta checkpoint of ``mp`` files (+ params.json)."""
+    directory = Path(directory)
+    data = params_json(params) if isinstance(params, ModelArgs) else dict(params)
+    for i in range(mp):
+        shard: dict[str, torch.Tensor] = {}
+        for name, tensor in model_state_full.items():
+            d = shard_dim(name)
+            if d is not None and tensor.shape[d] % mp:
+                raise CheckpointError(f"{directory}: {name} dimension {tensor.shape[d]} does "
+                                      f"not split into {mp} files")
+            part = tensor if d is None else tensor.chunk(mp, dim=d)[i]
+            shard[name] = part.detach().to("cpu").contiguous().clone()
+        with atomic_path(MetaCheckpoint.file(directory, i)) as tmp:
+            torch.save(shard, tmp)
+    write_json(directory / "params.json", data)
+
+
+def full_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Gather every parameter's full tensor onto the CPU (collective over MP ranks)."""
+    group = get_model_parallel_group()
+    world = dist.get_world_size(group=group)
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        d = shard_dim(name)
+        if d is None or world == 1:
+            out[name] = param.detach().cpu().clone()
+            continue
+        parts = [torch.empty_like(param) for _ in range(world)]
+        dist.all_gather(parts, param.detach().contiguous(), group=group)
+        out[name] = torch.cat(parts, dim=d).cpu()
+    return out
+
+
+def save_sharded(model: Transformer, directory: Path | str, *, rank: int) -> None:
+    """Each rank writes its own shard as ``consolidated.{rank}.pth``; rank 0 the params."""
+    directory = Path(directory)
+    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+    with atomic_path(MetaCheckpoint.file(directory, rank)) as tmp:
+        torch.save(state, tmp)
+    if rank == 0:
+        write_json(directory / "params.json", params_json(model.args))
+
+
+# --------------------------------------------------------------------------- HF
+
+_HF_LAYER = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def hf_name(meta_name: str) -> str:
+    """The HF (transformers LLaMA) name of a Meta parameter name."""
+    if meta_name == "tok_embeddings.weight":
+        return "model.embed_tokens.weight"
+    if meta_name == "norm.weight":
+        return "model.norm.weight"
+    if meta_name == "output.weight":
+        return "lm_head.weight"
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", meta_name)
+    if m is None or m.group(2) not in _HF_LAYER:
+        raise KeyError(meta_name)
+    return f"model.layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}.weight"
+
+
+def _rotary_heads(meta_name: str, args: ModelArgs) -> int | None:
+    if meta_name.endswith("attention.wq.weight"):
+        return args.n_heads
+    if meta_name.endswith("attention.wk.weight"):
+        return args.kv_heads
+    return None
+
+
+def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved rotary layout → HF's half-split layout (per head)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's half-split rotary layout → Meta's interleaved layout (per head)."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def args_from_hf_config(data: dict[str, Any], where: Path) -> ModelArgs:
+    n_heads = int(_need(data, "num_attention_heads", where))
+    kv = data.get("num_key_value_heads")
+    return ModelArgs(
+        dim=int(_need(data, "hidden_size", where)),
+        n_layers=int(_need(data, "num_hidden_layers", where)), n_heads=n_heads,
+        vocab_size=int(_need(data, "vocab_size", where)),
+        n_kv_heads=None if kv is None or int(kv) == n_heads else int(kv),
+        ffn_hidden_dim=int(_need(data, "intermediate_size", where)),
+        norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+        max_seq_len=int(data.get("max_position_embeddings", 2048)),
+        rope_theta=float(data.get("rope_theta", 10000.0)))
+
+
+@dataclasses.dataclass
+class HFCheckpoint:
+    path: Path
+    args: ModelArgs
+    mp: int = 1
+    format: str = "hf"
+    tied: bool = False
+
+    @classmethod
+    def open(cls, path: Path) -> HFCheckpoint:
+        cfg = _read_json(path / "config.json")
+        return cls(path=path, args=args_from_hf_config(cfg, path / "config.json"),
+                   tied=bool(cfg.get("tie_word_embeddings", False)))
+
+    def _index(self) -> dict[str, Path]:
+        from safetensors import safe_open
+
+        index: dict[str, Path] = {}
+        for file in sorted(self.path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():
+                    index[key] = file
+        return index
+
+    def load_into(self, model: Transformer, *, rank: int, shards: int) -> None:
+        from safetensors import safe_open
+
+        index = self._index()
+        full = full_shapes(self.args)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                key = hf_name(name)
+                if key == "lm_head.weight" and key not in index and self.tied:
+                    key = "model.embed_tokens.weight"
+                if key not in index:
+                    raise CheckpointError(f"{self.path}: missing tensor {key} (for {name})")
+                with safe_open(str(index[key]), framework="pt") as fh:
+                    sl = fh.get_slice(key)
+                    shape = tuple(sl.get_shape())
+                    if shape != full[name]:
+                        raise CheckpointError(f"{index[key]}: {key} has shape {shape}, "
+                                              f"expected {full[name]}")
+                    d = shard_dim(name)
+                    if d is None:
+                        tensor = sl[:]
+                    else:
+                        size = full[name][d] // shards
+                        lo, hi = rank * size, (rank + 1) * size
+                        tensor = sl[lo:hi] if d == 0 else sl[:, lo:hi]
+                heads = _rotary_heads(name, self.args)
+                if heads is not None:
+                    tensor = hf_unpermute(tensor, heads // shards)
+                param.copy_(tensor)
+
+
+def save_hf_checkpoint(model_state_full: dict[str, torch.Tensor], args: ModelArgs,
+                       directory: Path | str) -> None:
+    """Write a full Meta-named state dict as an HF LLaMA checkpoint (one safetensors file)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tensors = {}
+    for name, tensor in model_state_full.items():
+        heads = _rotary_heads(name, args)
+        t = tensor.detach().cpu()
+        tensors[hf_name(name)] = (t if heads is None else hf_permute(t, heads)).contiguous()
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_json(directory / "config.json", {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": args.dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads,
+        "intermediate_size": args.hidden_dim, "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps, "max_position_embeddings": args.max_seq_len,
+        "rope_theta": args.rope_theta, "tie_word_embeddings": False})

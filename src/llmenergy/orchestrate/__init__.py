@@ -1,0 +1,1 @@
+"""Runs cells: Snakemake glue, submitit submission, the cell launcher, provenance."""

@@ -1,0 +1,1 @@
+"""Config → cells: the matrix, feasibility, estimates and `llmenergy plan` (no torch)."""

@@ -1,0 +1,1 @@
+"""One node: power backends, the collector process, power caps and the node agent."""

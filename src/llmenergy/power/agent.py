@@ -1,0 +1,123 @@
+"""The per-node agent of a cell (``llmenergy node-agent SPEC``).
+
+One runs on every node of the cell, beside the ranks (``srun --overlap
+--ntasks-per-node=1`` inside Slurm, a child process locally). It starts the
+node's power collector and, for a capped cell, the power-cap guard; on
+SIGUSR1/SIGTERM/SIGINT it stops both (SIGUSR1, so they flush and restore),
+then runs ``powercap-guard --restore`` as a safety net, which changes nothing
+when the guard already restored.
+
+Under ``srun`` a signal forwarded to the step reaches every process of it, the
+agent's children included, so the agent first gives them
+:data:`SELF_STOP_GRACE_S` to stop on their own: a second SIGUSR1, arriving after
+a child has flushed and restored its default handlers, would kill it and mark
+the step FAILED in ``sacct``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmenergy import entrypoints
+
+log = logging.getLogger("llmenergy.power.agent")
+
+STOP_TIMEOUT_S = 30.0
+SELF_STOP_GRACE_S = 3.0
+
+
+def collector_args(spec: dict[str, Any], run_dir: Path, node: str) -> list[str]:
+    c = spec["collector"]
+    args = [sys.executable, "-m", entrypoints.COLLECTOR, "--backend", c["backend"],
+            "--interval-ms", str(c["interval_ms"]), "--power-interval-ms", str(c.get("power_interval_ms", 40)),
+            "--out", str(run_dir / "power"), "--node", node,
+            "--uuid-dir", str(run_dir / "uuids"), "--ready-dir", str(run_dir / "ready"),
+            "--expect-devices", str(spec["ranks_per_node"])]
+    if c.get("estimate_tdp_w"):
+        args += ["--option", f"tdp_w={c['estimate_tdp_w']}"]
+    if c.get("dcgm_host"):
+        args += ["--option", f"dcgm_host={c['dcgm_host']}"]
+    return args
+
+
+def guard_args(spec: dict[str, Any], cell_dir: Path, node: str) -> list[str]:
+    run_dir = cell_dir / ".run"
+    backend = "dcgm" if spec["collector"]["backend"] == "dcgm" else "nvml"
+    args = [sys.executable, "-m", entrypoints.POWERCAP_GUARD, "--cap-w", str(spec["power_cap_w"]),
+            "--uuid-dir", str(run_dir / "uuids"), "--ready-dir", str(run_dir / "capready"),
+            "--state-dir", str(cell_dir / "powercap"), "--node", node,
+            "--expect-devices", str(spec["ranks_per_node"]), "--backend", backend,
+            "--on-denied", spec["policies"].get("on_power_cap_denied", "fail")]
+    if spec["collector"].get("dcgm_host"):
+        args += ["--dcgm-host", spec["collector"]["dcgm_host"]]
+    return args
+
+
+def stop_flushing(proc: subprocess.Popen[bytes], name: str, grace_s: float = 0.0) -> int:
+    """Stop ``proc`` with SIGUSR1 (it flushes or restores first) after ``grace_s`` to end by itself;
+    kill it after :data:`STOP_TIMEOUT_S`. Returns its exit code."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        if grace_s > 0:
+            proc.wait(timeout=grace_s)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGUSR1)
+    try:
+        return proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not stop within %.0f s; killing it", name, STOP_TIMEOUT_S)
+        proc.kill()
+        return proc.wait()
+
+
+def run(spec_path: Path, node: str | None = None) -> int:
+    spec = json.loads(spec_path.read_text())
+    cell_dir = spec_path.parent
+    node = node or socket.gethostname()
+    logs = cell_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    stop = {"signum": 0}
+
+    def handle(signum: int, frame: Any) -> None:
+        stop["signum"] = signum
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    with open(logs / f"collector.{node}.log", "ab") as out:
+        children.append(("collector", subprocess.Popen(collector_args(spec, cell_dir / ".run", node),
+                                                       stdout=out, stderr=subprocess.STDOUT)))
+    if spec.get("power_cap_w") is not None:
+        with open(logs / f"powercap.{node}.log", "ab") as out:
+            children.append(("powercap-guard", subprocess.Popen(guard_args(spec, cell_dir, node),
+                                                                stdout=out, stderr=subprocess.STDOUT)))
+    log.info("node %s: started %s", node, ", ".join(n for n, _ in children))
+    while not stop["signum"]:  # children may end early (a denied cap); the agent waits for its stop
+        time.sleep(0.1)
+    grace_s = SELF_STOP_GRACE_S if os.environ.get("SLURM_STEP_ID") is not None else 0.0
+    deadline = time.monotonic() + grace_s
+    codes = {name: stop_flushing(p, name, max(0.0, deadline - time.monotonic())) for name, p in children}
+    if spec.get("power_cap_w") is not None:
+        subprocess.run([sys.executable, "-m", entrypoints.POWERCAP_GUARD, "--restore",
+                        "--state-dir", str(cell_dir / "powercap"), "--node", node], check=False)
+    log.info("node %s: stopped (%s)", node, codes)
+    return 0 if all(c == 0 for c in codes.values()) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(Path(args[0]), args[1] if len(args) > 1 else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Builders of synthetic cell directories with hand-computable energy.
+
+Timeline of one cell (seconds after T0): idle [0, 2] at ``idle_w`` per device,
+a ramp to ``power_w`` between 2.0 and 2.1 s, load [2.5, 3.0], warmup [3.0, 3.5],
+then for every repeat and batch a prefill of ``prefill_s`` followed by a decode
+of ``decode_s``. Power is sampled every 100 ms; the counter is the exact
+integral of the piecewise-linear sampled power (times ``counter_scale``), so
+an event inside a constant stretch has energy ``power_w × duration × devices``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+T0_NS = 1_700_000_000 * 10**9
+SAMPLE_NS = 100_000_000
+S = 10**9
+
+
+def event_rows(cell_id: str, repeats: int, n_batches: int, batch_size: int, max_gen_len: int,
+               prefill_s: float, decode_s: float, prompt_len: int = 8) -> pd.DataFrame:
+    rows: list[dict[str, Any]] = [
+        dict(repeat=-1, phase="idle", batch_index=-1, start_ns=T0_NS, end_ns=T0_NS + 2 * S),
+        dict(repeat=-1, phase="load", batch_index=-1, start_ns=T0_NS + int(2.5 * S),
+             end_ns=T0_NS + 3 * S),
+        dict(repeat=-1, phase="warmup", batch_index=-1, start_ns=T0_NS + 3 * S,
+             end_ns=T0_NS + int(3.5 * S)),
+    ]
+    t = T0_NS + int(3.5 * S)
+    for r in range(repeats):
+        for b in range(n_batches):
+            p_end = t + int(prefill_s * S)
+            d_end = p_end + int(decode_s * S)
+            rows.append(dict(repeat=r, phase="prefill", batch_index=b, start_ns=t, end_ns=p_end,
+                             n_seqs=batch_size, tokens_in=batch_size * prompt_len, tokens_out=0))
+            rows.append(dict(repeat=r, phase="decode", batch_index=b, start_ns=p_end, end_ns=d_end,
+                             n_seqs=batch_size, tokens_in=0, tokens_out=batch_size * max_gen_len))
+            t = d_end
+    df = pd.DataFrame(rows)
+    df["cell_id"] = cell_id
+    for col in ("n_seqs", "tokens_in", "tokens_out"):
+        df[col] = df[col].fillna(0).astype("int64") if col in df else 0
+    df["repeat"] = df["repeat"].astype("int32")
+    df["batch_index"] = df["batch_index"].astype("int32")
+    df["n_seqs"] = df["n_seqs"].astype("int32")
+    return df
+
+
+def power_rows(end_ns: int, *, power_w: float, idle_w: float, n_devices: int,
+               mode: str = "both", counter_scale: float = 1.0, source: str = "nvml",
+               domain: str = "gpu", start_ns: int = T0_NS - S) -> pd.DataFrame:
+    """Samples from ``start_ns`` to ``end_ns`` (+1 s margin); mode: both|counter|instant."""
+    t = np.arange(start_ns, end_ns + S + 1, SAMPLE_NS, dtype=np.int64)
+    rel = (t - T0_NS) / S
+    p = np.where(rel <= 2.0 + 1e-9, idle_w, power_w).astype(np.float64)
+    dt = np.diff(t) / S
+    counter_mj = np.concatenate([[0.0], np.cumsum(0.5 * (p[1:] + p[:-1]) * dt)]) * 1000.0
+    frames = []
+    for d in range(n_devices):
+        frames.append(pd.DataFrame({
+            "node": "node0", "device": f"GPU-{d:04d}", "device_index": np.int32(d),
+            "domain": domain, "timestamp_ns": t,
+            "energy_mj": counter_mj * counter_scale + 5e6 * (d + 1) if mode != "instant" else np.nan,
+            "power_w": p if mode != "counter" else np.nan,
+            "gpu_util_pct": np.where(rel <= 2.0, 0.0, 90.0), "mem_util_pct": 40.0,
+            "source": source,
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def make_cell(root: Path, cell_id: str, *, model: str = "tiny", dataset: str = "alpaca",
+              gpu: str = "H100", shards: int = 1, batch_size: int = 4, max_gen_len: int = 16,
+              power_cap_w: float | None = None, repeats: int = 2, n_batches: int = 2,
+              prefill_s: float = 0.5, decode_s: float = 3.0, power_w: float = 100.0,
+              idle_w: float = 50.0, power: str = "both", counter_scale: float = 1.0,
+              source: str = "nvml", status: str = "ok", reason: str | None = None,
+              words_per_response: int = 5, correct: bool | None = None,
+              write_events: bool = True, write_metrics: bool = True) -> Path:
+    """Write a synthetic cell dir; ``power``: both|counter|instant|none|estimate."""
+    from llmenergy.analysis.metrics import compute_cell_metrics
+    from llmenergy.atomic import write_json, write_parquet
+
+    cdir = root / "cells" / cell_id
+    (cdir / "logs").mkdir(parents=True, exist_ok=True)
+    ident = dict(cell_id=cell_id, model=model, dataset=dataset, gpu=gpu, shards=shards,
+                 nodes=1, batch_size=batch_size, max_gen_len=max_gen_len,
+                 power_cap_w=power_cap_w, engine="reference")
+    n_prompts = batch_size * n_batches
+    write_json(cdir / "spec.json", {"cell": ident, "repeats": repeats,
+                                     "model": {"name": model, "weights": "synthetic"},
+                                     "dataset": {"name": dataset, "n_prompts": n_prompts}})
+    if write_events:
+        ev = event_rows(cell_id, repeats, n_batches, batch_size, max_gen_len, prefill_s, decode_s)
+        write_parquet(cdir / "events.parquet", ev)
+        resp = []
+        for r in range(repeats):
+            for b in range(n_batches):
+                for k in range(batch_size):
+                    resp.append(dict(cell_id=cell_id, repeat=r, batch_index=b,
+                                     prompt_id=f"p{b}-{k}", tokens_in=8, tokens_out=max_gen_len,
+                                     words_out=words_per_response,
+                                     text=" ".join(["w"] * words_per_response),
+                                     reference=None, correct=correct))
+        write_parquet(cdir / "responses.parquet", pd.DataFrame(resp))
+        if power != "none":
+            mode = "instant" if power == "estimate" else power
+            src = "estimate" if power == "estimate" else source
+            dom = "estimate" if power == "estimate" else "gpu"
+            pw = power_rows(int(ev["end_ns"].max()), power_w=power_w, idle_w=idle_w,
+                            n_devices=shards, mode=mode, counter_scale=counter_scale,
+                            source=src, domain=dom)
+            write_parquet(cdir / "power.parquet", pw)
+    cell_json = {"schema_version": 1, "cell_id": cell_id, "cell": ident, "status": status,
+                 "reason": reason, "repeats": repeats,
+                 "power_source": "none" if power == "none" else ("estimate" if power == "estimate" else source),
+                 "provenance": {"llmenergy_version": "0.1.0", "torch_version": "2.13",
+                                "python": "3.11", "git_commit": "abc1234", "hosts": ["node0"],
+                                "gpus": [{"node": "node0", "uuid": "GPU-0000", "name": gpu,
+                                          "index": 0}],
+                                "driver": "999.1", "slurm_job_id": "42"}}
+    if write_metrics:
+        write_parquet(cdir / "metrics.parquet", compute_cell_metrics(cdir, status=status,
+                                                                     reason=reason))
+    (cdir / "cell.json").write_text(json.dumps(cell_json))
+    return cdir

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from report_helpers import make_cell
+
+from llmenergy.analysis.aggregate import _t975_table, aggregate, main, t_quantile_975
+from llmenergy.analysis.metrics import SCHEMA_VERSION_KEY, to_table
+from llmenergy.atomic import write_parquet
+from llmenergy.errors import UserError
+
+
+def _write_rows(root: Path, cell_id: str, values: list[float], **ident: object) -> Path:
+    cdir = root / "cells" / cell_id
+    rows = [dict(cell_id=cell_id, model="m", gpu="H100", shards=1, batch_size=8, repeat=i,
+                 status="ok", j_per_token=v, energy_j=v * 100, tokens_per_s=1000.0 / v,
+                 power_source="nvml", **ident) for i, v in enumerate(values)]
+    write_parquet(cdir / "metrics.parquet", to_table(rows))
+    return cdir
+
+
+def _t_quantile_by_integration(df: int, q: float = 0.975) -> float:
+    """Independent check: bisection on the numerically integrated Student t density."""
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+
+    def cdf(x: float) -> float:
+        xs = np.linspace(0.0, x, 20001)
+        pdf = c * (1 + xs * xs / df) ** (-(df + 1) / 2)
+        return 0.5 + float(np.sum((pdf[1:] + pdf[:-1]) * np.diff(xs)) / 2)
+
+    lo, hi = 0.0, 20.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+@pytest.mark.parametrize("df", [2, 3, 4, 9, 29])
+def test_t_table_matches_integrated_density(df: int) -> None:
+    assert _t975_table(np.array([df]))[0] == pytest.approx(_t_quantile_by_integration(df), abs=2e-4)
+    values, method = t_quantile_975(np.array([df, 0]))
+    assert method in ("scipy", "table")
+    assert values[0] == pytest.approx(_t_quantile_by_integration(df), abs=2e-4)
+    assert np.isnan(values[1])
+
+
+def test_stats_mean_std_ci_by_hand(tmp_path: Path) -> None:
+    _write_rows(tmp_path, "a", [10.0, 12.0, 14.0])
+    _write_rows(tmp_path, "b", [5.0])
+    res = aggregate(tmp_path)
+    stats = pq.read_table(res.stats_path).to_pandas().set_index("cell_id")
+    a = stats.loc["a"]
+    mean = (10 + 12 + 14) / 3
+    std = math.sqrt(((10 - mean) ** 2 + 0 + (14 - mean) ** 2) / 2)
+    assert a["j_per_token_mean"] == pytest.approx(mean)
+    assert a["j_per_token_std"] == pytest.approx(std)
+    assert a["j_per_token_n"] == 3
+    assert a["j_per_token_ci95"] == pytest.approx(_t_quantile_by_integration(2) * std / math.sqrt(3),
+                                                  rel=1e-4)
+    assert a["n_repeats"] == 3 and a["n_ok"] == 3 and a["status"] == "ok"
+    assert stats.loc["b", "j_per_token_n"] == 1
+    assert np.isnan(stats.loc["b", "j_per_token_ci95"])  # one repeat: no interval
+    meta = pq.read_schema(res.stats_path).metadata
+    assert meta[b"llmenergy.t_method"].decode() == res.t_method
+
+
+def test_corrupt_files_named_and_skipped_statuses_kept(tmp_path: Path) -> None:
+    make_cell(tmp_path, "good", repeats=2)
+    make_cell(tmp_path, "oom-cell", status="oom", reason="CUDA out of memory", write_events=False)
+    bad = make_cell(tmp_path, "truncated", repeats=1) / "metrics.parquet"
+    bad.write_bytes(bad.read_bytes()[:200])
+    garbage = make_cell(tmp_path, "garbage", repeats=1) / "metrics.parquet"
+    garbage.write_bytes(b"not a parquet file at all")
+    make_cell(tmp_path, "nometrics", repeats=1, write_metrics=False)
+    wrong = tmp_path / "cells" / "wrongtype" / "metrics.parquet"
+    write_parquet(wrong, pa.table({"cell_id": ["wrongtype"], "status": [3]}))
+
+    expected = [{"cell_id": "good"}, {"cell_id": "planned-only", "model": "tiny", "batch_size": 2}]
+    res = aggregate(tmp_path, expected_cells=expected, grid_gco2_per_kwh=100.0)
+
+    named = {p["cell_id"]: p for p in res.problems}
+    assert set(named) == {"truncated", "garbage", "wrongtype"}
+    assert named["truncated"]["path"].endswith("truncated/metrics.parquet")
+    assert "type" in named["wrongtype"]["error"]
+    on_disk = json.loads(res.problems_path.read_text())
+    assert {p["cell_id"] for p in on_disk["problems"]} == set(named)
+
+    summary = pq.read_table(res.summary_path)
+    assert summary.schema.metadata[SCHEMA_VERSION_KEY] == b"1"
+    df = summary.to_pandas()
+    status = df.groupby("cell_id")["status"].agg(lambda s: sorted(set(s))).to_dict()
+    assert status == {"good": ["ok"], "oom-cell": ["oom"], "truncated": ["missing"],
+                      "garbage": ["missing"], "nometrics": ["missing"], "wrongtype": ["missing"],
+                      "planned-only": ["missing"]}
+    assert (df["cell_id"] == "good").sum() == 2 and (df["cell_id"] == "oom-cell").sum() == 2
+    planned = df[df["cell_id"] == "planned-only"].iloc[0]
+    assert planned["model"] == "tiny" and planned["batch_size"] == 2
+    trunc = df[df["cell_id"] == "truncated"].iloc[0]
+    assert trunc["model"] == "tiny" and "metrics.parquet" in trunc["reason"]
+    good = df[df["cell_id"] == "good"].iloc[0]
+    assert good["gco2e"] == pytest.approx(good["energy_j"] / 3.6e6 * 100.0)
+    assert res.status_counts == {"ok": 2, "oom": 2, "missing": 5}
+    assert res.n_cells == 7
+
+
+def test_corrupt_page_with_valid_footer_found_by_fallback(tmp_path: Path) -> None:
+    _write_rows(tmp_path, "fine", [1.0, 2.0])
+    broken = _write_rows(tmp_path, "badpage", [3.0]) / "metrics.parquet"
+    data = bytearray(broken.read_bytes())
+    data[4:64] = b"\xff" * 60  # damage the first page header, footer intact
+    broken.write_bytes(bytes(data))
+    res = aggregate(tmp_path)
+    assert [p["cell_id"] for p in res.problems] == ["badpage"]
+    df = pq.read_table(res.summary_path).to_pandas()
+    assert df.loc[df["cell_id"] == "fine", "j_per_token"].tolist() == [1.0, 2.0]
+    assert df.loc[df["cell_id"] == "badpage", "status"].tolist() == ["missing"]
+
+
+def test_main_and_missing_dir(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="cells"):
+        aggregate(tmp_path / "empty")
+    _write_rows(tmp_path, "x", [2.0, 4.0])
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps([{"cell_id": "y"}]))
+    assert main(["--results", str(tmp_path), "--expected-cells", str(plan)]) == 0
+    df = pq.read_table(tmp_path / "summary.parquet").to_pandas()
+    assert sorted(df["cell_id"].unique()) == ["x", "y"]

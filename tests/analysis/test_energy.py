@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmenergy.analysis.energy import attribute_events, power_source_of
+
+S = 10**9
+
+
+def _events(windows: list[tuple[float, float]]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "cell_id": "c", "repeat": np.int32(0), "phase": "decode",
+        "batch_index": np.arange(len(windows), dtype=np.int32),
+        "start_ns": [int(a * S) for a, _ in windows], "end_ns": [int(b * S) for _, b in windows],
+        "n_seqs": np.int32(1), "tokens_in": 0, "tokens_out": 10,
+    })
+
+
+def _device(name: str, t_s: np.ndarray, energy_mj: np.ndarray | None, power_w: np.ndarray | None,
+            domain: str = "gpu", source: str = "nvml") -> pd.DataFrame:
+    n = len(t_s)
+    return pd.DataFrame({
+        "node": "n0", "device": name, "device_index": np.int32(0), "domain": domain,
+        "timestamp_ns": (t_s * S).astype(np.int64),
+        "energy_mj": energy_mj if energy_mj is not None else np.full(n, np.nan),
+        "power_w": power_w if power_w is not None else np.full(n, np.nan),
+        "gpu_util_pct": np.full(n, 80.0), "mem_util_pct": np.full(n, 30.0), "source": source,
+    })
+
+
+def test_counter_interpolated_between_samples() -> None:
+    # counter sampled each 1 s, 250 W constant: E(t) = 250 000 mJ * t (+ offset)
+    t = np.arange(0, 11, 1.0)
+    dev = _device("GPU-a", t, 1e6 + 250_000.0 * t, None)
+    att = attribute_events(_events([(1.25, 3.75)]), dev)
+    # window of 2.5 s inside samples: 250 W * 2.5 s = 625 J, boundaries between samples
+    assert att.loc[0, "energy_j"] == pytest.approx(625.0)
+    assert att.loc[0, "duration_s"] == pytest.approx(2.5)
+    assert att.loc[0, "avg_power_w"] == pytest.approx(250.0)
+    assert bool(att.loc[0, "short_window"]) is True
+    assert np.isnan(att.loc[0, "energy_instant_j"])
+    assert att.loc[0, "n_devices"] == 1
+    assert att.loc[0, "power_source"] == "nvml"
+
+
+def test_instant_trapezoid_on_linear_ramp_and_two_devices_sum() -> None:
+    t = np.arange(0, 21, 0.5)
+    ramp = 100.0 + 10.0 * t  # W, linear: trapezoid is exact
+    const = np.full(len(t), 200.0)
+    power = pd.concat([_device("GPU-a", t, None, ramp), _device("GPU-b", t, None, const)])
+    att = attribute_events(_events([(2.2, 12.2)]), power)
+    # ∫ 100+10t dt from 2.2 to 12.2 = 100*10 + 5*(12.2² - 2.2²) = 1000 + 720 = 1720; plus 200*10
+    assert att.loc[0, "energy_instant_j"] == pytest.approx(1720.0 + 2000.0)
+    assert att.loc[0, "n_devices"] == 2
+    assert bool(att.loc[0, "short_window"]) is False
+    assert np.isnan(att.loc[0, "energy_j"])  # no counter on either device
+    assert att.loc[0, "avg_power_w"] == pytest.approx(372.0)  # falls back to the integral
+    assert att.loc[0, "max_sample_gap_s"] == pytest.approx(0.5)
+    assert att.loc[0, "gpu_util_pct"] == pytest.approx(80.0)
+
+
+def test_discrepancy_between_counter_and_instant() -> None:
+    t = np.arange(0, 11, 0.1)
+    p = np.full(len(t), 300.0)
+    counter = 300_000.0 * t * 1.02  # counter reads 2 % high
+    att = attribute_events(_events([(1.0, 9.0)]), _device("GPU-a", t, counter, p))
+    assert att.loc[0, "energy_j"] == pytest.approx(300 * 8 * 1.02)
+    assert att.loc[0, "energy_instant_j"] == pytest.approx(2400.0)
+    assert att.loc[0, "energy_discrepancy_pct"] == pytest.approx(100 * (1 / 1.02 - 1))
+
+
+def test_event_outside_sampled_range_is_null_and_flagged() -> None:
+    t = np.arange(0, 11, 1.0)
+    dev = _device("GPU-a", t, 250_000.0 * t, np.full(len(t), 250.0))
+    att = attribute_events(_events([(-1.0, 2.0), (9.0, 12.0), (2.0, 8.0)]), dev)
+    assert att["energy_j"].isna().tolist() == [True, True, False]
+    assert att["energy_instant_j"].isna().tolist() == [True, True, False]
+    assert att["power_out_of_range"].tolist() == [True, True, False]
+    assert att.loc[2, "energy_j"] == pytest.approx(1500.0)
+
+
+def test_one_device_not_covering_makes_sum_null() -> None:
+    t = np.arange(0, 11, 1.0)
+    late = np.arange(5, 11, 1.0)
+    power = pd.concat([_device("GPU-a", t, 100_000.0 * t, None),
+                       _device("GPU-b", late, 100_000.0 * late, None)])
+    att = attribute_events(_events([(1.0, 4.0), (6.0, 9.0)]), power)
+    assert np.isnan(att.loc[0, "energy_j"])  # no partial sum over only GPU-a
+    assert att.loc[1, "energy_j"] == pytest.approx(600.0)
+    assert att["n_devices"].tolist() == [1, 2]
+
+
+def test_cpu_domains_kept_apart_from_gpu_energy() -> None:
+    t = np.arange(0, 11, 1.0)
+    power = pd.concat([
+        _device("GPU-a", t, 200_000.0 * t, None),
+        _device("cpu-package-0", t, 50_000.0 * t, None, domain="cpu_package", source="rapl"),
+        _device("dram-0", t, 10_000.0 * t, None, domain="dram", source="rapl"),
+    ])
+    att = attribute_events(_events([(2.0, 6.0)]), power)
+    assert att.loc[0, "energy_j"] == pytest.approx(800.0)
+    assert att.loc[0, "cpu_energy_j"] == pytest.approx(240.0)
+    assert att.loc[0, "n_devices"] == 1
+    assert att.loc[0, "power_source"] == "nvml"
+
+
+def test_no_power_gives_null_energy_and_source_none() -> None:
+    att = attribute_events(_events([(0.0, 10.0)]), None)
+    assert np.isnan(att.loc[0, "energy_j"]) and np.isnan(att.loc[0, "energy_instant_j"])
+    assert att.loc[0, "power_source"] == "none"
+    assert att.loc[0, "n_devices"] == 0
+    assert power_source_of(pd.DataFrame()) == "none"
+
+
+def test_counter_reset_inside_window_is_null() -> None:
+    t = np.arange(0, 11, 1.0)
+    counter = np.where(t < 5, 1e9 + 100_000.0 * t, 100_000.0 * t)
+    att = attribute_events(_events([(3.0, 7.0), (6.0, 9.0)]), _device("GPU-a", t, counter, None))
+    assert np.isnan(att.loc[0, "energy_j"])
+    assert att.loc[1, "energy_j"] == pytest.approx(300.0)
+
+
+def test_staircase_counter_is_interpolated_between_its_updates() -> None:
+    """A counter updated every 100 ms, polled at 50 Hz, under a constant 300 W.
+
+    Interpolating the raw staircase would put up to one 30 J step on the wrong
+    side of an edge; interpolating between update instants recovers the energy.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from llmenergy.analysis.energy import attribute_events
+
+    t0 = 1_000_000_000_000
+    poll_ns = np.arange(0, 10_000_000_000, 20_000_000)  # 50 Hz for 10 s
+    update_ns = (poll_ns // 100_000_000) * 100_000_000  # last 100 ms update before each poll
+    power = pd.DataFrame({
+        "node": "n", "device": "GPU-x", "device_index": 0, "domain": "gpu",
+        "timestamp_ns": t0 + poll_ns, "energy_mj": update_ns / 1e9 * 300.0 * 1000.0,
+        "power_w": 300.0, "source": "nvml",
+    })
+    events = pd.DataFrame({"cell_id": "c", "repeat": 0, "phase": "decode", "batch_index": 0,
+                           "start_ns": [t0 + 1_234_000_000], "end_ns": [t0 + 2_491_000_000],
+                           "n_seqs": 1, "tokens_in": 0, "tokens_out": 10})
+    out = attribute_events(events, power)
+    expected_j = 300.0 * 1.257
+    assert abs(out.energy_j.iloc[0] - expected_j) / expected_j < 0.01
+    assert abs(out.energy_discrepancy_pct.iloc[0]) < 1.0

@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from report_helpers import make_cell
+
+from llmenergy.analysis.metrics import (
+    METRICS_SCHEMA,
+    SCHEMA_VERSION_KEY,
+    compute_cell_metrics,
+)
+from llmenergy.errors import UserError
+
+SUMMARY_COLUMNS = (
+    "cell_id model dataset gpu shards nodes batch_size max_gen_len power_cap_w engine repeat "
+    "status n_prompts responses tokens_in tokens_out words_out duration_s tokens_per_s "
+    "words_per_s responses_per_s energy_j avg_power_w j_per_token j_per_word j_per_response "
+    "power_source avg_power_per_gpu_w active_energy_j idle_power_w prefill_energy_j "
+    "decode_energy_j prefill_duration_s decode_duration_s latency_p50_s latency_p95_s "
+    "gpu_util_pct mem_util_pct energy_instant_j energy_discrepancy_pct short_window accuracy "
+    "j_per_correct gco2e reason schema_version"
+).split()
+
+
+def _rows(cdir: Path, **kw: object) -> list[dict]:
+    return compute_cell_metrics(cdir, **kw).to_pylist()  # type: ignore[arg-type]
+
+
+def test_all_summary_columns_present_with_version(tmp_path: Path) -> None:
+    table = compute_cell_metrics(make_cell(tmp_path, "c1", write_metrics=False))
+    missing = [c for c in SUMMARY_COLUMNS if c not in table.column_names]
+    assert missing == []
+    assert table.schema.equals(METRICS_SCHEMA)
+    assert table.schema.metadata[SCHEMA_VERSION_KEY] == b"1"
+
+
+def test_hand_computed_energy_and_rates(tmp_path: Path) -> None:
+    # 2 batches x (0.5 s prefill + 3 s decode) at 100 W on 1 GPU, 4 seqs x 16 tokens, 5 words
+    cdir = make_cell(tmp_path, "c1", write_metrics=False)
+    rows = _rows(cdir, grid_gco2_per_kwh=400.0)
+    assert [r["repeat"] for r in rows] == [0, 1]
+    r = rows[0]
+    duration = 2 * 3.5
+    energy = 100.0 * duration
+    tokens_out = 4 * 2 * 16
+    assert r["status"] == "ok" and r["reason"] is None
+    assert r["duration_s"] == pytest.approx(duration)
+    assert (r["responses"], r["n_prompts"], r["tokens_out"], r["words_out"]) == (8, 8, tokens_out, 40)
+    assert r["tokens_in"] == 8 * 8
+    assert r["tokens_per_s"] == pytest.approx(tokens_out / duration)
+    assert r["words_per_s"] == pytest.approx(40 / duration)
+    assert r["responses_per_s"] == pytest.approx(8 / duration)
+    assert r["energy_j"] == pytest.approx(energy)
+    assert r["energy_instant_j"] == pytest.approx(energy)
+    assert abs(r["energy_discrepancy_pct"]) < 1e-6
+    assert r["energy_method"] == "counter"
+    assert r["avg_power_w"] == pytest.approx(100.0)
+    assert r["j_per_token"] == pytest.approx(energy / tokens_out)
+    assert r["j_per_word"] == pytest.approx(energy / 40)
+    assert r["j_per_response"] == pytest.approx(energy / 8)
+    assert r["idle_power_w"] == pytest.approx(50.0)
+    assert r["active_energy_j"] == pytest.approx(energy - 50.0 * duration)
+    assert r["prefill_energy_j"] == pytest.approx(100.0 * 2 * 0.5)
+    assert r["decode_energy_j"] == pytest.approx(100.0 * 2 * 3.0)
+    assert (r["prefill_duration_s"], r["decode_duration_s"]) == pytest.approx((1.0, 6.0))
+    assert r["latency_p50_s"] == pytest.approx(3.5)
+    assert r["latency_p95_s"] == pytest.approx(3.5)
+    assert r["gpu_util_pct"] == pytest.approx(90.0)
+    assert r["short_window"] is False
+    assert r["gco2e"] == pytest.approx(energy / 3.6e6 * 400.0)
+    assert r["power_source"] == "nvml"
+    assert r["weights_synthetic"] is True
+    assert r["accuracy"] is None and r["j_per_correct"] is None
+
+
+def test_multi_gpu_sum_per_gpu_average_and_short_window(tmp_path: Path) -> None:
+    cdir = make_cell(tmp_path, "c2", shards=2, n_batches=1, decode_s=2.0, power_w=150.0,
+                     repeats=1, write_metrics=False)
+    (r,) = _rows(cdir)
+    assert r["n_devices"] == 2
+    assert r["energy_j"] == pytest.approx(2 * 150.0 * 2.5)
+    assert r["avg_power_w"] == pytest.approx(300.0)
+    assert r["avg_power_per_gpu_w"] == pytest.approx(150.0)
+    assert r["short_window"] is True  # 2.5 s < 5 s
+
+
+def test_latency_percentiles_over_batches(tmp_path: Path) -> None:
+    cdir = make_cell(tmp_path, "c3", n_batches=4, repeats=1, write_metrics=False)
+    (r,) = _rows(cdir)
+    assert r["latency_p50_s"] == pytest.approx(3.5)
+    assert r["duration_s"] == pytest.approx(14.0)
+
+
+def test_accuracy_and_j_per_correct(tmp_path: Path) -> None:
+    cdir = make_cell(tmp_path, "c4", dataset="gsm8k", correct=True, repeats=1, write_metrics=False)
+    (r,) = _rows(cdir)
+    assert r["accuracy"] == pytest.approx(1.0)
+    assert r["j_per_correct"] == pytest.approx(700.0 / 8)
+
+
+def test_no_power_data_gives_null_energy_and_source_none(tmp_path: Path) -> None:
+    cdir = make_cell(tmp_path, "c5", power="none", write_metrics=False)
+    rows = _rows(cdir)
+    assert all(r["power_source"] == "none" for r in rows)
+    assert all(r["energy_j"] is None and r["j_per_token"] is None for r in rows)
+    assert rows[0]["tokens_per_s"] == pytest.approx(128 / 7)
+
+
+def test_estimate_uses_instant_integral(tmp_path: Path) -> None:
+    cdir = make_cell(tmp_path, "c6", power="estimate", repeats=1, write_metrics=False)
+    (r,) = _rows(cdir)
+    assert r["power_source"] == "estimate"
+    assert r["energy_method"] == "instant_integral"
+    assert r["energy_j"] == pytest.approx(700.0)
+    assert r["energy_discrepancy_pct"] is None
+
+
+def test_failed_cell_without_files_gives_status_rows(tmp_path: Path) -> None:
+    cdir = make_cell(tmp_path, "c7", status="oom", reason="CUDA out of memory",
+                     write_events=False, write_metrics=False)
+    rows = _rows(cdir)
+    assert [r["repeat"] for r in rows] == [0, 1]
+    assert {r["status"] for r in rows} == {"oom"}
+    assert rows[0]["reason"] == "CUDA out of memory"
+    assert rows[0]["energy_j"] is None and rows[0]["duration_s"] is None
+    assert rows[0]["model"] == "tiny" and rows[0]["batch_size"] == 4
+
+
+def test_status_derived_when_no_cell_json(tmp_path: Path) -> None:
+    cdir = tmp_path / "cells" / "bare"
+    cdir.mkdir(parents=True)
+    (r,) = _rows(cdir)
+    assert r["status"] == "incomplete" and r["cell_id"] == "bare"
+    assert "no events" in r["reason"]
+    with pytest.raises(UserError, match="does not exist"):
+        compute_cell_metrics(tmp_path / "nope")
+
+
+def test_missing_repeat_becomes_incomplete(tmp_path: Path) -> None:
+    cdir = make_cell(tmp_path, "c8", repeats=1, write_metrics=False)
+    spec = (cdir / "spec.json").read_text().replace('"repeats": 1', '"repeats": 3')
+    (cdir / "spec.json").write_text(spec)
+    (cdir / "cell.json").unlink()
+    rows = _rows(cdir)
+    assert [r["status"] for r in rows] == ["ok", "incomplete", "incomplete"]
+    assert "repeat 1" in rows[1]["reason"]
+
+
+def test_status_document_and_grid_from_spec(tmp_path: Path) -> None:
+    # launch passes the cell.json document it is about to write, before writing it
+    cdir = make_cell(tmp_path, "c9", repeats=1, write_metrics=False)
+    (cdir / "cell.json").unlink()
+    spec = (cdir / "spec.json").read_text().replace('"repeats": 1', '"repeats": 1, "grid_gco2_per_kwh": 200')
+    (cdir / "spec.json").write_text(spec)
+    doc = {"status": "oom", "reason": "CUDA OOM", "cell": {"model": "other"}, "repeats": 1}
+    (r,) = _rows(cdir, status=doc)
+    assert (r["status"], r["reason"], r["model"]) == ("oom", "CUDA OOM", "other")
+    assert r["gco2e"] == pytest.approx(700.0 / 3.6e6 * 200)
+
+
+def test_words_out_from_text_when_column_absent(tmp_path: Path) -> None:
+    import pandas as pd
+
+    cdir = make_cell(tmp_path, "c10", repeats=1, write_metrics=False)
+    resp = pd.read_parquet(cdir / "responses.parquet").drop(columns=["words_out"])
+    resp["text"] = [" two  words\n"] * (len(resp) - 1) + ["three words here"]
+    resp.to_parquet(cdir / "responses.parquet")
+    (r,) = _rows(cdir)
+    assert r["words_out"] == 2 * (len(resp) - 1) + 3
+

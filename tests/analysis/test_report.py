@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from report_helpers import make_cell
+
+from llmenergy.analysis.aggregate import aggregate
+from llmenergy.analysis.report import main, render_report
+from llmenergy.errors import UserError
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("results")
+    for bs in (1, 4):
+        for shards in (1, 2):
+            make_cell(root, f"tiny-h100-s{shards}-bs{bs}", batch_size=bs, shards=shards,
+                      power_w=100.0 + 20 * shards, decode_s=1.0 + bs)
+    make_cell(root, "tiny-v100-s1-bs4", gpu="V100", batch_size=4, power_w=80.0, decode_s=8.0)
+    make_cell(root, "tiny-h100-cap", batch_size=4, power_cap_w=200.0, power_w=90.0, decode_s=5.5)
+    make_cell(root, "big-oom", model="big", batch_size=64, status="oom",
+              reason="CUDA out of memory", write_events=False)
+    make_cell(root, "tiny-est", batch_size=2, power="estimate")
+    make_cell(root, "tiny-short", batch_size=3, n_batches=1, decode_s=1.0)  # 1.5 s < 5 s
+    make_cell(root, "tiny-gsm8k", dataset="gsm8k", correct=True, counter_scale=1.03)
+    bad = make_cell(root, "corrupt-cell", repeats=1) / "metrics.parquet"
+    bad.write_bytes(bad.read_bytes()[:100])
+    aggregate(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def html(results: Path) -> str:
+    path = render_report(results, extra={"note": "<script>alert('x')</script>"})
+    return path.read_text()
+
+
+def test_sections_and_flags_present(html: str) -> None:
+    for text in ("Matrix and status", "Key findings", "All cells", "Failed and flagged cells",
+                 "Aggregation problems", "Provenance", "How to rerun",
+                 "snakemake --profile profiles/slurm"):
+        assert text in html, text
+    assert "Energy is an ESTIMATE for 1 cell(s)" in html
+    assert "CUDA out of memory" in html and "big-oom" in html
+    assert "corrupt-cell/metrics.parquet" in html  # named problem file
+    short = html.split("Short measurement windows")[1].split("</table>")[0]
+    assert "tiny-short" in short and "tiny-h100-s1-bs1" not in short  # 1.5 s vs exactly 5 s
+    assert "discrepancy above 1.0%" in html and "tiny-gsm8k" in html
+    assert "not meaningful" in html  # GSM8K accuracy with synthetic weights
+    assert "abc1234" in html  # provenance git commit
+
+
+def test_key_findings_best_j_per_token_per_model(html: str, results: Path) -> None:
+    import pandas as pd
+
+    stats = pd.read_parquet(results / "summary_stats.parquet")
+    tiny = stats[(stats["model"] == "tiny") & (stats["status"] == "ok")]
+    best = tiny.loc[tiny["j_per_token_mean"].idxmin()]
+    section = html.split('id="findings"')[1].split('id="figures"')[0]
+    assert f"{best['j_per_token_mean']:.3g}" in section
+    assert f"batch_size={int(best['batch_size'])}" in section
+
+
+def test_self_contained_and_escaped(html: str) -> None:
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html)
+    assert "url(" not in html and "@import" not in html
+    srcs = re.findall(r'<img[^>]*src="([^"]*)"', html)
+    assert len(srcs) >= 4
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "<script>alert" not in html and "&lt;script&gt;alert" in html
+
+
+def test_no_power_banner_and_skipped_figures(tmp_path: Path) -> None:
+    make_cell(tmp_path, "a", power="none")
+    make_cell(tmp_path, "b", power="none", batch_size=8)
+    aggregate(tmp_path)
+    assert main(["--results", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 0
+    text = (tmp_path / "r.html").read_text()
+    assert "No power sensor: energy columns are empty" in text
+    assert "Figures not drawn" in text and "energy columns are empty" in text.split("Figures not drawn")[1]
+    assert "throughput_vs_batch" in text
+    with pytest.raises(UserError, match="summary"):
+        render_report(tmp_path / "nothing")
+
+
+_CHECK_JS = """<script>
+var violations = [];
+document.addEventListener('securitypolicyviolation', function (e) { violations.push(e.blockedURI); });
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var res = performance.getEntriesByType('resource').map(function (r) { return r.name; })
+      .filter(function (n) { return n.indexOf('data:') !== 0; });
+  var out = {n: imgs.length, decoded: imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length,
+             widths: imgs.map(function (i) { return i.naturalWidth; }), violations: violations, resources: res};
+  var pre = document.createElement('pre'); pre.id = 'llmenergy-check';
+  pre.textContent = 'CHECK' + JSON.stringify(out) + 'END'; document.body.appendChild(pre);
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian package `chromium`)")
+def test_renders_in_headless_chromium(html: str, tmp_path: Path) -> None:
+    # the report's CSP forbids scripts; the test copy allows only this inline check script
+    probe = html.replace("style-src 'unsafe-inline'", "style-src 'unsafe-inline'; script-src 'unsafe-inline'")
+    probe = probe.replace("</body>", _CHECK_JS + "</body>")
+    page = tmp_path / "probe.html"
+    page.write_text(probe)
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
+           "--virtual-time-budget=10000", "--dump-dom", page.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    match = re.search(r'<pre id="llmenergy-check">CHECK(.*?)END</pre>', proc.stdout)
+    assert match, f"no check output; rc={proc.returncode} stderr={proc.stderr[-2000:]}"
+    out = json.loads(match.group(1).replace("&quot;", '"'))
+    assert out["n"] >= 4
+    assert out["decoded"] == out["n"], out["widths"]
+    assert min(out["widths"]) > 100
+    assert out["violations"] == [] and out["resources"] == []

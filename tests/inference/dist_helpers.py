@@ -1,0 +1,123 @@
+"""Run a function in N real processes joined by torch.distributed (gloo, CPU).
+
+Each process initialises the default group through a file store, then fairscale
+model parallel of size N, calls ``fn(rank, *args)``, and sends back its return
+value.  Workers used by several test files live here too (module-level so that
+spawned processes can import them).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+# One thread per rank: ranks share the test machine's few cores.
+_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _entry(rank: int, world_size: int, workdir: str, fn: Callable[..., Any],
+           args: tuple[Any, ...]) -> None:
+    import torch.distributed as dist
+
+    from llmenergy.inference import tp
+
+    torch.set_num_threads(1)
+    out = Path(workdir)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank,
+                                world_size=world_size)
+        tp.init_model_parallel(world_size)
+        result = fn(rank, *args)
+        torch.save(result, out / f"result.{rank}.pt")
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        (out / f"error.{rank}.txt").write_text(traceback.format_exc())
+        raise SystemExit(1) from None
+    finally:
+        tp.shutdown()
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any,
+              timeout_s: float = 120.0) -> list[Any]:
+    """``[fn(0, *args), ..., fn(N-1, *args)]``, each computed in its own process."""
+    ctx = mp.get_context("spawn")
+    saved = {k: os.environ.get(k) for k in _ENV}
+    os.environ.update(_ENV)
+    with tempfile.TemporaryDirectory(prefix="llmenergy-dist-") as workdir:
+        try:
+            procs = [ctx.Process(target=_entry, args=(r, world_size, workdir, fn, args))
+                     for r in range(world_size)]
+            for p in procs:
+                p.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        for p in procs:
+            p.join(timeout_s)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        errors = sorted(Path(workdir).glob("error.*.txt"))
+        if errors:
+            raise AssertionError("rank failed:\n" + errors[0].read_text())
+        if any(p.exitcode != 0 for p in procs):
+            raise AssertionError(f"ranks exited with {[p.exitcode for p in procs]}")
+        return [torch.load(Path(workdir) / f"result.{r}.pt", weights_only=False)
+                for r in range(world_size)]
+
+
+# ------------------------------------------------------------------ workers
+
+def logits_worker(rank: int, arch: Any, weights: str, tokens: torch.Tensor,
+                  seed: int = 0) -> torch.Tensor:
+    """Build ``arch`` with ``weights`` on CPU fp32 and return logits for ``tokens``."""
+    from llmenergy.inference import weights as W
+
+    model, _ = W.build(arch, weights, device="cpu", dtype=torch.float32, seed=seed,
+                       max_batch_size=tokens.shape[0], max_seq_len=tokens.shape[1])
+    with torch.inference_mode():
+        return model(tokens, 0)
+
+
+def probe_worker(rank: int, arch: Any, weights: str, tokens: torch.Tensor) -> dict[str, Any]:
+    """Logits for ``tokens``, the gathered full state dict and the LoadInfo of a model
+    built with ``weights`` on N ranks."""
+    from llmenergy.inference import checkpoint
+    from llmenergy.inference import weights as W
+
+    model, info = W.build(arch, weights, device="cpu", dtype=torch.float32,
+                          max_batch_size=tokens.shape[0], max_seq_len=tokens.shape[1])
+    with torch.inference_mode():
+        logits = model(tokens, 0)
+    return {"logits": logits, "state": checkpoint.full_state_dict(model),
+            "info": info.to_dict()}
+
+
+def reshard_worker(rank: int, arch: Any, src: str, dst: str) -> None:
+    """Load checkpoint ``src`` on N ranks and write it back as an MP-N checkpoint ``dst``."""
+    from llmenergy.inference import checkpoint
+    from llmenergy.inference import weights as W
+
+    model, _ = W.build(arch, src, device="cpu", dtype=torch.float32, max_batch_size=1,
+                       max_seq_len=8)
+    checkpoint.save_sharded(model, dst, rank=rank)
+
+
+def generate_worker(rank: int, arch: Any, prompts: list[list[int]],
+                    max_gen_len: int) -> list[list[int]]:
+    """Greedy generation on N ranks with synthetic weights."""
+    from llmenergy.inference import generate as G
+    from llmenergy.inference import weights as W
+
+    longest = max(len(p) for p in prompts)
+    model, _ = W.build(arch, "synthetic", device="cpu", dtype=torch.float32,
+                       max_batch_size=len(prompts), max_seq_len=longest + max_gen_len)
+    return G.generate(model, prompts, max_gen_len, eos_id=None, stop_at_eos=False).tokens

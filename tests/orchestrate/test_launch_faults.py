@@ -1,0 +1,115 @@
+"""Faults of a local ``llmenergy run-cell``, end to end with real processes.
+
+CUDA out-of-memory is faked in the rank (``tests/fakes/rank/fake_oom.py``, armed
+by ``FAKE_OOM_AT_BATCH``), since the test machines have no GPU memory to
+exhaust. The collector is killed with a real SIGKILL.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from launch_helpers import (
+    CellRun,
+    cell_id_of,
+    make_env,
+    start_run_cell,
+    wait_for,
+    write_config,
+)
+
+from llmenergy import entrypoints
+
+
+def _run(root: Path, runs: list[CellRun], cell_id: str, *extra: str, timeout_s: float = 90.0,
+         **env_kw: object) -> tuple[CellRun, int]:
+    env = make_env(None, **env_kw)
+    env["FAKE_OOM_LOG"] = str(root / "fake_oom.jsonl")
+    run = start_run_cell(root, cell_id, env, *extra)
+    runs.append(run)
+    return run, run.wait(timeout_s)
+
+
+def _oom_injections(root: Path) -> list[dict[str, int]]:
+    path = root / "fake_oom.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize(("policy", "expected_code"), [("record", 0), ("fail", 1)])
+def test_oom_is_recorded_not_rerun(tmp_path: Path, runs: list[CellRun], policy: str, expected_code: int) -> None:
+    cell_id = cell_id_of(write_config(tmp_path, on_oom=policy, n_prompts=6, batch_size=2))
+    run, code = _run(tmp_path, runs, cell_id, oom_at_batch=1)
+    doc = run.cell_json()
+    assert code == expected_code, run.logs()
+    assert doc["status"] == "oom", run.logs()
+    assert "out of memory" in doc["reason"].lower()
+    assert doc["rank_exit_codes"] == [75]
+    assert [i["batch"] for i in _oom_injections(tmp_path)] == [1]  # one attempt, no retry inside the cell
+    events = pd.read_parquet(run.cell_dir / "events.parquet")
+    measured = events[events["repeat"] >= 0]
+    assert set(measured["batch_index"]) == {0}  # batch 0 done; batch 1 ran out of memory; batch 2 never ran
+    metrics = pd.read_parquet(run.cell_dir / "metrics.parquet")
+    assert len(metrics) >= 1 and set(metrics["status"]) == {"oom"}
+    assert (tmp_path / "results" / "failed" / f"{cell_id}.json").exists() == (policy == "fail")
+    assert run.session_processes() == []
+    if policy == "record":  # a recorded oom is a finished cell: running it again changes nothing
+        before = (run.cell_dir / "cell.json").stat().st_mtime_ns
+        again, code = _run(tmp_path, runs, cell_id, oom_at_batch=1)
+        assert code == 0, again.logs()
+        assert (run.cell_dir / "cell.json").stat().st_mtime_ns == before
+        assert len(_oom_injections(tmp_path)) == 1
+        assert "launching" not in again.output()
+
+
+def test_finished_cell_is_skipped_and_rerun_with_force(tmp_path: Path, runs: list[CellRun]) -> None:
+    cell_id = cell_id_of(write_config(tmp_path, n_prompts=4, batch_size=2))
+    first, code = _run(tmp_path, runs, cell_id)
+    assert code == 0, first.logs()
+    cell_json = first.cell_dir / "cell.json"
+    before_ns, before_text = cell_json.stat().st_mtime_ns, cell_json.read_text()
+    rank_log_size = (first.cell_dir / "logs" / "rank0.log").stat().st_size
+    assert json.loads(before_text)["status"] == "ok"
+
+    again, code = _run(tmp_path, runs, cell_id)
+    assert code == 0, again.logs()
+    assert "already finished" in again.output() and "launching" not in again.output()
+    assert cell_json.stat().st_mtime_ns == before_ns and cell_json.read_text() == before_text
+    assert (first.cell_dir / "logs" / "rank0.log").stat().st_size == rank_log_size  # no rank started
+
+    forced, code = _run(tmp_path, runs, cell_id, "--force")
+    assert code == 0, forced.logs()
+    assert "launching" in forced.output()
+    assert cell_json.stat().st_mtime_ns > before_ns
+    assert json.loads(cell_json.read_text())["status"] == "ok"
+    assert (first.cell_dir / "logs" / "rank0.log").stat().st_size > rank_log_size
+
+
+def test_collector_killed_mid_cell_power_recovered_from_parts(tmp_path: Path, runs: list[CellRun]) -> None:
+    # The rank's idle baseline (a sleep) outlasts the collector's first part flush (every 2 s),
+    # so the collector dies with a part file written and the cell still ahead of it.
+    cell_id = cell_id_of(write_config(tmp_path, n_prompts=4, batch_size=2, idle_baseline_s=3.0))
+    env = make_env(None)
+    run = start_run_cell(tmp_path, cell_id, env)
+    runs.append(run)
+    collector = run.descendant(entrypoints.COLLECTOR)
+    power_dir = run.cell_dir / ".run" / "power"
+    wait_for(lambda: any(power_dir.glob("*.part-*.parquet")), "the collector's first part file", 30.0, run)
+    killed_ns = time.time_ns()
+    os.kill(collector.pid, signal.SIGKILL)
+    code = run.wait(90.0)
+    doc = run.cell_json()
+    assert code == 0, run.logs()
+    assert doc["status"] == "ok", run.logs()
+    assert doc["power_recovered_from_parts"] == doc["provenance"]["hosts"] != []
+    power = pd.read_parquet(run.cell_dir / "power.parquet")
+    assert len(power) > 0 and power["timestamp_ns"].max() <= killed_ns  # only what the parts held
+    events = pd.read_parquet(run.cell_dir / "events.parquet")
+    assert events["end_ns"].max() > killed_ns  # the cell went on after the collector died
+    assert set(pd.read_parquet(run.cell_dir / "metrics.parquet")["status"]) == {"ok"}
+    assert not (run.cell_dir / ".run").exists()
+    assert run.session_processes() == []

@@ -1,0 +1,124 @@
+"""Pure pieces used by the Snakemake rules and `llmenergy submit`: no cluster needed."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from llmenergy import config
+from llmenergy.orchestrate.launch import (
+    accepted,
+    fail_requested_by_test_hook,
+    runtime_min,
+)
+from llmenergy.orchestrate.smk import TIME_LIMIT_SIGNAL, load, output_problem
+from llmenergy.planning.matrix import estimate_runtime_s, expand
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cfg(tmp: Path, **over: object) -> dict:
+    data = yaml.safe_load((REPO / "profiles/local/demo-config.yaml").read_text())
+    data["output_dir"] = str(tmp / "results")
+    data.update(over)
+    return data
+
+
+def test_output_problem_detects_truncated_parquet_and_unfinished_status(tmp_path: Path) -> None:
+    good = tmp_path / "metrics.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), good)
+    assert output_problem(good) is None
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[:-10])
+    assert "bad magic" in output_problem(cut)
+    tiny = tmp_path / "tiny.parquet"
+    tiny.write_bytes(b"PAR1")
+    assert "too short" in output_problem(tiny)
+    cell = tmp_path / "cell.json"
+    cell.write_text(json.dumps({"status": "incomplete"}))
+    assert output_problem(cell, lambda s: s == "ok") == "status incomplete, not finished"
+    cell.write_text(json.dumps({"status": "ok"}))
+    assert output_problem(cell, lambda s: s == "ok") is None
+    cell.write_text("{not json")
+    assert output_problem(cell).startswith("unreadable")
+
+
+def test_quarantine_moves_bad_outputs_aside_and_drops_derived(tmp_path: Path) -> None:
+    ctx = load(_cfg(tmp_path))
+    bad, good = ctx.plan.cells[0], ctx.plan.cells[1]
+    for c, status in ((bad, "incomplete"), (good, "ok")):
+        d = c.dir(ctx.output_dir)
+        d.mkdir(parents=True)
+        pq.write_table(pa.table({"x": [1]}), d / "metrics.parquet")
+        (d / "cell.json").write_text(json.dumps({"status": status}))
+    summary = tmp_path / "results" / "summary.parquet"
+    summary.write_bytes(b"x")
+    assert ctx.quarantine_corrupt(dry_run=True, derived=[summary]) == [bad.id]
+    assert (bad.dir(ctx.output_dir) / "cell.json").exists() and summary.exists()
+    assert ctx.quarantine_corrupt(derived=[summary]) == [bad.id]
+    assert not (bad.dir(ctx.output_dir) / "cell.json").exists()
+    assert (bad.dir(ctx.output_dir) / "cell.json.rejected").exists()
+    assert (good.dir(ctx.output_dir) / "cell.json").exists()
+    assert not summary.exists()
+
+
+def test_rule_resources_give_every_cell_the_same_keys(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    ctx = load(_cfg(tmp_path))
+    rules = ctx.rule_resources()
+
+    def of(cell_id: str) -> dict:
+        return {k: f(SimpleNamespace(cell=cell_id)) for k, f in rules.items()}
+
+    one = of(next(c.id for c in ctx.plan.cells if c.shards == 1))
+    two = of(next(c.id for c in ctx.plan.cells if c.shards == 2))
+    assert set(one) == set(two)
+    assert one["mpi"] == "" and two["mpi"] == "srun"
+    assert one["tasks"] == 1 and two["tasks"] == 2 and two["gres"] == "gpu:2"
+    assert TIME_LIMIT_SIGNAL in one["slurm_extra"]
+
+
+def test_runtime_min_is_twice_the_estimate_plus_ten_minutes(tmp_path: Path) -> None:
+    cfg = config.from_dict(_cfg(tmp_path))
+    cell = expand(cfg).cells[0]
+    est = estimate_runtime_s(cfg, cell)
+    assert runtime_min(cfg, cell) == max(15, math.ceil(est * 2 / 60) + 10)
+    assert runtime_min(cfg, cell, runtime_s=3600) == 130
+    assert runtime_min(cfg, cell, runtime_s=1) == 15
+
+
+@pytest.mark.parametrize(("status", "on_oom", "on_denied", "expected"), [
+    ("ok", "record", "fail", True), ("oom", "record", "fail", True), ("oom", "fail", "fail", False),
+    ("power_cap_denied", "record", "skip", True), ("power_cap_denied", "record", "fail", False),
+    ("incomplete", "record", "skip", False), ("failed", "record", "skip", False),
+])
+def test_accepted_follows_the_policies(tmp_path: Path, status: str, on_oom: str, on_denied: str,
+                                       expected: bool) -> None:
+    cfg = config.from_dict(_cfg(tmp_path, policies={"on_oom": on_oom, "on_power_cap_denied": on_denied}))
+    assert accepted(cfg, status) is expected
+
+
+def test_test_hook_names_cells_exactly() -> None:
+    env = {"LLMENERGY_TEST_FAIL_CELL": "a_b, c"}
+    assert fail_requested_by_test_hook("a_b", env) and fail_requested_by_test_hook("c", env)
+    assert not fail_requested_by_test_hook("a", env) and not fail_requested_by_test_hook("a_b", {})
+
+
+def test_submit_cell_jobs_build_run_cell_commands(tmp_path: Path) -> None:
+    from llmenergy.orchestrate.submit import cell_jobs
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(_cfg(tmp_path)))
+    commands, resources, names, out_dir = cell_jobs(path)
+    assert len(commands) == len(resources) == len(names) == 9
+    assert all(cmd[-4:] == ["--config", str(path.resolve()), "--cell", n] for cmd, n in zip(commands, names,
+                                                                                              strict=True))
+    assert {r.ranks for r in resources} == {1, 2}
+    with pytest.raises(config.ConfigError, match="not in the plan"):
+        cell_jobs(path, ["nope"])
