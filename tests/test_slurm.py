@@ -243,14 +243,14 @@ def test_srun_collector_args(gpu: GpuSpec, shards: int, nodes: int) -> None:
 def test_sbatch_args_golden() -> None:
     assert sbatch_args(resources_for(1, A100, 45), "c1", "logs/%j.out") == [
         "sbatch", "--parsable", "--job-name=c1", "--output=logs/%j.out", "--nodes=1",
-        "--ntasks-per-node=1", "--gres=gpu:1", "--cpus-per-task=4", "--time=45",
+        "--ntasks-per-node=1", "--gres=gpu:1", "--cpus-per-task=4", "--time=45", "--signal=TERM@120",
         "--partition=a100", "--constraint=a100_80g"]
     assert sbatch_args(resources_for(8, A100, 45), "c8", "o") == [
         "sbatch", "--parsable", "--job-name=c8", "--output=o", "--nodes=2",
-        "--ntasks-per-node=4", "--gres=gpu:4", "--cpus-per-task=4", "--time=45",
+        "--ntasks-per-node=4", "--gres=gpu:4", "--cpus-per-task=4", "--time=45", "--signal=TERM@120",
         "--partition=a100", "--constraint=a100_80g"]
     assert sbatch_args(resources_for(32, H100, 600), "big", "o") == [
         "sbatch", "--parsable", "--job-name=big", "--output=o", "--nodes=4",
-        "--ntasks-per-node=8", "--gres=gpu:8", "--cpus-per-task=8", "--time=600",
+        "--ntasks-per-node=8", "--gres=gpu:8", "--cpus-per-task=8", "--time=600", "--signal=TERM@120",
         "--partition=gpu", "--mem=512000M", "--account=proj42", "--qos=high"]
     assert "--ntasks-per-gpu" not in " ".join(sbatch_args(resources_for(2, H100, 5), "x", "o"))

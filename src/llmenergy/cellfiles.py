@@ -1,34 +1,356 @@
-"""Arrow schemas of the files a cell writes (see docs/internals.md)."""
+"""The cell contract: a cell's identity, the files it writes, and their schemas, in one place.
+
+Every record that crosses a process boundary is defined here, typed and versioned:
+
+* :class:`Cell`: the identity of one matrix cell (its axes) and its id;
+* :class:`CellSpec` (``spec.json``): what the launcher tells a cell's ranks and
+  node agents, resolved from the config;
+* :class:`WorkerStatus` (``.run/worker_status.json``): rank 0's outcome, read by the launcher;
+* :class:`Provenance` and :class:`CellRecord` (``cell.json``, and
+  ``failed/{cell}.json``): what happened, written last by the launcher;
+* the Arrow schemas of ``events``, ``responses``, ``power`` and ``metrics``;
+* :class:`CellFiles`: every path of a cell directory.
+
+JSON records carry ``schema_version``; reading a record of another version, or a
+file that is not one, raises :class:`~llmenergy.errors.RecordError` naming the file.
+"""
 from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
+from llmenergy import atomic
+from llmenergy.config import CollectorSpec, Policies
+from llmenergy.data import DatasetSpec
+from llmenergy.errors import RecordError
+
 SCHEMA_VERSION = 1
+SCHEMA_VERSION_KEY = b"llmenergy.schema_version"
 
+#: The statuses a cell can end with.
+STATUSES = ("ok", "oom", "failed", "incomplete", "power_cap_denied")
+
+
+# --------------------------------------------------------------------------- #
+# Identity
+# --------------------------------------------------------------------------- #
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the matrix; its fields are the matrix axes (:data:`AXES`)."""
+
+    model: str
+    dataset: str
+    gpu: str
+    shards: int
+    batch_size: int
+    max_gen_len: int
+    power_cap_w: float | None
+    engine: str = "reference"
+
+    @property
+    def id(self) -> str:
+        cap = "none" if self.power_cap_w is None else f"{self.power_cap_w:g}W"
+        return (f"{self.model}_{self.dataset}_{self.gpu}_s{self.shards}_b{self.batch_size}"
+                f"_g{self.max_gen_len}_p{cap}_{self.engine}")
+
+    def identity(self) -> dict[str, Any]:
+        return {"cell_id": self.id, **asdict(self)}
+
+    def dir(self, output_dir: str | Path) -> Path:
+        return Path(output_dir) / "cells" / self.id
+
+    def files(self, output_dir: str | Path) -> CellFiles:
+        return CellFiles(self.dir(output_dir))
+
+    @classmethod
+    def from_identity(cls, d: dict[str, Any]) -> Cell:
+        return cls(**{k: d[k] for k in AXES})
+
+
+#: The matrix axes, in the order of a cell id.
+AXES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Cell))
+
+
+@dataclass(frozen=True)
+class CellFiles:
+    """The files of one cell directory (docs/internals.md, "Cell directory")."""
+
+    root: Path
+
+    spec = property(lambda self: self.root / "spec.json")
+    record = property(lambda self: self.root / "cell.json")
+    events = property(lambda self: self.root / "events.parquet")
+    responses = property(lambda self: self.root / "responses.parquet")
+    power = property(lambda self: self.root / "power.parquet")
+    metrics = property(lambda self: self.root / "metrics.parquet")
+    logs = property(lambda self: self.root / "logs")
+    powercap = property(lambda self: self.root / "powercap")
+    run = property(lambda self: self.root / ".run")
+    worker_status = property(lambda self: self.root / ".run" / "worker_status.json")
+
+    #: What a finished cell consists of; removed before a cell runs again.
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("cell.json", "metrics.parquet", "events.parquet",
+                                          "responses.parquet", "power.parquet")
+
+    def failed_record(self) -> Path:
+        """``{output_dir}/failed/{cell}.json``: the last failure of a cell not yet finished."""
+        return self.root.parent.parent / "failed" / f"{self.root.name}.json"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise RecordError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise RecordError(f"{path}: not a JSON object")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RecordError(f"{path}: schema_version {version!r}, this llmenergy reads {SCHEMA_VERSION}")
+    return data
+
+
+def _fields(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecordError(f"{path}: missing {', '.join(missing)}")
+    return {k: v for k, v in data.items() if k in names}
+
+
+# --------------------------------------------------------------------------- #
+# spec.json
+# --------------------------------------------------------------------------- #
+
+@dataclass(frozen=True)
+class CellSpec:
+    """What a cell's ranks and node agents are told (``spec.json``), resolved from the config."""
+
+    cell: Cell
+    arch: str
+    weights: str
+    tokenizer: str | None
+    stop_at_eos: bool
+    device: str  # "cuda" | "cpu"
+    dtype: str  # a torch dtype name
+    repeats: int
+    seed: int
+    warmup_tokens: int
+    nodes: int
+    ranks_per_node: int
+    dataset: DatasetSpec
+    collector: CollectorSpec
+    policies: Policies
+    grid_gco2_per_kwh: float | None = None
+
+    @property
+    def cell_id(self) -> str:
+        return self.cell.id
+
+    @property
+    def max_prompt_len(self) -> int:
+        return self.dataset.max_prompt_len
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.dataset.max_prompt_len + self.cell.max_gen_len
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "cell_id": self.cell.id, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], path: str = "spec.json") -> CellSpec:
+        values = _fields(cls, data, path)
+        try:
+            values["cell"] = Cell.from_identity(values["cell"])
+            values["dataset"] = DatasetSpec(**values["dataset"])
+            values["collector"] = CollectorSpec(**values["collector"])
+            values["policies"] = Policies(**values["policies"])
+            return cls(**values)
+        except (TypeError, KeyError) as exc:
+            raise RecordError(f"{path}: {exc}") from None
+
+    def write(self, path: Path) -> None:
+        atomic.write_json(path, self.to_json())
+
+    @classmethod
+    def read(cls, path: Path) -> CellSpec:
+        return cls.from_json(_read(path), str(path))
+
+
+# --------------------------------------------------------------------------- #
+# Rank 0 → launcher
+# --------------------------------------------------------------------------- #
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """Rank 0's outcome (``.run/worker_status.json``)."""
+
+    status: str
+    reason: str | None = None
+    load: dict[str, Any] | None = None  # weights.LoadInfo of an ok run
+
+    def write(self, path: Path) -> None:
+        atomic.write_json(path, {"schema_version": SCHEMA_VERSION, **asdict(self)})
+
+    @classmethod
+    def read(cls, path: Path) -> WorkerStatus:
+        return cls(**_fields(cls, _read(path), str(path)))
+
+
+# --------------------------------------------------------------------------- #
+# cell.json
+# --------------------------------------------------------------------------- #
+
+@dataclass
+class Provenance:
+    """Where and with what a cell ran."""
+
+    versions: dict[str, str | None] = field(default_factory=dict)  # llmenergy, python, torch, ...
+    git_commit: str | None = None
+    hosts: list[str] = field(default_factory=list)
+    gpus: list[dict[str, Any]] = field(default_factory=list)  # node, rank, uuid, name, index
+    collectors: list[dict[str, Any]] = field(default_factory=list)  # the collectors' ready files
+    driver: str | None = None
+    slurm_job_id: str | None = None
+    slurm_cluster: str | None = None
+    slurm_consumed_energy_j: float | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    wall_s: float | None = None
+    power_samples: int = 0
+    load: dict[str, Any] | None = None
+    power_cap: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], path: str = "cell.json") -> Provenance:
+        return cls(**_fields(cls, data, f"{path}: provenance"))
+
+
+@dataclass
+class CellRecord:
+    """What ``cell.json`` says: a cell's outcome and provenance. Written last: its
+    presence with an accepted status (:func:`accepted`) marks the cell finished."""
+
+    cell: Cell
+    status: str
+    reason: str | None
+    repeats: int
+    launcher: str
+    rank_exit_codes: list[int] = field(default_factory=list)
+    power_recovered_from_parts: list[str] = field(default_factory=list)
+    provenance: Provenance = field(default_factory=Provenance)
+
+    @property
+    def cell_id(self) -> str:
+        return self.cell.id
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "cell_id": self.cell.id, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], path: str = "cell.json") -> CellRecord:
+        values = _fields(cls, data, path)
+        try:
+            values["cell"] = Cell.from_identity(values["cell"])
+        except (TypeError, KeyError) as exc:
+            raise RecordError(f"{path}: cell: {exc}") from None
+        values["provenance"] = Provenance.from_json(values.get("provenance") or {}, path)
+        if values["status"] not in STATUSES:
+            raise RecordError(f"{path}: status {values['status']!r} is not one of {', '.join(STATUSES)}")
+        return cls(**values)
+
+    def write(self, path: Path) -> None:
+        atomic.write_json(path, self.to_json())
+
+    @classmethod
+    def read(cls, path: Path) -> CellRecord:
+        return cls.from_json(_read(path), str(path))
+
+
+def accepted(status: str, policies: Policies) -> bool:
+    """Whether a cell ending with ``status`` is finished under ``policies`` (exit 0, never rerun).
+
+    ``ok`` always; ``oom`` under ``policies.on_oom: record``; ``power_cap_denied``
+    under ``policies.on_power_cap_denied: skip``.
+    """
+    return (status == "ok" or (status == "oom" and policies.on_oom == "record")
+            or (status == "power_cap_denied" and policies.on_power_cap_denied == "skip"))
+
+
+# --------------------------------------------------------------------------- #
+# Arrow schemas
+# --------------------------------------------------------------------------- #
+
+def _schema(fields: list[tuple[str, pa.DataType]]) -> pa.Schema:
+    return pa.schema([pa.field(n, t) for n, t in fields],
+                     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
+
+
+#: ``events.parquet``: one row per phase (idle, load, warmup, compile, prefill, decode).
 EVENTS_SCHEMA = pa.schema([
-    ("cell_id", pa.string()),
-    ("repeat", pa.int32()),
-    ("phase", pa.string()),
-    ("batch_index", pa.int32()),
-    ("start_ns", pa.int64()),
-    ("end_ns", pa.int64()),
-    ("n_seqs", pa.int32()),
-    ("tokens_in", pa.int64()),
-    ("tokens_out", pa.int64()),
+    ("cell_id", pa.string()), ("repeat", pa.int32()), ("phase", pa.string()),
+    ("batch_index", pa.int32()), ("start_ns", pa.int64()), ("end_ns", pa.int64()),
+    ("n_seqs", pa.int32()), ("tokens_in", pa.int64()), ("tokens_out", pa.int64()),
 ])
 
+#: ``responses.parquet``: one row per prompt × repeat.
 RESPONSES_SCHEMA = pa.schema([
-    ("cell_id", pa.string()),
-    ("repeat", pa.int32()),
-    ("batch_index", pa.int32()),
-    ("prompt_id", pa.string()),
-    ("tokens_in", pa.int64()),
-    ("tokens_out", pa.int64()),
-    ("words_out", pa.int64()),
-    ("text", pa.string()),
-    ("reference", pa.string()),
-    ("correct", pa.bool_()),
-    ("template", pa.string()),
+    ("cell_id", pa.string()), ("repeat", pa.int32()), ("batch_index", pa.int32()),
+    ("prompt_id", pa.string()), ("tokens_in", pa.int64()), ("tokens_out", pa.int64()),
+    ("words_out", pa.int64()), ("text", pa.string()), ("reference", pa.string()),
+    ("correct", pa.bool_()), ("template", pa.string()),
 ])
 
-PHASES = ("idle", "load", "warmup", "prefill", "decode")
+#: ``power.parquet`` and the collectors' per-node files: one row per device and sample.
+POWER_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
+    ("node", pa.string()), ("device", pa.string()), ("device_index", pa.int32()),
+    ("domain", pa.string()), ("timestamp_ns", pa.int64()), ("energy_mj", pa.float64()),
+    ("power_w", pa.float64()), ("gpu_util_pct", pa.float64()), ("mem_util_pct", pa.float64()),
+    ("mem_used_mb", pa.float64()), ("sm_clock_mhz", pa.float64()), ("mem_clock_mhz", pa.float64()),
+    ("temperature_c", pa.float64()), ("power_limit_w", pa.float64()),
+    ("clock_event_reasons", pa.int64()), ("power_cap_throttle_ns", pa.int64()), ("source", pa.string()),
+)
+POWER_COLUMNS: tuple[str, ...] = tuple(name for name, _ in POWER_FIELDS)
+POWER_SCHEMA: pa.Schema = pa.schema([pa.field(name, typ) for name, typ in POWER_FIELDS])
+
+#: The identity columns of a metrics row (the axes, the id, the layout, the repeat).
+IDENTITY_FIELDS: list[tuple[str, pa.DataType]] = [
+    ("cell_id", pa.string()), ("model", pa.string()), ("dataset", pa.string()),
+    ("gpu", pa.string()), ("shards", pa.int32()), ("nodes", pa.int32()),
+    ("batch_size", pa.int32()), ("max_gen_len", pa.int32()), ("power_cap_w", pa.float64()),
+    ("engine", pa.string()), ("repeat", pa.int32()),
+]
+IDENTITY_COLUMNS = [name for name, _ in IDENTITY_FIELDS if name != "repeat"]
+
+#: ``metrics.parquet`` (one row per repeat) and ``summary.parquet`` (all cells).
+METRICS_FIELDS: list[tuple[str, pa.DataType]] = IDENTITY_FIELDS + [
+    ("status", pa.string()), ("reason", pa.string()), ("template", pa.string()), ("gpu_name", pa.string()),
+    ("n_prompts", pa.int64()), ("responses", pa.int64()), ("tokens_in", pa.int64()),
+    ("tokens_out", pa.int64()), ("words_out", pa.int64()), ("duration_s", pa.float64()),
+    ("tokens_per_s", pa.float64()), ("words_per_s", pa.float64()),
+    ("responses_per_s", pa.float64()),
+    ("energy_j", pa.float64()), ("avg_power_w", pa.float64()), ("j_per_token", pa.float64()),
+    ("j_per_word", pa.float64()), ("j_per_response", pa.float64()), ("power_source", pa.string()),
+    ("energy_method", pa.string()), ("n_devices", pa.int32()),
+    ("avg_power_per_gpu_w", pa.float64()), ("idle_power_w", pa.float64()),
+    ("active_energy_j", pa.float64()), ("prefill_energy_j", pa.float64()),
+    ("decode_energy_j", pa.float64()), ("prefill_duration_s", pa.float64()),
+    ("decode_duration_s", pa.float64()), ("latency_p50_s", pa.float64()),
+    ("latency_p95_s", pa.float64()), ("gpu_util_pct", pa.float64()),
+    ("mem_util_pct", pa.float64()), ("energy_instant_j", pa.float64()),
+    ("energy_discrepancy_pct", pa.float64()), ("short_window", pa.bool_()),
+    ("power_out_of_range", pa.bool_()), ("cpu_energy_j", pa.float64()),
+    ("accuracy", pa.float64()), ("n_correct", pa.int64()), ("j_per_correct", pa.float64()),
+    ("gco2e", pa.float64()), ("weights_synthetic", pa.bool_()),
+    ("schema_version", pa.int32()),
+]
+METRICS_SCHEMA = _schema(METRICS_FIELDS)
+METRIC_COLUMNS = [name for name, _ in METRICS_FIELDS]

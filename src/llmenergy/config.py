@@ -16,14 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy.arch import SIZES, ModelArgs
+from llmenergy.data import DatasetSpec
 from llmenergy.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
-AXES = ("model", "dataset", "gpu", "shards", "batch_size", "max_gen_len", "power_cap_w", "engine")
 ENGINES = ("reference",)
-BACKENDS = ("auto", "dcgm", "nvml", "rapl", "estimate", "none")
+#: The ``collector.backend`` values (the collector process also takes ``replay``).
+COLLECTOR_BACKENDS = ("auto", "dcgm", "nvml", "rapl", "estimate", "none")
+#: Instant-power sampling period between full samples (NVML).
+DEFAULT_POWER_INTERVAL_MS = 40
 SCHEMA_PATH = Path(str(resources.files("llmenergy") / "schemas" / "config.schema.json"))
 
 
@@ -36,28 +39,6 @@ class ModelSpec:
     tokenizer: str | None = None
     dtype: str = "auto"
     stop_at_eos: bool = False
-
-
-@dataclass(frozen=True)
-class DatasetSpecCfg:
-    name: str
-    format: str
-    path: str
-    n_prompts: int
-    seed: int = 0
-    order: str = "shuffle"
-    train_path: str | None = None
-    kshot: int = 0
-    max_prompt_len: int = 256
-    template: str | None = None
-
-    def data_spec(self) -> Any:
-        """The :class:`llmenergy.data.DatasetSpec` the loaders take (everything but ``max_prompt_len``)."""
-        from llmenergy.data import DatasetSpec
-
-        return DatasetSpec(name=self.name, format=self.format, path=self.path, n_prompts=self.n_prompts,
-                           seed=self.seed, order=self.order, train_path=self.train_path, kshot=self.kshot,
-                           template=self.template)
 
 
 @dataclass(frozen=True)
@@ -82,7 +63,7 @@ class GpuSpec:
 class CollectorSpec:
     backend: str = "auto"
     interval_ms: int = 100
-    power_interval_ms: int = 40
+    power_interval_ms: int = DEFAULT_POWER_INTERVAL_MS
     idle_baseline_s: float = 5.0
     estimate_tdp_w: float | None = None
     dcgm_host: str | None = None
@@ -98,7 +79,7 @@ class Policies:
 class Config:
     source: str
     models: dict[str, ModelSpec]
-    datasets: dict[str, DatasetSpecCfg]
+    datasets: dict[str, DatasetSpec]
     gpus: dict[str, GpuSpec]
     matrix: list[dict[str, list[Any]]]
     repeats: int = 1
@@ -170,13 +151,13 @@ def _models(raw: dict[str, Any], source: str) -> dict[str, ModelSpec]:
     return out
 
 
-def _datasets(raw: dict[str, Any], source: str) -> dict[str, DatasetSpecCfg]:
-    out: dict[str, DatasetSpecCfg] = {}
+def _datasets(raw: dict[str, Any], source: str) -> dict[str, DatasetSpec]:
+    out: dict[str, DatasetSpec] = {}
     for name, d in raw.items():
         _name(source, f"datasets.{name}", name)
         if d.get("kshot", 0) and not d.get("train_path"):
             raise ConfigError(f"{source}: datasets.{name}.kshot: needs datasets.{name}.train_path")
-        out[name] = DatasetSpecCfg(name=name, **d)
+        out[name] = DatasetSpec(name=name, **d)
     return out
 
 
@@ -250,7 +231,7 @@ def _check_files(cfg: Config) -> None:
             from llmenergy.errors import DatasetError
 
             try:
-                check_dataset(d.data_spec())
+                check_dataset(d)
             except DatasetError as exc:
                 raise ConfigError(f"{src}: datasets.{name}.path: {exc}") from None
 
@@ -279,6 +260,9 @@ def from_dict(data: dict[str, Any], *, source: str = "config.yaml", check_files:
         grid_gco2_per_kwh=data.get("grid_gco2_per_kwh"),
         raw=data,
     )
+    if cfg.collector.backend not in COLLECTOR_BACKENDS:
+        raise ConfigError(f"{source}: collector.backend: {cfg.collector.backend!r} must be one of "
+                          f"{', '.join(COLLECTOR_BACKENDS)}")
     if cfg.collector.backend == "estimate" and not cfg.collector.estimate_tdp_w:
         raise ConfigError(f"{source}: collector.estimate_tdp_w: required when collector.backend is 'estimate'")
     out = Path(cfg.output_dir)

@@ -32,6 +32,10 @@ class DatasetError(UserError):
     """A dataset file is missing or malformed; the message names file, line and field."""
 
 
+class RecordError(UserError):
+    """A cell's record (``spec.json``, ``cell.json``, ...) is unreadable or of another schema version."""
+
+
 class NetworkError(UserError):
     """A download was needed but the network could not be reached."""
 

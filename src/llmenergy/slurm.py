@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import signal
 import socket
 import subprocess
 from collections.abc import Callable, Mapping
@@ -41,6 +42,7 @@ __all__ = [
     "ShardLayoutError",
     "SlurmEnv",
     "expand_nodelist",
+    "node_layout",
     "rendezvous",
     "rendezvous_port",
     "resolve_node_addr",
@@ -50,6 +52,10 @@ __all__ = [
     "snakemake_resources",
     "srun_collector_args",
     "srun_worker_args",
+    "STOP_SIGNALS",
+    "TIME_LIMIT_SIGNAL",
+    "on_stop_signals",
+    "time_limit_signal",
 ]
 
 #: GPU counts for which resource templates are built (the paper's range).
@@ -61,6 +67,35 @@ RENDEZVOUS_PORT_SPAN = 20000
 
 class ShardLayoutError(UserError, ValueError):
     """A shard count cannot be laid out on a GPU type's nodes."""
+
+
+# --------------------------------------------------------------------------- #
+# Stop signals: one policy for every launch path and every process of a cell
+# --------------------------------------------------------------------------- #
+
+#: Every cell's job asks Slurm for this signal to all its steps this long before
+#: its time limit (the Snakemake rule, ``llmenergy submit`` and :func:`sbatch_args`
+#: alike): ranks finish the current batch and record ``incomplete``, node agents
+#: stop and flush their collectors and restore power caps.
+TIME_LIMIT_SIGNAL = "TERM"
+TIME_LIMIT_WARNING_S = 120
+
+#: What every process of a cell (launcher, ranks, node agent, collector, guard)
+#: treats as "stop cleanly now": Slurm's time-limit warning (TERM here; USR2 is
+#: submitit's default), ``scancel --signal``, Ctrl-C, and the launcher's own stop
+#: request (USR1, which ``srun`` forwards to its tasks).
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def time_limit_signal() -> str:
+    """The value of sbatch's ``--signal`` for a cell's job: ``TERM@120``."""
+    return f"{TIME_LIMIT_SIGNAL}@{TIME_LIMIT_WARNING_S}"
+
+
+def on_stop_signals(handler: Callable[[int, Any], None],
+                    extra: tuple[signal.Signals, ...] = ()) -> dict[int, Any]:
+    """Install ``handler`` for :data:`STOP_SIGNALS` (and ``extra``); returns the previous handlers."""
+    return {int(s): signal.signal(s, handler) for s in (*STOP_SIGNALS, *extra)}
 
 
 # --------------------------------------------------------------------------- #
@@ -291,6 +326,21 @@ def _positive_int(value: Any, what: str) -> int:
     return value
 
 
+def node_layout(shards: int, gpus_per_node: int | None, gpu_name: str = "?") -> tuple[int, int]:
+    """``(nodes, GPUs per node)`` of a cell: the fewest nodes, the same number of GPUs on each.
+
+    6 shards on 4-GPU nodes run as 2 × 3; 5 shards cannot be spread evenly over
+    2 nodes and raise :class:`ShardLayoutError`, whose message the plan shows.
+    """
+    _positive_int(shards, f"gpu {gpu_name}: shards")
+    per_node_max = _positive_int(gpus_per_node, f"gpus.{gpu_name}.gpus_per_node")
+    nodes = math.ceil(shards / per_node_max)
+    if shards % nodes:
+        raise ShardLayoutError(f"gpu {gpu_name}: {shards} shards do not spread evenly over {nodes} nodes "
+                               f"of {per_node_max} GPUs")
+    return nodes, shards // nodes
+
+
 def resources_for(shards: int, gpu: Any, runtime_min: int) -> Resources:
     """Lay ``shards`` ranks (one GPU each) out on nodes of GPU type ``gpu``.
 
@@ -299,16 +349,8 @@ def resources_for(shards: int, gpu: Any, runtime_min: int) -> Resources:
     ``mem_mb_per_gpu``. Uses the fewest nodes, and the same number of GPUs on each.
     """
     name = getattr(gpu, "name", "?")
-    _positive_int(shards, f"gpu {name}: shards")
-    per_node_max = _positive_int(getattr(gpu, "gpus_per_node", None), f"gpus.{name}.gpus_per_node")
     _positive_int(runtime_min, f"gpu {name}: runtime_min")
-    nodes = math.ceil(shards / per_node_max)
-    if shards % nodes:
-        raise ShardLayoutError(
-            f"gpu {name}: {shards} shards do not spread evenly over {nodes} nodes "
-            f"of {per_node_max} GPUs"
-        )
-    per_node = shards // nodes
+    nodes, per_node = node_layout(shards, getattr(gpu, "gpus_per_node", None), name)
     cpus_per_gpu = getattr(gpu, "cpus_per_gpu", None) or 4
     _positive_int(cpus_per_gpu, f"gpus.{name}.cpus_per_gpu")
     mem_per_gpu = getattr(gpu, "mem_mb_per_gpu", None)
@@ -415,6 +457,7 @@ def sbatch_args(res: Resources, job_name: str, output: str) -> list[str]:
         f"--gres=gpu:{res.gpus_per_node}",
         f"--cpus-per-task={res.cpus_per_task}",
         f"--time={res.runtime_min}",
+        f"--signal={time_limit_signal()}",
     ]
     args += [_SBATCH_FLAGS[k].format(v) for k, v in res.optional_settings().items()]
     return args

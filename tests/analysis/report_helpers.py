@@ -9,7 +9,6 @@ an event inside a constant stretch has energy ``power_w × duration × devices``
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -82,17 +81,23 @@ def make_cell(root: Path, cell_id: str, *, model: str = "tiny", dataset: str = "
               write_events: bool = True, write_metrics: bool = True) -> Path:
     """Write a synthetic cell dir; ``power``: both|counter|instant|none|estimate."""
     from llmenergy.analysis.metrics import compute_cell_metrics
-    from llmenergy.atomic import write_json, write_parquet
+    from llmenergy.atomic import write_parquet
+    from llmenergy.cellfiles import Cell, CellRecord, CellSpec, Provenance
+    from llmenergy.config import CollectorSpec, Policies
+    from llmenergy.data import DatasetSpec
 
     cdir = root / "cells" / cell_id
     (cdir / "logs").mkdir(parents=True, exist_ok=True)
-    ident = dict(cell_id=cell_id, model=model, dataset=dataset, gpu=gpu, shards=shards,
-                 nodes=1, batch_size=batch_size, max_gen_len=max_gen_len,
-                 power_cap_w=power_cap_w, engine="reference")
+    cell = Cell(model=model, dataset=dataset, gpu=gpu, shards=shards, batch_size=batch_size,
+                max_gen_len=max_gen_len, power_cap_w=power_cap_w)
     n_prompts = batch_size * n_batches
-    write_json(cdir / "spec.json", {"cell": ident, "repeats": repeats,
-                                     "model": {"name": model, "weights": "synthetic"},
-                                     "dataset": {"name": dataset, "n_prompts": n_prompts}})
+    spec = CellSpec(cell=cell, arch="llama-tiny", weights="synthetic", tokenizer=None, stop_at_eos=False,
+                    device="cuda", dtype="float16", repeats=repeats, seed=0, warmup_tokens=8, nodes=1,
+                    ranks_per_node=shards,
+                    dataset=DatasetSpec(name=dataset, format="gsm8k" if dataset == "gsm8k" else "alpaca",
+                                        path="synthetic", n_prompts=n_prompts),
+                    collector=CollectorSpec(), policies=Policies())
+    spec.write(cdir / "spec.json")
     if write_events:
         ev = event_rows(cell_id, repeats, n_batches, batch_size, max_gen_len, prefill_s, decode_s)
         write_parquet(cdir / "events.parquet", ev)
@@ -114,16 +119,14 @@ def make_cell(root: Path, cell_id: str, *, model: str = "tiny", dataset: str = "
                             n_devices=shards, mode=mode, counter_scale=counter_scale,
                             source=src, domain=dom)
             write_parquet(cdir / "power.parquet", pw)
-    cell_json = {"schema_version": 1, "cell_id": cell_id, "cell": ident, "status": status,
-                 "reason": reason, "repeats": repeats,
-                 "power_source": "none" if power == "none" else ("estimate" if power == "estimate" else source),
-                 "provenance": {"llmenergy_version": "0.1.0", "torch_version": "2.13",
-                                "python": "3.11", "git_commit": "abc1234", "hosts": ["node0"],
-                                "gpus": [{"node": "node0", "uuid": "GPU-0000", "name": gpu,
-                                          "index": 0}],
-                                "driver": "999.1", "slurm_job_id": "42"}}
+    record = CellRecord(
+        cell=cell, status=status, reason=reason, repeats=repeats, launcher="local",
+        provenance=Provenance(
+            versions={"llmenergy": "0.1.0", "torch": "2.13.0", "python": "3.11.7"}, git_commit="abc1234",
+            hosts=["node0"], gpus=[{"node": "node0", "uuid": "GPU-0000", "name": gpu, "index": 0}],
+            driver="999.1", slurm_job_id="42"))
     if write_metrics:
         write_parquet(cdir / "metrics.parquet", compute_cell_metrics(cdir, status=status,
                                                                      reason=reason))
-    (cdir / "cell.json").write_text(json.dumps(cell_json))
+    record.write(cdir / "cell.json")
     return cdir

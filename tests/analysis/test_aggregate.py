@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from report_helpers import make_cell
 
-from llmenergy.analysis.aggregate import _t975_table, aggregate, main, t_quantile_975
-from llmenergy.analysis.metrics import SCHEMA_VERSION_KEY, to_table
+from llmenergy.analysis.aggregate import _t975_table, aggregate, t_quantile_975
+from llmenergy.analysis.metrics import to_table
 from llmenergy.atomic import write_parquet
+from llmenergy.cellfiles import SCHEMA_VERSION_KEY
 from llmenergy.errors import UserError
 
 
@@ -126,8 +127,6 @@ def test_main_and_missing_dir(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cells"):
         aggregate(tmp_path / "empty")
     _write_rows(tmp_path, "x", [2.0, 4.0])
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps([{"cell_id": "y"}]))
-    assert main(["--results", str(tmp_path), "--expected-cells", str(plan)]) == 0
+    aggregate(tmp_path, expected_cells=[{"cell_id": "y"}])
     df = pq.read_table(tmp_path / "summary.parquet").to_pandas()
     assert sorted(df["cell_id"].unique()) == ["x", "y"]

@@ -1,15 +1,15 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from report_helpers import make_cell
 
 from llmenergy.analysis.metrics import (
-    METRICS_SCHEMA,
-    SCHEMA_VERSION_KEY,
     compute_cell_metrics,
 )
+from llmenergy.cellfiles import METRICS_SCHEMA, SCHEMA_VERSION_KEY, Cell, CellRecord
 from llmenergy.errors import UserError
 
 SUMMARY_COLUMNS = (
@@ -151,10 +151,11 @@ def test_status_document_and_grid_from_spec(tmp_path: Path) -> None:
     # launch passes the cell.json document it is about to write, before writing it
     cdir = make_cell(tmp_path, "c9", repeats=1, write_metrics=False)
     (cdir / "cell.json").unlink()
-    spec = (cdir / "spec.json").read_text().replace('"repeats": 1', '"repeats": 1, "grid_gco2_per_kwh": 200')
-    (cdir / "spec.json").write_text(spec)
-    doc = {"status": "oom", "reason": "CUDA OOM", "cell": {"model": "other"}, "repeats": 1}
-    (r,) = _rows(cdir, status=doc)
+    spec = json.loads((cdir / "spec.json").read_text())
+    (cdir / "spec.json").write_text(json.dumps({**spec, "grid_gco2_per_kwh": 200}))
+    cell = Cell.from_identity({**spec["cell"], "model": "other"})
+    doc = CellRecord(cell=cell, status="oom", reason="CUDA OOM", repeats=1, launcher="local")
+    (r,) = _rows(cdir, record=doc)
     assert (r["status"], r["reason"], r["model"]) == ("oom", "CUDA OOM", "other")
     assert r["gco2e"] == pytest.approx(700.0 / 3.6e6 * 200)
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from report_helpers import make_cell
 
+from llmenergy import cli
 from llmenergy.analysis.aggregate import aggregate
-from llmenergy.analysis.report import main, render_report
+from llmenergy.analysis.report import render_report
 from llmenergy.errors import UserError
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -81,7 +82,7 @@ def test_no_power_banner_and_skipped_figures(tmp_path: Path) -> None:
     make_cell(tmp_path, "a", power="none")
     make_cell(tmp_path, "b", power="none", batch_size=8)
     aggregate(tmp_path)
-    assert main(["--results", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 0
+    assert cli.main(["report", "--results", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 0
     text = (tmp_path / "r.html").read_text()
     assert "No power sensor: energy columns are empty" in text
     assert "Figures not drawn" in text and "energy columns are empty" in text.split("Figures not drawn")[1]

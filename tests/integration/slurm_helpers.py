@@ -28,7 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
 SNAKEFILE = REPO / "Snakefile"
 PROFILE = REPO / "profiles" / "slurm"
 VENV_BIN = Path(sys.executable).parent
-TEST_FAIL_ENV = "LLMENERGY_TEST_FAIL_CELL"
+#: tests/fakes/rank/fake_rank_crash.py: the listed cells' ranks fail in their first batch.
+FAKE_CRASH_ENV = "FAKE_CRASH_CELLS"
+RANK_FAKES = REPO / "tests" / "fakes" / "rank"
 
 #: The smallest useful cell: a few seconds of work on the 2-core test host.
 TINY_DATASET = {"format": "alpaca", "path": "synthetic", "n_prompts": 2, "seed": 0, "max_prompt_len": 32}
@@ -85,14 +87,15 @@ def cell_id(workdir: Path, **identity: Any) -> str:
 
 
 def env(fail_cells: Iterable[str] = ()) -> dict[str, str]:
-    """The submit environment (Slurm jobs inherit it): the venv first on PATH, and
-    the test hook set only when asked."""
-    out = {k: v for k, v in os.environ.items() if k != TEST_FAIL_ENV and not k.startswith("SLURM_")}
+    """The submit environment (Slurm jobs inherit it): the venv first on PATH and, when
+    ``fail_cells`` are named, the rank fakes that make those cells' ranks fail for real."""
+    out = {k: v for k, v in os.environ.items() if k != FAKE_CRASH_ENV and not k.startswith("SLURM_")}
     out["PATH"] = f"{VENV_BIN}{os.pathsep}{out.get('PATH', '')}"
     out.setdefault("OMP_NUM_THREADS", "1")
     cells = ",".join(fail_cells)
     if cells:
-        out[TEST_FAIL_ENV] = cells
+        out[FAKE_CRASH_ENV] = cells
+        out["PYTHONPATH"] = os.pathsep.join(p for p in (str(RANK_FAKES), out.get("PYTHONPATH")) if p)
     return out
 
 

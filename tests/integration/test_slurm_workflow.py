@@ -3,6 +3,7 @@ cell, a 1-node cell, the plan of the default config, an incremental rerun after
 a failed cell, and `llmenergy submit` through submitit."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -98,8 +99,8 @@ def test_rerun_after_a_failed_cell_runs_only_that_cell(workdir: Path) -> None:
     assert first.returncode != 0, first.tail()
     assert sorted(first.executed_cells) == sorted(cells)
     assert "Error in rule run_cell" in first.output
-    failed = (workdir / "results" / "failed" / f"{bad}.json").read_text()
-    assert h.TEST_FAIL_ENV in failed
+    failed = json.loads((workdir / "results" / "failed" / f"{bad}.json").read_text())
+    assert failed["status"] == "failed" and "FAKE rank failure" in failed["reason"]
     assert not (h.cell_dir(workdir, bad) / "metrics.parquet").exists()
     assert all(h.cell_json(workdir, c)["status"] == "ok" for c in others)
     before = h.fingerprint(workdir, others)

@@ -113,3 +113,28 @@ def test_collector_killed_mid_cell_power_recovered_from_parts(tmp_path: Path, ru
     assert set(pd.read_parquet(run.cell_dir / "metrics.parquet")["status"]) == {"ok"}
     assert not (run.cell_dir / ".run").exists()
     assert run.session_processes() == []
+
+
+def test_metrics_failure_fails_the_cell_and_keeps_the_raw_data(tmp_path: Path, runs: list[CellRun]) -> None:
+    """Issue 14: a cell whose metrics cannot be computed is not finished. It used to
+    exit 0 (the status was checked before the metrics step), delete ``.run/`` and
+    write nothing to ``failed/``, so ``llmenergy submit`` reported it COMPLETED."""
+    cell_id = cell_id_of(write_config(tmp_path))
+    env = make_env(None)
+    env["FAKE_METRICS_CRASH"] = "1"
+    run = start_run_cell(tmp_path, cell_id, env)
+    runs.append(run)
+    code = run.wait(90.0)
+    assert code == 1, run.logs()
+    doc = run.cell_json()
+    assert doc["status"] == "failed" and "FAKE metrics failure" in doc["reason"]
+    failed = json.loads((tmp_path / "results" / "failed" / f"{cell_id}.json").read_text())
+    assert failed["status"] == "failed"
+    assert (run.cell_dir / "events.parquet").is_file() and (run.cell_dir / "responses.parquet").is_file()
+    assert (run.cell_dir / ".run").is_dir()  # the raw collector files stay for inspection
+    assert not (run.cell_dir / "metrics.parquet").exists()
+    # not finished: the next run-cell runs it again (and, without the fault, finishes it)
+    again = start_run_cell(tmp_path, cell_id, make_env(None))
+    runs.append(again)
+    assert again.wait(90.0) == 0, again.logs()
+    assert again.cell_json()["status"] == "ok"

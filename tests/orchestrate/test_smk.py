@@ -11,12 +11,11 @@ import pytest
 import yaml
 
 from llmenergy import config
+from llmenergy.cellfiles import accepted
 from llmenergy.orchestrate.launch import (
-    accepted,
-    fail_requested_by_test_hook,
     runtime_min,
 )
-from llmenergy.orchestrate.smk import TIME_LIMIT_SIGNAL, load, output_problem
+from llmenergy.orchestrate.smk import load, output_problem
 from llmenergy.planning.matrix import estimate_runtime_s, expand
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,7 +80,7 @@ def test_rule_resources_give_every_cell_the_same_keys(tmp_path: Path) -> None:
     assert set(one) == set(two)
     assert one["mpi"] == "" and two["mpi"] == "srun"
     assert one["tasks"] == 1 and two["tasks"] == 2 and two["gres"] == "gpu:2"
-    assert TIME_LIMIT_SIGNAL in one["slurm_extra"]
+    assert "--signal=TERM@120" in one["slurm_extra"]
 
 
 def test_runtime_min_is_twice_the_estimate_plus_ten_minutes(tmp_path: Path) -> None:
@@ -101,24 +100,4 @@ def test_runtime_min_is_twice_the_estimate_plus_ten_minutes(tmp_path: Path) -> N
 def test_accepted_follows_the_policies(tmp_path: Path, status: str, on_oom: str, on_denied: str,
                                        expected: bool) -> None:
     cfg = config.from_dict(_cfg(tmp_path, policies={"on_oom": on_oom, "on_power_cap_denied": on_denied}))
-    assert accepted(cfg, status) is expected
-
-
-def test_test_hook_names_cells_exactly() -> None:
-    env = {"LLMENERGY_TEST_FAIL_CELL": "a_b, c"}
-    assert fail_requested_by_test_hook("a_b", env) and fail_requested_by_test_hook("c", env)
-    assert not fail_requested_by_test_hook("a", env) and not fail_requested_by_test_hook("a_b", {})
-
-
-def test_submit_cell_jobs_build_run_cell_commands(tmp_path: Path) -> None:
-    from llmenergy.orchestrate.submit import cell_jobs
-
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(_cfg(tmp_path)))
-    commands, resources, names, out_dir = cell_jobs(path)
-    assert len(commands) == len(resources) == len(names) == 9
-    assert all(cmd[-4:] == ["--config", str(path.resolve()), "--cell", n] for cmd, n in zip(commands, names,
-                                                                                              strict=True))
-    assert {r.ranks for r in resources} == {1, 2}
-    with pytest.raises(config.ConfigError, match="not in the plan"):
-        cell_jobs(path, ["nope"])
+    assert accepted(status, cfg.policies) is expected

@@ -1,6 +1,5 @@
-# Validate the config and build the matrix; all logic lives in llmenergy.
-from snakemake.utils import validate
-
+# Validate the config (llmenergy.config: JSON schema, then semantic checks) and build the
+# matrix; all logic lives in llmenergy.
 import sys
 
 from llmenergy import smk
@@ -11,7 +10,6 @@ try:
 except UserError as exc:  # one line naming the file and key, before anything is submitted
     sys.stderr.write(f"llmenergy: error: {exc}\n")
     sys.exit(exc.exit_code)
-validate(config, schema="../schemas/config.schema.json")
 
 OUT = CTX.output_dir
 # The package from this checkout, by whichever `python` the environment has (a venv,

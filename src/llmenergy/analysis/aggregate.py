@@ -1,7 +1,7 @@
 """Aggregate every cell's ``metrics.parquet`` into ``summary.parquet`` and ``summary_stats.parquet``.
 
 The per-cell files are read as one ``pyarrow.dataset`` with the versioned
-:data:`llmenergy.analysis.metrics.METRICS_SCHEMA`. Every fragment's footer and schema is
+:data:`llmenergy.cellfiles.METRICS_SCHEMA`. Every fragment's footer and schema is
 validated first; unreadable files are named in the result and in
 ``aggregate_problems.json`` and skipped. No cell vanishes: a cell without usable
 metrics (and any planned cell without a directory) becomes a row with status
@@ -13,8 +13,6 @@ else from a built-in table (df 1-30, 40, 60, 120, ∞; interpolated in 1/df).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,16 +24,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from llmenergy.analysis.metrics import (
+from llmenergy.analysis.metrics import J_PER_KWH, cell_identity, read_records, to_table
+from llmenergy.atomic import write_json, write_parquet
+from llmenergy.cellfiles import (
     IDENTITY_COLUMNS,
-    J_PER_KWH,
     METRICS_SCHEMA,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
-    identity_from,
-    to_table,
 )
-from llmenergy.atomic import write_json, write_parquet
 from llmenergy.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -173,18 +169,12 @@ def _placeholder(cell_id: str, ident: dict[str, Any], status: str, reason: str) 
 
 
 def _cell_row(cdir: Path, reason: str) -> dict[str, Any]:
-    docs = []
-    for name in ("cell.json", "spec.json"):
-        try:
-            docs.append(json.loads((cdir / name).read_text()))
-        except (OSError, json.JSONDecodeError):
-            docs.append(None)
+    record, spec = read_records(cdir)
     status = "missing"
-    cell = docs[0]
-    if isinstance(cell, dict) and cell.get("status") not in (None, "ok"):
-        status = str(cell["status"])
-        reason = f"{reason}; cell.json: {cell.get('reason') or status}"
-    return _placeholder(cdir.name, identity_from(*docs), status, reason)
+    if record is not None and record.status != "ok":
+        status = record.status
+        reason = f"{reason}; cell.json: {record.reason or status}"
+    return _placeholder(cdir.name, cell_identity(record, spec), status, reason)
 
 
 def cell_stats(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
@@ -282,28 +272,3 @@ def aggregate(output_dir: Path, *, grid_gco2_per_kwh: float | None = None,
              summary["cell_id"].nunique(), summary_path, counts)
     return AggregateResult(summary_path, stats_path, problems_path, len(summary),
                            int(summary["cell_id"].nunique()), counts, problems, method)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``llmenergy aggregate [--results DIR] [--grid-gco2-per-kwh X] [--expected-cells FILE]``."""
-    parser = argparse.ArgumentParser(prog="llmenergy aggregate", description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=Path("results"),
-                        help="output directory holding cells/ (default: results)")
-    parser.add_argument("--grid-gco2-per-kwh", type=float, default=None,
-                        help="grid carbon intensity, gCO2e/kWh, to fill gco2e")
-    parser.add_argument("--expected-cells", type=Path, default=None,
-                        help="JSON list of planned cells (dicts with cell_id + identity)")
-    args = parser.parse_args(argv)
-    expected = None
-    if args.expected_cells is not None:
-        try:
-            expected = json.loads(args.expected_cells.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{args.expected_cells}: cannot read planned cells ({exc})") from exc
-        if not isinstance(expected, list):
-            raise UserError(f"{args.expected_cells}: expected a JSON list of cells")
-    res = aggregate(args.results, grid_gco2_per_kwh=args.grid_gco2_per_kwh,
-                    expected_cells=expected)
-    logging.getLogger(__name__).info("wrote %s and %s (%d problem file(s))", res.summary_path,
-                                     res.stats_path, len(res.problems))
-    return 0

@@ -12,7 +12,6 @@ power integral and ``energy_method`` says ``instant_integral``.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,59 +22,41 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmenergy.analysis.energy import SHORT_WINDOW_S, attribute_events, power_source_of
-from llmenergy.errors import UserError
+from llmenergy.cellfiles import (
+    METRIC_COLUMNS,
+    METRICS_SCHEMA,
+    SCHEMA_VERSION,
+    CellFiles,
+    CellRecord,
+    CellSpec,
+)
+from llmenergy.errors import RecordError, UserError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-SCHEMA_VERSION_KEY = b"llmenergy.schema_version"
 J_PER_KWH = 3.6e6
 
-IDENTITY_FIELDS: list[tuple[str, pa.DataType]] = [
-    ("cell_id", pa.string()), ("model", pa.string()), ("dataset", pa.string()),
-    ("gpu", pa.string()), ("shards", pa.int32()), ("nodes", pa.int32()),
-    ("batch_size", pa.int32()), ("max_gen_len", pa.int32()), ("power_cap_w", pa.float64()),
-    ("engine", pa.string()), ("repeat", pa.int32()),
-]
-IDENTITY_COLUMNS = [name for name, _ in IDENTITY_FIELDS if name != "repeat"]
 
-_FIELDS: list[tuple[str, pa.DataType]] = IDENTITY_FIELDS + [
-    ("status", pa.string()), ("reason", pa.string()), ("template", pa.string()), ("gpu_name", pa.string()),
-    ("n_prompts", pa.int64()), ("responses", pa.int64()), ("tokens_in", pa.int64()),
-    ("tokens_out", pa.int64()), ("words_out", pa.int64()), ("duration_s", pa.float64()),
-    ("tokens_per_s", pa.float64()), ("words_per_s", pa.float64()),
-    ("responses_per_s", pa.float64()),
-    ("energy_j", pa.float64()), ("avg_power_w", pa.float64()), ("j_per_token", pa.float64()),
-    ("j_per_word", pa.float64()), ("j_per_response", pa.float64()), ("power_source", pa.string()),
-    ("energy_method", pa.string()), ("n_devices", pa.int32()),
-    ("avg_power_per_gpu_w", pa.float64()), ("idle_power_w", pa.float64()),
-    ("active_energy_j", pa.float64()), ("prefill_energy_j", pa.float64()),
-    ("decode_energy_j", pa.float64()), ("prefill_duration_s", pa.float64()),
-    ("decode_duration_s", pa.float64()), ("latency_p50_s", pa.float64()),
-    ("latency_p95_s", pa.float64()), ("gpu_util_pct", pa.float64()),
-    ("mem_util_pct", pa.float64()), ("energy_instant_j", pa.float64()),
-    ("energy_discrepancy_pct", pa.float64()), ("short_window", pa.bool_()),
-    ("power_out_of_range", pa.bool_()), ("cpu_energy_j", pa.float64()),
-    ("accuracy", pa.float64()), ("n_correct", pa.int64()), ("j_per_correct", pa.float64()),
-    ("gco2e", pa.float64()), ("weights_synthetic", pa.bool_()),
-    ("schema_version", pa.int32()),
-]
-METRICS_SCHEMA = pa.schema(
-    [pa.field(n, t) for n, t in _FIELDS],
-    metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
-)
-METRIC_COLUMNS = [name for name, _ in _FIELDS]
+def read_records(cell_dir: Path) -> tuple[CellRecord | None, CellSpec | None]:
+    """A cell's ``cell.json`` and ``spec.json``; an absent or unreadable one is ``None`` (logged)."""
+    files = CellFiles(Path(cell_dir))
+    out: list[Any] = []
+    for cls, path in ((CellRecord, files.record), (CellSpec, files.spec)):
+        try:
+            out.append(cls.read(path) if path.exists() else None)
+        except RecordError as exc:
+            log.warning("%s", exc)
+            out.append(None)
+    return out[0], out[1]
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        log.warning("%s: unreadable (%s)", path, exc)
-        return None
-    return data if isinstance(data, dict) else None
+def cell_identity(record: CellRecord | None, spec: CellSpec | None) -> dict[str, Any]:
+    """The identity columns of a cell's rows, from its record, else its spec."""
+    cell = record.cell if record is not None else spec.cell if spec is not None else None
+    ident: dict[str, Any] = cell.identity() if cell is not None else {}
+    if spec is not None:
+        ident["nodes"] = spec.nodes
+    return ident
 
 
 def _read_parquet(path: Path) -> pd.DataFrame | None:
@@ -86,37 +67,6 @@ def _read_parquet(path: Path) -> pd.DataFrame | None:
     except (OSError, pa.ArrowException) as exc:
         log.warning("%s: unreadable parquet (%s)", path, exc)
         return None
-
-
-def identity_from(*docs: dict[str, Any] | None) -> dict[str, Any]:
-    """Identity columns looked up in ``doc["cell"]``, ``doc["identity"]`` or ``doc`` itself."""
-    ident: dict[str, Any] = {}
-    for doc in docs:
-        if not doc:
-            continue
-        for scope in (doc.get("cell"), doc.get("identity"), doc):
-            if not isinstance(scope, dict):
-                continue
-            for key in IDENTITY_COLUMNS:
-                if key not in ident and key in scope and not isinstance(scope[key], dict):
-                    ident[key] = scope[key]
-    if "model" not in ident:
-        for doc in docs:
-            model = (doc or {}).get("model")
-            if isinstance(model, dict) and "name" in model:
-                ident["model"] = model["name"]
-                break
-    return ident
-
-
-def _nested(docs: tuple[dict[str, Any] | None, ...], *path: str) -> Any:
-    for doc in docs:
-        cur: Any = doc
-        for key in path:
-            cur = cur.get(key) if isinstance(cur, dict) else None
-        if cur is not None:
-            return cur
-    return None
 
 
 def _sum(df: pd.DataFrame | None, col: str) -> int | None:
@@ -136,10 +86,6 @@ def _total(values: pd.Series) -> float | None:
     if len(values) == 0 or values.isna().any():
         return None
     return float(values.sum())
-
-
-def _opt(x: Any) -> float | None:
-    return None if x is None or (isinstance(x, float) and not np.isfinite(x)) else float(x)
 
 
 def _idle_power_w(att: pd.DataFrame) -> float | None:
@@ -230,9 +176,9 @@ def _repeat_row(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | None,
     return row
 
 
-def _derive_status(cell: dict[str, Any] | None, events: pd.DataFrame | None) -> tuple[str, str | None]:
-    if cell and cell.get("status"):
-        return str(cell["status"]), cell.get("reason")
+def _derive_status(record: CellRecord | None, events: pd.DataFrame | None) -> tuple[str, str | None]:
+    if record is not None:
+        return record.status, record.reason
     if events is None:
         return "incomplete", "no events.parquet and no cell.json"
     return "ok", None
@@ -254,51 +200,50 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def _gpu_names(cell: dict[str, Any] | None) -> str | None:
+def _gpu_names(record: CellRecord | None) -> str | None:
     """The devices the ranks really ran on (provenance), e.g. "NVIDIA H100 80GB HBM3" or "cpu"."""
-    gpus = ((cell or {}).get("provenance") or {}).get("gpus") or []
+    gpus = record.provenance.gpus if record is not None else []
     names = sorted({str(g.get("name")) for g in gpus if g.get("name")})
     return "+".join(names) or None
 
 
-def compute_cell_metrics(cell_dir: Path, *, status: str | dict[str, Any] | None = None,
-                         reason: str | None = None,
+def compute_cell_metrics(cell_dir: Path, *, record: CellRecord | None = None, spec: CellSpec | None = None,
+                         status: str | None = None, reason: str | None = None,
                          grid_gco2_per_kwh: float | None = None) -> pa.Table:
     """One row per repeat with the summary columns for the cell at ``cell_dir``.
 
-    ``status`` overrides ``cell.json`` (``launch`` computes metrics before it writes
-    ``cell.json``): either a status string (with ``reason``) or the cell.json document
-    itself. Without either, a cell with events is ``ok`` and one without is
-    ``incomplete``; an ``ok`` repeat without events becomes ``incomplete``.
-    ``grid_gco2_per_kwh`` defaults to ``spec.json``'s value, if any.
+    ``record`` and ``spec`` default to the cell's ``cell.json`` and ``spec.json``
+    (``launch`` passes the record it is about to write). ``status`` (with
+    ``reason``) overrides the record's. Without a record, a cell with events is
+    ``ok`` and one without is ``incomplete``; an ``ok`` repeat without events
+    becomes ``incomplete``. ``grid_gco2_per_kwh`` defaults to the spec's, if any.
     """
     cell_dir = Path(cell_dir)
     if not cell_dir.is_dir():
         raise UserError(f"{cell_dir}: cell directory does not exist")
-    cell = _read_json(cell_dir / "cell.json")
-    if isinstance(status, dict):
-        cell, reason, status = status, status.get("reason"), status.get("status")
-    spec = _read_json(cell_dir / "spec.json")
-    if grid_gco2_per_kwh is None and spec and spec.get("grid_gco2_per_kwh") is not None:
-        grid_gco2_per_kwh = float(spec["grid_gco2_per_kwh"])
+    read_record, read_spec = read_records(cell_dir)
+    record = record if record is not None else read_record
+    spec = spec if spec is not None else read_spec
+    if grid_gco2_per_kwh is None and spec is not None and spec.grid_gco2_per_kwh is not None:
+        grid_gco2_per_kwh = float(spec.grid_gco2_per_kwh)
     events = _read_parquet(cell_dir / "events.parquet")
     resp = _read_parquet(cell_dir / "responses.parquet")
     power = _read_parquet(cell_dir / "power.parquet")
     if resp is not None and "words_out" not in resp.columns and "text" in resp.columns:
         resp["words_out"] = resp["text"].fillna("").astype(str).str.split().str.len()
-    docs = (cell, spec)
-
-    derived_status, derived_reason = _derive_status(cell, events)
-    base: dict[str, Any] = identity_from(cell, spec)
-    base.setdefault("cell_id", cell_dir.name)
+    derived_status, derived_reason = _derive_status(record, events)
+    base: dict[str, Any] = cell_identity(record, spec)
+    if base.get("cell_id", cell_dir.name) != cell_dir.name:
+        log.warning("%s: its records describe cell %s; the rows keep the folder's name",
+                    cell_dir, base["cell_id"])
+    base["cell_id"] = cell_dir.name
     base["status"] = status or derived_status
     base["reason"] = reason if status else derived_reason
-    base["n_prompts"] = _nested(docs, "dataset", "n_prompts")
-    weights = _nested(docs, "model", "weights") or _nested(docs, "weights")
-    base["weights_synthetic"] = None if weights is None else str(weights) == "synthetic"
+    base["n_prompts"] = spec.dataset.n_prompts if spec is not None else None
+    base["weights_synthetic"] = None if spec is None else spec.weights == "synthetic"
     source = power_source_of(power)  # from the samples, not from what cell.json planned
     base["power_source"] = source
-    base["gpu_name"] = _gpu_names(cell)
+    base["gpu_name"] = _gpu_names(record)
     base["schema_version"] = SCHEMA_VERSION
 
     att = attribute_events(events, power) if events is not None and len(events) else None
@@ -306,7 +251,7 @@ def compute_cell_metrics(cell_dir: Path, *, status: str | dict[str, Any] | None 
     repeats: list[int] = []
     if att is not None:
         repeats = sorted(int(r) for r in att["repeat"].unique() if r >= 0)
-    n_rep = _nested(docs, "repeats")
+    n_rep = record.repeats if record is not None else spec.repeats if spec is not None else None
     if isinstance(n_rep, int) and n_rep > 0:
         repeats = sorted(set(repeats) | set(range(n_rep)))
     rows = [_repeat_row(r, att, resp, idle_power_w, base, grid_gco2_per_kwh) for r in repeats]

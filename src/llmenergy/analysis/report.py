@@ -8,7 +8,6 @@ flagged cells, aggregate problems, accuracy, provenance, how to rerun.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime as dt
 import json
@@ -29,7 +28,8 @@ from llmenergy.analysis.aggregate import (
 )
 from llmenergy.analysis.plots import load_manifest, make_figures
 from llmenergy.atomic import write_text
-from llmenergy.errors import UserError
+from llmenergy.cellfiles import CellRecord
+from llmenergy.errors import RecordError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _figures(output_dir: Path, summary: pd.DataFrame, summary_path: Path) -> lis
 
 
 def _provenance(output_dir: Path, cell_ids: list[str]) -> dict[str, Any]:
-    keys = ("llmenergy_version", "torch_version", "python", "git_commit", "driver")
+    keys = ("llmenergy", "torch", "python", "git_commit", "driver")
     seen: dict[str, set[str]] = {k: set() for k in keys}
     gpus: set[str] = set()
     hosts: set[str] = set()
@@ -107,20 +107,24 @@ def _provenance(output_dir: Path, cell_ids: list[str]) -> dict[str, Any]:
     for cid in cell_ids:
         path = output_dir / "cells" / cid / "cell.json"
         try:
-            prov = json.loads(path.read_text()).get("provenance") or {}
-        except (OSError, ValueError, AttributeError):
+            prov = CellRecord.read(path).provenance
+        except RecordError:
             continue
         n_read += 1
-        for k in keys:
-            if prov.get(k) is not None:
-                seen[k].add(str(prov[k]))
-        gpus.update(str(g.get("name")) for g in prov.get("gpus") or [] if isinstance(g, dict))
-        hosts.update(str(h) for h in prov.get("hosts") or [])
-        if prov.get("slurm_job_id"):
-            jobs.add(str(prov["slurm_job_id"]))
-        started += [str(prov["started_at"])] if prov.get("started_at") else []
-        finished += [str(prov["finished_at"])] if prov.get("finished_at") else []
-    rows = [(k, ", ".join(sorted(v)) or "—") for k, v in seen.items()]
+        values = {"llmenergy": prov.versions.get("llmenergy"), "torch": prov.versions.get("torch"),
+                  "python": prov.versions.get("python"), "git_commit": prov.git_commit, "driver": prov.driver}
+        for k, v in values.items():
+            if v is not None:
+                seen[k].add(str(v))
+        gpus.update(str(g.get("name")) for g in prov.gpus if isinstance(g, dict))
+        hosts.update(str(h) for h in prov.hosts)
+        if prov.slurm_job_id:
+            jobs.add(str(prov.slurm_job_id))
+        started += [prov.started_at] if prov.started_at else []
+        finished += [prov.finished_at] if prov.finished_at else []
+    labels = {"llmenergy": "llmenergy version", "torch": "torch version", "python": "python version",
+              "git_commit": "git commit", "driver": "GPU driver"}
+    rows = [(labels[k], ", ".join(sorted(v)) or "—") for k, v in seen.items()]
     rows += [("GPU names", ", ".join(sorted(gpus)) or "—"),
              ("hosts", f"{len(hosts)}: " + ", ".join(sorted(hosts)[:20])
               + (" …" if len(hosts) > 20 else "") if hosts else "—"),
@@ -250,13 +254,3 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
     log.info("wrote %s (%d cells, %d figures, %d skipped)", out_path, len(stats),
              len(ctx["figures"]), len(ctx["skipped_figures"]))
     return out_path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``llmenergy report [--results DIR] [--out FILE]``."""
-    ap = argparse.ArgumentParser(prog="llmenergy report", description="Render the HTML report.")
-    ap.add_argument("--results", type=Path, default=Path("results"))
-    ap.add_argument("--out", type=Path, default=None, help="default: RESULTS/report.html")
-    args = ap.parse_args(argv)
-    render_report(args.results, out_path=args.out)
-    return 0

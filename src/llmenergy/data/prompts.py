@@ -43,6 +43,7 @@ class DatasetSpec:
     train_path: str | None = None  # gsm8k k-shot examples: a file, or "synthetic"
     kshot: int = 0
     template: str | None = None  # None | "alpaca" | "gsm8k" | "raw"
+    max_prompt_len: int = 256  # prompts are cut to their last max_prompt_len tokens
 
     @classmethod
     def from_dict(cls, name: str, data: dict[str, Any]) -> DatasetSpec:

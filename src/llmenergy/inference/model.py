@@ -260,20 +260,6 @@ def materialize(model: Transformer, device: torch.device | str, dtype: torch.dty
     model.eval()
 
 
-def local_shapes(args: ModelArgs, shards: int) -> dict[str, tuple[int, ...]]:
-    """Shape of every parameter of one rank's shard, without building the model."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, full in full_shapes(args).items():
-        d = shard_dim(name)
-        if d is None:
-            shapes[name] = full
-        else:
-            s = list(full)
-            s[d] = full[d] // shards
-            shapes[name] = tuple(s)
-    return shapes
-
-
 def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Shape of every parameter of the full (unsharded) model, by Meta name."""
     d, hd, hid = args.dim, args.head_dim, args.hidden_dim

@@ -13,8 +13,8 @@ import logging
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
-from llmenergy.errors import UserError
 from llmenergy.arch import ModelArgs, shard_problem
+from llmenergy.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,6 @@ def shutdown() -> None:
 
 def mp_rank() -> int:
     return fs_init.get_model_parallel_rank()
-
-
-def mp_world_size() -> int:
-    return fs_init.get_model_parallel_world_size()
 
 
 def check_shards(name: str, args: ModelArgs, shards: int) -> None:

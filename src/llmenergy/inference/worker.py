@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -23,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import atomic
+from llmenergy.cellfiles import EVENTS_SCHEMA, RESPONSES_SCHEMA, CellSpec, WorkerStatus
 from llmenergy.errors import CellInterrupted, PowerCapDenied, PowerCapError, UserError
+from llmenergy.slurm import on_stop_signals
 
 log = logging.getLogger("llmenergy.inference.worker")
 
@@ -57,13 +58,12 @@ def rank_env(environ: dict[str, str] | None = None) -> RankEnv:
 
 
 class _Stop:
-    """Turns SIGTERM/SIGINT/SIGUSR1/SIGUSR2 into a flag checked between batches."""
+    """Turns :data:`llmenergy.slurm.STOP_SIGNALS` into a flag checked between batches."""
 
     def __init__(self, device: Any) -> None:
         self.signum: int | None = None
         self.device = device
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, self._handle)
+        on_stop_signals(self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         log.warning("received signal %d: finishing the current batch, then stopping", signum)
@@ -114,17 +114,15 @@ class Recorder:
     def write(self, cell_dir: Path) -> None:
         import pyarrow as pa
 
-        from llmenergy.cellfiles import EVENTS_SCHEMA, RESPONSES_SCHEMA
-
         atomic.write_parquet(cell_dir / "events.parquet", pa.Table.from_pylist(self.events, schema=EVENTS_SCHEMA))
         atomic.write_parquet(cell_dir / "responses.parquet",
                              pa.Table.from_pylist(self.responses, schema=RESPONSES_SCHEMA))
 
 
-def _device(spec: dict[str, Any], local_rank: int) -> Any:
+def _device(spec: CellSpec, local_rank: int) -> Any:
     import torch
 
-    if spec["device"] == "cuda" and torch.cuda.is_available():
+    if spec.device == "cuda" and torch.cuda.is_available():
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
         return dev
@@ -174,14 +172,14 @@ def _check_caps(run_dir: Path, nodes: int, timeout_s: float = 120.0) -> None:
                  ", ".join(f"{g['uuid']}: {g['enforced_w']} W" for g in rep.get("gpus", [])))
 
 
-def _tokenizer(spec: dict[str, Any]) -> Any:
+def _tokenizer(spec: CellSpec) -> Any:
     """The cell's tokenizer: configured, else the checkpoint's, else the project's own."""
     from llmenergy.inference.tokenizer import default_tokenizer, load_tokenizer
 
-    if spec.get("tokenizer"):
-        return load_tokenizer(spec["tokenizer"])
-    if spec["weights"] != "synthetic":
-        return load_tokenizer(spec["weights"])
+    if spec.tokenizer:
+        return load_tokenizer(spec.tokenizer)
+    if spec.weights != "synthetic":
+        return load_tokenizer(spec.weights)
     return default_tokenizer()
 
 
@@ -193,60 +191,59 @@ def run(spec_path: Path) -> int:
     import torch
     import torch.distributed as dist
 
-    from llmenergy.data import DatasetSpec, load_prompts
+    from llmenergy.data import load_prompts
     from llmenergy.inference import generate, tp, weights
 
-    spec = json.loads(spec_path.read_text())
+    spec = CellSpec.read(spec_path)
     cell_dir = spec_path.parent
     run_dir = cell_dir / ".run"
     renv = rank_env()
     dev = _device(spec, renv.local_rank)
     stop = _Stop(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    torch.manual_seed(spec["seed"])
+    torch.manual_seed(spec.seed)
     if dev.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, spec["ranks_per_node"])))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, spec.ranks_per_node)))
     dist.init_process_group(backend, init_method=f"tcp://{renv.master_addr}:{renv.master_port}",
                             rank=renv.rank, world_size=renv.world_size)
     tp.init_model_parallel(renv.world_size)
     info = _device_info(dev, renv.node, renv.rank)
     atomic.write_json(run_dir / "uuids" / f"{renv.node}.{renv.rank}.json", info)
-    rec = Recorder(spec["cell_id"], dev)
+    rec = Recorder(spec.cell_id, dev)
     is_main = renv.rank == 0
     try:
         if is_main:
-            _wait_ready(run_dir, spec["nodes"])
+            _wait_ready(run_dir, spec.nodes)
         dist.barrier()
         t0 = rec.now_ns()
-        time.sleep(spec["idle_baseline_s"])
+        time.sleep(spec.collector.idle_baseline_s)
         rec.event("idle", t0, rec.now_ns())
         stop.check()
 
         t0 = rec.now_ns()
-        dtype = getattr(torch, spec["dtype"])
+        dtype = getattr(torch, spec.dtype)
         model, load_info = weights.build(
-            spec["arch"], spec["weights"], device=dev, dtype=dtype, seed=spec["seed"],
-            max_batch_size=spec["batch_size"], max_seq_len=spec["max_seq_len"])
+            spec.arch, spec.weights, device=dev, dtype=dtype, seed=spec.seed,
+            max_batch_size=spec.cell.batch_size, max_seq_len=spec.max_seq_len)
         tok = _tokenizer(spec)
-        ds = DatasetSpec(**spec["dataset"])
-        prompts = load_prompts(ds)
-        encoded = [tok.encode(p.text, bos=True, eos=False)[-spec["max_prompt_len"]:] for p in prompts]
+        prompts = load_prompts(spec.dataset)
+        encoded = [tok.encode(p.text, bos=True, eos=False)[-spec.max_prompt_len:] for p in prompts]
         dist.barrier()
         rec.event("load", t0, rec.now_ns())
         stop.check()
 
-        if spec.get("power_cap_w") is not None:
-            _check_caps(run_dir, spec["nodes"])
+        if spec.cell.power_cap_w is not None:
+            _check_caps(run_dir, spec.nodes)
         stop.check()
         t0 = rec.now_ns()
-        generate.generate(model, encoded[: spec["batch_size"]], spec["warmup_tokens"], eos_id=tok.eos_id,
-                          stop_at_eos=False)
-        rec.event("warmup", t0, rec.now_ns(), n_seqs=min(len(encoded), spec["batch_size"]))
+        batch_size = spec.cell.batch_size
+        generate.generate(model, encoded[:batch_size], spec.warmup_tokens, eos_id=tok.eos_id, stop_at_eos=False)
+        rec.event("warmup", t0, rec.now_ns(), n_seqs=min(len(encoded), batch_size))
 
-        for repeat in range(spec["repeats"]):
+        for repeat in range(spec.repeats):
             rec.repeat = repeat
             pairs = list(zip(prompts, encoded, strict=True))
-            batches = _batches(pairs, spec["batch_size"])
+            batches = _batches(pairs, batch_size)
             for b, batch in enumerate(batches):
                 stop.check()
                 rec.batch_index = b
@@ -254,30 +251,29 @@ def run(spec_path: Path) -> int:
                 _run_batch(rec, model, tok, batch, spec, is_main)
                 if is_main:
                     log.info("repeat %d/%d, batch %d/%d: %d sequences in %.2f s",
-                             repeat + 1, spec["repeats"], b + 1, len(batches), len(batch),
+                             repeat + 1, spec.repeats, b + 1, len(batches), len(batch),
                              time.monotonic() - t_batch)
         rec.repeat = rec.batch_index = -1
-        status: dict[str, Any] = {"status": "ok", "load": load_info.to_dict()}
-        code = 0
+        status, code = WorkerStatus("ok", load=load_info.to_dict()), 0
     except PowerCapDenied as exc:
-        status, code = {"status": "power_cap_denied", "reason": str(exc)}, EXIT_CAP_DENIED
+        status, code = WorkerStatus("power_cap_denied", str(exc)), EXIT_CAP_DENIED
     except PowerCapError as exc:
-        status, code = {"status": "failed", "reason": f"power cap: {exc}"}, 1
+        status, code = WorkerStatus("failed", f"power cap: {exc}"), 1
     except UserError as exc:  # a bad checkpoint, dataset or tokenizer: one line, no traceback
         log.error("%s", exc)
-        status, code = {"status": "failed", "reason": str(exc)}, 2
+        status, code = WorkerStatus("failed", str(exc)), 2
     except CellInterrupted as exc:
-        status, code = {"status": "incomplete", "reason": str(exc)}, EXIT_INTERRUPTED
+        status, code = WorkerStatus("incomplete", str(exc)), EXIT_INTERRUPTED
     except torch.OutOfMemoryError as exc:
-        status, code = {"status": "oom", "reason": f"CUDA out of memory: {str(exc).splitlines()[0]}"}, EXIT_OOM
+        status, code = WorkerStatus("oom", f"CUDA out of memory: {str(exc).splitlines()[0]}"), EXIT_OOM
     except Exception as exc:  # noqa: BLE001 - e.g. a peer rank's node died: record why, keep what was measured
         log.exception("rank %d failed", renv.rank)
         first = (str(exc).splitlines() or [""])[0][:300]
-        status, code = {"status": "failed", "reason": f"rank {renv.rank}: {type(exc).__name__}: {first}"}, 1
+        status, code = WorkerStatus("failed", f"rank {renv.rank}: {type(exc).__name__}: {first}"), 1
     if is_main:
         rec.write(cell_dir)
-        atomic.write_json(run_dir / "worker_status.json", status)
-    log.info("rank %d done: %s", renv.rank, status["status"])
+        status.write(run_dir / "worker_status.json")
+    log.info("rank %d done: %s", renv.rank, status.status)
     if code == 0:
         dist.barrier()
     with contextlib.suppress(Exception):  # a broken group cannot always be torn down cleanly
@@ -285,7 +281,7 @@ def run(spec_path: Path) -> int:
     return code
 
 
-def _run_batch(rec: Recorder, model: Any, tok: Any, batch: list[Any], spec: dict[str, Any], is_main: bool) -> None:
+def _run_batch(rec: Recorder, model: Any, tok: Any, batch: list[Any], spec: CellSpec, is_main: bool) -> None:
     from llmenergy.data.accuracy import is_correct
     from llmenergy.inference import generate
 
@@ -297,8 +293,8 @@ def _run_batch(rec: Recorder, model: Any, tok: Any, batch: list[Any], spec: dict
     def on_phase(phase: str, start_ns: int, end_ns: int) -> None:
         phases.append((phase, start_ns, end_ns))
 
-    result = generate.generate(model, tokens, spec["max_gen_len"], eos_id=tok.eos_id,
-                               stop_at_eos=spec["stop_at_eos"], on_phase=on_phase)
+    result = generate.generate(model, tokens, spec.cell.max_gen_len, eos_id=tok.eos_id,
+                               stop_at_eos=spec.stop_at_eos, on_phase=on_phase)
     outs = result.tokens
     n_out = sum(len(o) for o in outs)
     for phase, s, e in phases:
@@ -312,7 +308,7 @@ def _run_batch(rec: Recorder, model: Any, tok: Any, batch: list[Any], spec: dict
             "cell_id": rec.cell_id, "repeat": rec.repeat, "batch_index": rec.batch_index, "prompt_id": p.id,
             "tokens_in": len(t), "tokens_out": len(o), "words_out": len(text.split()), "text": text,
             "reference": p.reference, "correct": is_correct(text, p.reference) if p.reference and
-            spec["dataset"]["format"] == "gsm8k" else None,
+            spec.dataset.format == "gsm8k" else None,
             "template": p.template,
         })
 

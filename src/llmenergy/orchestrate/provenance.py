@@ -1,6 +1,7 @@
 """Provenance of a cell: versions, commit, hosts, GPUs, driver, Slurm job, energy seen by Slurm."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import llmenergy
+from llmenergy.cellfiles import CellFiles, Provenance, WorkerStatus
+from llmenergy.errors import RecordError
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +65,28 @@ def slurm_consumed_energy_j(job_id: str | None) -> float | None:
     return sum(vals) if vals and any(vals) else None
 
 
-def collect_provenance(cell_dir: Path, *, started: float, power: Any = None) -> dict[str, Any]:
-    uuids = [json.loads(p.read_text()) for p in sorted((cell_dir / ".run" / "uuids").glob("*.json"))]
-    ready = [json.loads(p.read_text()) for p in sorted((cell_dir / ".run" / "ready").glob("*.json"))]
+def collect_provenance(files: CellFiles, *, started: float, power: Any = None) -> Provenance:
+    """What the cell ran on and with, from its ``.run/`` folder (ranks' devices, collectors) and here."""
+    uuids = [json.loads(p.read_text()) for p in sorted((files.run / "uuids").glob("*.json"))]
+    ready = [json.loads(p.read_text()) for p in sorted((files.run / "ready").glob("*.json"))]
     job = os.environ.get("SLURM_JOB_ID")
-    return {
-        "versions": _versions(),
-        "git_commit": git_commit(),
-        "hosts": sorted({u["node"] for u in uuids}),
-        "gpus": uuids,
-        "collectors": ready,
-        "driver": _driver(),
-        "slurm_job_id": job,
-        "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME"),
-        "slurm_consumed_energy_j": slurm_consumed_energy_j(job),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "wall_s": round(time.time() - started, 3),
-        "power_samples": int(power.num_rows) if power is not None else 0,
-    }
+    load = None
+    if files.worker_status.exists():
+        with contextlib.suppress(RecordError):
+            load = WorkerStatus.read(files.worker_status).load
+    return Provenance(
+        versions=_versions(),
+        git_commit=git_commit(),
+        hosts=sorted({u["node"] for u in uuids}),
+        gpus=uuids,
+        collectors=ready,
+        driver=_driver(),
+        slurm_job_id=job,
+        slurm_cluster=os.environ.get("SLURM_CLUSTER_NAME"),
+        slurm_consumed_energy_j=slurm_consumed_energy_j(job),
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        wall_s=round(time.time() - started, 3),
+        power_samples=int(power.num_rows) if power is not None else 0,
+        load=load,
+    )

@@ -16,17 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import atomic
+from llmenergy.cellfiles import Cell, accepted
 from llmenergy.config import Config, from_dict
-from llmenergy.planning.matrix import Cell, Plan, expand
+from llmenergy.planning.matrix import Plan, expand
+from llmenergy.slurm import time_limit_signal
 
 log = logging.getLogger(__name__)
 
 RESOLVED_CONFIG = ".llmenergy/config.json"
-
-#: Every cell's job asks Slurm for SIGTERM to all its steps this long before the
-#: time limit: the ranks finish the current batch, record ``incomplete`` and exit
-#: non-zero, so Snakemake reruns the cell (see :mod:`llmenergy.orchestrate.launch`).
-TIME_LIMIT_SIGNAL = "--signal=TERM@120"
 
 PARQUET_MAGIC = b"PAR1"
 
@@ -93,7 +90,7 @@ class Context:
         # Optional sbatch options go through slurm_extra: every cell must have the same
         # resource keys, and the plugin turns an empty constraint/qos into `-C ''`.
         extra = [f"--{k}={res.pop(k)}" for k in ("constraint", "qos") if k in res]
-        res["slurm_extra"] = " ".join([*extra, TIME_LIMIT_SIGNAL])
+        res["slurm_extra"] = " ".join([*extra, f"--signal={time_limit_signal()}"])
         return res
 
     def quarantine_corrupt(self, *, dry_run: bool = False, derived: Sequence[str | Path] = ()) -> list[str]:
@@ -102,14 +99,12 @@ class Context:
         ``*.rejected`` and the ``derived`` files (summary, report) are removed, so
         that Snakemake reruns exactly those cells (and the analysis). Returns the
         cell ids."""
-        from llmenergy.orchestrate.launch import accepted
-
         bad: list[str] = []
         for cell in self.plan.cells:
             cell_dir = cell.dir(self.output_dir)
             outputs = [cell_dir / "metrics.parquet", cell_dir / "cell.json"]
             problems = [(p, why) for p in outputs
-                        if p.exists() and (why := output_problem(p, lambda st: accepted(self.cfg, st)))]
+                        if p.exists() and (why := output_problem(p, lambda st: accepted(st, self.cfg.policies)))]
             if not problems:
                 continue
             bad.append(cell.id)

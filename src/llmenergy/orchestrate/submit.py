@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from llmenergy import entrypoints
 from llmenergy.errors import UserError
-from llmenergy.slurm import Resources
+from llmenergy.slurm import TIME_LIMIT_WARNING_S, Resources, time_limit_signal
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,9 @@ def submitit_parameters(res: Resources, *, job_name: str) -> dict[str, Any]:
         "slurm_cpus_per_task": res.cpus_per_task * res.tasks_per_node,
         "slurm_gres": f"gpu:{res.gpus_per_node}",
         "slurm_use_srun": False,
+        # the same time-limit signal as every other launch path (submitit's default is USR2@90)
+        "slurm_signal_delay_s": TIME_LIMIT_WARNING_S,
+        "slurm_additional_parameters": {"signal": time_limit_signal()},
     }
     for name, value in res.optional_settings().items():
         key = "slurm_mem" if name == "mem_mb" else f"slurm_{name}"

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from llmenergy.arch import kv_cache_bytes, shard_problem, weight_bytes
+from llmenergy.cellfiles import AXES, Cell
 from llmenergy.config import Config
 from llmenergy.errors import ConfigError
+from llmenergy.slurm import ShardLayoutError, node_layout
 
 MAX_SHARDS = 32
 DEFAULTS: dict[str, list[Any]] = {
@@ -23,34 +24,6 @@ DEFAULTS: dict[str, list[Any]] = {
 }
 # Per GPU: CUDA context, allocator slack and activations not counted in weights + KV cache.
 RESERVE_GB_PER_GPU = 2.0
-
-
-@dataclass(frozen=True)
-class Cell:
-    model: str
-    dataset: str
-    gpu: str
-    shards: int
-    batch_size: int
-    max_gen_len: int
-    power_cap_w: float | None
-    engine: str = "reference"
-
-    @property
-    def id(self) -> str:
-        cap = "none" if self.power_cap_w is None else f"{self.power_cap_w:g}W"
-        return (f"{self.model}_{self.dataset}_{self.gpu}_s{self.shards}_b{self.batch_size}"
-                f"_g{self.max_gen_len}_p{cap}_{self.engine}")
-
-    def identity(self) -> dict[str, Any]:
-        return {"cell_id": self.id, **asdict(self)}
-
-    def dir(self, output_dir: str | Path) -> Path:
-        return Path(output_dir) / "cells" / self.id
-
-    @classmethod
-    def from_identity(cls, d: dict[str, Any]) -> Cell:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -97,9 +70,10 @@ def memory_problem(cfg: Config, cell: Cell) -> str | None:
 def feasibility(cfg: Config, cell: Cell) -> str | None:
     if cell.shards > MAX_SHARDS:
         return f"{cell.shards} shards: more than the {MAX_SHARDS} GPUs a cell may use"
-    gpn = cfg.gpus[cell.gpu].gpus_per_node
-    if cell.shards > gpn and cell.shards % gpn:
-        return f"{cell.shards} shards on {cell.gpu}: not a multiple of its {gpn} GPUs per node"
+    try:
+        layout(cfg, cell)
+    except ShardLayoutError as exc:
+        return str(exc)
     return shard_problem(cell.model, cfg.models[cell.model].args, cell.shards) or memory_problem(cfg, cell)
 
 
@@ -110,9 +84,8 @@ def expand(cfg: Config) -> Plan:
     infeasible: list[Infeasible] = []
     for i, group in enumerate(cfg.matrix):
         axes = {**DEFAULTS, **group}
-        names = list(Cell.__dataclass_fields__)
-        for values in itertools.product(*(axes[n] for n in names)):
-            cell = Cell(**dict(zip(names, values, strict=True)))
+        for values in itertools.product(*(axes[n] for n in AXES)):
+            cell = Cell(**dict(zip(AXES, values, strict=True)))
             if cell.id in seen:
                 raise ConfigError(
                     f"{cfg.source}: matrix[{i}]: cell {cell.id} is already produced by matrix[{seen[cell.id]}]")
@@ -129,9 +102,8 @@ def expand(cfg: Config) -> Plan:
 
 
 def layout(cfg: Config, cell: Cell) -> tuple[int, int]:
-    """(nodes, ranks per node) of a cell: whole nodes of its GPU type, one rank per GPU."""
-    nodes = max(1, math.ceil(cell.shards / cfg.gpus[cell.gpu].gpus_per_node))
-    return nodes, cell.shards // nodes
+    """(nodes, ranks per node) of a cell, one rank per GPU (:func:`llmenergy.slurm.node_layout`)."""
+    return node_layout(cell.shards, cfg.gpus[cell.gpu].gpus_per_node, cell.gpu)
 
 
 def estimate_runtime_s(cfg: Config, cell: Cell) -> float:

@@ -3,7 +3,7 @@
 One runs on every node of the cell, beside the ranks (``srun --overlap
 --ntasks-per-node=1`` inside Slurm, a child process locally). It starts the
 node's power collector and, for a capped cell, the power-cap guard; on
-SIGUSR1/SIGTERM/SIGINT it stops both (SIGUSR1, so they flush and restore),
+any of :data:`llmenergy.slurm.STOP_SIGNALS` it stops both (SIGUSR1, so they flush and restore),
 then runs ``powercap-guard --restore`` as a safety net, which changes nothing
 when the guard already restored.
 
@@ -16,7 +16,6 @@ the step FAILED in ``sacct``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import entrypoints
+from llmenergy.cellfiles import CellSpec
+from llmenergy.slurm import on_stop_signals
 
 log = logging.getLogger("llmenergy.power.agent")
 
@@ -35,30 +36,30 @@ STOP_TIMEOUT_S = 30.0
 SELF_STOP_GRACE_S = 3.0
 
 
-def collector_args(spec: dict[str, Any], run_dir: Path, node: str) -> list[str]:
-    c = spec["collector"]
-    args = [sys.executable, "-m", entrypoints.COLLECTOR, "--backend", c["backend"],
-            "--interval-ms", str(c["interval_ms"]), "--power-interval-ms", str(c.get("power_interval_ms", 40)),
+def collector_args(spec: CellSpec, run_dir: Path, node: str) -> list[str]:
+    c = spec.collector
+    args = [sys.executable, "-m", entrypoints.COLLECTOR, "--backend", c.backend,
+            "--interval-ms", str(c.interval_ms), "--power-interval-ms", str(c.power_interval_ms),
             "--out", str(run_dir / "power"), "--node", node,
             "--uuid-dir", str(run_dir / "uuids"), "--ready-dir", str(run_dir / "ready"),
-            "--expect-devices", str(spec["ranks_per_node"])]
-    if c.get("estimate_tdp_w"):
-        args += ["--option", f"tdp_w={c['estimate_tdp_w']}"]
-    if c.get("dcgm_host"):
-        args += ["--option", f"dcgm_host={c['dcgm_host']}"]
+            "--expect-devices", str(spec.ranks_per_node)]
+    if c.estimate_tdp_w:
+        args += ["--option", f"tdp_w={c.estimate_tdp_w}"]
+    if c.dcgm_host:
+        args += ["--option", f"dcgm_host={c.dcgm_host}"]
     return args
 
 
-def guard_args(spec: dict[str, Any], cell_dir: Path, node: str) -> list[str]:
+def guard_args(spec: CellSpec, cell_dir: Path, node: str) -> list[str]:
     run_dir = cell_dir / ".run"
-    backend = "dcgm" if spec["collector"]["backend"] == "dcgm" else "nvml"
-    args = [sys.executable, "-m", entrypoints.POWERCAP_GUARD, "--cap-w", str(spec["power_cap_w"]),
+    backend = "dcgm" if spec.collector.backend == "dcgm" else "nvml"
+    args = [sys.executable, "-m", entrypoints.POWERCAP_GUARD, "--cap-w", str(spec.cell.power_cap_w),
             "--uuid-dir", str(run_dir / "uuids"), "--ready-dir", str(run_dir / "capready"),
             "--state-dir", str(cell_dir / "powercap"), "--node", node,
-            "--expect-devices", str(spec["ranks_per_node"]), "--backend", backend,
-            "--on-denied", spec["policies"].get("on_power_cap_denied", "fail")]
-    if spec["collector"].get("dcgm_host"):
-        args += ["--dcgm-host", spec["collector"]["dcgm_host"]]
+            "--expect-devices", str(spec.ranks_per_node), "--backend", backend,
+            "--on-denied", spec.policies.on_power_cap_denied]
+    if spec.collector.dcgm_host:
+        args += ["--dcgm-host", spec.collector.dcgm_host]
     return args
 
 
@@ -80,7 +81,7 @@ def stop_flushing(proc: subprocess.Popen[bytes], name: str, grace_s: float = 0.0
 
 
 def run(spec_path: Path, node: str | None = None) -> int:
-    spec = json.loads(spec_path.read_text())
+    spec = CellSpec.read(spec_path)
     cell_dir = spec_path.parent
     node = node or socket.gethostname()
     logs = cell_dir / "logs"
@@ -90,13 +91,12 @@ def run(spec_path: Path, node: str | None = None) -> int:
     def handle(signum: int, frame: Any) -> None:
         stop["signum"] = signum
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handle)
+    on_stop_signals(handle)
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     with open(logs / f"collector.{node}.log", "ab") as out:
         children.append(("collector", subprocess.Popen(collector_args(spec, cell_dir / ".run", node),
                                                        stdout=out, stderr=subprocess.STDOUT)))
-    if spec.get("power_cap_w") is not None:
+    if spec.cell.power_cap_w is not None:
         with open(logs / f"powercap.{node}.log", "ab") as out:
             children.append(("powercap-guard", subprocess.Popen(guard_args(spec, cell_dir, node),
                                                                 stdout=out, stderr=subprocess.STDOUT)))
@@ -106,7 +106,7 @@ def run(spec_path: Path, node: str | None = None) -> int:
     grace_s = SELF_STOP_GRACE_S if os.environ.get("SLURM_STEP_ID") is not None else 0.0
     deadline = time.monotonic() + grace_s
     codes = {name: stop_flushing(p, name, max(0.0, deadline - time.monotonic())) for name, p in children}
-    if spec.get("power_cap_w") is not None:
+    if spec.cell.power_cap_w is not None:
         subprocess.run([sys.executable, "-m", entrypoints.POWERCAP_GUARD, "--restore",
                         "--state-dir", str(cell_dir / "powercap"), "--node", node], check=False)
     log.info("node %s: stopped (%s)", node, codes)

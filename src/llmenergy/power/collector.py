@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmenergy.atomic import write_json, write_parquet
+from llmenergy.config import DEFAULT_POWER_INTERVAL_MS, CollectorSpec
 from llmenergy.errors import LLMEnergyError, SensorError
 from llmenergy.power.backends.base import (
     POWER_SCHEMA,
@@ -42,12 +43,12 @@ from llmenergy.power.backends.base import (
     rows_to_table,
 )
 from llmenergy.power.backends.factory import BACKEND_NAMES, select_backend
+from llmenergy.slurm import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
 PART_RE = re.compile(r"^(?P<node>.+)\.part-(?P<number>\d{4,})\.parquet$")
 RECOVERED_KEY = b"llmenergy.recovered_nodes"
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGINT, signal.SIGTERM)
 MAX_CONSECUTIVE_ERRORS = 50
 
 
@@ -95,7 +96,7 @@ class NodeCollector:
         ready_dir: Path,
         expect_devices: int,
         flush_s: float = 2.0,
-        power_interval_ms: int = 20,
+        power_interval_ms: int = DEFAULT_POWER_INTERVAL_MS,
         wait_s: float = 600.0,
         options: dict[str, Any] | None = None,
     ) -> None:
@@ -327,8 +328,8 @@ def _option(text: str) -> tuple[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmenergy collect", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
-    parser.add_argument("--interval-ms", type=int, default=100, help="full sample period")
-    parser.add_argument("--power-interval-ms", type=int, default=20,
+    parser.add_argument("--interval-ms", type=int, default=CollectorSpec.interval_ms, help="full sample period")
+    parser.add_argument("--power-interval-ms", type=int, default=DEFAULT_POWER_INTERVAL_MS,
                         help="instant-power poll period for backends that allow it (0 = off)")
     parser.add_argument("--out", type=Path, required=True, help="folder for part and final files")
     parser.add_argument("--node", default=socket.gethostname())

@@ -52,10 +52,12 @@ from llmenergy.power.caps import (
     state_path,
 )
 from llmenergy.power.collector import read_uuid_files
+from llmenergy.slurm import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGHUP)
+#: The cell's stop signals, and SIGHUP (a closed terminal): the guard restores caps on each.
+GUARD_STOP_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 POLL_S = 0.05
 
 
@@ -97,7 +99,7 @@ class PowerCapGuard:
             self.stop_reason = signal.Signals(signum).name
 
     def install_triggers(self) -> None:
-        for sig in STOP_SIGNALS:
+        for sig in GUARD_STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         atexit.register(self.restore, "atexit")
         if self.watch_stdin:

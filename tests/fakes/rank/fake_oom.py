@@ -16,14 +16,12 @@ there.
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import json
 import os
-import sys
 from types import ModuleType
 from typing import Any
+
+from fake_import_hook import after_import
 
 TARGET = "llmenergy.inference.generate"
 ENV_BATCH = "FAKE_OOM_AT_BATCH"
@@ -63,42 +61,9 @@ def patch(module: ModuleType, at_batch: int) -> None:
     module.generate = generate
 
 
-class _Loader(importlib.abc.Loader):
-    """Runs the real loader, then patches the freshly executed module."""
-
-    def __init__(self, real: importlib.abc.Loader, at_batch: int) -> None:
-        self.real = real
-        self.at_batch = at_batch
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self.real.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        self.real.exec_module(module)
-        patch(module, self.at_batch)
-
-
-class _Finder(importlib.abc.MetaPathFinder):
-    def __init__(self, at_batch: int) -> None:
-        self.at_batch = at_batch
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if name != TARGET:
-            return None
-        sys.meta_path.remove(self)  # one module, once; also keeps find_spec below from recursing
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
-            return spec
-        spec.loader = _Loader(spec.loader, self.at_batch)
-        return spec
-
-
 def install() -> None:
     """Arm the injection when ``FAKE_OOM_AT_BATCH`` is set; otherwise do nothing."""
     raw = os.environ.get(ENV_BATCH)
     if raw is None or raw == "":
         return
-    if TARGET in sys.modules:
-        patch(sys.modules[TARGET], int(raw))
-    else:
-        sys.meta_path.insert(0, _Finder(int(raw)))
+    after_import(TARGET, functools.partial(patch, at_batch=int(raw)))

@@ -1,14 +1,20 @@
-"""FAKE GPU hardware for worker ranks (tests only): a thin shim over the ``fake_*`` modules here.
+"""FAKE hardware and faults for a cell's processes (tests only): a thin shim over the ``fake_*`` modules here.
 
 A process started with ``tests/fakes/rank`` on ``PYTHONPATH`` imports this file
 at start-up (Python's ``sitecustomize`` hook). Each fake does nothing unless
 its variable is set:
 
 * ``FAKE_OOM_AT_BATCH``: :mod:`fake_oom`, CUDA out-of-memory at a batch;
-* ``FAKE_RANK_GPU_UUID``: :mod:`fake_rank_gpu`, a CPU rank announces this GPU.
+* ``FAKE_RANK_GPU_UUID``: :mod:`fake_rank_gpu`, a CPU rank announces this GPU;
+* ``FAKE_CRASH_CELLS``: :mod:`fake_rank_crash`, the listed cells' ranks fail;
+* ``FAKE_METRICS_CRASH``: :mod:`fake_metrics_crash`, the launcher's metrics step raises.
 """
+import fake_metrics_crash
 import fake_oom
+import fake_rank_crash
 import fake_rank_gpu
 
 fake_oom.install()
 fake_rank_gpu.install()
+fake_rank_crash.install()
+fake_metrics_crash.install()

@@ -25,37 +25,16 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
+from llmenergy.cellfiles import POWER_COLUMNS, POWER_SCHEMA
+from llmenergy.config import COLLECTOR_BACKENDS
 from llmenergy.errors import LLMEnergyError, SensorError, SensorUnavailable
 
 log = logging.getLogger(__name__)
 
-#: Column name → Arrow type of one power sample (docs/internals.md).
-POWER_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
-    ("node", pa.string()),
-    ("device", pa.string()),
-    ("device_index", pa.int32()),
-    ("domain", pa.string()),
-    ("timestamp_ns", pa.int64()),
-    ("energy_mj", pa.float64()),
-    ("power_w", pa.float64()),
-    ("gpu_util_pct", pa.float64()),
-    ("mem_util_pct", pa.float64()),
-    ("mem_used_mb", pa.float64()),
-    ("sm_clock_mhz", pa.float64()),
-    ("mem_clock_mhz", pa.float64()),
-    ("temperature_c", pa.float64()),
-    ("power_limit_w", pa.float64()),
-    ("clock_event_reasons", pa.int64()),
-    ("power_cap_throttle_ns", pa.int64()),
-    ("source", pa.string()),
-)
-POWER_COLUMNS: tuple[str, ...] = tuple(name for name, _ in POWER_FIELDS)
-POWER_SCHEMA: pa.Schema = pa.schema([pa.field(name, typ) for name, typ in POWER_FIELDS])
-
 #: The ``domain`` values a row may carry.
 DOMAINS = frozenset({"gpu", "cpu_package", "dram", "estimate"})
 #: The ``source`` values a row may carry.
-SOURCES = frozenset({"dcgm", "nvml", "rapl", "estimate", "replay", "none"})
+SOURCES = frozenset((*COLLECTOR_BACKENDS, "replay")) - {"auto"}
 
 
 @dataclasses.dataclass(frozen=True)

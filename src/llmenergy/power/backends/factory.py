@@ -19,12 +19,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from llmenergy.config import COLLECTOR_BACKENDS
 from llmenergy.errors import ConfigError, SensorError, SensorUnavailable
 from llmenergy.power.backends.base import PowerBackend
 
 log = logging.getLogger(__name__)
 
-BACKEND_NAMES: tuple[str, ...] = ("auto", "dcgm", "nvml", "rapl", "estimate", "replay", "none")
+#: What the collector process takes: the config's backends, and ``replay`` (a recorded series).
+BACKEND_NAMES: tuple[str, ...] = (*COLLECTOR_BACKENDS, "replay")
 GPU_AUTO_CHAIN: tuple[str, ...] = ("dcgm", "nvml", "rapl", "none")
 CPU_AUTO_CHAIN: tuple[str, ...] = ("rapl", "none")
 CPU_UUID = "cpu"
