@@ -6,7 +6,7 @@ Everything here is deterministic and free of side effects except
 :func:`resolve_node_addr`, which asks ``scontrol`` (and falls back to DNS).
 The builders are golden-tested in ``tests/test_slurm.py``.
 
-How a cell runs on Slurm (see design.md, section 3):
+How a cell runs on Slurm (docs/internals.md and the README, "Running on your cluster"):
 
 * one job per cell, ``nodes`` nodes with ``tasks_per_node`` GPUs used on each;
 * inside the job, the cell's launcher starts one collector per node with

@@ -227,3 +227,38 @@ def test_corrupt_metrics_file(workdir: Path) -> None:
     assert "bad magic bytes" in second.output
     assert pq.read_table(metrics).num_rows == 1
     assert h.fingerprint(workdir, [bystander]) == before
+
+
+def test_submit_job_gets_the_same_stop_signal_and_handling(workdir: Path) -> None:
+    """Issue 14: `llmenergy submit` jobs used submitit's default signal (USR2 at 90 s),
+    which the node agent and collector did not handle: they died without flushing
+    and the power-cap safety net was skipped. Now the job asks for TERM@120 like the
+    Snakemake route, and every process of a cell treats USR2 as it treats TERM."""
+    h.write_config(workdir, h.tiny_config({"A1": h.gpu_type("a100", 1)},
+                                          [h.group("A1", 2, dataset="slow", max_gen_len=48)]))
+    cell = h.cell_id(workdir)
+    proc = subprocess.Popen(
+        ["timeout", "-s", "INT", "240", str(h.VENV_BIN / "llmenergy"), "submit", "--config", "config.yaml",
+         "--executor", "slurm", "--wait"],
+        cwd=workdir, env=h.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        h.wait_for(lambda: h.rank_started(workdir, cell), 180, "the ranks")
+        scripts = h.wait_for(lambda: list((workdir / "results" / "submitit").rglob("*submission.sh")), 30,
+                             "submitit's sbatch script")
+        script = scripts[0].read_text()
+        assert "#SBATCH --signal=TERM@120" in script and "USR2" not in script
+        job = int(scripts[0].parent.name)
+        subprocess.run(["scancel", "--signal=USR2", str(job)], check=True)  # what submitit's default sent
+        output, _ = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+    assert proc.returncode != 0, output[-3000:]
+    rec = json.loads((workdir / "results" / "failed" / f"{cell}.json").read_text())
+    assert rec["status"] == "incomplete" and "signal" in rec["reason"], rec
+    # the collectors flushed on the signal: the power file is whole, nothing recovered from parts
+    assert rec["power_recovered_from_parts"] == []
+    assert (h.cell_dir(workdir, cell) / "power.parquet").is_file()
+    agent_logs = list((h.cell_dir(workdir, cell) / "logs").glob("agent.*.log"))
+    assert agent_logs and all("stopped ({'collector': 0})" in p.read_text() for p in agent_logs)

@@ -41,7 +41,7 @@ DCGM_BINDING_DIRS: tuple[str, ...] = (
 )
 BINDING_MODULES: tuple[str, ...] = ("pydcgm", "dcgm_fields", "dcgm_structs", "DcgmReader")
 
-# Field ids (integers; see the table in design.md).
+# Field ids: integers, because DCGM 4.6 renamed the constants (dcgm_fields.py of DCGM 3 and 4).
 FI_POWER_USAGE_W = 155
 FI_TOTAL_ENERGY_MJ = 156
 FI_POWER_INSTANT_W = 157
