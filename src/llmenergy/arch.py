@@ -251,7 +251,10 @@ def _inspect_meta(p: Path, args: ModelArgs) -> CheckpointInfo:
     if not meta.exists():
         raise CheckpointError(f"{p}: Meta checkpoint without params.json")
     params = read_json(meta)
-    vocab = int(params.get("vocab_size", -1) or -1)
+    try:
+        vocab = int(params.get("vocab_size", -1) or -1)  # LLaMA-1 writes -1
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{meta}: vocab_size {params['vocab_size']!r} is not a number") from None
     found = args_from_params(params, meta, vocab)
     _compare(p, found, args)
     numbers = sorted(int(m.group(1)) for f in p.glob("consolidated.*.pth")
