@@ -213,14 +213,25 @@ def _check_matrix(cfg: Config) -> None:
 
 
 def _check_files(cfg: Config) -> None:
+    """Files the config names: checkpoints (headers and sizes only, no weights loaded),
+    their tokenizers (loaded: they are small), and datasets."""
     src = cfg.source
-    from llmenergy.arch import checkpoint_problem
+    from llmenergy.arch import check_tokenizer, inspect_checkpoint
+    from llmenergy.errors import CheckpointError
 
     for name, m in cfg.models.items():
+        vocab = m.args.vocab_size
         if m.weights != "synthetic":
-            problem = checkpoint_problem(m.weights, m.args)
-            if problem:
-                raise ConfigError(f"{src}: models.{name}.weights: {problem}")
+            try:
+                info = inspect_checkpoint(m.weights, m.args)
+            except CheckpointError as exc:
+                raise ConfigError(f"{src}: models.{name}.weights: {exc}") from None
+            vocab = info.vocab_size or vocab
+        key = "tokenizer" if m.tokenizer else "weights"
+        try:
+            check_tokenizer(m.weights, m.tokenizer, vocab, key=f"models.{name}.tokenizer")
+        except CheckpointError as exc:
+            raise ConfigError(f"{src}: models.{name}.{key}: {exc}") from None
     for name, d in cfg.datasets.items():
         for key in ("path", "train_path"):
             value = getattr(d, key)

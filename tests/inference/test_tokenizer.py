@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from llmenergy.errors import UserError
+from llmenergy.errors import CheckpointError, UserError
 from llmenergy.inference import model as M
 from llmenergy.inference import tokenizer as T
 
@@ -117,3 +119,46 @@ def test_hf_tokenizer_json(tmp_path: Path) -> None:
     ids = loaded.encode(TEXT, bos=True, eos=False)
     assert ids[0] == 1 and loaded.decode(ids[1:]) == TEXT
     assert isinstance(loaded.decode([loaded.n_words + 5]), str)
+
+
+def test_tokenizer_for_finds_it_where_the_releases_put_it(
+        tmp_path: Path, tok: T.SentencePieceTokenizer) -> None:
+    weights = tmp_path / "LLaMA" / "7B"  # Meta's LLaMA-1 layout: the tokenizer one level up
+    weights.mkdir(parents=True)
+    (tmp_path / "LLaMA" / "tokenizer.model").write_bytes(tok.path.read_bytes())
+    found = T.tokenizer_for(str(weights), None)
+    assert isinstance(found, T.SentencePieceTokenizer)
+    assert found.path == tmp_path / "LLaMA" / "tokenizer.model"
+    (weights / "tokenizer.model").write_bytes(tok.path.read_bytes())  # beside the weights wins
+    assert T.tokenizer_for(str(weights), None).path == weights / "tokenizer.model"  # type: ignore[attr-defined]
+    named = tmp_path / "named.model"
+    named.write_bytes(tok.path.read_bytes())
+    assert T.tokenizer_for(str(weights), str(named)).path == named  # type: ignore[attr-defined]
+
+
+def test_tokenizer_for_synthetic_weights_is_the_projects_own(
+        cache: Path, monkeypatch: pytest.MonkeyPatch, tok: T.SentencePieceTokenizer) -> None:
+    monkeypatch.setenv("LLMENERGY_CACHE", str(cache))
+    found = T.tokenizer_for("synthetic", None)
+    assert found.path == tok.path  # type: ignore[attr-defined]
+
+
+def test_tokenizer_for_says_where_it_looked(tmp_path: Path) -> None:
+    weights = tmp_path / "LLaMA" / "7B"
+    weights.mkdir(parents=True)
+    with pytest.raises(CheckpointError) as info:
+        T.tokenizer_for(str(weights), None)
+    assert str(info.value) == (f"no tokenizer.model or tokenizer.json in {weights} or in its "
+                               f"parent {tmp_path / 'LLaMA'}; name the file with the model's "
+                               "'tokenizer' key")
+
+
+def test_tokenizer_lookup_and_plan_checks_do_not_import_torch(tmp_path: Path,
+                                                              tok: T.SentencePieceTokenizer) -> None:
+    (tmp_path / "tokenizer.model").write_bytes(tok.path.read_bytes())
+    code = ("import sys; from llmenergy import arch, config; "
+            "import llmenergy.inference.tokenizer as T; "
+            f"p = arch.check_tokenizer({str(tmp_path)!r}, None, 1536); "
+            "print(p, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(tmp_path / "tokenizer.model"), "False"]

@@ -1,12 +1,17 @@
 """``llmenergy data fetch alpaca|gsm8k``: download the real datasets, for users with internet.
 
-Files come from their canonical public locations (the Stanford Alpaca and OpenAI
-grade-school-math GitHub repositories), stream through sha256, and are renamed into
-place only when whole (and, where a checksum is pinned, only when it matches).
+Every file comes from its upstream GitHub repository at a pinned commit (never a
+branch), streams into a temporary file next to its destination, is verified, and
+only then is renamed into place: a mismatch deletes the temporary file and fails
+with one line naming the expected and observed hashes.
 
-Checksums: ``Source.sha256`` is None until pinned.  These constants were written
-offline, so none could be verified; a fetch with no pinned checksum logs the
-observed sha256 so that it can be pinned here after a first trusted download.
+Pins (from issue 15):
+
+* GSM8K, openai/grade-school-math at ``3101c7d5…``: ``test.jsonl`` (1,319 lines,
+  749,738 bytes) and ``train.jsonl`` (7,473 lines, 4,166,206 bytes) by sha256.
+* Alpaca, tatsu-lab/stanford_alpaca at ``761dc5bf…``: ``alpaca_data.json`` by its git
+  blob id (SHA-1 of ``blob <size>\\0`` + content), which the commit itself fixes, so
+  the file is verified without a sha256 known in advance.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import argparse
 import hashlib
 import logging
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -29,28 +35,41 @@ log = logging.getLogger(__name__)
 Opener = Callable[..., Any]
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60.0
+PROGRESS_INTERVAL_S = 5.0  # a progress line at most this often during a download
+
+GSM8K_COMMIT = "3101c7d5072418e28b9008a6636bde82a006892c"
+ALPACA_COMMIT = "761dc5bfbdeeffa89b8bff5d038781a4055f796a"
 
 
 @dataclass(frozen=True)
 class Source:
     url: str
     filename: str
-    sha256: str | None  # None: not pinned yet (see module docstring)
+    sha256: str | None = None  # hex digest of the content
+    git_blob: str | None = None  # git's blob id: sha1(b"blob <size>\0" + content)
+    size_bytes: int | None = None  # reported alongside a mismatch; not a check by itself
+
+    @property
+    def pinned(self) -> bool:
+        return self.sha256 is not None or self.git_blob is not None
 
 
-_GSM8K_BASE = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data"
+_GSM8K_BASE = (f"https://raw.githubusercontent.com/openai/grade-school-math/{GSM8K_COMMIT}"
+               "/grade_school_math/data")
 SOURCES: dict[str, tuple[Source, ...]] = {
     "alpaca": (
-        Source(
-            "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json",
-            "alpaca_data.json",
-            None,
-        ),
+        Source(f"https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/{ALPACA_COMMIT}"
+               "/alpaca_data.json", "alpaca_data.json",
+               git_blob="3779ddbc040543ab1834ef216c983d6fcc06cc9a"),
     ),
     # The first file of a dataset is the one prompts come from; the others support it.
     "gsm8k": (
-        Source(f"{_GSM8K_BASE}/test.jsonl", "gsm8k_test.jsonl", None),
-        Source(f"{_GSM8K_BASE}/train.jsonl", "gsm8k_train.jsonl", None),
+        Source(f"{_GSM8K_BASE}/test.jsonl", "gsm8k_test.jsonl",
+               sha256="3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
+               size_bytes=749_738),
+        Source(f"{_GSM8K_BASE}/train.jsonl", "gsm8k_train.jsonl",
+               sha256="17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
+               size_bytes=4_166_206),
     ),
 }
 
@@ -62,27 +81,76 @@ def _offline(name: str, source: Source, dest: Path, reason: object) -> NetworkEr
     )
 
 
+def git_blob_id(path: Path) -> str:
+    """Git's object id of file ``path`` as a blob (what ``git hash-object`` prints)."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())  # noqa: S324 - git's id
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def mismatch(source: Source, path: Path, sha256: str) -> str | None:
+    """Why file ``path`` (whose sha256 is ``sha256``) is not ``source``'s, or None.
+
+    One line naming the expected and the observed hash (and the sizes, when pinned).
+    """
+    if source.sha256 is not None and sha256 != source.sha256:
+        kind, want, got = "sha256", source.sha256, sha256
+    elif source.git_blob is not None and (blob := git_blob_id(path)) != source.git_blob:
+        kind, want, got = "git blob id", source.git_blob, blob
+    else:
+        return None
+    size = path.stat().st_size
+    sizes = (f" (expected {source.size_bytes} bytes, got {size})"
+             if source.size_bytes is not None and size != source.size_bytes else "")
+    return f"{kind} mismatch for {source.url}: expected {want}, got {got}{sizes}"
+
+
+def _total_bytes(response: Any) -> int | None:
+    headers = getattr(response, "headers", None)
+    value = headers.get("Content-Length") if headers is not None else None
+    return int(value) if value and str(value).isdigit() else None
+
+
+def _copy(response: Any, out: Any, digest: Any, label: str) -> int:
+    """Stream ``response`` into ``out`` and ``digest``, logging progress; return bytes."""
+    total, done = _total_bytes(response), 0
+    last = time.monotonic()
+    while True:
+        chunk = response.read(CHUNK_BYTES)
+        if not chunk:
+            break
+        digest.update(chunk)
+        out.write(chunk)
+        done += len(chunk)
+        if time.monotonic() - last >= PROGRESS_INTERVAL_S:
+            last = time.monotonic()
+            of = f" of {total / 1e6:.1f} MB ({100 * done / total:.0f}%)" if total else ""
+            log.info("%s: %.1f MB%s", label, done / 1e6, of)
+    return done
+
+
 def download(
     name: str, source: Source, dest: Path, *, opener: Opener = urllib.request.urlopen
 ) -> tuple[Path, str]:
-    """Download one file into ``dest`` atomically; return (path, observed sha256)."""
+    """Download one file into ``dest`` atomically; return (path, observed sha256).
+
+    The content goes to a temporary file beside the target and is renamed over it
+    only once verified; on any failure the temporary file is deleted.
+    """
     target = dest / source.filename
     digest = hashlib.sha256()
+    log.info("%s: downloading %s", target, source.url)
+    t0 = time.monotonic()
     try:
         with atomic_path(target) as tmp:
             with opener(source.url, timeout=TIMEOUT_S) as response, open(tmp, "wb") as out:
-                while True:
-                    chunk = response.read(CHUNK_BYTES)
-                    if not chunk:
-                        break
-                    digest.update(chunk)
-                    out.write(chunk)
+                size = _copy(response, out, digest, str(target))
             observed = digest.hexdigest()
-            if source.sha256 is not None and observed != source.sha256:
-                raise DatasetError(
-                    f"{target}: sha256 mismatch for {source.url}: expected {source.sha256}, "
-                    f"got {observed}; the file was not written"
-                )
+            problem = mismatch(source, tmp, observed)
+            if problem is not None:
+                raise DatasetError(f"{target}: {problem}; the file was not written")
     except urllib.error.HTTPError as exc:
         raise _offline(name, source, dest, f"HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
@@ -91,13 +159,14 @@ def download(
         raise _offline(name, source, dest, exc or type(exc).__name__) from None
     except OSError as exc:
         raise DatasetError(f"{target}: cannot write: {exc.strerror or exc}") from None
-    if source.sha256 is None:
+    log.info("%s: %.1f MB in %.1f s", target, size / 1e6, time.monotonic() - t0)
+    if not source.pinned:
         log.warning(
-            "%s: no pinned sha256 for %s; observed %s (pin it in llmenergy/data/fetch.py)",
+            "%s: no pinned checksum for %s; observed sha256 %s (pin it in llmenergy/data/fetch.py)",
             target, source.url, observed,
         )
     else:
-        log.info("%s: sha256 verified (%s)", target, observed)
+        log.info("%s: verified (sha256 %s)", target, observed)
     return target, observed
 
 
@@ -118,8 +187,8 @@ def fetch_dataset(
 ) -> Path:
     """Download dataset ``name`` into ``dest``; return the path prompts are read from.
 
-    A file already in place is kept when it matches its pinned checksum (or when none
-    is pinned) unless ``force``; one that does not match is downloaded again.
+    A file already in place is kept when it matches its pinned hash (or when none is
+    pinned) unless ``force``; one that does not match is downloaded again.
     """
     if name not in SOURCES:
         raise DatasetError(f"unknown dataset {name!r}; use one of {', '.join(SOURCES)}")
@@ -128,14 +197,13 @@ def fetch_dataset(
     for source in SOURCES[name]:
         target = dest / source.filename
         if target.is_file() and not force:
-            observed = _sha256_file(target)
-            if source.sha256 is None or observed == source.sha256:
-                log.info("%s: already present (sha256 %s); use --force to download again",
-                         target, observed)
+            problem = mismatch(source, target, _sha256_file(target))
+            if problem is None:
+                log.info("%s: already present%s; use --force to download again",
+                         target, " and verified" if source.pinned else "")
                 paths.append(target)
                 continue
-            log.warning("%s: sha256 %s does not match the pinned one; downloading again",
-                        target, observed)
+            log.warning("%s: %s; downloading again", target, problem)
         path, _ = download(name, source, dest, opener=opener)
         paths.append(path)
     return paths[0]

@@ -11,7 +11,6 @@ read from file 0.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from pathlib import Path
@@ -21,13 +20,15 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 
+from llmenergy.arch import META_SHARD_RE, args_from_hf_config, args_from_params
+from llmenergy.arch import read_json as _read_json
 from llmenergy.atomic import atomic_path, write_json
 from llmenergy.errors import CheckpointError
 from llmenergy.inference.model import ModelArgs, Transformer, full_shapes, shard_dim
 
 log = logging.getLogger(__name__)
 
-_META_FILE = re.compile(r"consolidated\.(\d+)\.pth$")
+_META_FILE = META_SHARD_RE
 
 
 class Checkpoint(Protocol):
@@ -53,22 +54,6 @@ def open_checkpoint(path: Path) -> Checkpoint:
                           f"params.json) nor an HF one (config.json + *.safetensors)")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
-def _need(data: dict[str, Any], key: str, where: Path) -> Any:
-    if key not in data:
-        raise CheckpointError(f"{where}: missing key {key!r}")
-    return data[key]
-
-
 # --------------------------------------------------------------------------- Meta
 
 def params_json(args: ModelArgs) -> dict[str, Any]:
@@ -84,17 +69,6 @@ def params_json(args: ModelArgs) -> dict[str, Any]:
     if args.ffn_hidden_dim is not None:
         out["ffn_hidden_dim"] = args.ffn_hidden_dim  # not Meta's; written only when set
     return out
-
-
-def args_from_params(data: dict[str, Any], where: Path, vocab_size: int) -> ModelArgs:
-    return ModelArgs(
-        dim=int(_need(data, "dim", where)), n_layers=int(_need(data, "n_layers", where)),
-        n_heads=int(_need(data, "n_heads", where)), vocab_size=vocab_size,
-        n_kv_heads=data.get("n_kv_heads"), multiple_of=int(data.get("multiple_of", 256)),
-        ffn_dim_multiplier=data.get("ffn_dim_multiplier"),
-        ffn_hidden_dim=data.get("ffn_hidden_dim"), norm_eps=float(data.get("norm_eps", 1e-6)),
-        max_seq_len=int(data.get("max_seq_len", 2048)),
-        rope_theta=float(data.get("rope_theta", 10000.0)))
 
 
 @dataclasses.dataclass
@@ -278,20 +252,6 @@ def hf_unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """HF's half-split rotary layout → Meta's interleaved layout (per head)."""
     rows, cols = w.shape
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def args_from_hf_config(data: dict[str, Any], where: Path) -> ModelArgs:
-    n_heads = int(_need(data, "num_attention_heads", where))
-    kv = data.get("num_key_value_heads")
-    return ModelArgs(
-        dim=int(_need(data, "hidden_size", where)),
-        n_layers=int(_need(data, "num_hidden_layers", where)), n_heads=n_heads,
-        vocab_size=int(_need(data, "vocab_size", where)),
-        n_kv_heads=None if kv is None or int(kv) == n_heads else int(kv),
-        ffn_hidden_dim=int(_need(data, "intermediate_size", where)),
-        norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-        max_seq_len=int(data.get("max_position_embeddings", 2048)),
-        rope_theta=float(data.get("rope_theta", 10000.0)))
 
 
 @dataclasses.dataclass

@@ -22,9 +22,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from llmenergy.arch import TINY_VOCAB_SIZE, TOKENIZER_FILES, resolve_tokenizer
 from llmenergy.atomic import atomic_path
 from llmenergy.errors import UserError
-from llmenergy.inference.model import TINY_VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +98,23 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """A tokenizer from a file or a checkpoint directory holding one."""
     p = Path(path)
     if p.is_dir():
-        for name in ("tokenizer.model", "tokenizer.json"):
+        for name in TOKENIZER_FILES:
             if (p / name).is_file():
                 return load_tokenizer(p / name)
         raise UserError(f"{p}: no tokenizer.model or tokenizer.json in this directory")
     if p.suffix == ".json":
         return HFTokenizer(p)
     return SentencePieceTokenizer(p)
+
+
+def tokenizer_for(weights: str, tokenizer: str | None) -> Tokenizer:
+    """A model's tokenizer: ``tokenizer`` when named, else the one beside the weights or in
+    their parent directory (Meta's LLaMA-1 layout), else, for synthetic weights, the
+    project's own. See :func:`llmenergy.arch.resolve_tokenizer` (which
+    ``llmenergy plan`` runs too); a missing one is a one-line :class:`CheckpointError`.
+    """
+    path = resolve_tokenizer(weights, tokenizer)
+    return default_tokenizer() if path is None else load_tokenizer(path)
 
 
 def cache_root(explicit: str | os.PathLike[str] | None = None) -> Path:
