@@ -173,14 +173,11 @@ def _check_caps(run_dir: Path, nodes: int, timeout_s: float = 120.0) -> None:
 
 
 def _tokenizer(spec: CellSpec) -> Any:
-    """The cell's tokenizer: configured, else the checkpoint's, else the project's own."""
-    from llmenergy.inference.tokenizer import default_tokenizer, load_tokenizer
+    """The cell's tokenizer: configured, else the checkpoint's (its folder or, as in Meta's
+    release, the parent's), else the project's own."""
+    from llmenergy.inference.tokenizer import tokenizer_for
 
-    if spec.tokenizer:
-        return load_tokenizer(spec.tokenizer)
-    if spec.weights != "synthetic":
-        return load_tokenizer(spec.weights)
-    return default_tokenizer()
+    return tokenizer_for(spec.weights, spec.tokenizer)
 
 
 def _batches(items: list[Any], size: int) -> list[list[Any]]:
