@@ -90,7 +90,8 @@ def new_figure(n_panels: int, *, ncols: int, width: float = 3.8, height: float =
                sharey: bool = False) -> tuple[Figure, list[Axes]]:
     nrows = max(1, math.ceil(n_panels / ncols))
     with sns.axes_style(STYLE):
-        fig = Figure(figsize=(width * ncols + 1.6, height * nrows + 0.9), layout="constrained")
+        fig = Figure(figsize=(max(width * ncols + 1.6, 9.0), height * nrows + 0.9),
+                     layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False, sharey=sharey).ravel().tolist()
     for ax in axes[n_panels:]:
         ax.set_axis_off()
@@ -120,7 +121,7 @@ def mean_lines(ax: Axes) -> list[Line2D]:
 def hue_legend(fig: Figure, colours: dict[str, tuple[float, float, float]], title: str,
                extra: list[Line2D] | None = None) -> None:
     handles = [Line2D([], [], color=c, marker="o", label=k) for k, c in colours.items()]
-    fig.legend(handles=handles + (extra or []), title=title, loc="outside right upper",
+    fig.legend(handles=handles + (extra or []), title=title, loc="outside right center",
                fontsize="small")
 
 

@@ -218,7 +218,7 @@ def fig_pareto(summary: pd.DataFrame) -> tuple[Figure, str]:
                ylabel="Energy per output token (J/token)")
     handles = [Line2D([], [], color=c, marker="o", linestyle="", label=g) for g, c in pal.items()]
     handles.append(Line2D([], [], color="black", label="Pareto front"))
-    fig.legend(handles=handles, title="GPU type", loc="outside right upper", fontsize="small")
+    fig.legend(handles=handles, title="GPU type", loc="outside right center", fontsize="small")
     fig.suptitle(f"Energy vs latency, Pareto front per model ({power_label(df)})")
     return fig, (f"Each point is one cell (one configuration, every axis fixed; mean over its ok "
                  f"repeats, no bars); {n_front} of {len(pts)} are on the front of their model "
