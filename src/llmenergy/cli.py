@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from llmenergy import entrypoints
+from llmenergy import __version__, entrypoints
 from llmenergy.errors import LLMEnergyError, UserError
 
 log = logging.getLogger("llmenergy")
@@ -26,7 +26,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from llmenergy.planning.plan import format_plan
 
     cfg = _load(args)
-    sys.stdout.write(format_plan(cfg, show_infeasible=not args.hide_infeasible, fmt=args.format))
+    sys.stdout.write(format_plan(cfg, show_infeasible=not args.hide_infeasible, fmt=args.format,
+                                 all_left_out=args.all))
     return 0
 
 
@@ -50,8 +51,12 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
         cfg = _load(args, check_files=False)
         expected = [c.identity() for c in expand(cfg).cells]
         grid = cfg.grid_gco2_per_kwh
-    result = aggregate(Path(args.results), grid_gco2_per_kwh=grid, expected_cells=expected)
-    log.info("summary: %s", result)
+    res = aggregate(Path(args.results), grid_gco2_per_kwh=grid, expected_cells=expected)
+    statuses = ", ".join(f"{k} {v}" for k, v in sorted(res.status_counts.items()))
+    log.info("aggregated %d cells (%d rows; statuses: %s) into %s and %s; %d unreadable "
+             "metrics file(s)%s", res.n_cells, res.n_rows, statuses or "none", res.summary_path,
+             res.stats_path, len(res.problems),
+             f", listed in {res.problems_path}" if res.problems else "")
     return 0
 
 
@@ -60,18 +65,53 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     from llmenergy.analysis.plots import make_figures
 
-    figs = make_figures(pd.read_parquet(args.summary), Path(args.out))
+    path = Path(args.summary)
+    if not path.is_file():
+        raise UserError(f"{path}: no summary; run `llmenergy aggregate` first")
+    try:
+        summary = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable summary parquet ({exc})") from exc
+    figs = make_figures(summary, Path(args.out))
     for f in figs:
-        log.info("figure %s%s", f.name, " (skipped: %s)" % f.reason if getattr(f, "skipped", False) else "")
+        if f.skipped:
+            log.info("figure %s skipped: %s", f.name, f.reason)
+        else:
+            log.info("figure %s: %s", f.name, f.png)
+    log.info("%d figure(s) drawn, %d skipped, in %s", sum(not f.skipped for f in figs),
+             sum(f.skipped for f in figs), args.out)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from llmenergy.analysis.report import render_report
 
-    out = render_report(Path(args.results), out_path=Path(args.out) if args.out else None)
+    extra = _planned_notes(args) if args.config else None
+    out = render_report(Path(args.results), out_path=Path(args.out) if args.out else None,
+                        extra=extra)
     log.info("report: %s", out)
     return 0
+
+
+def _planned_notes(args: argparse.Namespace) -> dict[str, str]:
+    """Notes for the report: the config's planned cells that the summary does not hold."""
+    import pandas as pd
+
+    from llmenergy.analysis.aggregate import SUMMARY_NAME
+    from llmenergy.planning.matrix import expand
+
+    cfg = _load(args, check_files=False)
+    planned = [c.id for c in expand(cfg).cells]
+    path = Path(args.results) / SUMMARY_NAME
+    have: set[str] = set()
+    if path.is_file():
+        have = set(pd.read_parquet(path, columns=["cell_id"])["cell_id"].astype(str))
+    absent = [c for c in planned if c not in have]
+    shown = ", ".join(absent[:20]) + (f" … (+{len(absent) - 20} more)" if len(absent) > 20 else "")
+    return {"config": str(args.config), "planned cells": str(len(planned)),
+            "planned cells not in the summary": (f"{len(absent)}: {shown} (run `llmenergy "
+                                                 "aggregate --config` to list them as missing)"
+                                                 if absent else "none")}
 
 
 # Subcommands whose own module parses the arguments (argparse cannot pass options through).
@@ -83,13 +123,22 @@ DELEGATES = {
 }
 
 
+DATA_USAGE = ("usage: llmenergy data fetch alpaca|gsm8k [--dest DIR] [--force]\n\n"
+              "Download a real dataset and print its config entry "
+              "(`llmenergy data fetch --help` for the options).\n")
+GLOBAL_FLAGS = ("-v", "--verbose")
+
+
 def _delegate(name: str, argv: list[str]) -> int:
     import importlib
 
     module = importlib.import_module(DELEGATES[name][0])
     if name == "data":
+        if argv and argv[0] in ("-h", "--help"):
+            sys.stdout.write(DATA_USAGE)
+            return 0
         if not argv or argv[0] != "fetch":
-            sys.stderr.write("usage: llmenergy data fetch alpaca|gsm8k [--dest DIR]\n")
+            sys.stderr.write(DATA_USAGE)
             return 2
         argv = argv[1:]
     return int(module.main(argv) or 0)
@@ -98,35 +147,48 @@ def _delegate(name: str, argv: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmenergy", description="Measure the energy cost of LLM inference.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("plan", help="table of cells: nodes, GPUs, partition, runtime, GPU-hours")
-    s.add_argument("--config", default="config.yaml")
-    s.add_argument("--hide-infeasible", action="store_true")
-    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    s.add_argument("--config", default="config.yaml", help="experiment config (default: config.yaml)")
+    s.add_argument("--hide-infeasible", action="store_true",
+                   help="leave out the cells that cannot run (and their reasons)")
+    s.add_argument("--all", action="store_true",
+                   help="list every left-out cell with its reason, not one line per reason")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="table (default) for reading; csv/json with every cell's axes")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("run-cell", help="run one cell (what each Slurm job runs)")
-    s.add_argument("--config", default="config.yaml")
+    s.add_argument("--config", default="config.yaml", help="experiment config (default: config.yaml)")
     s.add_argument("--cell", required=True, help="cell id, as shown by `llmenergy plan`")
-    s.add_argument("--launcher", choices=["auto", "local", "srun"], default="auto")
+    s.add_argument("--launcher", choices=["auto", "local", "srun"], default="auto",
+                   help="how to start the ranks: srun inside a Slurm job, local processes, "
+                        "or auto (default)")
     s.add_argument("--force", action="store_true", help="rerun even if the cell already finished")
     s.set_defaults(func=cmd_run_cell)
 
     s = sub.add_parser("aggregate", help="cells' metrics -> summary.parquet + summary_stats.parquet")
-    s.add_argument("--results", default="results")
-    s.add_argument("--config", default=None, help="to list planned cells that have no results")
+    s.add_argument("--results", default="results", help="output directory (default: results)")
+    s.add_argument("--config", default=None,
+                   help="config whose planned cells without results become `missing` rows, "
+                        "and whose grid carbon intensity fills gco2e")
     s.set_defaults(func=cmd_aggregate)
 
     s = sub.add_parser("plot", help="figures from summary.parquet")
-    s.add_argument("--summary", default="results/summary.parquet")
-    s.add_argument("--out", default="results/figures")
+    s.add_argument("--summary", default="results/summary.parquet",
+                   help="summary written by `llmenergy aggregate` (default: results/summary.parquet)")
+    s.add_argument("--out", default="results/figures",
+                   help="directory for the PNG/SVG figures and index.json (default: results/figures)")
     s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("report", help="self-contained HTML report")
-    s.add_argument("--results", default="results")
-    s.add_argument("--config", default=None)
-    s.add_argument("--out", default=None)
+    s.add_argument("--results", default="results",
+                   help="output directory holding summary.parquet (default: results)")
+    s.add_argument("--config", default=None,
+                   help="config whose planned cells missing from the summary the report notes")
+    s.add_argument("--out", default=None, help="HTML file (default: RESULTS/report.html)")
     s.set_defaults(func=cmd_report)
 
     for name, (_, text) in DELEGATES.items():
@@ -137,8 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    delegated = argv[0] if argv and argv[0] in DELEGATES else None
-    args = parser.parse_args(argv) if delegated is None else argparse.Namespace(verbose=False)
+    n_global = 0
+    while n_global < len(argv) and argv[n_global] in GLOBAL_FLAGS:
+        n_global += 1
+    delegated = argv[n_global] if n_global < len(argv) and argv[n_global] in DELEGATES else None
+    if delegated is None:
+        args = parser.parse_args(argv)
+    else:
+        args = argparse.Namespace(verbose=n_global > 0)
+        argv = argv[n_global:]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -1,3 +1,5 @@
+"""Figures hold every axis they do not plot fixed, use the table's 95 % t-interval and
+readable axes; the builders skip with a reason when there is nothing to draw."""
 from __future__ import annotations
 
 import itertools
@@ -8,119 +10,208 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from llmenergy.analysis.aggregate import cell_stats
+from llmenergy.analysis.figdraw import mean_lines
 from llmenergy.analysis.metrics import to_table
 from llmenergy.analysis.plots import (
     BUILDERS,
     FigureSkipped,
-    fig_j_per_token,
     fig_pareto,
     fig_power_cap,
-    fig_throughput,
     figure_power_source,
     make_figures,
     pareto_front,
 )
 
+AXES = ("model", "gpu", "dataset", "shards", "batch_size", "max_gen_len", "power_cap_w")
 
-def synthetic_summary(*, gpus=("H100", "V100"), caps=(None, 200.0), source="nvml",
-                      energy=True) -> pd.DataFrame:
+
+def summary_of(*, models=("tiny",), gpus=("H100",), datasets=("alpaca",), shards=(1, 2),
+               batch=(1, 4, 16), gen=(16,), caps=(None,), repeats=3, source="nvml",
+               energy=True) -> pd.DataFrame:
+    """One row per repeat; tokens/s = 100·bs/shards, ÷4 at gen 32, ×0.5 on V100, ×0.9 capped,
+    + 3·repeat; power 150 W per shard (×0.8 capped); J/token = power / tokens/s."""
     rows = []
-    for model, gpu, shards, bs, cap, rep in itertools.product(
-            ("tiny", "small"), gpus, (1, 2), (1, 4, 16), caps, (0, 1)):
-        tps = 100.0 * bs / shards * (0.5 if gpu == "V100" else 1.0) * (0.9 if cap else 1.0)
-        tps += rep  # repeat-to-repeat noise
+    for model, gpu, ds, s, bs, g, cap, rep in itertools.product(
+            models, gpus, datasets, shards, batch, gen, caps, range(repeats)):
+        tps = (100.0 * bs / s * (0.25 if g == 32 else 1.0) * (0.5 if gpu == "V100" else 1.0)
+               * (0.9 if cap else 1.0) * (1.2 if ds == "gsm8k" else 1.0)) + 3 * rep
         duration = 1000.0 / tps
-        power = 150.0 * shards * (0.8 if cap else 1.0)
+        power = 150.0 * s * (0.8 if cap else 1.0)
         e = power * duration if energy else None
-        rows.append(dict(cell_id=f"{model}-{gpu}-{shards}-{bs}-{cap}", model=model,
-                         dataset="alpaca", gpu=gpu, shards=shards, batch_size=bs, max_gen_len=16,
-                         power_cap_w=cap, engine="reference", repeat=rep, status="ok",
-                         tokens_out=1000, duration_s=duration, tokens_per_s=tps,
-                         energy_j=e, avg_power_w=e / duration if energy else None,
-                         j_per_token=e / 1000 if energy else None,
-                         latency_p50_s=duration / 4, power_source=source if energy else "none"))
-    rows.append(dict(cell_id="failed", model="tiny", gpu="H100", shards=4, batch_size=64,
+        cid = f"{model}_{ds}_{gpu}_s{s}_b{bs}_g{g}_p{cap}"
+        rows.append(dict(
+            cell_id=cid, model=model, dataset=ds, gpu=gpu, shards=s, batch_size=bs, max_gen_len=g,
+            power_cap_w=cap, engine="reference", repeat=rep, status="ok", tokens_out=1000,
+            words_out=750, responses=4 * bs, duration_s=duration, tokens_per_s=tps,
+            words_per_s=750 / duration, responses_per_s=4 * bs / duration, energy_j=e,
+            avg_power_w=power if energy else None, j_per_token=e / 1000 if energy else None,
+            j_per_word=e / 750 if energy else None, j_per_response=e / (4 * bs) if energy else None,
+            active_energy_j=0.6 * e if energy else None,
+            prefill_energy_j=0.1 * e if energy else None,
+            decode_energy_j=0.9 * e if energy else None, latency_p50_s=duration / 4,
+            power_source=source if energy else "none"))
+    rows.append(dict(cell_id="failed", model=models[0], gpu=gpus[0], shards=4, batch_size=64,
                      status="oom", repeat=0, power_source="none"))
     return to_table(rows).to_pandas()
 
 
-def _plotted_points(fig) -> int:  # type: ignore[no-untyped-def]
-    n = 0
-    for ax in fig.axes:
-        n += sum(len(line.get_xdata()) for line in ax.get_lines())
-        n += sum(len(c.get_offsets()) for c in ax.collections if hasattr(c, "get_offsets"))
-        n += len(ax.patches)
-    return n
+def _lines_by_label(ax) -> dict[str, tuple[list[float], list[float]]]:  # type: ignore[no-untyped-def]
+    return {ln.get_label(): (list(map(float, ln.get_xdata())), list(map(float, ln.get_ydata())))
+            for ln in mean_lines(ax)}
 
 
-def test_every_builder_draws_data() -> None:
-    summary = synthetic_summary()
-    for name, build in BUILDERS.items():
-        fig, caption = build(summary)
-        assert _plotted_points(fig) > 0, name
-        assert caption
-        assert figure_power_source(fig) == "nvml", name
-        for ax in fig.axes:
-            assert "(" in ax.get_ylabel() and "(" in ax.get_xlabel() or ax.get_xlabel() == "Model"
+def test_no_pooling_over_an_axis_not_plotted() -> None:
+    # Throughput at gen 16 is 4× that at gen 32: pooling would average the two.
+    summary = summary_of(gen=(16, 32))
+    fig, caption = BUILDERS["tokens_per_s_vs_batch"](summary)
+    (ax,) = fig.axes
+    lines = _lines_by_label(ax)
+    assert set(lines) == {"1", "2"}  # one line per shard count
+    xs, ys = lines["1"]
+    assert xs == [1, 4, 16]
+    # gen 16 only (held fixed), mean over repeats 0, 1, 2 → 100·bs + 3
+    assert ys == pytest.approx([103.0, 403.0, 1603.0])
+    assert "max generation length (tokens) = 16 (measured: 16, 32)" in caption
+    assert "dataset = alpaca" in caption and "power cap = default (uncapped)" in caption
 
 
-def test_throughput_line_values_are_means_over_repeats() -> None:
-    summary = synthetic_summary()
-    fig, _ = fig_throughput(summary)
+def test_error_bars_are_the_tables_t_interval() -> None:
+    summary = summary_of(shards=(1, 2), batch=(1, 4))
+    fig, caption = BUILDERS["j_per_token_vs_batch"](summary[summary["shards"] != 2])
+    assert "95 % Student-t interval" in caption and "n = 3 repeats per point" in caption
+    stats, _ = cell_stats(summary[(summary["status"] == "ok") & (summary["shards"] == 1)])
+    ci = stats.set_index("batch_size")["j_per_token_ci95"]
     ax = fig.axes[0]
-    labels = [c.get_label() for c in ax.containers]
-    assert "small / V100 / 2 shards" in labels
-    line = ax.containers[labels.index("tiny / H100 / 1 shards")].lines[0]
-    # uncapped rows only: tps = 100*bs + repeat, mean over repeats 0,1 → 100*bs + 0.5
-    assert list(line.get_xdata()) == [1, 4, 16]
-    assert list(line.get_ydata()) == pytest.approx([100.5, 400.5, 1600.5])
-    assert ax.get_xscale() == "log"
+    assert len(mean_lines(ax)) == 1
+    half = {float(seg[0][0]): float(seg[1][1] - seg[0][1]) / 2
+            for c in ax.collections for seg in c.get_segments()}
+    assert half == pytest.approx({1.0: ci[1], 4.0: ci[4]}, rel=1e-6)
+    # the std is smaller by t/sqrt(n) = 4.303/1.732: the bars are not std
+    std = stats.set_index("batch_size")["j_per_token_std"]
+    assert half[1.0] > 2 * std[1]
 
 
-def test_j_per_token_two_panels_and_failed_rows_ignored() -> None:
-    fig, _ = fig_j_per_token(synthetic_summary())
-    assert len(fig.axes) == 2
-    xs = {x for ax in fig.axes for ln in ax.get_lines() for x in ln.get_xdata()}
-    assert 64 not in xs and 4 in xs  # the oom cell (shards 4, bs 64) is not plotted as bs 64
-
-
-def test_power_cap_one_point_per_cap() -> None:
-    fig, _ = fig_power_cap(synthetic_summary(caps=(None, 200.0, 300.0)))
+def test_log2_axes_with_ticks_at_measured_values_and_log_energy_axis() -> None:
+    summary = summary_of(shards=(1, 2, 4), batch=(16, 32))
+    fig, _ = BUILDERS["tokens_per_s_vs_shards"](summary)
     ax = fig.axes[0]
-    assert all(len(ln.get_xdata()) == 3 for ln in ax.get_lines())
-    labels = {t.get_text() for t in ax.texts}
-    assert labels == {"default", "200 W", "300 W"}
+    assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4"]
+    assert ax.get_yscale() == "linear"  # tokens/s = 100·batch/shards: 400..3200, < a decade
+    fig, _ = BUILDERS["j_per_token_vs_batch"](summary_of(batch=(1, 16, 128)))
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "16", "128"]
+    assert ax.get_yscale() == "log"  # 1.5 .. 0.012 J/token: two decades
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert labels and all("e+" not in t and "$" not in t for t in labels), labels
 
 
-def test_pareto_front_by_hand() -> None:
+def test_at_most_eight_lines_per_axes_and_caption_says_what_is_left_out() -> None:
+    summary = summary_of(shards=tuple(range(1, 13)), batch=(1, 2))
+    fig, caption = BUILDERS["tokens_per_s_vs_batch"](summary)
+    assert all(len(mean_lines(ax)) <= 8 for ax in fig.axes)
+    assert "Not shown, to keep lines apart:" in caption
+
+
+def test_facets_by_model_and_gpu_and_per_panel_fixed_values() -> None:
+    summary = pd.concat([summary_of(models=("a",), gpus=("H100", "V100"), shards=(1, 2)),
+                         summary_of(models=("b",), gpus=("H100", "V100"), shards=(4, 8))])
+    fig, caption = BUILDERS["j_per_token_vs_max_gen_len"](
+        pd.concat([summary, summary_of(models=("a",), gen=(32,))]))
+    # Only model a on H100 has two generation lengths: one panel, shards fixed at 1
+    assert len(fig.axes) == 1 and fig.axes[0].get_title().startswith("a · H100")
+    assert "shards (GPUs) = 1" in caption
+    fig, caption = BUILDERS["tokens_per_s_vs_batch"](summary)
+    assert sorted(ax.get_title().split("\n")[0] for ax in fig.axes) == [
+        "a · H100", "a · V100", "b · H100", "b · V100"]
+    assert all(len(mean_lines(ax)) == 2 for ax in fig.axes)
+
+
+def test_dataset_and_gpu_comparisons() -> None:
+    summary = summary_of(datasets=("alpaca", "gsm8k"), gpus=("H100", "V100"))
+    fig, caption = BUILDERS["j_per_token_by_dataset"](summary)
+    assert set(_lines_by_label(fig.axes[0])) == {"alpaca", "gsm8k"}
+    assert "shards (GPUs) = 1" in caption
+    fig, _ = BUILDERS["gpu_type_comparison"](summary)
+    assert set(_lines_by_label(fig.axes[0])) == {"H100", "V100"}
+    with pytest.raises(FigureSkipped, match="only one dataset"):
+        BUILDERS["j_per_token_by_dataset"](summary_of())
+
+
+def test_power_cap_relative_to_uncapped_and_to_highest_cap() -> None:
+    fig, caption = fig_power_cap(summary_of(caps=(None, 200.0), shards=(1,), batch=(4,)))
+    ax = fig.axes[0]
+    lines = _lines_by_label(ax)
+    energy, time = lines["batch 4 / energy"][1], lines["batch 4 / time"][1]
+    assert energy[0] == pytest.approx(1.0) and time[0] == pytest.approx(1.0)
+    # capped: 0.8 × power, duration × 1/0.9 (plus repeat noise): energy < 1 < time
+    assert energy[1] == pytest.approx(0.8 / 0.9, rel=0.03) and time[1] > 1.05
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["default", "200 W"]
+    assert "baseline: uncapped" in caption and "95 % Student-t" in caption
+    _, caption = fig_power_cap(summary_of(caps=(250.0, 200.0, 175.0), shards=(1,), batch=(4,)))
+    assert "baseline: 250 W" in caption
+    with pytest.raises(FigureSkipped, match="two or more power caps"):
+        fig_power_cap(summary_of())
+
+
+def test_prefill_decode_and_active_energy() -> None:
+    summary = summary_of(shards=(1,))
+    fig, _ = BUILDERS["prefill_vs_decode_energy"](summary)
+    lines = _lines_by_label(fig.axes[0])
+    assert np.allclose(np.array(lines["decode"][1]) / np.array(lines["prefill"][1]), 9.0)
+    fig, _ = BUILDERS["active_vs_total_energy"](summary)
+    lines = _lines_by_label(fig.axes[0])
+    assert np.allclose(np.array(lines["active (idle subtracted)"][1]) / np.array(lines["total"][1]),
+                       0.6)
+
+
+def test_pareto_front_by_hand_and_front_points_labelled() -> None:
     x = np.array([1.0, 2.0, 3.0, 1.5, 4.0])
     y = np.array([5.0, 3.0, 4.0, 6.0, 1.0])
     assert pareto_front(x, y).tolist() == [0, 1, 4]
-    fig, caption = fig_pareto(synthetic_summary())
-    assert "on the front" in caption and _plotted_points(fig) > 0
+    fig, caption = fig_pareto(summary_of(gpus=("H100", "V100")))
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "H100 s1 b16 g16 alpaca" in texts
+    assert f"{len(texts)} of 12 are on the front" in caption
 
 
-def test_skips_with_reasons_and_no_empty_plots(tmp_path: Path) -> None:
-    summary = synthetic_summary(gpus=("H100",), caps=(None,), energy=False)
+def test_skips_with_reasons() -> None:
+    summary = summary_of(energy=False)
+    with pytest.raises(FigureSkipped, match="energy columns are empty"):
+        BUILDERS["j_per_token_vs_batch"](summary)
+    with pytest.raises(FigureSkipped, match="two or more values of max generation length"):
+        BUILDERS["j_per_token_vs_max_gen_len"](summary_of())
+    with pytest.raises(FigureSkipped, match="only one GPU type"):
+        BUILDERS["gpu_type_comparison"](summary_of())
+
+
+def test_make_figures_writes_png_svg_manifest_and_skips(tmp_path: Path) -> None:
+    summary = summary_of(source="estimate", shards=(1, 2), batch=(1, 4))
     infos = {i.name: i for i in make_figures(summary, tmp_path)}
-    assert not infos["throughput_vs_batch"].skipped
-    for name in ("energy_per_second_vs_shards", "j_per_token_vs_shards_batch",
-                 "pareto_j_per_token_latency", "power_cap_tradeoff", "gpu_type_comparison"):
-        assert infos[name].skipped and infos[name].png is None, name
-        assert not (tmp_path / f"{name}.png").exists()
-    assert "energy columns are empty" in infos["j_per_token_vs_shards_batch"].reason
-    assert infos["throughput_vs_batch"].power_source == "none"
-    with pytest.raises(FigureSkipped, match="two or more power caps"):
-        fig_power_cap(synthetic_summary(caps=(None,)))
-
-
-def test_make_figures_writes_png_svg_and_manifest(tmp_path: Path) -> None:
-    infos = make_figures(synthetic_summary(source="estimate"), tmp_path)
-    drawn = [i for i in infos if not i.skipped]
-    assert len(drawn) == len(BUILDERS)
+    assert list(infos) == list(BUILDERS)
+    drawn = [i for i in infos.values() if not i.skipped]
+    assert "tokens_per_s_vs_batch" in infos and not infos["tokens_per_s_vs_batch"].skipped
     for info in drawn:
         assert info.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert b"<svg" in info.svg.read_bytes()[:1000]
         assert info.power_source == "estimate (ESTIMATE)"
+        assert "95 % Student-t" in info.caption or "no bars" in info.caption
+    for name in ("gpu_type_comparison", "j_per_token_by_dataset", "power_cap_tradeoff",
+                 "j_per_token_vs_max_gen_len"):
+        assert infos[name].skipped and infos[name].reason and infos[name].png is None, name
+        assert not (tmp_path / f"{name}.png").exists()
     manifest = json.loads((tmp_path / "index.json").read_text())
     assert [m["name"] for m in manifest] == list(BUILDERS)
+
+
+def test_every_builder_draws_and_names_the_power_source() -> None:
+    summary = summary_of(gpus=("H100", "V100"), datasets=("alpaca", "gsm8k"), gen=(16, 32),
+                         caps=(None, 200.0), batch=(1, 4), repeats=2)
+    for name, build in BUILDERS.items():
+        fig, caption = build(summary)
+        assert any(mean_lines(ax) or ax.collections for ax in fig.axes), name
+        assert figure_power_source(fig) == "nvml", name
+        assert name == "pareto_j_per_token_latency" or "Held fixed:" in caption, name

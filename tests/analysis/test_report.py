@@ -86,7 +86,7 @@ def test_no_power_banner_and_skipped_figures(tmp_path: Path) -> None:
     text = (tmp_path / "r.html").read_text()
     assert "No power sensor: energy columns are empty" in text
     assert "Figures not drawn" in text and "energy columns are empty" in text.split("Figures not drawn")[1]
-    assert "throughput_vs_batch" in text
+    assert "tokens_per_s_vs_batch" in text
     with pytest.raises(UserError, match="summary"):
         render_report(tmp_path / "nothing")
 

@@ -1,16 +1,47 @@
-"""`llmenergy plan`: the cells of a config with their Slurm request and cost."""
+"""`llmenergy plan`: the cells of a config with their Slurm request and cost.
+
+The table reads at a few hundred cells: totals first, one compact line per cell
+(≤ ~120 columns), then the left-out cells grouped by reason with a count and an
+example (``all_left_out`` lists each). JSON and CSV carry every identity field
+of a cell (model, dataset, gpu, shards, batch_size, max_gen_len, power_cap_w,
+engine) with its request and estimate.
+"""
 from __future__ import annotations
 
 import csv
 import io
 import json
+import re
+from collections import Counter
+from dataclasses import asdict
 from typing import Any
 
 from llmenergy.config import Config
-from llmenergy.planning.matrix import estimate_runtime_s, expand, layout
+from llmenergy.planning.matrix import Cell, estimate_runtime_s, expand, layout
+
+IDENTITY = ["model", "dataset", "gpu", "shards", "batch_size", "max_gen_len", "power_cap_w",
+            "engine"]
+REQUEST = ["nodes", "gpus_per_node", "partition", "constraint", "est_runtime_min", "gpu_hours"]
+TABLE = [  # (header, key, right-aligned)
+    ("cell", "cell_id", False), ("nodes×GPUs", "layout", True), ("partition", "partition", False),
+    ("cap", "cap", True), ("est. min", "est_runtime_min", True), ("GPU-h", "gpu_hours", True),
+]
+EXAMPLES = 2
+WIDTH = 120
+_NEEDS = re.compile(r"needs (\d+) GB")
 
 
-def plan_rows(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def _identity(cell: Cell) -> dict[str, Any]:
+    ident = asdict(cell)
+    return {"cell_id": cell.id, **{k: ident[k] for k in IDENTITY}}
+
+
+def cap_text(cap: float | None) -> str:
+    return "—" if cap is None else f"{cap:g} W"
+
+
+def plan_rows(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(planned cells, left-out cells): identity fields plus request/estimate or reason."""
     p = expand(cfg)
     rows = []
     for cell in p.cells:
@@ -18,33 +49,102 @@ def plan_rows(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         nodes, per_node = layout(cfg, cell)
         runtime_s = estimate_runtime_s(cfg, cell)
         rows.append({
-            "cell_id": cell.id, "nodes": nodes, "gpus": cell.shards, "gpus_per_node": per_node,
+            **_identity(cell), "nodes": nodes, "gpus_per_node": per_node,
             "partition": gpu.partition, "constraint": gpu.constraint or "",
-            "power_cap_w": cell.power_cap_w, "est_runtime_min": round(runtime_s / 60, 1),
+            "est_runtime_min": round(runtime_s / 60, 1),
             "gpu_hours": round(runtime_s / 3600 * cell.shards, 2),
         })
-    left_out = [{"cell_id": i.cell.id, "reason": i.reason} for i in p.infeasible]
+    left_out = [{**_identity(i.cell), "reason": i.reason} for i in p.infeasible]
     return rows, left_out
 
 
-def format_plan(cfg: Config, *, show_infeasible: bool = True, fmt: str = "table") -> str:
+def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, Any]]) -> list[str]:
+    gpu_h = sum(r["gpu_hours"] for r in rows)
+    minutes = [r["est_runtime_min"] for r in rows]
+    by_gpu = Counter(r["gpu"] for r in rows)
+    reasons = len(group_reasons(left_out))
+    lines = [
+        f"Plan of {cfg.source}",
+        f"  cells:      {len(rows)} planned ({', '.join(f'{g} {n}' for g, n in sorted(by_gpu.items()))}), "
+        f"{cfg.repeats} repeats each, run inside each cell's job",
+        f"  Slurm jobs: {len(rows)} (one per cell), "
+        f"{min(minutes):.1f}–{max(minutes):.1f} min each (estimate)",
+        f"  GPU-hours:  {gpu_h:,.1f} in all (estimate)",
+        f"  left out:   {len(left_out)} cells"
+        + (f" for {reasons} reasons (listed after the cells)" if left_out else ""),
+    ]
+    return lines
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    shown = [{**r, "layout": f"{r['nodes']}×{r['gpus_per_node']}",
+              "cap": cap_text(r["power_cap_w"]), "est_runtime_min": f"{r['est_runtime_min']:.1f}",
+              "gpu_hours": f"{r['gpu_hours']:.2f}"} for r in rows]
+    widths = {key: max(len(head), *(len(str(r[key])) for r in shown)) for head, key, _ in TABLE}
+
+    def line(values: dict[str, str]) -> str:
+        return "  ".join(values[k].rjust(widths[k]) if right else values[k].ljust(widths[k])
+                         for _, k, right in TABLE).rstrip()
+
+    out = [line({k: head for head, k, _ in TABLE})]
+    out += [line({k: str(r[k]) for _, k, _ in TABLE}) for r in shown]
+    return out
+
+
+def group_reasons(left_out: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """(reason, cell ids) per distinct reason, most cells first; memory reasons that differ
+    only in the GB needed (batch size, generation length) share a line with the range."""
+    groups: dict[str, tuple[list[int], list[str]]] = {}
+    for r in left_out:
+        key = _NEEDS.sub("needs {} GB", r["reason"])
+        needs, ids = groups.setdefault(key, ([], []))
+        needs += [int(m) for m in _NEEDS.findall(r["reason"])]
+        ids.append(r["cell_id"])
+    out = []
+    for key, (needs, ids) in groups.items():
+        span = "" if not needs else (f"{min(needs)}" if min(needs) == max(needs)
+                                     else f"{min(needs)}–{max(needs)}")
+        out.append((key.replace("{}", span), ids))
+    return sorted(out, key=lambda kv: (-len(kv[1]), kv[0]))
+
+
+def _left_out(left_out: list[dict[str, Any]], every: bool) -> list[str]:
+    if every:
+        return [f"{len(left_out)} cells left out:"] + [
+            f"  {r['cell_id']}: {r['reason']}" for r in left_out]
+    groups = group_reasons(left_out)
+    out = [f"{len(left_out)} cells left out, {len(groups)} reasons (--all lists every cell):"]
+    width = len(str(max(len(ids) for _, ids in groups)))
+    for reason, ids in groups:
+        out.append(f"  {len(ids):>{width}} × {reason}")
+        for k in range(min(EXAMPLES, len(ids)), 0, -1):
+            more = f" (+{len(ids) - k} more)" if len(ids) > k else ""
+            line = f"  {'':>{width}}   e.g. {', '.join(ids[:k])}{more}"
+            if len(line) <= WIDTH or k == 1:
+                out.append(line)
+                break
+    return out
+
+
+def format_plan(cfg: Config, *, show_infeasible: bool = True, fmt: str = "table",
+                all_left_out: bool = False) -> str:
+    """The plan as ``table`` (totals, cells, left-out reasons), ``json`` or ``csv``."""
     rows, left_out = plan_rows(cfg)
     if fmt == "json":
-        return json.dumps({"cells": rows, "left_out": left_out}, indent=2) + "\n"
+        doc: dict[str, Any] = {"cells": rows}
+        if show_infeasible:
+            doc["left_out"] = left_out
+        return json.dumps(doc, indent=2) + "\n"
     if fmt == "csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        fields = ["cell_id", *IDENTITY, *REQUEST, "planned", "reason"]
+        w = csv.DictWriter(buf, fieldnames=fields, restval="", lineterminator="\n")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({**r, "planned": "yes"} for r in rows)
+        if show_infeasible:
+            w.writerows({**r, "planned": "no"} for r in left_out)
         return buf.getvalue()
-    cols = ["cell_id", "nodes", "gpus", "gpus_per_node", "partition", "power_cap_w", "est_runtime_min", "gpu_hours"]
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
-    total_h = sum(r["gpu_hours"] for r in rows) * cfg.repeats / max(cfg.repeats, 1)
-    lines.append(f"\n{len(rows)} cells × {cfg.repeats} repeats (run inside each cell's job); "
-                 f"estimated {total_h:.1f} GPU-hours in all")
+    lines = _totals(cfg, rows, left_out) + [""] + _table(rows)
     if show_infeasible and left_out:
-        lines.append(f"\n{len(left_out)} cells left out:")
-        lines += [f"  {r['cell_id']}: {r['reason']}" for r in left_out]
+        lines += [""] + _left_out(left_out, all_left_out)
     return "\n".join(lines) + "\n"
