@@ -11,7 +11,6 @@ as in the report's table. Every title names the power source of the plotted rows
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ from matplotlib.figure import Figure
 from llmenergy.analysis.figdata import CONFIG_KEYS, FigureSkipped, power_label
 from llmenergy.analysis.figures import BUILDERS, fig_pareto, fig_power_cap, pareto_front
 from llmenergy.atomic import atomic_path, write_json
-from llmenergy.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +92,3 @@ def load_manifest(outdir: Path) -> list[FigureInfo] | None:
     except (OSError, ValueError, TypeError) as exc:
         log.warning("%s: unreadable figure manifest (%s): figures will be redrawn", path, exc)
         return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``llmenergy plot [--results DIR]``: figures from ``DIR/summary.parquet`` into ``DIR/figures``."""
-    ap = argparse.ArgumentParser(prog="llmenergy plot", description="Draw the figures.")
-    ap.add_argument("--results", type=Path, default=Path("results"))
-    args = ap.parse_args(argv)
-    path = args.results / "summary.parquet"
-    if not path.exists():
-        raise UserError(f"{path}: no summary; run `llmenergy aggregate` first")
-    infos = make_figures(pd.read_parquet(path), args.results / "figures")
-    log.info("%d figure(s) drawn, %d skipped", sum(not i.skipped for i in infos),
-             sum(i.skipped for i in infos))
-    return 0
