@@ -25,7 +25,7 @@ from llmenergy.atomic import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 __all__ = ["BUILDERS", "CONFIG_KEYS", "FigureInfo", "FigureSkipped", "fig_pareto",
-           "fig_power_cap", "figure_power_source", "load_manifest", "make_figures", "main",
+           "fig_power_cap", "figure_power_source", "load_manifest", "make_figures",
            "pareto_front", "power_label"]
 MANIFEST = "index.json"
 
