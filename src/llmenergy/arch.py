@@ -153,3 +153,22 @@ def checkpoint_problem(path: str, args: ModelArgs) -> str | None:
     want = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads}
     bad = [f"{k} {found[k]} (arch has {want[k]})" for k in want if found[k] != want[k]]
     return f"{path}: checkpoint does not match the architecture: {', '.join(bad)}" if bad else None
+
+
+#: inference engines a cell can use (see :mod:`llmenergy.inference.engines`)
+ENGINES: tuple[str, ...] = ("reference", "compiled")
+
+
+def engine_problem(engine: str, shards: int, device: str = "cuda") -> str | None:
+    """Why ``engine`` cannot run a cell of ``shards`` ranks on ``device``, or None when it can.
+
+    Torch-free, for config validation and planning.  Both engines run any shard
+    count that :func:`shard_problem` accepts, on CUDA and (for tests) on CPU.
+    """
+    if engine not in ENGINES:
+        return f"unknown engine {engine!r} (known: {', '.join(ENGINES)})"
+    if shards < 1:
+        return f"engine {engine}: the shard count must be positive, got {shards}"
+    if device not in ("cuda", "cpu"):
+        return f"engine {engine}: unknown device {device!r} (cuda or cpu)"
+    return None
