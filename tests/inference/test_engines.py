@@ -149,3 +149,6 @@ def test_torch_compile_on_cpu_gives_the_same_tokens(model: torch.nn.Module, tmp_
     assert [c[0] for c in calls] == ["compile", "prefill", "decode"]
     assert got.tokens == G.generate(model, PROMPTS, GEN, eos_id=None, stop_at_eos=False).tokens
     assert any((tmp_path / "inductor").iterdir())
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the decode loop never recompiles
+        again = engine.generate(PROMPTS, GEN - 3, eos_id=None, stop_at_eos=False)
+    assert again.tokens == [t[: GEN - 3] for t in got.tokens]

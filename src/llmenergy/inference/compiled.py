@@ -105,6 +105,7 @@ class CompiledEngine:
                 torch._dynamo.mark_static_address(t)
         self._caches: dict[int, Caches] = {}
         self._ready: set[int] = set()
+        self._tokens: dict[int, torch.Tensor] = {}
         self._step = self._decode
         if self.compile:
             if self.cache_dir is not None:
@@ -190,6 +191,14 @@ class CompiledEngine:
             self._caches[bsz] = views
         return self._caches[bsz]
 
+    def _token(self, bsz: int) -> torch.Tensor:
+        """The [bsz, 1] input token buffer: always the same strides, so no recompile."""
+        if bsz not in self._tokens:
+            self._tokens[bsz] = torch.zeros((bsz, 1), dtype=torch.long, device=self.device)
+            if self.compile:
+                torch._dynamo.mark_static_address(self._tokens[bsz])
+        return self._tokens[bsz]
+
     @torch.inference_mode()
     def warm(self, bsz: int, on_phase: PhaseCallback | None = None) -> None:
         """Compile (and on CUDA capture) the decode step for batch ``bsz``; report ``"compile"``."""
@@ -199,7 +208,7 @@ class CompiledEngine:
         _sync(self.device)
         t0 = time.time_ns()
         if self.compile:
-            token = torch.zeros((bsz, 1), dtype=torch.long, device=self.device)
+            token = self._token(bsz).zero_()
             pos = torch.zeros(1, dtype=torch.long, device=self.device)
             n_pad = torch.zeros(bsz, dtype=torch.long, device=self.device)
             for _ in range(_WARMUP_CALLS):  # writes position 0, which prefill overwrites
@@ -244,8 +253,10 @@ class CompiledEngine:
         pre = self._prefill(tokens, n_pad, caches)
         pads = n_pad if n_pad is not None else torch.zeros(bsz, dtype=torch.long, device=self.device)
         pos = torch.full((1,), longest, dtype=torch.long, device=self.device)
+        token = self._token(bsz)
+        token.copy_(pre.argmax(-1)[:, None])
         self._mark_step()
-        _, step = self._step(pre.argmax(-1)[:, None], pos, pads, caches)
+        _, step = self._step(token, pos, pads, caches)
         return pre, step.clone()
 
     @torch.inference_mode()
@@ -271,13 +282,16 @@ class CompiledEngine:
             on_phase("prefill", t0, t1)
 
         steps = 0
+        token = self._token(bsz)
+        token.copy_(out[:, :1])
         done = (out[:, 0] == eos_id) if stop_early else None
         for i in range(1, max_gen_len):
             if done is not None and (i - 1) % self.eos_check_every == 0 and bool(done.all()):
                 break
             self._mark_step()
-            nxt, _ = self._step(out[:, i - 1:i], pos, pads, caches)
+            nxt, _ = self._step(token, pos, pads, caches)
             out[:, i] = nxt
+            token.copy_(nxt[:, None])
             pos += 1
             steps += 1
             if done is not None:
