@@ -152,3 +152,11 @@ def test_torch_compile_on_cpu_gives_the_same_tokens(model: torch.nn.Module, tmp_
     with torch._dynamo.config.patch(error_on_recompile=True):  # the decode loop never recompiles
         again = engine.generate(PROMPTS, GEN - 3, eos_id=None, stop_at_eos=False)
     assert again.tokens == [t[: GEN - 3] for t in got.tokens]
+
+
+@pytest.mark.slow
+def test_torch_compile_with_functional_collectives_on_two_ranks() -> None:
+    """The all-reduces and all-gathers inside the compiled graph (gloo): ~40 s on two cores."""
+    for out in run_ranks(engines_worker, 2, "llama-tiny", PROMPTS[:2], 8, True, timeout_s=400):
+        assert out["compiled"]["free"] == out["reference"]["free"]
+        assert out["compiled"]["stop"] == out["reference"]["stop"]
