@@ -22,6 +22,7 @@ PKG = Path(llmenergy.__file__).resolve().parent
 STAGES = {
     "errors": 0,
     "atomic": 1, "entrypoints": 1, "slurm": 1, "arch": 1,
+    "checkpoints": 2,
     "data": 2,
     "config": 3,
     "cellfiles": 4,

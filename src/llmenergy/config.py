@@ -15,14 +15,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llmenergy.arch import SIZES, ModelArgs
+from llmenergy.arch import ENGINES, SIZES, ModelArgs
 from llmenergy.data import DatasetSpec
 from llmenergy.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
-ENGINES = ("reference",)
 #: The ``collector.backend`` values (the collector process also takes ``replay``).
 COLLECTOR_BACKENDS = ("auto", "dcgm", "nvml", "rapl", "estimate", "none")
 #: Instant-power sampling period between full samples (NVML).
@@ -216,7 +215,7 @@ def _check_files(cfg: Config) -> None:
     """Files the config names: checkpoints (headers and sizes only, no weights loaded),
     their tokenizers (loaded: they are small), and datasets."""
     src = cfg.source
-    from llmenergy.arch import check_tokenizer, inspect_checkpoint
+    from llmenergy.checkpoints import check_tokenizer, inspect_checkpoint
     from llmenergy.errors import CheckpointError
 
     for name, m in cfg.models.items():

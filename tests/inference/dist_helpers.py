@@ -121,3 +121,25 @@ def generate_worker(rank: int, arch: Any, prompts: list[list[int]],
     model, _ = W.build(arch, "synthetic", device="cpu", dtype=torch.float32,
                        max_batch_size=len(prompts), max_seq_len=longest + max_gen_len)
     return G.generate(model, prompts, max_gen_len, eos_id=None, stop_at_eos=False).tokens
+
+
+def engines_worker(rank: int, arch: Any, prompts: list[list[int]], max_gen_len: int,
+                   compile: bool = False) -> dict[str, Any]:
+    """Both engines on one model (synthetic weights, seed 1): tokens with EOS ignored and
+    with ``stop_at_eos`` (EOS = the third token of sequence 0), per engine."""
+    from llmenergy.inference import weights as W
+    from llmenergy.inference.engines import make_engine
+
+    longest = max(len(p) for p in prompts)
+    model, _ = W.build(arch, "synthetic", device="cpu", dtype=torch.float32, seed=1,
+                       max_batch_size=len(prompts), max_seq_len=longest + max_gen_len)
+    engines = [make_engine("reference", model), make_engine("compiled", model, compile=compile)]
+    eos = engines[0].generate(prompts, max_gen_len, eos_id=None, stop_at_eos=False).tokens[0][2]
+    out: dict[str, Any] = {"eos": eos}
+    for engine in engines:
+        engine.prepare()
+        free = engine.generate(prompts, max_gen_len, eos_id=eos, stop_at_eos=False)
+        stop = engine.generate(prompts, max_gen_len, eos_id=eos, stop_at_eos=True)
+        out[engine.name] = {"free": free.tokens, "stop": stop.tokens, "stop_out": stop.tokens_out,
+                            "stop_steps": stop.decode_steps, "logits": engine.first_logits(prompts)}
+    return out

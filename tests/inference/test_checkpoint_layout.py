@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from llmenergy import arch, config, entrypoints
+from llmenergy import arch, checkpoints, config, entrypoints
 from llmenergy.errors import ConfigError
 from llmenergy.inference.checkpoint import (
     params_json,
@@ -77,8 +77,8 @@ def test_meta_release_with_the_tokenizer_in_the_parent_plans(tmp_path: Path) -> 
     weights = meta_release(tmp_path / "LLaMA")
     cfg = config.from_dict(cfg_data(str(weights)))
     assert cfg.models["tiny"].weights == str(weights)
-    assert arch.resolve_tokenizer(str(weights), None) == tmp_path / "LLaMA" / "tokenizer.model"
-    info = arch.inspect_checkpoint(weights, TINY)
+    assert checkpoints.resolve_tokenizer(str(weights), None) == tmp_path / "LLaMA" / "tokenizer.model"
+    info = checkpoints.inspect_checkpoint(weights, TINY)
     assert info.format == "meta" and len(info.files) == 2
     assert info.vocab_size == TINY.vocab_size  # params.json says -1: read from the embedding
 
@@ -86,7 +86,7 @@ def test_meta_release_with_the_tokenizer_in_the_parent_plans(tmp_path: Path) -> 
 def test_tensor_shapes_are_read_without_loading_and_agree_with_torch(tmp_path: Path) -> None:
     weights = meta_release(tmp_path / "LLaMA")
     shard = weights / "consolidated.01.pth"
-    header_only = arch.pth_tensor_shapes(shard)
+    header_only = checkpoints.pth_tensor_shapes(shard)
     loaded = torch.load(shard, map_location="cpu", weights_only=True)
     assert header_only == {name: tuple(t.shape) for name, t in loaded.items()}
 
@@ -116,7 +116,7 @@ def test_named_tokenizer_wins_over_the_one_in_the_parent(tmp_path: Path) -> None
     elsewhere.mkdir()
     shutil.copyfile(default_tokenizer_path(), elsewhere / "tokenizer.model")
     config.from_dict(cfg_data(str(weights), str(elsewhere)))
-    assert arch.resolve_tokenizer(str(weights), str(elsewhere)) == elsewhere / "tokenizer.model"
+    assert checkpoints.resolve_tokenizer(str(weights), str(elsewhere)) == elsewhere / "tokenizer.model"
 
 
 def test_empty_shard_file_stops_the_plan(tmp_path: Path) -> None:
@@ -177,13 +177,13 @@ def test_hf_checkpoint_plans_and_its_header_is_checked(tmp_path: Path) -> None:
 
 def test_hf_index_naming_a_missing_file(tmp_path: Path) -> None:
     weights = hf_checkpoint(tmp_path / "hf")
-    header = arch.safetensors_header(weights / "model.safetensors")
+    header = checkpoints.safetensors_header(weights / "model.safetensors")
     weight_map = {name: "model.safetensors" for name in header}
     weight_map["model.norm.weight"] = "model-00002-of-00002.safetensors"
-    (weights / arch.HF_INDEX).write_text(json.dumps({"weight_map": weight_map}))
+    (weights / checkpoints.HF_INDEX).write_text(json.dumps({"weight_map": weight_map}))
     message = plan_error(cfg_data(str(weights)))
     assert message == (f"config.yaml: models.tiny.weights: {weights / 'model-00002-of-00002.safetensors'}"
-                       f": safetensors file named by {arch.HF_INDEX} is missing")
+                       f": safetensors file named by {checkpoints.HF_INDEX} is missing")
 
 
 def test_plan_reads_headers_only(tmp_path: Path) -> None:
@@ -191,7 +191,7 @@ def test_plan_reads_headers_only(tmp_path: Path) -> None:
     weights = meta_release(tmp_path / "LLaMA")
     t0 = time.perf_counter()
     for _ in range(5):
-        arch.inspect_checkpoint(weights, TINY)
+        checkpoints.inspect_checkpoint(weights, TINY)
     assert (time.perf_counter() - t0) / 5 < 0.05
 
 

@@ -156,9 +156,9 @@ def test_tokenizer_for_says_where_it_looked(tmp_path: Path) -> None:
 def test_tokenizer_lookup_and_plan_checks_do_not_import_torch(tmp_path: Path,
                                                               tok: T.SentencePieceTokenizer) -> None:
     (tmp_path / "tokenizer.model").write_bytes(tok.path.read_bytes())
-    code = ("import sys; from llmenergy import arch, config; "
+    code = ("import sys; from llmenergy import checkpoints, config; "
             "import llmenergy.inference.tokenizer as T; "
-            f"p = arch.check_tokenizer({str(tmp_path)!r}, None, 1536); "
+            f"p = checkpoints.check_tokenizer({str(tmp_path)!r}, None, 1536); "
             "print(p, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == [str(tmp_path / "tokenizer.model"), "False"]

@@ -42,6 +42,7 @@ def test_submitit_parameters_one_task_per_node() -> None:
         "slurm_nodes": 2, "slurm_cpus_per_task": 8, "slurm_gres": "gpu:4", "slurm_use_srun": False,
         "slurm_partition": "a100", "slurm_mem": "64000M", "slurm_constraint": "a100_80g",
         "slurm_account": "p1", "slurm_qos": "q",
+        "slurm_signal_delay_s": 120, "slurm_additional_parameters": {"signal": "TERM@120"},
     }
 
 
@@ -61,6 +62,8 @@ def test_parameters_render_to_sbatch_lines(tmp_path: Path) -> None:
                  "--partition=v100", "--time=7", "--job-name=c4"):
         assert f"#SBATCH {line}" in text
     assert "srun" not in text.split("# command")[1]
+    # the same time-limit signal as the Snakemake route, not submitit's USR2@90
+    assert "#SBATCH --signal=TERM@120" in text and "USR2" not in text
 
 
 def test_choose_executor_rejects_unknown() -> None:

@@ -22,8 +22,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from llmenergy.arch import TINY_VOCAB_SIZE, TOKENIZER_FILES, resolve_tokenizer
+from llmenergy.arch import TINY_VOCAB_SIZE
 from llmenergy.atomic import atomic_path
+from llmenergy.checkpoints import TOKENIZER_FILES, resolve_tokenizer
 from llmenergy.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
 def tokenizer_for(weights: str, tokenizer: str | None) -> Tokenizer:
     """A model's tokenizer: ``tokenizer`` when named, else the one beside the weights or in
     their parent directory (Meta's LLaMA-1 layout), else, for synthetic weights, the
-    project's own. See :func:`llmenergy.arch.resolve_tokenizer` (which
+    project's own. See :func:`llmenergy.checkpoints.resolve_tokenizer` (which
     ``llmenergy plan`` runs too); a missing one is a one-line :class:`CheckpointError`.
     """
     path = resolve_tokenizer(weights, tokenizer)

@@ -65,6 +65,10 @@ def mp_rank() -> int:
     return fs_init.get_model_parallel_rank()
 
 
+def mp_world_size() -> int:
+    return fs_init.get_model_parallel_world_size()
+
+
 def check_shards(name: str, args: ModelArgs, shards: int) -> None:
     """Raise :class:`UserError` when ``shards`` does not fit ``args`` (see :func:`shard_problem`)."""
     problem = shard_problem(name, args, shards)

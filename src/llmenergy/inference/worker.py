@@ -31,6 +31,8 @@ log = logging.getLogger("llmenergy.inference.worker")
 EXIT_OOM = 75
 EXIT_INTERRUPTED = 76
 EXIT_CAP_DENIED = 77
+#: Inductor's cache (compiled engine), under the output directory: repeats and later cells reuse it.
+INDUCTOR_CACHE = ".cache/inductor"
 
 
 @dataclass
@@ -189,7 +191,7 @@ def run(spec_path: Path) -> int:
     import torch.distributed as dist
 
     from llmenergy.data import load_prompts
-    from llmenergy.inference import generate, tp, weights
+    from llmenergy.inference import engines, tp, weights
 
     spec = CellSpec.read(spec_path)
     cell_dir = spec_path.parent
@@ -232,9 +234,12 @@ def run(spec_path: Path) -> int:
         if spec.cell.power_cap_w is not None:
             _check_caps(run_dir, spec.nodes)
         stop.check()
+        engine = engines.make_engine(spec.cell.engine, model, cache_dir=cell_dir.parent.parent / INDUCTOR_CACHE)
+        engine.prepare(on_phase=lambda phase, s, e: rec.event(phase, s, e, n_seqs=spec.cell.batch_size))
+        stop.check()
         t0 = rec.now_ns()
         batch_size = spec.cell.batch_size
-        generate.generate(model, encoded[:batch_size], spec.warmup_tokens, eos_id=tok.eos_id, stop_at_eos=False)
+        engine.generate(encoded[:batch_size], spec.warmup_tokens, eos_id=tok.eos_id, stop_at_eos=False)
         rec.event("warmup", t0, rec.now_ns(), n_seqs=min(len(encoded), batch_size))
 
         for repeat in range(spec.repeats):
@@ -245,7 +250,7 @@ def run(spec_path: Path) -> int:
                 stop.check()
                 rec.batch_index = b
                 t_batch = time.monotonic()
-                _run_batch(rec, model, tok, batch, spec, is_main)
+                _run_batch(rec, engine, tok, batch, spec, is_main)
                 if is_main:
                     log.info("repeat %d/%d, batch %d/%d: %d sequences in %.2f s",
                              repeat + 1, spec.repeats, b + 1, len(batches), len(batch),
@@ -278,9 +283,8 @@ def run(spec_path: Path) -> int:
     return code
 
 
-def _run_batch(rec: Recorder, model: Any, tok: Any, batch: list[Any], spec: CellSpec, is_main: bool) -> None:
+def _run_batch(rec: Recorder, engine: Any, tok: Any, batch: list[Any], spec: CellSpec, is_main: bool) -> None:
     from llmenergy.data.accuracy import is_correct
-    from llmenergy.inference import generate
 
     prompts = [p for p, _ in batch]
     tokens = [t for _, t in batch]
@@ -290,8 +294,8 @@ def _run_batch(rec: Recorder, model: Any, tok: Any, batch: list[Any], spec: Cell
     def on_phase(phase: str, start_ns: int, end_ns: int) -> None:
         phases.append((phase, start_ns, end_ns))
 
-    result = generate.generate(model, tokens, spec.cell.max_gen_len, eos_id=tok.eos_id,
-                               stop_at_eos=spec.stop_at_eos, on_phase=on_phase)
+    result = engine.generate(tokens, spec.cell.max_gen_len, eos_id=tok.eos_id,
+                             stop_at_eos=spec.stop_at_eos, on_phase=on_phase)
     outs = result.tokens
     n_out = sum(len(o) for o in outs)
     for phase, s, e in phases:

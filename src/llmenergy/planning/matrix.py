@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from llmenergy.arch import kv_cache_bytes, shard_problem, weight_bytes
+from llmenergy.arch import engine_problem, kv_cache_bytes, shard_problem, weight_bytes
 from llmenergy.cellfiles import AXES, Cell
 from llmenergy.config import Config
 from llmenergy.errors import ConfigError
@@ -74,7 +74,9 @@ def feasibility(cfg: Config, cell: Cell) -> str | None:
         layout(cfg, cell)
     except ShardLayoutError as exc:
         return str(exc)
-    return shard_problem(cell.model, cfg.models[cell.model].args, cell.shards) or memory_problem(cfg, cell)
+    device = "cpu" if cfg.gpus[cell.gpu].device == "cpu" else "cuda"
+    return (shard_problem(cell.model, cfg.models[cell.model].args, cell.shards)
+            or engine_problem(cell.engine, cell.shards, device) or memory_problem(cfg, cell))
 
 
 def expand(cfg: Config) -> Plan:

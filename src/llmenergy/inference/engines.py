@@ -1,0 +1,113 @@
+"""Inference engines: the same model, weights and sharding, run different ways.
+
+``reference``
+    :func:`llmenergy.inference.generate.generate`, eager, as Meta's reference
+    (the engine the paper measured).
+``compiled``
+    :class:`llmenergy.inference.compiled.CompiledEngine`: static KV cache, decode
+    step under torch.compile (CUDA graphs on CUDA).
+
+Both wrap a :class:`~llmenergy.inference.model.Transformer` from
+:func:`llmenergy.inference.weights.build` without copying its weights::
+
+    engine = make_engine("compiled", model, cache_dir=cell_dir / "inductor")
+    engine.prepare(on_phase)            # reports "compile" (nothing for reference)
+    result = engine.generate(prompts, max_gen_len, eos_id=eos, stop_at_eos=False,
+                             on_phase=on_phase)   # "compile"?, "prefill", "decode"
+
+``generate`` has the contract of :func:`~llmenergy.inference.generate.generate`.
+The compiled engine compiles per batch size; a batch size that ``prepare`` did
+not cover (a short last batch) is compiled at the start of ``generate`` and
+reported as a ``"compile"`` phase before ``"prefill"``.  The names and the
+torch-free feasibility check live in :mod:`llmenergy.arch` (``ENGINES``,
+``engine_problem``) for the planner.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from llmenergy.arch import ENGINES, engine_problem
+from llmenergy.errors import UserError
+from llmenergy.inference import generate as G
+from llmenergy.inference.model import Transformer
+
+__all__ = ["ENGINES", "Engine", "ReferenceEngine", "engine_problem", "make_engine"]
+
+
+class Engine(Protocol):
+    name: str
+
+    def prepare(self, on_phase: G.PhaseCallback | None = None) -> None: ...
+
+    def generate(self, prompts: list[list[int]], max_gen_len: int, *, eos_id: int | None,
+                 stop_at_eos: bool, on_phase: G.PhaseCallback | None = None) -> G.GenerationResult: ...
+
+    def first_logits(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class ReferenceEngine:
+    """Meta-style eager generation (:func:`llmenergy.inference.generate.generate`)."""
+
+    name = "reference"
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+
+    def prepare(self, on_phase: G.PhaseCallback | None = None) -> None:
+        """Nothing to compile."""
+
+    def generate(self, prompts: list[list[int]], max_gen_len: int, *, eos_id: int | None,
+                 stop_at_eos: bool, on_phase: G.PhaseCallback | None = None) -> G.GenerationResult:
+        return G.generate(self.model, prompts, max_gen_len, eos_id=eos_id,
+                          stop_at_eos=stop_at_eos, on_phase=on_phase)
+
+    @torch.inference_mode()
+    def first_logits(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, V] of prefill and of the first decode step (fed the greedy token)."""
+        device = self.model.tok_embeddings.weight.device
+        tokens, n_pad = G.left_pad(prompts, 0, device)
+        pre = G.prefill(self.model, tokens, n_pad)
+        step = G.decode_step(self.model, pre.argmax(-1)[:, None], tokens.shape[1], n_pad)
+        return pre, step
+
+
+def make_engine(name: str, model: Transformer, *, max_batch_size: int | None = None,
+                max_seq_len: int | None = None, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None, cache_dir: str | Path | None = None,
+                compile: bool | None = None) -> Engine:
+    """Engine ``name`` over ``model``.
+
+    The batch size, sequence length, device and dtype are the model's (its KV
+    cache and weights); when given they must match.  ``cache_dir``: Inductor's
+    cache directory (compiled only).  ``compile``: compiled only; default True
+    on CUDA, False on CPU (see :mod:`llmenergy.inference.compiled`).
+    """
+    problem = engine_problem(name, 1, "cpu")
+    if problem is not None:
+        raise UserError(problem)
+    weight = model.tok_embeddings.weight
+    given = {"max_batch_size": (max_batch_size, model.max_batch_size),
+             "max_seq_len": (max_seq_len, model.max_seq_len),
+             "device": (None if device is None else torch.device(device), weight.device),
+             "dtype": (dtype, weight.dtype)}
+    for key, (want, have) in given.items():
+        if want is not None and want != have and not (key == "device" and _same_device(want, have)):
+            raise UserError(f"engine {name}: {key} {want} differs from the model's {have}")
+    if name == "reference":
+        return ReferenceEngine(model)
+    from llmenergy.inference.compiled import CompiledEngine
+
+    return CompiledEngine(model, cache_dir=cache_dir, compile=compile)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` name the same device when 0 is the current one."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        index = torch.cuda.current_device() if a.type == "cuda" else None
+        return (a.index if a.index is not None else index) == (b.index if b.index is not None else index)
+    return a.index == b.index

@@ -1,0 +1,162 @@
+"""Engines: ``compiled`` gives the reference's greedy tokens (fp32, CPU) at shards 1, 2, 4."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from dist_helpers import engines_worker, run_ranks
+
+from llmenergy.arch import ENGINES, engine_problem
+from llmenergy.errors import UserError
+from llmenergy.inference import generate as G
+from llmenergy.inference import weights as W
+from llmenergy.inference.engines import make_engine
+
+# different lengths: the batch is left-padded
+PROMPTS = [[1, 17, 300, 42, 9, 88, 5], [1, 640, 7], [1, 23, 23, 23, 23], [1, 5, 900, 31]]
+GEN = 12
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    m, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
+                   max_batch_size=4, max_seq_len=24)
+    return m
+
+
+@pytest.fixture(scope="module")
+def one_rank() -> dict:
+    return engines_worker(0, "llama-tiny", PROMPTS, GEN)
+
+
+def _check_same_answers(out: dict) -> None:
+    ref, comp = out["reference"], out["compiled"]
+    assert comp["free"] == ref["free"]
+    assert all(len(t) == GEN for t in comp["free"])
+    assert len(set(map(tuple, ref["free"]))) == len(PROMPTS)  # not a degenerate model
+    assert comp["stop"] == ref["stop"] and comp["stop_out"] == ref["stop_out"]
+    assert ref["stop"] != ref["free"]  # EOS did cut something
+    for got, want in zip(comp["logits"], ref["logits"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_matches_reference_on_one_rank(one_rank: dict) -> None:
+    _check_same_answers(one_rank)
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_compiled_matches_reference_on_several_ranks(shards: int, one_rank: dict) -> None:
+    ranks = run_ranks(engines_worker, shards, "llama-tiny", PROMPTS, GEN)
+    for out in ranks:
+        _check_same_answers(out)
+        assert out["compiled"]["free"] == one_rank["reference"]["free"]
+        assert out["compiled"]["stop"] == one_rank["reference"]["stop"]
+
+
+def test_batch_smaller_than_the_cache_matches_each_prompt_alone(model: torch.nn.Module) -> None:
+    engine = make_engine("compiled", model)
+    engine.generate(PROMPTS, GEN, eos_id=None, stop_at_eos=False)  # fill all rows of the cache
+    for p in PROMPTS[:2]:
+        alone = G.generate(model, [p], GEN, eos_id=None, stop_at_eos=False).tokens
+        assert engine.generate([p], GEN, eos_id=None, stop_at_eos=False).tokens == alone
+
+
+def test_stop_at_eos_ends_early_and_counts_steps(model: torch.nn.Module) -> None:
+    engine = make_engine("compiled", model)
+    first = engine.generate([PROMPTS[0]], 1, eos_id=None, stop_at_eos=False).tokens[0][0]
+    result = engine.generate([PROMPTS[0]], GEN, eos_id=first, stop_at_eos=True)
+    assert result.tokens == [[]] and result.decode_steps == 0 and result.tokens_out == 0
+    ref = G.generate(model, PROMPTS, GEN, eos_id=None, stop_at_eos=False).tokens
+    eos = ref[1][3]  # sequence 1 ends at its 4th token, the others may go on
+    got = engine.generate(PROMPTS, GEN, eos_id=eos, stop_at_eos=True)
+    want = G.generate(model, PROMPTS, GEN, eos_id=eos, stop_at_eos=True)
+    assert got.tokens == want.tokens
+    assert want.decode_steps <= got.decode_steps <= GEN - 1
+
+
+def test_phases_and_counts(model: torch.nn.Module) -> None:
+    calls: list[tuple[str, int, int]] = []
+    engine = make_engine("compiled", model)
+    engine.prepare(lambda *a: calls.append(a))
+    assert calls == []  # nothing is compiled on CPU by default
+    result = engine.generate(PROMPTS, 5, eos_id=None, stop_at_eos=False,
+                             on_phase=lambda *a: calls.append(a))
+    assert [c[0] for c in calls] == ["prefill", "decode"]
+    (_, p0, p1), (_, d0, d1) = calls
+    assert p0 < p1 == d0 < d1
+    assert result.decode_steps == 4 and result.tokens_out == 20
+    assert result.tokens_in == sum(map(len, PROMPTS))
+    assert result.decode_duration_s == pytest.approx((d1 - d0) / 1e9)
+
+
+def test_engine_uses_the_models_weights_and_cache_in_place() -> None:
+    model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=3,
+                       max_batch_size=2, max_seq_len=16)
+    engine = make_engine("compiled", model)
+    caches = engine.caches(2)
+    assert caches[0].data_ptr() == model.layers[0].attention.cache_k.data_ptr()
+    assert caches[-1].data_ptr() == model.layers[-1].attention.cache_v.data_ptr()
+    before = engine.first_logits([[1, 2, 3]])[0]
+    with torch.no_grad():
+        model.output.weight.mul_(2.0)  # the engine must see the change: no copy of the weights
+    after = engine.first_logits([[1, 2, 3]])[0]
+    torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-5)
+
+
+def test_limits_and_errors(model: torch.nn.Module) -> None:
+    engine = make_engine("compiled", model)
+    with pytest.raises(ValueError, match="exceed the model cache"):
+        engine.generate(PROMPTS, 20, eos_id=None, stop_at_eos=False)
+    with pytest.raises(ValueError, match="exceed the model cache"):
+        engine.generate(PROMPTS + [[1]], 2, eos_id=None, stop_at_eos=False)
+    with pytest.raises(ValueError, match="no empty prompt"):
+        engine.generate([[]], 2, eos_id=None, stop_at_eos=False)
+    with pytest.raises(UserError, match="unknown engine 'fast'"):
+        make_engine("fast", model)
+    with pytest.raises(UserError, match="dtype torch.float16 differs"):
+        make_engine("compiled", model, dtype=torch.float16)
+    with pytest.raises(UserError, match="max_batch_size 8 differs"):
+        make_engine("reference", model, max_batch_size=8)
+    assert make_engine("reference", model, max_batch_size=4, max_seq_len=24, device="cpu",
+                       dtype=torch.float32).name == "reference"
+
+
+def test_engine_problem_is_torch_free_and_names_the_reason() -> None:
+    assert ENGINES == ("reference", "compiled")
+    assert engine_problem("compiled", 4) is None and engine_problem("reference", 1, "cpu") is None
+    assert engine_problem("vllm", 1) == "unknown engine 'vllm' (known: reference, compiled)"
+    assert "positive" in engine_problem("compiled", 0)
+    import ast
+
+    import llmenergy.arch as arch
+
+    tree = ast.parse(Path(arch.__file__).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "torch" not in imported
+
+
+@pytest.mark.slow
+def test_torch_compile_on_cpu_gives_the_same_tokens(model: torch.nn.Module, tmp_path: Path) -> None:
+    """Inductor (default mode, C++ on CPU): ~30 s per batch size on two cores."""
+    calls: list[tuple[str, int, int]] = []
+    engine = make_engine("compiled", model, compile=True, cache_dir=tmp_path / "inductor")
+    engine.prepare(lambda *a: calls.append(a))
+    assert [c[0] for c in calls] == ["compile"]
+    got = engine.generate(PROMPTS, GEN, eos_id=None, stop_at_eos=False,
+                          on_phase=lambda *a: calls.append(a))
+    assert [c[0] for c in calls] == ["compile", "prefill", "decode"]
+    assert got.tokens == G.generate(model, PROMPTS, GEN, eos_id=None, stop_at_eos=False).tokens
+    assert any((tmp_path / "inductor").iterdir())
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the decode loop never recompiles
+        again = engine.generate(PROMPTS, GEN - 3, eos_id=None, stop_at_eos=False)
+    assert again.tokens == [t[: GEN - 3] for t in got.tokens]
+
+
+@pytest.mark.slow
+def test_torch_compile_with_functional_collectives_on_two_ranks() -> None:
+    """The all-reduces and all-gathers inside the compiled graph (gloo): ~40 s on two cores."""
+    for out in run_ranks(engines_worker, 2, "llama-tiny", PROMPTS[:2], 8, True, timeout_s=400):
+        assert out["compiled"]["free"] == out["reference"]["free"]
+        assert out["compiled"]["stop"] == out["reference"]["stop"]
