@@ -9,12 +9,14 @@
 #   inproc - real-NVML tests, the decode acceptance cell and the in-process
 #            overhead bench (20 ABBA rounds, default 40 ms poll, unpinned);
 #   accept - real-NVML tests and the run-cell overhead (ABBA, 4 rounds);
-#   shards - real-NVML tests and 7B shards 1 vs 2 (both GPUs metered).
+#   shards - real-NVML tests and 7B shards 1 vs 2 (both GPUs metered);
+#   engines - bench/engines.py: reference vs compiled at batch 1/16/64 (7B, in one process);
+#   engcells - the engine axis through run-cell (bench/configs/h200x1_engines.yaml).
 set -uo pipefail
 mode=${1:-x1}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/pylibs
-python3 -m pip install -q --no-deps --target /tmp/pylibs wheels/*.whl
+for w in wheels/*.whl; do python3 -m pip install -q --no-deps --target /tmp/pylibs "$w" 2>/dev/null || true; done
 export PYTHONPATH=$PWD/src:/tmp/pylibs
 nvidia-smi --query-gpu=name,uuid,driver_version,power.limit,clocks.sm,temperature.gpu --format=csv | tee "$OUT/gpus_$mode.csv"
 nproc
@@ -45,6 +47,11 @@ case "$mode" in
   shards)
     nvml_tests
     TAIL=2 step 300 python3 bench/gpu_cells.py --config bench/configs/h100x2.yaml --out "$OUT/x2_cells.json" ;;
+  engines)
+    TAIL=40 step 570 python3 bench/engines.py --out "$OUT/h200_engines.json" --cache-dir /tmp/inductor ;;
+  engcells)
+    nvml_tests
+    TAIL=20 step 500 python3 bench/gpu_cells.py --config bench/configs/h200x1_engines.yaml --out "$OUT/h200_engine_cells.json" ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac
 tar czf "$OUT/cells_$mode.tgz" bench-results
