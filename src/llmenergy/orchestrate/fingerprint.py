@@ -101,7 +101,7 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def _short(value: Any) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else value
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def changes(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
@@ -110,7 +110,11 @@ def changes(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
         return "the recorded definition is missing"
     a, b = _flat(old), _flat(new)
     diffs = [f"{k}: {_short(a.get(k))} → {_short(b.get(k))}" for k in sorted(a.keys() | b.keys())
-             if a.get(k) != b.get(k)]
+             if a.get(k) != b.get(k) and k != "checkpoint"]
+    if a.get("checkpoint") != b.get("checkpoint"):  # sizes and mtimes: too long to show
+        n_old, n_new = len(a.get("checkpoint") or []), len(b.get("checkpoint") or [])
+        diffs.append(f"checkpoint files: {n_old} → {n_new}" if n_old != n_new
+                     else "checkpoint files: sizes or mtimes changed")
     return "; ".join(diffs) or "same definition, another fingerprint"
 
 
