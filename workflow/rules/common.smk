@@ -2,7 +2,7 @@
 # matrix; all logic lives in llmenergy.
 import sys
 
-from llmenergy import smk
+from llmenergy.orchestrate import smk
 from llmenergy.errors import UserError
 
 try:
