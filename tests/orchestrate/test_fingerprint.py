@@ -159,3 +159,14 @@ def test_runtime_resource_grows_with_attempt_and_after_a_time_limit(tmp_path: Pa
 ])
 def test_parse_time_limit_min(text: str, minutes: int | None) -> None:
     assert parse_time_limit_min(text) == minutes
+
+
+@pytest.mark.parametrize(("argv", "dry"), [
+    (["snakemake", "-n"], True), (["snakemake", "-np", "--profile", "x"], True),
+    (["snakemake", "--dry-run"], True), (["snakemake", "--profile", "profiles/slurm"], False),
+    (["snakemake", "-p", "--cores", "2"], False), (["snakemake", "--notemp"], False),
+])
+def test_dry_run_is_read_from_the_command_line(argv: list[str], dry: bool) -> None:
+    from llmenergy.orchestrate.smk import dry_run_requested
+
+    assert dry_run_requested(argv) is dry

@@ -264,6 +264,27 @@ class Context:
                     ", ".join(f"{k} {v}" for k, v in sorted(res.status_counts.items())))
 
 
+DRY_RUN_FLAGS = ("-n", "--dry-run", "--dryrun", "--dry_run")
+
+
+def dry_run_requested(argv: Sequence[str]) -> bool:
+    """Whether Snakemake's command line asks for a dry run (``-n``, ``-np``, ``--dry-run``).
+
+    At Snakefile parse ``workflow.dryrun`` is always False (Snakemake 9 sets up its
+    executor after parsing), so the flag is read from the command line.
+    """
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if arg in DRY_RUN_FLAGS:
+            return True
+        short = arg[1:]
+        if arg.startswith("-") and not arg.startswith("--") and short.isalpha() and "n" in short \
+                and len(short) <= 4:
+            return True
+    return False
+
+
 def _source(configfiles: Sequence[str | Path]) -> str:
     return str(configfiles[-1]) if configfiles else "config"
 
