@@ -12,8 +12,18 @@ import yaml
 from llmenergy import config
 from llmenergy.cellfiles import CellRecord
 from llmenergy.errors import ConfigError
-from llmenergy.orchestrate.fingerprint import SUPERSEDED, changes, definition, fingerprint_of
-from llmenergy.orchestrate.launch import _finished, cell_spec, measurement, retry_runtime_min
+from llmenergy.orchestrate.fingerprint import (
+    SUPERSEDED,
+    changes,
+    definition,
+    fingerprint_of,
+)
+from llmenergy.orchestrate.launch import (
+    _finished,
+    cell_spec,
+    measurement,
+    retry_runtime_min,
+)
 from llmenergy.orchestrate.smk import load
 from llmenergy.planning.matrix import expand
 from llmenergy.slurm import parse_time_limit_min

@@ -28,10 +28,10 @@ from llmenergy.analysis.metrics import J_PER_KWH, cell_identity, read_records, t
 from llmenergy.atomic import write_json, write_parquet
 from llmenergy.cellfiles import (
     IDENTITY_COLUMNS,
-    CellRecord,
     METRICS_SCHEMA,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
+    CellRecord,
 )
 from llmenergy.errors import RecordError, UserError
 

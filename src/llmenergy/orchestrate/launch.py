@@ -47,7 +47,12 @@ from llmenergy.cellfiles import (
 )
 from llmenergy.config import Config
 from llmenergy.errors import RecordError
-from llmenergy.orchestrate.fingerprint import changes, definition, fingerprint_of, supersede
+from llmenergy.orchestrate.fingerprint import (
+    changes,
+    definition,
+    fingerprint_of,
+    supersede,
+)
 from llmenergy.orchestrate.provenance import collect_provenance
 from llmenergy.planning.matrix import dtype_for, estimate_runtime_s, layout
 from llmenergy.power.agent import stop_flushing

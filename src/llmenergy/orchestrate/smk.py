@@ -178,7 +178,12 @@ class Context:
         A record without a fingerprint (written before fingerprints existed) is
         kept, with one warning for all such cells.
         """
-        from llmenergy.orchestrate.fingerprint import changes, checkpoint_files, definition, fingerprint_of
+        from llmenergy.orchestrate.fingerprint import (
+            changes,
+            checkpoint_files,
+            definition,
+            fingerprint_of,
+        )
         from llmenergy.orchestrate.launch import cell_spec
 
         stats: dict[str, list[list[Any]]] = {}  # one stat pass per checkpoint
