@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -254,6 +255,18 @@ class Context:
 
         return {k: getter(k) for k in keys}
 
+    def _backdate(self, derived: Sequence[Path]) -> None:
+        """Make the partial report's files older than every cell output. Snakemake does
+        not redo a missing cell whose consumers are up to date; outdated by mtime
+        (``rerun-triggers: mtime``), they make the next run (and ``-n``) reach back to
+        exactly the cells without outputs."""
+        stamps = [p.stat().st_mtime for c in self.plan.cells
+                  for p in (c.dir(self.output_dir) / "metrics.parquet",) if p.exists()]
+        when = max(0.0, min(stamps, default=1.0) - 1.0)
+        for path in derived:
+            if Path(path).exists():
+                os.utime(path, (when, when))
+
     def partial_report(self, report: str | Path) -> None:
         """After a failed run: aggregate and report whatever finished (Snakemake's
         ``onerror``). Cells that failed, are missing or still queued are listed in
@@ -265,6 +278,7 @@ class Context:
         res = aggregate(out, grid_gco2_per_kwh=self.cfg.grid_gco2_per_kwh,
                         expected_cells=[c.identity() for c in self.plan.cells])
         path = render_report(out, out_path=Path(report))
+        self._backdate([res.summary_path, res.stats_path, path, out / "figures"])
         log.warning("llmenergy: partial report of a failed run: %s (statuses %s)", path,
                     ", ".join(f"{k} {v}" for k, v in sorted(res.status_counts.items())))
 
