@@ -18,3 +18,14 @@ include: "workflow/rules/analysis.smk"
 rule all:
     input:
         REPORT,
+
+
+# A failed cell (or any failed job) still leaves a report of whatever finished, naming
+# the cells not measured; Snakemake then exits non-zero. Rerun the same command to
+# run only what is missing.
+onerror:
+    if workflow.is_main_process:
+        try:
+            CTX.partial_report(REPORT)
+        except Exception as exc:  # the run already failed: say why there is no report
+            logger.error(f"llmenergy: no partial report ({type(exc).__name__}: {exc})")

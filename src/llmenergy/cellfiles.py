@@ -228,6 +228,7 @@ class Provenance:
     power_samples: int = 0
     load: dict[str, Any] | None = None
     power_cap: dict[str, Any] | None = None
+    slurm_time_limit_min: int | None = None  # the job's --time, read back from Slurm
 
     @classmethod
     def from_json(cls, data: dict[str, Any], path: str = "cell.json") -> Provenance:
@@ -247,6 +248,10 @@ class CellRecord:
     rank_exit_codes: list[int] = field(default_factory=list)
     power_recovered_from_parts: list[str] = field(default_factory=list)
     provenance: Provenance = field(default_factory=Provenance)
+    #: Hash of :attr:`definition`; None in records written before fingerprints existed.
+    fingerprint: str | None = None
+    #: What defines the measurement (``orchestrate.fingerprint.definition``).
+    definition: dict[str, Any] | None = None
 
     @property
     def cell_id(self) -> str:
@@ -349,7 +354,7 @@ METRICS_FIELDS: list[tuple[str, pa.DataType]] = IDENTITY_FIELDS + [
     ("energy_discrepancy_pct", pa.float64()), ("short_window", pa.bool_()),
     ("power_out_of_range", pa.bool_()), ("cpu_energy_j", pa.float64()),
     ("accuracy", pa.float64()), ("n_correct", pa.int64()), ("j_per_correct", pa.float64()),
-    ("gco2e", pa.float64()), ("weights_synthetic", pa.bool_()),
+    ("gco2e", pa.float64()), ("weights_synthetic", pa.bool_()), ("fingerprint", pa.string()),
     ("schema_version", pa.int32()),
 ]
 METRICS_SCHEMA = _schema(METRICS_FIELDS)

@@ -72,6 +72,7 @@ class CollectorSpec:
 class Policies:
     on_oom: str = "record"
     on_power_cap_denied: str = "fail"
+    on_config_change: str = "rerun"  # a finished cell of another fingerprint: rerun | error
 
 
 @dataclass(frozen=True)

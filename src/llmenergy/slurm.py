@@ -55,6 +55,7 @@ __all__ = [
     "STOP_SIGNALS",
     "TIME_LIMIT_SIGNAL",
     "on_stop_signals",
+    "parse_time_limit_min",
     "time_limit_signal",
 ]
 
@@ -174,6 +175,24 @@ def expand_nodelist(nodelist: str) -> list[str]:
     for part in _split_top_level(nodelist.strip()):
         names.extend(_expand_one(part, nodelist))
     return names
+
+
+def parse_time_limit_min(text: str) -> int | None:
+    """Minutes of a Slurm time limit as squeue/sacct print it (``MM:SS``, ``HH:MM:SS``,
+    ``D-HH:MM:SS``, ``D-HH``); None for ``UNLIMITED``, ``INVALID`` or anything else."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        return None
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        hours, minutes, seconds = a or 0, b or 0, c or 0
+    elif c is not None:  # HH:MM:SS
+        hours, minutes, seconds = a or 0, b or 0, c
+    elif b is not None:  # MM:SS
+        hours, minutes, seconds = 0, a or 0, b
+    else:  # MM
+        hours, minutes, seconds = 0, a or 0, 0
+    return (days or 0) * 1440 + hours * 60 + minutes + (1 if seconds else 0)
 
 
 def _int(value: str) -> int:

@@ -130,3 +130,42 @@ def test_main_and_missing_dir(tmp_path: Path) -> None:
     aggregate(tmp_path, expected_cells=[{"cell_id": "y"}])
     df = pq.read_table(tmp_path / "summary.parquet").to_pandas()
     assert sorted(df["cell_id"].unique()) == ["x", "y"]
+
+
+def test_failed_and_queued_cells_are_listed_with_reasons_and_logs(tmp_path: Path) -> None:
+    """Issue 15 (3): a partial report names the cells not measured, why, and where the logs are."""
+    from llmenergy.analysis.report import render_report
+    from llmenergy.cellfiles import Cell, CellRecord
+
+    _write_rows(tmp_path, "fine", [1.0, 2.0], fingerprint="aaaa")
+    cell = Cell("m", "d", "H100", 2, 8, 16, None)
+    crashed = tmp_path / "cells" / cell.id
+    (crashed / "logs").mkdir(parents=True)  # Snakemake removed the failed job's cell.json and metrics
+    (tmp_path / "logs" / "run_cell").mkdir(parents=True)
+    (tmp_path / "logs" / "run_cell" / f"{cell.id}.log").write_text("boom\n")
+    (tmp_path / "failed").mkdir()
+    CellRecord(cell=cell, status="failed", reason="rank exited with code 1; see logs/", repeats=1,
+               launcher="srun").write(tmp_path / "failed" / f"{cell.id}.json")
+    res = aggregate(tmp_path, expected_cells=[{"cell_id": "fine"}, cell.identity(), {"cell_id": "queued"}])
+    df = pq.read_table(res.summary_path).to_pandas().set_index("cell_id")
+    assert df.loc[cell.id, "status"] == "failed" and "rank exited with code 1" in df.loc[cell.id, "reason"]
+    assert df.loc["queued", "status"] == "missing" and "not run yet" in df.loc["queued", "reason"]
+    assert df.loc["fine", "fingerprint"].tolist() == ["aaaa", "aaaa"]
+
+    html = render_report(tmp_path).read_text()
+    table = html[html.index('id="not-measured"'):]
+    table = table[:table.index("</table>")]
+    assert "2 cell(s) have no ok measurement" in table
+    assert cell.id in table and "queued" in table and "fine" not in table
+    assert f"failed/{cell.id}.json" in table and f"logs/run_cell/{cell.id}.log" in table
+    assert f"cells/{cell.id}/logs/" in table
+
+
+def test_two_fingerprints_under_one_cell_id_are_refused(tmp_path: Path) -> None:
+    from llmenergy.errors import RecordError
+
+    cdir = tmp_path / "cells" / "mixed"
+    rows = [dict(cell_id="mixed", repeat=i, status="ok", fingerprint=fp) for i, fp in enumerate(["a", "b"])]
+    write_parquet(cdir / "metrics.parquet", to_table(rows))
+    with pytest.raises(RecordError, match="mixed.*more than one fingerprint"):
+        aggregate(tmp_path)

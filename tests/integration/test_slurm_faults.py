@@ -23,6 +23,7 @@ import pytest
 import slurm_helpers as h
 
 from llmenergy import entrypoints
+from llmenergy.slurm import parse_time_limit_min
 
 
 @pytest.fixture
@@ -113,7 +114,15 @@ def test_sigterm_as_at_the_time_limit(workdir: Path) -> None:
     _assert_not_finished(out)
     # what was measured before the signal was flushed
     assert (h.cell_dir(workdir, out.victim) / "events.parquet").is_file()
-    _rerun(out, [out.victim])
+    # the partial report names the cell not measured
+    assert out.victim in (workdir / "results" / "report.html").read_text()
+    second = _rerun(out, [out.victim])
+    # issue 15 (4): a cell stopped at its time limit asks for at least twice the time
+    first_limit = parse_time_limit_min(h.sacct(out.victim_job, "JobID,Timelimit")[0]["Timelimit"])
+    assert rec["provenance"]["slurm_time_limit_min"] == first_limit
+    (rerun_job,) = second.job_ids(out.victim)
+    rerun_limit = parse_time_limit_min(h.sacct(rerun_job, "JobID,Timelimit")[0]["Timelimit"])
+    assert first_limit is not None and rerun_limit is not None and rerun_limit >= 2 * first_limit
 
 
 def _slurmd_pid(node: str) -> int | None:

@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import slurm_helpers as h
 
@@ -110,6 +111,35 @@ def test_rerun_after_a_failed_cell_runs_only_that_cell(workdir: Path) -> None:
     assert second.executed_cells == [bad]
     assert h.cell_json(workdir, bad)["status"] == "ok"
     assert h.fingerprint(workdir, others) == before
+
+
+@pytest.mark.slurm
+def test_failed_cell_leaves_a_partial_report_and_its_retry_asks_for_more_time(workdir: Path) -> None:
+    """Issue 15 (3, 4): a cell that fails (injected from outside: the rank fakes) is retried
+    by Snakemake with twice the time, still fails, and the run writes a report of what
+    finished that names it, with its reason and logs; the run exits non-zero."""
+    from llmenergy.slurm import parse_time_limit_min
+
+    h.write_config(workdir, h.tiny_config({"V1": h.gpu_type("v100", 1)}, [h.group("V1", 1), h.group("V1", 2)]))
+    bad, good = h.cell_id(workdir, shards=2), h.cell_id(workdir, shards=1)
+    run = h.run_snakemake(workdir, "--retries", "1", fail_cells=[bad])
+    assert run.returncode != 0, run.tail()
+    assert set(run.executed_cells) == {bad, good}
+    jobs = run.job_ids(bad)
+    assert len(jobs) == 2, run.tail()  # the first attempt and its retry
+    limits = [parse_time_limit_min(h.sacct(j, "JobID,Timelimit")[0]["Timelimit"]) for j in jobs]
+    assert limits[0] is not None and limits[1] == 2 * limits[0], limits
+
+    report = (workdir / "results" / "report.html").read_text()
+    section = report[report.index('id="not-measured"'):report.index("Cells without a measured power")
+                     if "Cells without a measured power" in report else None]
+    assert bad in section and good not in section
+    assert "FAKE rank failure" in section
+    assert f"logs/run_cell/{bad}.log" in section and f"cells/{bad}/logs/" in section
+    summary = pd.read_parquet(workdir / "results" / "summary.parquet")
+    status = dict(zip(summary.cell_id, summary.status, strict=True))
+    assert status == {good: "ok", bad: "failed"}
+    assert summary.set_index("cell_id").loc[good, "fingerprint"] == h.cell_json(workdir, good)["fingerprint"]
 
 
 @pytest.mark.slurm

@@ -1,7 +1,9 @@
 """Real `snakemake` on the local profile's settings: a 2-cell matrix into a temp dir."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +92,60 @@ def test_snakemake_stops_on_bad_config_with_one_line(tmp_path: Path) -> None:
     lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
     assert lines == ["llmenergy: error: config.yaml: matrix[0].batch_size: -4 must be a positive integer"]
     assert not (tmp_path / "results" / "cells").exists()
+
+
+def _executed(output: str) -> list[str]:
+    return re.findall(r"rule run_cell:\n(?:\s+\w+: .*\n)*?\s+wildcards: cell=([A-Za-z0-9._-]+)", output)
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_config_change_reruns_only_the_affected_cells(tmp_path: Path) -> None:
+    """Issue 15 (2): changing n_prompts of one dataset reruns exactly its cells; their old
+    outputs are kept under superseded/; `-n` says which and why without moving anything;
+    `policies.on_config_change: error` stops with one line before anything runs."""
+    cfg = {**CONFIG, "repeats": 1,
+           "datasets": {"a": {"format": "alpaca", "path": "synthetic", "n_prompts": 2, "max_prompt_len": 32},
+                        "b": {"format": "alpaca", "path": "synthetic", "n_prompts": 2, "max_prompt_len": 32}},
+           "matrix": [{"model": ["tiny"], "dataset": ["a", "b"], "gpu": ["cpu"], "shards": [1],
+                       "batch_size": [2], "max_gen_len": [4]}]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    first = _snakemake(tmp_path)
+    assert first.returncode == 0, first.stderr[-4000:]
+    cells = tmp_path / "results" / "cells"
+    a, b = "tiny_a_cpu_s1_b2_g4_pnone_reference", "tiny_b_cpu_s1_b2_g4_pnone_reference"
+    before_a, before_b = _files(cells / a), _files(cells / b)
+    old_fp = json.loads((cells / b / "cell.json").read_text())["fingerprint"]
+
+    cfg["datasets"]["b"]["n_prompts"] = 3
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    dry = _snakemake(tmp_path, "-n")
+    out = dry.stdout + dry.stderr
+    assert dry.returncode == 0, out[-3000:]
+    assert f"{b}: config changed (dataset.n_prompts: 2 → 3); would rerun (dry run)" in out
+    assert a + ":" not in out
+    assert _files(cells / b) == before_b  # nothing moved
+
+    strict = {**cfg, "policies": {"on_config_change": "error"}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(strict))
+    err = _snakemake(tmp_path)
+    lines = [ln for ln in (err.stdout + err.stderr).splitlines() if ln.startswith("llmenergy: error:")]
+    assert err.returncode == 2 and len(lines) == 1, (err.stdout + err.stderr)[-3000:]
+    assert "policies.on_config_change" in lines[0] and b in lines[0] and a not in lines[0]
+    assert _files(cells / b) == before_b
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    second = _snakemake(tmp_path)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert _executed(second.stdout + second.stderr) == [b]
+    assert _files(cells / a) == before_a
+    kept = cells / b / "superseded" / old_fp
+    assert {k: v for k, v in _files(kept).items() if k in before_b} == before_b
+    new = json.loads((cells / b / "cell.json").read_text())
+    assert new["fingerprint"] != old_fp and new["definition"]["dataset"]["n_prompts"] == 3
+    summary = pd.read_parquet(tmp_path / "results" / "summary.parquet").set_index("cell_id")
+    assert summary.loc[b, "n_prompts"] == 3 and summary.loc[b, "fingerprint"] == new["fingerprint"]
+    assert summary.loc[a, "fingerprint"] == json.loads(before_a["cell.json"])["fingerprint"]

@@ -25,11 +25,22 @@ wildcard_constraints:
     cell=r"[A-Za-z0-9._-]+",
 
 
-# Corrupt or unfinished cell outputs are moved aside (*.rejected), so that their cells rerun.
+# Before anything runs (main process only): corrupt or unfinished cell outputs are moved
+# aside (*.rejected), and so are those of finished cells whose fingerprint no longer
+# matches the config (cells/<id>/superseded/<old>/), so that exactly those cells rerun;
+# under policies.on_config_change: error, one error lists them instead.
+# (workflow.dryrun is not yet set while the Snakefile is parsed: read -n from the command line.)
+_DRY_RUN = workflow.dryrun or smk.dry_run_requested(sys.argv)
 if workflow.is_main_process:
     _derived = [f"{OUT}/summary.parquet", f"{OUT}/summary_stats.parquet", REPORT]
-    for _cell in CTX.quarantine_corrupt(dry_run=workflow.dryrun, derived=_derived):
-        logger.warning(f"llmenergy: {_cell}: outputs rejected (see above); the cell will be rerun")
+    try:
+        _rerun = CTX.prepare(dry_run=_DRY_RUN, derived=_derived)
+    except UserError as exc:
+        sys.stderr.write(f"llmenergy: error: {exc}\n")
+        sys.exit(exc.exit_code)
+    for _cell in _rerun:
+        _what = "would be set aside (dry run)" if _DRY_RUN else "set aside"
+        logger.warning(f"llmenergy: {_cell}: outputs {_what} (see above); the cell will be rerun")
 
 if CTX.plan.infeasible:
     logger.info(

@@ -31,8 +31,9 @@ from llmenergy.cellfiles import (
     METRICS_SCHEMA,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
+    CellRecord,
 )
-from llmenergy.errors import UserError
+from llmenergy.errors import RecordError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +169,25 @@ def _placeholder(cell_id: str, ident: dict[str, Any], status: str, reason: str) 
     return row
 
 
+def _failed_record(output_dir: Path, cell_id: str) -> CellRecord | None:
+    """``failed/{cell}.json``: the last failure of a cell (Snakemake removes a failed job's cell.json)."""
+    path = output_dir / "failed" / f"{cell_id}.json"
+    try:
+        return CellRecord.read(path) if path.exists() else None
+    except RecordError as exc:
+        log.warning("%s", exc)
+        return None
+
+
 def _cell_row(cdir: Path, reason: str) -> dict[str, Any]:
     record, spec = read_records(cdir)
     status = "missing"
     if record is not None and record.status != "ok":
         status = record.status
         reason = f"{reason}; cell.json: {record.reason or status}"
+    elif record is None and (failed := _failed_record(cdir.parent.parent, cdir.name)) is not None:
+        status = failed.status
+        reason = f"{failed.status}: {failed.reason or 'no reason recorded'}"
     return _placeholder(cdir.name, cell_identity(record, spec), status, reason)
 
 
@@ -184,6 +198,8 @@ def cell_stats(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     by_cell = summary.groupby("cell_id", sort=True, dropna=False)
     cells = by_cell[[c for c in IDENTITY_COLUMNS if c != "cell_id"]].first()
     cells["n_repeats"] = by_cell.size()
+    if "fingerprint" in summary.columns:
+        cells["fingerprint"] = by_cell["fingerprint"].first()
     is_ok = summary["status"] == "ok"
     cells["n_ok"] = is_ok.groupby(summary["cell_id"]).sum().astype("int64")
     cell_key = summary["cell_id"]
@@ -240,18 +256,23 @@ def aggregate(output_dir: Path, *, grid_gco2_per_kwh: float | None = None,
 
     extra_rows = [_cell_row(Path(p["path"]).parent, f"metrics.parquet {p['error']}")
                   for p in problems]
-    extra_rows += [_cell_row(d, "no metrics.parquet (not run, running, or crashed)")
+    extra_rows += [_cell_row(d, "no metrics.parquet (queued, running, or crashed)")
                    for d in without]
     seen = set(table.column("cell_id").to_pylist()) | {r["cell_id"] for r in extra_rows}
     for cell in expected_cells or []:
         cid = str(cell.get("cell_id", ""))
         if cid and cid not in seen:
-            extra_rows.append(_placeholder(cid, cell, "missing", "in the plan, but no cell directory"))
+            extra_rows.append(_placeholder(cid, cell, "missing",
+                                           "not run yet (queued, or not submitted): no cell directory"))
             seen.add(cid)
     if extra_rows:
         table = pa.concat_tables([table, to_table(extra_rows)])
 
     summary = table.to_pandas()
+    mixed = summary.groupby("cell_id")["fingerprint"].nunique()
+    if (mixed > 1).any():  # one metrics file per cell folder: only a hand-made file can do this
+        raise RecordError(f"{cells_dir}: cell(s) {', '.join(mixed[mixed > 1].index)} hold rows of "
+                          "more than one fingerprint; move the stale metrics.parquet aside")
     if grid_gco2_per_kwh is not None:
         summary["gco2e"] = summary["energy_j"] / J_PER_KWH * float(grid_gco2_per_kwh)
     summary = summary.sort_values(["cell_id", "repeat"], na_position="last", kind="stable")

@@ -241,6 +241,7 @@ def compute_cell_metrics(cell_dir: Path, *, record: CellRecord | None = None, sp
     base["reason"] = reason if status else derived_reason
     base["n_prompts"] = spec.dataset.n_prompts if spec is not None else None
     base["weights_synthetic"] = None if spec is None else spec.weights == "synthetic"
+    base["fingerprint"] = record.fingerprint if record is not None else None
     source = power_source_of(power)  # from the samples, not from what cell.json planned
     base["power_source"] = source
     base["gpu_name"] = _gpu_names(record)

@@ -169,6 +169,21 @@ def _key_findings(stats: pd.DataFrame) -> list[dict[str, Any]]:
     return rows
 
 
+def _logs(output_dir: Path, cell_id: str) -> list[str]:
+    """Where to look for a cell's failure: the paths that exist, relative to ``output_dir``."""
+    candidates = [Path("failed") / f"{cell_id}.json", Path("logs") / "run_cell" / f"{cell_id}.log",
+                  Path("cells") / cell_id / "logs"]
+    return [str(p) + ("/" if p.name == "logs" else "") for p in candidates if (output_dir / p).exists()]
+
+
+def _not_measured(output_dir: Path, stats: pd.DataFrame) -> list[dict[str, Any]]:
+    """Cells without an ok measurement (failed, missing, queued, ...) with reasons and log paths."""
+    rows = _records(stats[stats["status"] != "ok"], ["cell_id", "status", "n_ok", "n_repeats", "reason"])
+    for row in rows:
+        row["logs"] = _logs(output_dir, str(row["cell_id"]))
+    return rows
+
+
 def _flags(summary: pd.DataFrame, stats: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
     failed = stats[stats["status"] != "ok"]
     ok = summary[summary["status"] == "ok"]
@@ -243,6 +258,7 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
                                   "tokens_per_s_mean", "tokens_per_s_ci95", "j_per_token_mean",
                                   "j_per_token_ci95", "avg_power_w_mean", "power_source"]),
         "flags": _flags(summary, stats),
+        "not_measured": _not_measured(output_dir, stats),
         "discrepancy_limit_pct": DISCREPANCY_LIMIT_PCT,
         "problems": problems,
         "accuracy": _accuracy(summary),

@@ -47,6 +47,12 @@ from llmenergy.cellfiles import (
 )
 from llmenergy.config import Config
 from llmenergy.errors import RecordError
+from llmenergy.orchestrate.fingerprint import (
+    changes,
+    definition,
+    fingerprint_of,
+    supersede,
+)
 from llmenergy.orchestrate.provenance import collect_provenance
 from llmenergy.planning.matrix import dtype_for, estimate_runtime_s, layout
 from llmenergy.power.agent import stop_flushing
@@ -62,18 +68,34 @@ def runtime_min(cfg: Config, cell: Cell, *, runtime_s: float | None = None) -> i
     return max(15, math.ceil(runtime_s * 2 / 60) + 10)
 
 
+def retry_runtime_min(base_min: int, attempt: int = 1, *, previous_status: str | None = None,
+                      previous_limit_min: int | None = None) -> int:
+    """The time limit of a cell's job: ``base_min`` times Snakemake's ``attempt``
+    (a retried job asks for more), and at least twice the previous job's limit
+    when the cell's last record is ``incomplete`` (stopped by the time-limit
+    signal, or cancelled: either way a longer job does no harm)."""
+    base = base_min
+    if previous_status == "incomplete":
+        base = max(base, 2 * (previous_limit_min or base_min))
+    return base * max(1, int(attempt))
+
+
 def cell_resources(cfg: Config, cell: Cell, *, runtime_s: float | None = None) -> dict[str, Any]:
     """Snakemake resources of the cell's Slurm job (see :mod:`llmenergy.slurm`)."""
     res = slurm.resources_for(cell.shards, cfg.gpus[cell.gpu], runtime_min(cfg, cell, runtime_s=runtime_s))
     return slurm.snakemake_resources(res)
 
 
-def cell_spec(cfg: Config, cell: Cell) -> CellSpec:
-    """Everything a cell's ranks and node agents need, resolved from the config (``spec.json``)."""
+def cell_spec(cfg: Config, cell: Cell, *, resolve_device: bool = True) -> CellSpec:
+    """Everything a cell's ranks and node agents need, resolved from the config (``spec.json``).
+
+    ``resolve_device=False`` keeps ``device: auto`` as configured (no torch import):
+    the spec a cell's fingerprint is computed from.
+    """
     model, gpu = cfg.models[cell.model], cfg.gpus[cell.gpu]
     nodes, ranks_per_node = layout(cfg, cell)
     device = gpu.device
-    if device == "auto":
+    if device == "auto" and resolve_device:
         device = "cuda" if _cuda_count() >= cell.shards else "cpu"
     return CellSpec(
         cell=cell, arch=model.arch, weights=model.weights, tokenizer=model.tokenizer,
@@ -82,6 +104,12 @@ def cell_spec(cfg: Config, cell: Cell) -> CellSpec:
         repeats=cfg.repeats, seed=cfg.seed, warmup_tokens=cfg.warmup_tokens,
         nodes=nodes, ranks_per_node=ranks_per_node, dataset=cfg.datasets[cell.dataset],
         collector=cfg.collector, policies=cfg.policies, grid_gco2_per_kwh=cfg.grid_gco2_per_kwh)
+
+
+def measurement(cfg: Config, cell: Cell) -> tuple[str, dict[str, Any]]:
+    """The cell's fingerprint and the definition it hashes (:mod:`.fingerprint`)."""
+    defn = definition(cell_spec(cfg, cell, resolve_device=False))
+    return fingerprint_of(defn), defn
 
 
 def _cuda_count() -> int:
@@ -231,16 +259,29 @@ def _status(files: CellFiles, codes: list[int], signum: int | None) -> tuple[str
     return ("failed", f"rank exited with code {bad[0]}; see logs/") if bad else ("ok", None)
 
 
-def _finished(cfg: Config, files: CellFiles) -> str | None:
-    """The status of the cell's record, when it is finished (accepted) under the config's policies."""
+def _finished(cfg: Config, files: CellFiles, current: tuple[str, dict[str, Any]]) -> str | None:
+    """The status of the cell's record, when it is finished (accepted) under the config's
+    policies with the current fingerprint. A finished cell of another fingerprint is
+    superseded (its files moved aside); one without a fingerprint (recorded before
+    fingerprints existed) is accepted with a warning."""
     if not files.record.exists():
         return None
     try:
-        status = CellRecord.read(files.record).status
+        record = CellRecord.read(files.record)
     except RecordError as exc:
         log.warning("%s; the cell will run again", exc)
         return None
-    return status if accepted(status, cfg.policies) else None
+    if not accepted(record.status, cfg.policies):
+        return None
+    if record.fingerprint is None:
+        log.warning("%s: recorded without a fingerprint (older llmenergy); kept as finished",
+                    files.record)
+    elif record.fingerprint != current[0]:
+        log.warning("%s: the config changed (%s); rerunning", files.root.name,
+                    changes(record.definition, current[1]))
+        supersede(files, record.fingerprint)
+        return None
+    return record.status
 
 
 def _prepare(files: CellFiles) -> None:
@@ -261,7 +302,8 @@ def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = F
     from llmenergy.power.collector import merge_node_files, recovered_nodes
 
     files = cell.files(cfg.output_dir)
-    finished = None if force else _finished(cfg, files)
+    fingerprint, defn = measurement(cfg, cell)
+    finished = None if force else _finished(cfg, files, (fingerprint, defn))
     if finished is not None:
         log.info("%s: already finished (cell.json is %s); skipping", cell.id, finished)
         return 0
@@ -283,7 +325,8 @@ def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = F
         atomic.write_parquet(files.power, power)
     record = CellRecord(cell=cell, status=status, reason=reason, repeats=cfg.repeats, launcher=launcher,
                         rank_exit_codes=codes, power_recovered_from_parts=recovered_nodes(power),
-                        provenance=collect_provenance(files, started=started, power=power))
+                        provenance=collect_provenance(files, started=started, power=power),
+                        fingerprint=fingerprint, definition=defn)
     if cell.power_cap_w is not None:
         record.provenance.power_cap = read_cap_report(files.powercap)
     try:

@@ -14,6 +14,7 @@ from typing import Any
 import llmenergy
 from llmenergy.cellfiles import CellFiles, Provenance, WorkerStatus
 from llmenergy.errors import RecordError
+from llmenergy.slurm import parse_time_limit_min
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,14 @@ def slurm_consumed_energy_j(job_id: str | None) -> float | None:
     return sum(vals) if vals and any(vals) else None
 
 
+def slurm_time_limit_min(job_id: str | None) -> int | None:
+    """The job's time limit in minutes (``squeue -o %l``), if it is a Slurm job."""
+    if not job_id:
+        return None
+    out = _run(["squeue", "-h", "-j", job_id, "-o", "%l"])
+    return parse_time_limit_min(out.splitlines()[0]) if out else None
+
+
 def collect_provenance(files: CellFiles, *, started: float, power: Any = None) -> Provenance:
     """What the cell ran on and with, from its ``.run/`` folder (ranks' devices, collectors) and here."""
     uuids = [json.loads(p.read_text()) for p in sorted((files.run / "uuids").glob("*.json"))]
@@ -89,4 +98,5 @@ def collect_provenance(files: CellFiles, *, started: float, power: Any = None) -
         wall_s=round(time.time() - started, 3),
         power_samples=int(power.num_rows) if power is not None else 0,
         load=load,
+        slurm_time_limit_min=slurm_time_limit_min(job),
     )

@@ -2,15 +2,20 @@
 
 Called at every parse of the Snakefile (the submit host's and every Slurm
 job's), so it only validates the config and expands the matrix: no heavy
-imports (no torch). The one filesystem pass, :meth:`Context.quarantine_corrupt`,
-runs on the main process only and reads a few bytes per finished cell.
+imports (no torch). The one filesystem pass, :meth:`Context.prepare`, runs on
+the main process only and reads a few bytes per cell: it moves aside corrupt or
+unfinished outputs (:meth:`Context.quarantine_corrupt`) and the outputs of
+finished cells whose fingerprint no longer matches the config
+(:meth:`Context.supersede_changed`), and notes each unfinished cell's last
+record, so that a cell stopped at its time limit asks for more time.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,7 @@ from typing import Any
 from llmenergy import atomic
 from llmenergy.cellfiles import Cell, accepted
 from llmenergy.config import Config, from_dict
+from llmenergy.errors import ConfigError
 from llmenergy.planning.matrix import Plan, expand
 from llmenergy.slurm import time_limit_signal
 
@@ -57,11 +63,31 @@ def output_problem(path: Path, accept: Callable[[str], bool] | None = None) -> s
         return f"unreadable: {exc}"
 
 
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+@dataclass
+class Changed:
+    """A finished cell whose recorded fingerprint differs from the current config's."""
+
+    cell: Cell
+    old: str
+    new: str
+    why: str
+
+
 @dataclass
 class Context:
     cfg: Config
     plan: Plan
     config_arg: str
+    #: ``{cell id: (status, time limit in minutes)}`` of unfinished cells' last records.
+    previous: dict[str, tuple[str, int | None]] = field(default_factory=dict)
 
     @property
     def output_dir(self) -> str:
@@ -82,6 +108,15 @@ class Context:
     def resources_of(self, cell_id: str) -> dict[str, Any]:
         """The cell's Slurm resources, computed once per parse."""
         return self._resources[cell_id]
+
+    def runtime_min(self, cell_id: str, attempt: int = 1) -> int:
+        """The cell's time limit for Snakemake's ``attempt``: more for a retry, and at
+        least double after a record ``incomplete`` (see ``launch.retry_runtime_min``)."""
+        from llmenergy.orchestrate.launch import retry_runtime_min
+
+        status, limit = self.previous.get(cell_id, (None, None))
+        return retry_runtime_min(int(self.resources_of(cell_id)["runtime"]), attempt,
+                                 previous_status=status, previous_limit_min=limit)
 
     def _resources_of(self, cell_id: str) -> dict[str, Any]:
         from llmenergy.orchestrate.launch import cell_resources
@@ -123,14 +158,150 @@ class Context:
                 Path(path).unlink(missing_ok=True)
         return bad
 
+    def note_previous(self) -> None:
+        """Remember each unfinished cell's last record (``cell.json``, else
+        ``failed/{cell}.json``): its status and its job's time limit."""
+        for cell in self.plan.cells:
+            files = cell.files(self.output_dir)
+            for path in (files.record, files.failed_record()):
+                data = _read_json(path) if path.exists() else None
+                if data is None:
+                    continue
+                status = str(data.get("status"))
+                if not accepted(status, self.cfg.policies):
+                    limit = (data.get("provenance") or {}).get("slurm_time_limit_min")
+                    self.previous[cell.id] = (status, int(limit) if isinstance(limit, int) else None)
+                break
+
+    def changed_cells(self) -> list[Changed]:
+        """Finished cells whose recorded fingerprint is not the current config's.
+
+        A record without a fingerprint (written before fingerprints existed) is
+        kept, with one warning for all such cells.
+        """
+        from llmenergy.orchestrate.fingerprint import (
+            changes,
+            checkpoint_files,
+            definition,
+            fingerprint_of,
+        )
+        from llmenergy.orchestrate.launch import cell_spec
+
+        stats: dict[str, list[list[Any]]] = {}  # one stat pass per checkpoint
+        out: list[Changed] = []
+        legacy = 0
+        for cell in self.plan.cells:
+            path = cell.files(self.output_dir).record
+            data = _read_json(path) if path.exists() else None
+            if data is None or not accepted(str(data.get("status")), self.cfg.policies):
+                continue  # absent, corrupt or unfinished: quarantine_corrupt's business
+            old = data.get("fingerprint")
+            if not old:
+                legacy += 1
+                continue
+            spec = cell_spec(self.cfg, cell, resolve_device=False)
+            if spec.weights not in stats:
+                stats[spec.weights] = checkpoint_files(spec.weights)
+            defn = definition(spec, checkpoint=stats[spec.weights])
+            new = fingerprint_of(defn)
+            if new != old:
+                out.append(Changed(cell, str(old), new, changes(data.get("definition"), defn)))
+        if legacy:
+            log.warning("llmenergy: %d finished cell(s) were recorded without a fingerprint (older "
+                        "llmenergy); they are kept as they are, unchecked against the config", legacy)
+        return out
+
+    def supersede_changed(self, changed: list[Changed], *, dry_run: bool = False,
+                          derived: Sequence[str | Path] = ()) -> None:
+        """Move the outputs of ``changed`` cells aside (``cells/{id}/superseded/{old}/``)
+        and remove the ``derived`` files, so that Snakemake reruns exactly those cells.
+        Under ``policies.on_config_change: error``, raise one error listing them."""
+        if not changed:
+            return
+        if self.cfg.policies.on_config_change == "error":
+            listed = "; ".join(f"{c.cell.id} ({c.why})" for c in changed)
+            raise ConfigError(f"{self.cfg.source}: policies.on_config_change: error: the config changed "
+                              f"for {len(changed)} finished cell(s): {listed}")
+        from llmenergy.orchestrate.fingerprint import supersede
+
+        for c in changed:
+            log.warning("llmenergy: %s: config changed (%s); %s", c.cell.id, c.why,
+                        "would rerun (dry run)" if dry_run else "rerunning")
+            if not dry_run:
+                supersede(c.cell.files(self.output_dir), c.old)
+        if not dry_run:
+            for path in derived:
+                Path(path).unlink(missing_ok=True)
+
+    def prepare(self, *, dry_run: bool = False, derived: Sequence[str | Path] = ()) -> list[str]:
+        """The main process's pass before anything runs; returns the cells to rerun."""
+        changed = self.changed_cells()
+        if self.cfg.policies.on_config_change == "error" and changed:
+            self.supersede_changed(changed, dry_run=dry_run, derived=derived)  # raises
+        self.note_previous()
+        bad = self.quarantine_corrupt(dry_run=dry_run, derived=derived)
+        self.supersede_changed(changed, dry_run=dry_run, derived=derived)
+        return bad + [c.cell.id for c in changed]
+
     def rule_resources(self) -> dict[str, Callable[..., Any]]:
-        """Resource callables for ``rule run_cell`` (one Slurm job per cell)."""
+        """Resource callables for ``rule run_cell`` (one Slurm job per cell); ``runtime``
+        grows with Snakemake's ``attempt`` (``retries`` in the profile)."""
         keys = sorted({k for cid in self.cell_ids for k in self.resources_of(cid)})
 
         def getter(key: str) -> Callable[..., Any]:
+            if key == "runtime":
+                return lambda wildcards, attempt=1: self.runtime_min(wildcards.cell, attempt)
             return lambda wildcards: self.resources_of(wildcards.cell).get(key, "")
 
         return {k: getter(k) for k in keys}
+
+    def _backdate(self, derived: Sequence[Path]) -> None:
+        """Make the partial report's files older than every cell output. Snakemake does
+        not redo a missing cell whose consumers are up to date; outdated by mtime
+        (``rerun-triggers: mtime``), they make the next run (and ``-n``) reach back to
+        exactly the cells without outputs."""
+        stamps = [p.stat().st_mtime for c in self.plan.cells
+                  for p in (c.dir(self.output_dir) / "metrics.parquet",) if p.exists()]
+        when = max(0.0, min(stamps, default=1.0) - 1.0)
+        for path in derived:
+            if Path(path).exists():
+                os.utime(path, (when, when))
+
+    def partial_report(self, report: str | Path) -> None:
+        """After a failed run: aggregate and report whatever finished (Snakemake's
+        ``onerror``). Cells that failed, are missing or still queued are listed in
+        the report's "not measured" table; Snakemake still exits non-zero."""
+        from llmenergy.analysis.aggregate import aggregate
+        from llmenergy.analysis.report import render_report
+
+        out = Path(self.output_dir)
+        res = aggregate(out, grid_gco2_per_kwh=self.cfg.grid_gco2_per_kwh,
+                        expected_cells=[c.identity() for c in self.plan.cells])
+        path = render_report(out, out_path=Path(report))
+        self._backdate([res.summary_path, res.stats_path, path, out / "figures"])
+        log.warning("llmenergy: partial report of a failed run: %s (statuses %s)", path,
+                    ", ".join(f"{k} {v}" for k, v in sorted(res.status_counts.items())))
+
+
+DRY_RUN_FLAGS = ("-n", "--dry-run", "--dryrun", "--dry_run")
+
+
+def dry_run_requested(argv: Sequence[str]) -> bool:
+    """Whether Snakemake's command line asks for a dry run (``-n``, ``-np``, ``--dry-run``).
+
+    At Snakefile parse ``workflow.dryrun`` is always False (Snakemake 9 sets up its
+    executor after parsing), so the flag is read from the command line.
+    """
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if arg in DRY_RUN_FLAGS:
+            return True
+        short = arg[1:]
+        if arg.startswith("-") and not arg.startswith("--") and short.isalpha() and "n" in short \
+                and len(short) <= 4:
+            return True
+    return False
 
 
 def _source(configfiles: Sequence[str | Path]) -> str:

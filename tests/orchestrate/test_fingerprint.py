@@ -1,0 +1,182 @@
+"""Issue 15: a cell's fingerprint (no silent mixing) and more time for retried cells."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from llmenergy import config
+from llmenergy.cellfiles import CellRecord
+from llmenergy.errors import ConfigError
+from llmenergy.orchestrate.fingerprint import (
+    SUPERSEDED,
+    changes,
+    definition,
+    fingerprint_of,
+)
+from llmenergy.orchestrate.launch import (
+    _finished,
+    cell_spec,
+    measurement,
+    retry_runtime_min,
+)
+from llmenergy.orchestrate.smk import load
+from llmenergy.planning.matrix import expand
+from llmenergy.slurm import parse_time_limit_min
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cfg(tmp: Path, **over: object) -> dict:
+    data = yaml.safe_load((REPO / "profiles/local/demo-config.yaml").read_text())
+    data["output_dir"] = str(tmp / "results")
+    data.update(over)
+    return data
+
+
+def _finish(ctx, cell, fingerprint: str | None, defn: dict | None = None, status: str = "ok") -> Path:
+    """A finished cell as run_cell leaves it (the files that matter here)."""
+    d = cell.dir(ctx.output_dir)
+    (d / "logs").mkdir(parents=True)
+    (d / "metrics.parquet").write_bytes(b"PAR1" + b"\0" * 8 + b"PAR1")
+    (d / "logs" / "rank0.log").write_text("measured\n")
+    CellRecord(cell=cell, status=status, reason=None, repeats=1, launcher="local",
+               fingerprint=fingerprint, definition=defn).write(d / "cell.json")
+    return d
+
+
+def test_fingerprint_follows_what_defines_the_measurement(tmp_path: Path) -> None:
+    base = config.from_dict(_cfg(tmp_path))
+    cell = expand(base).cells[0]
+    fp, defn = measurement(base, cell)
+    assert measurement(config.from_dict(_cfg(tmp_path)), cell)[0] == fp  # stable
+    assert defn["weights"] == "synthetic" and defn["checkpoint"] == []
+
+    data = _cfg(tmp_path)
+    ds = next(iter(data["datasets"]))
+    data["datasets"][ds]["n_prompts"] += 1
+    fp2, defn2 = measurement(config.from_dict(data), cell)
+    assert fp2 != fp
+    assert changes(defn, defn2) == (f"dataset.n_prompts: {defn['dataset']['n_prompts']} → "
+                                    f"{defn['dataset']['n_prompts'] + 1}")
+    for key, value in (("repeats", 7), ("warmup_tokens", 3), ("seed", 42)):
+        assert measurement(config.from_dict(_cfg(tmp_path, **{key: value})), cell)[0] != fp, key
+    # settings that do not define the measurement leave it alone
+    assert measurement(config.from_dict(_cfg(tmp_path, policies={"on_oom": "fail"})), cell)[0] == fp
+
+
+def test_checkpoint_files_sizes_and_mtimes_are_in_the_definition(tmp_path: Path) -> None:
+    cfg = config.from_dict(_cfg(tmp_path))
+    spec = cell_spec(cfg, expand(cfg).cells[0], resolve_device=False)
+    ckpt = tmp_path / "7B"
+    ckpt.mkdir()
+    (ckpt / "consolidated.00.pth").write_bytes(b"x" * 10)
+    (ckpt / "params.json").write_text("{}")
+    real = spec.__class__(**{**spec.__dict__, "weights": str(ckpt)})
+    d1 = definition(real)
+    assert d1["weights"] == str(ckpt) and [f[:2] for f in d1["checkpoint"]] == [
+        ["consolidated.00.pth", 10], ["params.json", 2]]
+    assert "weights: synthetic → " + str(ckpt) in changes(definition(spec), d1)
+    os.utime(ckpt / "consolidated.00.pth", ns=(1, 1))  # a replaced checkpoint file
+    assert fingerprint_of(definition(real)) != fingerprint_of(d1)
+
+
+def test_prepare_supersedes_exactly_the_changed_cells(tmp_path: Path, caplog) -> None:
+    old = load(_cfg(tmp_path))
+    changed, same, legacy = old.plan.cells[0], old.plan.cells[1], old.plan.cells[2]
+    fp, defn = measurement(old.cfg, changed)
+    _finish(old, changed, "0123456789abcdef", {**defn, "weights": "synthetic-old"})
+    _finish(old, same, *measurement(old.cfg, same))
+    _finish(old, legacy, None)
+    summary = tmp_path / "results" / "summary.parquet"
+    summary.write_bytes(b"x")
+
+    # dry run: says which and why, moves nothing
+    with caplog.at_level("WARNING"):
+        assert load(_cfg(tmp_path)).prepare(dry_run=True, derived=[summary]) == [changed.id]
+    assert "weights: synthetic-old → synthetic" in caplog.text and "dry run" in caplog.text
+    assert "1 finished cell(s) were recorded without a fingerprint" in caplog.text
+    assert (changed.dir(old.output_dir) / "cell.json").exists() and summary.exists()
+
+    # on_config_change: error: one error naming the cell and the change, nothing moved
+    with pytest.raises(ConfigError) as err:
+        load(_cfg(tmp_path, policies={"on_config_change": "error"})).prepare(derived=[summary])
+    assert len(str(err.value).splitlines()) == 1
+    assert "policies.on_config_change" in str(err.value) and changed.id in str(err.value)
+    assert same.id not in str(err.value) and summary.exists()
+
+    # rerun: the changed cell's files move to superseded/<old fingerprint>/, nothing else
+    before = {c.id: sorted(p.name for p in c.dir(old.output_dir).iterdir()) for c in (same, legacy)}
+    assert load(_cfg(tmp_path)).prepare(derived=[summary]) == [changed.id]
+    d = changed.dir(old.output_dir)
+    assert [p.name for p in d.iterdir()] == [SUPERSEDED]
+    kept = d / SUPERSEDED / "0123456789abcdef"
+    assert sorted(p.name for p in kept.iterdir()) == ["cell.json", "logs", "metrics.parquet"]
+    assert (kept / "logs" / "rank0.log").read_text() == "measured\n"
+    assert {c.id: sorted(p.name for p in c.dir(old.output_dir).iterdir()) for c in (same, legacy)} == before
+    assert not summary.exists()
+    assert load(_cfg(tmp_path)).prepare() == []  # nothing left to rerun
+
+
+def test_run_cell_treats_another_fingerprint_as_not_finished(tmp_path: Path) -> None:
+    ctx = load(_cfg(tmp_path))
+    cell = ctx.plan.cells[0]
+    current = measurement(ctx.cfg, cell)
+    d = _finish(ctx, cell, *current)
+    assert _finished(ctx.cfg, cell.files(ctx.output_dir), current) == "ok"
+    other = ("feedfacefeedface", {**current[1], "repeats": 9})
+    assert _finished(ctx.cfg, cell.files(ctx.output_dir), other) is None
+    assert (d / SUPERSEDED / current[0] / "cell.json").is_file() and not (d / "cell.json").exists()
+
+
+@pytest.mark.parametrize(("base", "attempt", "status", "limit", "expected"), [
+    (15, 1, None, None, 15), (15, 2, None, None, 30), (15, 3, "failed", 15, 45),
+    (15, 1, "incomplete", 15, 30), (15, 1, "incomplete", 40, 80), (15, 1, "incomplete", None, 30),
+    (15, 2, "incomplete", 20, 80), (100, 1, "incomplete", 20, 100),
+])
+def test_retry_runtime_arithmetic(base: int, attempt: int, status: str | None, limit: int | None,
+                                  expected: int) -> None:
+    assert retry_runtime_min(base, attempt, previous_status=status, previous_limit_min=limit) == expected
+
+
+def test_runtime_resource_grows_with_attempt_and_after_a_time_limit(tmp_path: Path) -> None:
+    ctx = load(_cfg(tmp_path))
+    timed_out, fresh = ctx.plan.cells[0], ctx.plan.cells[1]
+    failed = tmp_path / "results" / "failed"
+    failed.mkdir(parents=True)
+    CellRecord(cell=timed_out, status="incomplete", reason="interrupted by signal 15", repeats=1,
+               launcher="srun").write(failed / f"{timed_out.id}.json")
+    data = json.loads((failed / f"{timed_out.id}.json").read_text())
+    data["provenance"]["slurm_time_limit_min"] = 50
+    (failed / f"{timed_out.id}.json").write_text(json.dumps(data))
+
+    ctx = load(_cfg(tmp_path))
+    ctx.prepare()
+    runtime = ctx.rule_resources()["runtime"]
+    base = ctx.resources_of(fresh.id)["runtime"]
+    assert runtime(SimpleNamespace(cell=fresh.id)) == base
+    assert runtime(SimpleNamespace(cell=fresh.id), attempt=2) == 2 * base
+    assert runtime(SimpleNamespace(cell=timed_out.id)) == max(100, ctx.resources_of(timed_out.id)["runtime"])
+
+
+@pytest.mark.parametrize(("text", "minutes"), [
+    ("15:00", 15), ("1:00:00", 60), ("1-00:00:00", 1440), ("2-03", 3060), ("30", 30), ("14:30", 15),
+    ("UNLIMITED", None), ("", None),
+])
+def test_parse_time_limit_min(text: str, minutes: int | None) -> None:
+    assert parse_time_limit_min(text) == minutes
+
+
+@pytest.mark.parametrize(("argv", "dry"), [
+    (["snakemake", "-n"], True), (["snakemake", "-np", "--profile", "x"], True),
+    (["snakemake", "--dry-run"], True), (["snakemake", "--profile", "profiles/slurm"], False),
+    (["snakemake", "-p", "--cores", "2"], False), (["snakemake", "--notemp"], False),
+])
+def test_dry_run_is_read_from_the_command_line(argv: list[str], dry: bool) -> None:
+    from llmenergy.orchestrate.smk import dry_run_requested
+
+    assert dry_run_requested(argv) is dry
