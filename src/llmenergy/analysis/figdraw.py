@@ -19,7 +19,7 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
 from llmenergy.analysis.figdata import (
     AXIS_NAMES,
@@ -82,6 +82,9 @@ def set_y_scale(ax: Axes, values: Sequence[float]) -> None:
     vals = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
     if len(vals) and vals.min() > 0 and vals.max() / vals.min() > 10:
         ax.set_yscale("log")
+        # labels at 1-2-5 steps unless the span is wide, so a short log axis shows more than one number
+        subs = (1.0, 2.0, 5.0) if vals.max() / vals.min() < 1000 else (1.0,)
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_number(v)))
 
