@@ -84,6 +84,15 @@ def test_plans_of_the_shipped_profiles_parse(tmp_path: Path) -> None:
         assert "run_cell" in out.stdout + out.stderr
 
 
+def test_snakemake_lint_is_clean(tmp_path: Path) -> None:
+    """Issue 16: the rules pass their command and folders as params (no lint findings)."""
+    out = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--directory", str(REPO),
+                          "--config", f"output_dir={tmp_path / 'lint'}"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "Lints for" not in out.stdout + out.stderr
+
+
 def test_snakemake_stops_on_bad_config_with_one_line(tmp_path: Path) -> None:
     bad = {**CONFIG, "matrix": [{**CONFIG["matrix"][0], "batch_size": [2, -4]}]}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(bad))

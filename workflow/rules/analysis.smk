@@ -11,11 +11,13 @@ rule aggregate:
         f"{OUT}/logs/aggregate.log",
     params:
         config=CTX.config_arg,
+        llmenergy=LLMENERGY,
+        results=lambda wildcards, output: os.path.dirname(output[0]),
     localrule: True
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "{LLMENERGY} aggregate --config {params.config:q} --results {OUT:q} > {log:q} 2>&1"
+        "{params.llmenergy} aggregate --config {params.config:q} --results {params.results:q} > {log:q} 2>&1"
 
 
 rule plot:
@@ -25,11 +27,13 @@ rule plot:
         directory(f"{OUT}/figures"),
     log:
         f"{OUT}/logs/plot.log",
+    params:
+        llmenergy=LLMENERGY,
     localrule: True
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "{LLMENERGY} plot --summary {input:q} --out {output:q} > {log:q} 2>&1"
+        "{params.llmenergy} plot --summary {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule report:
@@ -42,8 +46,10 @@ rule report:
         f"{OUT}/logs/report.log",
     params:
         config=CTX.config_arg,
+        llmenergy=LLMENERGY,
+        results=lambda wildcards, output: os.path.dirname(output[0]),
     localrule: True
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "{LLMENERGY} report --config {params.config:q} --results {OUT:q} --out {output:q} > {log:q} 2>&1"
+        "{params.llmenergy} report --config {params.config:q} --results {params.results:q} --out {output:q} > {log:q} 2>&1"

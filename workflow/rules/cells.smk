@@ -9,9 +9,10 @@ rule run_cell:
         f"{OUT}/logs/run_cell/{{cell}}.log",
     params:
         config=CTX.config_arg,
+        llmenergy=LLMENERGY,
     resources:
         **CTX.rule_resources(),
     conda:
         "../../envs/llmenergy.yaml"
     shell:
-        "{LLMENERGY} run-cell --config {params.config:q} --cell {wildcards.cell:q} > {log:q} 2>&1"
+        "{params.llmenergy} run-cell --config {params.config:q} --cell {wildcards.cell:q} > {log:q} 2>&1"

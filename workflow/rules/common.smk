@@ -1,5 +1,6 @@
 # Validate the config (llmenergy.config: JSON schema, then semantic checks) and build the
 # matrix; all logic lives in llmenergy.
+import os
 import sys
 
 from llmenergy.orchestrate import smk
