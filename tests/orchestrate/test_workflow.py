@@ -5,6 +5,7 @@ import json
 import os
 import re
 import subprocess
+import zipfile
 import sys
 from pathlib import Path
 
@@ -68,6 +69,15 @@ def test_local_workflow_two_cells_end_to_end(tmp_path: Path) -> None:
     html = (res / "report.html").read_text()
     assert "tiny_alpaca_cpu_s2_b2_g8_pnone_reference" in html and "ESTIMATE" in html.upper()
     assert len(list((res / "figures").glob("*.png"))) >= 1
+
+    # Snakemake's own report carries the figures and the llmenergy report, not only the DAG.
+    smk_report = _snakemake(tmp_path, "--report", str(tmp_path / "smk-report.zip"))
+    assert smk_report.returncode == 0, smk_report.stderr[-3000:]
+    with zipfile.ZipFile(tmp_path / "smk-report.zip") as z:
+        names = z.namelist()
+    raw = [n for n in names if "/data/raw/" in n]  # the result files the report embeds
+    assert any(n.endswith("/report.html") for n in raw), names
+    assert sum(n.endswith(".png") for n in raw) >= 5, names
 
     # Nothing to do on a second run: completed cells are never re-executed.
     again = _snakemake(tmp_path, "-n")

@@ -24,7 +24,8 @@ rule plot:
     input:
         rules.aggregate.output.summary,
     output:
-        directory(f"{OUT}/figures"),
+        report(directory(f"{OUT}/figures"), patterns=["{name}.png"], caption="../report/figure.rst",
+               category="Figures"),
     log:
         f"{OUT}/logs/plot.log",
     params:
@@ -41,7 +42,7 @@ rule report:
         summary=rules.aggregate.output.summary,
         figures=rules.plot.output,
     output:
-        REPORT,
+        report(REPORT, caption="../report/report.rst", category="Report"),
     log:
         f"{OUT}/logs/report.log",
     params:
