@@ -64,6 +64,14 @@ def test_first_logits_match_reference(model: torch.nn.Module, engine: H.HFEngine
         torch.testing.assert_close(got, ref.float(), rtol=1e-4, atol=1e-4)
 
 
+def test_static_cache_has_the_models_length_whatever_the_call(engine: H.HFEngine) -> None:
+    """One cache shape for every call: a compiled decode step never sees a new shape."""
+    out = engine._run([[1, 2]], engine._config(2, None, return_dict_in_generate=True))
+    cache = getattr(out, "cache", None) or out.past_key_values
+    assert type(cache).__name__ == "StaticCache"
+    assert cache.layers[0].keys.shape == (1, 4, engine.max_seq_len, 32)
+
+
 def test_phases_and_counts(engine: H.HFEngine) -> None:
     calls: list[tuple[str, int, int]] = []
     engine.prepare(lambda *a: calls.append(a))

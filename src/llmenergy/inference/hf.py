@@ -25,9 +25,12 @@ Generation
 ``generate(input_ids, attention_mask, do_sample=False,
 cache_implementation="static")`` on the left-padded batch (pad id 0, masked);
 HF derives the positions from the mask, which with relative RoPE equals our
-padding.  The static cache is sized to the model's ``max_seq_len`` where the
-installed transformers has ``GenerationConfig.max_cache_len`` (so one cache
-shape, one compiled graph per batch size).  EOS: with ``stop_at_eos`` HF stops
+padding.  The static cache is sized to the model's ``max_seq_len`` (through
+``GenerationConfig.max_cache_len`` where the installed transformers has it,
+else by seeding the model's ``_previous_max_cache_length``), so every call has
+the same cache shape: one compiled graph per batch size, no recompile when a
+later batch has longer prompts.  transformers allocates that cache anew in each
+``generate`` call (lazily, in the prefill forward).  EOS: with ``stop_at_eos`` HF stops
 once every row has produced ``eos_id`` and we cut each row before its EOS;
 otherwise ``eos_token_id`` is None and every row runs ``max_gen_len`` tokens.
 
@@ -171,6 +174,9 @@ class HFEngine:
         if self._compile_config is not None and self.device.type != "cuda":
             self._compile_config._compile_all_devices = True
         self._fixed_cache_len = "max_cache_len" in t.GenerationConfig().__dict__
+        # transformers without GenerationConfig.max_cache_len sizes a new static cache by the
+        # largest one so far: start that at max_seq_len, so the first call already has the final shape
+        self.hf._previous_max_cache_length = self.max_seq_len
         self._ready: set[int] = set()
         log.info("engine hf: transformers %s, compile %s", t.__version__, self.compile)
 
