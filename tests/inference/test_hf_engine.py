@@ -155,3 +155,8 @@ def test_compile_on_cpu_reports_compile_and_gives_the_same_tokens(model: torch.n
     got = engine.generate(PROMPTS, GEN, eos_id=None, stop_at_eos=False, on_phase=lambda *a: calls.append(a))
     assert [c[0] for c in calls] == ["compile", "prefill", "decode"]
     assert got.tokens == G.generate(model, PROMPTS, GEN, eos_id=None, stop_at_eos=False).tokens
+    assert hasattr(engine.hf, "_compiled_call")  # transformers did compile its forward
+    shorter = [p[:3] for p in PROMPTS]  # other prompt lengths, same cache shape: no recompile
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = engine.generate(shorter, GEN - 3, eos_id=None, stop_at_eos=False)
+    assert again.tokens == G.generate(model, shorter, GEN - 3, eos_id=None, stop_at_eos=False).tokens
