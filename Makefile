@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade "pip>=23" setuptools wheel
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==$${TORCH_VERSION:-2.13.0}"
 	$(BIN)/pip install -q --no-build-isolation "fairscale==0.4.13"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,hf]"  # hf: transformers (no torch requirement of its own)
 	touch $(STAMP)
 
 demo: venv

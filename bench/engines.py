@@ -17,9 +17,14 @@ utilisation columns are null.
 Memory-traffic bound: a decode step must read every weight once, so it lasts
 at least ``weight_bytes / --bandwidth`` (4.8e12 B/s, H200 datasheet) and the
 bound is ``batch / step_time`` tokens/s; ``bound_fraction`` is the decode
-tokens/s over that bound.  For ``compiled`` against ``reference``: the relative
-difference (L2) of the prefill and first-decode-step logits, and the fraction
-of generated positions with the same greedy token.
+tokens/s over that bound.  For every other engine (``compiled``, ``hf``)
+against ``reference``: the relative difference (L2) of the prefill and
+first-decode-step logits, and the fraction of generated positions with the same
+greedy token.  ``hf`` (transformers' generate, static cache, its own compile on
+CUDA) needs ``pip install llmenergy[hf]``; its ``compile_s`` is the warm-up
+generation that triggers transformers' compile.
+
+    python bench/engines.py --engines reference compiled hf --out bench/results/h200_engines_hf.json
 """
 from __future__ import annotations
 
@@ -157,11 +162,13 @@ def _agreement(got: list[list[int]], want: list[list[int]]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llmenergy.arch import ENGINES
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="llama-7b")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--dtype", default=None, help="default float16 on cuda, float32 on cpu")
-    p.add_argument("--engines", nargs="+", default=["reference", "compiled"])
+    p.add_argument("--engines", nargs="+", default=["reference", "compiled"], choices=list(ENGINES))
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--prompt", type=int, default=64, help="longest prompt (lengths in [P/2, P])")
     p.add_argument("--gen", type=int, default=256)
@@ -200,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_lengths": [len(q) for q in pool], "gen": args.gen, "load_s": info.load_duration_s,
         "bandwidth_b_per_s": args.bandwidth, "runs": [], "comparison": [],
     }
+    if "hf" in args.engines:
+        import transformers
+
+        results["transformers"] = transformers.__version__
     tokens: dict[tuple[str, int], Any] = {}
     logits: dict[tuple[str, int], Any] = {}
     for name in args.engines:

@@ -128,14 +128,15 @@ def shard_problem(name: str, args: ModelArgs, shards: int) -> str | None:
 # ----------------------------------------------------------------- checkpoints
 
 #: inference engines a cell can use (see :mod:`llmenergy.inference.engines`)
-ENGINES: tuple[str, ...] = ("reference", "compiled")
+ENGINES: tuple[str, ...] = ("reference", "compiled", "hf")
 
 
 def engine_problem(engine: str, shards: int, device: str = "cuda") -> str | None:
     """Why ``engine`` cannot run a cell of ``shards`` ranks on ``device``, or None when it can.
 
-    Torch-free, for config validation and planning.  Both engines run any shard
-    count that :func:`shard_problem` accepts, on CUDA and (for tests) on CPU.
+    Torch-free, for config validation and planning.  ``reference`` and
+    ``compiled`` run any shard count that :func:`shard_problem` accepts, ``hf``
+    one rank only; all on CUDA and (for tests) on CPU.
     """
     if engine not in ENGINES:
         return f"unknown engine {engine!r} (known: {', '.join(ENGINES)})"
@@ -143,4 +144,6 @@ def engine_problem(engine: str, shards: int, device: str = "cuda") -> str | None
         return f"engine {engine}: the shard count must be positive, got {shards}"
     if device not in ("cuda", "cpu"):
         return f"engine {engine}: unknown device {device!r} (cuda or cpu)"
+    if engine == "hf" and shards > 1:
+        return f"engine hf: runs one rank only (transformers' generate on the full weights), not {shards} shards"
     return None

@@ -123,9 +123,10 @@ def test_limits_and_errors(model: torch.nn.Module) -> None:
 
 
 def test_engine_problem_is_torch_free_and_names_the_reason() -> None:
-    assert ENGINES == ("reference", "compiled")
+    assert ENGINES == ("reference", "compiled", "hf")
     assert engine_problem("compiled", 4) is None and engine_problem("reference", 1, "cpu") is None
-    assert engine_problem("vllm", 1) == "unknown engine 'vllm' (known: reference, compiled)"
+    assert engine_problem("vllm", 1) == "unknown engine 'vllm' (known: reference, compiled, hf)"
+    assert "one rank only" in engine_problem("hf", 2)
     assert "positive" in engine_problem("compiled", 0)
     import ast
 

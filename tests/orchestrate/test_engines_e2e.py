@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 from launch_helpers import CellRun, make_env, start_run_cell, write_config
 
@@ -40,3 +41,33 @@ def test_compiled_engine_cell_matches_reference(tmp_path: Path, runs: list[CellR
     prefill_s = ((prefill.end_ns - prefill.start_ns) / 1e9).sum()
     assert abs(metrics["duration_s"].iloc[0] - (decode_s + prefill_s)) < 1e-6  # compile time not counted
     assert metrics["engine"].iloc[0] == "compiled"
+
+
+def test_hf_engine_cell_matches_reference_and_is_planned_on_one_rank_only(tmp_path: Path,
+                                                                          runs: list[CellRun]) -> None:
+    """`hf` through `llmenergy run-cell` (1 rank): the reference's responses; at 2 shards it is left out."""
+    pytest.importorskip("transformers")
+    path = write_config(tmp_path, n_prompts=5, batch_size=2, max_gen_len=6)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["gpus"]["cpu"]["gpus_per_node"] = 2
+    cfg["matrix"][0].update(shards=[1, 2], engine=["reference", "hf"])
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    plan = expand(load(path, check_files=False))
+    assert sorted((c.engine, c.shards) for c in plan.cells) == [("hf", 1), ("reference", 1), ("reference", 2)]
+    assert [(i.cell.engine, i.cell.shards, i.reason) for i in plan.infeasible] == [
+        ("hf", 2, "engine hf: runs one rank only (transformers' generate on the full weights), not 2 shards")]
+    out = {}
+    for cell in plan.cells:
+        if cell.shards != 1:
+            continue
+        run = start_run_cell(tmp_path, cell.id, make_env(None))
+        runs.append(run)
+        assert run.wait(180.0) == 0, run.logs()
+        assert run.cell_json()["status"] == "ok"
+        out[cell.engine] = run.cell_dir
+    texts = {e: pd.read_parquet(d / "responses.parquet").sort_values(["repeat", "prompt_id"])["text"].tolist()
+             for e, d in out.items()}
+    assert texts["hf"] == texts["reference"] and len(texts["reference"]) == 5
+    events = pd.read_parquet(out["hf"] / "events.parquet")
+    assert set(events["phase"]) >= {"prefill", "decode", "warmup"} and "compile" not in set(events["phase"])
+    assert pd.read_parquet(out["hf"] / "metrics.parquet")["engine"].iloc[0] == "hf"

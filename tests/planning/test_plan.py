@@ -74,3 +74,24 @@ def test_json_and_csv_carry_every_axis(cfg: config.Config) -> None:
     assert set(fields) <= set(rows[0])
     hidden = list(csv.DictReader(io.StringIO(format_plan(cfg, fmt="csv", show_infeasible=False))))
     assert len(hidden) == len(planned)
+
+
+def test_hf_engine_needs_its_own_cache_and_rotary_copies(cfg: config.Config) -> None:
+    """hf holds a second KV cache and wq/wk in HF's layout: a cell that fits the reference can fail."""
+    import dataclasses
+
+    from llmenergy.arch import kv_cache_bytes
+    from llmenergy.planning.matrix import Cell, memory_problem
+
+    cell = Cell(model="llama-7b", dataset="alpaca", gpu="V100", shards=1, batch_size=16, max_gen_len=256,
+                power_cap_w=None, engine="reference")
+    assert memory_problem(cfg, cell) is None
+    def need_gb(engine: str) -> int:
+        reason = memory_problem(cfg, dataclasses.replace(cell, batch_size=10**4, engine=engine)) or ""
+        m = re.search(r"needs (\d+) GB", reason)
+        return int(m.group(1)) if m else 0
+
+    args, seq = cfg.models["llama-7b"].args, cfg.datasets["alpaca"].max_prompt_len + 256
+    extra = kv_cache_bytes(args, 10**4, seq, "float16") + 32 * 2 * 4096 * 4096 * 2  # + 32 layers of wq, wk
+    assert need_gb("reference") > 0
+    assert abs(need_gb("hf") - need_gb("reference") - extra / 1e9) <= 1

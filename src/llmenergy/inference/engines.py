@@ -6,9 +6,13 @@
 ``compiled``
     :class:`llmenergy.inference.compiled.CompiledEngine`: static KV cache, decode
     step under torch.compile (CUDA graphs on CUDA).
+``hf``
+    :class:`llmenergy.inference.hf.HFEngine`: HF transformers'
+    ``LlamaForCausalLM.generate`` with its static cache and (on CUDA) its
+    compile, as an anchor; one rank only, needs ``pip install llmenergy[hf]``.
 
-Both wrap a :class:`~llmenergy.inference.model.Transformer` from
-:func:`llmenergy.inference.weights.build` without copying its weights::
+All wrap a :class:`~llmenergy.inference.model.Transformer` from
+:func:`llmenergy.inference.weights.build` (``hf`` shares every weight but copies ``wq``/``wk`` into HF's rotary layout)::
 
     engine = make_engine("compiled", model, cache_dir=cell_dir / "inductor")
     engine.prepare(on_phase)            # reports "compile" (nothing for reference)
@@ -16,7 +20,7 @@ Both wrap a :class:`~llmenergy.inference.model.Transformer` from
                              on_phase=on_phase)   # "compile"?, "prefill", "decode"
 
 ``generate`` has the contract of :func:`~llmenergy.inference.generate.generate`.
-The compiled engine compiles per batch size; a batch size that ``prepare`` did
+The compiled and hf engines compile per batch size; a batch size that ``prepare`` did
 not cover (a short last batch) is compiled at the start of ``generate`` and
 reported as a ``"compile"`` phase before ``"prefill"``.  The names and the
 torch-free feasibility check live in :mod:`llmenergy.arch` (``ENGINES``,
@@ -82,10 +86,11 @@ def make_engine(name: str, model: Transformer, *, max_batch_size: int | None = N
 
     The batch size, sequence length, device and dtype are the model's (its KV
     cache and weights); when given they must match.  ``cache_dir``: Inductor's
-    cache directory (compiled only).  ``compile``: compiled only; default True
-    on CUDA, False on CPU (see :mod:`llmenergy.inference.compiled`).
+    cache directory (compiled, hf).  ``compile``: compiled and hf; default True
+    on CUDA, False on CPU (see :mod:`llmenergy.inference.compiled`,
+    :mod:`llmenergy.inference.hf`).
     """
-    problem = engine_problem(name, 1, "cpu")
+    problem = engine_problem(name, 1, "cpu")  # the shard count is checked by the hf engine itself
     if problem is not None:
         raise UserError(problem)
     weight = model.tok_embeddings.weight
@@ -98,6 +103,10 @@ def make_engine(name: str, model: Transformer, *, max_batch_size: int | None = N
             raise UserError(f"engine {name}: {key} {want} differs from the model's {have}")
     if name == "reference":
         return ReferenceEngine(model)
+    if name == "hf":
+        from llmenergy.inference.hf import HFEngine
+
+        return HFEngine(model, cache_dir=cache_dir, compile=compile)
     from llmenergy.inference.compiled import CompiledEngine
 
     return CompiledEngine(model, cache_dir=cache_dir, compile=compile)

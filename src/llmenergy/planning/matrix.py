@@ -12,7 +12,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from llmenergy.arch import engine_problem, kv_cache_bytes, shard_problem, weight_bytes
+from llmenergy.arch import (
+    DTYPE_BYTES,
+    engine_problem,
+    kv_cache_bytes,
+    shard_problem,
+    weight_bytes,
+)
 from llmenergy.cellfiles import AXES, Cell
 from llmenergy.config import Config
 from llmenergy.errors import ConfigError
@@ -60,6 +66,10 @@ def memory_problem(cfg: Config, cell: Cell) -> str | None:
     dtype = dtype_for(cfg, cell)
     seq = cfg.datasets[cell.dataset].max_prompt_len + cell.max_gen_len
     need = weight_bytes(spec.args, dtype) + kv_cache_bytes(spec.args, cell.batch_size, seq, dtype)
+    if cell.engine == "hf":  # its own static cache, and wq/wk copied into HF's rotary layout
+        a = spec.args
+        qk = a.n_layers * (a.n_heads + a.kv_heads) * a.head_dim * a.dim * DTYPE_BYTES[dtype]
+        need += kv_cache_bytes(a, cell.batch_size, seq, dtype) + qk
     have = cell.shards * (gpu.memory_gb - RESERVE_GB_PER_GPU) * 1e9
     if need > have:
         return (f"{cell.model} × {cell.shards} × {cell.gpu}: needs {need / 1e9:.0f} GB (weights + KV cache), "
