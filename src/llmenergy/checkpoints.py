@@ -195,8 +195,19 @@ def checkpoint_problem(path: str, args: ModelArgs) -> str | None:
 
 
 def _raise_if(problems: list[str]) -> None:
-    if problems:
-        raise CheckpointError("\n".join(problems))
+    """Raise one error, one line per problem; the same problem in several files of a
+    checkpoint (every shard cut off, say) is one line naming the first file."""
+    if not problems:
+        return
+    groups: dict[str, list[str]] = {}
+    for line in problems:
+        where, _, what = line.partition(": ")
+        groups.setdefault(what, []).append(where)
+    lines = []
+    for what, wheres in groups.items():
+        more = len(wheres) - 1
+        lines.append(f"{wheres[0]}{f' (and {more} more file' + ('s' if more > 1 else '') + ')' if more else ''}: {what}")
+    raise CheckpointError("\n".join(lines))
 
 
 def _inspect_meta(p: Path, args: ModelArgs) -> CheckpointInfo:
