@@ -28,7 +28,11 @@ from llmenergy import arch, checkpoints, config
 from llmenergy.errors import ConfigError
 from llmenergy.inference import tokenizer as T
 from llmenergy.inference import weights as W
-from llmenergy.inference.checkpoint import open_checkpoint, save_hf_checkpoint, save_meta_checkpoint
+from llmenergy.inference.checkpoint import (
+    open_checkpoint,
+    save_hf_checkpoint,
+    save_meta_checkpoint,
+)
 from llmenergy.inference.model import full_shapes
 from llmenergy.planning.plan import format_plan
 

@@ -21,7 +21,12 @@ import torch.distributed as dist
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 
 from llmenergy.atomic import atomic_path, write_json
-from llmenergy.checkpoints import HF_INDEX, META_SHARD_RE, args_from_hf_config, args_from_params
+from llmenergy.checkpoints import (
+    HF_INDEX,
+    META_SHARD_RE,
+    args_from_hf_config,
+    args_from_params,
+)
 from llmenergy.checkpoints import read_json as _read_json
 from llmenergy.errors import CheckpointError
 from llmenergy.inference.model import ModelArgs, Transformer, full_shapes, shard_dim

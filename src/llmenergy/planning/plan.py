@@ -21,7 +21,13 @@ from dataclasses import asdict
 from typing import Any
 
 from llmenergy.config import Config
-from llmenergy.planning.matrix import Cell, estimate_runtime_s, expand, host_mem_mb, layout
+from llmenergy.planning.matrix import (
+    Cell,
+    estimate_runtime_s,
+    expand,
+    host_mem_mb,
+    layout,
+)
 
 IDENTITY = ["model", "dataset", "gpu", "shards", "batch_size", "max_gen_len", "power_cap_w",
             "engine"]
