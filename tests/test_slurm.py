@@ -254,3 +254,49 @@ def test_sbatch_args_golden() -> None:
         "--ntasks-per-node=8", "--gres=gpu:8", "--cpus-per-task=8", "--time=600", "--signal=TERM@120",
         "--partition=gpu", "--mem=512000M", "--account=proj42", "--qos=high"]
     assert "--ntasks-per-gpu" not in " ".join(sbatch_args(resources_for(2, H100, 5), "x", "o"))
+
+
+# ---------------------------------------------------------------- host memory of a cell's job
+
+def test_resources_for_takes_the_host_memory_unless_the_gpu_type_overrides_it() -> None:
+    assert resources_for(8, A100, 30, mem_mb=84224).mem_mb == 84224
+    assert resources_for(8, H100, 30, mem_mb=84224).mem_mb == 512000  # gpus.H100.mem_mb_per_gpu × 8
+    assert snakemake_resources(resources_for(1, A100, 30, mem_mb=8448)) == {
+        "nodes": 1, "tasks": 1, "tasks_per_gpu": 1, "gres": "gpu:1", "slurm_partition": "a100",
+        "mem_mb": 8448, "constraint": "a100_80g", "runtime": 30, "cpus_per_task": 4,
+    }
+    assert "--mem=8448M" in sbatch_args(resources_for(1, A100, 30, mem_mb=8448), "c", "o")
+    with pytest.raises(ShardLayoutError, match="mem_mb"):
+        resources_for(1, A100, 30, mem_mb=0)
+
+
+def test_cell_resources_ask_for_what_loading_needs() -> None:
+    """Golden numbers: Llama-3 70B in float16 is 141.1 GB; 8 shards on 4-GPU nodes put 4 ranks
+    on a node, each memory-mapping its 17.6 GB (16,821 MiB) shard plus 4 GiB of torch/CUDA,
+    and 512 MiB for the node's agent: 84,197 MiB, rounded up to 256 MiB."""
+    from llmenergy import config
+    from llmenergy.cellfiles import Cell
+    from llmenergy.orchestrate.launch import cell_resources
+    from llmenergy.planning.plan import plan_rows
+
+    data = {
+        "models": {"l70": {"arch": "llama3-70b", "weights": "/data/Meta-Llama-3-70B"},
+                   "syn": {"arch": "llama3-70b"}},
+        "datasets": {"d": {"format": "alpaca", "path": "synthetic", "n_prompts": 8, "max_prompt_len": 64}},
+        "gpus": {"A100": {"partition": "a100", "gpus_per_node": 4, "memory_gb": 80},
+                 "H100": {"partition": "gpu", "gpus_per_node": 8, "memory_gb": 80, "mem_mb_per_gpu": 64000}},
+        "matrix": [{"model": ["l70", "syn"], "dataset": ["d"], "gpu": ["A100", "H100"], "shards": [8],
+                    "batch_size": [8], "max_gen_len": [64]}],
+    }
+    cfg = config.from_dict(data, check_files=False)
+
+    def cell(model: str, gpu: str) -> Cell:
+        return Cell(model=model, dataset="d", gpu=gpu, shards=8, batch_size=8, max_gen_len=64, power_cap_w=None)
+
+    assert cell_resources(cfg, cell("l70", "A100"))["mem_mb"] == 84224
+    assert cell_resources(cfg, cell("syn", "A100"))["mem_mb"] == 4 * 4096 + 512  # weights made on the GPU
+    assert cell_resources(cfg, cell("l70", "H100"))["mem_mb"] == 512000
+    rows = {(r["model"], r["gpu"]): r for r in plan_rows(cfg)[0]}
+    assert (rows["l70", "A100"]["mem_mb_per_node"], rows["l70", "A100"]["mem_mb_source"]) == (84224, "estimate")
+    assert (rows["l70", "H100"]["mem_mb_per_node"], rows["l70", "H100"]["mem_mb_source"]) == (
+        512000, "gpus.H100.mem_mb_per_gpu")

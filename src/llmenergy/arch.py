@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 
 from llmenergy.errors import ConfigError
@@ -20,6 +21,40 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 #: vocabulary size of the project's own tokenizer (see :mod:`llmenergy.inference.tokenizer`)
 TINY_VOCAB_SIZE = 1536
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1's ``rope_scaling`` of type ``llama3``: rotary frequencies whose wavelength
+    exceeds ``original_max_seq_len / low_freq_factor`` are divided by ``factor``, those
+    shorter than ``original_max_seq_len / high_freq_factor`` kept, and those between
+    blended smoothly (Meta's ``apply_scaling``; HF's ``rope_type: llama3``)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    def scale(self, inv_freq: list[float]) -> list[float]:
+        """The scaled inverse frequencies (radians per position), as Meta computes them."""
+        low_wavelen = self.original_max_seq_len / self.low_freq_factor
+        high_wavelen = self.original_max_seq_len / self.high_freq_factor
+        out = []
+        for freq in inv_freq:
+            wavelen = 2 * math.pi / freq
+            if wavelen < high_wavelen:
+                out.append(freq)
+            elif wavelen > low_wavelen:
+                out.append(freq / self.factor)
+            else:
+                smooth = ((self.original_max_seq_len / wavelen - self.low_freq_factor)
+                          / (self.high_freq_factor - self.low_freq_factor))
+                out.append((1 - smooth) * freq / self.factor + smooth * freq)
+        return out
+
+
+#: the defaults of Llama-3.1 and later 8B/70B (Meta's ``use_scaled_rope: true``)
+LLAMA3_ROPE_SCALING = RopeScaling()
 
 
 @dataclass(frozen=True)
@@ -37,6 +72,7 @@ class ModelArgs:
     norm_eps: float = 1e-6
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
 
     @property
     def kv_heads(self) -> int:
@@ -60,17 +96,44 @@ class ModelArgs:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
+_LLAMA2 = {"vocab_size": 32000, "norm_eps": 1e-5, "max_seq_len": 4096}
+_LLAMA3 = {"vocab_size": 128256, "norm_eps": 1e-5, "max_seq_len": 8192, "n_kv_heads": 8,
+           "rope_theta": 500000.0, "ffn_dim_multiplier": 1.3}
+_LLAMA31 = {**_LLAMA3, "max_seq_len": 131072, "rope_scaling": LLAMA3_ROPE_SCALING}
+#: tiny models with the structure of each family (GQA, rope_theta, rope_scaling), for
+#: demos and tests on CPU; the vocabulary is that of the project's own tokenizer.
+_TINY = {"dim": 128, "n_layers": 2, "n_heads": 8, "vocab_size": TINY_VOCAB_SIZE,
+         "multiple_of": 32, "norm_eps": 1e-5}
+
 SIZES: dict[str, ModelArgs] = {
     # Small enough to run a whole demo cell on two CPU cores in seconds.
     "llama-tiny": ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=TINY_VOCAB_SIZE,
                             multiple_of=32, norm_eps=1e-5, max_seq_len=512),
+    # LLaMA-1 (2023, the paper's models)
     "llama-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
     "llama-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
     "llama-30b": ModelArgs(dim=6656, n_layers=60, n_heads=52, vocab_size=32000),
     "llama-65b": ModelArgs(dim=8192, n_layers=80, n_heads=64, vocab_size=32000),
-    "llama2-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000,
-                            multiple_of=4096, ffn_dim_multiplier=1.3, norm_eps=1e-5,
-                            max_seq_len=4096),
+    # Llama-2: 4096 context; 70B uses GQA (8 key/value heads)
+    "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, **_LLAMA2),  # type: ignore[arg-type]
+    "llama2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, **_LLAMA2),  # type: ignore[arg-type]
+    "llama2-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+                            ffn_dim_multiplier=1.3, **_LLAMA2),  # type: ignore[arg-type]
+    # Llama-3 / 3.1: GQA (8 key/value heads), rope_theta 500000, 128,256-entry vocabulary;
+    # 3.1 adds llama3 rope scaling (and a 128K context)
+    "llama3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, multiple_of=1024,
+                           **_LLAMA3),  # type: ignore[arg-type]
+    "llama3-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, multiple_of=4096,
+                            **_LLAMA3),  # type: ignore[arg-type]
+    "llama3.1-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, multiple_of=1024,
+                             **_LLAMA31),  # type: ignore[arg-type]
+    "llama3.1-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, multiple_of=4096,
+                              **_LLAMA31),  # type: ignore[arg-type]
+    "llama2-tiny": ModelArgs(n_kv_heads=4, max_seq_len=4096, **_TINY),  # type: ignore[arg-type]
+    "llama3-tiny": ModelArgs(n_kv_heads=4, max_seq_len=8192, rope_theta=500000.0,
+                             **_TINY),  # type: ignore[arg-type]
+    "llama3.1-tiny": ModelArgs(n_kv_heads=4, max_seq_len=131072, rope_theta=500000.0,
+                               rope_scaling=LLAMA3_ROPE_SCALING, **_TINY),  # type: ignore[arg-type]
 }
 
 

@@ -18,14 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmenergy.arch import ModelArgs
+from llmenergy.arch import LLAMA3_ROPE_SCALING, ModelArgs, RopeScaling
 from llmenergy.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 META_SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
 HF_INDEX = "model.safetensors.index.json"
-STRUCTURAL = ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim")
+STRUCTURAL = ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "rope_theta", "rope_scaling")
+#: the begin/end-of-sequence tokens of LLaMA-1/2 (sentencepiece) and Llama-3 (tiktoken-style BPE)
+SPECIAL_TOKENS = (("<s>", "</s>"), ("<|begin_of_text|>", "<|end_of_text|>"))
 #: a torch file from before the zip format (torch < 1.6) starts with this pickled magic number
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -40,6 +42,11 @@ class CheckpointInfo:
     args: ModelArgs  # as the checkpoint describes itself
     files: tuple[Path, ...]  # the weight files (Meta shards in order, or HF safetensors)
     vocab_size: int | None  # from params.json/config.json or the embedding; None: unknown
+
+    @property
+    def mp(self) -> int:
+        """Model-parallel degree the weights were saved with (an HF checkpoint is unsharded)."""
+        return len(self.files) if self.format == "meta" else 1
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -68,9 +75,40 @@ def args_from_params(data: dict[str, Any], where: Path, vocab_size: int) -> Mode
             ffn_dim_multiplier=data.get("ffn_dim_multiplier"),
             ffn_hidden_dim=data.get("ffn_hidden_dim"), norm_eps=float(data.get("norm_eps", 1e-6)),
             max_seq_len=int(data.get("max_seq_len", 2048)),
-            rope_theta=float(data.get("rope_theta", 10000.0)))
+            rope_theta=float(data.get("rope_theta", 10000.0)),
+            rope_scaling=_meta_rope_scaling(data))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: a value is not a number ({exc})") from None
+
+
+def _meta_rope_scaling(data: dict[str, Any]) -> RopeScaling | None:
+    """Meta's ``use_scaled_rope: true`` (Llama-3.1+), with its fixed factors unless
+    ``rope_scaling_factor`` (Llama-3.2's 32) says otherwise."""
+    if not data.get("use_scaled_rope"):
+        return None
+    factor = data.get("rope_scaling_factor")
+    return LLAMA3_ROPE_SCALING if factor is None else RopeScaling(factor=float(factor))
+
+
+def _hf_rope(data: dict[str, Any], where: Path) -> tuple[float, RopeScaling | None]:
+    """``rope_theta`` and ``rope_scaling`` of an HF config (``rope_scaling``, or the
+    ``rope_parameters`` of transformers 5, which carries ``rope_theta`` too)."""
+    params = data.get("rope_parameters") or {}
+    scaling = data.get("rope_scaling") or params
+    key = "rope_scaling" if data.get("rope_scaling") else "rope_parameters"
+    theta = float(data.get("rope_theta", params.get("rope_theta", 10000.0)))
+    if not isinstance(scaling, dict):
+        raise CheckpointError(f"{where}: {key} must be a mapping, not {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise CheckpointError(f"{where}: {key}.rope_type {kind!r} is not supported (default or llama3)")
+    return theta, RopeScaling(
+        factor=float(_need(scaling, "factor", where)),
+        low_freq_factor=float(_need(scaling, "low_freq_factor", where)),
+        high_freq_factor=float(_need(scaling, "high_freq_factor", where)),
+        original_max_seq_len=int(_need(scaling, "original_max_position_embeddings", where)))
 
 
 def args_from_hf_config(data: dict[str, Any], where: Path) -> ModelArgs:
@@ -78,6 +116,7 @@ def args_from_hf_config(data: dict[str, Any], where: Path) -> ModelArgs:
     try:
         n_heads = int(_need(data, "num_attention_heads", where))
         kv = data.get("num_key_value_heads")
+        theta, scaling = _hf_rope(data, where)
         return ModelArgs(
             dim=int(_need(data, "hidden_size", where)),
             n_layers=int(_need(data, "num_hidden_layers", where)), n_heads=n_heads,
@@ -86,16 +125,36 @@ def args_from_hf_config(data: dict[str, Any], where: Path) -> ModelArgs:
             ffn_hidden_dim=int(_need(data, "intermediate_size", where)),
             norm_eps=float(data.get("rms_norm_eps", 1e-6)),
             max_seq_len=int(data.get("max_position_embeddings", 2048)),
-            rope_theta=float(data.get("rope_theta", 10000.0)))
+            rope_theta=theta, rope_scaling=scaling)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: a value is not a number ({exc})") from None
 
 
-def _compare(path: Path, found: ModelArgs, args: ModelArgs) -> None:
-    bad = [f"{k} {getattr(found, k)} (arch has {getattr(args, k)})"
-           for k in STRUCTURAL if getattr(found, k) != getattr(args, k)]
-    if bad:
-        raise CheckpointError(f"{path}: checkpoint does not match the architecture: {', '.join(bad)}")
+#: the file's own name of each STRUCTURAL field, by format (for messages)
+_KEYS = {
+    "meta": {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads", "kv_heads": "n_kv_heads",
+             "hidden_dim": "feed-forward width (ffn_dim_multiplier, multiple_of)",
+             "rope_theta": "rope_theta", "rope_scaling": "use_scaled_rope"},
+    "hf": {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+           "kv_heads": "num_key_value_heads", "hidden_dim": "intermediate_size",
+           "rope_theta": "rope_theta", "rope_scaling": "rope_scaling"},
+}
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, RopeScaling):
+        return (f"llama3 (factor {value.factor:g}, low/high {value.low_freq_factor:g}/"
+                f"{value.high_freq_factor:g}, original {value.original_max_seq_len})")
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _compare(path: Path, found: ModelArgs, args: ModelArgs, fmt: str) -> list[str]:
+    """One line per field in which the checkpoint's architecture differs from ``args``."""
+    return [f"{path}: checkpoint does not match the architecture: {_KEYS[fmt][k]} "
+            f"{_shown(getattr(found, k))} (arch has {_shown(getattr(args, k))})"
+            for k in STRUCTURAL if getattr(found, k) != getattr(args, k)]
 
 
 def _nonempty(file: Path, what: str) -> None:
@@ -112,7 +171,8 @@ def inspect_checkpoint(path: str | Path, args: ModelArgs) -> CheckpointInfo:
     gaps, non-empty, readable torch archives whose embedding has the expected shape.
     HF: ``config.json`` matches; every safetensors file (those the index names, if
     any) is present, with a whole header and the tensors the index puts in it.
-    Raises :class:`CheckpointError` with one line naming the file.
+    Raises :class:`CheckpointError` whose message has one line per problem found
+    (every mismatched key, every bad file), each naming the file.
     """
     p = Path(path)
     if not p.is_dir():
@@ -134,6 +194,22 @@ def checkpoint_problem(path: str, args: ModelArgs) -> str | None:
     return None
 
 
+def _raise_if(problems: list[str]) -> None:
+    """Raise one error, one line per problem; the same problem in several files of a
+    checkpoint (every shard cut off, say) is one line naming the first file."""
+    if not problems:
+        return
+    groups: dict[str, list[str]] = {}
+    for line in problems:
+        where, _, what = line.partition(": ")
+        groups.setdefault(what, []).append(where)
+    lines = []
+    for what, wheres in groups.items():
+        more = len(wheres) - 1
+        lines.append(f"{wheres[0]}{f' (and {more} more file' + ('s' if more > 1 else '') + ')' if more else ''}: {what}")
+    raise CheckpointError("\n".join(lines))
+
+
 def _inspect_meta(p: Path, args: ModelArgs) -> CheckpointInfo:
     meta = p / "params.json"
     if not meta.exists():
@@ -144,28 +220,36 @@ def _inspect_meta(p: Path, args: ModelArgs) -> CheckpointInfo:
     except (TypeError, ValueError):
         raise CheckpointError(f"{meta}: vocab_size {params['vocab_size']!r} is not a number") from None
     found = args_from_params(params, meta, vocab)
-    _compare(p, found, args)
+    problems = _compare(p, found, args, "meta")
     numbers = sorted(int(m.group(1)) for f in p.glob("consolidated.*.pth")
                      if (m := META_SHARD_RE.search(f.name)))
     if numbers != list(range(len(numbers))):
-        raise CheckpointError(f"{p}: consolidated.NN.pth files must be numbered 00.."
-                              f"{len(numbers) - 1:02d} without gaps, found {numbers}")
+        problems.append(f"{p}: consolidated.NN.pth files must be numbered 00.."
+                        f"{len(numbers) - 1:02d} without gaps, found {numbers}")
+        _raise_if(problems)
     files = tuple(p / f"consolidated.{i:02d}.pth" for i in numbers)
     mp = len(files)
     for file in files:
-        _nonempty(file, "checkpoint shard")
-        shapes = pth_tensor_shapes(file)
+        try:
+            _nonempty(file, "checkpoint shard")
+            shapes = pth_tensor_shapes(file)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
         emb = None if shapes is None else shapes.get("tok_embeddings.weight")
         if shapes is not None and emb is None:
-            raise CheckpointError(f"{file}: no tensor tok_embeddings.weight")
+            problems.append(f"{file}: no tensor tok_embeddings.weight")
+            continue
         if emb is None:
             continue  # legacy format: shapes unknown until loaded
         want_vocab = vocab if vocab > 0 else emb[0]
         want = (want_vocab, args.dim // mp)
         if tuple(emb) != want:
-            raise CheckpointError(f"{file}: tok_embeddings.weight has shape {tuple(emb)}, "
-                                  f"expected {want} for {mp} file(s) of dim {args.dim}")
+            problems.append(f"{file}: tok_embeddings.weight has shape {tuple(emb)}, "
+                            f"expected {want} for {mp} file(s) of dim {args.dim}")
+            continue
         vocab = want_vocab
+    _raise_if(problems)
     return CheckpointInfo(path=p, format="meta", args=found.replace(vocab_size=vocab),
                           files=files, vocab_size=vocab if vocab > 0 else None)
 
@@ -173,29 +257,35 @@ def _inspect_meta(p: Path, args: ModelArgs) -> CheckpointInfo:
 def _inspect_hf(p: Path, args: ModelArgs) -> CheckpointInfo:
     cfg = p / "config.json"
     found = args_from_hf_config(read_json(cfg), cfg)
-    _compare(p, found, args)
+    problems = _compare(cfg, found, args, "hf")
     index = p / HF_INDEX
     wanted: dict[Path, set[str]] = {}
     if index.exists():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: no weight_map naming the tensor files")
+            raise CheckpointError("\n".join([*problems, f"{index}: no weight_map naming the tensor files"]))
         for tensor, name in weight_map.items():
             wanted.setdefault(p / str(name), set()).add(str(tensor))
     else:
         wanted = {f: set() for f in sorted(p.glob("*.safetensors"))}
     for file, tensors in wanted.items():
-        _nonempty(file, "safetensors file" + (f" named by {HF_INDEX}" if tensors else ""))
-        header = safetensors_header(file)
+        try:
+            _nonempty(file, "safetensors file" + (f" named by {HF_INDEX}" if tensors else ""))
+            header = safetensors_header(file)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
         missing = sorted(tensors - header.keys())
         if missing:
-            raise CheckpointError(f"{file}: missing tensor {missing[0]} (named by {HF_INDEX})")
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            problems.append(f"{file}: missing tensor {missing[0]}{more} (named by {HF_INDEX})")
         emb = header.get("model.embed_tokens.weight")
         if emb is not None:
             shape = tuple(int(n) for n in emb.get("shape", ()))
             if shape != (found.vocab_size, args.dim):
-                raise CheckpointError(f"{file}: model.embed_tokens.weight has shape {shape}, "
-                                      f"expected ({found.vocab_size}, {args.dim})")
+                problems.append(f"{file}: model.embed_tokens.weight has shape {shape}, "
+                                f"expected ({found.vocab_size}, {args.dim})")
+    _raise_if(problems)
     return CheckpointInfo(path=p, format="hf", args=found, files=tuple(wanted), vocab_size=found.vocab_size)
 
 
@@ -345,9 +435,11 @@ def tokenizer_vocab_size(path: Path) -> int:
             from tokenizers import Tokenizer
 
             tok = Tokenizer.from_file(str(path))
-            if tok.token_to_id("<s>") is None or tok.token_to_id("</s>") is None:
-                raise CheckpointError(f"{path}: tokens '<s>'/'</s>' not in vocabulary")
+            special_tokens(path, tok.token_to_id)
             return int(tok.get_vocab_size(with_added_tokens=True))
+        if _is_tiktoken(path):
+            raise CheckpointError(f"{path}: a tiktoken BPE file (Meta's Llama-3 release) is not read "
+                                  f"here; name the HF tokenizer.json instead")
         import sentencepiece as spm
 
         return int(spm.SentencePieceProcessor(model_file=str(path)).vocab_size())
@@ -356,6 +448,27 @@ def tokenizer_vocab_size(path: Path) -> int:
     except Exception as exc:  # noqa: BLE001 - both libraries raise plain RuntimeErrors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: tokenizer does not load ({first})") from None
+
+
+def special_tokens(path: Path, token_to_id: Any) -> tuple[int, int]:
+    """Ids of the begin/end-of-sequence tokens of a ``tokenizer.json`` (LLaMA-1/2's
+    ``<s>``/``</s>`` or Llama-3's ``<|begin_of_text|>``/``<|end_of_text|>``)."""
+    for bos, eos in SPECIAL_TOKENS:
+        ids = token_to_id(bos), token_to_id(eos)
+        if ids[0] is not None and ids[1] is not None:
+            return int(ids[0]), int(ids[1])
+    names = " or ".join(f"{b!r}/{e!r}" for b, e in SPECIAL_TOKENS)
+    raise CheckpointError(f"{path}: tokens {names} not in vocabulary")
+
+
+def _is_tiktoken(path: Path) -> bool:
+    """Whether ``path`` is a tiktoken BPE file (lines of base64 token and rank)."""
+    try:
+        with open(path, "rb") as fh:
+            first = fh.readline(4096).split()
+    except OSError:
+        return False
+    return len(first) == 2 and first[1].isdigit() and re.fullmatch(rb"[A-Za-z0-9+/=]+", first[0]) is not None
 
 
 def check_tokenizer(weights: str, tokenizer: str | None, vocab_size: int, *,

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _delegate(delegated, argv[1:]) if delegated else args.func(args)
     except UserError as exc:
-        sys.stderr.write(f"llmenergy: error: {exc}\n")
+        sys.stderr.write("".join(f"llmenergy: error: {line}\n" for line in str(exc).splitlines()))
         return exc.exit_code
     except LLMEnergyError as exc:
         log.error("%s", exc)

@@ -214,37 +214,50 @@ def _check_matrix(cfg: Config) -> None:
 
 def _check_files(cfg: Config) -> None:
     """Files the config names: checkpoints (headers and sizes only, no weights loaded),
-    their tokenizers (loaded: they are small), and datasets."""
+    their tokenizers (loaded: they are small), and datasets.
+
+    Every problem is found before raising: one :class:`ConfigError` whose message has
+    one line per problem, each naming the config key.
+    """
     src = cfg.source
     from llmenergy.checkpoints import check_tokenizer, inspect_checkpoint
-    from llmenergy.errors import CheckpointError
+    from llmenergy.data import check_dataset
+    from llmenergy.errors import CheckpointError, DatasetError
+
+    problems: list[str] = []
+
+    def note(key: str, exc: Exception) -> None:
+        problems.extend(f"{src}: {key}: {line}" for line in str(exc).splitlines() if line.strip())
 
     for name, m in cfg.models.items():
         vocab = m.args.vocab_size
         if m.weights != "synthetic":
             try:
                 info = inspect_checkpoint(m.weights, m.args)
+                vocab = info.vocab_size or vocab
             except CheckpointError as exc:
-                raise ConfigError(f"{src}: models.{name}.weights: {exc}") from None
-            vocab = info.vocab_size or vocab
+                note(f"models.{name}.weights", exc)
         key = "tokenizer" if m.tokenizer else "weights"
+        if not m.tokenizer and m.weights != "synthetic" and not Path(m.weights).is_dir():
+            continue  # reported above; where the tokenizer should be follows from it
         try:
             check_tokenizer(m.weights, m.tokenizer, vocab, key=f"models.{name}.tokenizer")
         except CheckpointError as exc:
-            raise ConfigError(f"{src}: models.{name}.{key}: {exc}") from None
+            note(f"models.{name}.{key}", exc)
     for name, d in cfg.datasets.items():
+        missing = False
         for key in ("path", "train_path"):
             value = getattr(d, key)
             if value and value != "synthetic" and not Path(value).exists():
-                raise ConfigError(f"{src}: datasets.{name}.{key}: file {value!r} does not exist")
-        if d.path != "synthetic":
-            from llmenergy.data import check_dataset
-            from llmenergy.errors import DatasetError
-
+                problems.append(f"{src}: datasets.{name}.{key}: file {value!r} does not exist")
+                missing = True
+        if d.path != "synthetic" and not missing:
             try:
                 check_dataset(d)
             except DatasetError as exc:
-                raise ConfigError(f"{src}: datasets.{name}.path: {exc}") from None
+                note(f"datasets.{name}.path", exc)
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def from_dict(data: dict[str, Any], *, source: str = "config.yaml", check_files: bool = True) -> Config:

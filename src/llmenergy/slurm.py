@@ -360,12 +360,15 @@ def node_layout(shards: int, gpus_per_node: int | None, gpu_name: str = "?") -> 
     return nodes, shards // nodes
 
 
-def resources_for(shards: int, gpu: Any, runtime_min: int) -> Resources:
+def resources_for(shards: int, gpu: Any, runtime_min: int, *, mem_mb: int | None = None) -> Resources:
     """Lay ``shards`` ranks (one GPU each) out on nodes of GPU type ``gpu``.
 
     ``gpu`` needs ``name``, ``partition``, ``gpus_per_node``, ``memory_gb`` and may
     have ``constraint``, ``account``, ``qos``, ``cpus_per_gpu`` (default 4) and
     ``mem_mb_per_gpu``. Uses the fewest nodes, and the same number of GPUs on each.
+    Host memory per node: ``mem_mb_per_gpu`` × GPUs per node when ``gpu`` sets it,
+    else ``mem_mb`` (what loading needs, :func:`llmenergy.planning.matrix.host_mem_mb`),
+    else none asked (the cluster's default).
     """
     name = getattr(gpu, "name", "?")
     _positive_int(runtime_min, f"gpu {name}: runtime_min")
@@ -373,7 +376,10 @@ def resources_for(shards: int, gpu: Any, runtime_min: int) -> Resources:
     cpus_per_gpu = getattr(gpu, "cpus_per_gpu", None) or 4
     _positive_int(cpus_per_gpu, f"gpus.{name}.cpus_per_gpu")
     mem_per_gpu = getattr(gpu, "mem_mb_per_gpu", None)
-    mem_mb = None if mem_per_gpu is None else _positive_int(mem_per_gpu, f"gpus.{name}.mem_mb_per_gpu") * per_node
+    if mem_per_gpu is not None:
+        mem_mb = _positive_int(mem_per_gpu, f"gpus.{name}.mem_mb_per_gpu") * per_node
+    elif mem_mb is not None:
+        mem_mb = _positive_int(mem_mb, f"gpu {name}: mem_mb")
     return Resources(
         nodes=nodes,
         tasks_per_node=per_node,

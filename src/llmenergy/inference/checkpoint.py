@@ -21,7 +21,12 @@ import torch.distributed as dist
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 
 from llmenergy.atomic import atomic_path, write_json
-from llmenergy.checkpoints import META_SHARD_RE, args_from_hf_config, args_from_params
+from llmenergy.checkpoints import (
+    HF_INDEX,
+    META_SHARD_RE,
+    args_from_hf_config,
+    args_from_params,
+)
 from llmenergy.checkpoints import read_json as _read_json
 from llmenergy.errors import CheckpointError
 from llmenergy.inference.model import ModelArgs, Transformer, full_shapes, shard_dim
@@ -68,6 +73,10 @@ def params_json(args: ModelArgs) -> dict[str, Any]:
         out["ffn_dim_multiplier"] = args.ffn_dim_multiplier
     if args.ffn_hidden_dim is not None:
         out["ffn_hidden_dim"] = args.ffn_hidden_dim  # not Meta's; written only when set
+    if args.rope_scaling is not None:  # Meta's Llama-3.1 flag; the other factors are fixed
+        out["use_scaled_rope"] = True
+        if args.rope_scaling.factor != 8.0:
+            out["rope_scaling_factor"] = args.rope_scaling.factor
     return out
 
 
@@ -269,9 +278,17 @@ class HFCheckpoint:
                    tied=bool(cfg.get("tie_word_embeddings", False)))
 
     def _index(self) -> dict[str, Path]:
+        """Tensor name -> file: from ``model.safetensors.index.json`` when there is one,
+        else from the headers of every ``*.safetensors`` file."""
         from safetensors import safe_open
 
         index: dict[str, Path] = {}
+        index_file = self.path / HF_INDEX
+        if index_file.exists():
+            weight_map = _read_json(index_file).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_file}: no weight_map naming the tensor files")
+            return {str(k): self.path / str(v) for k, v in weight_map.items()}
         for file in sorted(self.path.glob("*.safetensors")):
             with safe_open(str(file), framework="pt") as fh:
                 for key in fh.keys():
@@ -309,23 +326,64 @@ class HFCheckpoint:
                 param.copy_(tensor)
 
 
+def hf_config(args: ModelArgs, *, bos_id: int | None = None, eos_id: int | None = None) -> dict[str, Any]:
+    """An HF LLaMA ``config.json`` for ``args`` (the fields transformers' LlamaConfig reads)."""
+    out: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": args.dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads,
+        "head_dim": args.head_dim, "hidden_act": "silu",
+        "intermediate_size": args.hidden_dim, "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps, "max_position_embeddings": args.max_seq_len,
+        "rope_theta": args.rope_theta, "rope_scaling": None, "tie_word_embeddings": False,
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
+    if args.rope_scaling is not None:
+        r = args.rope_scaling
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": r.factor,
+                               "low_freq_factor": r.low_freq_factor,
+                               "high_freq_factor": r.high_freq_factor,
+                               "original_max_position_embeddings": r.original_max_seq_len}
+    if bos_id is not None:
+        out["bos_token_id"] = bos_id
+    if eos_id is not None:
+        out["eos_token_id"] = eos_id
+    return out
+
+
 def save_hf_checkpoint(model_state_full: dict[str, torch.Tensor], args: ModelArgs,
-                       directory: Path | str) -> None:
-    """Write a full Meta-named state dict as an HF LLaMA checkpoint (one safetensors file)."""
+                       directory: Path | str, *, n_files: int = 1,
+                       config: dict[str, Any] | None = None) -> None:
+    """Write a full Meta-named state dict as an HF LLaMA checkpoint.
+
+    One ``model.safetensors`` file, or with ``n_files > 1`` the layout of HF's larger
+    repositories: ``model-0000K-of-0000N.safetensors`` (whole tensors, layers in order)
+    and ``model.safetensors.index.json`` naming each tensor's file.  q/k projections are
+    permuted to HF's half-split rotary layout.  ``config``: extra ``config.json`` keys.
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, tensor in model_state_full.items():
         heads = _rotary_heads(name, args)
         t = tensor.detach().cpu()
         tensors[hf_name(name)] = (t if heads is None else hf_permute(t, heads)).contiguous()
-    with atomic_path(directory / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    write_json(directory / "config.json", {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": args.dim, "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads,
-        "intermediate_size": args.hidden_dim, "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.norm_eps, "max_position_embeddings": args.max_seq_len,
-        "rope_theta": args.rope_theta, "tie_word_embeddings": False})
+    names = list(tensors)
+    if n_files < 1 or n_files > len(names):
+        raise CheckpointError(f"{directory}: cannot write {len(names)} tensors into {n_files} files")
+    if n_files == 1:
+        groups = {"model.safetensors": names}
+    else:
+        per = -(-len(names) // n_files)
+        groups = {f"model-{k + 1:05d}-of-{n_files:05d}.safetensors": names[k * per:(k + 1) * per]
+                  for k in range(n_files)}
+    for file, members in groups.items():
+        with atomic_path(directory / file) as tmp:
+            save_file({n: tensors[n] for n in members}, str(tmp), metadata={"format": "pt"})
+    if n_files > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json(directory / HF_INDEX, {
+            "metadata": {"total_size": total},
+            "weight_map": {n: file for file, members in groups.items() for n in members}})
+    write_json(directory / "config.json", hf_config(args) | (config or {}))

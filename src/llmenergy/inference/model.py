@@ -31,6 +31,7 @@ from llmenergy.arch import (  # noqa: E402 - the torch-free table of sizes lives
     SIZES,
     TINY_VOCAB_SIZE,
     ModelArgs,
+    RopeScaling,
     get_arch,
     kv_cache_bytes,
     n_params,
@@ -67,10 +68,16 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(head_dim: int, max_seq_len: int, theta: float,
-                     device: torch.device | str | None = None) -> torch.Tensor:
-    """Complex rotations ``[max_seq_len, head_dim // 2]`` (Meta's ``freqs_cis``)."""
+                     device: torch.device | str | None = None,
+                     scaling: RopeScaling | None = None) -> torch.Tensor:
+    """Complex rotations ``[max_seq_len, head_dim // 2]`` (Meta's ``freqs_cis``), with
+    Llama-3.1's ``llama3`` frequency scaling when ``scaling`` is given."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float()
                            / head_dim))
+    if scaling is not None:  # computed on the CPU: under build_on_meta, ``inv`` has no values
+        cpu = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu")[: head_dim // 2].float()
+                               / head_dim))
+        inv = torch.tensor(scaling.scale(cpu.tolist()), dtype=torch.float32, device=device)
     t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv)
     return torch.polar(torch.ones_like(freqs), freqs)
@@ -161,7 +168,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = fs_layers.ColumnParallelLinear(args.dim, args.vocab_size, bias=False)
         self.register_buffer(
-            "freqs_cis", rope_frequencies(args.head_dim, max_seq_len, args.rope_theta),
+            "freqs_cis", rope_frequencies(args.head_dim, max_seq_len, args.rope_theta,
+                                          scaling=args.rope_scaling),
             persistent=False)
 
     def forward(self, tokens: torch.Tensor, start_pos: int, *,
@@ -254,7 +262,7 @@ def materialize(model: Transformer, device: torch.device | str, dtype: torch.dty
             if name == "freqs_cis":
                 a = model.args
                 module._buffers[name] = rope_frequencies(a.head_dim, model.max_seq_len,
-                                                         a.rope_theta, device)
+                                                         a.rope_theta, device, a.rope_scaling)
             else:
                 module._buffers[name] = torch.zeros(b.shape, device=device, dtype=dtype)
     model.eval()

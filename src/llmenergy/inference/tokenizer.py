@@ -24,8 +24,8 @@ from typing import Protocol
 
 from llmenergy.arch import TINY_VOCAB_SIZE
 from llmenergy.atomic import atomic_path
-from llmenergy.checkpoints import TOKENIZER_FILES, resolve_tokenizer
-from llmenergy.errors import UserError
+from llmenergy.checkpoints import TOKENIZER_FILES, resolve_tokenizer, special_tokens
+from llmenergy.errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,14 @@ class SentencePieceTokenizer:
 
 
 class HFTokenizer:
-    """An HF ``tokenizer.json`` read with the ``tokenizers`` library."""
+    """An HF ``tokenizer.json`` read with the ``tokenizers`` library.
 
-    def __init__(self, path: str | os.PathLike[str], *, bos_token: str = "<s>",
-                 eos_token: str = "</s>", pad_token: str = "<pad>") -> None:
+    Begin/end of sequence are ``bos_token``/``eos_token`` when given, else LLaMA-1/2's
+    ``<s>``/``</s>`` or Llama-3's ``<|begin_of_text|>``/``<|end_of_text|>``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, bos_token: str | None = None,
+                 eos_token: str | None = None, pad_token: str = "<pad>") -> None:
         from tokenizers import Tokenizer as HFTok
 
         self.path = Path(path)
@@ -80,11 +84,17 @@ class HFTokenizer:
             raise UserError(f"{self.path}: tokenizer.json not found")
         self.tok = HFTok.from_file(str(self.path))
         self.n_words = int(self.tok.get_vocab_size(with_added_tokens=True))
-        bos, eos = self.tok.token_to_id(bos_token), self.tok.token_to_id(eos_token)
         pad = self.tok.token_to_id(pad_token)
-        if bos is None or eos is None:
-            raise UserError(f"{self.path}: tokens {bos_token!r}/{eos_token!r} not in vocabulary")
-        self.bos_id, self.eos_id = int(bos), int(eos)
+        if bos_token is None or eos_token is None:
+            try:
+                self.bos_id, self.eos_id = special_tokens(self.path, self.tok.token_to_id)
+            except CheckpointError as exc:
+                raise UserError(str(exc)) from None
+        else:
+            bos, eos = self.tok.token_to_id(bos_token), self.tok.token_to_id(eos_token)
+            if bos is None or eos is None:
+                raise UserError(f"{self.path}: tokens {bos_token!r}/{eos_token!r} not in vocabulary")
+            self.bos_id, self.eos_id = int(bos), int(eos)
         self.pad_id = -1 if pad is None else int(pad)
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from llmenergy.checkpoints import STRUCTURAL
 from llmenergy.errors import CheckpointError
 from llmenergy.inference import tp
 from llmenergy.inference.model import (
@@ -116,13 +117,10 @@ def build(arch: str | ModelArgs, weights: str | Path, *, device: torch.device | 
     return model, info
 
 
-_STRUCTURAL = ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim")
-
-
 def reconcile(name: str, arch: ModelArgs, found: ModelArgs, path: Path) -> ModelArgs:
     """Check a checkpoint's architecture against the named one; the checkpoint's wins."""
     if name != "custom":
-        for field in _STRUCTURAL:
+        for field in STRUCTURAL:
             want, got = getattr(arch, field), getattr(found, field)
             if want != got:
                 raise CheckpointError(

@@ -54,7 +54,7 @@ from llmenergy.orchestrate.fingerprint import (
     supersede,
 )
 from llmenergy.orchestrate.provenance import collect_provenance
-from llmenergy.planning.matrix import dtype_for, estimate_runtime_s, layout
+from llmenergy.planning.matrix import dtype_for, estimate_runtime_s, host_mem_mb, layout
 from llmenergy.power.agent import stop_flushing
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ def retry_runtime_min(base_min: int, attempt: int = 1, *, previous_status: str |
 
 def cell_resources(cfg: Config, cell: Cell, *, runtime_s: float | None = None) -> dict[str, Any]:
     """Snakemake resources of the cell's Slurm job (see :mod:`llmenergy.slurm`)."""
-    res = slurm.resources_for(cell.shards, cfg.gpus[cell.gpu], runtime_min(cfg, cell, runtime_s=runtime_s))
+    res = slurm.resources_for(cell.shards, cfg.gpus[cell.gpu], runtime_min(cfg, cell, runtime_s=runtime_s),
+                              mem_mb=host_mem_mb(cfg, cell)[0])
     return slurm.snakemake_resources(res)
 
 

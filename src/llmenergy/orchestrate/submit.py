@@ -264,13 +264,14 @@ def cell_jobs(config_path: str | Path, cell_ids: Sequence[str] | None = None,
 
     Each command is ``llmenergy run-cell --config CFG --cell ID`` with the config's
     absolute path; each resource set is :func:`llmenergy.slurm.resources_for` with
-    the cell's time limit (:func:`llmenergy.orchestrate.launch.runtime_min`), as in the
+    the cell's time limit (:func:`llmenergy.orchestrate.launch.runtime_min`) and host
+    memory (:func:`llmenergy.planning.matrix.host_mem_mb`), as in the
     Snakemake rule. The config is validated, and unknown cell ids rejected,
     before anything is submitted.
     """
     from llmenergy import config, slurm
     from llmenergy.orchestrate.launch import runtime_min
-    from llmenergy.planning.matrix import expand
+    from llmenergy.planning.matrix import expand, host_mem_mb
 
     cfg_path = Path(config_path).resolve()
     cfg = config.load(cfg_path)
@@ -278,7 +279,8 @@ def cell_jobs(config_path: str | Path, cell_ids: Sequence[str] | None = None,
     cells = plan.cells if not cell_ids else [plan.get(cid) for cid in cell_ids]
     base = llmenergy_command()
     commands = [[*base, "run-cell", "--config", str(cfg_path), "--cell", c.id] for c in cells]
-    resources = [slurm.resources_for(c.shards, cfg.gpus[c.gpu], runtime_min(cfg, c)) for c in cells]
+    resources = [slurm.resources_for(c.shards, cfg.gpus[c.gpu], runtime_min(cfg, c), mem_mb=host_mem_mb(cfg, c)[0])
+                 for c in cells]
     out_dir = Path(cfg.output_dir)
     if not out_dir.is_absolute():
         out_dir = Path.cwd() / out_dir

@@ -30,6 +30,11 @@ DEFAULTS: dict[str, list[Any]] = {
 }
 # Per GPU: CUDA context, allocator slack and activations not counted in weights + KV cache.
 RESERVE_GB_PER_GPU = 2.0
+# Host memory of one rank besides the weights it loads: Python, torch, the CUDA context and
+# NCCL buffers on a GPU; Python and torch alone when the model runs on the CPU.
+HOST_MB_PER_RANK = {"cuda": 4096, "cpu": 1024}
+# Host memory of a node's agent and power collector.
+HOST_MB_PER_NODE = 512
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,31 @@ def expand(cfg: Config) -> Plan:
 def layout(cfg: Config, cell: Cell) -> tuple[int, int]:
     """(nodes, ranks per node) of a cell, one rank per GPU (:func:`llmenergy.slurm.node_layout`)."""
     return node_layout(cell.shards, cfg.gpus[cell.gpu].gpus_per_node, cell.gpu)
+
+
+def host_mem_mb(cfg: Config, cell: Cell) -> tuple[int, str]:
+    """(MB of host memory per node, where the number comes from) for a cell's Slurm job.
+
+    ``gpus.<type>.mem_mb_per_gpu`` × GPUs per node when the config sets it; else an
+    estimate: each rank memory-maps the checkpoint and reads its shard of the weights
+    (a Meta checkpoint of another MP degree is resharded, an HF one sliced, by the same
+    bytes), plus :data:`HOST_MB_PER_RANK`; on a CPU device the weights and KV cache live
+    in host memory for the whole run.  Synthetic weights are made on the device.
+    """
+    spec, gpu = cfg.models[cell.model], cfg.gpus[cell.gpu]
+    _, per_node = layout(cfg, cell)
+    if gpu.mem_mb_per_gpu is not None:
+        return gpu.mem_mb_per_gpu * per_node, f"gpus.{cell.gpu}.mem_mb_per_gpu"
+    dtype = dtype_for(cfg, cell)
+    cpu = gpu.device == "cpu"
+    per_rank = 0.0
+    if cpu or spec.weights != "synthetic":
+        per_rank += weight_bytes(spec.args, dtype) / cell.shards
+    if cpu:
+        seq = cfg.datasets[cell.dataset].max_prompt_len + cell.max_gen_len
+        per_rank += kv_cache_bytes(spec.args, cell.batch_size, seq, dtype) / cell.shards
+    mb = per_node * (per_rank / 2**20 + HOST_MB_PER_RANK["cpu" if cpu else "cuda"]) + HOST_MB_PER_NODE
+    return 256 * math.ceil(mb / 256), "estimate"
 
 
 def estimate_runtime_s(cfg: Config, cell: Cell) -> float:

@@ -4,7 +4,11 @@ The table reads at a few hundred cells: totals first, one compact line per cell
 (≤ ~120 columns), then the left-out cells grouped by reason with a count and an
 example (``all_left_out`` lists each). JSON and CSV carry every identity field
 of a cell (model, dataset, gpu, shards, batch_size, max_gen_len, power_cap_w,
-engine) with its request and estimate.
+engine) with its request and estimate, including ``mem_mb_per_node`` (the host
+memory the job asks for, :func:`~llmenergy.planning.matrix.host_mem_mb`) and its
+source.  Under the totals, a note per model whose checkpoint is resharded at load
+(``models.llama-65b: Meta checkpoint of MP 8, resharded to 4 at load``); JSON has
+them as ``notes``.
 """
 from __future__ import annotations
 
@@ -17,14 +21,22 @@ from dataclasses import asdict
 from typing import Any
 
 from llmenergy.config import Config
-from llmenergy.planning.matrix import Cell, estimate_runtime_s, expand, layout
+from llmenergy.planning.matrix import (
+    Cell,
+    estimate_runtime_s,
+    expand,
+    host_mem_mb,
+    layout,
+)
 
 IDENTITY = ["model", "dataset", "gpu", "shards", "batch_size", "max_gen_len", "power_cap_w",
             "engine"]
-REQUEST = ["nodes", "gpus_per_node", "partition", "constraint", "est_runtime_min", "gpu_hours"]
+REQUEST = ["nodes", "gpus_per_node", "partition", "constraint", "mem_mb_per_node", "mem_mb_source",
+           "est_runtime_min", "gpu_hours"]
 TABLE = [  # (header, key, right-aligned)
     ("cell", "cell_id", False), ("nodes×GPUs", "layout", True), ("partition", "partition", False),
     ("cap", "cap", True), ("est. min", "est_runtime_min", True), ("GPU-h", "gpu_hours", True),
+    ("host mem", "host_mem", True),
 ]
 EXAMPLES = 2
 WIDTH = 120
@@ -48,14 +60,51 @@ def plan_rows(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         gpu = cfg.gpus[cell.gpu]
         nodes, per_node = layout(cfg, cell)
         runtime_s = estimate_runtime_s(cfg, cell)
+        mem_mb, mem_source = host_mem_mb(cfg, cell)
         rows.append({
             **_identity(cell), "nodes": nodes, "gpus_per_node": per_node,
             "partition": gpu.partition, "constraint": gpu.constraint or "",
+            "mem_mb_per_node": mem_mb, "mem_mb_source": mem_source,
             "est_runtime_min": round(runtime_s / 60, 1),
             "gpu_hours": round(runtime_s / 3600 * cell.shards, 2),
         })
     left_out = [{**_identity(i.cell), "reason": i.reason} for i in p.infeasible]
     return rows, left_out
+
+
+def checkpoint_notes(cfg: Config, rows: list[dict[str, Any]]) -> list[str]:
+    """One line per model whose checkpoint is resharded at load for the planned cells:
+    a Meta checkpoint of MP *m* run on *n* != *m* shards, an HF one (unsharded) on *n* > 1.
+    The headers are read again (milliseconds); a checkpoint that does not pass
+    :func:`llmenergy.checkpoints.inspect_checkpoint` gets no note (the config check
+    reports it)."""
+    from llmenergy.checkpoints import inspect_checkpoint
+    from llmenergy.errors import CheckpointError
+
+    notes = []
+    for name, spec in cfg.models.items():
+        shards = sorted({r["shards"] for r in rows if r["model"] == name})
+        if spec.weights == "synthetic" or not shards:
+            continue
+        try:
+            info = inspect_checkpoint(spec.weights, spec.args)
+        except CheckpointError:
+            continue
+        other = [n for n in shards if n != info.mp]
+        if not other:
+            continue
+        to = ", ".join(map(str, other))
+        if info.format == "meta":
+            notes.append(f"models.{name}: Meta checkpoint of MP {info.mp}, resharded to {to} at load")
+        else:
+            files = f"{len(info.files)} safetensors file{'s' if len(info.files) > 1 else ''}"
+            notes.append(f"models.{name}: HF checkpoint ({files}, unsharded), split into {to} "
+                         f"shards at load")
+    return notes
+
+
+def _mem_text(mb: int) -> str:
+    return f"{mb / 1024:.1f}G"
 
 
 def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, Any]]) -> list[str]:
@@ -77,7 +126,7 @@ def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, An
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
-    shown = [{**r, "layout": f"{r['nodes']}×{r['gpus_per_node']}",
+    shown = [{**r, "layout": f"{r['nodes']}×{r['gpus_per_node']}", "host_mem": _mem_text(r["mem_mb_per_node"]),
               "cap": cap_text(r["power_cap_w"]), "est_runtime_min": f"{r['est_runtime_min']:.1f}",
               "gpu_hours": f"{r['gpu_hours']:.2f}"} for r in rows]
     widths = {key: max(len(head), *(len(str(r[key])) for r in shown)) for head, key, _ in TABLE}
@@ -130,8 +179,9 @@ def format_plan(cfg: Config, *, show_infeasible: bool = True, fmt: str = "table"
                 all_left_out: bool = False) -> str:
     """The plan as ``table`` (totals, cells, left-out reasons), ``json`` or ``csv``."""
     rows, left_out = plan_rows(cfg)
+    notes = checkpoint_notes(cfg, rows)
     if fmt == "json":
-        doc: dict[str, Any] = {"cells": rows}
+        doc: dict[str, Any] = {"cells": rows, "notes": notes}
         if show_infeasible:
             doc["left_out"] = left_out
         return json.dumps(doc, indent=2) + "\n"
@@ -144,7 +194,10 @@ def format_plan(cfg: Config, *, show_infeasible: bool = True, fmt: str = "table"
         if show_infeasible:
             w.writerows({**r, "planned": "no"} for r in left_out)
         return buf.getvalue()
-    lines = _totals(cfg, rows, left_out) + [""] + _table(rows)
+    lines = _totals(cfg, rows, left_out)
+    if notes:
+        lines += ["  checkpoints:"] + [f"    {n}" for n in notes]
+    lines += [""] + _table(rows)
     if show_infeasible and left_out:
         lines += [""] + _left_out(left_out, all_left_out)
     return "\n".join(lines) + "\n"
