@@ -160,3 +160,17 @@ def test_compile_on_cpu_reports_compile_and_gives_the_same_tokens(model: torch.n
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = engine.generate(shorter, GEN - 3, eos_id=None, stop_at_eos=False)
     assert again.tokens == G.generate(model, shorter, GEN - 3, eos_id=None, stop_at_eos=False).tokens
+
+
+@pytest.mark.parametrize("arch", ["llama2-tiny", "llama3.1-tiny"])
+def test_families_with_gqa_and_rope_scaling_give_the_reference_tokens(arch: str) -> None:
+    """GQA (Llama-3) and llama3 rope scaling (Llama-3.1) reach transformers' config."""
+    m, _ = W.build(arch, "synthetic", device="cpu", dtype=torch.float32, seed=3, max_batch_size=4, max_seq_len=24)
+    want = G.generate(m, PROMPTS, GEN, eos_id=None, stop_at_eos=False)
+    engine = make_engine("hf", m)
+    got = engine.generate(PROMPTS, GEN, eos_id=None, stop_at_eos=False)
+    assert len(set(map(tuple, want.tokens))) == len(PROMPTS)
+    assert got.tokens == want.tokens
+    ref = make_engine("reference", m).first_logits(PROMPTS)
+    for ours, theirs in zip(ref, engine.first_logits(PROMPTS), strict=True):
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)

@@ -5,8 +5,8 @@ import json
 import os
 import re
 import subprocess
-import zipfile
 import sys
+import zipfile
 from pathlib import Path
 
 import pandas as pd

@@ -79,7 +79,7 @@ _WARMUP_TOKENS = 5
 _WARMUP_PROMPT = 8
 #: ModelArgs fields that :func:`hf_config` maps (or that only matter through ``hidden_dim``)
 _MAPPED = {"dim", "n_layers", "n_heads", "vocab_size", "n_kv_heads", "multiple_of",
-           "ffn_dim_multiplier", "ffn_hidden_dim", "norm_eps", "max_seq_len", "rope_theta"}
+           "ffn_dim_multiplier", "ffn_hidden_dim", "norm_eps", "max_seq_len", "rope_theta", "rope_scaling"}
 
 
 def _transformers() -> Any:
@@ -102,7 +102,14 @@ def hf_config(args: ModelArgs, *, max_seq_len: int, dtype: torch.dtype) -> Any:
             raise UserError(f"engine hf: ModelArgs.{field.name}={getattr(args, field.name)!r} "
                             f"has no LlamaConfig mapping yet")
     t = _transformers()
+    scaling = None
+    if args.rope_scaling is not None:
+        s = args.rope_scaling
+        scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                   "high_freq_factor": s.high_freq_factor,
+                   "original_max_position_embeddings": s.original_max_seq_len}
     return t.LlamaConfig(
+        rope_scaling=scaling,
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
         num_key_value_heads=args.kv_heads, head_dim=args.head_dim, rms_norm_eps=args.norm_eps,
