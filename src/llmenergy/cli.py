@@ -40,6 +40,16 @@ def cmd_run_cell(args: argparse.Namespace) -> int:
     return run_cell(cfg, cell, launcher=args.launcher, force=args.force)
 
 
+def cmd_run_group(args: argparse.Namespace) -> int:
+    from llmenergy.orchestrate.packed import run_group
+    from llmenergy.planning.groups import find_group
+    from llmenergy.planning.matrix import expand
+
+    cfg = _load(args)
+    return run_group(cfg, find_group(cfg, expand(cfg).cells, args.group), launcher=args.launcher,
+                     force=args.force)
+
+
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from llmenergy.analysis.aggregate import aggregate
 
@@ -168,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "or auto (default)")
     s.add_argument("--force", action="store_true", help="rerun even if the cell already finished")
     s.set_defaults(func=cmd_run_cell)
+
+    s = sub.add_parser("run-group", help="run a packed group of cells, the model loaded once (one Slurm job)")
+    s.add_argument("--config", default="config.yaml", help="experiment config (default: config.yaml)")
+    s.add_argument("--group", required=True, help="group id, as shown by `llmenergy plan`")
+    s.add_argument("--launcher", choices=["auto", "local", "srun"], default="auto",
+                   help="how to start the ranks: srun inside a Slurm job, local processes, or auto (default)")
+    s.add_argument("--force", action="store_true", help="rerun the group's cells even if finished")
+    s.set_defaults(func=cmd_run_group)
 
     s = sub.add_parser("aggregate", help="cells' metrics -> summary.parquet + summary_stats.parquet")
     s.add_argument("--results", default="results", help="output directory (default: results)")

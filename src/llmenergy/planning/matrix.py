@@ -127,5 +127,10 @@ def estimate_runtime_s(cfg: Config, cell: Cell) -> float:
     return load_s + cfg.collector.idle_baseline_s + steps * step_s
 
 
+def time_limit_min(runtime_s: float) -> int:
+    """A Slurm time limit for ``runtime_s`` of estimated work: twice it plus 10 min, at least 15 min."""
+    return max(15, math.ceil(runtime_s * 2 / 60) + 10)
+
+
 def plan(cfg: Config) -> Plan:
     return expand(cfg)
