@@ -54,7 +54,12 @@ from llmenergy.orchestrate.fingerprint import (
     supersede,
 )
 from llmenergy.orchestrate.provenance import collect_provenance
-from llmenergy.planning.matrix import dtype_for, estimate_runtime_s, layout, time_limit_min
+from llmenergy.planning.matrix import (
+    dtype_for,
+    estimate_runtime_s,
+    layout,
+    time_limit_min,
+)
 from llmenergy.power.agent import stop_flushing
 
 log = logging.getLogger(__name__)

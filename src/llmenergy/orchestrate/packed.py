@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import atomic, entrypoints
-from llmenergy.cellfiles import GROUP_DONE, GROUP_SPEC, Cell, CellFiles, CellRecord, CellSpec, GroupSpec
+from llmenergy.cellfiles import (
+    GROUP_DONE,
+    GROUP_SPEC,
+    Cell,
+    CellFiles,
+    CellRecord,
+    CellSpec,
+    GroupSpec,
+)
 from llmenergy.config import Config
 from llmenergy.errors import RecordError
 from llmenergy.inference.packed import BEGIN

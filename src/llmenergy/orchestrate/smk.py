@@ -24,7 +24,13 @@ from llmenergy import atomic
 from llmenergy.cellfiles import Cell, accepted
 from llmenergy.config import Config, from_dict
 from llmenergy.errors import ConfigError
-from llmenergy.planning.groups import Group, correction_factors, group_runtime_s, make_groups, resolve_packing
+from llmenergy.planning.groups import (
+    Group,
+    correction_factors,
+    group_runtime_s,
+    make_groups,
+    resolve_packing,
+)
 from llmenergy.planning.matrix import Plan, expand, time_limit_min
 from llmenergy.slurm import time_limit_signal
 
