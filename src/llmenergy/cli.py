@@ -23,11 +23,13 @@ def _load(args: argparse.Namespace, check_files: bool = True):  # noqa: ANN202
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from llmenergy.planning.groups import resolve_packing
     from llmenergy.planning.plan import format_plan
 
     cfg = _load(args)
+    packing = args.packing or resolve_packing(cfg, "group")
     sys.stdout.write(format_plan(cfg, show_infeasible=not args.hide_infeasible, fmt=args.format,
-                                 all_left_out=args.all))
+                                 all_left_out=args.all, packing=packing))
     return 0
 
 
@@ -168,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list every left-out cell with its reason, not one line per reason")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table",
                    help="table (default) for reading; csv/json with every cell's axes")
+    s.add_argument("--packing", choices=["group", "cell"], default=None,
+                   help="show one Slurm job per group of cells sharing a model load, or per cell "
+                        "(default: the config's `packing`, else group, as profiles/slurm runs it)")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("run-cell", help="run one cell (what each Slurm job runs)")
