@@ -74,3 +74,23 @@ def test_json_and_csv_carry_every_axis(cfg: config.Config) -> None:
     assert set(fields) <= set(rows[0])
     hidden = list(csv.DictReader(io.StringIO(format_plan(cfg, fmt="csv", show_infeasible=False))))
     assert len(hidden) == len(planned)
+
+
+def test_packed_plan_shows_the_groups(cfg: config.Config) -> None:
+    """packing: group: 31 jobs for the default 310 cells, one line per group with its cells,
+    layout and time; the JSON lists each group's cells."""
+    from llmenergy.planning.groups import make_groups
+
+    plan = expand(cfg)
+    groups = make_groups(plan.cells)
+    text = format_plan(cfg, packing="group")
+    lines = text.splitlines()
+    assert f"Slurm jobs: {len(groups)} (packing: group; {len(plan.cells)} with packing: cell)" in text
+    assert len(groups) == 31 and max(len(g.cells) for g in groups) == 12
+    rows = {ln.split()[0]: ln.split() for ln in lines if ln.split() and ln.split()[0] in {g.id for g in groups}}
+    assert len(rows) == len(groups)
+    assert rows["llama-7b_A100_s32_pnone_reference"][1:4] == ["12", "8×4", "a100"]
+    assert max(len(ln) for ln in lines) <= 120
+    doc = json.loads(format_plan(cfg, fmt="json", packing="group"))
+    assert sum(len(g["cells"]) for g in doc["groups"]) == len(plan.cells)
+    assert all(g["time_limit_min"] >= 15 for g in doc["groups"])

@@ -160,7 +160,7 @@ def _left_out(left_out: list[dict[str, Any]], every: bool) -> list[str]:
 
 
 def format_plan(cfg: Config, *, show_infeasible: bool = True, fmt: str = "table",
-                all_left_out: bool = False, packing: str = "group") -> str:
+                all_left_out: bool = False, packing: str = "cell") -> str:
     """The plan as ``table`` (totals, groups when packed, cells, left-out reasons), ``json`` or ``csv``."""
     rows, left_out = plan_rows(cfg)
     groups = group_rows(cfg) if packing == "group" else None
