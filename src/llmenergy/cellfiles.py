@@ -186,6 +186,40 @@ class CellSpec:
 
 
 # --------------------------------------------------------------------------- #
+# group.json: a packed group of cells
+# --------------------------------------------------------------------------- #
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What a packed group's ranks are told (``groups/{group_id}/group.json``): the cells
+    to run, in order, with the model loaded once. Each cell's own ``spec.json`` is
+    under ``cells_dir/{cell_id}/``; the group's node agents read ``spec.json`` beside
+    this file (the first cell's spec: collector, layout, power cap, policies)."""
+
+    group_id: str
+    cells: list[str]
+    cells_dir: str
+
+    def cell_dir(self, cell_id: str) -> Path:
+        return Path(self.cells_dir) / cell_id
+
+    def write(self, path: Path) -> None:
+        atomic.write_json(path, {"schema_version": SCHEMA_VERSION, **asdict(self)})
+
+    @classmethod
+    def read(cls, path: Path) -> GroupSpec:
+        values = _fields(cls, _read(path), str(path))
+        if not isinstance(values["cells"], list) or not values["cells"]:
+            raise RecordError(f"{path}: cells: must be a non-empty list of cell ids")
+        return cls(**values)
+
+
+#: Under ``{output_dir}/groups/{group_id}/``: the group's spec, its done marker.
+GROUP_SPEC = "group.json"
+GROUP_DONE = "done.json"
+
+
+# --------------------------------------------------------------------------- #
 # Rank 0 → launcher
 # --------------------------------------------------------------------------- #
 
@@ -229,6 +263,9 @@ class Provenance:
     load: dict[str, Any] | None = None
     power_cap: dict[str, Any] | None = None
     slurm_time_limit_min: int | None = None  # the job's --time, read back from Slurm
+    #: A packed cell's group: ``group_id``, ``position`` (0-based), ``cells`` (the group's
+    #: cell ids in run order), ``model_loaded_here`` (this cell's load event built the model).
+    group: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any], path: str = "cell.json") -> Provenance:

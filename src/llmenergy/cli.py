@@ -23,11 +23,13 @@ def _load(args: argparse.Namespace, check_files: bool = True):  # noqa: ANN202
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from llmenergy.planning.groups import resolve_packing
     from llmenergy.planning.plan import format_plan
 
     cfg = _load(args)
+    packing = args.packing or resolve_packing(cfg, "group")
     sys.stdout.write(format_plan(cfg, show_infeasible=not args.hide_infeasible, fmt=args.format,
-                                 all_left_out=args.all))
+                                 all_left_out=args.all, packing=packing))
     return 0
 
 
@@ -38,6 +40,16 @@ def cmd_run_cell(args: argparse.Namespace) -> int:
     cfg = _load(args)
     cell = expand(cfg).get(args.cell)
     return run_cell(cfg, cell, launcher=args.launcher, force=args.force)
+
+
+def cmd_run_group(args: argparse.Namespace) -> int:
+    from llmenergy.orchestrate.packed import run_group
+    from llmenergy.planning.groups import find_group
+    from llmenergy.planning.matrix import expand
+
+    cfg = _load(args)
+    return run_group(cfg, find_group(cfg, expand(cfg).cells, args.group), launcher=args.launcher,
+                     force=args.force)
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
@@ -158,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list every left-out cell with its reason, not one line per reason")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table",
                    help="table (default) for reading; csv/json with every cell's axes")
+    s.add_argument("--packing", choices=["group", "cell"], default=None,
+                   help="show one Slurm job per group of cells sharing a model load, or per cell "
+                        "(default: the config's `packing`, else group, as profiles/slurm runs it)")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("run-cell", help="run one cell (what each Slurm job runs)")
@@ -168,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "or auto (default)")
     s.add_argument("--force", action="store_true", help="rerun even if the cell already finished")
     s.set_defaults(func=cmd_run_cell)
+
+    s = sub.add_parser("run-group", help="run a packed group of cells, the model loaded once (one Slurm job)")
+    s.add_argument("--config", default="config.yaml", help="experiment config (default: config.yaml)")
+    s.add_argument("--group", required=True, help="group id, as shown by `llmenergy plan`")
+    s.add_argument("--launcher", choices=["auto", "local", "srun"], default="auto",
+                   help="how to start the ranks: srun inside a Slurm job, local processes, or auto (default)")
+    s.add_argument("--force", action="store_true", help="rerun the group's cells even if finished")
+    s.set_defaults(func=cmd_run_group)
 
     s = sub.add_parser("aggregate", help="cells' metrics -> summary.parquet + summary_stats.parquet")
     s.add_argument("--results", default="results", help="output directory (default: results)")

@@ -89,6 +89,10 @@ class Config:
     collector: CollectorSpec = field(default_factory=CollectorSpec)
     policies: Policies = field(default_factory=Policies)
     grid_gco2_per_kwh: float | None = None
+    #: ``group``: one Slurm job per group of cells sharing a model load; ``cell``: one per cell;
+    #: None: the route's default (``group`` for profiles/slurm, ``llmenergy submit`` and
+    #: ``llmenergy plan``; ``cell`` for profiles/local).
+    packing: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -282,6 +286,7 @@ def from_dict(data: dict[str, Any], *, source: str = "config.yaml", check_files:
         collector=CollectorSpec(**data.get("collector", {})),
         policies=Policies(**data.get("policies", {})),
         grid_gco2_per_kwh=data.get("grid_gco2_per_kwh"),
+        packing=data.get("packing"),
         raw=data,
     )
     if cfg.collector.backend not in COLLECTOR_BACKENDS:

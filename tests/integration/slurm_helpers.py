@@ -58,6 +58,9 @@ def tiny_config(gpus: dict[str, dict[str, Any]], matrix: list[dict[str, list[Any
         "gpus": gpus,
         "collector": {"backend": "estimate", "estimate_tdp_w": 65, "interval_ms": 100, "idle_baseline_s": 0.2},
         "matrix": matrix,
+        # one job per cell (profiles/slurm packs by default): the per-cell tests; the packing
+        # tests (test_slurm_packing.py) drop this key
+        "packing": "cell",
     }
 
 
@@ -118,6 +121,11 @@ class Run:
         """Cells of ``rule run_cell`` this run submitted, in order."""
         return executed_cells(self.output)
 
+    @property
+    def executed_groups(self) -> list[str]:
+        """Groups of ``rule run_group`` this run submitted, in order."""
+        return executed_cells(self.output, rule_name="run_group", wildcard="group")
+
     def job_ids(self, cell: str) -> list[int]:
         """Slurm job ids this run submitted for ``cell``, in order."""
         pattern = re.compile(rf"SLURM jobid (\d+) \(log: \S*/rule_run_cell/{re.escape(cell)}/\d+\.log\)")
@@ -154,11 +162,9 @@ def run_snakemake(workdir: Path, *extra: str, fail_cells: Iterable[str] = (), ti
 
 
 _RULE_RE = re.compile(r"^\s*(?:local)?rule (\w+):\s*$")
-_WILDCARD_RE = re.compile(r"^\s*wildcards: .*\bcell=([A-Za-z0-9._-]+)")
-
-
-def executed_cells(output: str) -> list[str]:
-    """Cell ids of the ``run_cell`` jobs in Snakemake's output."""
+def executed_cells(output: str, rule_name: str = "run_cell", wildcard: str = "cell") -> list[str]:
+    """Cell ids of the ``run_cell`` jobs (or another rule's ``wildcard``) in Snakemake's output."""
+    wildcard_re = re.compile(rf"^\s*wildcards: .*\b{wildcard}=([A-Za-z0-9._-]+)")
     cells: list[str] = []
     rule = None
     for line in output.splitlines():
@@ -166,17 +172,17 @@ def executed_cells(output: str) -> list[str]:
         if m:
             rule = m.group(1)
             continue
-        m = _WILDCARD_RE.match(line)
-        if m and rule == "run_cell":
+        m = wildcard_re.match(line)
+        if m and rule == rule_name:
             cells.append(m.group(1))
             rule = None
     return cells
 
 
-def job_ids(workdir: Path, cell: str) -> list[int]:
-    """Slurm job ids of ``cell`` whose Snakemake job log is still there (the
-    plugin removes the logs of successful jobs), oldest first."""
-    logs = workdir / ".snakemake" / "slurm_logs" / "rule_run_cell" / cell
+def job_ids(workdir: Path, cell: str, rule: str = "run_cell") -> list[int]:
+    """Slurm job ids of ``cell`` (or group, with ``rule="run_group"``) whose Snakemake job log
+    is still there (the plugin removes the logs of successful jobs), oldest first."""
+    logs = workdir / ".snakemake" / "slurm_logs" / f"rule_{rule}" / cell
     return sorted(int(p.stem) for p in logs.glob("*.log") if p.stem.isdigit())
 
 

@@ -22,26 +22,36 @@ def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
 N_PROMPTS = h.TINY_DATASET["n_prompts"]
 
 
-def _resources(output: str) -> dict[str, dict[str, str]]:
-    """``{cell: {resource: value}}`` of the run_cell jobs in Snakemake's output."""
+def _resources(output: str, rule: str = "run_cell", wildcard: str = "cell") -> dict[str, dict[str, str]]:
+    """``{cell: {resource: value}}`` of the run_cell jobs (or ``{group: ...}`` of run_group) in Snakemake's output."""
     out: dict[str, dict[str, str]] = {}
-    for block in output.split("rule run_cell:")[1:]:
-        cell = re.search(r"wildcards: .*\bcell=([A-Za-z0-9._-]+)", block)
+    for block in output.split(f"rule {rule}:")[1:]:
+        cell = re.search(rf"wildcards: .*\b{wildcard}=([A-Za-z0-9._-]+)", block)
         res = re.search(r"resources: (.*)", block)
         if cell and res:
             out[cell.group(1)] = dict(kv.split("=", 1) for kv in res.group(1).split(", ") if "=" in kv)
     return out
 
 
-def test_plan_of_default_config_asks_for_whole_nodes(workdir: Path) -> None:
+@pytest.mark.parametrize("packing", ["cell", "group"])
+def test_plan_of_default_config_asks_for_whole_nodes(workdir: Path, packing: str) -> None:
     """`snakemake -n` of the default config: a 32-GPU A100 cell is 8 nodes × gpu:4
-    on partition a100, and no cell asks a node for more GPUs than it has."""
+    on partition a100, and no cell asks a node for more GPUs than it has; packed
+    (the profile's default), each cell's group job asks for exactly that."""
+    from llmenergy.planning.groups import group_id
+
     shutil.copy(h.REPO / "config.yaml", workdir / "config.yaml")
-    proc = subprocess.run(h.snakemake_args(workdir, "-n", timeout_s=120), cwd=workdir, env=h.env(),
+    extra = ("--config", "packing=cell") if packing == "cell" else ()
+    proc = subprocess.run(h.snakemake_args(workdir, "-n", *extra, timeout_s=120), cwd=workdir, env=h.env(),
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    jobs = _resources(proc.stdout + proc.stderr)
     cells = h.planned_cells(workdir)
+    if packing == "cell":
+        jobs = _resources(proc.stdout + proc.stderr)
+    else:
+        groups = _resources(proc.stdout + proc.stderr, "run_group", "group")
+        assert len(groups) == len({group_id(c) for c in cells.values()}) < len(cells)
+        jobs = {cid: groups[group_id(c)] for cid, c in cells.items()}
     assert set(jobs) == set(cells)
     big = [cid for cid, c in cells.items() if c.gpu == "A100" and c.shards == 32]
     assert big, "the default matrix should hold a 32-GPU A100 cell"

@@ -101,3 +101,48 @@ def test_accepted_follows_the_policies(tmp_path: Path, status: str, on_oom: str,
                                        expected: bool) -> None:
     cfg = config.from_dict(_cfg(tmp_path, policies={"on_oom": on_oom, "on_power_cap_denied": on_denied}))
     assert accepted(status, cfg.policies) is expected
+
+
+def _record(path: Path, status: str, wall_s: float, limit_min: int | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"schema_version": 1, "status": status,
+                                "provenance": {"wall_s": wall_s, "slurm_time_limit_min": limit_min}}))
+
+
+def test_packed_context_sizes_each_group_job_for_its_unfinished_cells(tmp_path: Path) -> None:
+    """packing: group (the profile's packing_default): the analysis needs the groups' done
+    markers; a group's job is sized for its unfinished cells with the runtime learned from
+    finished cells of the same model and GPU; a marker with an unfinished cell is removed."""
+    from types import SimpleNamespace
+
+    from llmenergy.planning.groups import group_time_limit_min
+
+    ctx = load({**_cfg(tmp_path), "packing_default": "group"})
+    assert ctx.packing == "group" and load(_cfg(tmp_path)).packing == "cell"
+    assert load({**_cfg(tmp_path), "packing_default": "group", "packing": "cell"}).packing == "cell"
+    assert ctx.targets() == [ctx.done_marker(g) for g in ctx.group_ids]
+    group = max(ctx.groups, key=lambda g: len(g.cells))
+    assert len(group.cells) >= 3
+    res = ctx.rule_group_resources()
+    wild = SimpleNamespace(group=group.id)
+    assert res["runtime"](wild) == group_time_limit_min(ctx.cfg, group.cells)
+    assert res["nodes"](wild) == 1 and res["gres"](wild) == f"gpu:{group.first.shards}"
+
+    done, todo = group.cells[0], list(group.cells[1:])
+    est = estimate_runtime_s(ctx.cfg, done)
+    _record(done.files(ctx.output_dir).record, "ok", est / 10)  # it took a tenth of its estimate
+    _record(todo[0].files(ctx.output_dir).record, "incomplete", 1.0, limit_min=40)
+    fresh = load({**_cfg(tmp_path), "packing_default": "group"})
+    fresh.prepare()
+    assert fresh.unfinished(group.id) == todo
+    assert fresh.factors[(done.model, done.gpu)] == pytest.approx(0.1)
+    expected = max(group_time_limit_min(fresh.cfg, todo, fresh.factors), 80)  # ≥ 2 × the incomplete's limit
+    assert fresh.rule_group_resources()["runtime"](wild) == expected
+    assert fresh.rule_group_resources()["runtime"](wild, attempt=2) == 2 * expected
+
+    marker = Path(fresh.done_marker(group.id))
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("{}")
+    assert fresh.stale_groups(dry_run=True) == [group.id] and marker.exists()
+    fresh.prepare()
+    assert not marker.exists()

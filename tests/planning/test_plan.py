@@ -95,3 +95,23 @@ def test_hf_engine_needs_its_own_cache_and_rotary_copies(cfg: config.Config) -> 
     extra = kv_cache_bytes(args, 10**4, seq, "float16") + 32 * 2 * 4096 * 4096 * 2  # + 32 layers of wq, wk
     assert need_gb("reference") > 0
     assert abs(need_gb("hf") - need_gb("reference") - extra / 1e9) <= 1
+
+
+def test_packed_plan_shows_the_groups(cfg: config.Config) -> None:
+    """packing: group: 31 jobs for the default 310 cells, one line per group with its cells,
+    layout and time; the JSON lists each group's cells."""
+    from llmenergy.planning.groups import make_groups
+
+    plan = expand(cfg)
+    groups = make_groups(plan.cells)
+    text = format_plan(cfg, packing="group")
+    lines = text.splitlines()
+    assert f"Slurm jobs: {len(groups)} (packing: group; {len(plan.cells)} with packing: cell)" in text
+    assert len(groups) == 31 and max(len(g.cells) for g in groups) == 12
+    rows = {ln.split()[0]: ln.split() for ln in lines if ln.split() and ln.split()[0] in {g.id for g in groups}}
+    assert len(rows) == len(groups)
+    assert rows["llama-7b_A100_s32_pnone_reference"][1:4] == ["12", "8×4", "a100"]
+    assert max(len(ln) for ln in lines) <= 120
+    doc = json.loads(format_plan(cfg, fmt="json", packing="group"))
+    assert sum(len(g["cells"]) for g in doc["groups"]) == len(plan.cells)
+    assert all(g["time_limit_min"] >= 15 for g in doc["groups"])

@@ -3,7 +3,7 @@
 
 rule aggregate:
     input:
-        expand(f"{OUT}/cells/{{cell}}/metrics.parquet", cell=CELLS),
+        CTX.targets(),
     output:
         summary=f"{OUT}/summary.parquet",
         stats=f"{OUT}/summary_stats.parquet",

@@ -1,4 +1,4 @@
-# One Slurm job per cell: srun starts one rank per GPU and one collector per node.
+# packing: cell: one Slurm job per cell. srun starts one rank per GPU and one collector per node.
 
 
 rule run_cell:
@@ -16,3 +16,23 @@ rule run_cell:
         "../../envs/llmenergy.yaml"
     shell:
         "{params.llmenergy} run-cell --config {params.config:q} --cell {wildcards.cell:q} > {log:q} 2>&1"
+
+
+# packing: group: one Slurm job per group of cells sharing model, GPU type, shards, engine and
+# power cap; the ranks load the model once and run the group's unfinished cells in order. The
+# output is the group's done marker: the cells' own files are not declared outputs, so a
+# failed cell never takes its finished neighbours with it (the job then exits non-zero).
+rule run_group:
+    output:
+        f"{OUT}/groups/{{group}}/done.json",
+    log:
+        f"{OUT}/logs/run_group/{{group}}.log",
+    params:
+        config=CTX.config_arg,
+        llmenergy=LLMENERGY,
+    resources:
+        **CTX.rule_group_resources(),
+    conda:
+        "../../envs/llmenergy.yaml"
+    shell:
+        "{params.llmenergy} run-group --config {params.config:q} --group {wildcards.group:q} > {log:q} 2>&1"

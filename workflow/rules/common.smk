@@ -24,6 +24,7 @@ REPORT = f"{OUT}/report.html"
 
 wildcard_constraints:
     cell=r"[A-Za-z0-9._-]+",
+    group=r"[A-Za-z0-9._-]+",
 
 
 # Before anything runs (main process only): corrupt or unfinished cell outputs are moved
@@ -42,6 +43,13 @@ if workflow.is_main_process:
     for _cell in _rerun:
         _what = "would be set aside (dry run)" if _DRY_RUN else "set aside"
         logger.warning(f"llmenergy: {_cell}: outputs {_what} (see above); the cell will be rerun")
+
+if workflow.is_main_process and CTX.packing == "group":
+    logger.info(f"llmenergy: packing: group: {len(CTX.cell_ids)} cells in {len(CTX.group_ids)} Slurm jobs "
+                f"(one model load each)")
+    if _DRY_RUN:
+        for _line in CTX.group_lines():
+            logger.info(f"llmenergy:   {_line}")
 
 if CTX.plan.infeasible:
     logger.info(

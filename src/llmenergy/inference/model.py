@@ -292,3 +292,28 @@ def num_bytes(model: nn.Module) -> int:
     """Bytes held by this rank's parameters."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
+
+
+def resize_cache(model: Transformer, max_batch_size: int, max_seq_len: int) -> None:
+    """Give ``model`` a KV cache of ``(max_batch_size, max_seq_len)``, keeping its weights.
+
+    What a packed group does between cells: each cell gets the cache it would have had
+    alone. The old caches are released before the new ones are allocated, so the peak
+    is never two caches. Same size: nothing changes (a cache is written before it is read).
+    """
+    if (max_batch_size, max_seq_len) == (model.max_batch_size, model.max_seq_len):
+        return
+    weight = model.tok_embeddings.weight
+    device, dtype = weight.device, weight.dtype
+    attentions = [layer.attention for layer in model.layers]
+    for attn in attentions:
+        attn.cache_k = attn.cache_v = torch.empty(0, device=device, dtype=dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    for attn in attentions:
+        shape = (max_batch_size, attn.n_local_kv_heads, max_seq_len, attn.head_dim)
+        attn.cache_k = torch.zeros(shape, device=device, dtype=dtype)
+        attn.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+    model.max_batch_size, model.max_seq_len = max_batch_size, max_seq_len
+    a = model.args
+    model.freqs_cis = rope_frequencies(a.head_dim, max_seq_len, a.rope_theta, device)

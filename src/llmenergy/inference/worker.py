@@ -4,7 +4,8 @@ Rank 0 writes ``events.parquet`` and ``responses.parquet``. Every timestamp is
 ``time.time_ns()`` taken after a device synchronize, so the collector's samples
 (another process, maybe another node) can be joined to the events by time.
 
-Started by :mod:`llmenergy.orchestrate.launch` as ``python -m llmenergy.inference.worker SPEC``, with the
+Started by :mod:`llmenergy.orchestrate.launch` as ``python -m llmenergy.inference.worker SPEC``
+(``--group GROUP_JSON`` for a packed group: :mod:`llmenergy.inference.packed`), with the
 rank geometry in ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``
 (local launch) or in ``SLURM_*`` (srun launch).
 """
@@ -318,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
+    if args and args[0] == "--group":  # a packed group (llmenergy.inference.packed)
+        from llmenergy.inference.packed import run_group
+
+        return run_group(Path(args[1]))
     return run(Path(args[0]))
 
 

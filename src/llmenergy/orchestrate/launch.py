@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import shutil
 import signal
@@ -34,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from llmenergy import atomic, entrypoints, slurm
@@ -54,7 +54,13 @@ from llmenergy.orchestrate.fingerprint import (
     supersede,
 )
 from llmenergy.orchestrate.provenance import collect_provenance
-from llmenergy.planning.matrix import dtype_for, estimate_runtime_s, host_mem_mb, layout
+from llmenergy.planning.matrix import (
+    dtype_for,
+    estimate_runtime_s,
+    host_mem_mb,
+    layout,
+    time_limit_min,
+)
 from llmenergy.power.agent import stop_flushing
 
 log = logging.getLogger(__name__)
@@ -64,8 +70,7 @@ GRACE_S = 20.0
 
 def runtime_min(cfg: Config, cell: Cell, *, runtime_s: float | None = None) -> int:
     """The Slurm time limit of a cell's job: twice the estimate plus 10 min, at least 15 min."""
-    runtime_s = estimate_runtime_s(cfg, cell) if runtime_s is None else runtime_s
-    return max(15, math.ceil(runtime_s * 2 / 60) + 10)
+    return time_limit_min(estimate_runtime_s(cfg, cell) if runtime_s is None else runtime_s)
 
 
 def retry_runtime_min(base_min: int, attempt: int = 1, *, previous_status: str | None = None,
@@ -165,10 +170,16 @@ class _Forward:
             signal.signal(s, h)
 
 
-def _wait_ranks(procs: list[subprocess.Popen[bytes]]) -> list[int]:
-    """Wait for all ranks; once one fails, give the rest GRACE_S, then kill them."""
+Tick = Callable[[], None]
+
+
+def _wait_ranks(procs: list[subprocess.Popen[bytes]], tick: Tick | None = None) -> list[int]:
+    """Wait for all ranks; once one fails, give the rest GRACE_S, then kill them.
+    ``tick`` is called every poll (a packed group finalises its cells there)."""
     failed_at: float | None = None
     while True:
+        if tick is not None:
+            tick()
         codes = [p.poll() for p in procs]
         if all(c is not None for c in codes):
             return [int(c) for c in codes if c is not None]
@@ -203,7 +214,8 @@ def _die_with_launcher(launcher_pid: int) -> Any:
     return set_parent_death_signal
 
 
-def _launch_local(spec: CellSpec, files: CellFiles, fwd: _Forward) -> list[int]:
+def _launch_local(spec: CellSpec, files: CellFiles, fwd: _Forward, *, worker_args: list[str] | None = None,
+                  tick: Tick | None = None) -> list[int]:
     node = socket.gethostname()
     agent_log = open(files.logs / f"agent.{node}.log", "ab")  # noqa: SIM115 - closed below
     agent = subprocess.Popen(_agent_args(files), stdout=agent_log, stderr=subprocess.STDOUT,
@@ -216,11 +228,11 @@ def _launch_local(spec: CellSpec, files: CellFiles, fwd: _Forward) -> list[int]:
             env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_RANK": str(rank),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
             out = open(files.logs / f"rank{rank}.log", "ab")  # noqa: SIM115 - child owns it
-            procs.append(subprocess.Popen(_worker_args(files), env=env, stdout=out, stderr=subprocess.STDOUT,
+            procs.append(subprocess.Popen(worker_args or _worker_args(files), env=env, stdout=out, stderr=subprocess.STDOUT,
                                           preexec_fn=_die_with_launcher(os.getpid())))
             out.close()
         fwd.procs = procs
-        codes = _wait_ranks(procs)
+        codes = _wait_ranks(procs, tick)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -230,15 +242,16 @@ def _launch_local(spec: CellSpec, files: CellFiles, fwd: _Forward) -> list[int]:
     return codes
 
 
-def _launch_srun(files: CellFiles, fwd: _Forward, cfg: Config, cell: Cell) -> list[int]:
+def _launch_srun(files: CellFiles, fwd: _Forward, cfg: Config, cell: Cell, *,
+                 worker_args: list[str] | None = None, tick: Tick | None = None) -> list[int]:
     res = slurm.resources_for(cell.shards, cfg.gpus[cell.gpu], 60)
     agent = subprocess.Popen([*slurm.srun_collector_args(res), "--output", str(files.logs / "agent.%N.log"),
                               *_agent_args(files)])
     worker = subprocess.Popen([*slurm.srun_worker_args(res), "--output", str(files.logs / "rank%t.log"),
-                               *_worker_args(files)])
+                               *(worker_args or _worker_args(files))])
     fwd.procs = [worker]
     try:
-        codes = [worker.wait()]
+        codes = _wait_ranks([worker], tick)
     finally:
         if worker.poll() is None:
             worker.kill()
@@ -298,8 +311,6 @@ def _prepare(files: CellFiles) -> None:
 
 def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = False) -> int:
     """Run ``cell`` and write its outputs; returns the process exit code."""
-    from llmenergy.analysis.metrics import compute_cell_metrics
-    from llmenergy.power.caps import read_cap_report
     from llmenergy.power.collector import merge_node_files, recovered_nodes
 
     files = cell.files(cfg.output_dir)
@@ -320,16 +331,32 @@ def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = F
         codes = _launch_srun(files, fwd, cfg, cell) if launcher == "srun" else _launch_local(spec, files, fwd)
     finally:
         fwd.restore()
-    status, reason = _status(files, codes, fwd.signum)
     power = merge_node_files(files.run / "power")
+    return finalize(cfg, cell, spec, files, codes=codes, signum=fwd.signum, started=started, launcher=launcher,
+                    power=power, recovered=recovered_nodes(power), measured=(fingerprint, defn))
+
+
+def finalize(cfg: Config, cell: Cell, spec: CellSpec, files: CellFiles, *, codes: list[int], signum: int | None,
+             started: float, launcher: str, power: Any, recovered: list[str],
+             measured: tuple[str, dict[str, Any]], powercap_dir: Any = None,
+             group: dict[str, Any] | None = None, wall_s: float | None = None) -> int:
+    """Write a cell's ``power.parquet``, ``metrics.parquet`` and, last, ``cell.json``
+    (and ``failed/{cell}.json`` when not accepted); returns the cell's exit code."""
+    from llmenergy.analysis.metrics import compute_cell_metrics
+    from llmenergy.power.caps import read_cap_report
+
+    status, reason = _status(files, codes, signum)
     if power.num_rows:
         atomic.write_parquet(files.power, power)
     record = CellRecord(cell=cell, status=status, reason=reason, repeats=cfg.repeats, launcher=launcher,
-                        rank_exit_codes=codes, power_recovered_from_parts=recovered_nodes(power),
+                        rank_exit_codes=codes, power_recovered_from_parts=recovered,
                         provenance=collect_provenance(files, started=started, power=power),
-                        fingerprint=fingerprint, definition=defn)
+                        fingerprint=measured[0], definition=measured[1])
+    record.provenance.group = group
+    if wall_s is not None:  # a packed cell: its own window, not the job's
+        record.provenance.wall_s = round(wall_s, 3)
     if cell.power_cap_w is not None:
-        record.provenance.power_cap = read_cap_report(files.powercap)
+        record.provenance.power_cap = read_cap_report(powercap_dir or files.powercap)
     try:
         atomic.write_parquet(files.metrics, compute_cell_metrics(files.root, record=record, spec=spec))
     except Exception as exc:  # noqa: BLE001 - a metrics bug must not lose the run's raw data

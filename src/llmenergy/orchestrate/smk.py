@@ -24,7 +24,14 @@ from llmenergy import atomic
 from llmenergy.cellfiles import Cell, accepted
 from llmenergy.config import Config, from_dict
 from llmenergy.errors import ConfigError
-from llmenergy.planning.matrix import Plan, expand
+from llmenergy.planning.groups import (
+    Group,
+    correction_factors,
+    group_runtime_s,
+    make_groups,
+    resolve_packing,
+)
+from llmenergy.planning.matrix import Plan, expand, time_limit_min
 from llmenergy.slurm import time_limit_signal
 
 log = logging.getLogger(__name__)
@@ -88,6 +95,111 @@ class Context:
     config_arg: str
     #: ``{cell id: (status, time limit in minutes)}`` of unfinished cells' last records.
     previous: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+    #: ``group``: one job per group of cells sharing a model load (rule run_group); ``cell``: rule run_cell.
+    packing: str = "cell"
+
+    @cached_property
+    def groups(self) -> list[Group]:
+        return make_groups(self.plan.cells)
+
+    @property
+    def group_ids(self) -> list[str]:
+        return [g.id for g in self.groups]
+
+    @cached_property
+    def _groups(self) -> dict[str, Group]:
+        return {g.id: g for g in self.groups}
+
+    def done_marker(self, gid: str) -> str:
+        from llmenergy.orchestrate.packed import done_path
+
+        return str(done_path(self.output_dir, gid))
+
+    def targets(self) -> list[str]:
+        """What the analysis needs: every cell's metrics (``packing: cell``) or every group's
+        done marker (``packing: group``; a group's cells' files are not declared outputs, so
+        that a failed cell never takes its finished neighbours with it)."""
+        if self.packing == "group":
+            return [self.done_marker(gid) for gid in self.group_ids]
+        return [str(c.dir(self.output_dir) / "metrics.parquet") for c in self.plan.cells]
+
+    def _record(self, cell: Cell) -> dict[str, Any] | None:
+        path = cell.files(self.output_dir).record
+        return _read_json(path) if path.exists() else None
+
+    def _is_finished(self, cell: Cell) -> bool:
+        data = self._record(cell)
+        return data is not None and accepted(str(data.get("status")), self.cfg.policies)
+
+    @cached_property
+    def factors(self) -> dict[tuple[str, str], float]:
+        """Learned runtime corrections per (model, gpu), from finished cells' measured wall time."""
+        measured = []
+        for cell in self.plan.cells:
+            data = self._record(cell)
+            if data is not None and accepted(str(data.get("status")), self.cfg.policies):
+                wall = (data.get("provenance") or {}).get("wall_s")
+                if isinstance(wall, (int, float)):
+                    measured.append((cell, float(wall)))
+        return correction_factors(self.cfg, measured)
+
+    def unfinished(self, gid: str) -> list[Cell]:
+        """The group's cells a job would run now (all of them when every one is finished:
+        a forced rerun sizes its job for the whole group)."""
+        group = self._groups[gid]
+        todo = [c for c in group.cells if not self._is_finished(c)]
+        return todo or list(group.cells)
+
+    @cached_property
+    def _group_base(self) -> dict[str, dict[str, Any]]:
+        return {gid: self._resources_of(g.first.id) for gid, g in self._groups.items()}
+
+    def group_runtime_min(self, gid: str, attempt: int = 1) -> int:
+        """The group job's time limit: the margins of a cell's over the sum of its unfinished
+        cells' learned estimates; more for a retry and after a record ``incomplete``."""
+        from llmenergy.orchestrate.launch import retry_runtime_min
+
+        todo = self.unfinished(gid)
+        base = time_limit_min(group_runtime_s(self.cfg, todo, self.factors))
+        prev = [self.previous[c.id] for c in todo if c.id in self.previous]
+        status = "incomplete" if any(st == "incomplete" for st, _ in prev) else None
+        limits = [lim for st, lim in prev if st == "incomplete" and lim]
+        return retry_runtime_min(base, attempt, previous_status=status,
+                                 previous_limit_min=max(limits) if limits else None)
+
+    def rule_group_resources(self) -> dict[str, Callable[..., Any]]:
+        """Resource callables for ``rule run_group``: the layout of the group's cells (the
+        same for all), the time of its unfinished cells (:meth:`group_runtime_min`)."""
+        keys = sorted({k for gid in self.group_ids for k in self._group_base[gid]})
+
+        def getter(key: str) -> Callable[..., Any]:
+            if key == "runtime":
+                return lambda wildcards, attempt=1: self.group_runtime_min(wildcards.group, attempt)
+            return lambda wildcards: self._group_base[wildcards.group].get(key, "")
+
+        return {k: getter(k) for k in keys}
+
+    def stale_groups(self, *, dry_run: bool = False) -> list[str]:
+        """Groups whose done marker exists though a cell of theirs is not finished (set aside,
+        superseded, removed by hand); unless ``dry_run``, the marker is removed so the group reruns."""
+        stale = []
+        for gid in self.group_ids:
+            marker = Path(self.done_marker(gid))
+            if marker.exists() and not all(self._is_finished(c) for c in self._groups[gid].cells):
+                stale.append(gid)
+                if not dry_run:
+                    marker.unlink(missing_ok=True)
+        return stale
+
+    def group_lines(self) -> list[str]:
+        """One line per group job: cells, nodes × GPUs, partition, time limit (for ``-n``)."""
+        out = []
+        for gid in self.group_ids:
+            base, todo = self._group_base[gid], self.unfinished(gid)
+            per_node = str(base["gres"]).split(":")[-1]
+            out.append(f"{gid}: {len(todo)}/{len(self._groups[gid].cells)} cells, {base['nodes']}×{per_node} GPUs, "
+                       f"partition {base.get('slurm_partition', '-')}, --time {self.group_runtime_min(gid)} min")
+        return out
 
     @property
     def output_dir(self) -> str:
@@ -241,6 +353,10 @@ class Context:
         self.note_previous()
         bad = self.quarantine_corrupt(dry_run=dry_run, derived=derived)
         self.supersede_changed(changed, dry_run=dry_run, derived=derived)
+        if self.packing == "group":
+            for gid in self.stale_groups(dry_run=dry_run):
+                log.warning("llmenergy: group %s: a cell is not finished; the group %s", gid,
+                            "would rerun (dry run)" if dry_run else "reruns (its finished cells are kept)")
         return bad + [c.cell.id for c in changed]
 
     def rule_resources(self) -> dict[str, Callable[..., Any]]:
@@ -262,6 +378,8 @@ class Context:
         exactly the cells without outputs."""
         stamps = [p.stat().st_mtime for c in self.plan.cells
                   for p in (c.dir(self.output_dir) / "metrics.parquet",) if p.exists()]
+        stamps += [p.stat().st_mtime for gid in self.group_ids
+                   for p in (Path(self.done_marker(gid)),) if p.exists()]
         when = max(0.0, min(stamps, default=1.0) - 1.0)
         for path in derived:
             if Path(path).exists():
@@ -308,17 +426,27 @@ def _source(configfiles: Sequence[str | Path]) -> str:
     return str(configfiles[-1]) if configfiles else "config"
 
 
+#: Set by a profile (``config: [packing_default=group]``): the packing when the config sets none.
+PACKING_DEFAULT_KEY = "packing_default"
+
+
 def load(config: dict[str, Any], configfiles: Sequence[str | Path] = ()) -> Context:
     """Validate Snakemake's merged ``config`` and expand the matrix.
+
+    ``packing`` comes from the config, else from ``packing_default`` (set by
+    ``profiles/slurm``), else ``cell``.
 
     The merged config is stored as ``{output_dir}/.llmenergy/config.json`` (only
     rewritten when it changes) so that each job's ``llmenergy run-cell`` sees
     exactly what Snakemake saw, including ``--config`` overrides.
     """
-    cfg = from_dict(dict(config), source=Path(_source(configfiles)).name)
+    config = dict(config)
+    default = config.pop(PACKING_DEFAULT_KEY, None) or "cell"
+    cfg = from_dict(config, source=Path(_source(configfiles)).name)
+    packing = resolve_packing(cfg, str(default))
     plan = expand(cfg)
     resolved = Path(cfg.output_dir) / RESOLVED_CONFIG
     text = json.dumps(dict(config), indent=2, sort_keys=True, default=str) + "\n"
     if not resolved.exists() or resolved.read_text() != text:
         atomic.write_text(resolved, text)
-    return Context(cfg=cfg, plan=plan, config_arg=str(resolved))
+    return Context(cfg=cfg, plan=plan, config_arg=str(resolved), packing=packing)

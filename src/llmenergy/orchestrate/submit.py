@@ -257,6 +257,20 @@ def llmenergy_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", entrypoints.CLI]
 
 
+def _packing(args: argparse.Namespace) -> str:
+    """``--packing``, else ``cell`` for ``--cells``, else the config's ``packing``, else ``group``."""
+    from llmenergy import config
+    from llmenergy.planning.groups import resolve_packing
+
+    if args.packing:
+        return str(args.packing)
+    if args.cells:
+        return "cell"
+    if args.groups:
+        return "group"
+    return resolve_packing(config.load(args.config, check_files=False), "group")
+
+
 def cell_jobs(config_path: str | Path, cell_ids: Sequence[str] | None = None,
               ) -> tuple[list[list[str]], list[Resources], list[str], Path]:
     """Commands, resources and names of the cells of ``config_path`` (all planned
@@ -287,6 +301,37 @@ def cell_jobs(config_path: str | Path, cell_ids: Sequence[str] | None = None,
     return commands, resources, [c.id for c in cells], out_dir
 
 
+def group_jobs(config_path: str | Path, group_ids: Sequence[str] | None = None,
+               ) -> tuple[list[list[str]], list[Resources], list[str], Path]:
+    """As :func:`cell_jobs`, one job per packed group (``llmenergy run-group``): the
+    layout of the group's cells, the time of its unfinished ones (learned, as the
+    Snakemake rule's). Groups whose cells are all finished are left out."""
+    from llmenergy import config, slurm
+    from llmenergy.orchestrate.packed import group_time_limit
+    from llmenergy.planning.groups import find_group, make_groups
+    from llmenergy.planning.matrix import expand
+
+    cfg_path = Path(config_path).resolve()
+    cfg = config.load(cfg_path)
+    cells = expand(cfg).cells
+    groups = make_groups(cells) if not group_ids else [find_group(cfg, cells, gid) for gid in group_ids]
+    base = llmenergy_command()
+    commands, resources, names = [], [], []
+    for g in groups:
+        minutes = group_time_limit(cfg, g)
+        if minutes is None:
+            log.info("%s: every cell finished; not submitted", g.id)
+            continue
+        commands.append([*base, "run-group", "--config", str(cfg_path), "--group", g.id])
+        resources.append(slurm.resources_for(g.first.shards, cfg.gpus[g.first.gpu], minutes,
+                                             mem_mb=max(host_mem_mb(cfg, c)[0] for c in g.cells)))
+        names.append(g.id)
+    out_dir = Path(cfg.output_dir)
+    if not out_dir.is_absolute():
+        out_dir = Path.cwd() / out_dir
+    return commands, resources, names, out_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     """``llmenergy submit (--config CFG [--cells ID ...] | --commands-file F) [--folder F]
     [--executor K] [--wait]``."""
@@ -298,7 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--commands-file", type=Path,
                      help='JSON list of {"command": [...], "resources": {...}, "name": "..."}')
     parser.add_argument("--cells", nargs="+", metavar="ID",
-                        help="cell ids to submit (default: every planned cell); see `llmenergy plan`")
+                        help="cell ids to submit, one job each (default: every planned cell); see `llmenergy plan`")
+    parser.add_argument("--groups", nargs="+", metavar="ID",
+                        help="packed groups to submit, one job each (default: every group with unfinished cells)")
+    parser.add_argument("--packing", choices=["group", "cell"], default=None,
+                        help="one job per group of cells sharing a model load, or per cell "
+                             "(default: the config's `packing`, else group; --cells implies cell)")
     parser.add_argument("--folder", type=Path, default=None,
                         help="where submitit keeps job files and logs "
                              "(default: OUTPUT_DIR/submitit, or results/submitit)")
@@ -306,11 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", action="store_true", help="wait and print each job's final state")
     args = parser.parse_args(argv)
     if args.config is not None:
-        commands, resources, names, out_dir = cell_jobs(args.config, args.cells)
+        if args.cells and args.groups:
+            raise UserError("submit: give --cells or --groups, not both")
+        if _packing(args) == "group":
+            commands, resources, names, out_dir = group_jobs(args.config, args.groups)
+            if not commands:
+                log.info("every cell of the selected groups is finished; nothing to submit")
+                return 0
+        else:
+            commands, resources, names, out_dir = cell_jobs(args.config, args.cells)
         folder = args.folder or out_dir / "submitit"
     else:
-        if args.cells:
-            raise UserError("submit: --cells needs --config")
+        if args.cells or args.groups:
+            raise UserError("submit: --cells and --groups need --config")
         commands, resources, names = _load_commands_file(args.commands_file)
         folder = args.folder or Path("results/submitit")
     jobs = submit_jobs(commands, resources, folder, args.executor, job_names=names, cwd=Path.cwd())

@@ -163,8 +163,17 @@ def estimate_runtime_s(cfg: Config, cell: Cell) -> float:
         step_s = max(step_s, 0.01 * cell.shards)
     batches = math.ceil(ds.n_prompts / cell.batch_size)
     steps = batches * (cell.max_gen_len + ds.max_prompt_len / 8) * cfg.repeats
-    load_s = 60 + weight_bytes(spec.args, dtype) / cell.shards / 1e9  # synthesis or reading ~1 GB/s
-    return load_s + cfg.collector.idle_baseline_s + steps * step_s
+    return estimate_load_s(cfg, cell) + cfg.collector.idle_baseline_s + steps * step_s
+
+
+def estimate_load_s(cfg: Config, cell: Cell) -> float:
+    """The model-load part of :func:`estimate_runtime_s`: synthesis or reading at ~1 GB/s per rank."""
+    return 60 + weight_bytes(cfg.models[cell.model].args, dtype_for(cfg, cell)) / cell.shards / 1e9
+
+
+def time_limit_min(runtime_s: float) -> int:
+    """A Slurm time limit for ``runtime_s`` of estimated work: twice it plus 10 min, at least 15 min."""
+    return max(15, math.ceil(runtime_s * 2 / 60) + 10)
 
 
 def plan(cfg: Config) -> Plan:

@@ -21,6 +21,12 @@ from dataclasses import asdict
 from typing import Any
 
 from llmenergy.config import Config
+from llmenergy.planning.groups import (
+    group_id,
+    group_runtime_s,
+    group_time_limit_min,
+    make_groups,
+)
 from llmenergy.planning.matrix import (
     Cell,
     estimate_runtime_s,
@@ -32,7 +38,12 @@ from llmenergy.planning.matrix import (
 IDENTITY = ["model", "dataset", "gpu", "shards", "batch_size", "max_gen_len", "power_cap_w",
             "engine"]
 REQUEST = ["nodes", "gpus_per_node", "partition", "constraint", "mem_mb_per_node", "mem_mb_source",
-           "est_runtime_min", "gpu_hours"]
+           "est_runtime_min", "gpu_hours", "group_id"]
+GROUP_TABLE = [  # (header, key, right-aligned)
+    ("group (one Slurm job, one model load)", "group_id", False), ("cells", "n_cells", True),
+    ("nodes×GPUs", "layout", True), ("partition", "partition", False), ("est. min", "est_runtime_min", True),
+    ("--time min", "time_limit_min", True), ("GPU-h", "gpu_hours", True),
+]
 TABLE = [  # (header, key, right-aligned)
     ("cell", "cell_id", False), ("nodes×GPUs", "layout", True), ("partition", "partition", False),
     ("cap", "cap", True), ("est. min", "est_runtime_min", True), ("GPU-h", "gpu_hours", True),
@@ -66,7 +77,7 @@ def plan_rows(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             "partition": gpu.partition, "constraint": gpu.constraint or "",
             "mem_mb_per_node": mem_mb, "mem_mb_source": mem_source,
             "est_runtime_min": round(runtime_s / 60, 1),
-            "gpu_hours": round(runtime_s / 3600 * cell.shards, 2),
+            "gpu_hours": round(runtime_s / 3600 * cell.shards, 2), "group_id": group_id(cell),
         })
     left_out = [{**_identity(i.cell), "reason": i.reason} for i in p.infeasible]
     return rows, left_out
@@ -107,7 +118,24 @@ def _mem_text(mb: int) -> str:
     return f"{mb / 1024:.1f}G"
 
 
-def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, Any]]) -> list[str]:
+def group_rows(cfg: Config, cells: list[Cell] | None = None) -> list[dict[str, Any]]:
+    """One row per packed group: its cells, layout, estimate and ``--time`` (no learning: the plan
+    reads no results; the Snakemake rule's time also learns from finished cells)."""
+    cells = expand(cfg).cells if cells is None else cells
+    out = []
+    for g in make_groups(cells):
+        nodes, per_node = layout(cfg, g.first)
+        runtime_s = group_runtime_s(cfg, g.cells)
+        out.append({"group_id": g.id, "n_cells": len(g.cells), "cells": g.cell_ids, "nodes": nodes,
+                    "gpus_per_node": per_node, "partition": cfg.gpus[g.first.gpu].partition,
+                    "est_runtime_min": round(runtime_s / 60, 1),
+                    "time_limit_min": group_time_limit_min(cfg, g.cells),
+                    "gpu_hours": round(runtime_s / 3600 * g.first.shards, 2)})
+    return out
+
+
+def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, Any]],
+            groups: list[dict[str, Any]] | None = None) -> list[str]:
     gpu_h = sum(r["gpu_hours"] for r in rows)
     minutes = [r["est_runtime_min"] for r in rows]
     by_gpu = Counter(r["gpu"] for r in rows)
@@ -116,8 +144,13 @@ def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, An
         f"Plan of {cfg.source}",
         f"  cells:      {len(rows)} planned ({', '.join(f'{g} {n}' for g, n in sorted(by_gpu.items()))}), "
         f"{cfg.repeats} repeats each, run inside each cell's job",
-        f"  Slurm jobs: {len(rows)} (one per cell), "
-        f"{min(minutes):.1f}–{max(minutes):.1f} min each (estimate)",
+        (f"  Slurm jobs: {len(rows)} (one per cell, packing: cell), "
+         f"{min(minutes):.1f}–{max(minutes):.1f} min each (estimate)") if groups is None else
+        (f"  Slurm jobs: {len(groups)} (packing: group; {len(rows)} with packing: cell), one per group "
+         f"of cells sharing\n              model, GPU, shards, engine and cap, the model loaded once: "
+         f"{min(g['n_cells'] for g in groups)}–{max(g['n_cells'] for g in groups)} cells, "
+         f"{min(g['est_runtime_min'] for g in groups):.1f}–{max(g['est_runtime_min'] for g in groups):.1f} "
+         f"min each (estimate)"),
         f"  GPU-hours:  {gpu_h:,.1f} in all (estimate)",
         f"  left out:   {len(left_out)} cells"
         + (f" for {reasons} reasons (listed after the cells)" if left_out else ""),
@@ -125,18 +158,19 @@ def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, An
     return lines
 
 
-def _table(rows: list[dict[str, Any]]) -> list[str]:
-    shown = [{**r, "layout": f"{r['nodes']}×{r['gpus_per_node']}", "host_mem": _mem_text(r["mem_mb_per_node"]),
-              "cap": cap_text(r["power_cap_w"]), "est_runtime_min": f"{r['est_runtime_min']:.1f}",
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, bool]] = TABLE) -> list[str]:
+    shown = [{**r, "layout": f"{r['nodes']}×{r['gpus_per_node']}",
+              "host_mem": _mem_text(r["mem_mb_per_node"]) if "mem_mb_per_node" in r else "",
+              "cap": cap_text(r.get("power_cap_w")), "est_runtime_min": f"{r['est_runtime_min']:.1f}",
               "gpu_hours": f"{r['gpu_hours']:.2f}"} for r in rows]
-    widths = {key: max(len(head), *(len(str(r[key])) for r in shown)) for head, key, _ in TABLE}
+    widths = {key: max(len(head), *(len(str(r[key])) for r in shown)) for head, key, _ in columns}
 
     def line(values: dict[str, str]) -> str:
         return "  ".join(values[k].rjust(widths[k]) if right else values[k].ljust(widths[k])
-                         for _, k, right in TABLE).rstrip()
+                         for _, k, right in columns).rstrip()
 
-    out = [line({k: head for head, k, _ in TABLE})]
-    out += [line({k: str(r[k]) for _, k, _ in TABLE}) for r in shown]
+    out = [line({k: head for head, k, _ in columns})]
+    out += [line({k: str(r[k]) for _, k, _ in columns}) for r in shown]
     return out
 
 
@@ -176,12 +210,15 @@ def _left_out(left_out: list[dict[str, Any]], every: bool) -> list[str]:
 
 
 def format_plan(cfg: Config, *, show_infeasible: bool = True, fmt: str = "table",
-                all_left_out: bool = False) -> str:
-    """The plan as ``table`` (totals, cells, left-out reasons), ``json`` or ``csv``."""
+                all_left_out: bool = False, packing: str = "cell") -> str:
+    """The plan as ``table`` (totals, groups when packed, cells, left-out reasons), ``json`` or ``csv``."""
     rows, left_out = plan_rows(cfg)
     notes = checkpoint_notes(cfg, rows)
+    groups = group_rows(cfg) if packing == "group" else None
     if fmt == "json":
-        doc: dict[str, Any] = {"cells": rows, "notes": notes}
+        doc: dict[str, Any] = {"packing": packing, "cells": rows, "notes": notes}
+        if groups is not None:
+            doc["groups"] = groups
         if show_infeasible:
             doc["left_out"] = left_out
         return json.dumps(doc, indent=2) + "\n"
@@ -194,10 +231,13 @@ def format_plan(cfg: Config, *, show_infeasible: bool = True, fmt: str = "table"
         if show_infeasible:
             w.writerows({**r, "planned": "no"} for r in left_out)
         return buf.getvalue()
-    lines = _totals(cfg, rows, left_out)
+    lines = _totals(cfg, rows, left_out, groups)
     if notes:
         lines += ["  checkpoints:"] + [f"    {n}" for n in notes]
-    lines += [""] + _table(rows)
+    lines += [""]
+    if groups is not None:
+        lines += _table(groups, GROUP_TABLE) + [""]
+    lines += _table(rows)
     if show_infeasible and left_out:
         lines += [""] + _left_out(left_out, all_left_out)
     return "\n".join(lines) + "\n"

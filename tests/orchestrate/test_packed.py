@@ -1,0 +1,190 @@
+"""Packing (``llmenergy run-group``), end to end on the local launcher with the tiny model.
+
+A packed group's cells must come out exactly as if each had run alone
+(``run-cell``): same files, same columns, same token counts and texts, same
+fingerprint. A cell that fails inside a group leaves the others finished; the
+rerun runs only it; a rerun after success runs nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from launch_helpers import make_env
+
+from llmenergy import config, entrypoints
+from llmenergy.cellfiles import Cell
+from llmenergy.planning.groups import (
+    correction_factors,
+    group_id,
+    group_time_limit_min,
+    make_groups,
+)
+from llmenergy.planning.matrix import estimate_runtime_s, expand, time_limit_min
+
+GROUP = "tiny_cpu_s1_pnone_reference"
+
+
+def _config(root: Path, matrix: list[dict[str, list[Any]]]) -> Path:
+    data = {
+        "output_dir": "results", "repeats": 1, "seed": 0, "warmup_tokens": 2,
+        "models": {"tiny": {"arch": "llama-tiny", "weights": "synthetic"}},
+        "datasets": {"a": {"format": "alpaca", "path": "synthetic", "n_prompts": 4, "seed": 0, "max_prompt_len": 32},
+                     "b": {"format": "alpaca", "path": "synthetic", "n_prompts": 3, "seed": 1, "max_prompt_len": 16}},
+        "gpus": {"cpu": {"partition": "debug", "gpus_per_node": 1, "memory_gb": 16, "device": "cpu"}},
+        "collector": {"backend": "estimate", "estimate_tdp_w": 100, "idle_baseline_s": 0.2, "interval_ms": 100,
+                      "power_interval_ms": 100},
+        "matrix": matrix,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _cell(dataset: str, batch: int, gen: int) -> dict[str, list[Any]]:
+    return {"model": ["tiny"], "dataset": [dataset], "gpu": ["cpu"], "shards": [1], "batch_size": [batch],
+            "max_gen_len": [gen]}
+
+
+#: Four cells of one group: two datasets, two batch sizes, two generation lengths (four KV caches).
+FOUR = [_cell("a", 2, 4), _cell("a", 3, 6), _cell("b", 2, 6), _cell("b", 3, 4)]
+
+
+def _cli(root: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 240) -> int:
+    proc = subprocess.run([sys.executable, "-m", entrypoints.CLI, *args, "--config", "config.yaml",
+                           "--launcher", "local"], cwd=root, env=env or make_env(None), timeout=timeout_s,
+                          capture_output=True, text=True, check=False)
+    (root / f"cli.{args[0]}.log").open("a").write(proc.stdout + proc.stderr)
+    return proc.returncode
+
+
+def _ids(root: Path) -> list[str]:
+    return [c.id for c in expand(config.load(root / "config.yaml", check_files=False)).cells]
+
+
+def _cell_dir(root: Path, cid: str) -> Path:
+    return root / "results" / "cells" / cid
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _loads(root: Path) -> int:
+    log = root / "results" / "groups" / GROUP / "logs" / "rank0.log"
+    return log.read_text().count("built llama-tiny")
+
+
+def test_packed_cells_match_the_same_cells_run_alone(tmp_path: Path) -> None:
+    packed, alone = tmp_path / "packed", tmp_path / "alone"
+    _config(packed, FOUR)
+    _config(alone, FOUR)
+    ids = _ids(packed)
+    assert _cli(packed, "run-group", "--group", GROUP) == 0, (packed / "cli.run-group.log").read_text()[-3000:]
+    for cid in ids:
+        assert _cli(alone, "run-cell", "--cell", cid) == 0
+    assert _loads(packed) == 1  # one model load for four cells
+    assert json.loads((packed / "results" / "groups" / GROUP / "done.json").read_text())["cells"] == {
+        cid: "ok" for cid in ids}
+    for cid in ids:
+        p, a = _cell_dir(packed, cid), _cell_dir(alone, cid)
+        assert sorted(f.name for f in p.iterdir() if f.is_file()) == sorted(f.name for f in a.iterdir() if f.is_file())
+        for name in ("events", "responses", "power", "metrics"):
+            assert pq.read_schema(p / f"{name}.parquet").names == pq.read_schema(a / f"{name}.parquet").names, name
+        rp, ra = (pq.read_table(d / "responses.parquet").to_pandas() for d in (p, a))
+        cols = ["prompt_id", "tokens_in", "tokens_out", "words_out", "text"]
+        assert rp[cols].equals(ra[cols]), cid
+        mp, ma = (pq.read_table(d / "metrics.parquet").to_pylist()[0] for d in (p, a))
+        for key in ("status", "n_prompts", "responses", "tokens_in", "tokens_out", "words_out", "fingerprint"):
+            assert mp[key] == ma[key], (cid, key)
+        ep, ea = (pq.read_table(d / "events.parquet").to_pandas() for d in (p, a))
+        keys = ["phase", "repeat", "batch_index", "n_seqs", "tokens_in", "tokens_out"]
+        assert ep[keys].equals(ea[keys]), cid  # its own idle, load, warm-up, prefill/decode
+        jp, ja = (json.loads((d / "cell.json").read_text()) for d in (p, a))
+        assert jp.keys() == ja.keys() and jp["provenance"].keys() == ja["provenance"].keys()
+        assert (jp["status"], jp["fingerprint"], jp["definition"]) == (ja["status"], ja["fingerprint"],
+                                                                      ja["definition"])
+        assert jp["provenance"]["group"]["group_id"] == GROUP and ja["provenance"]["group"] is None
+        assert jp["provenance"]["power_samples"] > 0
+    loaded = [json.loads((_cell_dir(packed, c) / "cell.json").read_text())["provenance"]["group"]["model_loaded_here"]
+              for c in ids]
+    assert loaded == [True, False, False, False]
+
+
+def test_a_failed_cell_leaves_the_group_going_and_only_it_reruns(tmp_path: Path) -> None:
+    root = tmp_path / "g"
+    _config(root, FOUR[:3])
+    ids = _ids(root)
+    victim = ids[1]
+    env = make_env(None)
+    env.update(FAKE_CRASH_CELLS=victim, FAKE_CRASH_ONCE_DIR=str(tmp_path / "once"))
+    assert _cli(root, "run-group", "--group", GROUP, env=env) == 1
+    status = {c: json.loads((_cell_dir(root, c) / "cell.json").read_text())["status"] for c in ids}
+    assert status == {ids[0]: "ok", victim: "failed", ids[2]: "ok"}
+    assert "FAKE rank failure" in json.loads((root / "results" / "failed" / f"{victim}.json").read_text())["reason"]
+    assert not (root / "results" / "groups" / GROUP / "done.json").exists()
+    assert _loads(root) == 1
+    kept = {c: _digest(_cell_dir(root, c) / "metrics.parquet") for c in (ids[0], ids[2])}
+
+    assert _cli(root, "run-group", "--group", GROUP, env=env) == 0  # the fake fails once: now it passes
+    group_json = json.loads((root / "results" / "groups" / GROUP / "group.json").read_text())
+    assert group_json["cells"] == [victim]  # the rerun ran only the failed cell
+    assert json.loads((_cell_dir(root, victim) / "cell.json").read_text())["status"] == "ok"
+    assert kept == {c: _digest(_cell_dir(root, c) / "metrics.parquet") for c in kept}
+    assert (root / "results" / "groups" / GROUP / "done.json").exists()
+
+    logs = _loads(root)
+    assert _cli(root, "run-group", "--group", GROUP, env=env) == 0  # after success: nothing runs
+    assert _loads(root) == logs
+    assert "nothing to run" in (root / "cli.run-group.log").read_text()
+
+
+def test_resize_cache_gives_the_logits_of_a_model_built_for_that_cache() -> None:
+    import torch
+
+    from llmenergy.inference import model as M
+    from llmenergy.inference import weights
+
+    prompts = [[1, 5, 9, 3], [1, 7, 2]]
+    built, _ = weights.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, max_batch_size=3,
+                             max_seq_len=24)
+    resized, _ = weights.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, max_batch_size=1,
+                               max_seq_len=64)
+    M.resize_cache(resized, 3, 24)
+    assert resized.layers[0].attention.cache_k.shape == built.layers[0].attention.cache_k.shape
+    assert resized.freqs_cis.shape == built.freqs_cis.shape
+    from llmenergy.inference.engines import make_engine
+
+    for a, b in zip(make_engine("reference", built).first_logits(prompts),
+                    make_engine("reference", resized).first_logits(prompts), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_groups_share_model_gpu_shards_engine_and_cap(tmp_path: Path) -> None:
+    cells = [Cell("m", "d", "g", 1, b, 8, cap) for b in (1, 2) for cap in (None, 200.0)]
+    cells.append(Cell("m", "d", "g", 2, 1, 8, None))
+    groups = make_groups(cells)
+    assert [len(g.cells) for g in groups] == [2, 2, 1]
+    assert groups[0].id == group_id(cells[0]) == "m_g_s1_pnone_reference"
+    assert groups[1].id == "m_g_s1_p200W_reference"
+
+
+def test_group_time_is_the_learned_sum_with_the_cell_margins(tmp_path: Path) -> None:
+    _config(tmp_path, FOUR)
+    cfg = config.load(tmp_path / "config.yaml", check_files=False)
+    cells = expand(cfg).cells
+    est = [estimate_runtime_s(cfg, c) for c in cells]
+    assert group_time_limit_min(cfg, cells) == time_limit_min(sum(est))
+    # finished cells took a tenth of their estimate: the group's time follows
+    factors = correction_factors(cfg, [(cells[0], est[0] / 10), (cells[1], est[1] / 10), (cells[2], est[2])])
+    assert factors[("tiny", "cpu")] == pytest.approx(0.1)
+    assert group_time_limit_min(cfg, cells[3:], factors) == time_limit_min(est[3] * 0.1)
+    assert correction_factors(cfg, []) == {}
