@@ -309,7 +309,7 @@ def group_jobs(config_path: str | Path, group_ids: Sequence[str] | None = None,
     from llmenergy import config, slurm
     from llmenergy.orchestrate.packed import group_time_limit
     from llmenergy.planning.groups import find_group, make_groups
-    from llmenergy.planning.matrix import expand
+    from llmenergy.planning.matrix import expand, host_mem_mb
 
     cfg_path = Path(config_path).resolve()
     cfg = config.load(cfg_path)
