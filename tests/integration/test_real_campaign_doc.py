@@ -392,7 +392,7 @@ def test_real_campaign_doc_runs_as_written(workdir: Path, mirror: tuple[Path, st
     assert list(handlers) == STEPS
     try:
         for name, block in steps:
-            handlers[name](block)
+            handlers[name](settings if name == "settings" else block)
     finally:
         pid_file = c.checkout / "campaign.pid"
         if pid_file.is_file() and alive(pid := c.snakemake_pid()):
