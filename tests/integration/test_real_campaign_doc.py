@@ -260,9 +260,11 @@ def test_real_campaign_doc_runs_as_written(workdir: Path, mirror: tuple[Path, st
 
     @step
     def step_settings(block: str) -> None:
-        out = c.run("settings", block, probe='echo "python=$(command -v python) pwd=$PWD W=$WEIGHTS D=$DATA"')
+        out = c.run("settings", block, probe='echo "venv=${VIRTUAL_ENV:-} pwd=$PWD W=$WEIGHTS D=$DATA"')
         assert f"pwd={c.checkout}" in out and f"W={c.weights} D={c.data}" in out
-        assert f"python={c.checkout}/.venv/bin/python" in out  # the venv was activated
+        # activated (VIRTUAL_ENV is unset in the test's environment): the checkout's .venv,
+        # a link to the test venv, whose activate names its real path
+        assert f"venv={h.VENV_BIN.parent} " in out, out
         c.settings = block
 
     @step
@@ -361,9 +363,11 @@ def test_real_campaign_doc_runs_as_written(workdir: Path, mirror: tuple[Path, st
 
     @step
     def step_rerun(block: str) -> None:
-        c.run("rerun", block, timeout_s=420)
+        out = c.run("rerun", block, timeout_s=420)
         assert not alive(c.snakemake_pid())
         assert h.executed_cells(c.log) == [bad["cell"]]
+        (job,) = h.Run(0, c.log, 0).job_ids(bad["cell"])
+        assert re.search(rf"^{job} +\S+ +COMPLETED ", out, re.M), out
         assert "Error in rule" not in c.log and "steps (100%) done" in c.log, c.log[-3000:]
         others = [x for x in cells if x != bad["cell"]]
         assert json.dumps(h.fingerprint(c.checkout, others)) == c.outputs["kept"]  # untouched

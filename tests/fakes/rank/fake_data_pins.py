@@ -24,7 +24,7 @@ ENV = "FAKE_DATA_PINS"
 def patch(module: ModuleType, pins: dict[str, dict[str, object]]) -> None:
     for name, sources in list(module.SOURCES.items()):
         module.SOURCES[name] = tuple(
-            dataclasses.replace(s, sha256=None, git_blob=None, size_bytes=None, **pins[s.filename])
+            dataclasses.replace(s, **{"sha256": None, "git_blob": None, "size_bytes": None, **pins[s.filename]})
             if s.filename in pins else s
             for s in sources)
 
