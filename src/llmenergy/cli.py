@@ -135,7 +135,7 @@ DELEGATES = {
 }
 
 
-DATA_USAGE = ("usage: llmenergy data fetch alpaca|gsm8k [--dest DIR] [--force]\n\n"
+DATA_USAGE = ("usage: llmenergy data fetch alpaca|gsm8k [--dest DIR] [--force] [--mirror URL]\n\n"
               "Download a real dataset and print its config entry "
               "(`llmenergy data fetch --help` for the options).\n")
 GLOBAL_FLAGS = ("-v", "--verbose")

@@ -310,3 +310,66 @@ def test_present_file_failing_its_pinned_hash_is_fetched_again(
     calls: list[str] = []
     fetch.fetch_dataset("alpaca", tmp_path, opener=fake_opener(payloads, calls))
     assert calls == [source.url] and target.read_bytes() == payloads[source.url]
+
+
+def _mirror_tree(root: Path, payloads: dict[str, bytes]) -> None:
+    """Lay the payloads out as a mirror of raw.githubusercontent.com: the upstream paths."""
+    for url, content in payloads.items():
+        rel = url.removeprefix(fetch.UPSTREAM + "/")
+        assert rel != url, url
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(content)
+
+
+def test_mirror_stands_in_for_upstream_over_http(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    http_root: tuple[Path, str],
+) -> None:
+    """`--mirror URL`: every pinned file comes from URL + the upstream path, by the real
+    urllib opener, and is still verified against its pin."""
+    root, base = http_root
+    payloads = _payloads(tmp_path)
+    _pin_to(monkeypatch, payloads, tmp_path)
+    _mirror_tree(root / "gh", payloads)
+    dest = tmp_path / "data"
+    assert fetch.main(["gsm8k", "--dest", str(dest), "--mirror", f"{base}/gh/"]) == 0
+    for s in fetch.SOURCES["gsm8k"]:
+        assert (dest / s.filename).read_bytes() == payloads[s.url]
+    assert "format: gsm8k" in capsys.readouterr().out
+    # The mirror serves a different file: the pin still rejects it.
+    (alpaca,) = fetch.SOURCES["alpaca"]
+    (root / "gh" / alpaca.url.removeprefix(fetch.UPSTREAM + "/")).write_bytes(b"[]")
+    assert fetch.main(["alpaca", "--dest", str(dest), "--mirror", f"{base}/gh"]) == DatasetError.exit_code
+    err = capsys.readouterr().err
+    assert f"git blob id mismatch for {base}/gh/tatsu-lab/stanford_alpaca/" in err
+    assert not (dest / alpaca.filename).exists()
+
+
+def test_mirror_from_the_environment_and_a_file_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Env LLMENERGY_DATA_MIRROR, here a ``file://`` copy of the tree (a site without any proxy)."""
+    payloads = _payloads(tmp_path)
+    _pin_to(monkeypatch, payloads, tmp_path)
+    _mirror_tree(tmp_path / "copy", payloads)
+    monkeypatch.setenv(fetch.MIRROR_ENV, (tmp_path / "copy").as_uri())
+    dest = tmp_path / "data"
+    assert fetch.main(["alpaca", "--dest", str(dest)]) == 0
+    (alpaca,) = fetch.SOURCES["alpaca"]
+    assert (dest / alpaca.filename).read_bytes() == payloads[alpaca.url]
+    # Without the mirror (and offline) the same command names the option.
+    monkeypatch.delenv(fetch.MIRROR_ENV)
+    with pytest.raises(NetworkError, match=r"--mirror URL \(env LLMENERGY_DATA_MIRROR\)"):
+        fetch.fetch_dataset("alpaca", tmp_path / "other",
+                            opener=fake_offline_opener(urllib.error.URLError("no route")))
+
+
+def test_mirrored_keeps_the_pin_and_only_swaps_the_host() -> None:
+    (source,) = fetch.SOURCES["alpaca"]
+    m = fetch.mirrored(source, "https://proxy.example.org/raw-github/")
+    assert m.url == ("https://proxy.example.org/raw-github/tatsu-lab/stanford_alpaca/"
+                     "761dc5bfbdeeffa89b8bff5d038781a4055f796a/alpaca_data.json")
+    assert (m.git_blob, m.filename) == (source.git_blob, source.filename)
+    assert fetch.mirrored(source, None) is source
+    with pytest.raises(DatasetError, match="a mirror cannot stand in"):
+        fetch.mirrored(dataclasses.replace(source, url="https://elsewhere.org/x.json"), "http://m")

@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,10 @@ Opener = Callable[..., Any]
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60.0
 PROGRESS_INTERVAL_S = 5.0  # a progress line at most this often during a download
+
+#: Where the pinned files live; ``--mirror URL`` (or env ``LLMENERGY_DATA_MIRROR``) stands in for it.
+UPSTREAM = "https://raw.githubusercontent.com"
+MIRROR_ENV = "LLMENERGY_DATA_MIRROR"
 
 GSM8K_COMMIT = "3101c7d5072418e28b9008a6636bde82a006892c"
 ALPACA_COMMIT = "761dc5bfbdeeffa89b8bff5d038781a4055f796a"
@@ -54,11 +59,11 @@ class Source:
         return self.sha256 is not None or self.git_blob is not None
 
 
-_GSM8K_BASE = (f"https://raw.githubusercontent.com/openai/grade-school-math/{GSM8K_COMMIT}"
+_GSM8K_BASE = (f"{UPSTREAM}/openai/grade-school-math/{GSM8K_COMMIT}"
                "/grade_school_math/data")
 SOURCES: dict[str, tuple[Source, ...]] = {
     "alpaca": (
-        Source(f"https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/{ALPACA_COMMIT}"
+        Source(f"{UPSTREAM}/tatsu-lab/stanford_alpaca/{ALPACA_COMMIT}"
                "/alpaca_data.json", "alpaca_data.json",
                git_blob="3779ddbc040543ab1834ef216c983d6fcc06cc9a"),
     ),
@@ -74,10 +79,25 @@ SOURCES: dict[str, tuple[Source, ...]] = {
 }
 
 
+def mirrored(source: Source, mirror: str | None) -> Source:
+    """``source`` fetched from ``mirror`` instead of raw.githubusercontent.com.
+
+    A mirror holds the upstream paths under its own base URL (``MIRROR/<owner>/<repo>/
+    <commit>/<path>``), as a pull-through proxy or a copied tree does; ``http(s)://``
+    and ``file://`` bases work. The pinned hashes still decide whether a file is kept.
+    """
+    if not mirror:
+        return source
+    if not source.url.startswith(UPSTREAM + "/"):
+        raise DatasetError(f"{source.url}: not under {UPSTREAM}, so a mirror cannot stand in for it")
+    return replace(source, url=mirror.rstrip("/") + source.url[len(UPSTREAM):])
+
+
 def _offline(name: str, source: Source, dest: Path, reason: object) -> NetworkError:
     return NetworkError(
         f"cannot download {name} from {source.url} ({reason}); without network, fetch it "
-        f"elsewhere and place it at {dest / source.filename}"
+        f"elsewhere and place it at {dest / source.filename}, or name a mirror with --mirror URL "
+        f"(env {MIRROR_ENV})"
     )
 
 
@@ -184,17 +204,20 @@ def fetch_dataset(
     *,
     opener: Opener = urllib.request.urlopen,
     force: bool = False,
+    mirror: str | None = None,
 ) -> Path:
     """Download dataset ``name`` into ``dest``; return the path prompts are read from.
 
     A file already in place is kept when it matches its pinned hash (or when none is
-    pinned) unless ``force``; one that does not match is downloaded again.
+    pinned) unless ``force``; one that does not match is downloaded again. ``mirror``:
+    a base URL that stands in for raw.githubusercontent.com (see :func:`mirrored`).
     """
     if name not in SOURCES:
         raise DatasetError(f"unknown dataset {name!r}; use one of {', '.join(SOURCES)}")
     dest = Path(dest)
     paths: list[Path] = []
-    for source in SOURCES[name]:
+    for upstream in SOURCES[name]:
+        source = mirrored(upstream, mirror)
         target = dest / source.filename
         if target.is_file() and not force:
             problem = mismatch(source, target, _sha256_file(target))
@@ -221,7 +244,7 @@ def config_snippet(name: str, dest: str | Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None, *, opener: Opener = urllib.request.urlopen) -> int:
-    """``llmenergy data fetch NAME [--dest DIR] [--force]``; returns the exit code."""
+    """``llmenergy data fetch NAME [--dest DIR] [--force] [--mirror URL]``; returns the exit code."""
     parser = argparse.ArgumentParser(
         prog="llmenergy data fetch",
         description="Download a real dataset (needs internet) and print its config entry.",
@@ -229,11 +252,17 @@ def main(argv: Sequence[str] | None = None, *, opener: Opener = urllib.request.u
     parser.add_argument("name", choices=sorted(SOURCES), help="dataset to download")
     parser.add_argument("--dest", default="data", help="directory for the files (default: data)")
     parser.add_argument("--force", action="store_true", help="download even if present")
+    parser.add_argument("--mirror", default=os.environ.get(MIRROR_ENV) or None, metavar="URL",
+                        help=f"base URL that stands in for {UPSTREAM} (a proxy or a copy of the "
+                             "same paths; http(s):// or file://); default: env "
+                             f"{MIRROR_ENV}, else upstream")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        path = fetch_dataset(args.name, args.dest, opener=opener, force=args.force)
+        if args.mirror:
+            log.info("fetching from mirror %s (instead of %s)", args.mirror, UPSTREAM)
+        path = fetch_dataset(args.name, args.dest, opener=opener, force=args.force, mirror=args.mirror)
     except UserError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return exc.exit_code

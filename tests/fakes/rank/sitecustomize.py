@@ -7,8 +7,10 @@ its variable is set:
 * ``FAKE_OOM_AT_BATCH``: :mod:`fake_oom`, CUDA out-of-memory at a batch;
 * ``FAKE_RANK_GPU_UUID``: :mod:`fake_rank_gpu`, a CPU rank announces this GPU;
 * ``FAKE_CRASH_CELLS``: :mod:`fake_rank_crash`, the listed cells' ranks fail;
-* ``FAKE_METRICS_CRASH``: :mod:`fake_metrics_crash`, the launcher's metrics step raises.
+* ``FAKE_METRICS_CRASH``: :mod:`fake_metrics_crash`, the launcher's metrics step raises;
+* ``FAKE_DATA_PINS``: :mod:`fake_data_pins`, ``llmenergy data fetch`` verifies the test's files.
 """
+import fake_data_pins
 import fake_metrics_crash
 import fake_oom
 import fake_rank_crash
@@ -18,3 +20,4 @@ fake_oom.install()
 fake_rank_gpu.install()
 fake_rank_crash.install()
 fake_metrics_crash.install()
+fake_data_pins.install()
