@@ -13,12 +13,12 @@ venv: $(STAMP)
 
 # torch first, pinned to the CPU wheel that lies on this kind of machine; a bare
 # `torch` (fairscale asks for one) would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/lock-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip>=23" setuptools wheel
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==$${TORCH_VERSION:-2.13.0}"
 	$(BIN)/pip install -q --no-build-isolation "fairscale==0.4.13"
-	$(BIN)/pip install -q -e ".[test,hf]"  # hf: transformers (no torch requirement of its own)
+	$(BIN)/pip install -q -e ".[test,hf]" -c requirements/lock-cpu.txt  # the versions the suite passed with; hf: transformers (no torch requirement)
 	touch $(STAMP)
 
 demo: venv

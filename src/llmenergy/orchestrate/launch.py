@@ -370,5 +370,6 @@ def finalize(cfg: Config, cell: Cell, spec: CellSpec, files: CellFiles, *, codes
         record.write(files.failed_record())
         log.error("%s: %s (%s)", cell.id, record.status, record.reason)
         return 1
+    files.failed_record().unlink(missing_ok=True)  # failed/ lists only cells not yet finished
     log.info("%s: %s in %.1f s", cell.id, record.status, time.time() - started)
     return 0
