@@ -136,10 +136,10 @@ def test_limits_and_errors(model: torch.nn.Module, engine: H.HFEngine,
 
 
 def test_unmapped_architecture_field_is_refused() -> None:
-    Scaled = dataclasses.make_dataclass("Scaled", [("rope_scaling", object, None)], bases=(ModelArgs,),
+    Scaled = dataclasses.make_dataclass("Scaled", [("sliding_window", object, None)], bases=(ModelArgs,),
                                         frozen=True)
-    args = Scaled(dim=64, n_layers=1, n_heads=4, vocab_size=32, rope_scaling={"factor": 8.0})
-    with pytest.raises(UserError, match=r"ModelArgs.rope_scaling=\{'factor': 8.0\} has no LlamaConfig"):
+    args = Scaled(dim=64, n_layers=1, n_heads=4, vocab_size=32, sliding_window={"size": 8})
+    with pytest.raises(UserError, match=r"ModelArgs.sliding_window=\{'size': 8\} has no LlamaConfig"):
         H.hf_config(args, max_seq_len=16, dtype=torch.float32)
     assert H.hf_config(Scaled(dim=64, n_layers=1, n_heads=4, vocab_size=32), max_seq_len=16,
                        dtype=torch.float32).num_key_value_heads == 4

@@ -56,7 +56,14 @@ from torch.nn.attention import sdpa_kernel
 
 from llmenergy.errors import UserError
 from llmenergy.inference import tp
-from llmenergy.inference.generate import GenerationResult, PhaseCallback, left_pad
+from llmenergy.inference.generate import (
+    GenerationResult,
+    PhaseCallback,
+    check_batch,
+    left_pad,
+    result,
+    sync,
+)
 from llmenergy.inference.model import _SDPA_BACKENDS, Transformer, attention_mask
 
 log = logging.getLogger(__name__)
@@ -70,9 +77,6 @@ Caches = list[torch.Tensor]  # [k0, v0, k1, v1, ...], each [B, kv_heads, max_seq
 _WARMUP_CALLS = 3
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -215,7 +219,7 @@ class CompiledEngine:
         if bsz in self._ready:
             return
         caches = self.caches(bsz)
-        _sync(self.device)
+        sync(self.device)
         t0 = time.time_ns()
         if self.compile:
             token = self._token(bsz).zero_()
@@ -224,7 +228,7 @@ class CompiledEngine:
             for _ in range(_WARMUP_CALLS):  # writes position 0, which prefill overwrites
                 self._mark_step()
                 self._step(token, pos, n_pad, caches)
-        _sync(self.device)
+        sync(self.device)
         t1 = time.time_ns()
         self._ready.add(bsz)
         if self.compile:
@@ -243,15 +247,7 @@ class CompiledEngine:
     # ------------------------------------------------------------------ generation
 
     def _check(self, prompts: list[list[int]], max_gen_len: int) -> tuple[int, int]:
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate() needs at least one prompt and no empty prompt")
-        if max_gen_len < 1:
-            raise ValueError(f"max_gen_len must be positive, got {max_gen_len}")
-        bsz, longest = len(prompts), max(len(p) for p in prompts)
-        if bsz > self.max_batch_size or longest + max_gen_len > self.max_seq_len:
-            raise ValueError(f"batch {bsz} × {longest} prompt + {max_gen_len} generated tokens "
-                             f"exceed the model cache ({self.max_batch_size} × {self.max_seq_len})")
-        return bsz, longest
+        return check_batch(prompts, max_gen_len, self.max_batch_size, self.max_seq_len)
 
     @torch.inference_mode()
     def first_logits(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,10 +279,10 @@ class CompiledEngine:
         pos = torch.full((1,), longest, dtype=torch.long, device=self.device)
         stop_early = stop_at_eos and eos_id is not None
 
-        _sync(self.device)
+        sync(self.device)
         t0 = time.time_ns()
         out[:, 0] = self._prefill(tokens, n_pad, caches).argmax(dim=-1)
-        _sync(self.device)
+        sync(self.device)
         t1 = time.time_ns()
         if on_phase is not None:
             on_phase("prefill", t0, t1)
@@ -306,15 +302,10 @@ class CompiledEngine:
             steps += 1
             if done is not None:
                 done |= out[:, i] == eos_id
-        _sync(self.device)
+        sync(self.device)
         t2 = time.time_ns()
         if on_phase is not None and steps:
             on_phase("decode", t1, t2)
 
-        generated = out[:, : steps + 1].tolist()
-        if stop_early:
-            generated = [row[: row.index(eos_id)] if eos_id in row else row for row in generated]
-        return GenerationResult(
-            tokens=generated, tokens_in=sum(len(p) for p in prompts),
-            tokens_out=sum(len(g) for g in generated), prefill_duration_s=(t1 - t0) / 1e9,
-            decode_duration_s=(t2 - t1) / 1e9, decode_steps=steps)
+        return result(prompts, out[:, : steps + 1].tolist(), eos_id if stop_early else None,
+                      (t0, t1, t2), steps)

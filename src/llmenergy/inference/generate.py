@@ -36,7 +36,35 @@ class GenerationResult:
     decode_steps: int
 
 
-def _sync(device: torch.device) -> None:
+def check_batch(prompts: Sequence[Sequence[int]], max_gen_len: int, max_batch_size: int,
+                max_seq_len: int) -> tuple[int, int]:
+    """``(batch size, longest prompt)``; ``ValueError`` when the prompts do not fit the cache."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate() needs at least one prompt and no empty prompt")
+    if max_gen_len < 1:
+        raise ValueError(f"max_gen_len must be positive, got {max_gen_len}")
+    bsz, longest = len(prompts), max(len(p) for p in prompts)
+    if bsz > max_batch_size or longest + max_gen_len > max_seq_len:
+        raise ValueError(f"batch {bsz} × {longest} prompt + {max_gen_len} generated tokens "
+                         f"exceed the model cache ({max_batch_size} × {max_seq_len})")
+    return bsz, longest
+
+
+def result(prompts: Sequence[Sequence[int]], generated: list[list[int]], eos_id: int | None,
+           stamps_ns: tuple[int, int, int], steps: int) -> GenerationResult:
+    """The :class:`GenerationResult` of every engine: rows cut before their EOS when
+    ``eos_id`` is given; ``stamps_ns`` = prefill start, decode start, decode end."""
+    if eos_id is not None:
+        generated = [row[: row.index(eos_id)] if eos_id in row else row for row in generated]
+    t0, t1, t2 = stamps_ns
+    return GenerationResult(
+        tokens=generated, tokens_in=sum(len(p) for p in prompts),
+        tokens_out=sum(len(g) for g in generated), prefill_duration_s=(t1 - t0) / 1e9,
+        decode_duration_s=(t2 - t1) / 1e9, decode_steps=steps)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device, so that a timestamp taken next marks the end of the work before it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -80,24 +108,17 @@ def generate(model: Transformer, prompts: list[list[int]], max_gen_len: int, *,
     ``on_phase(phase, start_ns, end_ns)`` is called after each phase with
     ``time.time_ns()`` stamps taken after a device synchronize.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate() needs at least one prompt and no empty prompt")
-    if max_gen_len < 1:
-        raise ValueError(f"max_gen_len must be positive, got {max_gen_len}")
-    bsz, longest = len(prompts), max(len(p) for p in prompts)
-    if bsz > model.max_batch_size or longest + max_gen_len > model.max_seq_len:
-        raise ValueError(f"batch {bsz} × {longest} prompt + {max_gen_len} generated tokens "
-                         f"exceed the model cache ({model.max_batch_size} × {model.max_seq_len})")
+    bsz, longest = check_batch(prompts, max_gen_len, model.max_batch_size, model.max_seq_len)
     device = _device(model)
     tokens, n_pad = left_pad(prompts, 0, device)
     out = torch.empty((bsz, max_gen_len), dtype=torch.long, device=device)
     stop_early = stop_at_eos and eos_id is not None
 
-    _sync(device)
+    sync(device)
     t0 = time.time_ns()
     nxt = prefill(model, tokens, n_pad).argmax(dim=-1)
     out[:, 0] = nxt
-    _sync(device)
+    sync(device)
     t1 = time.time_ns()
     if on_phase is not None:
         on_phase("prefill", t0, t1)
@@ -112,15 +133,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_gen_len: int, *,
         steps += 1
         if done is not None:
             done |= nxt == eos_id
-    _sync(device)
+    sync(device)
     t2 = time.time_ns()
     if on_phase is not None and steps:
         on_phase("decode", t1, t2)
 
-    generated = out[:, : steps + 1].tolist()
-    if stop_early:
-        generated = [row[: row.index(eos_id)] if eos_id in row else row for row in generated]
-    return GenerationResult(
-        tokens=generated, tokens_in=sum(len(p) for p in prompts),
-        tokens_out=sum(len(g) for g in generated), prefill_duration_s=(t1 - t0) / 1e9,
-        decode_duration_s=(t2 - t1) / 1e9, decode_steps=steps)
+    return result(prompts, out[:, : steps + 1].tolist(), eos_id if stop_early else None, (t0, t1, t2), steps)

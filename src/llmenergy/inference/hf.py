@@ -68,7 +68,14 @@ from llmenergy.arch import ModelArgs
 from llmenergy.errors import UserError
 from llmenergy.inference import tp
 from llmenergy.inference.checkpoint import hf_name, hf_permute
-from llmenergy.inference.generate import GenerationResult, PhaseCallback, left_pad
+from llmenergy.inference.generate import (
+    GenerationResult,
+    PhaseCallback,
+    check_batch,
+    left_pad,
+    result,
+    sync,
+)
 from llmenergy.inference.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -90,9 +97,6 @@ def _transformers() -> Any:
     return transformers
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def hf_config(args: ModelArgs, *, max_seq_len: int, dtype: torch.dtype) -> Any:
@@ -154,7 +158,7 @@ class _PrefillClock:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.t_ns is None:
-            _sync(self.device)
+            sync(self.device)
             self.t_ns = time.time_ns()
         return scores
 
@@ -222,10 +226,10 @@ class HFEngine:
             return
         new = min(_WARMUP_TOKENS, self.max_seq_len - 1)
         prompts = [[1] * max(1, min(_WARMUP_PROMPT, self.max_seq_len - new))] * bsz
-        _sync(self.device)
+        sync(self.device)
         t0 = time.time_ns()
         self._run(prompts, self._config(new, None))
-        _sync(self.device)
+        sync(self.device)
         t1 = time.time_ns()
         log.info("engine hf: warmed batch %d (compile) in %.1f s", bsz, (t1 - t0) / 1e9)
         if on_phase is not None:
@@ -238,15 +242,7 @@ class HFEngine:
     # ------------------------------------------------------------------ generation
 
     def _check(self, prompts: list[list[int]], max_gen_len: int) -> tuple[int, int]:
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate() needs at least one prompt and no empty prompt")
-        if max_gen_len < 1:
-            raise ValueError(f"max_gen_len must be positive, got {max_gen_len}")
-        bsz, longest = len(prompts), max(len(p) for p in prompts)
-        if bsz > self.max_batch_size or longest + max_gen_len > self.max_seq_len:
-            raise ValueError(f"batch {bsz} × {longest} prompt + {max_gen_len} generated tokens "
-                             f"exceed the model cache ({self.max_batch_size} × {self.max_seq_len})")
-        return bsz, longest
+        return check_batch(prompts, max_gen_len, self.max_batch_size, self.max_seq_len)
 
     @torch.inference_mode()
     def first_logits(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,10 +263,10 @@ class HFEngine:
         stop_early = stop_at_eos and eos_id is not None
         clock = _PrefillClock(self.device)
         config = self._config(max_gen_len, eos_id if stop_early else None)
-        _sync(self.device)
+        sync(self.device)
         t0 = time.time_ns()
         out = self._run(prompts, config, [clock])
-        _sync(self.device)
+        sync(self.device)
         t2 = time.time_ns()
         t1 = clock.t_ns if clock.t_ns is not None else t2
         new = out[:, longest:]
@@ -279,10 +275,4 @@ class HFEngine:
             on_phase("prefill", t0, t1)
             if steps:
                 on_phase("decode", t1, t2)
-        generated = new.tolist()
-        if stop_early:
-            generated = [row[: row.index(eos_id)] if eos_id in row else row for row in generated]
-        return GenerationResult(
-            tokens=generated, tokens_in=sum(len(p) for p in prompts),
-            tokens_out=sum(len(g) for g in generated), prefill_duration_s=(t1 - t0) / 1e9,
-            decode_duration_s=(t2 - t1) / 1e9, decode_steps=steps)
+        return result(prompts, new.tolist(), eos_id if stop_early else None, (t0, t1, t2), steps)

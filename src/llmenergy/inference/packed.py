@@ -37,16 +37,14 @@ from llmenergy.cellfiles import CellSpec, GroupSpec, WorkerStatus
 from llmenergy.errors import CellInterrupted, PowerCapDenied, PowerCapError, UserError
 from llmenergy.inference.worker import (
     EXIT_INTERRUPTED,
-    INDUCTOR_CACHE,
     Recorder,
-    _batches,
     _check_caps,
     _device,
     _device_info,
-    _run_batch,
     _Stop,
     _tokenizer,
     _wait_ready,
+    measure,
     rank_env,
 )
 
@@ -104,7 +102,6 @@ def _measure(spec: CellSpec, cell_dir: Path, group_run: Path, shared: _Shared, r
     """One cell's phases after the model is up; raises as :func:`.worker.run`'s body does."""
     import torch.distributed as dist
 
-    from llmenergy.inference import engines
 
     t0 = rec.now_ns()
     time.sleep(spec.collector.idle_baseline_s)
@@ -124,25 +121,7 @@ def _measure(spec: CellSpec, cell_dir: Path, group_run: Path, shared: _Shared, r
     if shared.cap_error is not None:
         raise shared.cap_error
     stop.check()
-    engine = engines.make_engine(spec.cell.engine, shared.model, cache_dir=cell_dir.parent.parent / INDUCTOR_CACHE)
-    engine.prepare(on_phase=lambda phase, s, e: rec.event(phase, s, e, n_seqs=spec.cell.batch_size))
-    stop.check()
-    tok, batch_size = shared.tokenizer, spec.cell.batch_size
-    t0 = rec.now_ns()
-    engine.generate(encoded[:batch_size], spec.warmup_tokens, eos_id=tok.eos_id, stop_at_eos=False)
-    rec.event("warmup", t0, rec.now_ns(), n_seqs=min(len(encoded), batch_size))
-    for repeat in range(spec.repeats):
-        rec.repeat = repeat
-        batches = _batches(list(zip(prompts, encoded, strict=True)), batch_size)
-        for b, batch in enumerate(batches):
-            stop.check()
-            rec.batch_index = b
-            t_batch = time.monotonic()
-            _run_batch(rec, engine, tok, batch, spec, is_main)
-            if is_main:
-                log.info("%s: repeat %d/%d, batch %d/%d: %d sequences in %.2f s", spec.cell_id,
-                         repeat + 1, spec.repeats, b + 1, len(batches), len(batch), time.monotonic() - t_batch)
-    rec.repeat = rec.batch_index = -1
+    measure(rec, shared.model, shared.tokenizer, prompts, encoded, spec, stop, cell_dir, is_main)
     load = dict(shared.load or {}, shared_model_load=not built)
     return WorkerStatus("ok", load=load)
 

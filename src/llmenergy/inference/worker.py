@@ -192,7 +192,7 @@ def run(spec_path: Path) -> int:
     import torch.distributed as dist
 
     from llmenergy.data import load_prompts
-    from llmenergy.inference import engines, tp, weights
+    from llmenergy.inference import tp, weights
 
     spec = CellSpec.read(spec_path)
     cell_dir = spec_path.parent
@@ -235,28 +235,7 @@ def run(spec_path: Path) -> int:
         if spec.cell.power_cap_w is not None:
             _check_caps(run_dir, spec.nodes)
         stop.check()
-        engine = engines.make_engine(spec.cell.engine, model, cache_dir=cell_dir.parent.parent / INDUCTOR_CACHE)
-        engine.prepare(on_phase=lambda phase, s, e: rec.event(phase, s, e, n_seqs=spec.cell.batch_size))
-        stop.check()
-        t0 = rec.now_ns()
-        batch_size = spec.cell.batch_size
-        engine.generate(encoded[:batch_size], spec.warmup_tokens, eos_id=tok.eos_id, stop_at_eos=False)
-        rec.event("warmup", t0, rec.now_ns(), n_seqs=min(len(encoded), batch_size))
-
-        for repeat in range(spec.repeats):
-            rec.repeat = repeat
-            pairs = list(zip(prompts, encoded, strict=True))
-            batches = _batches(pairs, batch_size)
-            for b, batch in enumerate(batches):
-                stop.check()
-                rec.batch_index = b
-                t_batch = time.monotonic()
-                _run_batch(rec, engine, tok, batch, spec, is_main)
-                if is_main:
-                    log.info("repeat %d/%d, batch %d/%d: %d sequences in %.2f s",
-                             repeat + 1, spec.repeats, b + 1, len(batches), len(batch),
-                             time.monotonic() - t_batch)
-        rec.repeat = rec.batch_index = -1
+        measure(rec, model, tok, prompts, encoded, spec, stop, cell_dir, is_main)
         status, code = WorkerStatus("ok", load=load_info.to_dict()), 0
     except PowerCapDenied as exc:
         status, code = WorkerStatus("power_cap_denied", str(exc)), EXIT_CAP_DENIED
@@ -282,6 +261,33 @@ def run(spec_path: Path) -> int:
     with contextlib.suppress(Exception):  # a broken group cannot always be torn down cleanly
         dist.destroy_process_group()
     return code
+
+
+def measure(rec: Recorder, model: Any, tok: Any, prompts: list[Any], encoded: list[list[int]],
+            spec: CellSpec, stop: _Stop, cell_dir: Path, is_main: bool) -> None:
+    """The measured part of a cell on a loaded model: its engine (compile recorded as a
+    phase of its own), the warm-up, then every repeat's batches, each metered."""
+    from llmenergy.inference import engines
+
+    engine = engines.make_engine(spec.cell.engine, model, cache_dir=cell_dir.parent.parent / INDUCTOR_CACHE)
+    engine.prepare(on_phase=lambda phase, s, e: rec.event(phase, s, e, n_seqs=spec.cell.batch_size))
+    stop.check()
+    batch_size = spec.cell.batch_size
+    t0 = rec.now_ns()
+    engine.generate(encoded[:batch_size], spec.warmup_tokens, eos_id=tok.eos_id, stop_at_eos=False)
+    rec.event("warmup", t0, rec.now_ns(), n_seqs=min(len(encoded), batch_size))
+    for repeat in range(spec.repeats):
+        rec.repeat = repeat
+        batches = _batches(list(zip(prompts, encoded, strict=True)), batch_size)
+        for b, batch in enumerate(batches):
+            stop.check()
+            rec.batch_index = b
+            t_batch = time.monotonic()
+            _run_batch(rec, engine, tok, batch, spec, is_main)
+            if is_main:
+                log.info("%s: repeat %d/%d, batch %d/%d: %d sequences in %.2f s", spec.cell_id,
+                         repeat + 1, spec.repeats, b + 1, len(batches), len(batch), time.monotonic() - t_batch)
+    rec.repeat = rec.batch_index = -1
 
 
 def _run_batch(rec: Recorder, engine: Any, tok: Any, batch: list[Any], spec: CellSpec, is_main: bool) -> None:
