@@ -109,7 +109,7 @@ def test_sigterm_as_at_the_time_limit(workdir: Path) -> None:
         ["scancel", "--signal=TERM", str(job)], check=True))
     assert out.first.returncode != 0
     rec = _failed_record(out)
-    assert rec["status"] == "incomplete" and "signal" in rec["reason"]
+    assert rec["status"] == "incomplete" and "signal" in rec["reason"], rec["reason"]
     assert h.sacct(out.victim_job)[0]["State"] == "FAILED"
     _assert_not_finished(out)
     # what was measured before the signal was flushed

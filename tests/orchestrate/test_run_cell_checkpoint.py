@@ -81,5 +81,7 @@ def test_bad_checkpoints_are_one_line_config_errors(tmp_path: Path, breakage: st
         (ckpt / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4}))
     with pytest.raises(ConfigError) as err:
         config.load(_config(tmp_path, str(ckpt)))
-    assert "models.tiny.weights" in str(err.value) and expected in str(err.value)
-    assert "\n" not in str(err.value)
+    # one line per problem (issue 15), each naming the key; the named breakage is the first
+    lines = str(err.value).splitlines()
+    assert all("models.tiny." in line for line in lines), lines
+    assert "models.tiny.weights" in lines[0] and expected in lines[0]

@@ -46,6 +46,7 @@ from llmenergy.inference.worker import (
     _wait_ready,
     measure,
     rank_env,
+    wait_for_rank0,
 )
 
 log = logging.getLogger("llmenergy.inference.worker")
@@ -196,6 +197,8 @@ def run_group(group_path: Path) -> int:
         _, go_on = _run_cell(spec, group.cell_dir(cid), group_run, shared, stop, is_main, renv.rank, i == 0)
         if not go_on:
             code = EXIT_INTERRUPTED
+            if not is_main:
+                wait_for_rank0(group.cell_dir(cid) / ".run" / "worker_status.json")
             break
     log.info("rank %d: group %s done", renv.rank, group.group_id)
     if code == 0:

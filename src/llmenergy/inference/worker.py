@@ -32,6 +32,8 @@ log = logging.getLogger("llmenergy.inference.worker")
 EXIT_OOM = 75
 EXIT_INTERRUPTED = 76
 EXIT_CAP_DENIED = 77
+#: how long a failing rank other than 0 waits for rank 0's status file before it exits
+RANK0_GRACE_S = 60.0
 #: Inductor's cache (compiled engine), under the output directory: repeats and later cells reuse it.
 INDUCTOR_CACHE = ".cache/inductor"
 
@@ -175,6 +177,15 @@ def _check_caps(run_dir: Path, nodes: int, timeout_s: float = 120.0) -> None:
                  ", ".join(f"{g['uuid']}: {g['enforced_w']} W" for g in rep.get("gpus", [])))
 
 
+def wait_for_rank0(status_file: Path, timeout_s: float = RANK0_GRACE_S) -> None:
+    """Before a rank other than 0 exits non-zero, let rank 0 write what was measured and
+    its status: ``srun --kill-on-bad-exit`` would otherwise kill rank 0 mid-write, and
+    an interrupted cell would be recorded ``failed`` with its events lost."""
+    deadline = time.monotonic() + timeout_s
+    while not status_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _tokenizer(spec: CellSpec) -> Any:
     """The cell's tokenizer: configured, else the checkpoint's (its folder or, as in Meta's
     release, the parent's), else the project's own."""
@@ -258,6 +269,8 @@ def run(spec_path: Path) -> int:
     log.info("rank %d done: %s", renv.rank, status.status)
     if code == 0:
         dist.barrier()
+    elif not is_main:
+        wait_for_rank0(run_dir / "worker_status.json")
     with contextlib.suppress(Exception):  # a broken group cannot always be torn down cleanly
         dist.destroy_process_group()
     return code
