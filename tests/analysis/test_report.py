@@ -124,3 +124,13 @@ def test_renders_in_headless_chromium(html: str, tmp_path: Path) -> None:
     assert out["decoded"] == out["n"], out["widths"]
     assert min(out["widths"]) > 100
     assert out["violations"] == [] and out["resources"] == []
+
+
+def test_provenance_table_shows_the_versions_cell_json_records(html: str) -> None:
+    """Issue 14: the versions sit under provenance.versions in cell.json (as the launcher
+    writes them, see report_helpers.make_cell); the table used to read other keys and show —."""
+    prov = html.split('id="provenance"')[1].split("</table>")[0]
+    rows = dict(re.findall(r"<tr><th>([^<]+)</th><td>([^<]*)</td></tr>", prov))
+    assert rows["llmenergy version"] == "0.1.0"
+    assert rows["torch version"] == "2.13.0" and rows["python version"] == "3.11.7"
+    assert rows["GPU driver"] == "999.1" and rows["git commit"] == "abc1234"
