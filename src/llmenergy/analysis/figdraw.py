@@ -92,6 +92,9 @@ def set_y_scale(ax: Axes, values: Sequence[float]) -> None:
         subs = (1.0, 2.0, 5.0) if vals.max() / vals.min() < 1000 else (1.0,)
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
         ax.yaxis.set_minor_formatter(NullFormatter())
+    elif len(vals) and vals.min() >= 0 and ax.get_ylim()[0] < 0:
+        # energy, rates and times cannot be negative: a wide interval (few repeats) is cut at 0
+        ax.set_ylim(bottom=0)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_number(v)))
 
 
