@@ -1,5 +1,6 @@
 # make demo: fresh machine -> .venv -> the local profile's demo matrix -> results/report.html
 # make test: .venv + the whole test suite (starts the project's Slurm test cluster when it can)
+# make test-unit: the unit tier (tests/tiers.py: one process, no cluster), a few minutes
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test test-fast plan clean cluster-up cluster-down
+.PHONY: venv demo test test-unit test-fast plan clean cluster-up cluster-down
 
 venv: $(STAMP)
 
@@ -30,6 +31,9 @@ plan: venv
 
 test: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
+
+test-unit: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" LLMENERGY_NO_CLUSTER=1 $(BIN)/python -m pytest -q -m unit tests
 
 test-fast: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" LLMENERGY_NO_CLUSTER=1 $(BIN)/python -m pytest -q -m "not slurm and not slow" tests

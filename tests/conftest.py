@@ -7,6 +7,10 @@ that already answers; otherwise, when root on Debian/Ubuntu and
 next session reuses it; ``tests/slurm/cluster.sh down`` stops it). Else the
 tests that need it skip and say why. Tests marked ``@pytest.mark.slurm`` get the
 fixture automatically.
+
+Every test is marked ``unit`` or ``system`` by the rule of ``tests/tiers.py``
+(``system``: starts processes or needs the cluster); ``pytest -m unit`` is the
+one-process tier, and a ``unit`` test that starts a process fails, saying so.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+import tiers
 
 CLUSTER_SH = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
 UP_TIMEOUT_S = 600  # includes apt-get on a fresh machine
@@ -49,13 +55,35 @@ class SlurmClusterInfo:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slurm: needs the project's real Slurm test cluster")
+    config.addinivalue_line("markers", "unit: runs in the test process, starts none (set by tests/tiers.py)")
+    config.addinivalue_line("markers", "system: starts processes or needs the cluster (set by tests/tiers.py)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
+        reason = tiers.system_reason(item)
+        item.add_marker(pytest.mark.unit if reason is None else pytest.mark.system(reason))
         if item.get_closest_marker("slurm") is not None:
             if "slurm_cluster" not in item.fixturenames:  # type: ignore[attr-defined]
                 item.fixturenames.append("slurm_cluster")  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    yield from _guarded(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    yield from _guarded(item)
+
+
+def _guarded(item: pytest.Item) -> Iterator[None]:
+    if item.get_closest_marker("unit") is None:
+        yield
+        return
+    with tiers.no_processes(item.nodeid):
+        yield
 
 
 def _project_cluster_stopped() -> bool:

@@ -2,13 +2,17 @@
 
 Each module's ``llmenergy`` imports (top level and inside functions) may only
 reach its own stage or an earlier one; two stages of the same rank (inference
-and power) never import each other. The spawned entry points are importable and
-have ``main``.
+and power) never import each other. The import graph has no cycles, a package's
+``__init__.py`` counting as a module that every import of one of its modules
+runs. No module imports another's private names (``from m import _x``, or
+``m._x`` on an imported name). The spawned entry points are importable and have
+``main``.
 """
 from __future__ import annotations
 
 import ast
 import importlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,6 +78,110 @@ def test_imports_run_one_way(path: Path) -> None:
         if STAGES[stage] >= STAGES[own]:
             bad.append(f"line {line}: {target} ({stage}) from {own}")
     assert bad == []
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+ALL_MODULES = {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _targets(path: Path) -> set[str]:
+    """The llmenergy modules that importing ``path`` runs: each imported module, the packages
+    enclosing it (their ``__init__`` runs first), and for ``from pkg import name`` both ``pkg``
+    and ``pkg.name`` when that is a module."""
+    named: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] == "llmenergy":
+                named.add(node.module)
+                named |= {f"{node.module}.{a.name}" for a in node.names} & set(ALL_MODULES)
+        elif isinstance(node, ast.Import):
+            named |= {a.name for a in node.names if a.name.split(".")[0] == "llmenergy"}
+    out = set()
+    for name in named:
+        parts = name.split(".")
+        out |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return (out & set(ALL_MODULES)) - {_module_name(path)}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> Iterator[None]:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                yield from visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while not comp or comp[-1] != v:
+                comp.append(stack.pop())
+            if len(comp) > 1:
+                out.append(sorted(comp))
+        yield
+
+    for v in sorted(graph):
+        if v not in index:
+            list(visit(v))
+    return out
+
+
+def test_import_graph_has_no_cycles() -> None:
+    graph = {name: _targets(path) for name, path in ALL_MODULES.items()}
+    assert _cycles(graph) == []
+
+
+def test_cycle_finder_finds_a_package_cycle() -> None:
+    """The example of issue 21: a package whose __init__ re-exports a module that imports it."""
+    graph = {"p": {"p.a"}, "p.a": {"p", "p.b"}, "p.b": set(), "q": {"p.b"}}
+    assert _cycles(graph) == [["p", "p.a"]]
+
+
+def _private_uses(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    imported: set[str] = set()
+    bad: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "llmenergy":
+            for a in node.names:
+                if a.name.startswith("_") and not a.name.startswith("__"):
+                    bad.append((node.lineno, f"from {node.module} import {a.name}"))
+                imported.add(a.asname or a.name)
+        elif isinstance(node, ast.Import):
+            imported |= {a.asname or a.name.split(".")[0] for a in node.names
+                         if a.name.split(".")[0] == "llmenergy"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in imported:
+                bad.append((node.lineno, ast.unparse(node)))
+    return [f"line {line}: {text}" for line, text in sorted(bad)]
+
+
+@pytest.mark.parametrize("path", sorted(ALL_MODULES.values()), ids=lambda p: str(p.relative_to(PKG)))
+def test_no_private_names_across_modules(path: Path) -> None:
+    assert _private_uses(path) == []
+
+
+def test_private_use_is_found(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("from llmenergy.a import _x, y\nfrom llmenergy import b\n"
+                      "import llmenergy.c\nb._f()\ny._g\nllmenergy.c._h\nself._ok\n")
+    assert _private_uses(module) == ["line 1: from llmenergy.a import _x", "line 4: b._f",
+                                     "line 5: y._g", "line 6: llmenergy.c._h"]
 
 
 @pytest.mark.parametrize("name", sorted(entrypoints.ALL))

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from llmenergy import atomic
 from llmenergy.config import CollectorSpec, Policies
-from llmenergy.data import DatasetSpec
+from llmenergy.data.prompts import DatasetSpec
 from llmenergy.errors import RecordError
 
 SCHEMA_VERSION = 1

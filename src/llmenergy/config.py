@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy.arch import ENGINES, SIZES, ModelArgs
-from llmenergy.data import DatasetSpec
+from llmenergy.data.prompts import DatasetSpec
 from llmenergy.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def _check_files(cfg: Config) -> None:
     """
     src = cfg.source
     from llmenergy.checkpoints import check_tokenizer, inspect_checkpoint
-    from llmenergy.data import check_dataset
+    from llmenergy.data.prompts import check_dataset
     from llmenergy.errors import CheckpointError, DatasetError
 
     problems: list[str] = []

@@ -84,7 +84,7 @@ def make_cell(root: Path, cell_id: str, *, model: str = "tiny", dataset: str = "
     from llmenergy.atomic import write_parquet
     from llmenergy.cellfiles import Cell, CellRecord, CellSpec, Provenance
     from llmenergy.config import CollectorSpec, Policies
-    from llmenergy.data import DatasetSpec
+    from llmenergy.data.prompts import DatasetSpec
 
     cdir = root / "cells" / cell_id
     (cdir / "logs").mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llmenergy.data import DatasetSpec, Prompt, check_dataset, load_prompts, synthetic
+from llmenergy.data import synthetic
+from llmenergy.data.prompts import DatasetSpec, Prompt, check_dataset, load_prompts
 from llmenergy.errors import DatasetError
 
 

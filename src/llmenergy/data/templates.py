@@ -1,6 +1,6 @@
 """Prompt templates: Alpaca instruction prompts and GSM8K (k-shot) question prompts.
 
-Template names (the value recorded on each :class:`~llmenergy.data.Prompt`):
+Template names (the value recorded on each :class:`~llmenergy.data.prompts.Prompt`):
 
 | Name | Used for |
 |---|---|

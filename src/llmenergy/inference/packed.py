@@ -87,7 +87,7 @@ def _load(spec: CellSpec, shared: _Shared) -> bool:
 
 
 def _prompts(spec: CellSpec, shared: _Shared) -> tuple[list[Any], list[list[int]]]:
-    from llmenergy.data import load_prompts
+    from llmenergy.data.prompts import load_prompts
 
     key = repr(spec.dataset)
     if key not in shared.prompts:

@@ -202,7 +202,7 @@ def run(spec_path: Path) -> int:
     import torch
     import torch.distributed as dist
 
-    from llmenergy.data import load_prompts
+    from llmenergy.data.prompts import load_prompts
     from llmenergy.inference import tp, weights
 
     spec = CellSpec.read(spec_path)
