@@ -285,7 +285,7 @@ class CellRecord:
     rank_exit_codes: list[int] = field(default_factory=list)
     power_recovered_from_parts: list[str] = field(default_factory=list)
     provenance: Provenance = field(default_factory=Provenance)
-    #: Hash of :attr:`definition`; None in records written before fingerprints existed.
+    #: Hash of :attr:`definition`; a finished record without one is superseded and rerun.
     fingerprint: str | None = None
     #: What defines the measurement (``orchestrate.fingerprint.definition``).
     definition: dict[str, Any] | None = None

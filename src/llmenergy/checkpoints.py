@@ -185,15 +185,6 @@ def inspect_checkpoint(path: str | Path, args: ModelArgs) -> CheckpointInfo:
                           f"nor an HF one (config.json + *.safetensors)")
 
 
-def checkpoint_problem(path: str, args: ModelArgs) -> str | None:
-    """Why directory ``path`` is not a checkpoint of ``args``, or None (see :func:`inspect_checkpoint`)."""
-    try:
-        inspect_checkpoint(path, args)
-    except CheckpointError as exc:
-        return str(exc)
-    return None
-
-
 def _raise_if(problems: list[str]) -> None:
     """Raise one error, one line per problem; the same problem in several files of a
     checkpoint (every shard cut off, say) is one line naming the first file."""

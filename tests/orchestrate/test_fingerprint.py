@@ -97,9 +97,9 @@ def test_prepare_supersedes_exactly_the_changed_cells(tmp_path: Path, caplog) ->
 
     # dry run: says which and why, moves nothing
     with caplog.at_level("WARNING"):
-        assert load(_cfg(tmp_path)).prepare(dry_run=True, derived=[summary]) == [changed.id]
+        assert load(_cfg(tmp_path)).prepare(dry_run=True, derived=[summary]) == [changed.id, legacy.id]
     assert "weights: synthetic-old → synthetic" in caplog.text and "dry run" in caplog.text
-    assert "1 finished cell(s) were recorded without a fingerprint" in caplog.text
+    assert f"{legacy.id}: config changed (recorded without a fingerprint)" in caplog.text
     assert (changed.dir(old.output_dir) / "cell.json").exists() and summary.exists()
 
     # on_config_change: error: one error naming the cell and the change, nothing moved
@@ -109,15 +109,19 @@ def test_prepare_supersedes_exactly_the_changed_cells(tmp_path: Path, caplog) ->
     assert "policies.on_config_change" in str(err.value) and changed.id in str(err.value)
     assert same.id not in str(err.value) and summary.exists()
 
-    # rerun: the changed cell's files move to superseded/<old fingerprint>/, nothing else
-    before = {c.id: sorted(p.name for p in c.dir(old.output_dir).iterdir()) for c in (same, legacy)}
-    assert load(_cfg(tmp_path)).prepare(derived=[summary]) == [changed.id]
+    # rerun: the changed cell's files move to superseded/<old fingerprint>/, a record without a
+    # fingerprint's to superseded/unknown/ (nothing unchecked passes for current), nothing else
+    before = sorted(p.name for p in same.dir(old.output_dir).iterdir())
+    assert load(_cfg(tmp_path)).prepare(derived=[summary]) == [changed.id, legacy.id]
     d = changed.dir(old.output_dir)
     assert [p.name for p in d.iterdir()] == [SUPERSEDED]
     kept = d / SUPERSEDED / "0123456789abcdef"
     assert sorted(p.name for p in kept.iterdir()) == ["cell.json", "logs", "metrics.parquet"]
     assert (kept / "logs" / "rank0.log").read_text() == "measured\n"
-    assert {c.id: sorted(p.name for p in c.dir(old.output_dir).iterdir()) for c in (same, legacy)} == before
+    assert sorted(p.name for p in same.dir(old.output_dir).iterdir()) == before
+    unchecked = legacy.dir(old.output_dir) / SUPERSEDED / "unknown"
+    assert sorted(p.name for p in unchecked.iterdir()) == ["cell.json", "logs", "metrics.parquet"]
+    assert [p.name for p in legacy.dir(old.output_dir).iterdir()] == [SUPERSEDED]
     assert not summary.exists()
     assert load(_cfg(tmp_path)).prepare() == []  # nothing left to rerun
 
@@ -131,6 +135,9 @@ def test_run_cell_treats_another_fingerprint_as_not_finished(tmp_path: Path) -> 
     other = ("feedfacefeedface", {**current[1], "repeats": 9})
     assert _finished(ctx.cfg, cell.files(ctx.output_dir), other) is None
     assert (d / SUPERSEDED / current[0] / "cell.json").is_file() and not (d / "cell.json").exists()
+    _finish(ctx, cell, None)  # recorded without a fingerprint: not finished either
+    assert _finished(ctx.cfg, cell.files(ctx.output_dir), current) is None
+    assert (d / SUPERSEDED / "unknown" / "cell.json").is_file() and not (d / "cell.json").exists()
 
 
 @pytest.mark.parametrize(("base", "attempt", "status", "limit", "expected"), [

@@ -276,8 +276,7 @@ def _status(files: CellFiles, codes: list[int], signum: int | None) -> tuple[str
 def _finished(cfg: Config, files: CellFiles, current: tuple[str, dict[str, Any]]) -> str | None:
     """The status of the cell's record, when it is finished (accepted) under the config's
     policies with the current fingerprint. A finished cell of another fingerprint is
-    superseded (its files moved aside); one without a fingerprint (recorded before
-    fingerprints existed) is accepted with a warning."""
+    superseded (its files moved aside), and so is one without a fingerprint."""
     if not files.record.exists():
         return None
     try:
@@ -287,10 +286,7 @@ def _finished(cfg: Config, files: CellFiles, current: tuple[str, dict[str, Any]]
         return None
     if not accepted(record.status, cfg.policies):
         return None
-    if record.fingerprint is None:
-        log.warning("%s: recorded without a fingerprint (older llmenergy); kept as finished",
-                    files.record)
-    elif record.fingerprint != current[0]:
+    if record.fingerprint != current[0]:
         log.warning("%s: the config changed (%s); rerunning", files.root.name,
                     changes(record.definition, current[1]))
         supersede(files, record.fingerprint)

@@ -286,11 +286,8 @@ class Context:
                 break
 
     def changed_cells(self) -> list[Changed]:
-        """Finished cells whose recorded fingerprint is not the current config's.
-
-        A record without a fingerprint (written before fingerprints existed) is
-        kept, with one warning for all such cells.
-        """
+        """Finished cells whose recorded fingerprint is not the current config's; a record
+        without a fingerprint is one of them (nothing unchecked passes for current)."""
         from llmenergy.orchestrate.fingerprint import (
             changes,
             checkpoint_files,
@@ -301,26 +298,20 @@ class Context:
 
         stats: dict[str, list[list[Any]]] = {}  # one stat pass per checkpoint
         out: list[Changed] = []
-        legacy = 0
         for cell in self.plan.cells:
             path = cell.files(self.output_dir).record
             data = _read_json(path) if path.exists() else None
             if data is None or not accepted(str(data.get("status")), self.cfg.policies):
                 continue  # absent, corrupt or unfinished: quarantine_corrupt's business
             old = data.get("fingerprint")
-            if not old:
-                legacy += 1
-                continue
             spec = cell_spec(self.cfg, cell, resolve_device=False)
             if spec.weights not in stats:
                 stats[spec.weights] = checkpoint_files(spec.weights)
             defn = definition(spec, checkpoint=stats[spec.weights])
             new = fingerprint_of(defn)
             if new != old:
-                out.append(Changed(cell, str(old), new, changes(data.get("definition"), defn)))
-        if legacy:
-            log.warning("llmenergy: %d finished cell(s) were recorded without a fingerprint (older "
-                        "llmenergy); they are kept as they are, unchecked against the config", legacy)
+                why = changes(data.get("definition"), defn) if old else "recorded without a fingerprint"
+                out.append(Changed(cell, str(old or ""), new, why))
         return out
 
     def supersede_changed(self, changed: list[Changed], *, dry_run: bool = False,
