@@ -29,7 +29,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _load(args)
     packing = args.packing or resolve_packing(cfg, "group")
     sys.stdout.write(format_plan(cfg, show_infeasible=not args.hide_infeasible, fmt=args.format,
-                                 all_left_out=args.all, packing=packing))
+                                 all_left_out=args.all, packing=packing, cells=args.cells))
     return 0
 
 
@@ -162,12 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("plan", help="table of cells: nodes, GPUs, partition, runtime, GPU-hours")
+    s = sub.add_parser("plan", help="the plan on one screen: totals, GPU energy, jobs, left-out reasons (--cells: every cell)")
     s.add_argument("--config", default="config.yaml", help="experiment config (default: config.yaml)")
     s.add_argument("--hide-infeasible", action="store_true",
                    help="leave out the cells that cannot run (and their reasons)")
     s.add_argument("--all", action="store_true",
                    help="list every left-out cell with its reason, not one line per reason")
+    s.add_argument("--cells", action="store_true",
+                   help="add one line per cell (nodes×GPUs, partition, cap, estimate, GPU-hours, host "
+                        "memory) to the table; without it the plan fits a screen")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table",
                    help="table (default) for reading; csv/json with every cell's axes")
     s.add_argument("--packing", choices=["group", "cell"], default=None,

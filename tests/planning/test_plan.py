@@ -1,8 +1,10 @@
-"""`llmenergy plan` on the default config: totals first, ≤120 columns, left-out cells by reason,
-caps as `—`/`250 W`, and JSON/CSV with every axis of a cell."""
+"""`llmenergy plan` on the default config: one screen (≤60 lines, ≤120 columns) of totals, GPU
+energy, jobs and left-out reasons; `--cells` adds every cell, caps as `—`/`250 W`; JSON/CSV with
+every axis of a cell."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -10,8 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from llmenergy import config
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llmenergy import cli, config
+from llmenergy.cellfiles import METRICS_SCHEMA
 from llmenergy.planning.matrix import expand
+from llmenergy.planning.energy import estimate_energy
 from llmenergy.planning.plan import IDENTITY, format_plan, group_reasons, plan_rows
 
 CONFIG = Path(__file__).parents[2] / "config.yaml"
@@ -24,21 +31,21 @@ def cfg() -> config.Config:
 
 def test_totals_come_first_and_lines_are_narrow(cfg: config.Config) -> None:
     plan = expand(cfg)
-    text = format_plan(cfg)
+    text = format_plan(cfg, cells=True)
     lines = text.splitlines()
-    head = "\n".join(lines[:6])
+    head = "\n".join(lines[:7])
     assert f"{len(plan.cells)} planned" in head
     assert f"left out:   {len(plan.infeasible)} cells" in head
     assert re.search(r"GPU-hours:\s+[\d,]+\.\d in all", head)
     assert f"Slurm jobs: {len(plan.cells)}" in head
     first_cell = next(i for i, ln in enumerate(lines) if ln.startswith(plan.cells[0].id))
-    assert first_cell < 10
+    assert first_cell < 11
     assert max(len(ln) for ln in lines) <= 120
     assert "None" not in text
 
 
 def test_power_cap_column_reads_dash_or_watts(cfg: config.Config) -> None:
-    text = format_plan(cfg, show_infeasible=False)
+    text = format_plan(cfg, show_infeasible=False, cells=True)
     rows = {ln.split()[0]: ln for ln in text.splitlines() if "_reference" in ln}
     assert rows["llama-65b_alpaca_V100_s8_b64_g256_p250W_reference"].split()[3:5] == ["250", "W"]
     assert rows["llama-7b_alpaca_V100_s1_b16_g256_pnone_reference"].split()[3] == "—"
@@ -47,7 +54,7 @@ def test_power_cap_column_reads_dash_or_watts(cfg: config.Config) -> None:
 
 def test_left_out_grouped_by_reason_with_counts(cfg: config.Config) -> None:
     _, left_out = plan_rows(cfg)
-    text = format_plan(cfg)
+    text = format_plan(cfg, cells=True)
     section = text.split("cells left out,")[1].splitlines()[1:]
     counts = [int(m.group(1)) for ln in section if (m := re.match(r"\s+(\d+) × ", ln))]
     groups = group_reasons(left_out)
@@ -55,6 +62,8 @@ def test_left_out_grouped_by_reason_with_counts(cfg: config.Config) -> None:
     assert sum(counts) == len(left_out) and counts == sorted(counts, reverse=True)
     assert len(section) == 2 * len(groups)  # a reason line and an example line each
     assert "needs 152–259 GB" in text  # memory reasons that differ only in GB share a line
+    screen = format_plan(cfg).split("cells left out,")[1].splitlines()[1:]
+    assert [ln for ln in screen if re.match(r"\s+\d+ × ", ln)] == [ln for ln in section if "e.g." not in ln]
     every = format_plan(cfg, all_left_out=True)
     assert sum(1 for r in left_out if f"  {r['cell_id']}: {r['reason']}" in every) == len(left_out)
 
@@ -106,6 +115,8 @@ def test_packed_plan_shows_the_groups(cfg: config.Config) -> None:
     groups = make_groups(plan.cells)
     text = format_plan(cfg, packing="group")
     lines = text.splitlines()
+    assert not any(ln.startswith(plan.cells[0].id) for ln in lines)  # cells only behind --cells
+    assert sum(ln.startswith(plan.cells[0].id) for ln in format_plan(cfg, packing="group", cells=True).splitlines()) == 1
     assert f"Slurm jobs: {len(groups)} (packing: group; {len(plan.cells)} with packing: cell)" in text
     assert len(groups) == 31 and max(len(g.cells) for g in groups) == 12
     rows = {ln.split()[0]: ln.split() for ln in lines if ln.split() and ln.split()[0] in {g.id for g in groups}}
@@ -115,3 +126,69 @@ def test_packed_plan_shows_the_groups(cfg: config.Config) -> None:
     doc = json.loads(format_plan(cfg, fmt="json", packing="group"))
     assert sum(len(g["cells"]) for g in doc["groups"]) == len(plan.cells)
     assert all(g["time_limit_min"] >= 15 for g in doc["groups"])
+
+
+def test_default_plan_fits_a_screen(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                    tmp_path: Path) -> None:
+    """`llmenergy plan --config config.yaml`: ≤60 lines of ≤120 columns, the energy line says its source."""
+    monkeypatch.chdir(tmp_path)  # no results/ here: the prior
+    assert cli.main(["plan", "--config", str(CONFIG)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) <= 60 and max(map(len, lines)) <= 120
+    energy = next(ln for ln in lines if ln.startswith("  GPU energy:"))
+    assert re.search(r"GPU energy: [\d,]+ kWh \(estimate; no measured cells in results/, so prior: "
+                     r"gpus\.<type>\.tdp_w × 0\.35 \(reference\)\)", energy)
+    assert lines.index(energy) == next(i for i, ln in enumerate(lines) if "GPU-hours:" in ln) + 1
+    assert "llama-7b_A100_s32_pnone_reference" in "\n".join(lines)  # the groups fit, one line each
+    assert cli.main(["plan", "--config", str(CONFIG), "--packing", "cell"]) == 0
+    cell_lines = capsys.readouterr().out.splitlines()
+    assert len(cell_lines) <= 60 and max(map(len, cell_lines)) <= 120
+    assert cli.main(["plan", "--config", str(CONFIG), "--cells"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) > len(expand(config.load(CONFIG, check_files=False)).cells)
+
+
+def test_too_many_groups_for_a_screen_become_one_line_per_model_gpu_engine(cfg: config.Config) -> None:
+    wide = dataclasses.replace(cfg, matrix=[{**cfg.matrix[0], "power_cap_w": [None, 290, 200]}])
+    plan = expand(wide)
+    lines = format_plan(wide, packing="group").splitlines()
+    assert len(lines) <= 60 and max(map(len, lines)) <= 120
+    header = next(ln for ln in lines if ln.startswith("model"))
+    assert header.split()[:4] == ["model", "GPU", "engine", "cells"]
+    rows = [ln.split() for ln in lines[lines.index(header) + 1:] if ln.startswith("llama-")]
+    assert sum(int(r[3]) for r in rows) == len(plan.cells)
+    assert len(rows) == len({(c.model, c.gpu, c.engine) for c in plan.cells})
+
+
+def _metrics(path: Path, rows: list[dict[str, object]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    full = [{name: r.get(name) for name in METRICS_SCHEMA.names} for r in rows]
+    pq.write_table(pa.Table.from_pylist(full, schema=METRICS_SCHEMA), path)
+
+
+def test_energy_from_finished_cells_where_there_are_some(cfg: config.Config, tmp_path: Path) -> None:
+    """A100 cells measured at 200 W per GPU (a 2-GPU repeat of 1,000 s drawing 400 kJ); the failed
+    repeat and the CPU estimate are left out; V100 keeps the prior (250 W × 0.35)."""
+    here = dataclasses.replace(cfg, output_dir=str(tmp_path))
+    rows, _ = plan_rows(here)
+    base = {"gpu": "A100", "engine": "reference", "status": "ok", "power_source": "nvml"}
+    _metrics(tmp_path / "cells" / "a" / "metrics.parquet", [
+        {**base, "energy_j": 400e3, "duration_s": 1000.0, "n_devices": 2},
+        {**base, "status": "failed", "energy_j": 9e9, "duration_s": 1.0, "n_devices": 1},
+        {**base, "power_source": "estimate", "energy_j": 9e9, "duration_s": 1.0, "n_devices": 1}])
+    a100_h = sum(r["gpu_hours"] for r in rows if r["gpu"] == "A100")
+    v100_h = sum(r["gpu_hours"] for r in rows if r["gpu"] == "V100")
+    est = estimate_energy(here, rows)
+    assert est.kwh == pytest.approx(a100_h * 0.200 + v100_h * 0.250 * 0.35)
+    assert est.n_measured_rows == 1 and est.measured_gpu_hours == pytest.approx(a100_h)
+    share = round(100 * a100_h / (a100_h + v100_h))
+    assert f"{share}% of GPU-hours at the power of 1 measured repeats, the rest prior" in est.text()
+    line = next(ln for ln in format_plan(here, packing="group").splitlines() if "GPU energy" in ln)
+    assert f"{est.kwh:,.0f} kWh" in line and len(line) <= 120
+
+    # a summary, when there is one, is what is read; every GPU type measured: no prior left
+    _metrics(tmp_path / "summary.parquet", [
+        {**base, "energy_j": 300e3, "duration_s": 1000.0, "n_devices": 1},
+        {**base, "gpu": "V100", "power_source": "dcgm", "energy_j": 100e3, "duration_s": 500.0, "n_devices": 2}])
+    est = estimate_energy(here, rows)
+    assert est.kwh == pytest.approx(a100_h * 0.300 + v100_h * 0.100)
+    assert est.prior_gpu_hours == 0 and "prior" not in est.text() and "summary.parquet" in est.text()

@@ -1,8 +1,11 @@
 """`llmenergy plan`: the cells of a config with their Slurm request and cost.
 
-The table reads at a few hundred cells: totals first, one compact line per cell
-(≤ ~120 columns), then the left-out cells grouped by reason with a count and an
-example (``all_left_out`` lists each). JSON and CSV carry every identity field
+The table fits a screen (at most :data:`MAX_LINES` lines of :data:`WIDTH`
+columns): totals, including the GPU energy estimate of
+:mod:`llmenergy.planning.energy`, then one line per Slurm job group (or, when
+they do not fit, per model × GPU × engine), then the left-out cells, one line per
+reason. ``cells=True`` (``--cells``) adds one line per cell and an example cell
+per reason; ``all_left_out`` lists each left-out cell. JSON and CSV carry every identity field
 of a cell (model, dataset, gpu, shards, batch_size, max_gen_len, power_cap_w,
 engine) with its request and estimate, including ``mem_mb_per_node`` (the host
 memory the job asks for, :func:`~llmenergy.planning.matrix.host_mem_mb`) and its
@@ -21,6 +24,7 @@ from dataclasses import asdict
 from typing import Any
 
 from llmenergy.config import Config
+from llmenergy.planning.energy import estimate_energy
 from llmenergy.planning.groups import (
     group_id,
     group_runtime_s,
@@ -49,8 +53,14 @@ TABLE = [  # (header, key, right-aligned)
     ("cap", "cap", True), ("est. min", "est_runtime_min", True), ("GPU-h", "gpu_hours", True),
     ("host mem", "host_mem", True),
 ]
+SUMMARY_TABLE = [  # (header, key, right-aligned): per model × GPU × engine when the groups do not fit
+    ("model", "model", False), ("GPU", "gpu", False), ("engine", "engine", False), ("cells", "n_cells", True),
+    ("Slurm jobs", "n_jobs", True), ("nodes×GPUs", "layout", True), ("longest job min", "longest_min", True),
+    ("GPU-h", "gpu_hours", True),
+]
 EXAMPLES = 2
 WIDTH = 120
+MAX_LINES = 60
 _NEEDS = re.compile(r"needs (\d+) GB")
 
 
@@ -152,16 +162,22 @@ def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, An
          f"{min(g['est_runtime_min'] for g in groups):.1f}–{max(g['est_runtime_min'] for g in groups):.1f} "
          f"min each (estimate)"),
         f"  GPU-hours:  {gpu_h:,.1f} in all (estimate)",
+        _fit(f"  GPU energy: {estimate_energy(cfg, rows).text()}"),
         f"  left out:   {len(left_out)} cells"
-        + (f" for {reasons} reasons (listed after the cells)" if left_out else ""),
+        + (f" for {reasons} reasons (listed at the end)" if left_out else ""),
     ]
     return lines
 
 
+def _fit(line: str) -> str:
+    return line if len(line) <= WIDTH else line[:WIDTH - 1] + "…"
+
+
 def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, bool]] = TABLE) -> list[str]:
-    shown = [{**r, "layout": f"{r['nodes']}×{r['gpus_per_node']}",
+    shown = [{**r, "layout": r.get("layout") or f"{r['nodes']}×{r['gpus_per_node']}",
               "host_mem": _mem_text(r["mem_mb_per_node"]) if "mem_mb_per_node" in r else "",
-              "cap": cap_text(r.get("power_cap_w")), "est_runtime_min": f"{r['est_runtime_min']:.1f}",
+              "cap": cap_text(r.get("power_cap_w")),
+              "est_runtime_min": f"{r['est_runtime_min']:.1f}" if "est_runtime_min" in r else "",
               "gpu_hours": f"{r['gpu_hours']:.2f}"} for r in rows]
     widths = {key: max(len(head), *(len(str(r[key])) for r in shown)) for head, key, _ in columns}
 
@@ -191,27 +207,68 @@ def group_reasons(left_out: list[dict[str, Any]]) -> list[tuple[str, list[str]]]
     return sorted(out, key=lambda kv: (-len(kv[1]), kv[0]))
 
 
-def _left_out(left_out: list[dict[str, Any]], every: bool) -> list[str]:
+def _summary_rows(rows: list[dict[str, Any]], groups: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """One row per model × GPU × engine: cells, jobs, layouts, the longest job and GPU-hours."""
+    jobs: dict[tuple[str, str, str], list[float]] = {}
+    if groups is not None:
+        by_id = {r["cell_id"]: r for r in rows}
+        for g in groups:
+            first = by_id[g["cells"][0]]
+            jobs.setdefault((first["model"], first["gpu"], first["engine"]), []).append(g["est_runtime_min"])
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in rows:
+        key = (r["model"], r["gpu"], r["engine"])
+        o = out.setdefault(key, {"model": key[0], "gpu": key[1], "engine": key[2], "n_cells": 0,
+                                 "layouts": set(), "gpu_hours": 0.0, "cell_min": []})
+        o["n_cells"] += 1
+        o["layouts"].add((r["nodes"], r["gpus_per_node"]))
+        o["gpu_hours"] += r["gpu_hours"]
+        o["cell_min"].append(r["est_runtime_min"])
+    table = []
+    for key, o in out.items():
+        minutes = jobs.get(key, o["cell_min"])
+        small, large = min(o["layouts"]), max(o["layouts"])
+        table.append({**o, "n_jobs": len(minutes), "longest_min": f"{max(minutes):.1f}",
+                      "nodes": small[0], "gpus_per_node": small[1],
+                      "layout_text": (f"{small[0]}×{small[1]}" if small == large else
+                                      f"{small[0]}×{small[1]}–{large[0]}×{large[1]}")})
+    return table
+
+
+def _left_out(left_out: list[dict[str, Any]], every: bool, examples: bool = True,
+              max_lines: int | None = None) -> list[str]:
     if every:
         return [f"{len(left_out)} cells left out:"] + [
             f"  {r['cell_id']}: {r['reason']}" for r in left_out]
     groups = group_reasons(left_out)
-    out = [f"{len(left_out)} cells left out, {len(groups)} reasons (--all lists every cell):"]
+    hint = "--all lists every cell" + ("" if examples else ", --cells an example of each reason")
+    out = [f"{len(left_out)} cells left out, {len(groups)} reasons ({hint}):"]
     width = len(str(max(len(ids) for _, ids in groups)))
+    if max_lines is not None and len(groups) + 1 > max_lines:
+        shown = max(max_lines - 2, 0)
+        rest = groups[shown:]
+        groups = groups[:shown]
+    else:
+        rest = []
     for reason, ids in groups:
-        out.append(f"  {len(ids):>{width}} × {reason}")
+        out.append(_fit(f"  {len(ids):>{width}} × {reason}"))
+        if not examples:
+            continue
         for k in range(min(EXAMPLES, len(ids)), 0, -1):
             more = f" (+{len(ids) - k} more)" if len(ids) > k else ""
             line = f"  {'':>{width}}   e.g. {', '.join(ids[:k])}{more}"
             if len(line) <= WIDTH or k == 1:
                 out.append(line)
                 break
+    if rest:
+        out.append(f"  … {len(rest)} more reasons ({sum(len(ids) for _, ids in rest)} cells): --all")
     return out
 
 
 def format_plan(cfg: Config, *, show_infeasible: bool = True, fmt: str = "table",
-                all_left_out: bool = False, packing: str = "cell") -> str:
-    """The plan as ``table`` (totals, groups when packed, cells, left-out reasons), ``json`` or ``csv``."""
+                all_left_out: bool = False, packing: str = "cell", cells: bool = False) -> str:
+    """The plan as ``table`` (totals, groups when packed, left-out reasons; with ``cells``
+    one line per cell too), ``json`` or ``csv`` (every cell, whatever ``cells``)."""
     rows, left_out = plan_rows(cfg)
     notes = checkpoint_notes(cfg, rows)
     groups = group_rows(cfg) if packing == "group" else None
@@ -233,11 +290,29 @@ def format_plan(cfg: Config, *, show_infeasible: bool = True, fmt: str = "table"
         return buf.getvalue()
     lines = _totals(cfg, rows, left_out, groups)
     if notes:
-        lines += ["  checkpoints:"] + [f"    {n}" for n in notes]
+        lines += ["  checkpoints:"] + [_fit(f"    {n}") for n in notes]
     lines += [""]
-    if groups is not None:
-        lines += _table(groups, GROUP_TABLE) + [""]
-    lines += _table(rows)
+    if cells:
+        if groups is not None:
+            lines += _table(groups, GROUP_TABLE) + [""]
+        lines += _table(rows)
+        if show_infeasible and left_out:
+            lines += [""] + _left_out(left_out, all_left_out)
+        return "\n".join(lines) + "\n"
+    footer = ["", "--cells: one line per cell (and an example of each left-out reason); "
+                  "--format json|csv: every cell's fields"]
+    reasons = len(group_reasons(left_out)) + 2 if show_infeasible and left_out else 0
+    room = MAX_LINES - len(lines) - len(footer) - min(reasons, 12)
+    if groups is not None and len(groups) + 1 <= room:
+        lines += _table(groups, GROUP_TABLE)
+    else:
+        summary = _summary_rows(rows, groups)
+        shown = summary if len(summary) + 1 <= room else summary[:max(room - 2, 0)]
+        lines += _table([{**r, "layout": r["layout_text"]} for r in shown], SUMMARY_TABLE)
+        if len(shown) < len(summary):
+            lines.append(f"… {len(summary) - len(shown)} more model × GPU × engine rows: --cells")
     if show_infeasible and left_out:
-        lines += [""] + _left_out(left_out, all_left_out)
-    return "\n".join(lines) + "\n"
+        left = MAX_LINES - len(lines) - len(footer) - 1
+        lines += [""] + _left_out(left_out, all_left_out, examples=False,
+                                  max_lines=None if all_left_out else left)
+    return "\n".join(lines + footer) + "\n"

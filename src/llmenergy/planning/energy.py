@@ -1,0 +1,133 @@
+"""The GPU energy a plan will use: its GPU-hours times a power per GPU.
+
+The power per GPU of a (GPU type, engine) comes from the finished cells in the
+output directory when there are some: their measured energy over their measured
+GPU time (``sum energy_j / sum duration_s × n_devices``, rows with status ``ok``
+whose energy is from a GPU sensor, NVML or DCGM). Otherwise it is a prior: the
+GPU type's ``tdp_w`` (its power limit) times the utilisation of
+:data:`PRIOR_UTILISATION` for the engine. A GPU type without ``tdp_w`` and without
+measurements gets no estimate, and the plan says so.
+
+The prior is read from our H200 measurements (docs/design facts, 7B, batch
+1/16/64): the ``reference`` engine drew 25–44% of the 700 W limit, ``hf`` 49–79%,
+``compiled`` 65–97%. The plan's GPU-hours include model loading and idle
+baselines, which draw less, so the estimate leans high.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llmenergy.config import Config
+
+log = logging.getLogger(__name__)
+
+#: engine -> share of the GPU's power limit drawn while a cell runs (the prior)
+PRIOR_UTILISATION = {"reference": 0.35, "hf": 0.6, "compiled": 0.8}
+#: power sources whose energy is the GPU's own (``power_source`` of a metrics row)
+GPU_SENSORS = {"nvml", "dcgm"}
+_COLUMNS = ["gpu", "engine", "status", "energy_j", "duration_s", "n_devices", "power_source"]
+
+
+@dataclass(frozen=True)
+class EnergyEstimate:
+    """The plan's GPU energy and where its powers came from."""
+
+    kwh: float
+    measured_gpu_hours: float  # GPU-hours priced at a measured power
+    prior_gpu_hours: float  # GPU-hours priced at the prior
+    missing_gpu_hours: float  # GPU-hours of types with neither (no tdp_w)
+    n_measured_rows: int  # finished repeats the measured powers come from
+    source: Path | None  # the summary or cells folder read, None if nothing was found
+    missing_types: tuple[str, ...] = ()
+    prior_engines: tuple[str, ...] = ()  # engines priced at the prior
+    output_dir: str = "results"
+
+    def prior_text(self) -> str:
+        return "prior: gpus.<type>.tdp_w × " + ", ".join(f"{PRIOR_UTILISATION.get(e, 1.0):g} ({e})"
+                                                         for e in self.prior_engines)
+
+    def text(self) -> str:
+        """One line for the plan (≤ ~110 characters)."""
+        total = self.measured_gpu_hours + self.prior_gpu_hours + self.missing_gpu_hours
+        share = f"{self.measured_gpu_hours / total:.0%}" if total else "0%"
+        prior = self.prior_text()
+        if self.measured_gpu_hours and self.prior_gpu_hours:
+            how = f"{share} of GPU-hours at the power of {self.n_measured_rows} measured repeats, the rest {prior}"
+        elif self.measured_gpu_hours:
+            how = f"at the power of {self.n_measured_rows} measured repeats in {self.source}"
+        else:
+            how = f"no measured cells in {self.output_dir}/, so {prior}"
+        line = f"{self.kwh:,.0f} kWh (estimate; {how})"
+        if self.missing_types:
+            line += f"; without {', '.join(self.missing_types)} (no tdp_w)"
+        return line
+
+
+def _read_rows(output_dir: Path) -> tuple[list[dict[str, Any]], Path | None]:
+    """The metrics rows of the output directory: ``summary.parquet``, else every cell's
+    ``metrics.parquet``; unreadable files are skipped with a warning."""
+    summary = output_dir / "summary.parquet"
+    files = [summary] if summary.is_file() else sorted(output_dir.glob("cells/*/metrics.parquet"))
+    tables = []
+    for path in files:
+        try:
+            names = set(pq.read_schema(path).names)
+            tables.append(pq.read_table(path, columns=[c for c in _COLUMNS if c in names]))
+        except (OSError, pa.ArrowException) as exc:
+            log.warning("%s: unreadable (%s); left out of the energy estimate", path, exc)
+    if not tables:
+        return [], None
+    rows = [r for t in tables for r in t.to_pylist()]
+    return rows, summary if summary.is_file() else output_dir / "cells"
+
+
+def measured_power_w(rows: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[float, int]]:
+    """(GPU type, engine) -> (mean measured power per GPU in W, repeats it comes from)."""
+    sums: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        sources = set(str(r.get("power_source") or "").split("+"))
+        energy_j, duration_s, n_dev = r.get("energy_j"), r.get("duration_s"), r.get("n_devices")
+        if (r.get("status") != "ok" or not sources <= GPU_SENSORS or energy_j is None
+                or not duration_s or not n_dev or duration_s <= 0 or n_dev <= 0):
+            continue
+        acc = sums.setdefault((str(r.get("gpu")), str(r.get("engine"))), [0.0, 0.0, 0])
+        acc[0] += float(energy_j)
+        acc[1] += float(duration_s) * int(n_dev)
+        acc[2] += 1
+    return {k: (e / t, int(n)) for k, (e, t, n) in sums.items() if t > 0}
+
+
+def estimate_energy(cfg: Config, rows: list[dict[str, Any]]) -> EnergyEstimate:
+    """The GPU energy of the planned cells ``rows`` (``plan_rows``: gpu, engine, gpu_hours)."""
+    out_dir = Path(cfg.output_dir)
+    measured_rows, source = _read_rows(out_dir) if out_dir.is_dir() else ([], None)
+    measured = measured_power_w(measured_rows)
+    kwh = meas_h = prior_h = missing_h = 0.0
+    used: set[tuple[str, str]] = set()
+    missing: set[str] = set()
+    prior_engines: set[str] = set()
+    for r in rows:
+        key = (r["gpu"], r["engine"])
+        hours = float(r["gpu_hours"])
+        tdp_w = cfg.gpus[r["gpu"]].tdp_w
+        if key in measured:
+            kwh += hours * measured[key][0] / 1000
+            meas_h += hours
+            used.add(key)
+        elif tdp_w:
+            kwh += hours * tdp_w * PRIOR_UTILISATION.get(r["engine"], 1.0) / 1000
+            prior_h += hours
+            prior_engines.add(r["engine"])
+        else:
+            missing_h += hours
+            missing.add(r["gpu"])
+    return EnergyEstimate(kwh=kwh, measured_gpu_hours=meas_h, prior_gpu_hours=prior_h,
+                          missing_gpu_hours=missing_h, n_measured_rows=sum(measured[k][1] for k in used),
+                          source=source if used else None, missing_types=tuple(sorted(missing)),
+                          prior_engines=tuple(sorted(prior_engines)), output_dir=cfg.output_dir)
