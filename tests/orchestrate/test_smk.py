@@ -103,9 +103,10 @@ def test_accepted_follows_the_policies(tmp_path: Path, status: str, on_oom: str,
     assert accepted(status, cfg.policies) is expected
 
 
-def _record(path: Path, status: str, wall_s: float, limit_min: int | None = None) -> None:
+def _record(path: Path, status: str, wall_s: float, limit_min: int | None = None,
+            fingerprint: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"schema_version": 1, "status": status,
+    path.write_text(json.dumps({"schema_version": 1, "status": status, "fingerprint": fingerprint,
                                 "provenance": {"wall_s": wall_s, "slurm_time_limit_min": limit_min}}))
 
 
@@ -115,6 +116,7 @@ def test_packed_context_sizes_each_group_job_for_its_unfinished_cells(tmp_path: 
     finished cells of the same model and GPU; a marker with an unfinished cell is removed."""
     from types import SimpleNamespace
 
+    from llmenergy.orchestrate.launch import measurement
     from llmenergy.planning.groups import group_time_limit_min
 
     ctx = load({**_cfg(tmp_path), "packing_default": "group"})
@@ -130,7 +132,8 @@ def test_packed_context_sizes_each_group_job_for_its_unfinished_cells(tmp_path: 
 
     done, todo = group.cells[0], list(group.cells[1:])
     est = estimate_runtime_s(ctx.cfg, done)
-    _record(done.files(ctx.output_dir).record, "ok", est / 10)  # it took a tenth of its estimate
+    current = measurement(ctx.cfg, done)[0]  # a record without it is not finished
+    _record(done.files(ctx.output_dir).record, "ok", est / 10, fingerprint=current)  # a tenth of its estimate
     _record(todo[0].files(ctx.output_dir).record, "incomplete", 1.0, limit_min=40)
     fresh = load({**_cfg(tmp_path), "packing_default": "group"})
     fresh.prepare()
