@@ -116,7 +116,8 @@ def test_packed_plan_shows_the_groups(cfg: config.Config) -> None:
     text = format_plan(cfg, packing="group")
     lines = text.splitlines()
     assert not any(ln.startswith(plan.cells[0].id) for ln in lines)  # cells only behind --cells
-    assert sum(ln.startswith(plan.cells[0].id) for ln in format_plan(cfg, packing="group", cells=True).splitlines()) == 1
+    with_cells = format_plan(cfg, packing="group", cells=True).splitlines()
+    assert sum(ln.startswith(plan.cells[0].id) for ln in with_cells) == 1
     assert f"Slurm jobs: {len(groups)} (packing: group; {len(plan.cells)} with packing: cell)" in text
     assert len(groups) == 31 and max(len(g.cells) for g in groups) == 12
     rows = {ln.split()[0]: ln.split() for ln in lines if ln.split() and ln.split()[0] in {g.id for g in groups}}

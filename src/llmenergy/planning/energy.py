@@ -16,6 +16,7 @@ baselines, which draw less, so the estimate leans high.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ def measured_power_w(rows: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[
         sources = set(str(r.get("power_source") or "").split("+"))
         energy_j, duration_s, n_dev = r.get("energy_j"), r.get("duration_s"), r.get("n_devices")
         if (r.get("status") != "ok" or not sources <= GPU_SENSORS or energy_j is None
-                or not duration_s or not n_dev or duration_s <= 0 or n_dev <= 0):
+                or duration_s is None or not n_dev or math.isnan(energy_j) or not duration_s > 0):
             continue
         acc = sums.setdefault((str(r.get("gpu")), str(r.get("engine"))), [0.0, 0.0, 0])
         acc[0] += float(energy_j)
