@@ -61,8 +61,12 @@ def test_hand_computed_energy_and_rates(tmp_path: Path) -> None:
     assert r["j_per_response"] == pytest.approx(energy / 8)
     assert r["idle_power_w"] == pytest.approx(50.0)
     assert r["active_energy_j"] == pytest.approx(energy - 50.0 * duration)
-    assert r["prefill_energy_j"] == pytest.approx(100.0 * 2 * 0.5)
+    # the 0.5 s prefill windows are under 10 update periods of a 100 ms sensor: null, said why
+    assert r["update_period_s"] == pytest.approx(0.1)
+    assert r["prefill_energy_j"] is None
+    assert "prefill_energy_j null: 2 of 2 window(s)" in r["energy_reason"]
     assert r["decode_energy_j"] == pytest.approx(100.0 * 2 * 3.0)
+    assert r["energy_complete"] is True
     assert (r["prefill_duration_s"], r["decode_duration_s"]) == pytest.approx((1.0, 6.0))
     assert r["latency_p50_s"] == pytest.approx(3.5)
     assert r["latency_p95_s"] == pytest.approx(3.5)
