@@ -11,6 +11,8 @@ files. The analytic energy of a segment is ``power_w × duration_s``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -100,3 +102,39 @@ def standard_segments() -> list[Segment]:
             G("prefill", 0.06, 520, 0, 1), G("decode", 0.53, 430, 0, 1), G(None, 0.27, 180),
             G("prefill", 1.51, 520, 1, 0), G("decode", 12.02, 450, 1, 0), G(None, 0.23, 180),
             G("prefill", 1.23, 510, 1, 1), G("decode", 11.04, 440, 1, 1), G(None, 0.55, 130)]
+
+
+def write_trace_cell(root: Path, cell_id: str = "trace", *, segments: list[Segment] | None = None,
+                     gpus: list[dict[str, Any]] | None = None, power: pd.DataFrame | None = None,
+                     collector: str = "nvml", stop_at_eos: bool = False,
+                     tokens_after_eos: list[int | None] | None = None) -> tuple[Path, pd.DataFrame]:
+    """A cell directory (spec, cell.json, events, responses, power) over a synthetic trace;
+    two repeats of two batches of 4 prompts. Returns the directory and the timeline."""
+    from llmenergy.atomic import write_parquet
+    from llmenergy.cellfiles import Cell, CellRecord, CellSpec, Provenance
+    from llmenergy.config import CollectorSpec, Policies
+    from llmenergy.data import DatasetSpec
+
+    tl = timeline(segments or standard_segments())
+    cdir = root / "cells" / cell_id
+    cdir.mkdir(parents=True)
+    cell = Cell(model="tiny", dataset="alpaca", gpu="H200", shards=1, batch_size=4, max_gen_len=16,
+                power_cap_w=None)
+    CellSpec(cell=cell, arch="llama-tiny", weights="synthetic", tokenizer=None, stop_at_eos=stop_at_eos,
+             device="cuda", dtype="float16", repeats=2, seed=0, warmup_tokens=8, nodes=1, ranks_per_node=1,
+             dataset=DatasetSpec(name="alpaca", format="alpaca", path="synthetic", n_prompts=8),
+             collector=CollectorSpec(backend=collector), policies=Policies()).write(cdir / "spec.json")
+    gpus = gpus if gpus is not None else [{"node": "node0", "rank": 0, "uuid": "GPU-0000",
+                                           "name": "NVIDIA H200", "index": 0}]
+    CellRecord(cell=cell, status="ok", reason=None, repeats=2, launcher="local",
+               provenance=Provenance(gpus=gpus)).write(cdir / "cell.json")
+    write_parquet(cdir / "events.parquet", events_of(tl, cell_id))
+    after = tokens_after_eos or [None] * 16
+    resp = pd.DataFrame([dict(cell_id=cell_id, repeat=r, batch_index=b, prompt_id=f"p{b}{k}", tokens_in=8,
+                              tokens_out=16, words_out=5, text="a b c d e", reference=None, correct=None,
+                              template=None, tokens_after_eos=after[r * 8 + b * 4 + k])
+                         for r in range(2) for b in range(2) for k in range(4)])
+    write_parquet(cdir / "responses.parquet", resp.astype({"tokens_after_eos": "Int64"}))
+    if collector != "none":
+        write_parquet(cdir / "power.parquet", nvml_trace(tl) if power is None else power)
+    return cdir, tl
