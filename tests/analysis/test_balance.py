@@ -74,8 +74,9 @@ def test_a_phase_shorter_than_ten_update_periods_is_null_and_the_rest_still_clos
     assert out["balance_load_j"] is None
     assert out["balance_measured_j"] is None  # repeat 0's second batch lasts 0.59 s
     assert reasons == [
-        "balance_load_j null: 1 window(s) shorter than 10 sensor update periods (1.00 s)",
-        "balance_measured_j null: 1 window(s) shorter than 10 sensor update periods (1.00 s)"]
+        "balance_load_j null: 1 of 1 window(s) last 0.450-0.450 s, under 10 sensor update periods (1.00 s)",
+        "balance_measured_j null: 1 of 4 window(s) last 0.590-0.590 s, under 10 sensor update periods "
+        "(1.00 s)"]
     # unattributed is what no event covers, whatever is published: the same stretches as before
     rest = (tl["phase"].isna()) & tl["power_w"].isin([140, 150])
     assert abs(out["balance_unattributed_j"] - tl.loc[rest, "energy_j"].sum()) <= _bound(tl, rest)

@@ -205,7 +205,7 @@ def test_phases_below_the_sensor_resolution_are_null_with_a_reason(tmp_path: Pat
         edge_bound_j(tl, i) for i in prefill_idx)
     # only the cell's balance is left with a reason: repeat 0's 0.59 s batch blurs measured vs gaps
     assert r1["energy_reason"] == r0["energy_reason"].split("; ")[-1]
-    assert r1["energy_reason"].startswith("balance_measured_j null: 1 window(s)")
+    assert r1["energy_reason"].startswith("balance_measured_j null: 1 of 4 window(s) last 0.590-0.590 s")
     # idle: 5.04 s at 120 W
     assert r1["idle_power_w"] == pytest.approx(120.0, rel=0.001)
 

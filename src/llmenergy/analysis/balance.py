@@ -106,9 +106,10 @@ def cell_balance(att: pd.DataFrame | None, power: pd.DataFrame | None) -> tuple[
         parts += value
         durations = (_batch_windows_s(ev) if name == "balance_measured_j" and len(ev)
                      else ev["duration_s"].to_numpy(np.float64))
-        short = int(np.sum(durations < min_s))
-        if short:
-            reasons.append(f"{name} null: {short} window(s) shorter than {RESOLUTION_PERIODS} sensor "
+        short = durations[durations < min_s]
+        if len(short):
+            reasons.append(f"{name} null: {len(short)} of {len(durations)} window(s) last "
+                           f"{short.min():.3f}-{short.max():.3f} s, under {RESOLUTION_PERIODS} sensor "
                            f"update periods ({min_s:.2f} s)")
             value = float("nan")
         elif not np.isfinite(value):
