@@ -299,3 +299,23 @@ def test_tokens_after_eos_summed_from_responses(tmp_path: Path) -> None:
     assert {r["tokens_after_eos"] for r in _rows(cdir2)} == {None}
     cdir3, _ = write_trace_cell(tmp_path, "eos", stop_at_eos=True)
     assert {r["tokens_after_eos"] for r in _rows(cdir3)} == {0}
+
+
+def test_cpu_ranks_with_only_rapl_samples_are_not_energy_incomplete(tmp_path: Path) -> None:
+    from llmenergy.analysis.metrics import energy_incomplete_reason
+
+    from trace_helpers import nvml_trace, standard_segments, timeline, write_trace_cell
+
+    rapl = nvml_trace(timeline(standard_segments()), device="cpu-package-0").assign(
+        domain="cpu_package", source="rapl")
+    cpu = [{"node": "node0", "rank": 0, "uuid": "cpu", "name": "cpu", "index": -1}]
+    cdir, tl = write_trace_cell(tmp_path, gpus=cpu, power=rapl, collector="auto")
+    table = compute_cell_metrics(cdir)
+    for r in table.to_pylist():
+        assert r["energy_j"] is None and r["cpu_energy_j"] is not None
+        assert r["energy_complete"] is None and r["balance_total_j"] is None
+    assert energy_incomplete_reason(table) is None
+    # the same cell on a GPU rank whose collector wrote only RAPL rows is incomplete
+    gpu = [{"node": "node0", "rank": 0, "uuid": "GPU-0000", "name": "H200", "index": 0}]
+    cdir2, _ = write_trace_cell(tmp_path, "gpu", gpus=gpu, power=rapl, collector="auto")
+    assert "node0/GPU-0000" in (energy_incomplete_reason(compute_cell_metrics(cdir2)) or "")

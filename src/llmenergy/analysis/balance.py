@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from llmenergy.analysis.energy import RESOLUTION_PERIODS, attribute_events
+from llmenergy.analysis.energy import GPU_DOMAINS, RESOLUTION_PERIODS, attribute_events
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,9 @@ def cell_balance(att: pd.DataFrame | None, power: pd.DataFrame | None) -> tuple[
     events over ``power``. Everything is null without events or power samples.
     """
     out: dict[str, Any] = dict.fromkeys(BALANCE_COLUMNS)
-    if att is None or len(att) == 0 or power is None or len(power) == 0:
-        return out, []
+    if (att is None or len(att) == 0 or power is None or "domain" not in power.columns
+            or not power["domain"].isin(GPU_DOMAINS).any()):
+        return out, []  # nothing to balance: no events, or no GPU-domain samples (e.g. RAPL only)
     col = "energy_j" if att["energy_j"].notna().any() else "energy_instant_j"
     w0, w1 = int(att["start_ns"].min()), int(att["end_ns"].max())
     out["balance_window_s"] = (w1 - w0) / 1e9

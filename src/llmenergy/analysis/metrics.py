@@ -163,6 +163,23 @@ def missing_devices(record: CellRecord | None, power: pd.DataFrame | None) -> li
     return sorted(set(out))
 
 
+def _has_gpu_samples(power: pd.DataFrame | None) -> bool:
+    return power is not None and "domain" in power.columns and bool(power["domain"].isin(GPU_DOMAINS).any())
+
+
+def _metered(spec: CellSpec | None, record: CellRecord | None, power: pd.DataFrame | None) -> bool:
+    """Whether a null GPU energy is a gap: a collector was configured and there was GPU
+    energy to meter (a GPU rank, or GPU-domain samples). CPU ranks with only RAPL
+    samples (no GPU-domain energy by design) are not."""
+    if spec is None:
+        return _has_gpu_samples(power)
+    if spec.collector.backend == "none":
+        return False
+    gpus = record.provenance.gpus if record is not None else []
+    gpu_ranks = any(g.get("uuid") not in (None, "cpu") for g in gpus)
+    return gpu_ranks or spec.device == "cuda" and not gpus or _has_gpu_samples(power)
+
+
 def _repeat_row(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | None,
                 idle_power_w: float | None, base: dict[str, Any],
                 grid_gco2_per_kwh: float | None, missing: list[str],
@@ -344,7 +361,7 @@ def compute_cell_metrics(cell_dir: Path, *, record: CellRecord | None = None, sp
     base["gpu_name"] = _gpu_names(record)
     base["schema_version"] = SCHEMA_VERSION
     base["update_period_s"], _ = update_period_s(power)
-    metered = spec.collector.backend != "none" if spec is not None else power is not None
+    metered = _metered(spec, record, power)
     base["metered"] = metered  # not a column: says whether a null energy is a gap
     base["stop_at_eos"] = spec.stop_at_eos if spec is not None else None
 
