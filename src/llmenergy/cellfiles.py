@@ -349,6 +349,7 @@ RESPONSES_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("tokens_in", pa.int64()), ("tokens_out", pa.int64()),
     ("words_out", pa.int64()), ("text", pa.string()), ("reference", pa.string()),
     ("correct", pa.bool_()), ("template", pa.string()),
+    ("tokens_after_eos", pa.int64()),  # generated tokens from the first EOS on (EOS included)
 ])
 
 #: ``power.parquet`` and the collectors' per-node files: one row per device and sample.
@@ -392,6 +393,16 @@ METRICS_FIELDS: list[tuple[str, pa.DataType]] = IDENTITY_FIELDS + [
     ("power_out_of_range", pa.bool_()), ("cpu_energy_j", pa.float64()),
     ("accuracy", pa.float64()), ("n_correct", pa.int64()), ("j_per_correct", pa.float64()),
     ("gco2e", pa.float64()), ("weights_synthetic", pa.bool_()), ("fingerprint", pa.string()),
+    # what the energy columns can be trusted for (docs/measurement.md)
+    ("tokens_after_eos", pa.int64()), ("update_period_s", pa.float64()),
+    ("energy_complete", pa.bool_()), ("energy_reason", pa.string()),
+    # the cell's energy balance, repeated on each of its rows (analysis.balance)
+    ("balance_window_s", pa.float64()), ("balance_total_j", pa.float64()),
+    ("balance_idle_j", pa.float64()), ("balance_load_j", pa.float64()),
+    ("compile_j", pa.float64()), ("compile_duration_s", pa.float64()),
+    ("balance_warmup_j", pa.float64()), ("balance_measured_j", pa.float64()),
+    ("balance_gaps_j", pa.float64()), ("balance_gaps_s", pa.float64()),
+    ("balance_unattributed_j", pa.float64()), ("balance_unattributed_pct", pa.float64()),
     ("schema_version", pa.int32()),
 ]
 METRICS_SCHEMA = _schema(METRICS_FIELDS)

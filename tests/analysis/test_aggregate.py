@@ -169,3 +169,22 @@ def test_two_fingerprints_under_one_cell_id_are_refused(tmp_path: Path) -> None:
     write_parquet(cdir / "metrics.parquet", to_table(rows))
     with pytest.raises(RecordError, match="mixed.*more than one fingerprint"):
         aggregate(tmp_path)
+
+
+def test_stats_carry_the_cell_balance_once_and_energy_complete_of_every_row(tmp_path: Path) -> None:
+    _write_rows(tmp_path, "a", [10.0, 12.0], compile_j=5000.0, balance_total_j=9000.0,
+                energy_complete=True)
+    cdir = tmp_path / "cells" / "b"
+    rows = [dict(cell_id="b", repeat=i, status="ok", power_source="nvml", compile_j=0.0,
+                 energy_complete=ok) for i, ok in enumerate([True, False])]
+    write_parquet(cdir / "metrics.parquet", to_table(rows))
+    _write_rows(tmp_path, "c", [3.0])  # no collector: energy_complete null
+    res = aggregate(tmp_path)
+    stats = pq.read_table(res.stats_path).to_pandas().set_index("cell_id")
+    assert stats.loc["a", "compile_j"] == 5000.0 and stats.loc["a", "balance_total_j"] == 9000.0
+    assert stats.loc["b", "compile_j"] == 0.0
+    assert stats.loc["a", "energy_complete"] == True  # noqa: E712
+    assert stats.loc["b", "energy_complete"] == False  # noqa: E712
+    assert stats["energy_complete"].isna()["c"]
+    summary = pq.read_table(res.summary_path).to_pandas()
+    assert "balance_unattributed_j" in summary.columns and "tokens_after_eos" in summary.columns

@@ -148,3 +148,87 @@ def test_staircase_counter_is_interpolated_between_its_updates() -> None:
     expected_j = 300.0 * 1.257
     assert abs(out.energy_j.iloc[0] - expected_j) / expected_j < 0.01
     assert abs(out.energy_discrepancy_pct.iloc[0]) < 1.0
+
+
+# --------------------------------------------------------------------------- #
+# A synthetic NVML trace of known energy per phase (trace_helpers)
+# --------------------------------------------------------------------------- #
+
+def test_synthetic_trace_each_window_within_the_sensor_bound_and_long_ones_within_0_1_pct() -> None:
+    from trace_helpers import edge_bound_j, events_of, nvml_trace, standard_segments, timeline
+
+    tl = timeline(standard_segments())
+    att = attribute_events(events_of(tl), nvml_trace(tl))
+    truth = tl[tl["phase"].notna()]
+    assert att["phase"].tolist() == truth["phase"].tolist()
+    err = att["energy_j"].to_numpy() - truth["energy_j"].to_numpy()
+    bounds = np.array([edge_bound_j(tl, i) for i in truth.index])
+    assert np.all(np.abs(err) <= 1.05 * bounds + 1e-6), list(zip(att["phase"], err, bounds, strict=True))
+    long = att["duration_s"].to_numpy() >= 10.0
+    assert long.sum() == 5  # compile, warm-up and three decodes
+    assert np.all(np.abs(err[long]) / truth["energy_j"].to_numpy()[long] < 0.001)
+
+
+def test_synthetic_trace_windows_under_ten_update_periods_are_flagged() -> None:
+    from trace_helpers import events_of, nvml_trace, standard_segments, timeline
+
+    tl = timeline(standard_segments())
+    att = attribute_events(events_of(tl), nvml_trace(tl))
+    assert att["update_period_s"].unique().tolist() == pytest.approx([0.1])
+    # 0.08 and 0.06 s prefills (under one update period) and the 0.53 s decode
+    flagged = att.loc[att["below_resolution"], ["phase", "duration_s"]]
+    assert flagged["duration_s"].round(2).tolist() == [0.08, 0.06, 0.53]
+    assert not att.loc[att["duration_s"] >= 1.0, "below_resolution"].any()
+
+
+def test_samples_that_stop_early_null_the_windows_after_and_name_the_device() -> None:
+    from trace_helpers import events_of, nvml_trace, standard_segments, timeline
+
+    tl = timeline(standard_segments())
+    power = pd.concat([nvml_trace(tl), nvml_trace(tl, device="GPU-0001", node="node1", stop_s=50.0)])
+    att = attribute_events(events_of(tl), power)
+    ends_s = (att["end_ns"] - 1_700_000_000 * 10**9) / 1e9
+    late = ends_s > 50.0 - 0.02  # the last poll before 50 s: every window ending after it is uncovered
+    assert late.any() and (~late).any()
+    assert att.loc[late, "energy_j"].isna().all() and att.loc[late, "energy_instant_j"].isna().all()
+    assert att.loc[late, "power_out_of_range"].all()
+    assert set(att.loc[late, "uncovered_devices"]) == {"node1/GPU-0001"}
+    assert att.loc[~late, "energy_j"].notna().all() and att.loc[~late, "uncovered_devices"].isna().all()
+    assert (att.loc[~late, "n_devices"] == 2).all()
+
+
+def test_update_period_measured_from_counter_else_source_default() -> None:
+    from llmenergy.analysis.energy import update_period_s
+
+    t = np.arange(0, 11, 1.0)
+    assert update_period_s(_device("GPU-a", t, 1e6 + 250_000.0 * t, None)) == (pytest.approx(1.0), "measured")
+    # instant power only, changing every 0.5 s, polled every 0.1 s
+    tp = np.arange(0, 10, 0.1)
+    stairs = 100.0 + np.floor(tp / 0.5) * 3.0
+    assert update_period_s(_device("GPU-a", tp, None, stairs))[0] == pytest.approx(0.5)
+    two = _device("pkg", np.array([0.0, 1.0]), np.array([0.0, 5.0]), None, source="dcgm")
+    assert update_period_s(two) == (pytest.approx(0.1), "default for dcgm")
+    # the coarsest device governs a sum over devices
+    both = pd.concat([_device("GPU-a", t, 250_000.0 * t, None),
+                      _device("GPU-b", tp, 100_000.0 * tp, None)])
+    assert update_period_s(both)[0] == pytest.approx(1.0)
+    assert update_period_s(None) == (None, "no samples")
+
+
+def test_a_device_without_a_counter_makes_the_counter_sum_null_not_partial() -> None:
+    t = np.arange(0, 11, 0.5)
+    power = pd.concat([_device("GPU-a", t, 200_000.0 * t, np.full(len(t), 200.0)),
+                       _device("GPU-b", t, None, np.full(len(t), 100.0))])
+    att = attribute_events(_events([(2.0, 8.0)]), power)
+    assert np.isnan(att.loc[0, "energy_j"])
+    assert att.loc[0, "energy_instant_j"] == pytest.approx(6 * 300.0)
+    assert att.loc[0, "avg_power_w"] == pytest.approx(300.0)
+
+
+def test_a_device_with_a_single_sample_covers_nothing() -> None:
+    t = np.arange(0, 11, 1.0)
+    power = pd.concat([_device("GPU-a", t, 200_000.0 * t, None),
+                       _device("GPU-b", np.array([5.0]), np.array([1.0]), None)])
+    att = attribute_events(_events([(2.0, 8.0)]), power)
+    assert np.isnan(att.loc[0, "energy_j"])
+    assert att.loc[0, "uncovered_devices"] == "n0/GPU-b"

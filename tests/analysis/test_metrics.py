@@ -61,8 +61,12 @@ def test_hand_computed_energy_and_rates(tmp_path: Path) -> None:
     assert r["j_per_response"] == pytest.approx(energy / 8)
     assert r["idle_power_w"] == pytest.approx(50.0)
     assert r["active_energy_j"] == pytest.approx(energy - 50.0 * duration)
-    assert r["prefill_energy_j"] == pytest.approx(100.0 * 2 * 0.5)
+    # the 0.5 s prefill windows are under 10 update periods of a 100 ms sensor: null, said why
+    assert r["update_period_s"] == pytest.approx(0.1)
+    assert r["prefill_energy_j"] is None
+    assert "prefill_energy_j null: 2 of 2 window(s)" in r["energy_reason"]
     assert r["decode_energy_j"] == pytest.approx(100.0 * 2 * 3.0)
+    assert r["energy_complete"] is True
     assert (r["prefill_duration_s"], r["decode_duration_s"]) == pytest.approx((1.0, 6.0))
     assert r["latency_p50_s"] == pytest.approx(3.5)
     assert r["latency_p95_s"] == pytest.approx(3.5)
@@ -170,3 +174,148 @@ def test_words_out_from_text_when_column_absent(tmp_path: Path) -> None:
     (r,) = _rows(cdir)
     assert r["words_out"] == 2 * (len(resp) - 1) + 3
 
+
+
+# --------------------------------------------------------------------------- #
+# Over a synthetic NVML trace (trace_helpers): resolution, coverage, EOS
+# --------------------------------------------------------------------------- #
+
+def _phase_truth(tl, repeat: int, phase: str) -> float:  # type: ignore[no-untyped-def]
+    return float(tl.loc[(tl["repeat"] == repeat) & (tl["phase"] == phase), "energy_j"].sum())
+
+
+def test_phases_below_the_sensor_resolution_are_null_with_a_reason(tmp_path: Path) -> None:
+    from trace_helpers import edge_bound_j, write_trace_cell
+
+    cdir, tl = write_trace_cell(tmp_path)
+    r0, r1 = _rows(cdir)
+    assert r0["update_period_s"] == pytest.approx(0.1) == r1["update_period_s"]
+    # repeat 0: prefills of 0.08 and 0.06 s, a 0.53 s decode: both phase energies null, said why
+    assert r0["prefill_energy_j"] is None and r0["decode_energy_j"] is None
+    assert "prefill_energy_j null: 2 of 2 window(s) last 0.060-0.080 s" in r0["energy_reason"]
+    assert "decode_energy_j null: 1 of 2 window(s) last 0.530-0.530 s" in r0["energy_reason"]
+    # ... while the repeat's total, contiguous batch windows of 12.1 and 0.6 s, is published
+    batches = tl[(tl["repeat"] == 0) & tl["phase"].notna()]
+    assert r0["energy_j"] == pytest.approx(batches["energy_j"].sum(), rel=0.005)
+    assert r0["short_window"] is False and r0["energy_complete"] is True
+    # repeat 1 is resolved: decode within 0.1 %, prefill (1.2-1.5 s windows) within its edge bound
+    assert r1["decode_energy_j"] == pytest.approx(_phase_truth(tl, 1, "decode"), rel=0.001)
+    prefill_idx = tl.index[(tl["repeat"] == 1) & (tl["phase"] == "prefill")]
+    assert abs(r1["prefill_energy_j"] - _phase_truth(tl, 1, "prefill")) <= sum(
+        edge_bound_j(tl, i) for i in prefill_idx)
+    # only the cell's balance is left with a reason: repeat 0's 0.59 s batch blurs measured vs gaps
+    assert r1["energy_reason"] == r0["energy_reason"].split("; ")[-1]
+    assert r1["energy_reason"].startswith("balance_measured_j null: 1 of 4 window(s) last 0.590-0.590 s")
+    # idle: 5.04 s at 120 W
+    assert r1["idle_power_w"] == pytest.approx(120.0, rel=0.001)
+
+
+def test_short_idle_window_gives_null_idle_power_and_active_energy(tmp_path: Path) -> None:
+    from trace_helpers import Segment, standard_segments, write_trace_cell
+
+    segs = [Segment("idle", 0.7, 120) if s.phase == "idle" else s for s in standard_segments()]
+    cdir, _ = write_trace_cell(tmp_path, segments=segs)
+    for r in _rows(cdir):
+        assert r["idle_power_w"] is None and r["active_energy_j"] is None
+        assert "idle_power_w null: 1 of 1 window(s) last 0.700-0.700 s" in r["energy_reason"]
+        assert "balance_idle_j null" in r["energy_reason"]
+        assert r["energy_j"] is not None and r["energy_complete"] is True
+
+
+def test_a_gpu_of_the_ranks_without_samples_nulls_the_energy_and_names_it(tmp_path: Path) -> None:
+    from llmenergy.analysis.metrics import energy_incomplete_reason
+
+    from trace_helpers import write_trace_cell
+
+    gpus = [{"node": "node0", "rank": 0, "uuid": "GPU-0000", "name": "H200", "index": 0},
+            {"node": "node1", "rank": 1, "uuid": "GPU-0001", "name": "H200", "index": 0}]
+    cdir, _ = write_trace_cell(tmp_path, gpus=gpus)
+    table = compute_cell_metrics(cdir)
+    for r in table.to_pylist():
+        assert r["energy_j"] is None and r["j_per_token"] is None and r["energy_instant_j"] is None
+        assert r["prefill_energy_j"] is None and r["decode_energy_j"] is None
+        assert "energy_j null: no power samples of node1/GPU-0001 (rank 1)" in r["energy_reason"]
+        assert r["energy_complete"] is False
+        assert r["tokens_per_s"] is not None  # the rest of the row stands
+    why = energy_incomplete_reason(table)
+    assert why is not None and "2 repeat(s)" in why and "node1/GPU-0001" in why
+
+
+def test_a_device_whose_samples_stop_early_nulls_the_later_repeat_and_names_it(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from llmenergy.analysis.metrics import energy_incomplete_reason
+
+    from trace_helpers import nvml_trace, standard_segments, timeline, write_trace_cell
+
+    tl = timeline(standard_segments())
+    gpus = [{"node": "node0", "rank": 0, "uuid": "GPU-0000", "name": "H200", "index": 0},
+            {"node": "node1", "rank": 1, "uuid": "GPU-0001", "name": "H200", "index": 0}]
+    power = pd.concat([nvml_trace(tl), nvml_trace(tl, device="GPU-0001", node="node1", stop_s=60.0)])
+    cdir, _ = write_trace_cell(tmp_path, gpus=gpus, power=power)
+    r0, r1 = _rows(cdir)
+    assert r0["energy_j"] is not None and r0["energy_complete"] is True and r0["n_devices"] == 2
+    assert r1["energy_j"] is None and r1["energy_complete"] is False
+    assert "energy_j null: the samples of node1/GPU-0001 do not cover 3 of 4 window(s)" in r1["energy_reason"]
+    assert r1["balance_total_j"] is None
+    why = energy_incomplete_reason(compute_cell_metrics(cdir))
+    assert why is not None and "repeat 1" in why and "node1/GPU-0001" in why
+
+
+def test_a_cell_run_without_a_collector_is_not_energy_incomplete(tmp_path: Path) -> None:
+    from llmenergy.analysis.metrics import energy_incomplete_reason
+
+    from trace_helpers import write_trace_cell
+
+    cdir, _ = write_trace_cell(tmp_path, collector="none")
+    table = compute_cell_metrics(cdir)
+    assert all(r["energy_j"] is None and r["energy_complete"] is None for r in table.to_pylist())
+    assert energy_incomplete_reason(table) is None
+
+
+def test_metered_cell_without_any_power_file_is_energy_incomplete(tmp_path: Path) -> None:
+    from llmenergy.analysis.metrics import energy_incomplete_reason
+
+    from trace_helpers import write_trace_cell
+
+    cdir, _ = write_trace_cell(tmp_path)
+    (cdir / "power.parquet").unlink()
+    table = compute_cell_metrics(cdir)
+    r = table.to_pylist()[0]
+    assert r["energy_complete"] is False and "no power samples of node0/GPU-0000" in r["energy_reason"]
+    assert energy_incomplete_reason(table) is not None
+
+
+def test_tokens_after_eos_summed_from_responses(tmp_path: Path) -> None:
+    from trace_helpers import write_trace_cell
+
+    after = [0, 3, 16, 0] * 4  # per prompt: no EOS, EOS at the 14th token, EOS first, no EOS
+    cdir, _ = write_trace_cell(tmp_path, tokens_after_eos=after)
+    r0, r1 = _rows(cdir)
+    assert (r0["tokens_after_eos"], r1["tokens_after_eos"]) == (2 * 19, 2 * 19)
+    assert r0["tokens_out"] == 8 * 16  # every generated token, EOS or not
+    # not recorded (older worker): unknown under stop_at_eos false, 0 under true
+    cdir2, _ = write_trace_cell(tmp_path, "old")
+    assert {r["tokens_after_eos"] for r in _rows(cdir2)} == {None}
+    cdir3, _ = write_trace_cell(tmp_path, "eos", stop_at_eos=True)
+    assert {r["tokens_after_eos"] for r in _rows(cdir3)} == {0}
+
+
+def test_cpu_ranks_with_only_rapl_samples_are_not_energy_incomplete(tmp_path: Path) -> None:
+    from llmenergy.analysis.metrics import energy_incomplete_reason
+
+    from trace_helpers import nvml_trace, standard_segments, timeline, write_trace_cell
+
+    rapl = nvml_trace(timeline(standard_segments()), device="cpu-package-0").assign(
+        domain="cpu_package", source="rapl")
+    cpu = [{"node": "node0", "rank": 0, "uuid": "cpu", "name": "cpu", "index": -1}]
+    cdir, tl = write_trace_cell(tmp_path, gpus=cpu, power=rapl, collector="auto")
+    table = compute_cell_metrics(cdir)
+    for r in table.to_pylist():
+        assert r["energy_j"] is None and r["cpu_energy_j"] is not None
+        assert r["energy_complete"] is None and r["balance_total_j"] is None
+    assert energy_incomplete_reason(table) is None
+    # the same cell on a GPU rank whose collector wrote only RAPL rows is incomplete
+    gpu = [{"node": "node0", "rank": 0, "uuid": "GPU-0000", "name": "H200", "index": 0}]
+    cdir2, _ = write_trace_cell(tmp_path, "gpu", gpus=gpu, power=rapl, collector="auto")
+    assert "node0/GPU-0000" in (energy_incomplete_reason(compute_cell_metrics(cdir2)) or "")

@@ -86,3 +86,20 @@ def test_two_ranks_generate_what_one_does() -> None:
     two = run_ranks(generate_worker, 2, "llama-tiny", PROMPTS, 6)
     assert one[0] == two[0] == two[1]
     assert all(len(t) == 6 for t in one[0])
+
+
+def test_split_at_eos_counts_the_tokens_produced_past_the_first_eos(model: torch.nn.Module) -> None:
+    free = G.generate(model, PROMPTS, 10, eos_id=None, stop_at_eos=False)
+    eos = free.tokens[0][3]  # the 4th token of sequence 0 serves as EOS
+    result = G.generate(model, PROMPTS, 10, eos_id=eos, stop_at_eos=False)
+    parts = result.split_at_eos(eos)
+    for row, (answer, after) in zip(result.tokens, parts, strict=True):
+        cut = row.index(eos) if eos in row else len(row)
+        assert answer == row[:cut] and eos not in answer
+        assert len(answer) + after == len(row) == 10
+    assert parts[0][1] == 10 - free.tokens[0].index(eos)  # from the first EOS on, itself included
+    assert result.tokens_out == 30  # every token the GPU produced
+    assert result.split_at_eos(None) == [(row, 0) for row in result.tokens]
+    stopped = G.generate(model, PROMPTS, 10, eos_id=eos, stop_at_eos=True)
+    assert all(after == 0 for _, after in stopped.split_at_eos(eos))
+    assert G.split_at_eos([5, 2, 7, 2], 2) == ([5], 3)

@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from llmenergy.analysis.balance import BALANCE_COLUMNS
 from llmenergy.analysis.metrics import J_PER_KWH, cell_identity, read_records, to_table
 from llmenergy.atomic import write_json, write_parquet
 from llmenergy.cellfiles import (
@@ -221,6 +222,14 @@ def cell_stats(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
                                  .groupby(cell_key).any())
     cells["max_abs_discrepancy_pct"] = (summary["energy_discrepancy_pct"].abs()
                                         .groupby(cell_key).max())
+    # per cell already (repeated on each row): the balance, once; energy complete only if every row is
+    present = [c for c in BALANCE_COLUMNS if c in summary.columns]
+    if present:
+        cells = cells.join(by_cell[present].first())
+    if "energy_complete" in summary.columns:
+        flags = summary["energy_complete"].astype("boolean")
+        cells["energy_complete"] = flags.groupby(cell_key).agg(
+            lambda s: pd.NA if s.isna().all() else bool(s.fillna(False).all()))
     ok = summary[is_ok].groupby("cell_id")[list(STAT_METRICS)]
     mean, std, n = ok.mean(), ok.std(ddof=1), ok.count()
     t, method = t_quantile_975(n.to_numpy() - 1)

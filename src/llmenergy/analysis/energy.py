@@ -9,11 +9,21 @@ get a null energy and ``power_out_of_range = True``: nothing is extrapolated.
 
 Only GPU-domain devices (``gpu``, ``estimate``) count as GPU energy; CPU RAPL
 domains (``cpu_package``, ``dram``) go to ``cpu_energy_j``.
+
+Resolution: a sensor reports a new value every *update period* (NVML's counter
+and instant power: about 100 ms). An edge of a window can misplace up to one
+period's energy, so a window shorter than :data:`RESOLUTION_PERIODS` periods is
+``below_resolution`` (the metrics then publish its phase energy as null). The
+period is measured from the data (the median spacing of a device's distinct
+counter values, else of its instant-power values; the coarsest device counts),
+or taken from :data:`DEFAULT_UPDATE_PERIOD_S` when a device shows fewer than
+three updates.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +31,12 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 SHORT_WINDOW_S = 5.0
+#: A window shorter than this many sensor update periods is below the sensor's resolution.
+RESOLUTION_PERIODS = 10
+#: The update period of a source when the data show too few updates to measure it.
+DEFAULT_UPDATE_PERIOD_S = {"nvml": 0.1, "dcgm": 0.1, "rapl": 0.001, "estimate": 0.1, "replay": 0.1}
+FALLBACK_UPDATE_PERIOD_S = 0.1
+_MIN_UPDATES = 3
 GPU_DOMAINS = ("gpu", "estimate")
 CPU_DOMAINS = ("cpu_package", "dram")
 
@@ -39,6 +55,9 @@ ATTRIBUTION_COLUMNS = (
     "gpu_util_pct",
     "mem_util_pct",
     "cpu_energy_j",
+    "update_period_s",
+    "below_resolution",
+    "uncovered_devices",
 )
 
 
@@ -81,6 +100,46 @@ def _counter_series(df: pd.DataFrame) -> _Series | None:
     if changed.sum() < 2:
         return s
     return _Series(s.t_ns[changed], s.values[changed])
+
+
+def _update_spacing_s(s: _Series | None) -> float | None:
+    """Median spacing (s) of the instants where a series takes a new value; None if < 3 updates."""
+    if s is None:
+        return None
+    new = np.flatnonzero(s.values[1:] != s.values[:-1]) + 1
+    if len(new) < _MIN_UPDATES:
+        return None
+    return float(np.median(np.diff(s.t_ns[new]))) / 1e9
+
+
+def update_period_s(power: pd.DataFrame | None) -> tuple[float | None, str]:
+    """The update period (s) of the GPU-domain samples of ``power`` and how it was found.
+
+    Per device: the median spacing of its distinct counter values (else of its
+    instant-power values); a device with fewer than three updates takes its
+    source's default (:data:`DEFAULT_UPDATE_PERIOD_S`). The coarsest device
+    counts, since a sum over devices is only as fine as its coarsest part.
+    ``(None, "no samples")`` without GPU-domain samples.
+    """
+    if power is None or len(power) == 0 or "domain" not in power.columns:
+        return None, "no samples"
+    gpu = power[power["domain"].isin(GPU_DOMAINS)]
+    if len(gpu) == 0:
+        return None, "no samples"
+    keys = ["node", "device"] if "node" in gpu.columns else ["device"]
+    periods: list[tuple[float, str]] = []
+    for _, dev in gpu.groupby(keys, sort=True, dropna=False):
+        measured = _update_spacing_s(_series(dev, "energy_mj"))
+        if measured is None:
+            measured = _update_spacing_s(_series(dev, "power_w"))
+        if measured is not None:
+            periods.append((measured, "measured"))
+            continue
+        src = str(dev["source"].dropna().iloc[0]) if "source" in dev.columns and dev["source"].notna().any() else ""
+        periods.append((DEFAULT_UPDATE_PERIOD_S.get(src, FALLBACK_UPDATE_PERIOD_S),
+                        f"default for {src or 'an unknown source'}"))
+    period, how = max(periods)
+    return period, how
 
 
 def _in_range(s: _Series, start: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -148,45 +207,60 @@ def _window_sum_count(df: pd.DataFrame, column: str, start: np.ndarray,
 
 
 def _sum_domain(power: pd.DataFrame, start: np.ndarray, end: np.ndarray,
-                ) -> dict[str, np.ndarray]:
-    """Per-event sums over the devices of ``power`` (already filtered to one domain group)."""
+                ) -> dict[str, Any]:
+    """Per-event sums over the devices of ``power`` (already filtered to one domain group).
+
+    A sum is null for an event unless every device of ``power`` covers it with
+    the quantity summed: never a partial sum over the devices that happen to.
+    ``uncovered`` lists, per event, the ``node/device`` labels that do not cover it.
+    """
     n = len(start)
     counter = np.zeros(n)
     counter_ok = np.ones(n, dtype=bool)
-    n_counter_dev = 0
     instant = np.zeros(n)
     instant_ok = np.ones(n, dtype=bool)
-    n_instant_dev = 0
     covered = np.zeros(n, dtype=np.int64)
     out_of_range = np.zeros(n, dtype=bool)
     gap = np.full(n, np.nan)
+    uncovered: list[list[str]] = [[] for _ in range(n)]
     keys = ["node", "device"] if "node" in power.columns else ["device"]
-    for _, dev in power.groupby(keys, sort=True, dropna=False):
+    for key, dev in power.groupby(keys, sort=True, dropna=False):
+        label = "/".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
         cs = _counter_series(dev)
         ps = _series(dev, "power_w")
         ref = cs if cs is not None else ps
-        if ref is None:
+        if ref is None:  # a device with fewer than two samples covers nothing
+            counter_ok[:] = False
+            instant_ok[:] = False
+            out_of_range[:] = True
+            for u in uncovered:
+                u.append(label)
             continue
         if cs is not None:
-            n_counter_dev += 1
             e = _counter_energy_j(cs, start, end)
             counter_ok &= ~np.isnan(e)
             counter += np.nan_to_num(e)
+        else:
+            counter_ok[:] = False
         if ps is not None:
-            n_instant_dev += 1
             e = _instant_energy_j(ps, start, end)
             instant_ok &= ~np.isnan(e)
             instant += np.nan_to_num(e)
+        else:
+            instant_ok[:] = False
         ok = _in_range(ref, start, end)
         covered += ok.astype(np.int64)
         out_of_range |= ~ok
+        for k in np.flatnonzero(~ok):
+            uncovered[k].append(label)
         gap = np.fmax(gap, _max_gap_s(ref, start, end))
     return {
-        "counter": np.where(counter_ok & (n_counter_dev > 0), counter, np.nan),
-        "instant": np.where(instant_ok & (n_instant_dev > 0), instant, np.nan),
+        "counter": np.where(counter_ok, counter, np.nan),
+        "instant": np.where(instant_ok, instant, np.nan),
         "covered": covered,
         "out_of_range": out_of_range,
         "gap": gap,
+        "uncovered": [", ".join(u) if u else None for u in uncovered],
     }
 
 
@@ -231,6 +305,7 @@ def attribute_events(events: pd.DataFrame, power: pd.DataFrame | None) -> pd.Dat
         out["n_devices"] = g["covered"]
         out["power_out_of_range"] = g["out_of_range"]
         out["max_sample_gap_s"] = g["gap"]
+        out["uncovered_devices"] = g["uncovered"]
         for col in ("gpu_util_pct", "mem_util_pct"):
             total, count = _window_sum_count(gpu, col, start, end)
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -240,6 +315,11 @@ def attribute_events(events: pd.DataFrame, power: pd.DataFrame | None) -> pd.Dat
             out[col] = np.full(n, np.nan)
         out["n_devices"] = np.zeros(n, dtype=np.int64)
         out["power_out_of_range"] = np.zeros(n, dtype=bool)
+        out["uncovered_devices"] = pd.Series([None] * n, dtype=object)
+    period, _ = update_period_s(power)
+    out["update_period_s"] = np.full(n, np.nan if period is None else period)
+    out["below_resolution"] = (duration_s < RESOLUTION_PERIODS * period) if period is not None \
+        else np.zeros(n, dtype=bool)
 
     if cpu is not None and len(cpu) > 0 and n > 0:
         c = _sum_domain(cpu, start, end)
@@ -255,6 +335,7 @@ def attribute_events(events: pd.DataFrame, power: pd.DataFrame | None) -> pd.Dat
         out["avg_power_w"] = np.where(duration_s > 0, best / duration_s, np.nan)
     n_oor = int(out["power_out_of_range"].sum()) if n else 0
     if n_oor:
-        log.warning("%d of %d event(s) are not fully covered by power samples: energy left null",
-                    n_oor, n)
+        missing = sorted({d for u in out["uncovered_devices"].dropna() for d in str(u).split(", ")})
+        log.warning("%d of %d event(s) are not fully covered by the samples of %s: energy left null",
+                    n_oor, n, ", ".join(missing))
     return out

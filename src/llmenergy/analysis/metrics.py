@@ -9,6 +9,20 @@ reason and null measurements.
 Energy: ``energy_j`` is the counter-based energy of the repeat's prefill and
 decode events; where no GPU device has a counter it falls back to the instant
 power integral and ``energy_method`` says ``instant_integral``.
+
+Nothing is published that the data cannot support; each null says why in
+``energy_reason``:
+
+* a phase energy (``prefill_energy_j``, ``decode_energy_j``, ``idle_power_w``
+  and the balance's phases) is null when any of its windows is shorter than
+  :data:`~llmenergy.analysis.energy.RESOLUTION_PERIODS` sensor update periods
+  (``update_period_s``);
+* a repeat's energy is null when a device's samples do not cover one of its
+  windows, or when a GPU the ranks used (``cell.json``'s ``provenance.gpus``)
+  has no samples at all; ``energy_complete`` is then False, and
+  :func:`energy_incomplete_reason` says so in one line for the launcher.
+
+The per-cell balance (:mod:`llmenergy.analysis.balance`) is repeated on every row.
 """
 from __future__ import annotations
 
@@ -21,7 +35,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmenergy.analysis.energy import SHORT_WINDOW_S, attribute_events, power_source_of
+from llmenergy.analysis.balance import cell_balance
+from llmenergy.analysis.energy import (
+    GPU_DOMAINS,
+    RESOLUTION_PERIODS,
+    SHORT_WINDOW_S,
+    attribute_events,
+    power_source_of,
+    update_period_s,
+)
 from llmenergy.cellfiles import (
     METRIC_COLUMNS,
     METRICS_SCHEMA,
@@ -88,19 +110,97 @@ def _total(values: pd.Series) -> float | None:
     return float(values.sum())
 
 
-def _idle_power_w(att: pd.DataFrame) -> float | None:
+def _short_reason(column: str, windows: pd.DataFrame) -> str | None:
+    """Why ``column`` is null when some of ``windows`` are below the sensor's resolution."""
+    short = windows[windows["below_resolution"].astype(bool)]
+    if len(short) == 0:
+        return None
+    min_s = RESOLUTION_PERIODS * float(windows["update_period_s"].iloc[0])
+    return (f"{column} null: {len(short)} of {len(windows)} window(s) last "
+            f"{short['duration_s'].min():.3f}-{short['duration_s'].max():.3f} s, under "
+            f"{RESOLUTION_PERIODS} sensor update periods ({min_s:.2f} s)")
+
+
+def _idle_power_w(att: pd.DataFrame) -> tuple[float | None, str | None]:
     idle = att[att["phase"] == "idle"]
     if len(idle) == 0:
-        return None
+        return None, None
+    why = _short_reason("idle_power_w", idle)
+    if why:
+        return None, why
     energy = idle["energy_j"].where(idle["energy_j"].notna(), idle["energy_instant_j"])
-    return _div(_total(energy), float(idle["duration_s"].sum()))
+    return _div(_total(energy), float(idle["duration_s"].sum())), None
+
+
+def _uncovered_reason(ev: pd.DataFrame) -> str | None:
+    bad = ev[ev["power_out_of_range"].astype(bool)]
+    if len(bad) == 0:
+        return None
+    who = sorted({d for u in bad["uncovered_devices"].dropna() for d in str(u).split(", ")})
+    return (f"energy_j null: the samples of {', '.join(who) or 'a device'} do not cover "
+            f"{len(bad)} of {len(ev)} window(s)")
+
+
+def missing_devices(record: CellRecord | None, power: pd.DataFrame | None) -> list[str]:
+    """``node/uuid (rank r)`` of each GPU the ranks used that has no GPU-domain sample.
+
+    Compared by UUID (unique across nodes); the node is the one ``provenance.gpus``
+    names. CPU ranks (uuid ``cpu``) and an ``estimate`` source (one estimate per
+    node, no per-device samples) are not compared.
+    """
+    if record is None or not record.provenance.gpus:
+        return []
+    if power is not None and "domain" in power.columns and (power["domain"] == "estimate").any():
+        return []
+    metered: set[str] = set()
+    if power is not None and len(power) and "domain" in power.columns:
+        metered = {str(d) for d in power.loc[power["domain"].isin(GPU_DOMAINS), "device"].dropna()}
+    out = []
+    for g in record.provenance.gpus:
+        uuid = g.get("uuid")
+        if uuid and uuid != "cpu" and str(uuid) not in metered:
+            out.append(f"{g.get('node', '?')}/{uuid} (rank {g.get('rank', '?')})")
+    return sorted(set(out))
+
+
+def _has_gpu_samples(power: pd.DataFrame | None) -> bool:
+    return power is not None and "domain" in power.columns and bool(power["domain"].isin(GPU_DOMAINS).any())
+
+
+def _metered(spec: CellSpec | None, record: CellRecord | None, power: pd.DataFrame | None) -> bool:
+    """Whether a null GPU energy is a gap: a collector was configured and there was GPU
+    energy to meter (a GPU rank, or GPU-domain samples). CPU ranks with only RAPL
+    samples (no GPU-domain energy by design) are not."""
+    if spec is None:
+        return _has_gpu_samples(power)
+    if spec.collector.backend == "none":
+        return False
+    gpus = record.provenance.gpus if record is not None else []
+    gpu_ranks = any(g.get("uuid") not in (None, "cpu") for g in gpus)
+    return gpu_ranks or spec.device == "cuda" and not gpus or _has_gpu_samples(power)
 
 
 def _repeat_row(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | None,
                 idle_power_w: float | None, base: dict[str, Any],
-                grid_gco2_per_kwh: float | None) -> dict[str, Any]:
+                grid_gco2_per_kwh: float | None, missing: list[str],
+                cell_reasons: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = dict(base)
     row["repeat"] = r
+    reasons: list[str] = []
+    row.update(_energy_of_repeat(r, att, resp, idle_power_w, row, grid_gco2_per_kwh, missing, reasons))
+    if base.get("metered") and row.get("energy_j") is None and not reasons and row["status"] == "ok":
+        reasons.append("energy_j null: no power samples cover this repeat")
+    if base.get("metered"):
+        row["energy_complete"] = row.get("energy_j") is not None and not missing
+    row["energy_reason"] = "; ".join(reasons + cell_reasons) or None
+    return row
+
+
+def _energy_of_repeat(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | None,
+                      idle_power_w: float | None, base: dict[str, Any],
+                      grid_gco2_per_kwh: float | None, missing: list[str],
+                      reasons: list[str]) -> dict[str, Any]:
+    row: dict[str, Any] = dict(base)
     ev = att[(att["repeat"] == r) & att["phase"].isin(["prefill", "decode"])] if att is not None else None
     rs = resp[resp["repeat"] == r] if resp is not None and "repeat" in resp.columns else None
     if base["status"] == "ok" and (ev is None or len(ev) == 0):
@@ -114,6 +214,10 @@ def _repeat_row(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | None,
     row["tokens_in"] = _sum(rs, "tokens_in")
     row["tokens_out"] = _sum(rs, "tokens_out")
     row["words_out"] = _sum(rs, "words_out")
+    if rs is not None and "tokens_after_eos" in rs.columns and rs["tokens_after_eos"].notna().any():
+        row["tokens_after_eos"] = _sum(rs, "tokens_after_eos")
+    elif base.get("stop_at_eos") and rs is not None and len(rs):
+        row["tokens_after_eos"] = 0  # generation stopped at EOS: nothing after it
     if rs is not None and "correct" in rs.columns and rs["correct"].notna().any():
         graded = rs["correct"].dropna().astype(bool)
         row["n_correct"] = int(graded.sum())
@@ -154,10 +258,20 @@ def _repeat_row(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | None,
     use_counter = ev["energy_j"].notna().any() or instant is None
     energy = counter if use_counter else instant
     col = "energy_j" if use_counter else "energy_instant_j"
+    if missing:
+        reasons.append(f"energy_j null: no power samples of {', '.join(missing)}")
+        energy = counter = instant = None
+    elif energy is None and (why := _uncovered_reason(ev)):
+        reasons.append(why)
     if energy is not None:
         row["energy_method"] = "counter" if use_counter else "instant_integral"
         for phase in ("prefill", "decode"):
-            row[f"{phase}_energy_j"] = _total(ev.loc[ev["phase"] == phase, col])
+            ph = ev[ev["phase"] == phase]
+            why = _short_reason(f"{phase}_energy_j", ph)
+            if why:
+                reasons.append(why)
+            else:
+                row[f"{phase}_energy_j"] = _total(ph[col])
     row["energy_j"] = energy
     row["energy_instant_j"] = instant
     if counter is not None and instant is not None and counter > 0:
@@ -246,16 +360,25 @@ def compute_cell_metrics(cell_dir: Path, *, record: CellRecord | None = None, sp
     base["power_source"] = source
     base["gpu_name"] = _gpu_names(record)
     base["schema_version"] = SCHEMA_VERSION
+    base["update_period_s"], _ = update_period_s(power)
+    metered = _metered(spec, record, power)
+    base["metered"] = metered  # not a column: says whether a null energy is a gap
+    base["stop_at_eos"] = spec.stop_at_eos if spec is not None else None
 
     att = attribute_events(events, power) if events is not None and len(events) else None
-    idle_power_w = _idle_power_w(att) if att is not None else None
+    idle_power_w, idle_why = _idle_power_w(att) if att is not None else (None, None)
+    missing = missing_devices(record, power) if metered else []
+    balance, cell_reasons = cell_balance(att, power)
+    base.update(balance)
+    cell_reasons = ([idle_why] if idle_why else []) + cell_reasons
     repeats: list[int] = []
     if att is not None:
         repeats = sorted(int(r) for r in att["repeat"].unique() if r >= 0)
     n_rep = record.repeats if record is not None else spec.repeats if spec is not None else None
     if isinstance(n_rep, int) and n_rep > 0:
         repeats = sorted(set(repeats) | set(range(n_rep)))
-    rows = [_repeat_row(r, att, resp, idle_power_w, base, grid_gco2_per_kwh) for r in repeats]
+    rows = [_repeat_row(r, att, resp, idle_power_w, base, grid_gco2_per_kwh, missing, cell_reasons)
+            for r in repeats]
     if not rows:
         row = dict(base)
         row["repeat"] = None
@@ -265,3 +388,20 @@ def compute_cell_metrics(cell_dir: Path, *, record: CellRecord | None = None, sp
     log.info("%s: %d metrics row(s), status %s, power %s", base["cell_id"], len(rows),
              base["status"], source)
     return to_table(rows)
+
+
+def energy_incomplete_reason(table: pa.Table) -> str | None:
+    """One line saying why a cell's energy is incomplete, or None when it is complete.
+
+    Incomplete: an ``ok`` row whose ``energy_complete`` is False (a repeat's energy
+    is null while a collector was configured, or a GPU the ranks used has no
+    samples). Rows of cells run without a collector (``energy_complete`` null)
+    never are. The launcher records such a cell ``incomplete`` with this reason.
+    """
+    bad = [r for r in table.select(["repeat", "status", "energy_complete", "energy_reason"]).to_pylist()
+           if r["status"] == "ok" and r["energy_complete"] is False]
+    if not bad:
+        return None
+    first = bad[0]["energy_reason"] or "energy_j null"
+    return (f"energy incomplete in {len(bad)} repeat(s) (repeat {bad[0]['repeat']}: "
+            f"{first.split('; ')[0]})")

@@ -35,6 +35,23 @@ class GenerationResult:
     decode_duration_s: float
     decode_steps: int
 
+    def split_at_eos(self, eos_id: int | None) -> list[tuple[list[int], int]]:
+        """Per sequence: its tokens before the first EOS, and how many tokens the GPU
+        produced from that EOS on (the EOS included; 0 without one). With
+        ``stop_at_eos`` the rows already end before their EOS, so every count is 0;
+        without it (the paper's fixed length) the count is the work done past the answer.
+        The text of a response is the decode of the first part (``words_out`` counts it);
+        ``tokens_out`` stays the length of the whole row."""
+        return [split_at_eos(row, eos_id) for row in self.tokens]
+
+
+def split_at_eos(row: Sequence[int], eos_id: int | None) -> tuple[list[int], int]:
+    """``row`` before its first ``eos_id``, and the number of tokens from that EOS on."""
+    if eos_id is None or eos_id not in row:
+        return list(row), 0
+    cut = list(row).index(eos_id)
+    return list(row[:cut]), len(row) - cut
+
 
 def check_batch(prompts: Sequence[Sequence[int]], max_gen_len: int, max_batch_size: int,
                 max_seq_len: int) -> tuple[int, int]:

@@ -1,0 +1,128 @@
+"""The energy balance of one cell: where the energy of its whole span went.
+
+The span runs from the start of the cell's first event to the end of its last
+(``idle`` … last ``decode``), as rank 0 stamped them. Its counter energy
+(``balance_total_j``, summed over the cell's GPU-domain devices) splits into
+
+* ``balance_idle_j``, ``balance_load_j``, ``compile_j``, ``balance_warmup_j``:
+  the events of those phases (``compile`` includes a short last batch's compile
+  inside a repeat); 0 when the cell has no such event;
+* ``balance_measured_j``: every repeat's prefill and decode events;
+* ``balance_gaps_j``: the time between the first measured event and the last
+  one that no event covers (host work between batches and between repeats);
+* ``balance_unattributed_j``: the rest of the span (e.g. between the idle
+  window and the load), ``total − all of the above``.
+
+Counter differences over adjacent windows add up exactly, so the parts close on
+the total by construction; what a short window cannot tell is *which side* of
+its edges up to one sensor update period of energy belongs to. A phase whose
+windows are shorter than :data:`~llmenergy.analysis.energy.RESOLUTION_PERIODS`
+update periods is published as null (the measured part: any batch, prefill
+start to decode end, that short), and a reason names it; the gaps and the
+unattributed rest are residuals and are always published, with their durations.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llmenergy.analysis.energy import GPU_DOMAINS, RESOLUTION_PERIODS, attribute_events
+
+log = logging.getLogger(__name__)
+
+#: Phase groups of the balance: column → phases of ``events.parquet``.
+BALANCE_PHASES: dict[str, tuple[str, ...]] = {
+    "balance_idle_j": ("idle",),
+    "balance_load_j": ("load",),
+    "compile_j": ("compile",),
+    "balance_warmup_j": ("warmup",),
+    "balance_measured_j": ("prefill", "decode"),
+}
+#: Per-cell columns this module fills (repeated on every repeat row of the cell).
+BALANCE_COLUMNS = (
+    "balance_window_s", "balance_total_j", *BALANCE_PHASES, "compile_duration_s",
+    "balance_gaps_j", "balance_gaps_s", "balance_unattributed_j", "balance_unattributed_pct",
+)
+
+
+def _uncovered(intervals: np.ndarray, lo: int, hi: int) -> list[tuple[int, int]]:
+    """The parts of ``[lo, hi]`` that no ``[start, end]`` row of ``intervals`` covers."""
+    out: list[tuple[int, int]] = []
+    cursor = lo
+    for start, end in sorted((int(a), int(b)) for a, b in intervals):
+        if end <= cursor:
+            continue
+        if start > cursor:
+            out.append((cursor, min(start, hi)))
+        cursor = max(cursor, end)
+        if cursor >= hi:
+            break
+    if cursor < hi:
+        out.append((cursor, hi))
+    return [(a, b) for a, b in out if b > a]
+
+
+def _batch_windows_s(measured: pd.DataFrame) -> np.ndarray:
+    """Duration (s) of each batch: its first measured event's start to its last one's end."""
+    by = measured.groupby(["repeat", "batch_index"])
+    return ((by["end_ns"].max() - by["start_ns"].min()) / 1e9).to_numpy(np.float64)
+
+
+def cell_balance(att: pd.DataFrame | None, power: pd.DataFrame | None) -> tuple[dict[str, Any], list[str]]:
+    """The balance columns of a cell (:data:`BALANCE_COLUMNS`) and the reasons for nulls.
+
+    ``att`` is :func:`~llmenergy.analysis.energy.attribute_events` of the cell's
+    events over ``power``. Everything is null without events or power samples.
+    """
+    out: dict[str, Any] = dict.fromkeys(BALANCE_COLUMNS)
+    if (att is None or len(att) == 0 or power is None or "domain" not in power.columns
+            or not power["domain"].isin(GPU_DOMAINS).any()):
+        return out, []  # nothing to balance: no events, or no GPU-domain samples (e.g. RAPL only)
+    col = "energy_j" if att["energy_j"].notna().any() else "energy_instant_j"
+    w0, w1 = int(att["start_ns"].min()), int(att["end_ns"].max())
+    out["balance_window_s"] = (w1 - w0) / 1e9
+    measured = att[att["phase"].isin(BALANCE_PHASES["balance_measured_j"])]
+    gaps: list[tuple[int, int]] = []
+    if len(measured):
+        gaps = _uncovered(att[["start_ns", "end_ns"]].to_numpy(), int(measured["start_ns"].min()),
+                          int(measured["end_ns"].max()))
+    windows = pd.DataFrame({"start_ns": [w0] + [a for a, _ in gaps], "end_ns": [w1] + [b for _, b in gaps]})
+    wa = attribute_events(windows, power)
+    total = float(wa.loc[0, col])
+    if not np.isfinite(total):
+        who = wa.loc[0, "uncovered_devices"]
+        return out, [f"balance null: the samples{' of ' + str(who) if who else ''} do not cover "
+                     "the cell's span"]
+    out["balance_total_j"] = total
+    period = float(att["update_period_s"].iloc[0])
+    min_s = RESOLUTION_PERIODS * period
+    reasons: list[str] = []
+    parts = 0.0
+    for name, phases in BALANCE_PHASES.items():
+        ev = att[att["phase"].isin(phases)]
+        value = float(ev[col].sum(min_count=0)) if ev[col].notna().all() else float("nan")
+        parts += value
+        durations = (_batch_windows_s(ev) if name == "balance_measured_j" and len(ev)
+                     else ev["duration_s"].to_numpy(np.float64))
+        short = durations[durations < min_s]
+        if len(short):
+            reasons.append(f"{name} null: {len(short)} of {len(durations)} window(s) last "
+                           f"{short.min():.3f}-{short.max():.3f} s, under {RESOLUTION_PERIODS} sensor "
+                           f"update periods ({min_s:.2f} s)")
+            value = float("nan")
+        elif not np.isfinite(value):
+            reasons.append(f"{name} null: its windows are not covered by every device's samples")
+        out[name] = value
+    compile_ev = att[att["phase"] == "compile"]
+    out["compile_duration_s"] = float(compile_ev["duration_s"].sum())
+    gaps_j = wa[col].iloc[1:]
+    out["balance_gaps_j"] = float(gaps_j.sum()) if gaps_j.notna().all() else None
+    out["balance_gaps_s"] = float(sum(b - a for a, b in gaps)) / 1e9
+    if out["balance_gaps_j"] is not None and np.isfinite(parts):
+        rest = total - parts - out["balance_gaps_j"]
+        out["balance_unattributed_j"] = rest
+        out["balance_unattributed_pct"] = 100.0 * rest / total if total > 0 else None
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}, reasons
