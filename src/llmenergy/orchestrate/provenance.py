@@ -56,17 +56,12 @@ def _versions() -> dict[str, str | None]:
 
 
 def _driver() -> str | None:
+    """The NVIDIA driver version through NVML (:mod:`~llmenergy.power.backends.nvml_lib`), None without NVML."""
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            v = pynvml.nvmlSystemGetDriverVersion()
-            return v.decode() if isinstance(v, bytes) else str(v)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no NVML here: no driver to report
+        from llmenergy.power.backends import nvml_lib
+    except ImportError:  # nvidia-ml-py not installed: no driver to report
         return None
+    return nvml_lib.driver_version()
 
 
 def slurm_consumed_energy_j(job_id: str | None) -> float | None:
