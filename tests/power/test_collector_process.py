@@ -189,13 +189,11 @@ def test_stop_while_waiting_for_devices_exits_cleanly(tmp_path) -> None:
     assert pq.read_table(d["out"] / "n1.parquet").num_rows == 0
 
 
-def test_fast_power_rows_between_full_samples(tmp_path, monkeypatch) -> None:
+def test_fast_power_rows_between_full_samples(tmp_path, make_nvml) -> None:
     """With a fast-power backend, light rows (energy + power only) fill the gaps at ~50 Hz."""
-    from fake_pynvml import FakeGpu, make_fake_pynvml
+    from launch_helpers import load_fake
 
-    from llmenergy.power.backends import nvml as nvml_module
-
-    monkeypatch.setattr(nvml_module, "pynvml", make_fake_pynvml([FakeGpu(uuid="GPU-f")]))
+    make_nvml([load_fake("fake_nvml").make_gpu("GPU-f")])
     d = dirs(tmp_path)
     write_json(d["uuids"] / "n1.0.json", {"uuid": "GPU-f"})
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
