@@ -7,7 +7,7 @@ llmenergy imports NVML (``llmenergy.power.backends.nvml_lib.pynvml``).
 with ``tests/fakes`` first on ``PYTHONPATH``: its state comes from the environment.
 
 State: a dict (in this process; tests change it freely) or, from
-``FAKE_NVML_STATE``, inline JSON (starts with ``{``) or the path of a JSON file
+``FAKE_NVML_STATE`` (unset: ``nvmlInit`` fails as on a machine without NVML), inline JSON (starts with ``{``) or the path of a JSON file
 re-read on every call and rewritten on every set, so several processes see one
 node, as on a real one::
 
@@ -204,6 +204,8 @@ class FakeNvml:
     def nvmlInit(self) -> None:  # noqa: N802 - vendor names
         self.calls["nvmlInit"] = self.calls.get("nvmlInit", 0) + 1
         self.order.append("nvmlInit")
+        if self._state is None and not os.environ.get("FAKE_NVML_STATE"):
+            raise NVMLError(NVML_ERROR_LIBRARY_NOT_FOUND)  # no simulated node: a machine without NVML
         with self.locked_state() as state:
             code = state.get("init_error")
         self.log("nvmlInit", None, {}, code)
