@@ -40,8 +40,6 @@ FAKE_MODULE = "fake_dcgm"
 # -- dcgm_structs ---------------------------------------------------------------------
 DCGM_OPERATION_MODE_AUTO = 1
 DCGM_OPERATION_MODE_MANUAL = 2
-DCGM_GROUP_ALL_GPUS = 0x7FFFFFFF
-DCGM_FE_GPU = 1
 
 DCGM_ST_OK = 0
 DCGM_ST_BADPARAM = -1
@@ -58,7 +56,6 @@ DCGM_ST_REQUIRES_ROOT = -29
 DCGM_ST_PROFILING_NOT_SUPPORTED = -36
 
 DCGM_CONFIG_POWER_CAP_INDIVIDUAL = 0
-DCGM_CONFIG_POWER_BUDGET_GROUP = 1
 DCGM_INT32_BLANK = 0x7FFFFFF0
 DCGM_INT64_BLANK = 0x7FFFFFFFFFFFFFF0
 DCGM_FP64_BLANK = 140737488355328.0
@@ -141,13 +138,6 @@ DCGM_FI_PROF_SM_ACTIVE = 1002
 DCGM_FI_PROF_PIPE_TENSOR_ACTIVE = 1004
 DCGM_FI_PROF_DRAM_ACTIVE = 1005
 PROFILING_FIELD_IDS = frozenset(range(1001, 1013))
-
-_TAGS = {v: k[len("DCGM_FI_"):].lower() for k, v in dict(globals()).items() if k.startswith("DCGM_FI_")}
-
-
-def DcgmFieldGetById(fieldId: int) -> Any:  # noqa: N802,N803 - vendor name
-    tag = _TAGS.get(fieldId)
-    return None if tag is None else types.SimpleNamespace(fieldId=fieldId, tag=tag)
 
 
 # -- the host engine -------------------------------------------------------------------
@@ -246,10 +236,6 @@ def _dcgmInit(libDcgmPath: str | None = None) -> None:  # noqa: N802,N803
 
 
 # -- pydcgm ------------------------------------------------------------------------------
-class DcgmException(Exception):
-    pass
-
-
 class DcgmHandle:
     def __init__(self, handle: int | None = None, ipAddress: str | None = None,  # noqa: N803
                  opMode: int = DCGM_OPERATION_MODE_AUTO, persistAfterDisconnect: bool = False,  # noqa: N803
@@ -315,7 +301,6 @@ class DcgmSystem:
     def __init__(self, dcgmHandle: DcgmHandle) -> None:  # noqa: N803
         self._dcgmHandle = dcgmHandle
         self.discovery = _Discovery(dcgmHandle)
-        self.fields = types.SimpleNamespace(GetFieldById=DcgmFieldGetById)
 
     def UpdateAllFields(self, waitForUpdate: int) -> None:  # noqa: N802,N803
         _check(self._dcgmHandle)
@@ -325,12 +310,6 @@ class DcgmSystem:
         for gpu_id in gpuIds:
             group.AddGpu(gpu_id)
         return group
-
-    def GetFieldGroupIdByName(self, name: str) -> Any:  # noqa: N802
-        for fid, fg in engine.field_groups.items():
-            if fg["alive"] and fg["name"] == name:
-                return types.SimpleNamespace(value=fid)
-        return None
 
 
 class _Samples:
@@ -436,7 +415,8 @@ class DcgmReader:
                  updateFrequency: int = 10_000_000, maxKeepAge: float = 3600.0,  # noqa: N803
                  ignoreList: list[int] | None = None, fieldGroupName: str = "dcgm_fieldgroupData",  # noqa: N803
                  gpuIds: list[int] | None = None, entities: Any = None,  # noqa: N803
-                 fieldIntervalMap: dict[int, list[int]] | None = None, ignoreBlank: bool = True) -> None:  # noqa: N803
+                 fieldIntervalMap: dict[int, list[int]] | None = None,  # noqa: N803
+                 ignoreBlank: bool = True) -> None:  # noqa: N803
         self.m_dcgmHostName = hostname
         self.m_updateFreq = updateFrequency
         self.m_publishFields = fieldIntervalMap or {updateFrequency: list(fieldIds or [155])}

@@ -7,8 +7,8 @@ llmenergy imports NVML (``llmenergy.power.backends.nvml_lib.pynvml``).
 with ``tests/fakes`` first on ``PYTHONPATH``: its state comes from the environment.
 
 State: a dict (in this process; tests change it freely) or, from
-``FAKE_NVML_STATE`` (unset: ``nvmlInit`` fails as on a machine without NVML), inline JSON (starts with ``{``) or the path of a JSON file
-re-read on every call and rewritten on every set, so several processes see one
+``FAKE_NVML_STATE`` (unset: ``nvmlInit`` fails as on a machine without NVML),
+inline JSON (starts with ``{``) or the path of a JSON file re-read on every call and rewritten on every set, so several processes see one
 node, as on a real one::
 
     {"gpus": [make_gpu("GPU-a"), ...],   # every key of a GPU: see make_gpu
