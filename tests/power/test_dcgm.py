@@ -194,3 +194,14 @@ def test_blank_samples_are_null_in_their_row(engine) -> None:
     with DcgmBackend(["GPU-a"], profiling=False) as backend:
         rows = backend.sample(0)
     assert [(r["energy_mj"], r["power_w"]) for r in rows] == [(9_000_000, 72.25), (9_020_000, None)]
+
+
+def test_a_field_sampled_twice_between_rows_gives_each_row_its_value_then(engine) -> None:
+    with DcgmBackend(["GPU-a"], profiling=False) as backend:
+        assert [r["temperature_c"] for r in backend.sample(0)] == [44]
+        _append(engine, 0, T0_US + 50_000, f150=50)
+        _append(engine, 0, T0_US + 80_000, f150=52)
+        _append(engine, 0, T0_US + 60_000 + 1, f156=9_010_000)  # read by the next tick
+        assert [r["temperature_c"] for r in backend.sample(0)] == [50]
+        _append(engine, 0, T0_US + 100_000, f156=9_020_000)
+        assert [r["temperature_c"] for r in backend.sample(0)] == [52]

@@ -221,8 +221,9 @@ class DcgmBackend(PowerBackend):
             history = self._history[dev.index]
             for instant_ns in instants:
                 rows.append(self._row(dev, instant_ns, _values_at(history, instant_ns)))
-            for samples in history.values():  # what later rows can still need: the latest value
-                del samples[:-1]
+            if instants:  # later rows need each field's value at the last row and what came after
+                for samples in history.values():
+                    _drop_before(samples, instants[-1])
         return rows
 
     def _row(self, dev: DeviceInfo, timestamp_ns: int, v: dict[int, Any]) -> dict[str, Any]:
@@ -284,6 +285,13 @@ def _values_at(history: dict[int, list[Sample]], timestamp_ns: int) -> dict[int,
         if earlier:
             out[field_id] = earlier[-1]
     return out
+
+
+def _drop_before(samples: list[Sample], timestamp_ns: int) -> None:
+    """Drop the samples older than the latest one at or before ``timestamp_ns``."""
+    at_or_before = [i for i, (ts, _value) in enumerate(samples) if ts <= timestamp_ns]
+    if at_or_before:
+        del samples[:at_or_before[-1]]
 
 
 def _power_w(values: dict[int, Any]) -> float | None:
