@@ -36,18 +36,22 @@ FAKE_GPU_UUID = "GPU-fake-e2e-0"  # the GPU a CPU rank announces (fake_rank_gpu)
 SET_FN = "nvmlDeviceSetPowerManagementLimit"
 
 
-def load_fake_nvml() -> ModuleType:
-    """The fake NVML module, loaded by file so ``pynvml`` is never shadowed in the test process."""
-    if "fake_nvml_impl" in sys.modules:
-        return sys.modules["fake_nvml_impl"]
-    spec = importlib.util.spec_from_file_location("fake_nvml_impl", FAKES / "fake_nvml_impl.py")
+def load_fake(name: str) -> ModuleType:
+    """A fake of ``tests/fakes`` (``fake_nvml``, ``fake_dcgm``) under its own top-level name, loaded once by
+    file: ``tests/fakes`` never goes on sys.path, where its ``pynvml`` would shadow nvidia-ml-py in the
+    test process. The fake DCGM's binding shims (``tests/fakes/dcgm``) then import this same module."""
+    if name in sys.modules:
+        return sys.modules[name]
+    if name != "fake_nvml":
+        load_fake("fake_nvml")  # the fake DCGM's GPUs are a fake NVML node
+    spec = importlib.util.spec_from_file_location(name, FAKES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["fake_nvml_impl"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-fake_nvml = load_fake_nvml()
+fake_nvml = load_fake("fake_nvml")
 
 
 #: A cell far longer than any test waits for (100 batches of 96 tokens): tests that

@@ -1,8 +1,8 @@
 """Power caps and their guaranteed restore, against FAKE NVML/DCGM bindings only (tests/fakes).
 
-No test here can touch a real GPU: in-process tests patch ``llmenergy.power.caps.pynvml``
-with the fake, and every subprocess gets ``tests/fakes`` first on PYTHONPATH (its
-``pynvml`` is the fake) and ``DCGM_PYTHON_PATH`` pointing at the fake DCGM bindings.
+No test here can touch a real GPU: in-process tests patch ``llmenergy.power.backends.nvml_lib.pynvml``
+(where llmenergy imports NVML) with the fake, and every subprocess gets ``tests/fakes`` first on
+PYTHONPATH (its ``pynvml`` is the fake) and ``DCGM_PYTHON_PATH`` pointing at the fake DCGM bindings.
 The fakes log every call; the tests assert the exact sequence of set calls.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from launch_helpers import FAKES, fake_nvml
 
 import llmenergy.power.caps as powercap
 from llmenergy import entrypoints
+from llmenergy.power.backends import nvml_lib
 from llmenergy.errors import ConfigError, PowerCapDenied, PowerCapError
 from llmenergy.power.caps import (
     CapState,
@@ -50,6 +51,7 @@ class FakeNode:
         self.log_file = root / "fake_calls.jsonl"
         self.uuid_dir, self.ready_dir, self.state_dir = root / "uuids", root / "ready", root / "capstate"
         self.uuid_dir.mkdir()
+        self.nvml = fake_nvml.FakeNvml(self.state_file, log_path=self.log_file)  # this process's view
 
     def write(self, gpus: list[dict[str, Any]], **flags: Any) -> None:
         self.state_file.write_text(json.dumps({"gpus": gpus, **flags}))
@@ -94,7 +96,7 @@ def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeNode:
     fake.write([fake_nvml.make_gpu(GPU_A), fake_nvml.make_gpu(GPU_B, limit_w=650)])
     monkeypatch.setenv("FAKE_NVML_STATE", str(fake.state_file))
     monkeypatch.setenv("FAKE_NVML_LOG", str(fake.log_file))
-    monkeypatch.setattr(powercap, "pynvml", fake_nvml)
+    monkeypatch.setattr(nvml_lib, "pynvml", fake.nvml.module())
     return fake
 
 
@@ -184,14 +186,14 @@ def test_guard_out_of_range_reports_error_with_key(node: FakeNode, procs: list) 
 # -- in-process apply / restore ----------------------------------------------------
 def test_state_file_is_written_before_the_first_change(node: FakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[dict[str, float]] = []
-    real_set = fake_nvml.nvmlDeviceSetPowerManagementLimit
+    real_set = node.nvml.nvmlDeviceSetPowerManagementLimit
 
     def spying_set(handle: Any, limit: int) -> None:
         saved = json.loads((node.state_dir / "n0.json").read_text())  # must already exist
         seen.append({g["uuid"]: g["previous_w"] for g in saved["gpus"]})
         real_set(handle, limit)
 
-    monkeypatch.setattr(fake_nvml, "nvmlDeviceSetPowerManagementLimit", spying_set)
+    monkeypatch.setattr(node.nvml.module(), "nvmlDeviceSetPowerManagementLimit", spying_set)
     with powercap.NvmlCapBackend() as backend:
         state = apply_caps(backend, [GPU_A, GPU_B], 250, node="n0", path=node.state_dir / "n0.json")
     assert seen == [{GPU_A: 700, GPU_B: 650}] * 2
@@ -418,7 +420,8 @@ def test_cap_report_shows_throttle_time_and_restore(node: FakeNode, procs: list)
 
 def test_guard_stopped_before_devices_changes_nothing(node: FakeNode, procs: list) -> None:
     proc = start_guard(node, procs)
-    time.sleep(0.5)
+    # stopped once it handles signals (its imports take > 1 s on a loaded machine), before any device
+    wait_for(lambda: _catches(proc.pid, signal.SIGTERM), "the guard's signal handlers")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
     assert json.loads((node.ready_dir / "n0.json").read_text())["status"] == "error"
@@ -438,6 +441,16 @@ def test_state_round_trips(tmp_path: Path) -> None:
     state.save()
     again = load_state(tmp_path / "n.json")
     assert again.to_json() == state.to_json() and again.gpus[0].uuid == "u"
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """True when process ``pid`` has a handler for ``sig`` (``SigCgt`` of /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
+    return bool(int(caught, 16) >> (int(sig) - 1) & 1)
 
 
 def _running(pid: int) -> bool:

@@ -4,12 +4,13 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 from fake_powercap import make_powercap
-from fake_pynvml import NVML_ERROR_DRIVER_NOT_LOADED, FakeGpu, make_fake_pynvml
+from launch_helpers import load_fake
 
 from llmenergy.errors import ConfigError, SensorError, SensorUnavailable
 from llmenergy.power.backends import factory
-from llmenergy.power.backends import nvml as nvml_module
 from llmenergy.power.backends.factory import select_backend
+
+fake_nvml = load_fake("fake_nvml")
 
 
 @pytest.fixture
@@ -24,10 +25,8 @@ def no_dcgm(monkeypatch: pytest.MonkeyPatch, tmp_path):
 
 
 @pytest.fixture
-def two_gpus(monkeypatch: pytest.MonkeyPatch):
-    mod = make_fake_pynvml([FakeGpu(uuid="GPU-0"), FakeGpu(uuid="GPU-1")])
-    monkeypatch.setattr(nvml_module, "pynvml", mod)
-    return mod
+def two_gpus(make_nvml):
+    return make_nvml([fake_nvml.make_gpu("GPU-0"), fake_nvml.make_gpu("GPU-1")])
 
 
 def test_unknown_name_names_the_key() -> None:
@@ -41,8 +40,7 @@ def test_bad_interval_names_the_key() -> None:
 
 
 def test_auto_prefers_dcgm(fake_dcgm, two_gpus) -> None:
-    fake_dcgm.reset([{"id": 0, "uuid": "GPU-0", "values": {156: 1.0}},
-                     {"id": 1, "uuid": "GPU-1", "values": {156: 2.0}}])
+    fake_dcgm.reset(two_gpus)  # DCGM sees the GPUs NVML sees
     backend = select_backend("auto", uuids=["GPU-1"], interval_ms=100, options={"node": "n"})
     assert backend.name == "dcgm"
     assert [d.uuid for d in backend.devices()] == ["GPU-1"]
@@ -58,8 +56,8 @@ def test_auto_falls_back_to_nvml_and_filters_uuids(no_dcgm, two_gpus, caplog) ->
     backend.close()
 
 
-def test_auto_chain_ends_at_rapl_then_none(no_dcgm, monkeypatch, tmp_path) -> None:
-    monkeypatch.setattr(nvml_module, "pynvml", make_fake_pynvml([], init_error=NVML_ERROR_DRIVER_NOT_LOADED))
+def test_auto_chain_ends_at_rapl_then_none(no_dcgm, make_nvml, tmp_path) -> None:
+    make_nvml([], init_error=fake_nvml.NVML_ERROR_DRIVER_NOT_LOADED)
     root = make_powercap(tmp_path / "pc")
     backend = select_backend("auto", uuids=["GPU-0"], interval_ms=100, options={"rapl_root": root})
     assert backend.name == "rapl"

@@ -189,13 +189,11 @@ def test_stop_while_waiting_for_devices_exits_cleanly(tmp_path) -> None:
     assert pq.read_table(d["out"] / "n1.parquet").num_rows == 0
 
 
-def test_fast_power_rows_between_full_samples(tmp_path, monkeypatch) -> None:
+def test_fast_power_rows_between_full_samples(tmp_path, make_nvml) -> None:
     """With a fast-power backend, light rows (energy + power only) fill the gaps at ~50 Hz."""
-    from fake_pynvml import FakeGpu, make_fake_pynvml
+    from launch_helpers import load_fake
 
-    from llmenergy.power.backends import nvml as nvml_module
-
-    monkeypatch.setattr(nvml_module, "pynvml", make_fake_pynvml([FakeGpu(uuid="GPU-f")]))
+    make_nvml([load_fake("fake_nvml").make_gpu("GPU-f")])
     d = dirs(tmp_path)
     write_json(d["uuids"] / "n1.0.json", {"uuid": "GPU-f"})
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
@@ -210,3 +208,25 @@ def test_fast_power_rows_between_full_samples(tmp_path, monkeypatch) -> None:
     assert 3 <= len(full) <= 8            # ~5 full samples in ~1 s at 200 ms
     assert len(light) >= 4 * len(full)    # ~9 light rows between two full ones
     assert all(r["power_w"] == pytest.approx(72.0) and r["energy_mj"] is not None for r in light)
+
+
+def test_dcgm_rows_keep_dcgm_sample_times(tmp_path, fake_dcgm) -> None:
+    """Through the collector, a DCGM row's time is when DCGM sampled, each sample once."""
+    from launch_helpers import load_fake
+
+    fake_nvml = load_fake("fake_nvml")
+    t0_us = 1_700_000_000_000_000
+    samples = [[t0_us + 100_000 * k, {156: 5_000_000 + 20_000 * k, 157: 200.0 + k}] for k in range(4)]
+    fake_dcgm.reset(fake_nvml.FakeNvml({"gpus": [fake_nvml.make_gpu("GPU-d", dcgm=samples)]}))
+    d = dirs(tmp_path)
+    write_json(d["uuids"] / "n1.0.json", {"uuid": "GPU-d"})
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    rc = main(["--backend", "dcgm", "--interval-ms", "100", "--out", str(d["out"]), "--node", "n1",
+               "--uuid-dir", str(d["uuids"]), "--ready-dir", str(d["ready"])])
+    timer.join()
+    assert rc == 0
+    rows = pq.read_table(d["out"] / "n1.parquet").to_pylist()
+    assert [(r["timestamp_ns"], r["energy_mj"], r["power_w"]) for r in rows] == [
+        ((t0_us + 100_000 * k) * 1000, 5_000_000 + 20_000 * k, 200.0 + k) for k in range(4)]
+    assert {r["source"] for r in rows} == {"dcgm"}

@@ -1,12 +1,14 @@
-"""DcgmBackend against fake DCGM bindings found through $DCGM_PYTHON_PATH."""
+"""DcgmBackend against the fake DCGM bindings (tests/fakes/dcgm) found through $DCGM_PYTHON_PATH."""
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import pytest
+from launch_helpers import load_fake
 
 from llmenergy.errors import SensorError, SensorUnavailable
-from llmenergy.power.backends import dcgm as dcgm_module
+from llmenergy.power.backends import dcgm_lib
 from llmenergy.power.backends.base import POWER_COLUMNS
 from llmenergy.power.backends.dcgm import (
     BASE_FIELDS,
@@ -15,25 +17,27 @@ from llmenergy.power.backends.dcgm import (
     load_bindings,
 )
 
+fake_nvml = load_fake("fake_nvml")
+T0_US = 1_700_000_000_000_000  # a DCGM sample time, µs since the epoch
 
-def gpu(gpu_id: int, uuid: str, **values: float) -> dict:
+
+def gpu(uuid: str, **values: float) -> dict[str, Any]:
     base = {155: 70.5, 156: 9_000_000, 157: 72.25, 203: 88, 204: 35, 250: 81559, 251: 80000, 252: 1559,
             100: 1980, 101: 2619, 150: 44, 160: 700.0, 164: 450.0, 112: 0x4, 240: 2500,
             1002: 0.75, 1004: 0.5, 1005: 0.25}
     base.update({int(k[1:]): v for k, v in values.items()})
-    return {"id": gpu_id, "uuid": uuid, "name": "NVIDIA H100 80GB HBM3", "values": base}
+    return fake_nvml.make_gpu(uuid, name="NVIDIA H100 80GB HBM3", dcgm=[[T0_US, base]])
 
 
 @pytest.fixture
 def engine(fake_dcgm):
-    fake_dcgm.reset([gpu(0, "GPU-a"), gpu(1, "GPU-b"), gpu(2, "GPU-c")])
-    return fake_dcgm
+    return fake_dcgm.reset(fake_nvml.FakeNvml({"gpus": [gpu("GPU-a"), gpu("GPU-b"), gpu("GPU-c")]}))
 
 
 def test_bindings_found_through_env_path(engine) -> None:
     assert "pydcgm" not in sys.modules
     mods = load_bindings()
-    assert mods.pydcgm.__file__.endswith("fake_dcgm/pydcgm.py")
+    assert mods.pydcgm.__file__.endswith("fakes/dcgm/pydcgm.py")
     assert hasattr(mods.DcgmReader, "DcgmReader")
 
 
@@ -41,7 +45,7 @@ def test_bindings_missing_is_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_pa
     for name in ("pydcgm", "dcgm_fields", "dcgm_structs", "DcgmReader"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setenv("DCGM_PYTHON_PATH", str(tmp_path))
-    monkeypatch.setattr(dcgm_module, "DCGM_BINDING_DIRS", (str(tmp_path / "nope"),))
+    monkeypatch.setattr(dcgm_lib, "DCGM_BINDING_DIRS", (str(tmp_path / "nope"),))
     with pytest.raises(SensorUnavailable, match="bindings not found"):
         load_bindings()
 
@@ -62,7 +66,8 @@ def test_field_group_watch_read_and_teardown(engine) -> None:
     assert [r["device"] for r in rows] == ["GPU-c", "GPU-a"]
     row = rows[0]
     assert tuple(row) == POWER_COLUMNS
-    assert row["source"] == "dcgm" and row["node"] == "n0" and row["timestamp_ns"] == 42
+    assert row["source"] == "dcgm" and row["node"] == "n0"
+    assert row["timestamp_ns"] == T0_US * 1000  # DCGM's sample time, not the 42 asked at
     assert row["energy_mj"] == 9_000_000.0
     assert row["power_w"] == 72.25               # 157 (instant) preferred over 155
     assert row["gpu_util_pct"] == 88 and row["mem_util_pct"] == 35
@@ -96,7 +101,7 @@ def test_profiling_refused_falls_back_to_base_fields(engine) -> None:
 
 
 def test_missing_fields_and_blank_sentinels_are_null(engine) -> None:
-    values = engine.gpus[0]["values"]
+    values = engine.nvml.gpus()[0]["dcgm"][0][1]
     del values[157], values[164], values[240]
     values[150] = 140737488355328.0  # DCGM_FP64_BLANK
     with DcgmBackend(["GPU-a"], profiling=False) as backend:
@@ -139,3 +144,64 @@ def test_lost_connection_while_reading_is_a_sensor_error(engine) -> None:
     with pytest.raises(SensorError, match="dcgm"):
         backend.sample(0)
     backend.close()  # teardown copes with the dead connection
+
+
+# -- sample times: DCGM's own, per sample ------------------------------------------------------
+def _append(engine, gpu_index: int, ts_us: int, **values: float) -> None:
+    engine.nvml.gpus()[gpu_index]["dcgm"].append([ts_us, {int(k[1:]): v for k, v in values.items()}])
+
+
+def test_each_dcgm_sample_becomes_a_row_stamped_with_its_own_time(engine) -> None:
+    _append(engine, 0, T0_US + 100_000, f156=9_020_000, f157=210.0, f155=205.0)
+    _append(engine, 0, T0_US + 200_000, f156=9_041_000, f157=220.0, f155=215.0)
+    with DcgmBackend(["GPU-a"], profiling=False) as backend:
+        rows = backend.sample(999)  # the collector's clock; DCGM's times are used instead
+        assert [(r["timestamp_ns"], r["energy_mj"], r["power_w"]) for r in rows] == [
+            (T0_US * 1000, 9_000_000, 72.25),
+            ((T0_US + 100_000) * 1000, 9_020_000, 210.0),
+            ((T0_US + 200_000) * 1000, 9_041_000, 220.0),
+        ]
+        assert backend.sample(1_000) == []  # nothing new sampled: no row repeats an old value
+        _append(engine, 0, T0_US + 300_000, f156=9_063_000, f157=230.0)
+        [row] = backend.sample(1_001)
+        assert (row["timestamp_ns"], row["energy_mj"], row["power_w"]) == ((T0_US + 300_000) * 1000, 9_063_000, 230.0)
+        assert row["gpu_util_pct"] == 88  # a field not sampled again keeps its latest value
+
+
+def test_a_row_carries_only_values_sampled_at_or_before_its_time(engine) -> None:
+    _append(engine, 0, T0_US + 100_000, f156=9_020_000, f157=210.0)
+    _append(engine, 0, T0_US + 150_000, f150=61)  # temperature read later: makes no row of its own
+    with DcgmBackend(["GPU-a"], profiling=False) as backend:
+        rows = backend.sample(0)
+        assert [r["timestamp_ns"] for r in rows] == [T0_US * 1000, (T0_US + 100_000) * 1000]
+        assert [r["temperature_c"] for r in rows] == [44, 44]  # 61 was not yet measured at either instant
+        _append(engine, 0, T0_US + 200_000, f156=9_041_000)
+        [row] = backend.sample(0)
+        assert row["temperature_c"] == 61 and row["power_w"] == 210.0
+
+
+def test_reading_the_latest_value_keeps_the_samples_for_the_next_rows(engine) -> None:
+    with DcgmBackend(["GPU-a", "GPU-b"], profiling=False) as backend:
+        _append(engine, 1, T0_US + 100_000, f156=9_500_000)
+        assert backend.read_energy_mj(1) == 9_500_000  # reads everything new, for both GPUs
+        rows = backend.sample(0)
+    assert [(r["device"], r["timestamp_ns"]) for r in rows] == [
+        ("GPU-a", T0_US * 1000), ("GPU-b", T0_US * 1000), ("GPU-b", (T0_US + 100_000) * 1000)]
+
+
+def test_blank_samples_are_null_in_their_row(engine) -> None:
+    _append(engine, 0, T0_US + 100_000, f156=9_020_000, f157=dcgm_lib.FP64_BLANK, f155=dcgm_lib.FP64_BLANK)
+    with DcgmBackend(["GPU-a"], profiling=False) as backend:
+        rows = backend.sample(0)
+    assert [(r["energy_mj"], r["power_w"]) for r in rows] == [(9_000_000, 72.25), (9_020_000, None)]
+
+
+def test_a_field_sampled_twice_between_rows_gives_each_row_its_value_then(engine) -> None:
+    with DcgmBackend(["GPU-a"], profiling=False) as backend:
+        assert [r["temperature_c"] for r in backend.sample(0)] == [44]
+        _append(engine, 0, T0_US + 50_000, f150=50)
+        _append(engine, 0, T0_US + 80_000, f150=52)
+        _append(engine, 0, T0_US + 60_000 + 1, f156=9_010_000)  # read by the next tick
+        assert [r["temperature_c"] for r in backend.sample(0)] == [50]
+        _append(engine, 0, T0_US + 100_000, f156=9_020_000)
+        assert [r["temperature_c"] for r in backend.sample(0)] == [52]

@@ -1,34 +1,28 @@
-"""NvmlBackend against a fake pynvml patched where the backend imports it."""
+"""NvmlBackend against the fake NVML (tests/fakes/fake_nvml.py) patched where llmenergy imports pynvml."""
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from fake_pynvml import (
-    NVML_ERROR_DRIVER_NOT_LOADED,
-    NVML_ERROR_UNKNOWN,
-    FakeGpu,
-    NVMLError,
-    make_fake_pynvml,
-)
+from launch_helpers import load_fake
 
 from llmenergy.errors import SensorError, SensorUnavailable
-from llmenergy.power.backends import nvml as nvml_module
 from llmenergy.power.backends.base import POWER_COLUMNS
 from llmenergy.power.backends.nvml import NvmlBackend
 
+fake_nvml = load_fake("fake_nvml")
 UUIDS = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc", "GPU-dddd"]
 
 
 @pytest.fixture
-def gpus() -> list[FakeGpu]:
-    return [FakeGpu(uuid=u, energy_mj=1_000_000 * (i + 1), power_mw=70_000 + 1000 * i)
+def gpus() -> list[dict[str, Any]]:
+    return [fake_nvml.make_gpu(u, energy_mj=1_000_000 * (i + 1), power_mw=70_000 + 1000 * i)
             for i, u in enumerate(UUIDS)]
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch, gpus: list[FakeGpu]):
-    mod = make_fake_pynvml(gpus)
-    monkeypatch.setattr(nvml_module, "pynvml", mod)
-    return mod
+def fake(make_nvml, gpus: list[dict[str, Any]]):
+    return make_nvml(gpus)
 
 
 def test_watches_exactly_the_given_uuids_in_their_order(fake) -> None:
@@ -41,7 +35,7 @@ def test_watches_exactly_the_given_uuids_in_their_order(fake) -> None:
 
 def test_all_gpus_when_uuids_is_none(fake, gpus) -> None:
     with NvmlBackend(None) as backend:
-        assert [d.uuid for d in backend.devices()] == [g.uuid for g in gpus]
+        assert [d.uuid for d in backend.devices()] == [g["uuid"] for g in gpus]
 
 
 def test_unknown_uuid_is_unavailable_and_nvml_is_shut_down(fake) -> None:
@@ -52,8 +46,8 @@ def test_unknown_uuid_is_unavailable_and_nvml_is_shut_down(fake) -> None:
 
 def test_energy_counter_and_instant_power_units(fake, gpus) -> None:
     backend = NvmlBackend(["GPU-bbbb"])
-    gpus[1].energy_mj = 5_432_100
-    gpus[1].power_mw = 312_500
+    gpus[1]["energy_mj"] = 5_432_100
+    gpus[1]["power_mw"] = 312_500
     assert backend.read_energy_mj(1) == pytest.approx(5_432_100.0)
     assert backend.read_power_w(1) == pytest.approx(312.5)  # field 186, mW -> W
     assert fake.calls.get("nvmlDeviceGetPowerUsage", 0) == 0
@@ -62,17 +56,17 @@ def test_energy_counter_and_instant_power_units(fake, gpus) -> None:
 
 def test_sample_row_has_every_column_and_converted_units(fake, gpus) -> None:
     g = gpus[0]
-    g.gpu_util, g.mem_util, g.mem_used_bytes = 97, 41, 3 * 1024 * 1024 * 1024
-    g.sm_clock_mhz, g.mem_clock_mhz, g.temperature_c = 1980, 2619, 55
-    g.enforced_limit_mw, g.event_reasons, g.violation_ns = 350_000, 0x4, 12_345_678
+    g.update(gpu_util=97, mem_util=41, mem_used_bytes=3 * 1024 * 1024 * 1024, sm_clock_mhz=1980,
+             mem_clock_mhz=2619, temperature_c=55, other_limit_mw=350_000, event_reasons=0x4,
+             violation_ns=12_345_678)
     backend = NvmlBackend(["GPU-aaaa"], node="node7")
     [row] = backend.sample(1_700_000_000_000_000_000)
     assert tuple(row) == POWER_COLUMNS
     assert row["node"] == "node7" and row["device"] == "GPU-aaaa" and row["device_index"] == 0
     assert row["domain"] == "gpu" and row["source"] == "nvml"
     assert row["timestamp_ns"] == 1_700_000_000_000_000_000
-    assert row["energy_mj"] == pytest.approx(g.energy_mj)
-    assert row["power_w"] == pytest.approx(g.power_mw / 1000)
+    assert row["energy_mj"] == pytest.approx(1_000_000)
+    assert row["power_w"] == pytest.approx(70.0)  # mW -> W
     assert row["gpu_util_pct"] == 97 and row["mem_util_pct"] == 41
     assert row["mem_used_mb"] == pytest.approx(3 * 1024)
     assert (row["sm_clock_mhz"], row["mem_clock_mhz"], row["temperature_c"]) == (1980, 2619, 55)
@@ -83,22 +77,22 @@ def test_sample_row_has_every_column_and_converted_units(fake, gpus) -> None:
 
 
 def test_unsupported_metric_is_null_and_not_asked_again(fake, gpus) -> None:
-    gpus[0].unsupported = {"nvmlDeviceGetViolationStatus", "nvmlDeviceGetTotalEnergyConsumption"}
-    gpus[0].energy_field_unsupported = True
+    gpus[0]["unsupported"] = ["nvmlDeviceGetViolationStatus", "nvmlDeviceGetTotalEnergyConsumption"]
+    gpus[0]["energy_field_unsupported"] = True
     backend = NvmlBackend(["GPU-aaaa"])
     for t in range(3):
         [row] = backend.sample(t)
         assert row["power_cap_throttle_ns"] is None
         assert row["energy_mj"] is None
-        assert row["temperature_c"] == gpus[0].temperature_c
+        assert row["temperature_c"] == gpus[0]["temperature_c"]
     assert fake.calls["nvmlDeviceGetViolationStatus"] == 1
     assert fake.calls["nvmlDeviceGetTotalEnergyConsumption"] == 1
     backend.close()
 
 
 def test_older_pynvml_uses_throttle_reasons(fake, gpus) -> None:
-    del fake.nvmlDeviceGetCurrentClocksEventReasons
-    gpus[0].event_reasons = 0x8
+    del fake.module().nvmlDeviceGetCurrentClocksEventReasons  # an older pynvml
+    gpus[0]["event_reasons"] = 0x8
     with NvmlBackend(["GPU-aaaa"]) as backend:
         [row] = backend.sample(0)
     assert row["clock_event_reasons"] == 0x8
@@ -106,8 +100,8 @@ def test_older_pynvml_uses_throttle_reasons(fake, gpus) -> None:
 
 
 def test_missing_field_186_falls_back_to_power_usage(fake, gpus) -> None:
-    gpus[0].field_unsupported = True
-    gpus[0].average_power_mw = 150_000
+    gpus[0]["field_unsupported"] = True
+    gpus[0]["average_power_mw"] = 150_000
     with NvmlBackend(["GPU-aaaa"]) as backend:
         assert backend.read_power_w(0) == pytest.approx(150.0)
         assert backend.read_power_w(0) == pytest.approx(150.0)
@@ -135,8 +129,7 @@ def test_full_sample_reads_energy_and_power_first(fake, gpus) -> None:
 
 
 def test_missing_energy_field_falls_back_to_the_counter_function(fake, gpus) -> None:
-    gpus[0].energy_field_unsupported = True
-    gpus[0].energy_mj, gpus[0].power_mw = 7_654_321, 250_000
+    gpus[0].update(energy_field_unsupported=True, energy_mj=7_654_321, power_mw=250_000)
     with NvmlBackend(["GPU-aaaa"]) as backend:
         for _ in range(3):
             assert backend.read_energy_and_power(0) == (pytest.approx(7_654_321), pytest.approx(250.0))
@@ -147,24 +140,24 @@ def test_missing_energy_field_falls_back_to_the_counter_function(fake, gpus) -> 
 
 def test_lost_gpu_raises_sensor_error(fake, gpus) -> None:
     backend = NvmlBackend(["GPU-aaaa"])
-    gpus[0].lost = True
+    gpus[0]["lost"] = True
     with pytest.raises(SensorError, match="nvml"):
         backend.sample(0)
     backend.close()
 
 
-def test_driver_not_loaded_is_unavailable(monkeypatch: pytest.MonkeyPatch, gpus) -> None:
-    monkeypatch.setattr(nvml_module, "pynvml", make_fake_pynvml(gpus, init_error=NVML_ERROR_DRIVER_NOT_LOADED))
+def test_driver_not_loaded_is_unavailable(make_nvml, gpus) -> None:
+    make_nvml(gpus, init_error=fake_nvml.NVML_ERROR_DRIVER_NOT_LOADED)
     with pytest.raises(SensorUnavailable):
         NvmlBackend(None)
 
 
-def test_other_init_failure_is_a_sensor_error_not_unavailable(monkeypatch: pytest.MonkeyPatch, gpus) -> None:
-    monkeypatch.setattr(nvml_module, "pynvml", make_fake_pynvml(gpus, init_error=NVML_ERROR_UNKNOWN))
+def test_other_init_failure_is_a_sensor_error_not_unavailable(make_nvml, gpus) -> None:
+    make_nvml(gpus, init_error=fake_nvml.NVML_ERROR_UNKNOWN)
     with pytest.raises(SensorError) as info:
         NvmlBackend(None)
     assert not isinstance(info.value, SensorUnavailable)
-    assert isinstance(info.value.__cause__, NVMLError)
+    assert isinstance(info.value.__cause__, fake_nvml.NVMLError)
 
 
 def test_close_is_idempotent_and_shuts_nvml_down_once(fake) -> None:

@@ -27,8 +27,22 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def git_commit() -> str | None:
-    return _run(["git", "rev-parse", "HEAD"], cwd=Path.cwd())
+def git_commit(package_dir: str | os.PathLike[str] | None = None) -> str | None:
+    """The commit of the llmenergy checkout the package was imported from, else None.
+
+    Only when the package directory (``package_dir``, default the imported
+    ``llmenergy``) is its git work tree's own ``src/llmenergy``: a copy of the
+    package inside another repository, or one installed into a virtual
+    environment that lives in some repository, records no commit rather than
+    that repository's.
+    """
+    package = Path(package_dir if package_dir is not None else Path(llmenergy.__file__).parent).resolve()
+    if not package.is_dir():
+        return None
+    top = _run(["git", "rev-parse", "--show-toplevel"], cwd=package)
+    if top is None or (Path(top).resolve() / "src" / "llmenergy") != package:
+        return None
+    return _run(["git", "rev-parse", "HEAD"], cwd=package)
 
 
 def _versions() -> dict[str, str | None]:
@@ -42,17 +56,12 @@ def _versions() -> dict[str, str | None]:
 
 
 def _driver() -> str | None:
+    """The NVIDIA driver version through NVML (:mod:`~llmenergy.power.backends.nvml_lib`), None without NVML."""
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            v = pynvml.nvmlSystemGetDriverVersion()
-            return v.decode() if isinstance(v, bytes) else str(v)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no NVML here: no driver to report
+        from llmenergy.power.backends import nvml_lib
+    except ImportError:  # nvidia-ml-py not installed: no driver to report
         return None
+    return nvml_lib.driver_version()
 
 
 def slurm_consumed_energy_j(job_id: str | None) -> float | None:

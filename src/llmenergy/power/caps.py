@@ -11,8 +11,10 @@ second call changes nothing.
 Backends: NVML (``nvmlDeviceSetPowerManagementLimit``, needs root) and DCGM
 (``dcgmConfigSet`` through ``pydcgm``, needs a host engine running as root).
 A refusal becomes :class:`~llmenergy.errors.PowerCapDenied`; other vendor
-errors :class:`~llmenergy.errors.PowerCapError`.  ``pynvml`` is imported at
-module level so tests patch ``llmenergy.power.caps.pynvml`` with a fake.
+errors :class:`~llmenergy.errors.PowerCapError`.  The vendor libraries are
+reached through :mod:`~llmenergy.power.backends.nvml_lib` and
+:mod:`~llmenergy.power.backends.dcgm_lib` (initialisation, GPUs by UUID, error
+mapping), which tests patch with the fakes.
 
 The per-node guard process that calls these lives in :mod:`llmenergy.power.guard`.
 """
@@ -25,25 +27,17 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pynvml
-
 from llmenergy.atomic import write_json
-from llmenergy.errors import (
-    ConfigError,
-    PowerCapDenied,
-    PowerCapError,
-    SensorUnavailable,
-)
+from llmenergy.errors import ConfigError, PowerCapDenied, PowerCapError
+from llmenergy.power.backends import dcgm_lib, nvml_lib
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SW_POWER_CAP_BIT = 0x4  # clock-event reason "software power cap" (NVML and DCGM field 112)
-DCGM_INT32_BLANK = 0x7FFFFFF0  # "leave unchanged" in a DCGM config struct
 
 
 def validate_cap(watts: float, min_w: float, max_w: float, key: str) -> float:
@@ -106,67 +100,47 @@ class NvmlCapBackend(CapBackend):
     name = "nvml"
 
     def __init__(self) -> None:
-        self._handles: dict[str, Any] = {}
-        with self._errors("initialise NVML"):
-            pynvml.nvmlInit()
-        self._open = True
-
-    @contextlib.contextmanager
-    def _errors(self, what: str, uuid: str | None = None) -> Iterator[None]:
-        try:
-            yield
-        except pynvml.NVMLError as exc:
-            where = f"nvml: {uuid}: " if uuid else "nvml: "
-            if getattr(exc, "value", None) == getattr(pynvml, "NVML_ERROR_NO_PERMISSION", 4):
-                raise PowerCapDenied(f"{where}{what}: no permission (setting power limits needs root)") from exc
-            raise PowerCapError(f"{where}{what}: {exc}") from exc
+        with nvml_lib.cap_errors("initialise NVML"):
+            self._nvml = nvml_lib.NvmlSession()
 
     def _handle(self, uuid: str) -> Any:
-        if uuid not in self._handles:
-            with self._errors("find GPU", uuid):
-                self._handles[uuid] = pynvml.nvmlDeviceGetHandleByUUID(uuid)
-        return self._handles[uuid]
+        with nvml_lib.cap_errors("find GPU", uuid):
+            return self._nvml.handle(uuid)
 
     def limits_w(self, uuid: str) -> tuple[float, float, float]:
         handle = self._handle(uuid)
-        with self._errors("read power-limit constraints", uuid):
-            min_mw, max_mw = pynvml.nvmlDeviceGetPowerManagementLimitConstraints(handle)
-            default_mw = pynvml.nvmlDeviceGetPowerManagementDefaultLimit(handle)
+        with nvml_lib.cap_errors("read power-limit constraints", uuid):
+            min_mw, max_mw = nvml_lib.pynvml.nvmlDeviceGetPowerManagementLimitConstraints(handle)
+            default_mw = nvml_lib.pynvml.nvmlDeviceGetPowerManagementDefaultLimit(handle)
         return min_mw / 1000.0, max_mw / 1000.0, default_mw / 1000.0
 
     def get_limit_w(self, uuid: str) -> float:
         handle = self._handle(uuid)
-        with self._errors("read enforced power limit", uuid):
-            return pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0
+        with nvml_lib.cap_errors("read enforced power limit", uuid):
+            return nvml_lib.pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0
 
     def get_setting_w(self, uuid: str) -> float:
         handle = self._handle(uuid)
-        with self._errors("read power-management limit", uuid):
-            return pynvml.nvmlDeviceGetPowerManagementLimit(handle) / 1000.0
+        with nvml_lib.cap_errors("read power-management limit", uuid):
+            return nvml_lib.pynvml.nvmlDeviceGetPowerManagementLimit(handle) / 1000.0
 
     def set_limit_w(self, uuid: str, watts: float) -> None:
         handle = self._handle(uuid)
-        with self._errors(f"set power limit to {watts:g} W", uuid):
-            pynvml.nvmlDeviceSetPowerManagementLimit(handle, int(round(watts * 1000)))
+        with nvml_lib.cap_errors(f"set power limit to {watts:g} W", uuid):
+            nvml_lib.pynvml.nvmlDeviceSetPowerManagementLimit(handle, int(round(watts * 1000)))
         log.info("nvml: %s: power limit set to %g W", uuid, watts)
 
     def throttle(self, uuid: str) -> dict[str, Any]:
         handle = self._handle(uuid)
         reasons = violation = None
-        getter = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
-            pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
-        with contextlib.suppress(pynvml.NVMLError, TypeError):
-            reasons = None if getter is None else int(getter(handle))
-        with contextlib.suppress(pynvml.NVMLError, AttributeError, TypeError):
-            policy = getattr(pynvml, "NVML_PERF_POLICY_POWER", 0)
-            violation = int(pynvml.nvmlDeviceGetViolationStatus(handle, policy).violationTime)
+        with contextlib.suppress(*nvml_lib.vendor_errors(), AttributeError, TypeError):
+            reasons = self._nvml.clock_event_reasons(handle)
+        with contextlib.suppress(*nvml_lib.vendor_errors(), AttributeError, TypeError):
+            violation = self._nvml.power_violation_ns(handle)
         return _throttle_dict(reasons, violation)
 
     def close(self) -> None:
-        if self._open:
-            self._open = False
-            with contextlib.suppress(pynvml.NVMLError):
-                pynvml.nvmlShutdown()
+        self._nvml.close()
 
 
 class DcgmCapBackend(CapBackend):
@@ -179,35 +153,11 @@ class DcgmCapBackend(CapBackend):
     name = "dcgm"
 
     def __init__(self, host: str | None = None) -> None:
-        from llmenergy.power.backends.dcgm import load_bindings
-
-        try:
-            self._mods = load_bindings()
-        except SensorUnavailable as exc:
-            raise PowerCapError(str(exc)) from exc
-        self._structs = self._mods.dcgm_structs
-        self._host = None if host in (None, "", "embedded") else host
         self._nvml: NvmlCapBackend | None = None
-        with self._errors("connect to DCGM"):
-            self._handle = self._mods.pydcgm.DcgmHandle(
-                ipAddress=self._host, opMode=self._structs.DCGM_OPERATION_MODE_AUTO)
-            self._system = self._handle.GetSystem()
-            self._gpu_ids: dict[str, int] = {}
-            for gpu_id in self._system.discovery.GetAllSupportedGpuIds():
-                ident = self._system.discovery.GetGpuAttributes(gpu_id).identifiers
-                self._gpu_ids[_text(ident.uuid)] = int(gpu_id)
-
-    @contextlib.contextmanager
-    def _errors(self, what: str, uuid: str | None = None) -> Iterator[None]:
-        try:
-            yield
-        except self._structs.DCGMError as exc:
-            where = f"dcgm: {uuid}: " if uuid else "dcgm: "
-            denied = {getattr(self._structs, n, None) for n in ("DCGM_ST_REQUIRES_ROOT", "DCGM_ST_NO_PERMISSION")}
-            if getattr(exc, "value", None) in denied - {None}:
-                raise PowerCapDenied(f"{where}{what}: refused (dcgmConfigSet needs a host engine running "
-                                     f"as root and admin rights)") from exc
-            raise PowerCapError(f"{where}{what}: {exc}") from exc
+        self._dcgm = dcgm_lib.connect_for_caps(host)
+        self._mods = self._dcgm.mods
+        with dcgm_lib.cap_errors(self._mods, "list GPUs"):
+            self._gpu_ids = {uuid: gpu_id for gpu_id, uuid, _name in self._dcgm.gpus()}
 
     def _gpu_id(self, uuid: str) -> int:
         if uuid not in self._gpu_ids:
@@ -215,8 +165,8 @@ class DcgmCapBackend(CapBackend):
         return self._gpu_ids[uuid]
 
     def _power_limits(self, uuid: str) -> Any:
-        with self._errors("read power limits", uuid):
-            return self._system.discovery.GetGpuAttributes(self._gpu_id(uuid)).powerLimits
+        with dcgm_lib.cap_errors(self._mods, "read power limits", uuid):
+            return self._dcgm.system.discovery.GetGpuAttributes(self._gpu_id(uuid)).powerLimits
 
     def limits_w(self, uuid: str) -> tuple[float, float, float]:
         p = self._power_limits(uuid)
@@ -228,29 +178,15 @@ class DcgmCapBackend(CapBackend):
     def get_setting_w(self, uuid: str) -> float:
         return float(self._power_limits(uuid).curPowerLimit)
 
-    def _config(self, gpu_id: int, watts: float) -> Any:
-        s = self._structs
-        cfg = s.c_dcgmDeviceConfig_v1()
-        cfg.version = s.dcgmDeviceConfig_version1
-        cfg.gpuId = gpu_id
-        blank = getattr(s, "DCGM_INT32_BLANK", None) or _dcgmvalue_blank()
-        cfg.mEccMode = blank
-        cfg.mComputeMode = blank
-        cfg.mPerfState.syncBoost = blank
-        cfg.mPerfState.targetClocks.memClock = blank
-        cfg.mPerfState.targetClocks.smClock = blank
-        cfg.mPowerLimit.type = s.DCGM_CONFIG_POWER_CAP_INDIVIDUAL
-        cfg.mPowerLimit.val = int(round(watts))
-        return cfg
-
     def set_limit_w(self, uuid: str, watts: float) -> None:
         gpu_id = self._gpu_id(uuid)
-        with self._errors(f"set power limit to {watts:g} W", uuid):
-            group = self._system.GetGroupWithGpuIds(f"llmenergy_cap_{os.getpid()}_{gpu_id}", [gpu_id])
+        structs = self._mods.dcgm_structs
+        with dcgm_lib.cap_errors(self._mods, f"set power limit to {watts:g} W", uuid):
+            group = self._dcgm.system.GetGroupWithGpuIds(f"llmenergy_cap_{os.getpid()}_{gpu_id}", [gpu_id])
             try:
-                group.config.Set(self._config(gpu_id, watts))
+                group.config.Set(dcgm_lib.power_cap_config(self._mods, gpu_id, watts))
             finally:
-                with contextlib.suppress(self._structs.DCGMError):
+                with contextlib.suppress(structs.DCGMError):
                     group.Delete()
         log.info("dcgm: %s: power limit set to %g W", uuid, watts)
 
@@ -266,21 +202,7 @@ class DcgmCapBackend(CapBackend):
     def close(self) -> None:
         if self._nvml is not None:
             self._nvml.close()
-        with contextlib.suppress(self._structs.DCGMError):
-            self._handle.Shutdown()
-
-
-def _dcgmvalue_blank() -> int:
-    try:
-        import dcgmvalue  # type: ignore[import-not-found]
-
-        return int(dcgmvalue.DCGM_INT32_BLANK)
-    except (ImportError, AttributeError):
-        return DCGM_INT32_BLANK
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+        self._dcgm.close()
 
 
 def make_backend(name: str, *, dcgm_host: str | None = None) -> CapBackend:

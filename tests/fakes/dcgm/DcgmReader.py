@@ -1,3 +1,3 @@
-"""FAKE ``DcgmReader``: a thin shim over tests/fakes/fake_dcgm_impl.py (needs tests/fakes on PYTHONPATH)."""
-from fake_dcgm_impl import *  # noqa: F401,F403
-from fake_dcgm_impl import FAKE_MODULE as FAKE_MODULE  # noqa: F401
+"""FAKE ``DcgmReader``: the fake DCGM of tests/fakes/fake_dcgm.py under the binding's module name."""
+from fake_dcgm import *  # noqa: F401,F403
+from fake_dcgm import FAKE_MODULE as FAKE_MODULE  # noqa: F401

@@ -1,128 +1,68 @@
-"""DCGM backend, through NVIDIA's Python bindings and their ``DcgmReader``.
+"""DCGM backend: a ``DcgmReader`` over the GPUs named by UUID.
 
-The bindings are not on PyPI: they ship with DCGM.  :func:`load_bindings` finds
-them on ``sys.path``, then in ``$DCGM_PYTHON_PATH`` (``os.pathsep``-separated),
-then in the DCGM 3 and DCGM 4 install folders.
-
-Field ids are integers on purpose (DCGM 4.6 renamed the constants).  The
+DCGM itself (the bindings, the host-engine connection, error mapping, units,
+field ids) is reached through :mod:`~llmenergy.power.backends.dcgm_lib`.  The
 reader watches :data:`BASE_FIELDS` plus, when allowed, the profiling fields
 :data:`PROFILING_FIELDS`; if watching those fails (non-root host engine, GPU
 without profiling, another profiler active) it falls back to the base fields.
 
-Host engine: ``host=None`` starts an embedded engine in this process;
-otherwise it connects to a standalone ``nv-hostengine`` at ``host`` (the
-``collector.dcgm_host`` option).  One connection serves discovery and reading.
+Row times are DCGM's own: values are read with
+``GetAllGpuValuesAsFieldIdDictSinceLastCall()``, which keeps each value's
+sample time (``.ts``, µs since the epoch, taken by the host engine when it read
+the sensor), not ``GetLatestGpuValuesAsFieldIdDict()``, which drops it.  Each
+:meth:`DcgmBackend.sample` returns one row per device and per new sample instant
+of the energy or power fields since the previous call, stamped with that
+instant (µs → ns, the same wall clock as every ``*_ns``); the other fields carry
+their latest value at or before it.  The ``timestamp_ns`` the collector passes
+(when it asked) is not used.  A standalone ``nv-hostengine`` on another host
+stamps with that host's clock.
 """
 from __future__ import annotations
 
 import logging
 import os
-import sys
-import types
-from pathlib import Path
 from typing import Any
 
 from llmenergy.errors import SensorError, SensorUnavailable
+from llmenergy.power.backends import dcgm_lib
 from llmenergy.power.backends.base import (
     DeviceInfo,
     PowerBackend,
     make_row,
-    map_sensor_errors,
     select_devices,
     sensor_call,
-    vendor_text,
+)
+from llmenergy.power.backends.dcgm_lib import (  # noqa: F401 - re-exported for callers and tests
+    BASE_FIELDS,
+    DCGM_BINDING_DIRS,
+    FI_CLOCK_EVENT_REASONS,
+    FI_ENFORCED_POWER_LIMIT_W,
+    FI_FB_USED_MB,
+    FI_GPU_TEMP,
+    FI_GPU_UTIL,
+    FI_MEM_CLOCK,
+    FI_MEM_COPY_UTIL,
+    FI_POWER_INSTANT_W,
+    FI_POWER_MGMT_LIMIT_W,
+    FI_POWER_USAGE_W,
+    FI_POWER_VIOLATION_US,
+    FI_PROF_DRAM_ACTIVE,
+    FI_PROF_SM_ACTIVE,
+    FI_PROF_TENSOR_ACTIVE,
+    FI_SM_CLOCK,
+    FI_TOTAL_ENERGY_MJ,
+    PROFILING_FIELDS,
+    as_float,
+    clean,
+    load_bindings,
 )
 
 log = logging.getLogger(__name__)
 
-DCGM_BINDING_DIRS: tuple[str, ...] = (
-    "/usr/local/dcgm/bindings/python3",
-    "/usr/share/datacenter-gpu-manager-4/bindings/python3",
-)
-BINDING_MODULES: tuple[str, ...] = ("pydcgm", "dcgm_fields", "dcgm_structs", "DcgmReader")
+#: The fields whose sample instants make rows: the energy counter and the two power fields.
+ROW_FIELDS: tuple[int, ...] = (FI_TOTAL_ENERGY_MJ, FI_POWER_INSTANT_W, FI_POWER_USAGE_W)
 
-# Field ids: integers, because DCGM 4.6 renamed the constants (dcgm_fields.py of DCGM 3 and 4).
-FI_POWER_USAGE_W = 155
-FI_TOTAL_ENERGY_MJ = 156
-FI_POWER_INSTANT_W = 157
-FI_GPU_UTIL = 203
-FI_MEM_COPY_UTIL = 204
-FI_FB_TOTAL_MB = 250
-FI_FB_FREE_MB = 251
-FI_FB_USED_MB = 252
-FI_SM_CLOCK = 100
-FI_MEM_CLOCK = 101
-FI_GPU_TEMP = 150
-FI_POWER_MGMT_LIMIT_W = 160
-FI_ENFORCED_POWER_LIMIT_W = 164
-FI_CLOCK_EVENT_REASONS = 112
-FI_POWER_VIOLATION_US = 240
-FI_PROF_SM_ACTIVE = 1002
-FI_PROF_TENSOR_ACTIVE = 1004
-FI_PROF_DRAM_ACTIVE = 1005
-
-BASE_FIELDS: tuple[int, ...] = (
-    155, 156, 157, 203, 204, 250, 251, 252, 100, 101, 150, 160, 161, 162, 163, 164, 112, 240,
-)
-PROFILING_FIELDS: tuple[int, ...] = (1002, 1004, 1005)
-
-_FP64_BLANK = 140737488355328.0  # DCGM_FP64_BLANK; larger floats are DCGM sentinels
-_INT64_BLANK = 0x7FFFFFFFFFFFFFF0  # DCGM_INT64_BLANK; larger ints are sentinels
-
-
-def _binding_dirs() -> list[str]:
-    env = os.environ.get("DCGM_PYTHON_PATH", "")
-    dirs = [d for d in env.split(os.pathsep) if d]
-    return dirs + list(DCGM_BINDING_DIRS)
-
-
-def load_bindings() -> types.SimpleNamespace:
-    """Import pydcgm, dcgm_fields, dcgm_structs and DcgmReader, searching the known folders.
-
-    Raises SensorUnavailable when they cannot be found.
-    """
-    try:
-        return _import_bindings()
-    except ImportError as first:
-        error: ImportError = first
-    for folder in _binding_dirs():
-        if not (Path(folder) / "pydcgm.py").is_file():
-            continue
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
-        try:
-            mods = _import_bindings()
-        except ImportError as exc:
-            error = exc
-            continue
-        log.info("dcgm: bindings from %s", folder)
-        return mods
-    raise SensorUnavailable(
-        "dcgm: Python bindings not found on sys.path, $DCGM_PYTHON_PATH or "
-        f"{', '.join(DCGM_BINDING_DIRS)} ({error})"
-    )
-
-
-def _import_bindings() -> types.SimpleNamespace:
-    import importlib
-
-    return types.SimpleNamespace(**{name: importlib.import_module(name) for name in BINDING_MODULES})
-
-
-def _clean(value: Any) -> Any:
-    """None for DCGM blank sentinels."""
-    if value is None:
-        return None
-    if isinstance(value, float) and value >= _FP64_BLANK:
-        return None
-    if isinstance(value, int) and value >= _INT64_BLANK:
-        return None
-    return value
-
-
-def _as_float(value: Any) -> float | None:
-    value = _clean(value)
-    return None if value is None else float(value)
+Sample = tuple[int, Any]  # (timestamp_ns, value or None)
 
 
 class DcgmBackend(PowerBackend):
@@ -142,15 +82,18 @@ class DcgmBackend(PowerBackend):
     ) -> None:
         super().__init__(node=node)
         self._mods = load_bindings()
-        self._host = None if host in (None, "", "embedded") else host
+        self._host = dcgm_lib.host_address(host)
         self._interval_us = int(interval_ms) * 1000
         self._max_keep_age_s = float(max_keep_age_s)
-        self._handle: Any = None
+        self._conn: dcgm_lib.DcgmConnection | None = None
         self._reader: Any = None
         self._failed_reader: Any = None
         self._devices: list[DeviceInfo] = []
         self.fields: tuple[int, ...] = ()
-        self._latest: dict[int, dict[int, Any]] = {}
+        # per GPU id: field id -> samples (time-ordered; the last one is the latest value)
+        self._history: dict[int, dict[int, list[Sample]]] = {}
+        # per GPU id: instants (ns) of new ROW_FIELDS samples not yet returned by sample()
+        self._pending: dict[int, set[int]] = {}
         try:
             self._connect()
             self._discover(uuids)
@@ -161,42 +104,26 @@ class DcgmBackend(PowerBackend):
 
     # -- setup -------------------------------------------------------------
     def vendor_errors(self) -> tuple[type[BaseException], ...]:
-        return (self._mods.dcgm_structs.DCGMError,)
+        return dcgm_lib.vendor_errors(self._mods)
 
     def is_unavailable(self, exc: BaseException) -> bool:
-        structs = self._mods.dcgm_structs
-        codes = {
-            getattr(structs, name, None)
-            for name in (
-                "DCGM_ST_LIBRARY_NOT_FOUND",
-                "DCGM_ST_CONNECTION_NOT_VALID",
-                "DCGM_ST_INIT_ERROR",
-                "DCGM_ST_NVML_ERROR",
-                "DCGM_ST_GPU_NOT_SUPPORTED",
-            )
-        } - {None}
-        return getattr(exc, "value", None) in codes
+        return dcgm_lib.is_unavailable(self._mods, exc)
 
     @sensor_call
     def _connect(self) -> None:
-        structs = self._mods.dcgm_structs
-        self._handle = self._mods.pydcgm.DcgmHandle(
-            ipAddress=self._host, opMode=structs.DCGM_OPERATION_MODE_AUTO
-        )
-        log.info("dcgm: %s", "embedded host engine" if self._host is None else f"nv-hostengine at {self._host}")
+        self._conn = dcgm_lib.connect(self._host, self._mods)
 
     @sensor_call
     def _discover(self, uuids: list[str] | None) -> None:
-        discovery = self._handle.GetSystem().discovery
-        found: dict[str, DeviceInfo] = {}
-        for gpu_id in discovery.GetAllSupportedGpuIds():
-            ident = discovery.GetGpuAttributes(gpu_id).identifiers
-            uuid = vendor_text(ident.uuid)
-            if uuids is None or uuid in uuids:
-                found[uuid] = DeviceInfo(index=int(gpu_id), uuid=uuid, name=vendor_text(ident.deviceName), domain="gpu")
+        if self._conn is None:
+            raise SensorError("dcgm: backend is closed")
+        found = {uuid: DeviceInfo(index=gpu_id, uuid=uuid, name=name, domain="gpu")
+                 for gpu_id, uuid, name in self._conn.gpus() if uuids is None or uuid in uuids}
         self._devices = select_devices(found, uuids, missing_what="dcgm: GPU UUID(s) not seen by DCGM")
         if not self._devices:
             raise SensorUnavailable("dcgm: no supported GPUs")
+        self._history = {d.index: {} for d in self._devices}
+        self._pending = {d.index: set() for d in self._devices}
 
     def _watch(self, profiling: bool) -> None:
         DCGMError = self._mods.dcgm_structs.DCGMError  # noqa: N806 - vendor name
@@ -209,12 +136,13 @@ class DcgmBackend(PowerBackend):
                 log.warning("dcgm: profiling fields %s not watchable (%s); continuing without them",
                             list(PROFILING_FIELDS), exc)
                 self._teardown_reader(self._failed_reader)
-        with map_sensor_errors(self.name, self.vendor_errors(), what="watch",
-                               unavailable=self.is_unavailable):
+        with dcgm_lib.sensor_errors(self._mods, "watch"):
             self._reader = self._new_reader(BASE_FIELDS)
         self.fields = BASE_FIELDS
 
     def _new_reader(self, fields: tuple[int, ...]) -> Any:
+        if self._conn is None:
+            raise SensorError("dcgm: backend is closed")
         reader = self._mods.DcgmReader.DcgmReader(
             hostname=self._host,
             fieldIds=list(fields),
@@ -226,7 +154,7 @@ class DcgmBackend(PowerBackend):
         self._failed_reader = reader
         # Use our connection (DCGM allows one per process); the reader creates the
         # GPU group and field groups and adds the watches.
-        reader.SetHandle(self._handle.handle)
+        reader.SetHandle(self._conn.handle.handle)
         self._failed_reader = None
         log.info("dcgm: watching fields %s on GPU ids %s every %d us",
                  list(fields), [d.index for d in self._devices], self._interval_us)
@@ -237,22 +165,35 @@ class DcgmBackend(PowerBackend):
         return list(self._devices)
 
     @sensor_call
-    def refresh(self) -> dict[int, dict[int, Any]]:
-        """Fetch the latest value of every watched field: {gpu_id: {field_id: value}}."""
+    def refresh(self) -> None:
+        """Fetch every value DCGM sampled since the last call, with its sample time."""
         if self._reader is None:
             raise SensorError("dcgm: backend is closed")
-        self._latest = {int(k): v for k, v in self._reader.GetLatestGpuValuesAsFieldIdDict().items()}
-        return self._latest
+        for gpu_id, fields in self._reader.GetAllGpuValuesAsFieldIdDictSinceLastCall().items():
+            history = self._history.get(int(gpu_id))
+            if history is None:
+                continue
+            for field_id, values in fields.items():
+                samples = history.setdefault(int(field_id), [])
+                for value in values:
+                    timestamp_ns = dcgm_lib.us_to_ns(value.ts)
+                    blank = bool(getattr(value, "isBlank", False))
+                    samples.append((timestamp_ns, None if blank else clean(value.value)))
+                    if int(field_id) in ROW_FIELDS:
+                        self._pending[int(gpu_id)].add(timestamp_ns)
+                samples.sort(key=lambda sample: sample[0])
 
-    def _values(self, device_index: int) -> dict[int, Any]:
+    def latest(self, device_index: int) -> dict[int, Any]:
+        """The latest value of every watched field of one GPU (after a refresh): {field_id: value}."""
         self.device(device_index)
-        return self.refresh().get(device_index, {})
+        self.refresh()
+        return {fid: samples[-1][1] for fid, samples in self._history[device_index].items() if samples}
 
     def read_energy_mj(self, device_index: int) -> float | None:
-        return _as_float(self._values(device_index).get(FI_TOTAL_ENERGY_MJ))
+        return as_float(self.latest(device_index).get(FI_TOTAL_ENERGY_MJ))
 
     def read_power_w(self, device_index: int) -> float | None:
-        return _power_w(self._values(device_index))
+        return _power_w(self.latest(device_index))
 
     def read_profiling(self, device_index: int) -> dict[str, float | None]:
         """Profiling ratios (0..1) of one GPU; all None when profiling is not watched.
@@ -260,41 +201,54 @@ class DcgmBackend(PowerBackend):
         The power-sample schema has no columns for these; callers that want them
         read them here.
         """
-        values = self._values(device_index)
+        values = self.latest(device_index)
         return {
-            "sm_active": _as_float(values.get(FI_PROF_SM_ACTIVE)),
-            "tensor_active": _as_float(values.get(FI_PROF_TENSOR_ACTIVE)),
-            "dram_active": _as_float(values.get(FI_PROF_DRAM_ACTIVE)),
+            "sm_active": as_float(values.get(FI_PROF_SM_ACTIVE)),
+            "tensor_active": as_float(values.get(FI_PROF_TENSOR_ACTIVE)),
+            "dram_active": as_float(values.get(FI_PROF_DRAM_ACTIVE)),
         }
 
     def sample(self, timestamp_ns: int) -> list[dict[str, Any]]:
-        latest = self.refresh()
+        """One row per device and per new DCGM sample instant, stamped with that instant.
+
+        ``timestamp_ns`` (when the collector asked) is not used: see the module docstring.
+        """
+        self.refresh()
         rows = []
         for dev in self._devices:
-            v = latest.get(dev.index, {})
-            limit = _as_float(v.get(FI_ENFORCED_POWER_LIMIT_W))
-            if limit is None:
-                limit = _as_float(v.get(FI_POWER_MGMT_LIMIT_W))
-            reasons = _clean(v.get(FI_CLOCK_EVENT_REASONS))
-            violation_us = _clean(v.get(FI_POWER_VIOLATION_US))
-            rows.append(make_row(
-                node=self.node,
-                device=dev,
-                timestamp_ns=timestamp_ns,
-                source=self.name,
-                energy_mj=_as_float(v.get(FI_TOTAL_ENERGY_MJ)),
-                power_w=_power_w(v),
-                gpu_util_pct=_as_float(v.get(FI_GPU_UTIL)),
-                mem_util_pct=_as_float(v.get(FI_MEM_COPY_UTIL)),
-                mem_used_mb=_as_float(v.get(FI_FB_USED_MB)),
-                sm_clock_mhz=_as_float(v.get(FI_SM_CLOCK)),
-                mem_clock_mhz=_as_float(v.get(FI_MEM_CLOCK)),
-                temperature_c=_as_float(v.get(FI_GPU_TEMP)),
-                power_limit_w=limit,
-                clock_event_reasons=None if reasons is None else int(reasons),
-                power_cap_throttle_ns=None if violation_us is None else int(violation_us) * 1000,
-            ))
+            instants = sorted(self._pending[dev.index])
+            self._pending[dev.index].clear()
+            history = self._history[dev.index]
+            for instant_ns in instants:
+                rows.append(self._row(dev, instant_ns, _values_at(history, instant_ns)))
+            if instants:  # later rows need each field's value at the last row and what came after
+                for samples in history.values():
+                    _drop_before(samples, instants[-1])
         return rows
+
+    def _row(self, dev: DeviceInfo, timestamp_ns: int, v: dict[int, Any]) -> dict[str, Any]:
+        limit = as_float(v.get(FI_ENFORCED_POWER_LIMIT_W))
+        if limit is None:
+            limit = as_float(v.get(FI_POWER_MGMT_LIMIT_W))
+        reasons = clean(v.get(FI_CLOCK_EVENT_REASONS))
+        violation_us = clean(v.get(FI_POWER_VIOLATION_US))
+        return make_row(
+            node=self.node,
+            device=dev,
+            timestamp_ns=timestamp_ns,
+            source=self.name,
+            energy_mj=as_float(v.get(FI_TOTAL_ENERGY_MJ)),
+            power_w=_power_w(v),
+            gpu_util_pct=as_float(v.get(FI_GPU_UTIL)),
+            mem_util_pct=as_float(v.get(FI_MEM_COPY_UTIL)),
+            mem_used_mb=as_float(v.get(FI_FB_USED_MB)),
+            sm_clock_mhz=as_float(v.get(FI_SM_CLOCK)),
+            mem_clock_mhz=as_float(v.get(FI_MEM_CLOCK)),
+            temperature_c=as_float(v.get(FI_GPU_TEMP)),
+            power_limit_w=limit,
+            clock_event_reasons=None if reasons is None else int(reasons),
+            power_cap_throttle_ns=None if violation_us is None else int(violation_us) * 1000,
+        )
 
     # -- teardown ----------------------------------------------------------
     def _teardown_reader(self, reader: Any) -> None:
@@ -318,15 +272,28 @@ class DcgmBackend(PowerBackend):
         self._teardown_reader(reader)
         self._teardown_reader(self._failed_reader)
         self._failed_reader = None
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            try:
-                handle.Shutdown()
-            except self._mods.dcgm_structs.DCGMError as exc:
-                log.warning("dcgm: shutdown failed: %s", exc)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+def _values_at(history: dict[int, list[Sample]], timestamp_ns: int) -> dict[int, Any]:
+    """Each field's latest value sampled at or before ``timestamp_ns`` (fields with none are left out)."""
+    out = {}
+    for field_id, samples in history.items():
+        earlier = [value for ts, value in samples if ts <= timestamp_ns]
+        if earlier:
+            out[field_id] = earlier[-1]
+    return out
+
+
+def _drop_before(samples: list[Sample], timestamp_ns: int) -> None:
+    """Drop the samples older than the latest one at or before ``timestamp_ns``."""
+    at_or_before = [i for i, (ts, _value) in enumerate(samples) if ts <= timestamp_ns]
+    if at_or_before:
+        del samples[:at_or_before[-1]]
 
 
 def _power_w(values: dict[int, Any]) -> float | None:
-    power = _as_float(values.get(FI_POWER_INSTANT_W))
-    return power if power is not None else _as_float(values.get(FI_POWER_USAGE_W))
-
+    power = as_float(values.get(FI_POWER_INSTANT_W))
+    return power if power is not None else as_float(values.get(FI_POWER_USAGE_W))

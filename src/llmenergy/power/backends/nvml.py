@@ -13,8 +13,14 @@ H100 (driver 580) both values change every ~100 ms and one NVML call takes
 power-cap throttle time) is best effort: a metric the GPU does not support is
 asked once, then reported as null.
 
-``pynvml`` is imported at module level so tests patch
-``llmenergy.power.backends.nvml.pynvml`` with a fake.
+NVML itself (initialisation, GPUs by UUID, error mapping, units) is reached
+through :mod:`~llmenergy.power.backends.nvml_lib`; tests patch
+``llmenergy.power.backends.nvml_lib.pynvml`` with the fake.
+
+Row times: a row is stamped with ``time.time_ns()`` taken by the collector just
+before the field-values call, so a row's time is when NVML was *queried*, not
+when the driver last updated the counter (it updates about every 100 ms and
+trails the GPU's activity; docs/internals.md, "power samples").
 """
 from __future__ import annotations
 
@@ -22,31 +28,20 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import pynvml
-
 from llmenergy.errors import SensorError
+from llmenergy.power.backends import nvml_lib
 from llmenergy.power.backends.base import (
     DeviceInfo,
     PowerBackend,
     make_row,
     select_devices,
     sensor_call,
-    vendor_text,
 )
+from llmenergy.power.backends.nvml_lib import FI_DEV_POWER_INSTANT, FI_DEV_TOTAL_ENERGY_CONSUMPTION
 
 log = logging.getLogger(__name__)
 
-FI_DEV_TOTAL_ENERGY_CONSUMPTION = 83
-FI_DEV_POWER_INSTANT = 186
 _BYTES_PER_MB = 1024 * 1024
-
-
-def _error_code(exc: BaseException) -> int | None:
-    return getattr(exc, "value", None)
-
-
-def _code(name: str) -> int | None:
-    return getattr(pynvml, name, None)
 
 
 class NvmlBackend(PowerBackend):
@@ -57,13 +52,12 @@ class NvmlBackend(PowerBackend):
 
     def __init__(self, uuids: list[str] | None = None, *, node: str | None = None) -> None:
         super().__init__(node=node)
-        self._open = False
+        self._nvml: nvml_lib.NvmlSession | None = None
         self._handles: dict[int, Any] = {}
         self._devices: list[DeviceInfo] = []
         self._unsupported: dict[int, set[str]] = {}
         self._power_via_usage: set[int] = set()
         self._init()
-        self._open = True
         try:
             self._discover(uuids)
         except BaseException:
@@ -72,37 +66,24 @@ class NvmlBackend(PowerBackend):
 
     # -- setup -------------------------------------------------------------
     def vendor_errors(self) -> tuple[type[BaseException], ...]:
-        return (pynvml.NVMLError,)
+        return nvml_lib.vendor_errors()
 
     def is_unavailable(self, exc: BaseException) -> bool:
-        codes = {
-            _code("NVML_ERROR_LIBRARY_NOT_FOUND"),
-            _code("NVML_ERROR_DRIVER_NOT_LOADED"),
-            _code("NVML_ERROR_FUNCTION_NOT_FOUND"),
-            _code("NVML_ERROR_NOT_SUPPORTED"),
-            _code("NVML_ERROR_NO_PERMISSION"),
-            _code("NVML_ERROR_NOT_FOUND"),
-        } - {None}
-        return _error_code(exc) in codes
+        return nvml_lib.is_unavailable(exc)
 
     @sensor_call
     def _init(self) -> None:
-        pynvml.nvmlInit()
+        self._nvml = nvml_lib.NvmlSession()
 
     @sensor_call
     def _discover(self, uuids: list[str] | None) -> None:
+        if self._nvml is None:
+            raise SensorError("nvml: backend is closed")
         found: dict[str, DeviceInfo] = {}
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            uuid = vendor_text(pynvml.nvmlDeviceGetUUID(handle))
+        for index, uuid, name, handle in self._nvml.gpus():
             if uuids is not None and uuid not in uuids:
                 continue
-            found[uuid] = DeviceInfo(
-                index=index,
-                uuid=uuid,
-                name=vendor_text(pynvml.nvmlDeviceGetName(handle)),
-                domain="gpu",
-            )
+            found[uuid] = DeviceInfo(index=index, uuid=uuid, name=name, domain="gpu")
             self._handles[index] = handle
         self._devices = select_devices(found, uuids, missing_what="nvml: GPU UUID(s) not on this node")
         for dev in self._devices:
@@ -129,12 +110,10 @@ class NvmlBackend(PowerBackend):
             self._unsupported[device_index].add(key)
             log.info("nvml: GPU %d: %s not in this pynvml; reporting null", device_index, key)
             return None
-        except pynvml.NVMLError as exc:
-            code = _error_code(exc)
-            if code in (_code("NVML_ERROR_GPU_IS_LOST"), _code("NVML_ERROR_UNINITIALIZED")):
+        except nvml_lib.vendor_errors() as exc:
+            if nvml_lib.error_in(exc, nvml_lib.FATAL_ERRORS):
                 raise
-            if code in (_code("NVML_ERROR_NOT_SUPPORTED"), _code("NVML_ERROR_FUNCTION_NOT_FOUND"),
-                        _code("NVML_ERROR_NO_PERMISSION")):
+            if nvml_lib.error_in(exc, nvml_lib.UNSUPPORTED_ERRORS):
                 self._unsupported[device_index].add(key)
                 log.info("nvml: GPU %d: %s unsupported (%s); reporting null", device_index, key, exc)
             else:
@@ -145,7 +124,7 @@ class NvmlBackend(PowerBackend):
     def read_energy_mj(self, device_index: int) -> float | None:
         handle = self._handle(device_index)
         value = self._optional(
-            device_index, "energy", lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+            device_index, "energy", lambda: nvml_lib.pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
         )
         return None if value is None else float(value)
 
@@ -162,8 +141,9 @@ class NvmlBackend(PowerBackend):
                             "falling back to nvmlDeviceGetPowerUsage (averaged)", device_index)
             else:
                 return None
-        value = self._optional(device_index, "power_usage", lambda: pynvml.nvmlDeviceGetPowerUsage(handle))
-        return None if value is None else value / 1000.0
+        value = self._optional(device_index, "power_usage",
+                               lambda: nvml_lib.pynvml.nvmlDeviceGetPowerUsage(handle))
+        return nvml_lib.mw_to_w(value)
 
     def _read_instant_mw(self, device_index: int, handle: Any) -> float | None:
         if "power_instant" in self._unsupported[device_index]:
@@ -171,18 +151,15 @@ class NvmlBackend(PowerBackend):
         values = self._optional(
             device_index,
             "power_instant",
-            lambda: pynvml.nvmlDeviceGetFieldValues(handle, [FI_DEV_POWER_INSTANT]),
+            lambda: nvml_lib.pynvml.nvmlDeviceGetFieldValues(handle, [FI_DEV_POWER_INSTANT]),
         )
         return None if values is None else self._field_result(device_index, values[0], "power_instant")
 
     def _field_result(self, device_index: int, field: Any, key: str) -> float | None:
         """A field's value, or None; a field the GPU lacks is marked unsupported under ``key``."""
-        ret = getattr(field, "nvmlReturn", 0)
-        if ret != 0:  # NVML_SUCCESS
-            if ret in (_code("NVML_ERROR_NOT_SUPPORTED"), _code("NVML_ERROR_FUNCTION_NOT_FOUND")):
-                self._unsupported[device_index].add(key)
-            return None
-        return _field_value(field)
+        if nvml_lib.field_unsupported(field):
+            self._unsupported[device_index].add(key)
+        return nvml_lib.field_value(field)
 
     @sensor_call
     def read_energy_and_power(self, device_index: int) -> tuple[float | None, float | None]:
@@ -194,7 +171,7 @@ class NvmlBackend(PowerBackend):
         values = self._optional(
             device_index,
             "energy_field",
-            lambda: pynvml.nvmlDeviceGetFieldValues(
+            lambda: nvml_lib.pynvml.nvmlDeviceGetFieldValues(
                 handle, [FI_DEV_TOTAL_ENERGY_CONSUMPTION, FI_DEV_POWER_INSTANT]),
         )
         if values is None:
@@ -203,7 +180,7 @@ class NvmlBackend(PowerBackend):
         milliwatts = self._field_result(device_index, values[1], "power_instant")
         if energy_mj is None:
             energy_mj = self.read_energy_mj(device_index)
-        power_w = milliwatts / 1000.0 if milliwatts is not None else self.read_power_w(device_index)
+        power_w = nvml_lib.mw_to_w(milliwatts) if milliwatts is not None else self.read_power_w(device_index)
         return energy_mj, power_w
 
     @sensor_call
@@ -216,22 +193,17 @@ class NvmlBackend(PowerBackend):
     def _sample_device(self, dev: DeviceInfo, timestamp_ns: int) -> dict[str, Any]:
         i, handle = dev.index, self._handle(dev.index)
         energy_mj, power_w = self.read_energy_and_power(i)  # first: closest to timestamp_ns
-        util = self._optional(i, "utilization", lambda: pynvml.nvmlDeviceGetUtilizationRates(handle))
-        memory = self._optional(i, "memory", lambda: pynvml.nvmlDeviceGetMemoryInfo(handle))
-        sm_clock = self._optional(i, "sm_clock", lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
-        mem_clock = self._optional(
-            i, "mem_clock", lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM)
-        )
+        nvml = nvml_lib.pynvml
+        util = self._optional(i, "utilization", lambda: nvml.nvmlDeviceGetUtilizationRates(handle))
+        memory = self._optional(i, "memory", lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
+        sm_clock = self._optional(i, "sm_clock", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM))
+        mem_clock = self._optional(i, "mem_clock", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM))
         temperature = self._optional(
-            i, "temperature", lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
+            i, "temperature", lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
         )
-        limit_mw = self._optional(i, "power_limit", lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle))
-        reasons = self._optional(i, "clock_events", lambda: self._clock_event_reasons(handle))
-        violation = self._optional(
-            i,
-            "power_violation",
-            lambda: pynvml.nvmlDeviceGetViolationStatus(handle, pynvml.NVML_PERF_POLICY_POWER),
-        )
+        limit_mw = self._optional(i, "power_limit", lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle))
+        reasons = self._optional(i, "clock_events", lambda: nvml_lib.NvmlSession.clock_event_reasons(handle))
+        violation_ns = self._optional(i, "power_violation", lambda: nvml_lib.NvmlSession.power_violation_ns(handle))
         return make_row(
             node=self.node,
             device=dev,
@@ -245,40 +217,12 @@ class NvmlBackend(PowerBackend):
             sm_clock_mhz=None if sm_clock is None else float(sm_clock),
             mem_clock_mhz=None if mem_clock is None else float(mem_clock),
             temperature_c=None if temperature is None else float(temperature),
-            power_limit_w=None if limit_mw is None else limit_mw / 1000.0,
-            clock_event_reasons=None if reasons is None else int(reasons),
-            power_cap_throttle_ns=None if violation is None else int(violation.violationTime),
+            power_limit_w=nvml_lib.mw_to_w(limit_mw),
+            clock_event_reasons=reasons,
+            power_cap_throttle_ns=violation_ns,
         )
 
-    @staticmethod
-    def _clock_event_reasons(handle: Any) -> int:
-        getter = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
-        if getter is None:
-            getter = pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
-        return int(getter(handle))
-
     def close(self) -> None:
-        if not self._open:
-            return
-        self._open = False
-        try:
-            pynvml.nvmlShutdown()
-        except pynvml.NVMLError as exc:
-            log.warning("nvml: shutdown failed: %s", exc)
-
-
-def _field_value(field: Any) -> float | None:
-    """Decode a ``c_nvmlFieldValue_t`` union by its ``valueType``."""
-    members = {
-        _code("NVML_VALUE_TYPE_DOUBLE"): "dVal",
-        _code("NVML_VALUE_TYPE_UNSIGNED_INT"): "uiVal",
-        _code("NVML_VALUE_TYPE_UNSIGNED_LONG"): "ulVal",
-        _code("NVML_VALUE_TYPE_UNSIGNED_LONG_LONG"): "ullVal",
-        _code("NVML_VALUE_TYPE_SIGNED_LONG_LONG"): "sllVal",
-        _code("NVML_VALUE_TYPE_SIGNED_INT"): "siVal",
-        _code("NVML_VALUE_TYPE_UNSIGNED_SHORT"): "usVal",
-    }
-    member = members.get(getattr(field, "valueType", None))
-    if member is None:
-        return None
-    return float(getattr(field.value, member))
+        nvml, self._nvml = self._nvml, None
+        if nvml is not None:
+            nvml.close()
