@@ -195,9 +195,11 @@ class Context:
         cell); ``runtime`` grows with Snakemake's ``attempt`` (``retries`` in the profile)."""
         return self._rule_resources(self.cell_ids, "cell")
 
-    def stale_groups(self, *, dry_run: bool = False) -> list[str]:
+    def stale_groups(self, *, dry_run: bool = False, derived: Sequence[str | Path] = ()) -> list[str]:
         """Group jobs whose done marker exists though a cell of theirs is not finished (set aside,
-        superseded, removed by hand); unless ``dry_run``, the marker is removed so the job reruns."""
+        superseded, removed by hand); unless ``dry_run``, the marker and the ``derived`` files
+        (summary, report: Snakemake does not redo a missing intermediate file whose consumers
+        are up to date) are removed, so the job reruns."""
         stale = []
         for job in self.jobs:
             marker = Path(self.done_marker(job.id))
@@ -205,6 +207,9 @@ class Context:
                 stale.append(job.id)
                 if not dry_run:
                     marker.unlink(missing_ok=True)
+        if stale and not dry_run:
+            for path in derived:
+                Path(path).unlink(missing_ok=True)
         return stale
 
     def group_lines(self) -> list[str]:
@@ -338,7 +343,7 @@ class Context:
         self.supersede_changed(changed, dry_run=dry_run, derived=derived)
         self._keep_history(before)
         if self.packing == "group":
-            for jid in self.stale_groups(dry_run=dry_run):
+            for jid in self.stale_groups(dry_run=dry_run, derived=derived):
                 log.warning("llmenergy: group job %s: a cell is not finished; the job %s", jid,
                             "would rerun (dry run)" if dry_run else "reruns (its finished cells are kept)")
         return bad + [c.cell.id for c in changed]
