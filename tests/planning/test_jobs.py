@@ -80,6 +80,8 @@ debug 30
 gpu 4:00:00
 gpu 1:00:00
 odd UNLIMITED
+long infinite
+long 45
 
 """
 
@@ -87,7 +89,8 @@ odd UNLIMITED
 def test_parse_sinfo_limits_golden() -> None:
     limits = parse_sinfo_limits(SINFO)
     assert limits == PartitionLimits(
-        {"v100": None, "a100": 2880, "short": 15, "debug": 30, "gpu": 60, "odd": None}, default="v100")
+        {"v100": None, "a100": 2880, "short": 15, "debug": 30, "gpu": 60, "odd": None, "long": 45},
+        default="v100")
     assert limits.of("short") == 15 and limits.of(None) is None and limits.of("absent") is None
     assert parse_sinfo_limits("long* 1-12:00:00\n").of(None) == 2160
     assert parse_sinfo_limits("") == PartitionLimits()
@@ -150,7 +153,7 @@ def test_a_group_too_long_for_its_partition_runs_as_parts(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"group 'tiny_T_s1_pnone_reference.cells3-5' is not in the plan"):
         find_group(cfg, cells, f"{GID}.cells3-5")
     # packing: cell: a cell is never split; its job asks at most the limit
-    alone = jobs.plan_jobs(cfg, cells, "cell", PartitionLimits({"short": 3}))
+    alone = jobs.cell_jobs(cfg, cells, PartitionLimits({"short": 3}))
     assert [j.id for j in alone] == [c.id for c in cells] and not alone[0].fits(cfg)
     assert job_request(cfg, alone[0].cells, max_time_min=3).resources.time_limit_min == 3
 

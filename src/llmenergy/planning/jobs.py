@@ -43,7 +43,7 @@ from typing import Any
 from llmenergy import slurm
 from llmenergy.cellfiles import Cell, accepted
 from llmenergy.config import Config
-from llmenergy.planning.groups import Group, make_groups, part_id
+from llmenergy.planning.groups import make_groups, part_id
 from llmenergy.planning.matrix import estimate_runtime_s, host_mem_mb
 
 log = logging.getLogger(__name__)
@@ -196,8 +196,9 @@ def parse_sinfo_limits(text: str) -> PartitionLimits:
             name = name[:-1]
             default = name
         minutes = slurm.parse_time_limit_min(raw)
-        if name in limits and limits[name] is not None and (minutes is None or limits[name] < minutes):  # type: ignore[operator]
-            continue
+        if name in limits:  # listed twice: the smallest limit (None is no limit)
+            known = limits[name]
+            minutes = known if minutes is None else minutes if known is None else min(known, minutes)
         limits[name] = minutes
     return PartitionLimits(limits, default)
 
@@ -274,11 +275,6 @@ class Job:
     def first(self) -> Cell:
         return self.cells[0]
 
-    @property
-    def group(self) -> Group:
-        """The job as a :class:`~llmenergy.planning.groups.Group` (what ``run-group`` runs)."""
-        return Group(self.id, self.cells)
-
     def fits(self, cfg: Config) -> bool:
         """Whether the job's cells fit its partition's limit with the margin of every job."""
         return self.max_time_min is None or time_limit_min(runtime_s(cfg, self.cells)) <= self.max_time_min
@@ -303,12 +299,6 @@ def group_jobs(cfg: Config, cells: Iterable[Cell], limits: PartitionLimits | Non
 def cell_jobs(cfg: Config, cells: Iterable[Cell], limits: PartitionLimits | None = None) -> list[Job]:
     """The jobs of ``packing: cell``: one per cell (a cell is never split)."""
     return [Job(c.id, c.id, (c,), max_time_min=max_time_min(cfg, c.gpu, limits)) for c in cells]
-
-
-def plan_jobs(cfg: Config, cells: Iterable[Cell], packing: str,
-              limits: PartitionLimits | None = None) -> list[Job]:
-    """The jobs of ``packing`` over ``cells``."""
-    return group_jobs(cfg, cells, limits) if packing == "group" else cell_jobs(cfg, cells, limits)
 
 
 # --------------------------------------------------------------------------- #
