@@ -29,9 +29,18 @@ from llmenergy import atomic
 from llmenergy.cellfiles import Cell, accepted
 from llmenergy.config import Config, from_dict
 from llmenergy.errors import ConfigError
-from llmenergy.planning import jobs
 from llmenergy.planning.groups import resolve_packing
-from llmenergy.planning.jobs import History, Job, JobRequest, read_history
+from llmenergy.planning.jobs import (
+    History,
+    Job,
+    JobRequest,
+    PartitionLimits,
+    cell_jobs,
+    group_jobs,
+    job_request,
+    partition_limits,
+    read_history,
+)
 from llmenergy.planning.matrix import Plan, expand
 from llmenergy.slurm import snakemake_resources, time_limit_signal
 
@@ -101,9 +110,9 @@ class Context:
     _base: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
 
     @cached_property
-    def limits(self) -> jobs.PartitionLimits:
+    def limits(self) -> PartitionLimits:
         """The partitions' longest jobs, from Slurm (once per parse)."""
-        return jobs.partition_limits()
+        return partition_limits()
 
     @cached_property
     def history(self) -> History:
@@ -113,7 +122,7 @@ class Context:
     @cached_property
     def jobs(self) -> list[Job]:
         """The jobs of rule ``run_group``: groups, or their parts where too long for the partition."""
-        return jobs.group_jobs(self.cfg, self.plan.cells, self.limits)
+        return group_jobs(self.cfg, self.plan.cells, self.limits)
 
     @cached_property
     def _jobs(self) -> dict[str, Job]:
@@ -121,7 +130,7 @@ class Context:
 
     @cached_property
     def _cell_jobs(self) -> dict[str, Job]:
-        return {j.id: j for j in jobs.cell_jobs(self.cfg, self.plan.cells, self.limits)}
+        return {j.id: j for j in cell_jobs(self.cfg, self.plan.cells, self.limits)}
 
     @property
     def job_ids(self) -> list[str]:
@@ -155,8 +164,8 @@ class Context:
     def request(self, job_id: str, attempt: int = 1) -> JobRequest:
         """The job's request (:func:`llmenergy.planning.jobs.job_request`) for Snakemake's ``attempt``."""
         job = self._job(job_id)
-        return jobs.job_request(self.cfg, job.cells, attempt=attempt, history=self.history,
-                                max_time_min=job.max_time_min)
+        return job_request(self.cfg, job.cells, attempt=attempt, history=self.history,
+                           max_time_min=job.max_time_min)
 
     def time_limit_min(self, job_id: str, attempt: int = 1) -> int:
         """The job's ``--time``: the learned estimate of its unfinished cells with the margins
