@@ -1,4 +1,5 @@
-# llmenergy: the energy cost of LLM inference, one Slurm job per matrix cell.
+# llmenergy: the energy cost of LLM inference. One Slurm job per group of cells sharing a model
+# load (cut into parts that fit the partition's time limit), or per cell with `packing: cell`.
 #   snakemake --profile profiles/slurm -n     # the plan
 #   snakemake --profile profiles/slurm        # run it (reruns only missing/failed cells)
 #   snakemake --profile profiles/local        # the built-in demo on one machine

@@ -82,7 +82,12 @@ def _guarded(item: pytest.Item) -> Iterator[None]:
     if item.get_closest_marker("unit") is None:
         yield
         return
-    with tiers.no_processes(item.nodeid):
+    # A unit test asks no Slurm: the partitions' limits of whatever cluster runs the suite
+    # must not change a test config's plan (tests of the limits pass them in, or are system).
+    from llmenergy.planning import jobs
+
+    with pytest.MonkeyPatch.context() as mp, tiers.no_processes(item.nodeid):
+        mp.setattr(jobs, "partition_limits", jobs.PartitionLimits)
         yield
 
 

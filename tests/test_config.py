@@ -86,6 +86,9 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("bad oom policy", with_("policies", {"on_oom": "retry"}), "policies.on_oom"),
     ("power range inverted", with_("gpus.A100.min_power_w", 500), "gpus.A100.min_power_w"),
     ("gpus_per_node zero", with_("gpus.A100.gpus_per_node", 0), "gpus.A100.gpus_per_node"),
+    ("max_time_min not a number", with_("gpus.A100.max_time_min", "1-00:00:00"), "gpus.A100.max_time_min"),
+    ("max_time_min within the stop warning", with_("gpus.A100.max_time_min", 2),
+     "gpus.A100.max_time_min: 2 must be more than 2 minutes (every job gets its stop signal 120 s before"),
 ]
 
 
@@ -166,3 +169,8 @@ def test_not_yaml_names_the_file_and_line(tmp_path: Path) -> None:
     bad.write_text("models: [\n  oops: {\n")
     with pytest.raises(ConfigError, match=r"config.yaml: line \d+: not valid YAML"):
         config.load(bad)
+
+
+def test_max_time_min_is_read() -> None:
+    assert config.from_dict(with_("gpus.A100.max_time_min", 3)).gpus["A100"].max_time_min == 3
+    assert config.from_dict(base()).gpus["A100"].max_time_min is None

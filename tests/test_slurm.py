@@ -15,7 +15,6 @@ from llmenergy.slurm import (
     rendezvous,
     rendezvous_port,
     resolve_node_addr,
-    resource_templates,
     resources_for,
     sbatch_args,
     snakemake_resources,
@@ -150,7 +149,7 @@ def test_resources_for_layout(gpu: GpuSpec, shards: int, nodes: int, per_node: i
 def test_resources_for_fields() -> None:
     assert resources_for(8, H100, 90) == Resources(
         nodes=1, tasks_per_node=8, gpus_per_node=8, cpus_per_task=8, mem_mb=512000,
-        runtime_min=90, partition="gpu", constraint=None, account="proj42", qos="high")
+        time_limit_min=90, partition="gpu", constraint=None, account="proj42", qos="high")
     assert resources_for(2, A100, 10).mem_mb is None
 
 
@@ -165,12 +164,13 @@ def test_resources_for_uneven_layout_is_user_error() -> None:
         resources_for(1, GpuSpec("X", "p", 0, 16), 10)
 
 
-def test_resource_templates_skip_infeasible() -> None:
+def test_resources_for_on_three_gpu_nodes() -> None:
     three = GpuSpec("T4", "t4", 3, 16)
-    templates = resource_templates(three, 20)
-    assert sorted(templates) == [1, 2, 4]  # 8, 16, 32 do not split over 3-GPU nodes
-    assert templates[4].nodes == 2 and templates[4].tasks_per_node == 2
-    assert sorted(resource_templates(A100, 20)) == [1, 2, 4, 8, 16, 32]
+    assert [(r.nodes, r.tasks_per_node) for r in (resources_for(n, three, 20) for n in (1, 2, 4))] == [
+        (1, 1), (1, 2), (2, 2)]
+    for shards in (8, 16, 32):  # do not split over 3-GPU nodes
+        with pytest.raises(ShardLayoutError):
+            resources_for(shards, three, 20)
 
 
 # ---------------------------------------------------------------- builders (golden)
@@ -268,35 +268,3 @@ def test_resources_for_takes_the_host_memory_unless_the_gpu_type_overrides_it() 
     assert "--mem=8448M" in sbatch_args(resources_for(1, A100, 30, mem_mb=8448), "c", "o")
     with pytest.raises(ShardLayoutError, match="mem_mb"):
         resources_for(1, A100, 30, mem_mb=0)
-
-
-def test_cell_resources_ask_for_what_loading_needs() -> None:
-    """Golden numbers: Llama-3 70B in float16 is 141.1 GB; 8 shards on 4-GPU nodes put 4 ranks
-    on a node, each memory-mapping its 17.6 GB (16,821 MiB) shard plus 4 GiB of torch/CUDA,
-    and 512 MiB for the node's agent: 84,197 MiB, rounded up to 256 MiB."""
-    from llmenergy import config
-    from llmenergy.cellfiles import Cell
-    from llmenergy.orchestrate.launch import cell_resources
-    from llmenergy.planning.plan import plan_rows
-
-    data = {
-        "models": {"l70": {"arch": "llama3-70b", "weights": "/data/Meta-Llama-3-70B"},
-                   "syn": {"arch": "llama3-70b"}},
-        "datasets": {"d": {"format": "alpaca", "path": "synthetic", "n_prompts": 8, "max_prompt_len": 64}},
-        "gpus": {"A100": {"partition": "a100", "gpus_per_node": 4, "memory_gb": 80},
-                 "H100": {"partition": "gpu", "gpus_per_node": 8, "memory_gb": 80, "mem_mb_per_gpu": 64000}},
-        "matrix": [{"model": ["l70", "syn"], "dataset": ["d"], "gpu": ["A100", "H100"], "shards": [8],
-                    "batch_size": [8], "max_gen_len": [64]}],
-    }
-    cfg = config.from_dict(data, check_files=False)
-
-    def cell(model: str, gpu: str) -> Cell:
-        return Cell(model=model, dataset="d", gpu=gpu, shards=8, batch_size=8, max_gen_len=64, power_cap_w=None)
-
-    assert cell_resources(cfg, cell("l70", "A100"))["mem_mb"] == 84224
-    assert cell_resources(cfg, cell("syn", "A100"))["mem_mb"] == 4 * 4096 + 512  # weights made on the GPU
-    assert cell_resources(cfg, cell("l70", "H100"))["mem_mb"] == 512000
-    rows = {(r["model"], r["gpu"]): r for r in plan_rows(cfg)[0]}
-    assert (rows["l70", "A100"]["mem_mb_per_node"], rows["l70", "A100"]["mem_mb_source"]) == (84224, "estimate")
-    assert (rows["l70", "H100"]["mem_mb_per_node"], rows["l70", "H100"]["mem_mb_source"]) == (
-        512000, "gpus.H100.mem_mb_per_gpu")

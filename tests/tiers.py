@@ -47,6 +47,7 @@ OS_STARTERS = ("fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawn
 #: llmenergy names that start processes themselves: name -> why
 SPAWNING_CALLS: dict[str, str] = {
     "llmenergy.orchestrate.submit.submit_jobs": "submitit runs each job as a child process or through sbatch",
+    "llmenergy.planning.jobs.partition_limits": "asks Slurm's sinfo for the partitions' limits",
 }
 #: keyword arguments whose call starts processes: (keyword, value) -> why
 SPAWNING_KEYWORDS: dict[tuple[str, object], str] = {

@@ -27,7 +27,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from llmenergy.planning.plan import format_plan
 
     cfg = _load(args)
-    packing = args.packing or resolve_packing(cfg, "group")
+    packing = args.packing or resolve_packing(cfg)
     sys.stdout.write(format_plan(cfg, show_infeasible=not args.hide_infeasible, fmt=args.format,
                                  all_left_out=args.all, packing=packing, cells=args.cells))
     return 0
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="table (default) for reading; csv/json with every cell's axes")
     s.add_argument("--packing", choices=["group", "cell"], default=None,
                    help="show one Slurm job per group of cells sharing a model load, or per cell "
-                        "(default: the config's `packing`, else group, as profiles/slurm runs it)")
+                        "(default: the config's `packing`, else group, as every route runs it)")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("run-cell", help="run one cell (what each Slurm job runs)")
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run-group", help="run a packed group of cells, the model loaded once (one Slurm job)")
     s.add_argument("--config", default="config.yaml", help="experiment config (default: config.yaml)")
-    s.add_argument("--group", required=True, help="group id, as shown by `llmenergy plan`")
+    s.add_argument("--group", required=True, help="group or part id, as shown by `llmenergy plan`")
     s.add_argument("--launcher", choices=["auto", "local", "srun"], default="auto",
                    help="how to start the ranks: srun inside a Slurm job, local processes, or auto (default)")
     s.add_argument("--force", action="store_true", help="rerun the group's cells even if finished")

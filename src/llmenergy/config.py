@@ -18,6 +18,7 @@ from typing import Any
 from llmenergy.arch import ENGINES, SIZES, ModelArgs
 from llmenergy.data.prompts import DatasetSpec
 from llmenergy.errors import ConfigError
+from llmenergy.slurm import TIME_LIMIT_WARNING_S
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class GpuSpec:
     min_power_w: float | None = None
     max_power_w: float | None = None
     mem_bandwidth_gbs: float = 900.0
+    max_time_min: int | None = None  # the longest job the partition accepts (besides Slurm's MaxTime)
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,10 @@ def _gpus(raw: dict[str, Any], source: str) -> dict[str, GpuSpec]:
             value = getattr(spec, key)
             if value is not None and not NAME_RE.match(str(value).replace(",", "").replace("&", "").replace("|", "")):
                 raise ConfigError(f"{source}: gpus.{name}.{key}: {value!r} has characters a Slurm name cannot have")
+        if spec.max_time_min is not None and spec.max_time_min * 60 <= TIME_LIMIT_WARNING_S:
+            raise ConfigError(f"{source}: gpus.{name}.max_time_min: {spec.max_time_min} must be more than "
+                              f"{TIME_LIMIT_WARNING_S // 60} minutes (every job gets its stop signal "
+                              f"{TIME_LIMIT_WARNING_S} s before its time limit)")
         if spec.min_power_w and spec.max_power_w and spec.min_power_w > spec.max_power_w:
             raise ConfigError(f"{source}: gpus.{name}.min_power_w: {spec.min_power_w} exceeds max_power_w {spec.max_power_w}")
         out[name] = spec

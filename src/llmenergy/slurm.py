@@ -1,5 +1,5 @@
 """Slurm facts as pure functions: the ``SLURM_*`` environment table, node lists,
-the rendezvous address, per-cell resource templates and the sbatch/srun/Snakemake
+the rendezvous address, a job's resources and the sbatch/srun/Snakemake
 argument builders.
 
 Everything here is deterministic and free of side effects except
@@ -8,8 +8,10 @@ The builders are golden-tested in ``tests/test_slurm.py``.
 
 How a cell runs on Slurm (docs/internals.md and the README, "Running on your cluster"):
 
-* one job per cell, ``nodes`` nodes with ``tasks_per_node`` GPUs used on each;
-* inside the job, the cell's launcher starts one collector per node with
+* one job per cell or per group of cells sharing a model load (packing), ``nodes``
+  nodes with ``tasks_per_node`` GPUs used on each (its size:
+  :func:`llmenergy.planning.jobs.job_request`);
+* inside the job, the launcher starts one collector per node with
   :func:`srun_collector_args` in the background and the ranks with
   :func:`srun_worker_args`; both use ``--overlap`` so they share the allocation,
   and both spell out every count so that neither the inherited ``SLURM_*``
@@ -37,7 +39,6 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ENV_TABLE",
-    "TEMPLATE_SHARDS",
     "Resources",
     "ShardLayoutError",
     "SlurmEnv",
@@ -46,7 +47,6 @@ __all__ = [
     "rendezvous",
     "rendezvous_port",
     "resolve_node_addr",
-    "resource_templates",
     "resources_for",
     "sbatch_args",
     "snakemake_resources",
@@ -58,9 +58,6 @@ __all__ = [
     "parse_time_limit_min",
     "time_limit_signal",
 ]
-
-#: GPU counts for which resource templates are built (the paper's range).
-TEMPLATE_SHARDS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 
 RENDEZVOUS_PORT_BASE = 20000
 RENDEZVOUS_PORT_SPAN = 20000
@@ -309,7 +306,7 @@ def rendezvous(env: SlurmEnv, *,
 
 @dataclass(frozen=True)
 class Resources:
-    """One cell's Slurm allocation. ``mem_mb`` is per node; ``None`` leaves it to
+    """One job's Slurm allocation. ``mem_mb`` is per node; ``None`` leaves it to
     the cluster's default (``DefMemPerCPU``)."""
 
     nodes: int
@@ -317,7 +314,7 @@ class Resources:
     gpus_per_node: int
     cpus_per_task: int
     mem_mb: int | None
-    runtime_min: int
+    time_limit_min: int
     partition: str | None
     constraint: str | None = None
     account: str | None = None
@@ -360,7 +357,7 @@ def node_layout(shards: int, gpus_per_node: int | None, gpu_name: str = "?") -> 
     return nodes, shards // nodes
 
 
-def resources_for(shards: int, gpu: Any, runtime_min: int, *, mem_mb: int | None = None) -> Resources:
+def resources_for(shards: int, gpu: Any, time_limit_min: int, *, mem_mb: int | None = None) -> Resources:
     """Lay ``shards`` ranks (one GPU each) out on nodes of GPU type ``gpu``.
 
     ``gpu`` needs ``name``, ``partition``, ``gpus_per_node``, ``memory_gb`` and may
@@ -371,7 +368,7 @@ def resources_for(shards: int, gpu: Any, runtime_min: int, *, mem_mb: int | None
     else none asked (the cluster's default).
     """
     name = getattr(gpu, "name", "?")
-    _positive_int(runtime_min, f"gpu {name}: runtime_min")
+    _positive_int(time_limit_min, f"gpu {name}: time_limit_min")
     nodes, per_node = node_layout(shards, getattr(gpu, "gpus_per_node", None), name)
     cpus_per_gpu = getattr(gpu, "cpus_per_gpu", None) or 4
     _positive_int(cpus_per_gpu, f"gpus.{name}.cpus_per_gpu")
@@ -386,23 +383,12 @@ def resources_for(shards: int, gpu: Any, runtime_min: int, *, mem_mb: int | None
         gpus_per_node=per_node,
         cpus_per_task=cpus_per_gpu,
         mem_mb=mem_mb,
-        runtime_min=runtime_min,
+        time_limit_min=time_limit_min,
         partition=getattr(gpu, "partition", None),
         constraint=getattr(gpu, "constraint", None),
         account=getattr(gpu, "account", None),
         qos=getattr(gpu, "qos", None),
     )
-
-
-def resource_templates(gpu: Any, runtime_min: int) -> dict[int, Resources]:
-    """:func:`resources_for` for each of :data:`TEMPLATE_SHARDS` that fits ``gpu``."""
-    out: dict[int, Resources] = {}
-    for shards in TEMPLATE_SHARDS:
-        try:
-            out[shards] = resources_for(shards, gpu, runtime_min)
-        except ShardLayoutError as exc:
-            log.debug("no template: %s", exc)
-    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -432,7 +418,7 @@ def snakemake_resources(res: Resources) -> dict[str, Any]:
     out["tasks"] = res.ranks
     out["tasks_per_gpu"] = 1
     out["gres"] = f"gpu:{res.gpus_per_node}"
-    out["runtime"] = res.runtime_min
+    out["runtime"] = res.time_limit_min  # the plugin's name for --time
     out["cpus_per_task"] = res.cpus_per_task
     out.update({_SNAKEMAKE_KEYS[k]: v for k, v in res.optional_settings().items()})
     return out
@@ -467,7 +453,7 @@ def srun_collector_args(res: Resources) -> list[str]:
 
 
 def sbatch_args(res: Resources, job_name: str, output: str) -> list[str]:
-    """``sbatch`` command line (without the script) for one cell's job.
+    """``sbatch`` command line (without the script) for one job.
 
     Uses ``--ntasks-per-node`` rather than ``--ntasks-per-gpu``: the latter is
     exported as ``SLURM_NTASKS_PER_GPU`` and then makes the inner
@@ -481,7 +467,7 @@ def sbatch_args(res: Resources, job_name: str, output: str) -> list[str]:
         f"--ntasks-per-node={res.tasks_per_node}",
         f"--gres=gpu:{res.gpus_per_node}",
         f"--cpus-per-task={res.cpus_per_task}",
-        f"--time={res.runtime_min}",
+        f"--time={res.time_limit_min}",
         f"--signal={time_limit_signal()}",
     ]
     args += [_SBATCH_FLAGS[k].format(v) for k, v in res.optional_settings().items()]

@@ -22,7 +22,6 @@ from llmenergy.orchestrate.launch import (
     _finished,
     cell_spec,
     measurement,
-    retry_runtime_min,
 )
 from llmenergy.orchestrate.smk import load
 from llmenergy.planning.matrix import expand
@@ -138,16 +137,6 @@ def test_run_cell_treats_another_fingerprint_as_not_finished(tmp_path: Path) -> 
     _finish(ctx, cell, None)  # recorded without a fingerprint: not finished either
     assert _finished(ctx.cfg, cell.files(ctx.output_dir), current) is None
     assert (d / SUPERSEDED / "unknown" / "cell.json").is_file() and not (d / "cell.json").exists()
-
-
-@pytest.mark.parametrize(("base", "attempt", "status", "limit", "expected"), [
-    (15, 1, None, None, 15), (15, 2, None, None, 30), (15, 3, "failed", 15, 45),
-    (15, 1, "incomplete", 15, 30), (15, 1, "incomplete", 40, 80), (15, 1, "incomplete", None, 30),
-    (15, 2, "incomplete", 20, 80), (100, 1, "incomplete", 20, 100),
-])
-def test_retry_runtime_arithmetic(base: int, attempt: int, status: str | None, limit: int | None,
-                                  expected: int) -> None:
-    assert retry_runtime_min(base, attempt, previous_status=status, previous_limit_min=limit) == expected
 
 
 def test_runtime_resource_grows_with_attempt_and_after_a_time_limit(tmp_path: Path) -> None:

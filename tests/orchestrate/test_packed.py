@@ -21,13 +21,8 @@ from launch_helpers import make_env
 
 from llmenergy import config, entrypoints
 from llmenergy.cellfiles import Cell
-from llmenergy.planning.groups import (
-    correction_factors,
-    group_id,
-    group_time_limit_min,
-    make_groups,
-)
-from llmenergy.planning.matrix import estimate_runtime_s, expand, time_limit_min
+from llmenergy.planning.groups import group_id, make_groups
+from llmenergy.planning.matrix import expand
 
 GROUP = "tiny_cpu_s1_pnone_reference"
 
@@ -175,16 +170,3 @@ def test_groups_share_model_gpu_shards_engine_and_cap(tmp_path: Path) -> None:
     assert [len(g.cells) for g in groups] == [2, 2, 1]
     assert groups[0].id == group_id(cells[0]) == "m_g_s1_pnone_reference"
     assert groups[1].id == "m_g_s1_p200W_reference"
-
-
-def test_group_time_is_the_learned_sum_with_the_cell_margins(tmp_path: Path) -> None:
-    _config(tmp_path, FOUR)
-    cfg = config.load(tmp_path / "config.yaml", check_files=False)
-    cells = expand(cfg).cells
-    est = [estimate_runtime_s(cfg, c) for c in cells]
-    assert group_time_limit_min(cfg, cells) == time_limit_min(sum(est))
-    # finished cells took a tenth of their estimate: the group's time follows
-    factors = correction_factors(cfg, [(cells[0], est[0] / 10), (cells[1], est[1] / 10), (cells[2], est[2])])
-    assert factors[("tiny", "cpu")] == pytest.approx(0.1)
-    assert group_time_limit_min(cfg, cells[3:], factors) == time_limit_min(est[3] * 0.1)
-    assert correction_factors(cfg, []) == {}

@@ -12,11 +12,9 @@ import yaml
 
 from llmenergy import config
 from llmenergy.cellfiles import accepted
-from llmenergy.orchestrate.launch import (
-    runtime_min,
-)
 from llmenergy.orchestrate.smk import load, output_problem
-from llmenergy.planning.matrix import estimate_runtime_s, expand
+from llmenergy.planning import jobs
+from llmenergy.planning.matrix import estimate_runtime_s
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,15 +81,6 @@ def test_rule_resources_give_every_cell_the_same_keys(tmp_path: Path) -> None:
     assert "--signal=TERM@120" in one["slurm_extra"]
 
 
-def test_runtime_min_is_twice_the_estimate_plus_ten_minutes(tmp_path: Path) -> None:
-    cfg = config.from_dict(_cfg(tmp_path))
-    cell = expand(cfg).cells[0]
-    est = estimate_runtime_s(cfg, cell)
-    assert runtime_min(cfg, cell) == max(15, math.ceil(est * 2 / 60) + 10)
-    assert runtime_min(cfg, cell, runtime_s=3600) == 130
-    assert runtime_min(cfg, cell, runtime_s=1) == 15
-
-
 @pytest.mark.parametrize(("status", "on_oom", "on_denied", "expected"), [
     ("ok", "record", "fail", True), ("oom", "record", "fail", True), ("oom", "fail", "fail", False),
     ("power_cap_denied", "record", "skip", True), ("power_cap_denied", "record", "fail", False),
@@ -111,23 +100,22 @@ def _record(path: Path, status: str, wall_s: float, limit_min: int | None = None
 
 
 def test_packed_context_sizes_each_group_job_for_its_unfinished_cells(tmp_path: Path) -> None:
-    """packing: group (the profile's packing_default): the analysis needs the groups' done
+    """packing: group (the default of every route): the analysis needs the groups' done
     markers; a group's job is sized for its unfinished cells with the runtime learned from
     finished cells of the same model and GPU; a marker with an unfinished cell is removed."""
     from types import SimpleNamespace
 
     from llmenergy.orchestrate.launch import measurement
-    from llmenergy.planning.groups import group_time_limit_min
 
-    ctx = load({**_cfg(tmp_path), "packing_default": "group"})
-    assert ctx.packing == "group" and load(_cfg(tmp_path)).packing == "cell"
-    assert load({**_cfg(tmp_path), "packing_default": "group", "packing": "cell"}).packing == "cell"
-    assert ctx.targets() == [ctx.done_marker(g) for g in ctx.group_ids]
-    group = max(ctx.groups, key=lambda g: len(g.cells))
+    ctx = load(_cfg(tmp_path))
+    assert ctx.packing == "group" and load(_cfg(tmp_path, packing="cell")).packing == "cell"
+    assert ctx.targets() == [ctx.done_marker(g) for g in ctx.job_ids]
+    group = max(ctx.jobs, key=lambda g: len(g.cells))
     assert len(group.cells) >= 3
     res = ctx.rule_group_resources()
     wild = SimpleNamespace(group=group.id)
-    assert res["runtime"](wild) == group_time_limit_min(ctx.cfg, group.cells)
+    est = sum(estimate_runtime_s(ctx.cfg, c) for c in group.cells)
+    assert res["runtime"](wild) == max(15, math.ceil(est * 2 / 60) + 10)
     assert res["nodes"](wild) == 1 and res["gres"](wild) == f"gpu:{group.first.shards}"
 
     done, todo = group.cells[0], list(group.cells[1:])
@@ -135,17 +123,64 @@ def test_packed_context_sizes_each_group_job_for_its_unfinished_cells(tmp_path: 
     current = measurement(ctx.cfg, done)[0]  # a record without it is not finished
     _record(done.files(ctx.output_dir).record, "ok", est / 10, fingerprint=current)  # a tenth of its estimate
     _record(todo[0].files(ctx.output_dir).record, "incomplete", 1.0, limit_min=40)
-    fresh = load({**_cfg(tmp_path), "packing_default": "group"})
+    fresh = load(_cfg(tmp_path))
     fresh.prepare()
     assert fresh.unfinished(group.id) == todo
-    assert fresh.factors[(done.model, done.gpu)] == pytest.approx(0.1)
-    expected = max(group_time_limit_min(fresh.cfg, todo, fresh.factors), 80)  # ≥ 2 × the incomplete's limit
+    assert fresh.history.factors[(done.model, done.gpu)] == pytest.approx(0.1)
+    learned = sum(estimate_runtime_s(ctx.cfg, c) for c in todo) * 0.1
+    expected = max(max(15, math.ceil(learned * 2 / 60) + 10), 80)  # ≥ 2 × the incomplete's limit
     assert fresh.rule_group_resources()["runtime"](wild) == expected
     assert fresh.rule_group_resources()["runtime"](wild, attempt=2) == 2 * expected
 
     marker = Path(fresh.done_marker(group.id))
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("{}")
-    assert fresh.stale_groups(dry_run=True) == [group.id] and marker.exists()
-    fresh.prepare()
+    summary = tmp_path / "results" / "summary.parquet"
+    summary.write_bytes(b"x")
+    assert fresh.stale_groups(dry_run=True, derived=[summary]) == [group.id] and marker.exists() and summary.exists()
+    fresh.prepare(derived=[summary])
     assert not marker.exists()
+    assert not summary.exists()  # else Snakemake would not reach back to the group (issue 21)
+
+
+def test_group_memory_is_the_largest_of_its_cells_not_the_first(tmp_path: Path) -> None:
+    """Issue 21: Snakemake sized a group's host memory by its first cell; every route now asks
+    for the largest (a CPU device holds the KV cache in host memory: batch 64 needs more)."""
+    from types import SimpleNamespace
+
+    from llmenergy.planning.matrix import host_mem_mb
+
+    cfg = _cfg(tmp_path)
+    cfg["models"]["llama-tiny"]["arch"] = "llama-7b"  # synthetic weights in host memory, a KV cache that counts
+    cfg["gpus"]["local"].update(device="cpu", memory_gb=80)
+    cfg["matrix"] = [{**cfg["matrix"][0], "shards": [1], "batch_size": [1, 64], "max_gen_len": [256]}]
+    ctx = load(cfg)
+    (job,) = ctx.jobs
+    assert [host_mem_mb(ctx.cfg, c)[0] for c in job.cells] == [27648, 47872]
+    assert ctx.rule_group_resources()["mem_mb"](SimpleNamespace(group=job.id)) == 47872
+
+
+def test_a_group_longer_than_its_partition_runs_as_parts(tmp_path: Path) -> None:
+    """Issue 21 (3): with gpus.<type>.max_time_min, a group whose --time would exceed it
+    becomes consecutive jobs, each within the limit; their ids name the group and positions."""
+    from types import SimpleNamespace
+
+    from llmenergy.planning.groups import find_group
+
+    whole = load(_cfg(tmp_path))
+    group = max(whole.jobs, key=lambda g: len(g.cells))
+    cfg = _cfg(tmp_path)
+    limit = whole.time_limit_min(group.id) - 1
+    cfg["gpus"] = {k: {**v, "max_time_min": limit} for k, v in cfg["gpus"].items()}
+    ctx = load(cfg)
+    parts = [j for j in ctx.jobs if j.group_id == group.id]
+    assert len(parts) >= 2 and [c for p in parts for c in p.cells] == list(group.cells)
+    assert [p.part for p in parts] == list(range(1, len(parts) + 1))
+    res = ctx.rule_group_resources()
+    for p in parts:
+        assert res["runtime"](SimpleNamespace(group=p.id)) <= limit
+        assert res["runtime"](SimpleNamespace(group=p.id), attempt=3) <= limit  # never more than accepted
+        assert find_group(ctx.cfg, ctx.plan.cells, p.id).cells == p.cells
+    assert ctx.targets() == [ctx.done_marker(j) for j in ctx.job_ids]
+    assert any("part 1/" in line for line in ctx.group_lines())
+    assert isinstance(ctx.request(parts[0].id), jobs.JobRequest)

@@ -16,7 +16,6 @@ from llmenergy.orchestrate.submit import (
     _load_commands_file,
     choose_executor,
     main,
-    submit_commands,
     submit_jobs,
     submitit_parameters,
     wait_jobs,
@@ -32,11 +31,69 @@ def _write_file_command(path: Path, text: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+# ---------------------------------------------------------------- the config's jobs
+
+def _config(tmp: Path, **gpu: object) -> Path:
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    data = yaml.safe_load((repo / "profiles/local/demo-config.yaml").read_text())
+    data["output_dir"] = str(tmp / "results")
+    data["gpus"]["local"].update(gpu)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_group_jobs_ask_what_the_snakemake_rule_asks(tmp_path: Path) -> None:
+    """Issue 21 (2): `llmenergy submit` and Snakemake share one request: the same --time
+    (doubled after an `incomplete` record on this route too), the same host memory."""
+    from types import SimpleNamespace
+
+    from llmenergy.cellfiles import CellRecord
+    from llmenergy.orchestrate.smk import load
+    from llmenergy.orchestrate.submit import group_jobs
+
+    path = _config(tmp_path)
+    ctx = load(__import__("yaml").safe_load(path.read_text()))
+    victim = ctx.jobs[0].cells[1]
+    failed = tmp_path / "results" / "failed"
+    failed.mkdir(parents=True)
+    CellRecord(cell=victim, status="incomplete", reason="interrupted by signal 15", repeats=1,
+               launcher="srun").write(failed / f"{victim.id}.json")
+    data = json.loads((failed / f"{victim.id}.json").read_text())
+    data["provenance"]["slurm_time_limit_min"] = 50
+    (failed / f"{victim.id}.json").write_text(json.dumps(data))
+
+    commands, resources, names, _ = group_jobs(path)
+    ctx = load(__import__("yaml").safe_load(path.read_text()))
+    assert names == ctx.job_ids
+    for name, cmd, res in zip(names, commands, resources, strict=True):
+        assert cmd[-2:] == ["--group", name]
+        wild = SimpleNamespace(group=name)
+        assert res.time_limit_min == ctx.rule_group_resources()["runtime"](wild)
+        assert res.mem_mb == ctx.rule_group_resources()["mem_mb"](wild)
+    assert resources[0].time_limit_min == 100  # twice the incomplete's 50 min, on this route too
+
+
+def test_group_jobs_cut_a_long_group_into_parts(tmp_path: Path) -> None:
+    from llmenergy.orchestrate.submit import group_jobs
+
+    _, whole, names, _ = group_jobs(_config(tmp_path))
+    limit = whole[0].time_limit_min - 1
+    commands, resources, parts, _ = group_jobs(_config(tmp_path, max_time_min=limit))
+    assert len(parts) > len(names) and all(r.time_limit_min <= limit for r in resources)
+    assert any(".cells1-" in p for p in parts)
+    # a group named on the command line is submitted as its parts
+    _, _, chosen, _ = group_jobs(_config(tmp_path, max_time_min=limit), [names[0]])
+    assert chosen == [p for p in parts if p.startswith(names[0] + ".cells")]
+
+
 # ---------------------------------------------------------------- pure mapping
 
 def test_submitit_parameters_one_task_per_node() -> None:
     res = resources_for(8, GpuType("A100", "a100", 4, constraint="a100_80g", account="p1", qos="q",
-                                   mem_mb_per_gpu=16000), runtime_min=45)
+                                   mem_mb_per_gpu=16000), time_limit_min=45)
     assert submitit_parameters(res, job_name="cell-x") == {
         "name": "cell-x", "timeout_min": 45, "tasks_per_node": 1,
         "slurm_nodes": 2, "slurm_cpus_per_task": 8, "slurm_gres": "gpu:4", "slurm_use_srun": False,
@@ -54,7 +111,7 @@ def test_submitit_parameters_optional_keys_absent() -> None:
 
 def test_parameters_render_to_sbatch_lines(tmp_path: Path) -> None:
     # submitit accepts every key and renders the job we intend (no srun wrapper)
-    res = resources_for(4, GpuType("V100", "v100", 2), runtime_min=7)
+    res = resources_for(4, GpuType("V100", "v100", 2), time_limit_min=7)
     ex = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
     ex.update_parameters(**submitit_parameters(res, job_name="c4"))
     text = ex._executor._make_submission_file_text("CMD", "uid")  # noqa: SLF001
@@ -93,7 +150,7 @@ def test_commands_file_errors_name_the_entry(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- real runs
 
 def test_local_executor_runs_command(tmp_path: Path) -> None:
-    res = resources_for(1, GpuType("CPU", "none", 1), runtime_min=2)
+    res = resources_for(1, GpuType("CPU", "none", 1), time_limit_min=2)
     ok, bad = tmp_path / "ok.txt", tmp_path / "never.txt"
     jobs = submit_jobs([_write_file_command(ok, "local"), [sys.executable, "-c", "raise SystemExit(3)"]],
                        [res, res], tmp_path / "sub", "local")
@@ -109,9 +166,9 @@ def test_slurm_submission_completes(slurm_cluster, tmp_path: Path) -> None:
     if gpn < 1:
         pytest.skip(f"partition {part} has no GPUs")
     res = Resources(nodes=1, tasks_per_node=1, gpus_per_node=1, cpus_per_task=1, mem_mb=None,
-                    runtime_min=2, partition=part)
+                    time_limit_min=2, partition=part)
     out = tmp_path / "written.txt"
-    ids = submit_commands([_write_file_command(out, "from slurm")], [res], tmp_path / "sub", "slurm")
+    ids = [j.job_id for j in submit_jobs([_write_file_command(out, "from slurm")], [res], tmp_path / "sub", "slurm")]
     assert len(ids) == 1 and ids[0].isdigit()
     job = submitit.SlurmJob(folder=tmp_path / "sub" / "%j", job_id=ids[0])
     assert wait_jobs([job], timeout_s=90, poll_s=0.5) == {ids[0]: "COMPLETED"}
@@ -123,7 +180,7 @@ def test_cli_submits_and_waits(slurm_cluster, tmp_path: Path, capsys: pytest.Cap
     part = slurm_cluster.default_partition or sorted(slurm_cluster.partitions)[0]
     out = tmp_path / "cli.txt"
     res = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": 1, "cpus_per_task": 1, "mem_mb": None,
-           "runtime_min": 2, "partition": part}
+           "time_limit_min": 2, "partition": part}
     jobs_file = tmp_path / "jobs.json"
     jobs_file.write_text(json.dumps([
         {"name": "ok", "command": _write_file_command(out, "cli"), "resources": res},
@@ -148,7 +205,7 @@ def test_slurm_multi_node_command_launches_its_own_ranks(slurm_cluster, tmp_path
     if not two_node:
         pytest.skip(f"no partition with 2 nodes of 2+ GPUs: {slurm_cluster.partitions}")
     part = two_node[0]
-    res = resources_for(4, GpuType("T", part, 2, cpus_per_gpu=1), runtime_min=2)
+    res = resources_for(4, GpuType("T", part, 2, cpus_per_gpu=1), time_limit_min=2)
     out, once = tmp_path / "ranks.txt", tmp_path / "launcher.txt"
     inner = " ".join(srun_worker_args(res)) + " bash -c 'echo $SLURM_PROCID $(hostname) $CUDA_VISIBLE_DEVICES'"
     command = ["bash", "-c", f"echo launcher >> {once}; {inner} > {out}"]

@@ -23,6 +23,7 @@ CONFIG = {
     "collector": {"backend": "estimate", "estimate_tdp_w": 50, "interval_ms": 50, "idle_baseline_s": 0.3},
     "matrix": [{"model": ["tiny"], "dataset": ["alpaca"], "gpu": ["cpu"], "shards": [1, 2],
                 "batch_size": [2], "max_gen_len": [8]}],
+    "packing": "cell",  # one job per cell (rule run_cell); every route packs by group by default
 }
 
 
@@ -91,7 +92,7 @@ def test_plans_of_the_shipped_profiles_parse(tmp_path: Path) -> None:
                               "--config", f"output_dir={tmp_path / profile.split('/')[1]}"],
                              cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
         assert out.returncode == 0, (profile, out.stderr[-2000:])
-        assert "run_cell" in out.stdout + out.stderr
+        assert "run_group" in out.stdout + out.stderr  # the default packing of every route
 
 
 def test_snakemake_lint_is_clean(tmp_path: Path) -> None:

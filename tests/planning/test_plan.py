@@ -31,7 +31,7 @@ def cfg() -> config.Config:
 
 def test_totals_come_first_and_lines_are_narrow(cfg: config.Config) -> None:
     plan = expand(cfg)
-    text = format_plan(cfg, cells=True)
+    text = format_plan(cfg, packing="cell", cells=True)
     lines = text.splitlines()
     head = "\n".join(lines[:7])
     assert f"{len(plan.cells)} planned" in head
@@ -193,3 +193,22 @@ def test_energy_from_finished_cells_where_there_are_some(cfg: config.Config, tmp
     est = estimate_energy(here, rows)
     assert est.kwh == pytest.approx(a100_h * 0.300 + v100_h * 0.100)
     assert est.prior_gpu_hours == 0 and "prior" not in est.text() and "summary.parquet" in est.text()
+
+
+def test_plan_shows_a_group_split_to_fit_its_partition() -> None:
+    """Issue 21 (3): groups whose --time would exceed gpus.<type>.max_time_min are shown as
+    their parts (`{group}.cells{first}-{last}`, `part` k/n in JSON), each within the limit."""
+    import yaml
+
+    data = yaml.safe_load(CONFIG.read_text())
+    data["gpus"]["A100"]["max_time_min"] = 240
+    cfg = config.from_dict(data, source="config.yaml", check_files=False)
+    text = format_plan(cfg, packing="group")
+    assert re.search(r"split:\s+\d+ group\(s\) too long for the partition run as \d+ jobs", text)
+    assert max(len(ln) for ln in text.splitlines()) <= 120
+    doc = json.loads(format_plan(cfg, fmt="json", packing="group"))
+    parts = [g for g in doc["groups"] if g["part"]]
+    assert parts and all(".cells" in g["group_id"] for g in parts)
+    assert all(g["time_limit_min"] <= 240 for g in doc["groups"] if g["max_time_min"] == 240)
+    assert sum(len(g["cells"]) for g in doc["groups"]) == len(expand(cfg).cells)
+    assert all(g["max_time_min"] is None for g in doc["groups"] if "_V100_" in g["group_id"])

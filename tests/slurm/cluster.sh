@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The project's Slurm test cluster on this one host (Debian/Ubuntu, root, no systemd).
 #
-#   tests/slurm/cluster.sh up       start (idempotent; already up -> exit 0 at once)
+#   tests/slurm/cluster.sh up       start (idempotent; already up -> rewrite the config and, if it
+#                                   changed, `scontrol reconfigure`: running jobs are kept)
 #   tests/slurm/cluster.sh down     cancel jobs, stop the daemons it started
 #   tests/slurm/cluster.sh status   print daemon and node state; exit 0 if up, 1 if not
 #
 # Nodes (all on 127.0.0.1, each slurmd in its own UTS namespace so `hostname` differs):
 #   partition v100: node1,node2  Gres=gpu:2 each (Default)
 #   partition a100: node3,node4  Gres=gpu:4 each
+#   partition short: node1,node2, MaxTime=15 min (jobs must fit the partition: issue 21)
 # GPUs are fake character devices (major 195), enough for Slurm's GRES bookkeeping.
 #
 # All state lives under $LLMENERGY_SLURM_DIR (default /tmp/llmenergy-slurm). The
@@ -122,6 +124,7 @@ AccountingStorageTRES=gres/gpu
 $nodelines
 PartitionName=v100 Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP
 PartitionName=a100 Nodes=node[3-4] MaxTime=INFINITE State=UP
+PartitionName=short Nodes=node[1-2] MaxTime=15 State=UP
 EOF
   cat >"$DIR/etc/gres.conf" <<EOF
 $MARKER
@@ -267,10 +270,20 @@ all_daemons_alive() {
   for n in "${NODES[@]}"; do pid_alive "$DIR/run/slurmd.$n.pid" || return 1; done
 }
 
+reconfigure_if_changed() {  # a running cluster takes a changed slurm.conf (e.g. a new partition)
+  local before; before="$(cat "$DIR/etc/slurm.conf" 2>/dev/null || true)"
+  write_configs
+  if [[ "$before" != "$(cat "$DIR/etc/slurm.conf")" ]]; then
+    scontrol reconfigure || die "scontrol reconfigure failed (see $DIR/log/slurmctld.log)"
+    log "slurm.conf changed: reconfigured, running jobs kept: $(sinfo -h -o '%P:%l' | tr '\n' ' ')"
+  fi
+}
+
 cmd_up() {
   need_root
   local t0; t0="$(now_s)"
   if all_daemons_alive && nodes_idle_or_busy && mysqladmin ping >/dev/null 2>&1; then
+    reconfigure_if_changed
     log "already up ($DIR)"; return 0
   fi
   mkdir -p "$DIR/log" "$DIR/run"

@@ -89,7 +89,7 @@ def test_gres_sets_visible_devices(slurm_cluster, tmp_path: Path) -> None:
 
 def test_builders_give_one_gpu_per_rank_across_nodes(slurm_cluster, tmp_path: Path) -> None:
     part, gpn = _multi_gpu_partition(slurm_cluster)
-    res = resources_for(2 * gpn, GpuType("T", part, gpn), runtime_min=3)
+    res = resources_for(2 * gpn, GpuType("T", part, gpn), time_limit_min=3)
     assert res.nodes == 2
     ranks_out, coll_out = tmp_path / "ranks.txt", tmp_path / "collectors.txt"
     report = 'echo "$SLURM_PROCID $SLURM_LOCALID $SLURM_NTASKS $(hostname) $CUDA_VISIBLE_DEVICES"'

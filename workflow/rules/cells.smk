@@ -18,9 +18,10 @@ rule run_cell:
         "{params.llmenergy} run-cell --config {params.config:q} --cell {wildcards.cell:q} > {log:q} 2>&1"
 
 
-# packing: group: one Slurm job per group of cells sharing model, GPU type, shards, engine and
-# power cap; the ranks load the model once and run the group's unfinished cells in order. The
-# output is the group's done marker: the cells' own files are not declared outputs, so a
+# packing: group (the default): one Slurm job per group of cells sharing model, GPU type, shards,
+# engine and power cap, or per part of a group too long for its partition (the wildcard is then
+# the part's id, {group}.cells{first}-{last}); the ranks load the model once and run the job's
+# unfinished cells in order. The output is the job's done marker: the cells' own files are not declared outputs, so a
 # failed cell never takes its finished neighbours with it (the job then exits non-zero).
 rule run_group:
     output:

@@ -45,8 +45,8 @@ if workflow.is_main_process:
         logger.warning(f"llmenergy: {_cell}: outputs {_what} (see above); the cell will be rerun")
 
 if workflow.is_main_process and CTX.packing == "group":
-    logger.info(f"llmenergy: packing: group: {len(CTX.cell_ids)} cells in {len(CTX.group_ids)} Slurm jobs "
-                f"(one model load each)")
+    logger.info(f"llmenergy: packing: group: {len(CTX.cell_ids)} cells in {len(CTX.job_ids)} Slurm jobs "
+                f"(one model load each; a group too long for its partition runs as parts)")
     if _DRY_RUN:
         for _line in CTX.group_lines():
             logger.info(f"llmenergy:   {_line}")

@@ -54,42 +54,12 @@ from llmenergy.orchestrate.fingerprint import (
     supersede,
 )
 from llmenergy.orchestrate.provenance import collect_provenance
-from llmenergy.planning.matrix import (
-    dtype_for,
-    estimate_runtime_s,
-    host_mem_mb,
-    layout,
-    time_limit_min,
-)
+from llmenergy.planning.matrix import dtype_for, layout
 from llmenergy.power.agent import stop_flushing
 
 log = logging.getLogger(__name__)
 
 GRACE_S = 20.0
-
-
-def runtime_min(cfg: Config, cell: Cell, *, runtime_s: float | None = None) -> int:
-    """The Slurm time limit of a cell's job: twice the estimate plus 10 min, at least 15 min."""
-    return time_limit_min(estimate_runtime_s(cfg, cell) if runtime_s is None else runtime_s)
-
-
-def retry_runtime_min(base_min: int, attempt: int = 1, *, previous_status: str | None = None,
-                      previous_limit_min: int | None = None) -> int:
-    """The time limit of a cell's job: ``base_min`` times Snakemake's ``attempt``
-    (a retried job asks for more), and at least twice the previous job's limit
-    when the cell's last record is ``incomplete`` (stopped by the time-limit
-    signal, or cancelled: either way a longer job does no harm)."""
-    base = base_min
-    if previous_status == "incomplete":
-        base = max(base, 2 * (previous_limit_min or base_min))
-    return base * max(1, int(attempt))
-
-
-def cell_resources(cfg: Config, cell: Cell, *, runtime_s: float | None = None) -> dict[str, Any]:
-    """Snakemake resources of the cell's Slurm job (see :mod:`llmenergy.slurm`)."""
-    res = slurm.resources_for(cell.shards, cfg.gpus[cell.gpu], runtime_min(cfg, cell, runtime_s=runtime_s),
-                              mem_mb=host_mem_mb(cfg, cell)[0])
-    return slurm.snakemake_resources(res)
 
 
 def cell_spec(cfg: Config, cell: Cell, *, resolve_device: bool = True) -> CellSpec:

@@ -207,42 +207,6 @@ def _write_done(cfg: Config, group: Group) -> None:
     atomic.write_json(done_path(cfg.output_dir, group.id), {"group_id": group.id, "cells": statuses})
 
 
-def unfinished(cfg: Config, group: Group) -> list[Cell]:
-    """The group's cells not finished under the config's policies (any fingerprint: a changed
-    one is superseded when the group runs)."""
-    out = []
-    for cell in group.cells:
-        try:
-            if accepted(CellRecord.read(cell.files(cfg.output_dir).record).status, cfg.policies):
-                continue
-        except RecordError:
-            pass
-        out.append(cell)
-    return out
-
-
-def group_time_limit(cfg: Config, group: Group) -> int | None:
-    """The ``--time`` of a job for ``group``'s unfinished cells, learned from the finished
-    cells of the same model and GPU type (of the whole plan); None when all are finished."""
-    from llmenergy.planning.groups import correction_factors, group_time_limit_min
-    from llmenergy.planning.matrix import expand
-
-    todo = unfinished(cfg, group)
-    if not todo:
-        return None
-    measured = []
-    for cell in expand(cfg).cells:
-        if (cell.model, cell.gpu) != (group.first.model, group.first.gpu):
-            continue
-        try:
-            record = CellRecord.read(cell.files(cfg.output_dir).record)
-        except RecordError:
-            continue
-        if accepted(record.status, cfg.policies) and record.provenance.wall_s:
-            measured.append((cell, float(record.provenance.wall_s)))
-    return group_time_limit_min(cfg, todo, correction_factors(cfg, measured))
-
-
 def run_group(cfg: Config, group: Group, *, launcher: str = "auto", force: bool = False) -> int:
     """Run ``group``'s unfinished cells in one job with one model load; returns the exit code."""
     out = cfg.output_dir

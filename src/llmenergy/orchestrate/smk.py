@@ -6,8 +6,13 @@ imports (no torch). The one filesystem pass, :meth:`Context.prepare`, runs on
 the main process only and reads a few bytes per cell: it moves aside corrupt or
 unfinished outputs (:meth:`Context.quarantine_corrupt`) and the outputs of
 finished cells whose fingerprint no longer matches the config
-(:meth:`Context.supersede_changed`), and notes each unfinished cell's last
+(:meth:`Context.supersede_changed`), and keeps each unfinished cell's last
 record, so that a cell stopped at its time limit asks for more time.
+
+Every job's resources come from :func:`llmenergy.planning.jobs.job_request`, the
+same as ``llmenergy submit`` and ``llmenergy plan``: a group too long for its
+partition runs as consecutive parts, each a job of its own (rule ``run_group``
+with the part's id).
 """
 from __future__ import annotations
 
@@ -24,15 +29,20 @@ from llmenergy import atomic
 from llmenergy.cellfiles import Cell, accepted
 from llmenergy.config import Config, from_dict
 from llmenergy.errors import ConfigError
-from llmenergy.planning.groups import (
-    Group,
-    correction_factors,
-    group_runtime_s,
-    make_groups,
-    resolve_packing,
+from llmenergy.planning.groups import resolve_packing
+from llmenergy.planning.jobs import (
+    History,
+    Job,
+    JobRequest,
+    PartitionLimits,
+    cell_jobs,
+    group_jobs,
+    job_request,
+    read_history,
 )
-from llmenergy.planning.matrix import Plan, expand, time_limit_min
-from llmenergy.slurm import time_limit_signal
+from llmenergy.planning import jobs
+from llmenergy.planning.matrix import Plan, expand
+from llmenergy.slurm import snakemake_resources, time_limit_signal
 
 log = logging.getLogger(__name__)
 
@@ -93,112 +103,137 @@ class Context:
     cfg: Config
     plan: Plan
     config_arg: str
-    #: ``{cell id: (status, time limit in minutes)}`` of unfinished cells' last records.
-    previous: dict[str, tuple[str, int | None]] = field(default_factory=dict)
-    #: ``group``: one job per group of cells sharing a model load (rule run_group); ``cell``: rule run_cell.
-    packing: str = "cell"
+    #: ``group``: one job per group of cells sharing a model load (rule run_group), or per part
+    #: of a group too long for its partition; ``cell``: one job per cell (rule run_cell).
+    packing: str = "group"
+    #: ``{job id: Snakemake resources of its first attempt}``, filled as asked.
+    _base: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
 
     @cached_property
-    def groups(self) -> list[Group]:
-        return make_groups(self.plan.cells)
+    def limits(self) -> PartitionLimits:
+        """The partitions' longest jobs, from Slurm (once per parse)."""
+        return jobs.partition_limits()
+
+    @cached_property
+    def history(self) -> History:
+        """Every cell's last record and the runtime factors learned from them."""
+        return read_history(self.cfg, self.plan.cells)
+
+    @cached_property
+    def jobs(self) -> list[Job]:
+        """The jobs of rule ``run_group``: groups, or their parts where too long for the partition."""
+        return group_jobs(self.cfg, self.plan.cells, self.limits)
+
+    @cached_property
+    def _jobs(self) -> dict[str, Job]:
+        return {j.id: j for j in self.jobs}
+
+    @cached_property
+    def _cell_jobs(self) -> dict[str, Job]:
+        return {j.id: j for j in cell_jobs(self.cfg, self.plan.cells, self.limits)}
 
     @property
-    def group_ids(self) -> list[str]:
-        return [g.id for g in self.groups]
+    def job_ids(self) -> list[str]:
+        """The ``group`` wildcards of rule ``run_group``, in plan order."""
+        return [j.id for j in self.jobs]
 
-    @cached_property
-    def _groups(self) -> dict[str, Group]:
-        return {g.id: g for g in self.groups}
-
-    def done_marker(self, gid: str) -> str:
+    def done_marker(self, job_id: str) -> str:
         from llmenergy.orchestrate.packed import done_path
 
-        return str(done_path(self.output_dir, gid))
+        return str(done_path(self.output_dir, job_id))
 
     def targets(self) -> list[str]:
-        """What the analysis needs: every cell's metrics (``packing: cell``) or every group's
-        done marker (``packing: group``; a group's cells' files are not declared outputs, so
-        that a failed cell never takes its finished neighbours with it)."""
+        """What the analysis needs: every cell's metrics (``packing: cell``) or every group
+        job's done marker (``packing: group``; a group's cells' files are not declared outputs,
+        so that a failed cell never takes its finished neighbours with it)."""
         if self.packing == "group":
-            return [self.done_marker(gid) for gid in self.group_ids]
+            return [self.done_marker(jid) for jid in self.job_ids]
         return [str(c.dir(self.output_dir) / "metrics.parquet") for c in self.plan.cells]
 
-    def _record(self, cell: Cell) -> dict[str, Any] | None:
-        path = cell.files(self.output_dir).record
-        return _read_json(path) if path.exists() else None
+    def _job(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id) or self._cell_jobs.get(job_id)
+        if job is None:
+            raise ConfigError(f"{self.cfg.source}: job {job_id!r} is not in the plan (see `llmenergy plan`)")
+        return job
 
-    def _is_finished(self, cell: Cell) -> bool:
-        data = self._record(cell)
-        return data is not None and accepted(str(data.get("status")), self.cfg.policies)
+    def unfinished(self, job_id: str) -> list[Cell]:
+        """The job's cells it would run now (all of them when every one is finished: a forced
+        rerun sizes its job for the whole group)."""
+        return self.history.unfinished(self._job(job_id).cells)
 
-    @cached_property
-    def factors(self) -> dict[tuple[str, str], float]:
-        """Learned runtime corrections per (model, gpu), from finished cells' measured wall time."""
-        measured = []
-        for cell in self.plan.cells:
-            data = self._record(cell)
-            if data is not None and accepted(str(data.get("status")), self.cfg.policies):
-                wall = (data.get("provenance") or {}).get("wall_s")
-                if isinstance(wall, (int, float)):
-                    measured.append((cell, float(wall)))
-        return correction_factors(self.cfg, measured)
+    def request(self, job_id: str, attempt: int = 1) -> JobRequest:
+        """The job's request (:func:`llmenergy.planning.jobs.job_request`) for Snakemake's ``attempt``."""
+        job = self._job(job_id)
+        return job_request(self.cfg, job.cells, attempt=attempt, history=self.history,
+                           max_time_min=job.max_time_min)
 
-    def unfinished(self, gid: str) -> list[Cell]:
-        """The group's cells a job would run now (all of them when every one is finished:
-        a forced rerun sizes its job for the whole group)."""
-        group = self._groups[gid]
-        todo = [c for c in group.cells if not self._is_finished(c)]
-        return todo or list(group.cells)
+    def time_limit_min(self, job_id: str, attempt: int = 1) -> int:
+        """The job's ``--time``: the learned estimate of its unfinished cells with the margins
+        of every job; × the attempt; at least double after a record ``incomplete``; never
+        more than the partition accepts."""
+        return self.request(job_id, attempt).resources.time_limit_min
 
-    @cached_property
-    def _group_base(self) -> dict[str, dict[str, Any]]:
-        return {gid: self._resources_of(g.first.id) for gid, g in self._groups.items()}
+    def resources_of(self, job_id: str) -> dict[str, Any]:
+        """The Snakemake resources of a job (a cell's under rule ``run_cell``), first attempt."""
+        if job_id not in self._base:
+            res = snakemake_resources(self.request(job_id).resources)
+            # Optional sbatch options go through slurm_extra: every job must have the same
+            # resource keys, and the plugin turns an empty constraint/qos into `-C ''`.
+            extra = [f"--{k}={res.pop(k)}" for k in ("constraint", "qos") if k in res]
+            res["slurm_extra"] = " ".join([*extra, f"--signal={time_limit_signal()}"])
+            self._base[job_id] = res
+        return self._base[job_id]
 
-    def group_runtime_min(self, gid: str, attempt: int = 1) -> int:
-        """The group job's time limit: the margins of a cell's over the sum of its unfinished
-        cells' learned estimates; more for a retry and after a record ``incomplete``."""
-        from llmenergy.orchestrate.launch import retry_runtime_min
-
-        todo = self.unfinished(gid)
-        base = time_limit_min(group_runtime_s(self.cfg, todo, self.factors))
-        prev = [self.previous[c.id] for c in todo if c.id in self.previous]
-        status = "incomplete" if any(st == "incomplete" for st, _ in prev) else None
-        limits = [lim for st, lim in prev if st == "incomplete" and lim]
-        return retry_runtime_min(base, attempt, previous_status=status,
-                                 previous_limit_min=max(limits) if limits else None)
-
-    def rule_group_resources(self) -> dict[str, Callable[..., Any]]:
-        """Resource callables for ``rule run_group``: the layout of the group's cells (the
-        same for all), the time of its unfinished cells (:meth:`group_runtime_min`)."""
-        keys = sorted({k for gid in self.group_ids for k in self._group_base[gid]})
+    def _rule_resources(self, ids: Sequence[str], wildcard: str) -> dict[str, Callable[..., Any]]:
+        keys = sorted({k for jid in ids for k in self.resources_of(jid)})
 
         def getter(key: str) -> Callable[..., Any]:
-            if key == "runtime":
-                return lambda wildcards, attempt=1: self.group_runtime_min(wildcards.group, attempt)
-            return lambda wildcards: self._group_base[wildcards.group].get(key, "")
+            if key == "runtime":  # the plugin's name for --time
+                return lambda wildcards, attempt=1: self.time_limit_min(getattr(wildcards, wildcard), attempt)
+            return lambda wildcards: self.resources_of(getattr(wildcards, wildcard)).get(key, "")
 
         return {k: getter(k) for k in keys}
 
-    def stale_groups(self, *, dry_run: bool = False) -> list[str]:
-        """Groups whose done marker exists though a cell of theirs is not finished (set aside,
-        superseded, removed by hand); unless ``dry_run``, the marker is removed so the group reruns."""
+    def rule_group_resources(self) -> dict[str, Callable[..., Any]]:
+        """Resource callables for rule ``run_group``: the layout of the job's cells (the same
+        for all), the time of its unfinished ones, growing with Snakemake's ``attempt``."""
+        return self._rule_resources(self.job_ids, "group")
+
+    def rule_resources(self) -> dict[str, Callable[..., Any]]:
+        """Resource callables for rule ``run_cell`` (``packing: cell``: one Slurm job per
+        cell); ``runtime`` grows with Snakemake's ``attempt`` (``retries`` in the profile)."""
+        return self._rule_resources(self.cell_ids, "cell")
+
+    def stale_groups(self, *, dry_run: bool = False, derived: Sequence[str | Path] = ()) -> list[str]:
+        """Group jobs whose done marker exists though a cell of theirs is not finished (set aside,
+        superseded, removed by hand); unless ``dry_run``, the marker and the ``derived`` files
+        (summary, report: Snakemake does not redo a missing intermediate file whose consumers
+        are up to date) are removed, so the job reruns."""
         stale = []
-        for gid in self.group_ids:
-            marker = Path(self.done_marker(gid))
-            if marker.exists() and not all(self._is_finished(c) for c in self._groups[gid].cells):
-                stale.append(gid)
+        for job in self.jobs:
+            marker = Path(self.done_marker(job.id))
+            if marker.exists() and not all(self.history.finished(c) for c in job.cells):
+                stale.append(job.id)
                 if not dry_run:
                     marker.unlink(missing_ok=True)
+        if stale and not dry_run:
+            for path in derived:
+                Path(path).unlink(missing_ok=True)
         return stale
 
     def group_lines(self) -> list[str]:
         """One line per group job: cells, nodes × GPUs, partition, time limit (for ``-n``)."""
         out = []
-        for gid in self.group_ids:
-            base, todo = self._group_base[gid], self.unfinished(gid)
-            per_node = str(base["gres"]).split(":")[-1]
-            out.append(f"{gid}: {len(todo)}/{len(self._groups[gid].cells)} cells, {base['nodes']}×{per_node} GPUs, "
-                       f"partition {base.get('slurm_partition', '-')}, --time {self.group_runtime_min(gid)} min")
+        for job in self.jobs:
+            req = self.request(job.id)
+            res = req.resources
+            line = (f"{job.id}: {len(req.todo)}/{len(job.cells)} cells, {res.nodes}×{res.gpus_per_node} GPUs, "
+                    f"partition {res.partition or '-'}, --time {res.time_limit_min} min")
+            if job.parts > 1:
+                line += f" (part {job.part}/{job.parts} of {job.group_id}: longest job {job.max_time_min} min)"
+            elif req.clipped:
+                line += f" (cut to the partition's {job.max_time_min} min)"
+            out.append(line)
         return out
 
     @property
@@ -208,37 +243,6 @@ class Context:
     @property
     def cell_ids(self) -> list[str]:
         return [c.id for c in self.plan.cells]
-
-    @cached_property
-    def _cells(self) -> dict[str, Cell]:
-        return self.plan.by_id()
-
-    @cached_property
-    def _resources(self) -> dict[str, dict[str, Any]]:
-        return {cid: self._resources_of(cid) for cid in self.cell_ids}
-
-    def resources_of(self, cell_id: str) -> dict[str, Any]:
-        """The cell's Slurm resources, computed once per parse."""
-        return self._resources[cell_id]
-
-    def runtime_min(self, cell_id: str, attempt: int = 1) -> int:
-        """The cell's time limit for Snakemake's ``attempt``: more for a retry, and at
-        least double after a record ``incomplete`` (see ``launch.retry_runtime_min``)."""
-        from llmenergy.orchestrate.launch import retry_runtime_min
-
-        status, limit = self.previous.get(cell_id, (None, None))
-        return retry_runtime_min(int(self.resources_of(cell_id)["runtime"]), attempt,
-                                 previous_status=status, previous_limit_min=limit)
-
-    def _resources_of(self, cell_id: str) -> dict[str, Any]:
-        from llmenergy.orchestrate.launch import cell_resources
-
-        res = dict(cell_resources(self.cfg, self._cells[cell_id]))
-        # Optional sbatch options go through slurm_extra: every cell must have the same
-        # resource keys, and the plugin turns an empty constraint/qos into `-C ''`.
-        extra = [f"--{k}={res.pop(k)}" for k in ("constraint", "qos") if k in res]
-        res["slurm_extra"] = " ".join([*extra, f"--signal={time_limit_signal()}"])
-        return res
 
     def quarantine_corrupt(self, *, dry_run: bool = False, derived: Sequence[str | Path] = ()) -> list[str]:
         """Cells whose outputs exist but are corrupt or not finished (see
@@ -270,20 +274,13 @@ class Context:
                 Path(path).unlink(missing_ok=True)
         return bad
 
-    def note_previous(self) -> None:
-        """Remember each unfinished cell's last record (``cell.json``, else
-        ``failed/{cell}.json``): its status and its job's time limit."""
-        for cell in self.plan.cells:
-            files = cell.files(self.output_dir)
-            for path in (files.record, files.failed_record()):
-                data = _read_json(path) if path.exists() else None
-                if data is None:
-                    continue
-                status = str(data.get("status"))
-                if not accepted(status, self.cfg.policies):
-                    limit = (data.get("provenance") or {}).get("slurm_time_limit_min")
-                    self.previous[cell.id] = (status, int(limit) if isinstance(limit, int) else None)
-                break
+    def _keep_history(self, before: History) -> None:
+        """Read the records again after the moves, keeping the last unfinished record of a
+        cell whose files were set aside (its ``incomplete`` still asks for more time)."""
+        after = read_history(self.cfg, self.plan.cells)
+        kept = {cid: h for cid, h in before.cells.items() if not h.finished and cid not in after.cells}
+        self.history = History({**after.cells, **kept}, after.factors)
+        self._base.clear()
 
     def changed_cells(self) -> list[Changed]:
         """Finished cells whose recorded fingerprint is not the current config's; a record
@@ -341,26 +338,15 @@ class Context:
         changed = self.changed_cells()
         if self.cfg.policies.on_config_change == "error" and changed:
             self.supersede_changed(changed, dry_run=dry_run, derived=derived)  # raises
-        self.note_previous()
+        before = read_history(self.cfg, self.plan.cells)
         bad = self.quarantine_corrupt(dry_run=dry_run, derived=derived)
         self.supersede_changed(changed, dry_run=dry_run, derived=derived)
+        self._keep_history(before)
         if self.packing == "group":
-            for gid in self.stale_groups(dry_run=dry_run):
-                log.warning("llmenergy: group %s: a cell is not finished; the group %s", gid,
+            for jid in self.stale_groups(dry_run=dry_run, derived=derived):
+                log.warning("llmenergy: group job %s: a cell is not finished; the job %s", jid,
                             "would rerun (dry run)" if dry_run else "reruns (its finished cells are kept)")
         return bad + [c.cell.id for c in changed]
-
-    def rule_resources(self) -> dict[str, Callable[..., Any]]:
-        """Resource callables for ``rule run_cell`` (one Slurm job per cell); ``runtime``
-        grows with Snakemake's ``attempt`` (``retries`` in the profile)."""
-        keys = sorted({k for cid in self.cell_ids for k in self.resources_of(cid)})
-
-        def getter(key: str) -> Callable[..., Any]:
-            if key == "runtime":
-                return lambda wildcards, attempt=1: self.runtime_min(wildcards.cell, attempt)
-            return lambda wildcards: self.resources_of(wildcards.cell).get(key, "")
-
-        return {k: getter(k) for k in keys}
 
     def _backdate(self, derived: Sequence[Path]) -> None:
         """Make the partial report's files older than every cell output. Snakemake does
@@ -369,8 +355,8 @@ class Context:
         exactly the cells without outputs."""
         stamps = [p.stat().st_mtime for c in self.plan.cells
                   for p in (c.dir(self.output_dir) / "metrics.parquet",) if p.exists()]
-        stamps += [p.stat().st_mtime for gid in self.group_ids
-                   for p in (Path(self.done_marker(gid)),) if p.exists()]
+        stamps += [p.stat().st_mtime for jid in self.job_ids
+                   for p in (Path(self.done_marker(jid)),) if p.exists()]
         when = max(0.0, min(stamps, default=1.0) - 1.0)
         for path in derived:
             if Path(path).exists():
@@ -417,24 +403,19 @@ def _source(configfiles: Sequence[str | Path]) -> str:
     return str(configfiles[-1]) if configfiles else "config"
 
 
-#: Set by a profile (``config: [packing_default=group]``): the packing when the config sets none.
-PACKING_DEFAULT_KEY = "packing_default"
-
-
 def load(config: dict[str, Any], configfiles: Sequence[str | Path] = ()) -> Context:
     """Validate Snakemake's merged ``config`` and expand the matrix.
 
-    ``packing`` comes from the config, else from ``packing_default`` (set by
-    ``profiles/slurm``), else ``cell``.
+    ``packing`` comes from the config, else :data:`llmenergy.planning.groups.DEFAULT_PACKING`
+    (``group``, as every route).
 
     The merged config is stored as ``{output_dir}/.llmenergy/config.json`` (only
     rewritten when it changes) so that each job's ``llmenergy run-cell`` sees
     exactly what Snakemake saw, including ``--config`` overrides.
     """
     config = dict(config)
-    default = config.pop(PACKING_DEFAULT_KEY, None) or "cell"
     cfg = from_dict(config, source=Path(_source(configfiles)).name)
-    packing = resolve_packing(cfg, str(default))
+    packing = resolve_packing(cfg)
     plan = expand(cfg)
     resolved = Path(cfg.output_dir) / RESOLVED_CONFIG
     text = json.dumps(dict(config), indent=2, sort_keys=True, default=str) + "\n"

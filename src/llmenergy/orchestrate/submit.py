@@ -1,9 +1,10 @@
 """Submit cells (or any command lines) through submitit, without Snakemake.
 
 One command per job, for example
-``["llmenergy", "run-cell", "--config", cfg, "--cell", cell_id]``, each with the
-:class:`~llmenergy.slurm.Resources` of its cell (the same templates the
-Snakemake rules use).
+``["llmenergy", "run-group", "--config", cfg, "--group", group_id]``, each with
+the :class:`~llmenergy.slurm.Resources` of its job: the same request as the
+Snakemake rules' (:func:`llmenergy.planning.jobs.job_request`), a group too long
+for its partition cut into the same parts.
 
 How the Slurm job is shaped, and why ``tasks_per_node=1``: the submitted command
 is the cell's *launcher*. It starts one collector per node and the ranks itself,
@@ -77,7 +78,7 @@ def submitit_parameters(res: Resources, *, job_name: str) -> dict[str, Any]:
     """
     params: dict[str, Any] = {
         "name": job_name,
-        "timeout_min": res.runtime_min,
+        "timeout_min": res.time_limit_min,
         "tasks_per_node": 1,
         "slurm_nodes": res.nodes,
         "slurm_cpus_per_task": res.cpus_per_task * res.tasks_per_node,
@@ -146,16 +147,6 @@ def submit_jobs(
         log.info("submitted %s as %s job %s", name, cluster, job.job_id)
         jobs.append(job)
     return jobs
-
-
-def submit_commands(
-    commands: Sequence[Sequence[str]],
-    resources: Sequence[Resources],
-    folder: str | Path,
-    executor: ExecutorKind = "auto",
-) -> list[str]:
-    """Submit each command as one job; return the job ids."""
-    return [job.job_id for job in submit_jobs(commands, resources, folder, executor)]
 
 
 def _launcher(job: Any) -> Any:
@@ -258,7 +249,8 @@ def llmenergy_command() -> list[str]:
 
 
 def _packing(args: argparse.Namespace) -> str:
-    """``--packing``, else ``cell`` for ``--cells``, else the config's ``packing``, else ``group``."""
+    """``--packing``, else ``cell`` for ``--cells``, else the config's ``packing``, else the
+    default of every route (``group``)."""
     from llmenergy import config
     from llmenergy.planning.groups import resolve_packing
 
@@ -268,7 +260,12 @@ def _packing(args: argparse.Namespace) -> str:
         return "cell"
     if args.groups:
         return "group"
-    return resolve_packing(config.load(args.config, check_files=False), "group")
+    return resolve_packing(config.load(args.config, check_files=False))
+
+
+def _out_dir(output_dir: str) -> Path:
+    out = Path(output_dir)
+    return out if out.is_absolute() else Path.cwd() / out
 
 
 def cell_jobs(config_path: str | Path, cell_ids: Sequence[str] | None = None,
@@ -277,59 +274,63 @@ def cell_jobs(config_path: str | Path, cell_ids: Sequence[str] | None = None,
     cells, or ``cell_ids``), plus the config's output directory.
 
     Each command is ``llmenergy run-cell --config CFG --cell ID`` with the config's
-    absolute path; each resource set is :func:`llmenergy.slurm.resources_for` with
-    the cell's time limit (:func:`llmenergy.orchestrate.launch.runtime_min`) and host
-    memory (:func:`llmenergy.planning.matrix.host_mem_mb`), as in the
-    Snakemake rule. The config is validated, and unknown cell ids rejected,
-    before anything is submitted.
+    absolute path; each resource set is the cell's
+    :func:`~llmenergy.planning.jobs.job_request`, as in the Snakemake rule. The config
+    is validated, and unknown cell ids rejected, before anything is submitted.
     """
-    from llmenergy import config, slurm
-    from llmenergy.orchestrate.launch import runtime_min
-    from llmenergy.planning.matrix import expand, host_mem_mb
+    from llmenergy import config
+    from llmenergy.planning import jobs
+    from llmenergy.planning.matrix import expand
 
     cfg_path = Path(config_path).resolve()
     cfg = config.load(cfg_path)
     plan = expand(cfg)
     cells = plan.cells if not cell_ids else [plan.get(cid) for cid in cell_ids]
+    history = jobs.read_history(cfg, plan.cells)
     base = llmenergy_command()
-    commands = [[*base, "run-cell", "--config", str(cfg_path), "--cell", c.id] for c in cells]
-    resources = [slurm.resources_for(c.shards, cfg.gpus[c.gpu], runtime_min(cfg, c), mem_mb=host_mem_mb(cfg, c)[0])
-                 for c in cells]
-    out_dir = Path(cfg.output_dir)
-    if not out_dir.is_absolute():
-        out_dir = Path.cwd() / out_dir
-    return commands, resources, [c.id for c in cells], out_dir
+    commands, resources = [], []
+    for job in jobs.cell_jobs(cfg, cells, jobs.partition_limits()):
+        commands.append([*base, "run-cell", "--config", str(cfg_path), "--cell", job.id])
+        resources.append(jobs.job_request(cfg, job.cells, history=history,
+                                          max_time_min=job.max_time_min).resources)
+    return commands, resources, [c.id for c in cells], _out_dir(cfg.output_dir)
 
 
 def group_jobs(config_path: str | Path, group_ids: Sequence[str] | None = None,
                ) -> tuple[list[list[str]], list[Resources], list[str], Path]:
-    """As :func:`cell_jobs`, one job per packed group (``llmenergy run-group``): the
-    layout of the group's cells, the time of its unfinished ones (learned, as the
-    Snakemake rule's). Groups whose cells are all finished are left out."""
-    from llmenergy import config, slurm
-    from llmenergy.orchestrate.packed import group_time_limit
-    from llmenergy.planning.groups import find_group, make_groups
-    from llmenergy.planning.matrix import expand, host_mem_mb
+    """As :func:`cell_jobs`, one job per packed group (``llmenergy run-group``), or per part
+    of a group too long for its partition: the layout of the group's cells, the time of its
+    unfinished ones (learned, as the Snakemake rule's). Jobs whose cells are all finished are
+    left out; ``group_ids`` names groups (all their parts) or parts."""
+    from llmenergy import config
+    from llmenergy.planning import jobs
+    from llmenergy.planning.groups import find_group
+    from llmenergy.planning.matrix import expand
 
     cfg_path = Path(config_path).resolve()
     cfg = config.load(cfg_path)
     cells = expand(cfg).cells
-    groups = make_groups(cells) if not group_ids else [find_group(cfg, cells, gid) for gid in group_ids]
+    history = jobs.read_history(cfg, cells)
+    limits = jobs.partition_limits()
+    planned = jobs.group_jobs(cfg, cells, limits)
+    chosen = [] if group_ids else planned
+    for gid in group_ids or ():
+        match = [j for j in planned if gid in (j.id, j.group_id)]
+        if not match:  # a part of another split; one line naming the config for an unknown id
+            g = find_group(cfg, cells, gid)
+            match = [jobs.Job(g.id, g.id, g.cells, max_time_min=jobs.max_time_min(cfg, g.first.gpu, limits))]
+        chosen += [j for j in match if j not in chosen]
     base = llmenergy_command()
     commands, resources, names = [], [], []
-    for g in groups:
-        minutes = group_time_limit(cfg, g)
-        if minutes is None:
-            log.info("%s: every cell finished; not submitted", g.id)
+    for job in chosen:
+        if all(history.finished(c) for c in job.cells):
+            log.info("%s: every cell finished; not submitted", job.id)
             continue
-        commands.append([*base, "run-group", "--config", str(cfg_path), "--group", g.id])
-        resources.append(slurm.resources_for(g.first.shards, cfg.gpus[g.first.gpu], minutes,
-                                             mem_mb=max(host_mem_mb(cfg, c)[0] for c in g.cells)))
-        names.append(g.id)
-    out_dir = Path(cfg.output_dir)
-    if not out_dir.is_absolute():
-        out_dir = Path.cwd() / out_dir
-    return commands, resources, names, out_dir
+        commands.append([*base, "run-group", "--config", str(cfg_path), "--group", job.id])
+        resources.append(jobs.job_request(cfg, job.cells, history=history,
+                                          max_time_min=job.max_time_min).resources)
+        names.append(job.id)
+    return commands, resources, names, _out_dir(cfg.output_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     [--executor K] [--wait]``."""
     parser = argparse.ArgumentParser(
         prog="llmenergy submit",
-        description="Submit cells (one job each) through submitit, without Snakemake.")
+        description="Submit a config's jobs (one per group of cells sharing a model load, or per "
+                    "cell) through submitit, without Snakemake.")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", type=Path, help="config.yaml whose cells to submit")
     src.add_argument("--commands-file", type=Path,
@@ -345,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", nargs="+", metavar="ID",
                         help="cell ids to submit, one job each (default: every planned cell); see `llmenergy plan`")
     parser.add_argument("--groups", nargs="+", metavar="ID",
-                        help="packed groups to submit, one job each (default: every group with unfinished cells)")
+                        help="packed groups (each as its parts, where too long for its partition) or parts "
+                             "to submit (default: every job with unfinished cells)")
     parser.add_argument("--packing", choices=["group", "cell"], default=None,
                         help="one job per group of cells sharing a model load, or per cell "
                              "(default: the config's `packing`, else group; --cells implies cell)")

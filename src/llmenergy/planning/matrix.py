@@ -169,12 +169,3 @@ def estimate_runtime_s(cfg: Config, cell: Cell) -> float:
 def estimate_load_s(cfg: Config, cell: Cell) -> float:
     """The model-load part of :func:`estimate_runtime_s`: synthesis or reading at ~1 GB/s per rank."""
     return 60 + weight_bytes(cfg.models[cell.model].args, dtype_for(cfg, cell)) / cell.shards / 1e9
-
-
-def time_limit_min(runtime_s: float) -> int:
-    """A Slurm time limit for ``runtime_s`` of estimated work: twice it plus 10 min, at least 15 min."""
-    return max(15, math.ceil(runtime_s * 2 / 60) + 10)
-
-
-def plan(cfg: Config) -> Plan:
-    return expand(cfg)

@@ -24,13 +24,9 @@ from dataclasses import asdict
 from typing import Any
 
 from llmenergy.config import Config
+from llmenergy.planning import jobs
 from llmenergy.planning.energy import estimate_energy
-from llmenergy.planning.groups import (
-    group_id,
-    group_runtime_s,
-    group_time_limit_min,
-    make_groups,
-)
+from llmenergy.planning.groups import DEFAULT_PACKING, group_id
 from llmenergy.planning.matrix import (
     Cell,
     estimate_runtime_s,
@@ -128,19 +124,27 @@ def _mem_text(mb: int) -> str:
     return f"{mb / 1024:.1f}G"
 
 
-def group_rows(cfg: Config, cells: list[Cell] | None = None) -> list[dict[str, Any]]:
-    """One row per packed group: its cells, layout, estimate and ``--time`` (no learning: the plan
-    reads no results; the Snakemake rule's time also learns from finished cells)."""
+def group_rows(cfg: Config, cells: list[Cell] | None = None,
+               limits: jobs.PartitionLimits | None = None) -> list[dict[str, Any]]:
+    """One row per group job: a group, or a part of one too long for its partition (``part``
+    ``k/n``, id ``{group}.cells{first}-{last}``), with its cells, layout, estimate and ``--time``
+    as the next run asks it (:func:`llmenergy.planning.jobs.job_request`: the unfinished cells,
+    learned from finished ones). ``limits``: the partitions' (default: asked from Slurm)."""
     cells = expand(cfg).cells if cells is None else cells
+    limits = jobs.partition_limits() if limits is None else limits
+    history = jobs.read_history(cfg, cells)
     out = []
-    for g in make_groups(cells):
-        nodes, per_node = layout(cfg, g.first)
-        runtime_s = group_runtime_s(cfg, g.cells)
-        out.append({"group_id": g.id, "n_cells": len(g.cells), "cells": g.cell_ids, "nodes": nodes,
-                    "gpus_per_node": per_node, "partition": cfg.gpus[g.first.gpu].partition,
+    for job in jobs.group_jobs(cfg, cells, limits):
+        nodes, per_node = layout(cfg, job.first)
+        runtime_s = jobs.runtime_s(cfg, job.cells)
+        req = jobs.job_request(cfg, job.cells, history=history, max_time_min=job.max_time_min)
+        out.append({"group_id": job.id, "n_cells": len(job.cells), "cells": [c.id for c in job.cells],
+                    "nodes": nodes, "gpus_per_node": per_node, "partition": cfg.gpus[job.first.gpu].partition,
                     "est_runtime_min": round(runtime_s / 60, 1),
-                    "time_limit_min": group_time_limit_min(cfg, g.cells),
-                    "gpu_hours": round(runtime_s / 3600 * g.first.shards, 2)})
+                    "time_limit_min": req.resources.time_limit_min,
+                    "gpu_hours": round(runtime_s / 3600 * job.first.shards, 2),
+                    "part": f"{job.part}/{job.parts}" if job.parts > 1 else "",
+                    "max_time_min": job.max_time_min, "fits": job.fits(cfg)})
     return out
 
 
@@ -161,6 +165,7 @@ def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, An
          f"{min(g['n_cells'] for g in groups)}–{max(g['n_cells'] for g in groups)} cells, "
          f"{min(g['est_runtime_min'] for g in groups):.1f}–{max(g['est_runtime_min'] for g in groups):.1f} "
          f"min each (estimate)"),
+        *_split_lines(groups or []),
         f"  GPU-hours:  {gpu_h:,.1f} in all (estimate)",
         _fit(f"  GPU energy: {estimate_energy(cfg, rows).text()}"),
         f"  left out:   {len(left_out)} cells"
@@ -171,6 +176,21 @@ def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, An
 
 def _fit(line: str) -> str:
     return line if len(line) <= WIDTH else line[:WIDTH - 1] + "…"
+
+
+def _split_lines(groups: list[dict[str, Any]]) -> list[str]:
+    """The totals' line on groups cut into parts (and cells longer than their partition)."""
+    parts = [g for g in groups if g["part"]]
+    long = [g["group_id"] for g in groups if not g["fits"]]
+    out = []
+    if parts:
+        split = {g["group_id"].rsplit(".cells", 1)[0] for g in parts}
+        out.append(f"  split:      {len(split)} group(s) too long for the partition run as {len(parts)} jobs "
+                   f"group.cellsA-B (2× + 10 min fit)")
+    if long:
+        out.append(f"  too long:   {len(long)} one-cell job(s) over the partition's limit ask for all of it: {long[0]}"
+                   + (" …" if len(long) > 1 else ""))
+    return out
 
 
 def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, bool]] = TABLE) -> list[str]:
@@ -266,7 +286,7 @@ def _left_out(left_out: list[dict[str, Any]], every: bool, examples: bool = True
 
 
 def format_plan(cfg: Config, *, show_infeasible: bool = True, fmt: str = "table",
-                all_left_out: bool = False, packing: str = "cell", cells: bool = False) -> str:
+                all_left_out: bool = False, packing: str = DEFAULT_PACKING, cells: bool = False) -> str:
     """The plan as ``table`` (totals, groups when packed, left-out reasons; with ``cells``
     one line per cell too), ``json`` or ``csv`` (every cell, whatever ``cells``)."""
     rows, left_out = plan_rows(cfg)
