@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 
 from llmenergy.analysis.aggregate import cell_stats
-from llmenergy.analysis.figdraw import mean_lines
 from llmenergy.analysis.metrics import to_table
 from llmenergy.analysis.plots import (
     BUILDERS,
@@ -54,6 +53,11 @@ def summary_of(*, models=("tiny",), gpus=("H100",), datasets=("alpaca",), shards
     rows.append(dict(cell_id="failed", model=models[0], gpu=gpus[0], shards=4, batch_size=64,
                      status="oom", repeat=0, power_source="none"))
     return to_table(rows).to_pandas()
+
+
+def mean_lines(ax):  # type: ignore[no-untyped-def]
+    """The plotted mean lines of an axes (not error bars, not hollow markers), by hue label."""
+    return [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
 
 
 def _lines_by_label(ax) -> dict[str, tuple[list[float], list[float]]]:  # type: ignore[no-untyped-def]
