@@ -174,6 +174,9 @@ def line_figure(df: pd.DataFrame, spec: LineSpec) -> tuple[Figure, str]:
     if len(hue_values) < spec.min_hues:
         shown = ", ".join(fmt_value(str(hue), v) for v in hue_values) or "none"
         raise FigureSkipped(f"only one {hue_name} in the data ({shown}): nothing to compare")
+    if rows[spec.x].nunique() < 2 and not spec.keep_single:
+        raise FigureSkipped(f"one {AXIS_NAMES.get(spec.x, spec.x)} measured "
+                            f"({fmt_value(spec.x, rows[spec.x].iloc[0]) if len(rows) else 'none'})")
     panels = lay.panels()
     if not spec.keep_single:
         panels = [(k, g) for k, g in panels if g[spec.x].nunique() >= 2]

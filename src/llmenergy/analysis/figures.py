@@ -66,7 +66,7 @@ def _line_builder(y: str, x: str, ylabel: str, what: str, *, energy: bool,
                   hue: str | None = None, **kw: object) -> Builder:
     hue = hue or OTHER_AXIS[x]
     spec = LineSpec(y=y, ylabel=ylabel, x=x, hue=hue, what=what,
-                    title=f"{ylabel.split(' (')[0]} vs {AXIS_NAMES[x]}", **kw)  # type: ignore[arg-type]
+                    title=f"{ylabel.replace(' (', ', ').rstrip(')')} vs {AXIS_NAMES[x]}", **kw)  # type: ignore[arg-type]
 
     def build(summary: pd.DataFrame) -> tuple[Figure, str]:
         pick = energy_rows if energy else ok_rows
