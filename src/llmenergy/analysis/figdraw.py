@@ -171,7 +171,7 @@ def line_figure(df: pd.DataFrame, spec: LineSpec) -> tuple[Figure, str]:
     hue = lay.hue
     hue_name = spec.hue_label or (AXIS_NAMES.get(hue, hue) if hue else "")
     hue_values = sorted_values(rows[hue]) if hue else []
-    if len(hue_values) < spec.min_hues:
+    if hue and len(hue_values) < spec.min_hues:
         shown = ", ".join(fmt_value(str(hue), v) for v in hue_values) or "none"
         raise FigureSkipped(f"only one {hue_name} in the data ({shown}): nothing to compare")
     if rows[spec.x].nunique() < 2 and not spec.keep_single:
