@@ -9,6 +9,11 @@ an event inside a constant stretch has energy ``power_w × duration × devices``
 """
 from __future__ import annotations
 
+import html as html_lib
+import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +191,39 @@ def write_results(root: Path, summary: pd.DataFrame) -> Path:
     stats, _ = cell_stats(summary)
     write_parquet(root / STATS_NAME, pa.Table.from_pandas(stats, preserve_index=False))
     return root
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def chromium_probe(html: str, tmp_path: Path, script: str, *, width: int = 1280) -> dict[str, Any]:
+    """Load ``html`` in headless Chromium at ``width`` px with ``script`` (JS that sets
+    ``window.__probe`` to a JSON-able object on load) and return that object."""
+    # the report's CSP forbids scripts; the test copy allows only this inline probe
+    probe = html.replace("style-src 'unsafe-inline'",
+                         "style-src 'unsafe-inline'; script-src 'unsafe-inline'")
+    wrapper = ("<script>window.addEventListener('load', function () {" + script +
+               "var pre = document.createElement('pre'); pre.id = 'llmenergy-probe';"
+               "pre.textContent = 'PROBE' + JSON.stringify(window.__probe) + 'END';"
+               "document.body.appendChild(pre); });</script>")
+    page = tmp_path / "probe.html"
+    page.write_text(probe.replace("</body>", wrapper + "</body>"))
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           "--disable-background-networking", "--no-first-run", "--disable-dev-shm-usage",
+           f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},900",
+           "--virtual-time-budget=10000", "--dump-dom", page.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    match = re.search(r'<pre id="llmenergy-probe">PROBE(.*?)END</pre>', proc.stdout, re.S)
+    if not match:
+        raise RuntimeError(f"no probe output; rc={proc.returncode} stderr={proc.stderr[-2000:]}")
+    return json.loads(html_lib.unescape(match.group(1)))
+
+
+def chromium_screenshot(page: Path, png: Path, *, width: int = 1280, height: int = 1000) -> Path:
+    """A ``width`` × ``height`` screenshot of ``page`` (the top of it) in headless Chromium."""
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           "--no-first-run", "--disable-dev-shm-usage",
+           f"--user-data-dir={png.parent / 'profile'}", f"--window-size={width},{height}",
+           f"--screenshot={png}", page.as_uri()]
+    subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    return png

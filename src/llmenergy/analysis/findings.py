@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from llmenergy.analysis.compare import AxisSummary, Ratio, ratio
-from llmenergy.analysis.figdata import fmt_value, t_interval
+from llmenergy.analysis.figdata import AXIS_NAMES, fmt_value, t_interval
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def _ratio_check(sums: list[AxisSummary], axis: str, metric: str, above: bool,
                  ) -> tuple[str, str]:
     found = [s for s in sums if s.axis == axis and metric in s.ratios and select(s)]
     if not found:
-        return NOT_MEASURED, f"no matched pair of cells differing only in {axis.replace('_', ' ')}"
+        return NOT_MEASURED, f"no matched pair of cells differing only in {AXIS_NAMES[axis]}"
     parts, verdicts = [], []
     for s in found:
         r = s.ratios[metric]

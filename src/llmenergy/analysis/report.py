@@ -60,6 +60,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) < 1e12):
         return f"{int(value):,}"
     if isinstance(value, float):
+        if 1000 <= abs(value) < 1e6:
+            return f"{value:,.0f}"
         return f"{value:.{digits}g}" if abs(value) < 1e6 else f"{value:.3e}"
     return str(value)
 
