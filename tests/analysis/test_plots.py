@@ -72,8 +72,8 @@ def test_no_pooling_over_an_axis_not_plotted() -> None:
     summary = summary_of(gen=(16, 32))
     fig, caption = BUILDERS["tokens_per_s_vs_batch"](summary)
     panels = {ax.get_title(): _lines_by_label(ax) for ax in fig.axes}
-    assert set(panels) == {"len 16", "len 32"}
-    for title, scale in (("len 16", 100.0), ("len 32", 25.0)):
+    assert set(panels) == {"tiny · H100\nlen 16", "tiny · H100\nlen 32"}  # constant model · GPU first
+    for title, scale in (("tiny · H100\nlen 16", 100.0), ("tiny · H100\nlen 32", 25.0)):
         assert set(panels[title]) == {"1", "2"}  # one line per shard count
         xs, ys = panels[title]["1"]
         assert xs == [1, 4, 16]
@@ -143,7 +143,8 @@ def test_dataset_and_gpu_comparisons() -> None:
     fig, caption = BUILDERS["j_per_token_by_dataset"](summary)
     assert [set(_lines_by_label(ax)) for ax in fig.axes] == [{"alpaca", "gsm8k"}] * 4
     assert sorted(ax.get_title() for ax in fig.axes) == [
-        "H100\nshards 1", "H100\nshards 2", "V100\nshards 1", "V100\nshards 2"]
+        "tiny · H100\nshards 1", "tiny · H100\nshards 2", "tiny · V100\nshards 1",
+        "tiny · V100\nshards 2"]
     fig, _ = BUILDERS["gpu_type_comparison"](summary)
     assert [set(_lines_by_label(ax)) for ax in fig.axes] == [{"H100", "V100"}] * 4
     with pytest.raises(FigureSkipped, match="only one dataset"):

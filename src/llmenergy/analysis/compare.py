@@ -126,10 +126,10 @@ def _same(series: pd.Series, value: Any) -> pd.Series:
 
 
 def value_text(axis: str, value: Any) -> str:
-    """How a sentence names a value: ``compiled``, ``batch 64``, ``4 shards``, ``175 W cap``."""
+    """How a sentence names a value: ``engine compiled``, ``batch 64``, ``shards 4``, ``cap 175 W``."""
     v = fmt_value(axis, value)
-    return {"batch_size": f"batch {v}", "shards": f"{v} shard{'s' if v != '1' else ''}",
-            "power_cap_w": "no cap" if "uncapped" in v else f"a {v} cap",
+    return {"batch_size": f"batch {v}", "shards": f"shards {v}",
+            "power_cap_w": "no cap" if "uncapped" in v else f"cap {v}",
             "max_gen_len": f"max generation length {v}", "engine": f"engine {v}",
             "dataset": f"dataset {v}", "gpu": f"GPU {v}"}.get(axis, v)
 

@@ -37,7 +37,7 @@ HUE_ORDER = ["engine", "dataset", "shards", "batch_size", "power_cap_w", "max_ge
 #: Past MAX_PANELS, the axes held fixed first.
 HOLD_FIRST = ["max_gen_len", "dataset", "power_cap_w", "shards", "batch_size", "engine"]
 SHORT_NAMES = {"shards": "shards", "batch_size": "batch", "max_gen_len": "len",
-               "power_cap_w": "cap"}
+               "power_cap_w": "cap", "engine": "engine"}
 AXIS_NAMES = {
     "model": "model", "dataset": "dataset", "gpu": "GPU type", "shards": "shards (GPUs)",
     "batch_size": "batch size", "max_gen_len": "max generation length (tokens)",
@@ -190,7 +190,8 @@ class Layout:
 
     def panel_title(self, key: tuple) -> str:
         named = dict(zip(self.panel_axes, key, strict=True))
-        first = [str(named[a]) for a in ("model", "gpu") if a in named]
+        first = [str(named.get(a, self.constant.get(a))) for a in ("model", "gpu")
+                 if a in named or a in self.constant]
         rest = [short_value(a, v) for a, v in named.items() if a not in ("model", "gpu")]
         rest += [short_value(a, per[key]) for a, per in self.fixed.items()
                  if len({fmt_value(a, v) for v in per.values()}) > 1]
