@@ -126,6 +126,10 @@ def sorted_values(series: pd.Series) -> list[Any]:
     return vals + ([math.nan] if series.isna().any() else [])
 
 
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
 def varying(df: pd.DataFrame, axes: Sequence[str] = AXES) -> list[str]:
     """The axes of ``axes`` with two or more values in ``df`` (no cap counts as a value)."""
     return [a for a in axes if a in df.columns and len(sorted_values(df[a])) >= 2]
@@ -186,7 +190,18 @@ class Layout:
         if not self.panel_axes:
             return [((), self.rows)]
         groups = self.rows.groupby(self.panel_axes, sort=True, dropna=False)
-        return [((k if isinstance(k, tuple) else (k,)), g) for k, g in groups]
+        out = [((k if isinstance(k, tuple) else (k,)), g) for k, g in groups]
+        # no cap (NaN) first: the default setting leads, as in the tables
+        return sorted(out, key=lambda kg: tuple((0, "") if _is_nan(v) else (1, v) for v in kg[0]))
+
+    def ncols(self, n_panels: int) -> int:
+        """Columns of the panel grid: one per value of the last panel axis when that makes
+        a grid of 2–4 columns, else up to 4."""
+        if n_panels > 4 and self.panel_axes:
+            last = len(sorted_values(self.rows[self.panel_axes[-1]]))
+            if 2 <= last <= 4:
+                return last
+        return max(1, min(n_panels, 4))
 
     def panel_title(self, key: tuple) -> str:
         named = dict(zip(self.panel_axes, key, strict=True))

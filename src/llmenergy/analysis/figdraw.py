@@ -186,8 +186,7 @@ def line_figure(df: pd.DataFrame, spec: LineSpec) -> tuple[Figure, str]:
     labels = {fmt_value(str(hue), v): v for v in hue_values} if hue else {"all": None}
     pal = sns.color_palette(PALETTE, len(labels))
     colours = {lab: tuple(pal[i]) for i, lab in enumerate(labels)}
-    ncols = max(1, min(len(panels), 4))
-    fig, axes = new_figure(len(panels), ncols=ncols)
+    fig, axes = new_figure(len(panels), ncols=lay.ncols(len(panels)))
     counts: list[int] = []
     n_hollow = 0
     drawn = []

@@ -148,7 +148,7 @@ def fig_power_cap(summary: pd.DataFrame) -> tuple[Figure, str]:
     dashes = {"energy": "-", "time": "--"}
     lay.rows = long
     groups = lay.panels()
-    fig, axes = new_figure(len(groups), ncols=max(1, min(len(groups), 3)), sharey=True)
+    fig, axes = new_figure(len(groups), ncols=lay.ncols(len(groups)), sharey=True)
     counts: list[int] = []
     n_hollow = 0
     for ax, (key, grp) in zip(axes, groups, strict=True):
@@ -185,7 +185,7 @@ def fig_engine(summary: pd.DataFrame) -> tuple[Figure, str]:
     engines = sorted(lay.rows["engine"].dropna().unique().tolist())
     pal = sns.color_palette(PALETTE, len(engines))
     colours = {str(e): tuple(pal[i]) for i, e in enumerate(engines)}
-    ncols = max(1, min(len(panels), 4))
+    ncols = lay.ncols(len(panels))
     nrows = -(-len(panels) // ncols)
     fig, axes = new_figure(2 * nrows * ncols, ncols=ncols)
     counts: list[int] = []
