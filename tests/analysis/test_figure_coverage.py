@@ -94,3 +94,11 @@ def test_too_many_panels_hold_an_axis_fixed_and_say_so() -> None:
     assert len(fig.axes) <= 24
     assert "Held fixed, to keep at most 24 panels: max generation length (tokens)" in caption
     assert "(measured: 128, 256, 512)" in caption
+
+
+def test_one_cell_is_drawn_with_its_magnitude_and_named_panel() -> None:
+    fig, caption = BUILDERS["j_per_token_vs_batch"](synthetic_summary(repeats=3))
+    (ax,) = fig.axes
+    assert ax.get_title() == "7B · H200"
+    assert ax.get_ylim()[0] == 0  # a lone point on a zoomed axis would hide its size
+    assert "n = 3 repeats per point" in caption

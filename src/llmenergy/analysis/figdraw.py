@@ -197,6 +197,8 @@ def line_figure(df: pd.DataFrame, spec: LineSpec) -> tuple[Figure, str]:
         set_x_ticks(ax, data[spec.x].unique())
         means = data.groupby(["_hue", spec.x])[spec.y].mean()
         set_y_scale(ax, means.to_numpy())
+        if data[spec.x].nunique() == 1 and ax.get_yscale() == "linear" and means.min() >= 0:
+            ax.set_ylim(bottom=0)  # one x value: no slope to read, show the magnitude
         counts += data.groupby(["_hue", spec.x])[spec.y].count().tolist()
         ax.set_title(lay.panel_title(key), fontsize="medium")
         ax.set_xlabel(upper_first(AXIS_NAMES.get(spec.x, spec.x)))
