@@ -152,13 +152,16 @@ def short_answer(summary: pd.DataFrame) -> list[dict[str, Any]]:
             "j_per_token": float(means[best_id]), "n": int(len(best)),
             "interval": "–".join(f"{v:.3g}" for v in t_interval(best["j_per_token"].to_numpy()))
             if len(best) > 1 else "",
-            "n_cells": int(means.size), "versus": []}
+            "n_cells": int(means.size), "versus": [],
+            "power_source": str(first.get("power_source") or "none")}
         if "engine" not in grp.columns or PAPER_ENGINE not in set(grp["engine"].astype(str)):
             item["versus"].append(f"not measured against the paper's engine ({PAPER_ENGINE}): "
                                   "no cell ran it")
+        elif set(grp["engine"].astype(str)) == {PAPER_ENGINE}:
+            item["versus"].append(f"only the paper's engine ({PAPER_ENGINE}) was measured")
         elif str(first["engine"]) == PAPER_ENGINE:
-            item["versus"].append(f"this is the paper's engine ({PAPER_ENGINE}): it is the best "
-                                  "measured here")
+            item["versus"].append(f"this is the paper's engine ({PAPER_ENGINE}): it beats the "
+                                  "other engines measured here")
         else:
             same = grp[grp["engine"].astype(str) == PAPER_ENGINE]
             for a in axes:
