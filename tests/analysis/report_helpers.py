@@ -9,6 +9,11 @@ an event inside a constant stretch has energy ``power_w × duration × devices``
 """
 from __future__ import annotations
 
+import html as html_lib
+import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +135,95 @@ def make_cell(root: Path, cell_id: str, *, model: str = "tiny", dataset: str = "
                                                                      reason=reason))
     record.write(cdir / "cell.json")
     return cdir
+
+
+def synthetic_summary(*, models: tuple = ("7B",), datasets: tuple = ("alpaca",),
+                      gpus: tuple = ("H200",), shards: tuple = (1,), batch: tuple = (16,),
+                      gen: tuple = (256,), caps: tuple = (None,), engines: tuple = ("reference",),
+                      repeats: int = 3, short_cells: tuple = ()) -> pd.DataFrame:
+    """One ok row per cell × repeat, with numbers a reader can check by hand.
+
+    tokens/s = 100·batch/shards^0.5, ×2 for ``compiled``, ×1.2 for gsm8k, ×0.9 under a cap,
+    × (1 + 0.01·repeat); power = 300 W·shards·(1 + batch/256), ×0.8 under a cap, ×1.1 for
+    compiled; J/token = power / tokens/s. Cells whose id is in ``short_cells`` get a
+    short measurement window on repeat 0 (flagged).
+    """
+    import itertools
+
+    from llmenergy.analysis.metrics import to_table
+
+    rows = []
+    for model, ds, gpu, s, bs, g, cap, eng, rep in itertools.product(
+            models, datasets, gpus, shards, batch, gen, caps, engines, range(repeats)):
+        tps = (100.0 * bs / s**0.5 * (2.0 if eng == "compiled" else 1.0)
+               * (1.2 if ds == "gsm8k" else 1.0) * (0.9 if cap else 1.0) * (1 + 0.01 * rep))
+        power = 300.0 * s * (1 + bs / 256) * (0.8 if cap else 1.0) * (1.1 if eng == "compiled" else 1.0)
+        tokens = 64 * bs
+        duration = tokens / tps
+        energy = power * duration
+        cid = f"{model}_{ds}_{gpu}_s{s}_b{bs}_g{g}_p{cap or 'default'}_{eng}"
+        rows.append(dict(
+            cell_id=cid, model=model, dataset=ds, gpu=gpu, shards=s, nodes=1, batch_size=bs,
+            max_gen_len=g, power_cap_w=cap, engine=eng, repeat=rep, status="ok",
+            tokens_out=tokens, words_out=tokens // 2, responses=4 * bs, duration_s=duration,
+            tokens_per_s=tps, words_per_s=tokens / 2 / duration, responses_per_s=4 * bs / duration,
+            energy_j=energy, avg_power_w=power, j_per_token=energy / tokens,
+            j_per_word=energy / (tokens // 2), j_per_response=energy / (4 * bs),
+            active_energy_j=0.7 * energy, prefill_energy_j=0.1 * energy,
+            decode_energy_j=0.9 * energy, latency_p50_s=duration / 4, gpu_util_pct=95.0,
+            mem_util_pct=25.0, power_source="nvml", energy_discrepancy_pct=0.1,
+            short_window=cid in short_cells and rep == 0, power_out_of_range=False,
+            fingerprint="f" * 16))
+    return to_table(rows).to_pandas()
+
+
+def write_results(root: Path, summary: pd.DataFrame) -> Path:
+    """Write ``summary.parquet`` and ``summary_stats.parquet`` as ``aggregate`` would."""
+    import pyarrow as pa
+
+    from llmenergy.analysis.aggregate import STATS_NAME, SUMMARY_NAME, cell_stats
+    from llmenergy.atomic import write_parquet
+    from llmenergy.cellfiles import METRICS_SCHEMA
+
+    root.mkdir(parents=True, exist_ok=True)
+    write_parquet(root / SUMMARY_NAME, pa.Table.from_pandas(summary, schema=METRICS_SCHEMA,
+                                                            preserve_index=False))
+    stats, _ = cell_stats(summary)
+    write_parquet(root / STATS_NAME, pa.Table.from_pandas(stats, preserve_index=False))
+    return root
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def chromium_probe(html: str, tmp_path: Path, script: str, *, width: int = 1280) -> dict[str, Any]:
+    """Load ``html`` in headless Chromium at ``width`` px with ``script`` (JS that sets
+    ``window.__probe`` to a JSON-able object on load) and return that object."""
+    # the report's CSP forbids scripts; the test copy allows only this inline probe
+    probe = html.replace("style-src 'unsafe-inline'",
+                         "style-src 'unsafe-inline'; script-src 'unsafe-inline'")
+    wrapper = ("<script>window.addEventListener('load', function () {" + script +
+               "var pre = document.createElement('pre'); pre.id = 'llmenergy-probe';"
+               "pre.textContent = 'PROBE' + JSON.stringify(window.__probe) + 'END';"
+               "document.body.appendChild(pre); });</script>")
+    page = tmp_path / "probe.html"
+    page.write_text(probe.replace("</body>", wrapper + "</body>"))
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           "--disable-background-networking", "--no-first-run", "--disable-dev-shm-usage",
+           f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},900",
+           "--virtual-time-budget=10000", "--dump-dom", page.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    match = re.search(r'<pre id="llmenergy-probe">PROBE(.*?)END</pre>', proc.stdout, re.S)
+    if not match:
+        raise RuntimeError(f"no probe output; rc={proc.returncode} stderr={proc.stderr[-2000:]}")
+    return json.loads(html_lib.unescape(match.group(1)))
+
+
+def chromium_screenshot(page: Path, png: Path, *, width: int = 1280, height: int = 1000) -> Path:
+    """A ``width`` × ``height`` screenshot of ``page`` (the top of it) in headless Chromium."""
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           "--no-first-run", "--disable-dev-shm-usage",
+           f"--user-data-dir={png.parent / 'profile'}", f"--window-size={width},{height}",
+           f"--screenshot={png}", page.as_uri()]
+    subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    return png

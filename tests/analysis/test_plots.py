@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 
 from llmenergy.analysis.aggregate import cell_stats
-from llmenergy.analysis.figdraw import mean_lines
 from llmenergy.analysis.metrics import to_table
 from llmenergy.analysis.plots import (
     BUILDERS,
@@ -22,27 +21,29 @@ from llmenergy.analysis.plots import (
     make_figures,
     pareto_front,
 )
+from llmenergy.analysis.figdata import figure_data
 
 AXES = ("model", "gpu", "dataset", "shards", "batch_size", "max_gen_len", "power_cap_w")
 
 
 def summary_of(*, models=("tiny",), gpus=("H100",), datasets=("alpaca",), shards=(1, 2),
                batch=(1, 4, 16), gen=(16,), caps=(None,), repeats=3, source="nvml",
-               energy=True) -> pd.DataFrame:
+               energy=True, engines=("reference",)) -> pd.DataFrame:
     """One row per repeat; tokens/s = 100·bs/shards, ÷4 at gen 32, ×0.5 on V100, ×0.9 capped,
     + 3·repeat; power 150 W per shard (×0.8 capped); J/token = power / tokens/s."""
     rows = []
-    for model, gpu, ds, s, bs, g, cap, rep in itertools.product(
-            models, gpus, datasets, shards, batch, gen, caps, range(repeats)):
+    for model, gpu, ds, s, bs, g, cap, eng, rep in itertools.product(
+            models, gpus, datasets, shards, batch, gen, caps, engines, range(repeats)):
         tps = (100.0 * bs / s * (0.25 if g == 32 else 1.0) * (0.5 if gpu == "V100" else 1.0)
-               * (0.9 if cap else 1.0) * (1.2 if ds == "gsm8k" else 1.0)) + 3 * rep
+               * (0.9 if cap else 1.0) * (1.2 if ds == "gsm8k" else 1.0)
+               * (2.0 if eng == "compiled" else 1.0)) + 3 * rep
         duration = 1000.0 / tps
         power = 150.0 * s * (0.8 if cap else 1.0)
         e = power * duration if energy else None
-        cid = f"{model}_{ds}_{gpu}_s{s}_b{bs}_g{g}_p{cap}"
+        cid = f"{model}_{ds}_{gpu}_s{s}_b{bs}_g{g}_p{cap}_{eng}"
         rows.append(dict(
             cell_id=cid, model=model, dataset=ds, gpu=gpu, shards=s, batch_size=bs, max_gen_len=g,
-            power_cap_w=cap, engine="reference", repeat=rep, status="ok", tokens_out=1000,
+            power_cap_w=cap, engine=eng, repeat=rep, status="ok", tokens_out=1000,
             words_out=750, responses=4 * bs, duration_s=duration, tokens_per_s=tps,
             words_per_s=750 / duration, responses_per_s=4 * bs / duration, energy_j=e,
             avg_power_w=power if energy else None, j_per_token=e / 1000 if energy else None,
@@ -56,24 +57,31 @@ def summary_of(*, models=("tiny",), gpus=("H100",), datasets=("alpaca",), shards
     return to_table(rows).to_pandas()
 
 
+def mean_lines(ax):  # type: ignore[no-untyped-def]
+    """The plotted mean lines of an axes (not error bars, not hollow markers), by hue label."""
+    return [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+
+
 def _lines_by_label(ax) -> dict[str, tuple[list[float], list[float]]]:  # type: ignore[no-untyped-def]
     return {ln.get_label(): (list(map(float, ln.get_xdata())), list(map(float, ln.get_ydata())))
             for ln in mean_lines(ax)}
 
 
 def test_no_pooling_over_an_axis_not_plotted() -> None:
-    # Throughput at gen 16 is 4× that at gen 32: pooling would average the two.
+    # Throughput at gen 16 is 4× that at gen 32: pooling would average the two; each gets a panel.
     summary = summary_of(gen=(16, 32))
     fig, caption = BUILDERS["tokens_per_s_vs_batch"](summary)
-    (ax,) = fig.axes
-    lines = _lines_by_label(ax)
-    assert set(lines) == {"1", "2"}  # one line per shard count
-    xs, ys = lines["1"]
-    assert xs == [1, 4, 16]
-    # gen 16 only (held fixed), mean over repeats 0, 1, 2 → 100·bs + 3
-    assert ys == pytest.approx([103.0, 403.0, 1603.0])
-    assert "max generation length (tokens) = 16 (measured: 16, 32)" in caption
+    panels = {ax.get_title(): _lines_by_label(ax) for ax in fig.axes}
+    assert set(panels) == {"tiny · H100\nlen 16", "tiny · H100\nlen 32"}  # constant model · GPU first
+    for title, scale in (("tiny · H100\nlen 16", 100.0), ("tiny · H100\nlen 32", 25.0)):
+        assert set(panels[title]) == {"1", "2"}  # one line per shard count
+        xs, ys = panels[title]["1"]
+        assert xs == [1, 4, 16]
+        # mean over repeats 0, 1, 2 of scale·bs + 3·repeat
+        assert ys == pytest.approx([scale * b + 3.0 for b in (1, 4, 16)])
+    assert "one panel per max generation length (tokens)" in caption
     assert "dataset = alpaca" in caption and "power cap = default (uncapped)" in caption
+    assert "engine = reference" in caption  # one value: named, no legend
 
 
 def test_error_bars_are_the_tables_t_interval() -> None:
@@ -116,14 +124,14 @@ def test_at_most_eight_lines_per_axes_and_caption_says_what_is_left_out() -> Non
     assert "Not shown, to keep lines apart:" in caption
 
 
-def test_facets_by_model_and_gpu_and_per_panel_fixed_values() -> None:
+def test_facets_by_model_gpu_and_every_other_varying_axis() -> None:
     summary = pd.concat([summary_of(models=("a",), gpus=("H100", "V100"), shards=(1, 2)),
                          summary_of(models=("b",), gpus=("H100", "V100"), shards=(4, 8))])
     fig, caption = BUILDERS["j_per_token_vs_max_gen_len"](
         pd.concat([summary, summary_of(models=("a",), gen=(32,))]))
-    # Only model a on H100 has two generation lengths: one panel, shards fixed at 1
-    assert len(fig.axes) == 1 and fig.axes[0].get_title().startswith("a · H100")
-    assert "shards (GPUs) = 1" in caption
+    # Only model a on H100 has two generation lengths, at shards 1 and at shards 2
+    assert sorted(ax.get_title() for ax in fig.axes) == ["a · H100\nshards 1", "a · H100\nshards 2"]
+    assert "one panel per model × GPU type × shards (GPUs)" in caption
     fig, caption = BUILDERS["tokens_per_s_vs_batch"](summary)
     assert sorted(ax.get_title().split("\n")[0] for ax in fig.axes) == [
         "a · H100", "a · V100", "b · H100", "b · V100"]
@@ -133,12 +141,29 @@ def test_facets_by_model_and_gpu_and_per_panel_fixed_values() -> None:
 def test_dataset_and_gpu_comparisons() -> None:
     summary = summary_of(datasets=("alpaca", "gsm8k"), gpus=("H100", "V100"))
     fig, caption = BUILDERS["j_per_token_by_dataset"](summary)
-    assert set(_lines_by_label(fig.axes[0])) == {"alpaca", "gsm8k"}
-    assert "shards (GPUs) = 1" in caption
+    assert [set(_lines_by_label(ax)) for ax in fig.axes] == [{"alpaca", "gsm8k"}] * 4
+    assert sorted(ax.get_title() for ax in fig.axes) == [
+        "tiny · H100\nshards 1", "tiny · H100\nshards 2", "tiny · V100\nshards 1",
+        "tiny · V100\nshards 2"]
     fig, _ = BUILDERS["gpu_type_comparison"](summary)
-    assert set(_lines_by_label(fig.axes[0])) == {"H100", "V100"}
+    assert [set(_lines_by_label(ax)) for ax in fig.axes] == [{"H100", "V100"}] * 4
     with pytest.raises(FigureSkipped, match="only one dataset"):
         BUILDERS["j_per_token_by_dataset"](summary_of())
+
+
+def test_engine_comparison_one_line_per_engine_both_metrics() -> None:
+    summary = summary_of(engines=("reference", "compiled"), shards=(1,), batch=(16, 64))
+    fig, caption = BUILDERS["engine_comparison"](summary)
+    drawn = [ax for ax in fig.axes if ax.has_data()]
+    assert len(drawn) == 2  # J/token above, tokens/s below
+    tps = _lines_by_label(drawn[1])
+    assert set(tps) == {"compiled", "reference"}
+    # tokens/s = 100·bs (×2 compiled) + 3·repeat, mean over repeats 0..2
+    assert tps["compiled"][1] == pytest.approx([3203.0, 12803.0])
+    assert tps["reference"][1] == pytest.approx([1603.0, 6403.0])
+    assert "one line per engine" in caption
+    with pytest.raises(FigureSkipped, match="only one engine"):
+        BUILDERS["engine_comparison"](summary_of())
 
 
 def test_power_cap_relative_to_uncapped_and_to_highest_cap() -> None:
@@ -168,21 +193,37 @@ def test_prefill_decode_and_active_energy() -> None:
                        0.6)
 
 
-def test_pareto_front_by_hand_and_front_points_labelled() -> None:
+def test_pareto_front_by_hand_and_front_points_numbered_with_a_key() -> None:
     x = np.array([1.0, 2.0, 3.0, 1.5, 4.0])
     y = np.array([5.0, 3.0, 4.0, 6.0, 1.0])
     assert pareto_front(x, y).tolist() == [0, 1, 4]
     fig, caption = fig_pareto(summary_of(gpus=("H100", "V100")))
     texts = [t.get_text() for t in fig.axes[0].texts]
-    assert "H100 s1 b16 g16 alpaca" in texts
+    key = figure_data(fig).table
+    assert texts == [str(r["#"]) for r in key]
+    assert "H100 s1 b16 g16 alpaca reference" in [r["configuration"] for r in key]
     assert f"{len(texts)} of 12 are on the front" in caption
+
+
+def test_pareto_numbers_never_overlap_even_when_points_crowd() -> None:
+    # 40 configurations on a near-straight front with tiny gaps: every point is on the front
+    summary = summary_of(batch=tuple(range(1, 41)), shards=(1,), repeats=1)
+    summary["latency_p50_s"] = 1.0 + summary["batch_size"] * 1e-3
+    summary["j_per_token"] = 1.0 - summary["batch_size"] * 1e-3
+    fig, _ = fig_pareto(summary)
+    texts = fig.axes[0].texts
+    assert len(texts) == 40
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    clashes = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert clashes == []
 
 
 def test_skips_with_reasons() -> None:
     summary = summary_of(energy=False)
     with pytest.raises(FigureSkipped, match="energy columns are empty"):
         BUILDERS["j_per_token_vs_batch"](summary)
-    with pytest.raises(FigureSkipped, match="two or more values of max generation length"):
+    with pytest.raises(FigureSkipped, match="one max generation length .* measured"):
         BUILDERS["j_per_token_vs_max_gen_len"](summary_of())
     with pytest.raises(FigureSkipped, match="only one GPU type"):
         BUILDERS["gpu_type_comparison"](summary_of())
@@ -200,7 +241,7 @@ def test_make_figures_writes_png_svg_manifest_and_skips(tmp_path: Path) -> None:
         assert info.power_source == "estimate (ESTIMATE)"
         assert "95 % Student-t" in info.caption or "no bars" in info.caption
     for name in ("gpu_type_comparison", "j_per_token_by_dataset", "power_cap_tradeoff",
-                 "j_per_token_vs_max_gen_len"):
+                 "j_per_token_vs_max_gen_len", "engine_comparison"):
         assert infos[name].skipped and infos[name].reason and infos[name].png is None, name
         assert not (tmp_path / f"{name}.png").exists()
     manifest = json.loads((tmp_path / "index.json").read_text())
@@ -209,9 +250,10 @@ def test_make_figures_writes_png_svg_manifest_and_skips(tmp_path: Path) -> None:
 
 def test_every_builder_draws_and_names_the_power_source() -> None:
     summary = summary_of(gpus=("H100", "V100"), datasets=("alpaca", "gsm8k"), gen=(16, 32),
-                         caps=(None, 200.0), batch=(1, 4), repeats=2)
+                         caps=(None, 200.0), batch=(1, 4), repeats=2, shards=(1, 2),
+                         engines=("reference", "compiled"))
     for name, build in BUILDERS.items():
         fig, caption = build(summary)
         assert any(mean_lines(ax) or ax.collections for ax in fig.axes), name
         assert figure_power_source(fig) == "nvml", name
-        assert name == "pareto_j_per_token_latency" or "Held fixed:" in caption, name
+        assert name == "pareto_j_per_token_latency" or "model = tiny" in caption, name

@@ -44,7 +44,7 @@ def html(results: Path) -> str:
 
 
 def test_sections_and_flags_present(html: str) -> None:
-    for text in ("Matrix and status", "Key findings", "All cells", "Failed and flagged cells",
+    for text in ("Matrix and status", "Findings", "Comparisons", "All cells", "Failed and flagged cells",
                  "Aggregation problems", "Provenance", "How to rerun",
                  "snakemake --profile profiles/slurm"):
         assert text in html, text
@@ -56,6 +56,10 @@ def test_sections_and_flags_present(html: str) -> None:
     assert "discrepancy above 1.0%" in html and "tiny-gsm8k" in html
     assert "not meaningful" in html  # GSM8K accuracy with synthetic weights
     assert "abc1234" in html  # provenance git commit
+    # the short repeat is marked in the cells table, its reason one click away
+    cells = html.split('id="cells"')[1].split('id="flagged"')[0]
+    assert re.search(r'<a class="flag" href="#flag-tiny-short" title="Flagged: repeat 0: short window', cells)
+    assert '<tr id="flag-tiny-short">' in html
 
 
 def test_key_findings_best_j_per_token_per_model(html: str, results: Path) -> None:

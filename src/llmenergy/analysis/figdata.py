@@ -1,10 +1,12 @@
 """The data side of the figures: which rows a figure shows and how its caption says so.
 
 A figure plots one metric against one matrix axis (``x``), one line per value of
-a second (``hue``), one panel per facet (model, GPU type). Every other axis is
-*held fixed*: per panel, :func:`hold_fixed` keeps one value of each (the
-uncapped power limit when there is one, else the value that covers the most
-x × hue points; ties go to the smallest value) so no point mixes cells. Each
+a second (``hue``), one panel per value combination of the facets (model, GPU
+type) and of every other axis that varies (:func:`layout`), so no point mixes
+cells and every measured cell is drawn; an axis with one value is named in the
+caption. Past :data:`MAX_PANELS` panels an axis is held fixed (the uncapped
+power limit when there is one, else the value that covers the most x × hue
+points) and the caption says so. Each
 plotted point is then the mean over the ``ok`` repeats of one cell, with the
 95 % two-sided Student-t interval over those repeats, the same interval as the
 report's table (:func:`llmenergy.analysis.aggregate.t_quantile_975`).
@@ -21,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from llmenergy.analysis.aggregate import t_quantile_975
+from llmenergy.analysis.flags import row_flags
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,13 @@ log = logging.getLogger(__name__)
 AXES = ["model", "dataset", "gpu", "shards", "batch_size", "max_gen_len", "power_cap_w", "engine"]
 CONFIG_KEYS = [a for a in AXES if a != "power_cap_w"]
 MAX_HUES = 8
+MAX_PANELS = 24
+#: The axis a figure draws one line per value of, when its own hue has one value.
+HUE_ORDER = ["engine", "dataset", "shards", "batch_size", "power_cap_w", "max_gen_len", "gpu"]
+#: Past MAX_PANELS, the axes held fixed first.
+HOLD_FIRST = ["max_gen_len", "dataset", "power_cap_w", "shards", "batch_size", "engine"]
+SHORT_NAMES = {"shards": "shards", "batch_size": "batch", "max_gen_len": "len",
+               "power_cap_w": "cap", "engine": "engine"}
 AXIS_NAMES = {
     "model": "model", "dataset": "dataset", "gpu": "GPU type", "shards": "shards (GPUs)",
     "batch_size": "batch size", "max_gen_len": "max generation length (tokens)",
@@ -41,12 +51,14 @@ class FigureSkipped(Exception):
 
 
 def ok_rows(summary: pd.DataFrame, *cols: str) -> pd.DataFrame:
-    """The ``ok`` rows with every column of ``cols`` present."""
+    """The ``ok`` rows with every column of ``cols`` present; ``_flagged`` marks the rows
+    :func:`llmenergy.analysis.flags.row_flags` flags (drawn hollow)."""
     df = summary[summary["status"] == "ok"] if "status" in summary.columns else summary
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise FigureSkipped(f"summary has no column(s) {', '.join(missing)}")
-    return df.dropna(subset=list(cols))
+    df = df.dropna(subset=list(cols))
+    return df.assign(_flagged=row_flags(df).ne("").to_numpy(bool))
 
 
 def energy_rows(summary: pd.DataFrame, *cols: str) -> pd.DataFrame:
@@ -105,53 +117,7 @@ def _same(series: pd.Series, value: Any) -> pd.Series:
     return series == value
 
 
-@dataclass
-class Held:
-    """The rows a figure plots and the values of the axes it holds fixed."""
-
-    rows: pd.DataFrame
-    facets: list[str]
-    #: axis -> {facet key -> the value kept}
-    fixed: dict[str, dict[tuple, Any]] = field(default_factory=dict)
-    #: axis -> every value the candidate rows had
-    available: dict[str, list[Any]] = field(default_factory=dict)
-    hue_dropped: list[Any] = field(default_factory=list)
-
-    def caption(self) -> str:
-        """``Held fixed: dataset = alpaca (of alpaca, gsm8k); shards = 1 for …``."""
-        parts = []
-        for axis, per_facet in self.fixed.items():
-            name = AXIS_NAMES.get(axis, axis)
-            by_value: dict[str, list[str]] = {}
-            for key, value in per_facet.items():
-                by_value.setdefault(fmt_value(axis, value), []).append(" / ".join(map(str, key)))
-            if len(by_value) == 1:
-                text = f"{name} = {next(iter(by_value))}"
-            else:
-                text = f"{name} = " + "; ".join(f"{v} for {', '.join(k)}" for v, k in by_value.items())
-            others = [fmt_value(axis, v).replace(" (uncapped)", "")
-                      for v in self.available.get(axis, [])]
-            if len(others) > 1:
-                text += f" (measured: {', '.join(others)})"
-            parts.append(text)
-        out = "Held fixed: " + "; ".join(parts) + "." if parts else ""
-        if self.hue_dropped:
-            out += (" Not shown, to keep lines apart: " + ", ".join(map(str, self.hue_dropped))
-                    + ".")
-        return out
-
-    def panel_note(self, key: tuple) -> str:
-        """The fixed values that differ between panels, for a panel's title."""
-        notes = []
-        for axis, per_facet in self.fixed.items():
-            if len({fmt_value(axis, v) for v in per_facet.values()}) > 1:
-                short = {"shards": "shards", "batch_size": "batch", "max_gen_len": "len",
-                         "power_cap_w": "cap"}.get(axis, axis)
-                notes.append(f"{short} {fmt_value(axis, per_facet[key])}")
-        return ", ".join(notes)
-
-
-def _sorted_values(series: pd.Series) -> list[Any]:
+def sorted_values(series: pd.Series) -> list[Any]:
     vals = series.dropna().unique().tolist()
     try:
         vals = sorted(vals)
@@ -160,12 +126,21 @@ def _sorted_values(series: pd.Series) -> list[Any]:
     return vals + ([math.nan] if series.isna().any() else [])
 
 
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def varying(df: pd.DataFrame, axes: Sequence[str] = AXES) -> list[str]:
+    """The axes of ``axes`` with two or more values in ``df`` (no cap counts as a value)."""
+    return [a for a in axes if a in df.columns and len(sorted_values(df[a])) >= 2]
+
+
 def _pick(grp: pd.DataFrame, axis: str, free: list[str]) -> Any:
-    """The value of ``axis`` to keep in one panel."""
+    """The value of ``axis`` to keep in one panel when there are too many panels."""
     if axis == "power_cap_w" and grp[axis].isna().any():
         return math.nan
     best, best_cov = None, -1
-    values = _sorted_values(grp[axis])
+    values = sorted_values(grp[axis])
     if axis == "power_cap_w":
         values = values[::-1]  # ties: the highest cap, nearest the default limit
     for value in values:
@@ -184,33 +159,150 @@ def thin_hues(values: list[Any], limit: int = MAX_HUES) -> list[Any]:
     return [values[i] for i in idx]
 
 
-def hold_fixed(df: pd.DataFrame, facets: Sequence[str], x: str, hue: str | None) -> Held:
-    """Keep, per facet, one value of every axis that is neither ``x``, ``hue`` nor a facet."""
-    facets = [f for f in facets if f in df.columns]
-    free = [c for c in (x, hue) if c]
-    fixed_axes = [a for a in AXES if a in df.columns and a not in free and a not in facets]
-    held = Held(df.iloc[0:0], facets,
-                available={a: _sorted_values(df[a]) for a in fixed_axes})
-    held.fixed = {a: {} for a in fixed_axes}
-    parts = []
-    groups = df.groupby(facets, sort=True, dropna=False) if facets else [((), df)]
-    for key, grp in groups:
-        key = key if isinstance(key, tuple) else (key,)
-        for axis in fixed_axes:
-            value = _pick(grp, axis, [c for c in free if c in grp.columns])
-            held.fixed[axis][key] = value
-            grp = grp[_same(grp[axis], value)]
-        parts.append(grp)
-    rows = pd.concat(parts) if parts else df.iloc[0:0]
-    if hue and hue in rows.columns:
-        values = _sorted_values(rows[hue])
-        kept = thin_hues(values)
-        held.hue_dropped = [fmt_value(hue, v) for v in values if v not in kept]
-        if held.hue_dropped:
-            rows = rows[rows[hue].isin(kept)]
-    held.rows = rows
-    return held
+def short_value(axis: str, value: Any) -> str:
+    """A panel-title form: ``batch 16``, ``cap 250 W``, ``alpaca``."""
+    text = fmt_value(axis, value).replace(" (uncapped)", "")
+    prefix = SHORT_NAMES.get(axis, "")
+    return f"{prefix} {text}" if prefix else text
 
+
+@dataclass
+class Layout:
+    """Which rows a figure draws, in which panel and line, and what its caption says of the rest.
+
+    Every axis with two or more values is the x axis, the hue (one line per value) or
+    a panel axis (one panel per value combination), so no point mixes cells and no
+    cell is left out; an axis with one value is named in the caption. Only past
+    ``MAX_PANELS`` panels is an axis held fixed (the caption then says at which value).
+    """
+
+    rows: pd.DataFrame
+    x: str
+    hue: str | None
+    panel_axes: list[str]
+    constant: dict[str, Any] = field(default_factory=dict)
+    #: axis -> {panel key -> the value kept}, only for axes held fixed past MAX_PANELS
+    fixed: dict[str, dict[tuple, Any]] = field(default_factory=dict)
+    available: dict[str, list[Any]] = field(default_factory=dict)
+    hue_dropped: list[Any] = field(default_factory=list)
+
+    def panels(self) -> list[tuple[tuple, pd.DataFrame]]:
+        if not self.panel_axes:
+            return [((), self.rows)]
+        groups = self.rows.groupby(self.panel_axes, sort=True, dropna=False)
+        out = [((k if isinstance(k, tuple) else (k,)), g) for k, g in groups]
+        # no cap (NaN) first: the default setting leads, as in the tables
+        return sorted(out, key=lambda kg: tuple((0, "") if _is_nan(v) else (1, v) for v in kg[0]))
+
+    def ncols(self, n_panels: int) -> int:
+        """Columns of the panel grid: one per value of the last panel axis when that makes
+        a grid of 2–4 columns, else up to 4."""
+        if n_panels > 4 and self.panel_axes:
+            last = len(sorted_values(self.rows[self.panel_axes[-1]]))
+            if 2 <= last <= 4:
+                return last
+        return max(1, min(n_panels, 4))
+
+    def panel_title(self, key: tuple) -> str:
+        named = dict(zip(self.panel_axes, key, strict=True))
+        first = [str(named.get(a, self.constant.get(a))) for a in ("model", "gpu")
+                 if a in named or a in self.constant]
+        rest = [short_value(a, v) for a, v in named.items() if a not in ("model", "gpu")]
+        rest += [short_value(a, per[key]) for a, per in self.fixed.items()
+                 if len({fmt_value(a, v) for v in per.values()}) > 1]
+        lines = [" · ".join(first)] if first else []
+        if rest:
+            lines.append(", ".join(rest))
+        return "\n".join(lines) or "all cells"
+
+    def caption(self) -> str:
+        """``Constant: dataset = alpaca; engine = reference.`` and any axis held fixed."""
+        out = []
+        if self.constant:
+            out.append("Same in every cell: " + "; ".join(
+                f"{AXIS_NAMES.get(a, a)} = {fmt_value(a, v)}" for a, v in self.constant.items())
+                + ".")
+        parts = []
+        for axis, per_panel in self.fixed.items():
+            values = sorted({fmt_value(axis, v) for v in per_panel.values()})
+            measured = ", ".join(fmt_value(axis, v).replace(" (uncapped)", "")
+                                 for v in self.available.get(axis, []))
+            parts.append(f"{AXIS_NAMES.get(axis, axis)} = {' / '.join(values)} "
+                         f"(measured: {measured})")
+        if parts:
+            out.append(f"Held fixed, to keep at most {MAX_PANELS} panels: " + "; ".join(parts)
+                       + ".")
+        if self.hue_dropped:
+            out.append("Not shown, to keep lines apart: " + ", ".join(map(str, self.hue_dropped))
+                       + ".")
+        return " ".join(out)
+
+
+def layout(df: pd.DataFrame, x: str, hue: str | None, facets: Sequence[str] = ("model", "gpu"),
+           *, hue_fixed: bool = False, max_panels: int = MAX_PANELS) -> Layout:
+    """Lay out ``df``: ``x``, a hue (``hue`` if it varies, else the first varying axis of
+    :data:`HUE_ORDER`; always ``hue`` with ``hue_fixed``) and a panel per value combination
+    of ``facets`` and every other varying axis."""
+    present = [a for a in AXES if a in df.columns]
+    var = varying(df, present)
+    if not hue_fixed and (hue not in var or hue == x):
+        hue = next((a for a in HUE_ORDER if a in var and a != x and a not in facets), None)
+    panel_axes = [f for f in facets if f in var and f not in (x, hue)]
+    panel_axes += [a for a in present if a in var and a not in (x, hue) and a not in panel_axes]
+    constant = {a: sorted_values(df[a])[0] for a in present
+                if a not in var and a not in (x, hue) and len(df)}
+    out = Layout(df, x, hue, panel_axes, constant)
+    held = []
+    for axis in HOLD_FIRST:
+        if not panel_axes or len(df[panel_axes].drop_duplicates()) <= max_panels:
+            break
+        if axis in panel_axes and axis not in facets:
+            panel_axes.remove(axis)
+            held.append(axis)
+    if held:
+        free = [c for c in (x, hue) if c]
+        out.available = {a: sorted_values(df[a]) for a in held}
+        out.fixed = {a: {} for a in held}
+        parts = []
+        groups = df.groupby(panel_axes, sort=True, dropna=False) if panel_axes else [((), df)]
+        for key, grp in groups:
+            key = key if isinstance(key, tuple) else (key,)
+            for axis in held:
+                value = _pick(grp, axis, free)
+                out.fixed[axis][key] = value
+                grp = grp[_same(grp[axis], value)]
+            parts.append(grp)
+        out.rows = pd.concat(parts)
+    if hue and hue in out.rows.columns:
+        values = sorted_values(out.rows[hue])
+        kept = thin_hues(values)
+        out.hue_dropped = [fmt_value(hue, v) for v in values if v not in kept]
+        if out.hue_dropped:
+            out.rows = out.rows[out.rows[hue].isin(kept)]  # isin matches NaN (no cap)
+    return out
+
+
+@dataclass
+class FigureData:
+    """What a drawn figure shows: the cells behind its points and, for some, a key table."""
+
+    cells: list[str]
+    flagged: list[str] = field(default_factory=list)
+    table: list[dict[str, Any]] = field(default_factory=list)
+
+
+def attach(fig: Any, rows: pd.DataFrame, table: list[dict[str, Any]] | None = None) -> None:
+    """Record on ``fig`` the cells whose rows it draws (read back with :func:`figure_data`)."""
+    cells = sorted({str(c) for c in rows["cell_id"].dropna()}) if "cell_id" in rows else []
+    flagged = []
+    if "_flagged" in rows.columns:
+        flagged = sorted({str(c) for c in rows.loc[rows["_flagged"], "cell_id"]})
+    fig.llmenergy_data = FigureData(cells, flagged, table or [])
+
+
+def figure_data(fig: Any) -> FigureData:
+    """The :class:`FigureData` a builder attached (empty when none)."""
+    return getattr(fig, "llmenergy_data", FigureData([]))
 
 def points(rows: pd.DataFrame, keys: Sequence[str], y: str) -> pd.DataFrame:
     """Per ``keys``: mean, 95 % t-interval (low, high) and n of ``y``."""

@@ -2,7 +2,8 @@
 
 Figures are plain ``matplotlib.figure.Figure`` objects (no pyplot state);
 seaborn draws the lines, with the 95 % Student-t interval of
-:func:`llmenergy.analysis.figdata.t_interval` as error bars. An axis over powers
+:func:`llmenergy.analysis.figdata.t_interval` as error bars; a point with a
+flagged repeat behind it is drawn hollow. An axis over powers
 of two is log 2 with its ticks at the measured values; a y axis whose points span
 more than a decade is log 10.
 """
@@ -28,13 +29,15 @@ from matplotlib.ticker import (
 )
 
 from llmenergy.analysis.figdata import (
+    AXES,
     AXIS_NAMES,
     CI_TEXT,
     FigureSkipped,
-    Held,
+    sorted_values,
+    attach,
     fmt_number,
     fmt_value,
-    hold_fixed,
+    layout,
     n_text,
     power_label,
     t_interval,
@@ -59,6 +62,8 @@ class LineSpec:
     facets: tuple[str, ...] = ("model", "gpu")
     hue_label: str | None = None
     min_hues: int = 1
+    #: draw panels with one x value too (the figure that shows every cell of its family)
+    keep_single: bool = False
 
 
 def upper_first(text: str) -> str:
@@ -110,75 +115,103 @@ def new_figure(n_panels: int, *, ncols: int, width: float = 3.8, height: float =
     return fig, axes[:n_panels]
 
 
+HOLLOW_TEXT = "hollow marker: a flagged repeat (reason in the report's Flagged repeats table)"
+
+
 def draw_lines(ax: Axes, data: pd.DataFrame, x: str, y: str, hue: str,
                colours: dict[str, tuple[float, float, float]],
-               dashes: dict[str, tuple[float, ...]] | None = None, style: str | None = None) -> None:
-    """One seaborn line per ``hue`` (and ``style``) value; the mean line carries the label."""
+               dashes: dict[str, tuple[float, ...] | str] | None = None,
+               style: str | None = None) -> int:
+    """One seaborn line per ``hue`` (and ``style``) value; the mean line carries the label.
+
+    A point with a flagged repeat behind it (``_flagged``) is redrawn hollow; returns
+    how many points are hollow.
+    """
     keys = [hue] + ([style] if style else [])
+    n_hollow = 0
     for key, grp in data.groupby(keys, sort=False):
         key = key if isinstance(key, tuple) else (key,)
         before = len(ax.get_lines())
-        sns.lineplot(data=grp, x=x, y=y, color=colours[key[0]], estimator="mean",
+        colour = colours[key[0]]
+        sns.lineplot(data=grp, x=x, y=y, color=colour, estimator="mean",
                      errorbar=t_interval, err_style="bars", marker="o", ax=ax, legend=False,
                      err_kws={"capsize": 3, "elinewidth": 1},
                      dashes=False, linestyle=(dashes or {}).get(key[-1], "-") if style else "-")
         ax.get_lines()[before].set_label(" / ".join(str(k) for k in key))
-
-
-def mean_lines(ax: Axes) -> list[Line2D]:
-    """The plotted mean lines of an axes (not error-bar parts), labelled by hue value."""
-    return [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+        if "_flagged" in grp.columns and grp["_flagged"].any():
+            pts = grp.groupby(x).agg(_m=(y, "mean"), _f=("_flagged", "any"))
+            pts = pts[pts["_f"]]
+            n_hollow += len(pts)
+            ax.plot(pts.index.to_numpy(float), pts["_m"].to_numpy(float), linestyle="",
+                    marker="o", markersize=7, markerfacecolor="white", markeredgecolor=colour,
+                    markeredgewidth=1.6, zorder=5, label="_flagged")
+    return n_hollow
 
 
 def hue_legend(fig: Figure, colours: dict[str, tuple[float, float, float]], title: str,
                extra: list[Line2D] | None = None) -> None:
     handles = [Line2D([], [], color=c, marker="o", label=k) for k, c in colours.items()]
-    fig.legend(handles=handles + (extra or []), title=title, loc="outside right center",
-               fontsize="small")
+    handles += extra or []
+    if handles:
+        fig.legend(handles=handles, title=title or None, loc="outside right center",
+                   fontsize="small")
 
 
-def facet_title(held: Held, key: tuple) -> str:
-    note = held.panel_note(key)
-    return " · ".join(map(str, key)) + (f"\n({note})" if note else "")
+def hollow_handle() -> Line2D:
+    return Line2D([], [], color="grey", marker="o", markerfacecolor="white", linestyle="",
+                  label="flagged repeat")
 
 
 def line_figure(df: pd.DataFrame, spec: LineSpec) -> tuple[Figure, str]:
-    """The figure of ``spec`` and its caption (axes held fixed, what the bars are)."""
-    held = hold_fixed(df, spec.facets, spec.x, spec.hue)
-    rows = held.rows
-    hue_name = spec.hue_label or AXIS_NAMES.get(spec.hue, spec.hue)
-    hue_values = sorted(rows[spec.hue].dropna().unique().tolist())
-    if len(hue_values) < spec.min_hues:
-        shown = ", ".join(fmt_value(spec.hue, v) for v in hue_values) or "none"
+    """The figure of ``spec`` and its caption (what varies, what is constant, the bars)."""
+    # a hue that is no matrix axis (phase, energy kind) is always the figure's own
+    lay = layout(df, spec.x, spec.hue, spec.facets,
+                 hue_fixed=spec.min_hues >= 2 or spec.hue not in AXES)
+    rows = lay.rows
+    hue = lay.hue
+    hue_name = spec.hue_label or (AXIS_NAMES.get(hue, hue) if hue else "")
+    hue_values = sorted_values(rows[hue]) if hue else []
+    if hue and len(hue_values) < spec.min_hues:
+        shown = ", ".join(fmt_value(str(hue), v) for v in hue_values) or "none"
         raise FigureSkipped(f"only one {hue_name} in the data ({shown}): nothing to compare")
-    facets = [f for f in spec.facets if f in rows.columns]
-    groups = list(rows.groupby(facets, sort=True)) if facets else [((), rows)]
-    groups = [((k if isinstance(k, tuple) else (k,)), g) for k, g in groups]
-    groups = [(k, g) for k, g in groups if g[spec.x].nunique() >= 2]
-    if not groups:
-        raise FigureSkipped(f"no panel has two or more values of {AXIS_NAMES.get(spec.x, spec.x)} "
-                            "once the other axes are held fixed")
-    labels = {v: fmt_value(spec.hue, v) for v in hue_values}
-    pal = sns.color_palette(PALETTE, len(hue_values))
-    colours = {labels[v]: tuple(pal[i]) for i, v in enumerate(hue_values)}
-    ncols = (rows[facets[-1]].nunique() if len(facets) == 2 else min(len(groups), 3))
-    ncols = max(1, min(int(ncols), 4, len(groups)))
-    fig, axes = new_figure(len(groups), ncols=ncols)
+    if rows[spec.x].nunique() < 2 and not spec.keep_single:
+        raise FigureSkipped(f"one {AXIS_NAMES.get(spec.x, spec.x)} measured "
+                            f"({fmt_value(spec.x, rows[spec.x].iloc[0]) if len(rows) else 'none'})")
+    panels = lay.panels()
+    if not spec.keep_single:
+        panels = [(k, g) for k, g in panels if g[spec.x].nunique() >= 2]
+    if not panels:
+        raise FigureSkipped(f"no panel has two or more values of {AXIS_NAMES.get(spec.x, spec.x)}"
+                            " (every other axis that varies gets its own panel)")
+    labels = {fmt_value(str(hue), v): v for v in hue_values} if hue else {"all": None}
+    pal = sns.color_palette(PALETTE, len(labels))
+    colours = {lab: tuple(pal[i]) for i, lab in enumerate(labels)}
+    fig, axes = new_figure(len(panels), ncols=lay.ncols(len(panels)))
     counts: list[int] = []
-    for ax, (key, grp) in zip(axes, groups, strict=True):
-        data = grp.assign(_hue=grp[spec.hue].map(labels))
-        draw_lines(ax, data, spec.x, spec.y, "_hue", colours)
+    n_hollow = 0
+    drawn = []
+    for ax, (key, grp) in zip(axes, panels, strict=True):
+        data = grp.assign(_hue=grp[hue].map(lambda v: fmt_value(str(hue), v)) if hue else "all")
+        n_hollow += draw_lines(ax, data, spec.x, spec.y, "_hue", colours)
+        drawn.append(data)
         set_x_ticks(ax, data[spec.x].unique())
         means = data.groupby(["_hue", spec.x])[spec.y].mean()
         set_y_scale(ax, means.to_numpy())
+        if data[spec.x].nunique() == 1 and ax.get_yscale() == "linear" and means.min() >= 0:
+            ax.set_ylim(bottom=0)  # one x value: no slope to read, show the magnitude
         counts += data.groupby(["_hue", spec.x])[spec.y].count().tolist()
-        ax.set_title(facet_title(held, key), fontsize="medium")
+        ax.set_title(lay.panel_title(key), fontsize="medium")
         ax.set_xlabel(upper_first(AXIS_NAMES.get(spec.x, spec.x)))
         ax.set_ylabel(spec.ylabel)
-    hue_legend(fig, colours, upper_first(hue_name))
+    extra = [hollow_handle()] if n_hollow else []
+    hue_legend(fig, colours if hue else {}, upper_first(hue_name), extra)
     fig.suptitle(f"{spec.title} ({power_label(rows)})")
-    facet_text = " × ".join(AXIS_NAMES.get(f, f) for f in facets) or "all data"
-    caption = (f"{spec.what} against {AXIS_NAMES.get(spec.x, spec.x)}, one line per "
-               f"{hue_name}, one panel per {facet_text}. {held.caption()} Points: mean over the "
-               f"ok repeats of one cell; bars: {CI_TEXT}, {n_text(counts)}.")
+    attach(fig, pd.concat(drawn))
+    per = f", one line per {hue_name}" if hue else ""
+    panel_text = " × ".join(AXIS_NAMES.get(a, a) for a in lay.panel_axes)
+    panel_text = f", one panel per {panel_text}" if panel_text else ""
+    hollow = f" Hollow markers: {n_hollow} point(s) with a flagged repeat." if n_hollow else ""
+    caption = (f"{spec.what} against {AXIS_NAMES.get(spec.x, spec.x)}{per}{panel_text}. "
+               f"{lay.caption()} Points: mean over the ok repeats of one cell; bars: {CI_TEXT}, "
+               f"{n_text(counts)}.{hollow}")
     return fig, caption

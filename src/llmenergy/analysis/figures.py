@@ -1,9 +1,10 @@
-"""The figure set: the paper's figures, then the prefill/decode split, active energy,
-the power-cap trade-off and a J/token–latency Pareto front.
+"""The figure set: the engine comparison, the paper's figures, then the prefill/decode
+split, active energy, the power-cap trade-off and a J/token–latency Pareto front.
 
 Each builder takes the per-repeat summary and returns ``(Figure, caption)`` or
-raises :class:`FigureSkipped` with the reason. Line figures hold every axis they
-do not plot fixed (see :mod:`llmenergy.analysis.figdata`).
+raises :class:`FigureSkipped` with the reason. Line figures give every axis that
+varies its own line or panel (see :func:`llmenergy.analysis.figdata.layout`);
+:data:`FAMILIES` groups them so that each ok cell appears in every metric family.
 """
 from __future__ import annotations
 
@@ -15,17 +16,16 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from llmenergy.analysis.figdata import (
-    AXIS_NAMES,
     CI_TEXT,
     CONFIG_KEYS,
+    AXIS_NAMES,
     FigureSkipped,
+    attach,
     energy_rows,
-    fmt_number,
     fmt_value,
-    hold_fixed,
+    layout,
     n_text,
     ok_rows,
     power_label,
@@ -35,12 +35,14 @@ from llmenergy.analysis.figdraw import (
     PALETTE,
     LineSpec,
     draw_lines,
-    facet_title,
+    hollow_handle,
     hue_legend,
     line_figure,
     new_figure,
+    set_x_ticks,
     set_y_scale,
 )
+from llmenergy.analysis.figpareto import fig_pareto, pareto_front
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +66,11 @@ def _line_builder(y: str, x: str, ylabel: str, what: str, *, energy: bool,
                   hue: str | None = None, **kw: object) -> Builder:
     hue = hue or OTHER_AXIS[x]
     spec = LineSpec(y=y, ylabel=ylabel, x=x, hue=hue, what=what,
-                    title=f"{ylabel.split(' (')[0]} vs {AXIS_NAMES[x]}", **kw)  # type: ignore[arg-type]
+                    title=f"{ylabel.replace(' (', ', ').rstrip(')')} vs {AXIS_NAMES[x]}", **kw)  # type: ignore[arg-type]
 
     def build(summary: pd.DataFrame) -> tuple[Figure, str]:
         pick = energy_rows if energy else ok_rows
-        df = pick(summary, y, x, hue)
+        df = pick(summary, y, x)
         if len(df) == 0:
             raise FigureSkipped(f"no successful cell with {y}")
         return line_figure(df, spec)
@@ -119,8 +121,8 @@ def fig_power_cap(summary: pd.DataFrame) -> tuple[Figure, str]:
     df = df[n_caps.transform("nunique") >= 2]
     if len(df) == 0:
         raise FigureSkipped("no configuration was run at two or more power caps")
-    held = hold_fixed(df, ("model", "gpu"), "power_cap_w", "batch_size")
-    rows = held.rows
+    lay = layout(df, "power_cap_w", "batch_size", hue_fixed=True)
+    rows = lay.rows
     batches = thin_hues(sorted(rows["batch_size"].unique().tolist()), 4)
     rows = rows[rows["batch_size"].isin(batches)]
     parts, baselines = [], set()
@@ -144,99 +146,103 @@ def fig_power_cap(summary: pd.DataFrame) -> tuple[Figure, str]:
     pal = sns.color_palette(PALETTE, len(batches))
     colours = {labels[b]: tuple(pal[i]) for i, b in enumerate(batches)}
     dashes = {"energy": "-", "time": "--"}
-    groups = [(k if isinstance(k, tuple) else (k,), g) for k, g in long.groupby(["model", "gpu"])]
-    fig, axes = new_figure(len(groups), ncols=max(1, min(long["gpu"].nunique(), len(groups), 3)),
-                           sharey=True)
+    lay.rows = long
+    groups = lay.panels()
+    fig, axes = new_figure(len(groups), ncols=lay.ncols(len(groups)), sharey=True)
     counts: list[int] = []
+    n_hollow = 0
     for ax, (key, grp) in zip(axes, groups, strict=True):
         data = grp.assign(_hue=grp["batch_size"].map(labels))
-        draw_lines(ax, data, "_x", "_rel", "_hue", colours, dashes, style="quantity")
+        n_hollow += draw_lines(ax, data, "_x", "_rel", "_hue", colours, dashes, style="quantity")
         counts += data.groupby(["_hue", "quantity", "_x"])["_rel"].count().tolist()
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xticks(range(len(order)), [fmt_value("power_cap_w", c).replace(" (uncapped)", "")
                                           for c in order])
-        ax.set(title=facet_title(held, key), xlabel="Power cap per GPU",
+        ax.set(title=lay.panel_title(key), xlabel="Power cap per GPU",
                ylabel="Relative to the baseline cell")
     extra = [Line2D([], [], color="black", linestyle=s, label=q) for q, s in dashes.items()]
-    hue_legend(fig, colours, "Batch size; energy / time", extra)
+    hue_legend(fig, colours, "Batch size; energy / time", extra + ([hollow_handle()] if n_hollow else []))
     fig.suptitle(f"Power cap: energy and time relative to the baseline ({power_label(rows)})")
+    attach(fig, long)
+    panels = " × ".join(AXIS_NAMES.get(a, a) for a in lay.panel_axes) or "all data"
     caption = (f"Energy (solid) and time (dashed) of a repeat at each power cap, divided by the "
                f"mean of the baseline cell of the same configuration (baseline: "
-               f"{', '.join(sorted(baselines))}); one line per batch size, one panel per model × "
-               f"GPU type. {held.caption()} Bars: {CI_TEXT}, of the capped cell's repeats over "
+               f"{', '.join(sorted(baselines))}); one line per batch size, one panel per "
+               f"{panels}. {lay.caption()} Bars: {CI_TEXT}, of the capped cell's repeats over "
                f"the baseline mean (the baseline's own spread is not propagated), "
                f"{n_text(counts)}.")
     return fig, caption
 
 
-def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Indices of the points not dominated when minimising both x and y, by increasing x."""
-    order = np.lexsort((y, x))
-    front: list[int] = []
-    best = np.inf
-    for i in order:
-        if y[i] < best:
-            front.append(int(i))
-            best = y[i]
-    return np.array(front, dtype=int)
+def fig_engine(summary: pd.DataFrame) -> tuple[Figure, str]:
+    """J/token (top row) and tokens/s (bottom row) per engine against batch size."""
+    df = energy_rows(summary, "j_per_token", "tokens_per_s", "batch_size")
+    if "engine" not in df.columns or df["engine"].nunique() < 2:
+        shown = ", ".join(sorted(map(str, df.get("engine", pd.Series(dtype=str)).dropna().unique())))
+        raise FigureSkipped(f"only one engine in the data ({shown or 'none'}): nothing to compare")
+    lay = layout(df, "batch_size", "engine", hue_fixed=True)
+    panels = lay.panels()
+    engines = sorted(lay.rows["engine"].dropna().unique().tolist())
+    pal = sns.color_palette(PALETTE, len(engines))
+    colours = {str(e): tuple(pal[i]) for i, e in enumerate(engines)}
+    ncols = lay.ncols(len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = new_figure(2 * nrows * ncols, ncols=ncols)
+    counts: list[int] = []
+    n_hollow = 0
+    metrics = [("j_per_token", "Energy per output token (J/token)"),
+               ("tokens_per_s", "Throughput (output tokens/s)")]
+    for m, (y, ylabel) in enumerate(metrics):
+        for p, (key, grp) in enumerate(panels):
+            ax = axes[(2 * (p // ncols) + m) * ncols + p % ncols]
+            data = grp.assign(_hue=grp["engine"].astype(str))
+            n_hollow += draw_lines(ax, data, "batch_size", y, "_hue", colours)
+            set_x_ticks(ax, data["batch_size"].unique())
+            set_y_scale(ax, data.groupby(["_hue", "batch_size"])[y].mean().to_numpy())
+            counts += data.groupby(["_hue", "batch_size"])[y].count().tolist()
+            ax.set_title(lay.panel_title(key), fontsize="medium")
+            ax.set(xlabel="Batch size", ylabel=ylabel)
+    for ax in axes:
+        if not ax.has_data():
+            ax.set_axis_off()
+    hue_legend(fig, colours, "Engine", [hollow_handle()] if n_hollow else [])
+    fig.suptitle(f"Engines compared: energy per token and throughput ({power_label(lay.rows)})")
+    attach(fig, lay.rows)
+    panel_text = " × ".join(AXIS_NAMES.get(a, a) for a in lay.panel_axes) or "all data"
+    return fig, (f"Energy per output token (upper row) and output tokens per second (lower row) "
+                 f"against batch size, one line per engine, one panel per {panel_text}. "
+                 f"{lay.caption()} Points: mean over the ok repeats of one cell; bars: {CI_TEXT}, "
+                 f"{n_text(counts)}. The ratios with their intervals are in the Comparisons table.")
 
 
-def config_label(row: pd.Series) -> str:
-    cap = "" if pd.isna(row.get("power_cap_w")) else f" {fmt_value('power_cap_w', row['power_cap_w'])}"
-    return (f"{row['gpu']} s{fmt_value('shards', row['shards'])} "
-            f"b{fmt_value('batch_size', row['batch_size'])} g{fmt_value('max_gen_len', row['max_gen_len'])}"
-            f" {row['dataset']}{cap}")
-
-
-def fig_pareto(summary: pd.DataFrame) -> tuple[Figure, str]:
-    df = energy_rows(summary, "j_per_token", "latency_p50_s")
-    cfg = [k for k in CONFIG_KEYS + ["power_cap_w"] if k in df.columns]
-    pts = df.groupby(cfg, dropna=False)[["latency_p50_s", "j_per_token"]].mean().reset_index()
-    models = sorted(pts["model"].astype(str).unique())
-    gpus = sorted(pts["gpu"].astype(str).unique())
-    pal = dict(zip(gpus, sns.color_palette(PALETTE, len(gpus)), strict=True))
-    fig, axes = new_figure(len(models), ncols=min(len(models), 3), width=4.6, height=3.8)
-    n_front = 0
-    for ax, model in zip(axes, models, strict=True):
-        grp = pts[pts["model"] == model].reset_index(drop=True)
-        for gpu, sub in grp.groupby("gpu"):
-            ax.scatter(sub["latency_p50_s"], sub["j_per_token"], color=pal[str(gpu)], alpha=0.6,
-                       s=18, label=str(gpu))
-        x, y = grp["latency_p50_s"].to_numpy(float), grp["j_per_token"].to_numpy(float)
-        front = pareto_front(x, y)
-        n_front += len(front)
-        ax.step(x[front], y[front], where="post", color="black", linewidth=1, label="Pareto front")
-        for k, i in enumerate(front):
-            ax.annotate(config_label(grp.loc[i]), (x[i], y[i]), fontsize="x-small",
-                        textcoords="offset points", xytext=(6, 8 if k % 2 else -10))
-        set_y_scale(ax, y)
-        if len(x) and x.min() > 0 and x.max() / x.min() > 10:
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_number(v)))
-        ax.set(title=str(model), xlabel="Median batch latency, prefill + decode (s)",
-               ylabel="Energy per output token (J/token)")
-    handles = [Line2D([], [], color=c, marker="o", linestyle="", label=g) for g, c in pal.items()]
-    handles.append(Line2D([], [], color="black", label="Pareto front"))
-    fig.legend(handles=handles, title="GPU type", loc="outside right center", fontsize="small")
-    fig.suptitle(f"Energy vs latency, Pareto front per model ({power_label(df)})")
-    return fig, (f"Each point is one cell (one configuration, every axis fixed; mean over its ok "
-                 f"repeats, no bars); {n_front} of {len(pts)} are on the front of their model "
-                 "(lower is better on both axes) and are labelled GPU, shards (s), batch (b), "
-                 "max generation length (g), dataset and power cap.")
+#: The metric families: every ok cell with the metric is drawn in at least one figure of each.
+FAMILIES = {
+    "throughput": ["tokens_per_s_vs_batch", "tokens_per_s_vs_shards", "words_per_s_vs_batch",
+                   "words_per_s_vs_shards", "responses_per_s_vs_batch", "responses_per_s_vs_shards"],
+    "J/token": ["j_per_token_vs_batch", "j_per_token_vs_shards", "j_per_token_vs_max_gen_len"],
+    "J/word": ["j_per_word_vs_batch", "j_per_word_vs_shards", "j_per_word_vs_max_gen_len"],
+    "J/response": ["j_per_response_vs_batch", "j_per_response_vs_shards",
+                   "j_per_response_vs_max_gen_len"],
+    "power": ["energy_per_second_vs_batch", "energy_per_second_vs_shards"],
+}
 
 
 def _registry() -> dict[str, Builder]:
-    out: dict[str, Builder] = {}
+    out: dict[str, Builder] = {"engine_comparison": fig_engine}
+    # the _vs_batch figure of a family keeps one-point panels: it shows every cell
     for y, (label, what) in THROUGHPUT.items():
         for x in ("batch_size", "shards"):
-            out[f"{y}_vs_{SHORT[x]}"] = _line_builder(y, x, label, what, energy=False)
-    out["energy_per_second_vs_shards"] = _line_builder(
-        "avg_power_w", "shards", "Energy per second (J/s = W, all GPUs)",
-        "Average power of all the cell's GPUs during prefill and decode", energy=True)
+            out[f"{y}_vs_{SHORT[x]}"] = _line_builder(y, x, label, what, energy=False,
+                                                       keep_single=x == "batch_size")
+    for x in ("batch_size", "shards"):
+        out[f"energy_per_second_vs_{SHORT[x]}"] = _line_builder(
+            "avg_power_w", x, "Energy per second (J/s = W, all GPUs)",
+            "Average power of all the cell's GPUs during prefill and decode", energy=True,
+            keep_single=x == "batch_size")
     for y, (label, what) in ENERGY_PER.items():
         for x in ("batch_size", "shards", "max_gen_len"):
-            out[f"{y}_vs_{SHORT[x]}"] = _line_builder(y, x, label, what, energy=True)
+            out[f"{y}_vs_{SHORT[x]}"] = _line_builder(y, x, label, what, energy=True,
+                                                       keep_single=x == "batch_size")
     out["j_per_token_by_dataset"] = _line_builder(
         "j_per_token", "batch_size", "Energy per output token (J/token)",
         "Energy per output token, Alpaca against GSM8K,", energy=True, hue="dataset", min_hues=2)

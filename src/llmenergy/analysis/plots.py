@@ -12,19 +12,21 @@ as in the report's table. Every title names the power source of the plotted rows
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from llmenergy.analysis.figdata import CONFIG_KEYS, FigureSkipped, power_label
-from llmenergy.analysis.figures import BUILDERS, fig_pareto, fig_power_cap, pareto_front
+from llmenergy.analysis.figdata import CONFIG_KEYS, FigureSkipped, figure_data, power_label
+from llmenergy.analysis.figpareto import fig_pareto, pareto_front
+from llmenergy.analysis.figures import BUILDERS, FAMILIES, fig_power_cap
 from llmenergy.atomic import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BUILDERS", "CONFIG_KEYS", "FigureInfo", "FigureSkipped", "fig_pareto",
+__all__ = ["BUILDERS", "CONFIG_KEYS", "FAMILIES", "FigureInfo", "FigureSkipped", "fig_pareto",
            "fig_power_cap", "figure_power_source", "load_manifest", "make_figures",
            "pareto_front", "power_label"]
 MANIFEST = "index.json"
@@ -39,6 +41,10 @@ class FigureInfo:
     skipped: bool = False
     reason: str | None = None
     power_source: str | None = None
+    #: the cells whose rows the figure draws, those drawn hollow (flagged), and a key table
+    cells: list[str] = field(default_factory=list)
+    flagged: list[str] = field(default_factory=list)
+    table: list[dict[str, Any]] = field(default_factory=list)
 
 
 def figure_power_source(fig: Figure) -> str | None:
@@ -74,7 +80,9 @@ def make_figures(summary: pd.DataFrame, outdir: Path) -> list[FigureInfo]:
         _save(fig, png, "png")
         _save(fig, svg, "svg")
         source = figure_power_source(fig)
-        infos.append(FigureInfo(name, caption, png, svg, power_source=source))
+        data = figure_data(fig)
+        infos.append(FigureInfo(name, caption, png, svg, power_source=source, cells=data.cells,
+                                flagged=data.flagged, table=data.table))
     write_json(outdir / MANIFEST, [asdict(i) for i in infos])
     return infos
 

@@ -2,9 +2,14 @@
 
 jinja2 with autoescape on; figures are embedded as base64 PNG data URIs, CSS is
 inline, and a Content-Security-Policy forbids any fetch, so the file works
-offline and leaks nothing. Sections: banners about the power source, matrix and
-status counts, key findings, figures (and skipped ones), all cells, failed and
-flagged cells, aggregate problems, accuracy, provenance, how to rerun.
+offline and leaks nothing. Sections: a short answer (the lowest-J/token setting
+per model × GPU against the paper's engine), banners about the power source,
+matrix and status counts, findings (comparison sentences, the paper's findings
+checked), comparisons (ratios with 95 % intervals, :mod:`~llmenergy.analysis.compare`),
+figures (and skipped ones), all cells, failed and flagged cells (a flagged
+repeat is marked ⚑ wherever its cell's number is read, with the reason as a
+tooltip and a link to the flagged-repeats table), aggregate problems, accuracy,
+provenance, how to rerun. Every table wraps to fit a 1,280-px window.
 """
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ from llmenergy.analysis.aggregate import (
     SUMMARY_NAME,
     cell_stats,
 )
+from llmenergy.analysis.compare import METHOD_TEXT, pair_records, pairs, summarise, summary_records
+from llmenergy.analysis.findings import paper_findings, short_answer
+from llmenergy.analysis.flags import DISCREPANCY_LIMIT_PCT, cell_flags, flagged_rows
 from llmenergy.analysis.plots import load_manifest, make_figures
 from llmenergy.atomic import write_text
 from llmenergy.cellfiles import CellRecord
@@ -33,10 +41,9 @@ from llmenergy.errors import RecordError, UserError
 
 log = logging.getLogger(__name__)
 
-DISCREPANCY_LIMIT_PCT = 1.0
 MATRIX_AXES = ["model", "dataset", "gpu", "shards", "batch_size", "max_gen_len", "power_cap_w",
                "engine"]
-CONFIG_COLUMNS = ["gpu", "shards", "batch_size", "max_gen_len", "power_cap_w", "dataset"]
+CONFIG_COLUMNS = ["gpu", "shards", "batch_size", "max_gen_len", "power_cap_w", "dataset", "engine"]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -53,6 +60,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) < 1e12):
         return f"{int(value):,}"
     if isinstance(value, float):
+        if 1000 <= abs(value) < 1e6:
+            return f"{value:,.0f}"
         return f"{value:.{digits}g}" if abs(value) < 1e6 else f"{value:.3e}"
     return str(value)
 
@@ -87,7 +96,8 @@ def _figures(output_dir: Path, summary: pd.DataFrame, summary_path: Path) -> lis
     for info in infos or []:
         item: dict[str, Any] = {"name": info.name, "caption": info.caption,
                                 "skipped": info.skipped, "reason": info.reason,
-                                "power_source": info.power_source}
+                                "power_source": info.power_source, "table": info.table,
+                                "n_flagged": len(info.flagged)}
         if not info.skipped and info.png is not None:
             item["data_uri"] = "data:image/png;base64," + base64.b64encode(
                 Path(info.png).read_bytes()).decode("ascii")
@@ -187,13 +197,24 @@ def _not_measured(output_dir: Path, stats: pd.DataFrame) -> list[dict[str, Any]]
 def _flags(summary: pd.DataFrame, stats: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
     failed = stats[stats["status"] != "ok"]
     ok = summary[summary["status"] == "ok"]
-    short = ok[ok["short_window"].fillna(False).astype(bool)]
-    disc = ok[ok["energy_discrepancy_pct"].abs() > DISCREPANCY_LIMIT_PCT]
-    oor = ok[ok["power_out_of_range"].fillna(False).astype(bool)]
+
+    def col(name: str, default: Any) -> pd.Series:
+        return ok[name] if name in ok.columns else pd.Series(default, index=ok.index)
+
+    short = ok[col("short_window", False).fillna(False).astype(bool)]
+    disc = ok[col("energy_discrepancy_pct", float("nan")).abs() > DISCREPANCY_LIMIT_PCT]
+    oor = ok[col("power_out_of_range", False).fillna(False).astype(bool)]
     src = ok[ok["power_source"].fillna("none").str.contains("none|estimate")]
     src = src.groupby("cell_id", as_index=False)["power_source"].first()
+    flagged = flagged_rows(summary)
+    repeats = _records(flagged, ["cell_id", "repeat", "flag_reasons"])
+    seen: set[str] = set()
+    for r in repeats:  # the first row of a cell carries the anchor the tables link to
+        r["anchor"] = str(r["cell_id"]) not in seen
+        seen.add(str(r["cell_id"]))
     return {
         "failed": _records(failed, ["cell_id", "status", "n_ok", "n_repeats", "reason"]),
+        "repeats": repeats,
         "short": _records(short, ["cell_id", "repeat", "duration_s"]),
         "discrepancy": _records(disc, ["cell_id", "repeat", "energy_discrepancy_pct",
                                        "energy_j", "energy_instant_j"]),
@@ -236,6 +257,9 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
     if (output_dir / PROBLEMS_NAME).exists():
         problems = json.loads((output_dir / PROBLEMS_NAME).read_text()).get("problems", [])
     figures = _figures(output_dir, summary, summary_path)
+    pair_rows = pairs(summary)
+    sums = summarise(pair_rows)
+    flags_by_cell = cell_flags(summary)
     by_status_rows = summary["status"].value_counts().sort_index()
     by_status_cells = stats["status"].value_counts().sort_index()
     axes = {a: _axis_values(summary, a) for a in MATRIX_AXES if a in summary}
@@ -251,10 +275,17 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
         "n_cells": len(stats),
         "n_rows": len(summary),
         "findings": _key_findings(stats),
+        "answer": short_answer(summary),
+        "comparisons": summary_records(sums),
+        "pairs": pair_records(pair_rows),
+        "compare_method": METHOD_TEXT,
+        "paper": paper_findings(sums, summary),
+        "cell_flags": flags_by_cell,
         "figures": [f for f in figures if not f["skipped"]],
         "skipped_figures": [f for f in figures if f["skipped"]],
         "cells": _records(stats, ["cell_id", "model", "dataset", "gpu", "shards", "batch_size",
-                                  "max_gen_len", "power_cap_w", "status", "n_ok", "n_repeats",
+                                  "max_gen_len", "power_cap_w", "engine", "status", "n_ok",
+                                  "n_repeats",
                                   "tokens_per_s_mean", "tokens_per_s_ci95", "j_per_token_mean",
                                   "j_per_token_ci95", "avg_power_w_mean", "power_source"]),
         "flags": _flags(summary, stats),

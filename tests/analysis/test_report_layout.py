@@ -1,0 +1,127 @@
+"""The report of the issue-23 matrix (7B × {alpaca, gsm8k} × batch {16, 64} × engine
+{reference, compiled} on one GPU, from a synthetic summary of that shape): the short answer
+on the first screen, the reference engine in every metric family, the engine figure, the
+ratio table, flags one click away, and nothing wider than a 1,280-px window in Chromium."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from report_helpers import CHROMIUM, chromium_probe, synthetic_summary, write_results
+
+from llmenergy.analysis.plots import FAMILIES
+from llmenergy.analysis.report import render_report
+
+FLAGGED = "7B_gsm8k_H200_s1_b16_g256_pdefault_reference"
+needs_chromium = pytest.mark.skipif(CHROMIUM is None,
+                                    reason="chromium is not installed (Debian package `chromium`)")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("accept")
+    summary = synthetic_summary(datasets=("alpaca", "gsm8k"), batch=(16, 64),
+                                engines=("reference", "compiled"), short_cells=(FLAGGED,))
+    write_results(root, summary)
+    render_report(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def html(results: Path) -> str:
+    return (results / "report.html").read_text()
+
+
+def test_short_answer_comes_first(html: str) -> None:
+    top = html.split('id="matrix"')[0]
+    box = top.split('id="answer"')[1]
+    assert "7B on H200" in box
+    assert "engine compiled, batch 64, cap default, dataset gsm8k" in box
+    assert "0.55× (" in box and "45 % less energy per token" in box
+    assert "the paper's setting (engine reference)" in box
+
+
+def test_reference_engine_in_every_family_and_engine_figure(results: Path, html: str) -> None:
+    manifest = {f["name"]: f for f in json.loads((results / "figures" / "index.json").read_text())}
+    reference = {f"7B_{d}_H200_s1_b{b}_g256_pdefault_reference"
+                 for d in ("alpaca", "gsm8k") for b in (16, 64)}
+    for family, names in FAMILIES.items():
+        drawn = set().union(*(manifest[n]["cells"] for n in names if not manifest[n]["skipped"]))
+        assert reference <= drawn, family
+    assert not manifest["engine_comparison"]["skipped"]
+    assert 'id="fig-engine_comparison"' in html
+    assert manifest["j_per_token_vs_batch"]["flagged"] == [FLAGGED]
+
+
+def test_ratio_table_and_findings(html: str) -> None:
+    comp = html.split('id="comparisons"')[1].split('id="figures"')[0]
+    row = re.search(r"<tr><td>engine</td><td>compiled vs reference</td>.*?</tr>", comp, re.S)
+    assert row and "0.55× (" in row.group(0) and "2.00× (" in row.group(0)
+    assert "delta method" in comp
+    findings = html.split('id="findings"')[1].split('id="comparisons"')[0]
+    assert "Engine compiled uses 0.55×" in findings
+    assert "Energy per output token falls as the batch size grows. (§IV-B)" in findings
+    assert re.search(r"falls as the batch size grows.*?</td>\s*<td class=\"holds\">holds</td>",
+                     findings, re.S)
+
+
+def test_flag_is_marked_where_the_number_is_read(html: str) -> None:
+    cells = html.split('id="cells"')[1].split('id="flagged"')[0]
+    marks = re.findall(rf'<a class="flag" href="#flag-{FLAGGED}" title="Flagged: ([^"]*)">', cells)
+    assert marks and "short window" in marks[0]
+    assert f'<tr id="flag-{FLAGGED}">' in html  # the link's target, with the reason
+    clean = "7B_alpaca_H200_s1_b16_g256_pdefault_reference"
+    assert f'href="#flag-{clean}"' not in html
+
+
+_WIDTH_JS = """
+var vw = document.documentElement.clientWidth, wide = [];
+document.querySelectorAll('body *').forEach(function (el) {
+  var r = el.getBoundingClientRect();
+  if (r.right > vw + 1 || r.width > vw) {
+    wide.push(el.tagName + '.' + el.className + ' ' + Math.round(r.width) + 'px');
+  }
+});
+var scrolled = [];
+document.querySelectorAll('.tw').forEach(function (el) {
+  if (el.scrollWidth > el.clientWidth + 1) { scrolled.push(el.scrollWidth + '>' + el.clientWidth); }
+});
+var box = document.getElementById('answer').getBoundingClientRect();
+window.__probe = {vw: vw, page: document.documentElement.scrollWidth, wide: wide.slice(0, 20),
+                  scrolled: scrolled, answer_bottom: box.bottom, answer_top: box.top};
+"""
+
+
+@needs_chromium
+def test_nothing_wider_than_a_1280px_window_and_answer_on_first_screen(
+        html: str, tmp_path: Path) -> None:
+    out = chromium_probe(html, tmp_path, _WIDTH_JS, width=1280)
+    assert out["vw"] <= 1280
+    assert out["page"] <= out["vw"], out
+    assert out["wide"] == [], out["wide"]
+    assert out["scrolled"] == [], "a table needs horizontal scrolling at 1,280 px"
+    assert out["answer_top"] >= 0 and out["answer_bottom"] <= 900  # the first screen
+
+
+@needs_chromium
+def test_the_mixed_results_report_fits_too(tmp_path: Path) -> None:
+    """A report with failed, estimated and flagged cells and long ids: still no overflow."""
+    from report_helpers import make_cell
+
+    from llmenergy.analysis.aggregate import aggregate
+
+    root = tmp_path / "results"
+    for bs in (1, 4):
+        make_cell(root, f"llama-2-70b-chat_alpaca_H100-SXM5-80GB_s8_b{bs}_g512_pdefault_reference",
+                  batch_size=bs, decode_s=1.0 + bs)
+    make_cell(root, "big-oom-with-a-very-long-reason", model="big", batch_size=64, status="oom",
+              reason="CUDA out of memory. Tried to allocate 20.00 GiB; GPU 0 has a total capacity of "
+                     "79.10 GiB of which 1.2 GiB is free." * 2, write_events=False)
+    make_cell(root, "tiny-est", batch_size=2, power="estimate")
+    make_cell(root, "tiny-gsm8k", dataset="gsm8k", correct=True, counter_scale=1.03)
+    aggregate(root)
+    page = render_report(root).read_text()
+    out = chromium_probe(page, tmp_path, _WIDTH_JS, width=1280)
+    assert out["page"] <= out["vw"] and out["wide"] == [], out
