@@ -113,7 +113,7 @@ def write_trace_cell(root: Path, cell_id: str = "trace", *, segments: list[Segme
     from llmenergy.atomic import write_parquet
     from llmenergy.cellfiles import Cell, CellRecord, CellSpec, Provenance
     from llmenergy.config import CollectorSpec, Policies
-    from llmenergy.data import DatasetSpec
+    from llmenergy.data.prompts import DatasetSpec
 
     tl = timeline(segments or standard_segments())
     cdir = root / "cells" / cell_id
