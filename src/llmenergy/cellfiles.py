@@ -93,6 +93,27 @@ class CellFiles:
     powercap = property(lambda self: self.root / "powercap")
     run = property(lambda self: self.root / ".run")
     worker_status = property(lambda self: self.root / ".run" / "worker_status.json")
+    #: The job's handshake folders (a cell run alone, or a packed group's directory):
+    #: the ranks' devices, the collectors' and the power-cap guards' ready files, the
+    #: collectors' power files.
+    uuids = property(lambda self: self.root / ".run" / "uuids")
+    ready = property(lambda self: self.root / ".run" / "ready")
+    capready = property(lambda self: self.root / ".run" / "capready")
+    power_parts = property(lambda self: self.root / ".run" / "power")
+    #: Rank 0 → launcher: the cell has started (:class:`CellBegin`).
+    begin = property(lambda self: self.root / ".run" / "begin.json")
+    #: Every rank's outcome of the cell (:class:`RankOutcome`), ``{rank}.json``.
+    outcomes = property(lambda self: self.root / ".run" / "ranks")
+    #: A packed group's spec and done marker (``groups/{id}/``).
+    group_spec = property(lambda self: self.root / "group.json")
+    done = property(lambda self: self.root / "done.json")
+    #: The group of one a cell run alone is (``run-cell``).
+    own_group_spec = property(lambda self: self.root / ".run" / "group.json")
+    #: The handshake folders made before a job starts.
+    HANDSHAKE: ClassVar[tuple[str, ...]] = ("uuids", "ready", "capready", "power_parts")
+
+    def outcome(self, rank: int) -> Path:
+        return self.outcomes / f"{rank}.json"
 
     #: What a finished cell consists of; removed before a cell runs again.
     OUTPUTS: ClassVar[tuple[str, ...]] = ("cell.json", "metrics.parquet", "events.parquet",
@@ -199,6 +220,9 @@ class GroupSpec:
     group_id: str
     cells: list[str]
     cells_dir: str
+    #: Where the job's handshake and logs are (``groups/{id}``, or the cell's own
+    #: directory for a cell run alone); empty: this file's folder.
+    job_dir: str = ""
 
     def cell_dir(self, cell_id: str) -> Path:
         return Path(self.cells_dir) / cell_id
@@ -214,9 +238,6 @@ class GroupSpec:
         return cls(**values)
 
 
-#: Under ``{output_dir}/groups/{group_id}/``: the group's spec, its done marker.
-GROUP_SPEC = "group.json"
-GROUP_DONE = "done.json"
 
 
 # --------------------------------------------------------------------------- #
@@ -236,6 +257,41 @@ class WorkerStatus:
 
     @classmethod
     def read(cls, path: Path) -> WorkerStatus:
+        return cls(**_fields(cls, _read(path), str(path)))
+
+
+@dataclass(frozen=True)
+class CellBegin:
+    """Rank 0 → launcher (``.run/begin.json``): a cell of the job has started."""
+
+    cell_id: str
+    position: int
+    started_ns: int
+
+    def write(self, path: Path) -> None:
+        atomic.write_json(path, {"schema_version": SCHEMA_VERSION, **asdict(self)})
+
+    @classmethod
+    def read(cls, path: Path) -> CellBegin:
+        return cls(**_fields(cls, _read(path), str(path)))
+
+
+@dataclass(frozen=True)
+class RankOutcome:
+    """One rank's end of a cell (``.run/ranks/{rank}.json``): what it saw, when, and
+    ``left`` once it leaves the job because the ranks are out of step."""
+
+    rank: int
+    status: str
+    reason: str | None = None
+    at_ns: int = 0
+    left: bool = False
+
+    def write(self, path: Path) -> None:
+        atomic.write_json(path, {"schema_version": SCHEMA_VERSION, **asdict(self)})
+
+    @classmethod
+    def read(cls, path: Path) -> RankOutcome:
         return cls(**_fields(cls, _read(path), str(path)))
 
 

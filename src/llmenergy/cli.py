@@ -43,7 +43,7 @@ def cmd_run_cell(args: argparse.Namespace) -> int:
 
 
 def cmd_run_group(args: argparse.Namespace) -> int:
-    from llmenergy.orchestrate.packed import run_group
+    from llmenergy.orchestrate.launch import run_group
     from llmenergy.planning.groups import find_group
     from llmenergy.planning.matrix import expand
 

@@ -64,7 +64,7 @@ from llmenergy.inference.generate import (
     result,
     sync,
 )
-from llmenergy.inference.model import _SDPA_BACKENDS, Transformer, attention_mask
+from llmenergy.inference.model import SDPA_BACKENDS, Transformer, attention_mask
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class CompiledEngine:
         seqlen = tokens.shape[1]
         pos = torch.arange(seqlen, device=self.device)
         mask = attention_mask(0, seqlen, n_pad, self.device)
-        with sdpa_kernel(_SDPA_BACKENDS):  # as the reference: no cuDNN (it re-plans per length)
+        with sdpa_kernel(SDPA_BACKENDS):  # as the reference: no cuDNN (it re-plans per length)
             return self._forward(tokens, pos, mask, seqlen, caches)
 
     # ------------------------------------------------------------------ caches and compiling

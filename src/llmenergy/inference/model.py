@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # cuDNN attention is left out: it plans anew for every key length, which costs
 # ~1.6 ms of CPU per layer and decode step (measured on H100, torch 2.11).
-_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 from llmenergy.arch import (  # noqa: E402 - the torch-free table of sizes lives in arch
     SIZES,
@@ -188,7 +188,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         freqs = self.freqs_cis[start_pos:end]
         mask = attention_mask(start_pos, seqlen, n_pad, tokens.device)
-        with sdpa_kernel(_SDPA_BACKENDS):
+        with sdpa_kernel(SDPA_BACKENDS):
             for layer in self.layers:
                 h = layer(h, start_pos, freqs, mask)
         if last_only:

@@ -111,7 +111,7 @@ class Context:
         return {g.id: g for g in self.groups}
 
     def done_marker(self, gid: str) -> str:
-        from llmenergy.orchestrate.packed import done_path
+        from llmenergy.orchestrate.launch import done_path
 
         return str(done_path(self.output_dir, gid))
 

@@ -307,7 +307,7 @@ def group_jobs(config_path: str | Path, group_ids: Sequence[str] | None = None,
     layout of the group's cells, the time of its unfinished ones (learned, as the
     Snakemake rule's). Groups whose cells are all finished are left out."""
     from llmenergy import config, slurm
-    from llmenergy.orchestrate.packed import group_time_limit
+    from llmenergy.orchestrate.launch import group_time_limit
     from llmenergy.planning.groups import find_group, make_groups
     from llmenergy.planning.matrix import expand, host_mem_mb
 
