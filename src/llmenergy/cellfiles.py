@@ -9,7 +9,12 @@ Every record that crosses a process boundary is defined here, typed and versione
 * :class:`Provenance` and :class:`CellRecord` (``cell.json``, and
   ``failed/{cell}.json``): what happened, written last by the launcher;
 * the Arrow schemas of ``events``, ``responses``, ``power`` and ``metrics``;
-* :class:`CellFiles`: every path of a cell directory.
+* the ``.run/`` handshake between ranks, node agents and launcher:
+  :class:`RankDevice` (``uuids/``), :class:`CollectorReady` (``ready/``),
+  :class:`CapReady` (``capready/``), :class:`CellBegin`, :class:`RankOutcome`;
+* :class:`CellFiles`: every path of a cell's (or a packed group's) directory, and
+  :class:`RunLayout`: every path of a run's output directory. No other module spells
+  a file name of a run (``tests/test_module_rules.py`` checks it).
 
 JSON records carry ``schema_version``; reading a record of another version, or a
 file that is not one, raises :class:`~llmenergy.errors.RecordError` naming the file.
@@ -63,10 +68,10 @@ class Cell:
         return {"cell_id": self.id, **asdict(self)}
 
     def dir(self, output_dir: str | Path) -> Path:
-        return Path(output_dir) / "cells" / self.id
+        return self.files(output_dir).root
 
     def files(self, output_dir: str | Path) -> CellFiles:
-        return CellFiles(self.dir(output_dir))
+        return RunLayout(Path(output_dir)).cell(self.id)
 
     @classmethod
     def from_identity(cls, d: dict[str, Any]) -> Cell:
@@ -79,7 +84,8 @@ AXES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Cell))
 
 @dataclass(frozen=True)
 class CellFiles:
-    """The files of one cell directory (docs/internals.md, "Cell directory")."""
+    """The files of one cell directory (docs/internals.md, "Cell directory"), and of a
+    job's: a cell run alone is its own job; a packed group's job is ``groups/{id}/``."""
 
     root: Path
 
@@ -115,13 +121,81 @@ class CellFiles:
     def outcome(self, rank: int) -> Path:
         return self.outcomes / f"{rank}.json"
 
+    def collector_log(self, node: str) -> Path:
+        return self.logs / f"collector.{node}.log"
+
+    def powercap_log(self, node: str) -> Path:
+        return self.logs / f"powercap.{node}.log"
+
+    def agent_log(self, node: str) -> Path:
+        return self.logs / f"agent.{node}.log"
+
+    def rank_log(self, rank: int | str) -> Path:
+        """``rank{R}.log``; ``rank="%t"`` gives srun's per-task pattern."""
+        return self.logs / f"rank{rank}.log"
+
     #: What a finished cell consists of; removed before a cell runs again.
     OUTPUTS: ClassVar[tuple[str, ...]] = ("cell.json", "metrics.parquet", "events.parquet",
                                           "responses.parquet", "power.parquet")
 
     def failed_record(self) -> Path:
         """``{output_dir}/failed/{cell}.json``: the last failure of a cell not yet finished."""
-        return self.root.parent.parent / "failed" / f"{self.root.name}.json"
+        return RunLayout.of_cell(self.root).failed_record(self.root.name)
+
+
+def node_file(directory: Path, node: str) -> Path:
+    """A node's file in a handshake folder (``ready/``, ``capready/``, the guard's state)."""
+    return Path(directory) / f"{node}.json"
+
+
+def rank_file(directory: Path, node: str, rank: int) -> Path:
+    """A rank's file in ``uuids/``: ``{node}.{rank}.json``."""
+    return Path(directory) / f"{node}.{rank}.json"
+
+
+def rank_of_file(path: Path, node: str) -> int | None:
+    """The rank of a ``uuids/`` file of ``node``, else None (another node's, or not one)."""
+    name, prefix = path.name, f"{node}."
+    if not (name.startswith(prefix) and name.endswith(".json")):
+        return None
+    rank = name[len(prefix):-len(".json")]
+    return int(rank) if rank.isdigit() else None
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every path of a run's output directory (``output_dir``)."""
+
+    root: Path
+
+    cells = property(lambda self: self.root / "cells")
+    groups = property(lambda self: self.root / "groups")
+    failed = property(lambda self: self.root / "failed")
+    summary = property(lambda self: self.root / "summary.parquet")
+    summary_stats = property(lambda self: self.root / "summary_stats.parquet")
+    problems = property(lambda self: self.root / "aggregate_problems.json")
+    report = property(lambda self: self.root / "report.html")
+    figures = property(lambda self: self.root / "figures")
+    logs = property(lambda self: self.root / "logs")
+    #: Inductor's cache (compiled engine): repeats and later cells reuse it.
+    inductor_cache = property(lambda self: self.root / ".cache" / "inductor")
+
+    def cell(self, cell_id: str) -> CellFiles:
+        return CellFiles(self.cells / cell_id)
+
+    def group(self, group_id: str) -> CellFiles:
+        return CellFiles(self.groups / group_id)
+
+    def failed_record(self, cell_id: str) -> Path:
+        return self.failed / f"{cell_id}.json"
+
+    def rule_log(self, rule: str, name: str) -> Path:
+        return self.logs / rule / f"{name}.log"
+
+    @classmethod
+    def of_cell(cls, cell_dir: Path) -> RunLayout:
+        """The run a cell directory (``{output_dir}/cells/{id}``) belongs to."""
+        return cls(Path(cell_dir).parent.parent)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -293,6 +367,72 @@ class RankOutcome:
     @classmethod
     def read(cls, path: Path) -> RankOutcome:
         return cls(**_fields(cls, _read(path), str(path)))
+
+
+class _Handshake:
+    """A versioned JSON record of the ``.run/`` handshake."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def write(self, path: Path) -> None:
+        atomic.write_json(path, {"schema_version": SCHEMA_VERSION, **self.to_dict()})
+
+    @classmethod
+    def read(cls, path: Path) -> Any:
+        return cls(**_fields(cls, _read(path), str(path)))
+
+
+@dataclass(frozen=True)
+class RankDevice(_Handshake):
+    """A rank → its node's agents (``.run/uuids/{node}.{rank}.json``): the device it runs on."""
+
+    node: str = ""
+    rank: int = -1
+    uuid: str = ""  # "GPU-…", or "cpu"
+    name: str = ""
+    index: int = -1
+
+    @classmethod
+    def read(cls, path: Path) -> RankDevice:
+        """As the other records, except that a file without ``schema_version`` or without
+        the descriptive fields is read too (a stand-in rank announcing only its ``uuid``);
+        one without ``uuid`` is not one."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise RecordError(f"{path}: unreadable ({exc})") from None
+        if not isinstance(data, dict) or not data.get("uuid"):
+            raise RecordError(f"{path}: not a device record (no uuid)")
+        if data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise RecordError(f"{path}: schema_version {data['schema_version']!r}, this llmenergy reads "
+                              f"{SCHEMA_VERSION}")
+        return cls(**_fields(cls, data, str(path)))
+
+
+@dataclass(frozen=True)
+class CollectorReady(_Handshake):
+    """A node's collector → rank 0 (``.run/ready/{node}.json``); ``backend`` None with the
+    one-line ``error`` when no backend could be built."""
+
+    node: str
+    backend: str | None
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    interval_ms: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class CapReady(_Handshake):
+    """A node's power-cap guard → the ranks (``.run/capready/{node}.json``)."""
+
+    node: str
+    status: str  # "applied" | "denied" | "error"
+    reason: str | None = None
+    backend: str | None = None
+    requested_w: float | None = None
+    on_denied: str | None = None
+    gpus: list[dict[str, Any]] = field(default_factory=list)  # uuid, previous_w, requested_w, enforced_w
 
 
 # --------------------------------------------------------------------------- #

@@ -76,8 +76,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from llmenergy.analysis.plots import make_figures
+    from llmenergy.cellfiles import RunLayout
 
-    path = Path(args.summary)
+    path = Path(args.summary) if args.summary else RunLayout(Path("results")).summary
     if not path.is_file():
         raise UserError(f"{path}: no summary; run `llmenergy aggregate` first")
     try:
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_aggregate)
 
     s = sub.add_parser("plot", help="figures from summary.parquet")
-    s.add_argument("--summary", default="results/summary.parquet",
+    s.add_argument("--summary", default=None,
                    help="summary written by `llmenergy aggregate` (default: results/summary.parquet)")
     s.add_argument("--out", default="results/figures",
                    help="directory for the PNG/SVG figures and index.json (default: results/figures)")

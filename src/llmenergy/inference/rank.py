@@ -17,7 +17,6 @@ process; gloo's also fires on a legitimately long load), so no rank relies on on
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -30,12 +29,15 @@ from llmenergy import atomic
 from llmenergy.cellfiles import (
     EVENTS_SCHEMA,
     RESPONSES_SCHEMA,
+    CapReady,
     CellFiles,
     CellSpec,
+    CollectorReady,
+    RankDevice,
     RankOutcome,
     WorkerStatus,
 )
-from llmenergy.errors import CellInterrupted, PowerCapDenied, PowerCapError, UserError
+from llmenergy.errors import CellInterrupted, PowerCapDenied, PowerCapError, RecordError, UserError
 from llmenergy.slurm import on_stop_signals
 
 log = logging.getLogger("llmenergy.inference.worker")
@@ -101,16 +103,16 @@ def start_process(spec: CellSpec, renv: RankEnv, dev: Any) -> None:
     tp.init_model_parallel(renv.world_size)
 
 
-def device_info(dev: Any, node: str, rank: int) -> dict[str, Any]:
+def device_info(dev: Any, node: str, rank: int) -> RankDevice:
     """What a rank announces in the job's ``.run/uuids/`` (the node agents wait for it)."""
     import torch
 
     if dev.type != "cuda":
-        return {"node": node, "rank": rank, "uuid": "cpu", "name": "cpu", "index": -1}
+        return RankDevice(node=node, rank=rank, uuid="cpu", name="cpu", index=-1)
     props = torch.cuda.get_device_properties(dev)
     uuid = str(props.uuid)
     uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
-    return {"node": node, "rank": rank, "uuid": uuid, "name": props.name, "index": dev.index}
+    return RankDevice(node=node, rank=rank, uuid=uuid, name=props.name, index=dev.index)
 
 
 class StopFlag:
@@ -181,12 +183,12 @@ def wait_files(directory: Path, count: int, timeout_s: float) -> list[Path]:
         time.sleep(0.05)
 
 
-def wait_ready(job: CellFiles, nodes: int, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+def wait_ready(job: CellFiles, nodes: int, timeout_s: float = 60.0) -> list[CollectorReady]:
     """Rank 0, once per job: wait for every node's collector."""
     files = wait_files(job.ready, nodes, timeout_s)
     if len(files) < nodes:
         log.warning("only %d of %d collectors ready after %.0f s; continuing", len(files), nodes, timeout_s)
-    return [json.loads(f.read_text()) for f in files]
+    return [CollectorReady.read(f) for f in files]
 
 
 def check_caps(job: CellFiles, nodes: int, timeout_s: float = 120.0) -> None:
@@ -195,13 +197,15 @@ def check_caps(job: CellFiles, nodes: int, timeout_s: float = 120.0) -> None:
     if len(files) < nodes:
         raise PowerCapError(f"only {len(files)} of {nodes} power-cap guards answered in {timeout_s:.0f} s")
     for f in files:
-        rep = json.loads(f.read_text())
-        if rep["status"] == "denied":
-            raise PowerCapDenied(f"node {rep['node']}: {rep.get('reason') or 'permission denied'}")
-        if rep["status"] != "applied":
-            raise PowerCapError(f"node {rep['node']}: power cap {rep['status']}: {rep.get('reason')}")
-        log.info("power cap on %s: %s", rep["node"],
-                 ", ".join(f"{g['uuid']}: {g['enforced_w']} W" for g in rep.get("gpus", [])))
+        try:
+            rep = CapReady.read(f)
+        except RecordError as exc:
+            raise PowerCapError(str(exc)) from None
+        if rep.status == "denied":
+            raise PowerCapDenied(f"node {rep.node}: {rep.reason or 'permission denied'}")
+        if rep.status != "applied":
+            raise PowerCapError(f"node {rep.node}: power cap {rep.status}: {rep.reason}")
+        log.info("power cap on %s: %s", rep.node, ", ".join(f"{g['uuid']}: {g['enforced_w']} W" for g in rep.gpus))
 
 
 def outcome_of(exc: BaseException, rank: int) -> tuple[WorkerStatus, int]:
@@ -240,7 +244,7 @@ def agree(files: CellFiles, own: RankOutcome, world_size: int, timeout_s: float 
     for path in found:
         try:
             outcomes.append(RankOutcome.read(path))
-        except Exception as exc:  # noqa: BLE001 - a torn peer file counts as missing
+        except RecordError as exc:  # a torn peer file counts as missing
             log.warning("%s", exc)
     return sorted(outcomes, key=lambda o: o.rank)
 

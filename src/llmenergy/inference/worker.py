@@ -41,8 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmenergy import atomic
-from llmenergy.cellfiles import CellBegin, CellFiles, CellSpec, GroupSpec, RankOutcome, WorkerStatus
+from llmenergy.cellfiles import (
+    CellBegin,
+    CellFiles,
+    CellSpec,
+    GroupSpec,
+    RankOutcome,
+    RunLayout,
+    WorkerStatus,
+    rank_file,
+)
 from llmenergy.errors import PowerCapDenied, PowerCapError
 from llmenergy.inference.rank import (
     EXIT_FAILED,
@@ -64,10 +72,6 @@ from llmenergy.inference.rank import (
 )
 
 log = logging.getLogger("llmenergy.inference.worker")
-
-#: Inductor's cache (compiled engine), under the output directory: repeats and later cells reuse it.
-INDUCTOR_CACHE = ".cache/inductor"
-
 
 @dataclass
 class Shared:
@@ -189,7 +193,7 @@ def run(group_path: Path) -> int:
     dev = select_device(first, renv.local_rank)
     stop = StopFlag(dev)
     start_process(first, renv, dev)
-    atomic.write_json(job.uuids / f"{renv.node}.{renv.rank}.json", device_info(dev, renv.node, renv.rank))
+    device_info(dev, renv.node, renv.rank).write(rank_file(job.uuids, renv.node, renv.rank))
     shared = Shared(device=dev)
     code = 0
     for i, cid in enumerate(group.cells):
@@ -218,7 +222,7 @@ def measure(rec: Recorder, model: Any, tok: Any, prompts: list[Any], encoded: li
     phase of its own), the warm-up, then every repeat's batches, each metered."""
     from llmenergy.inference import engines
 
-    engine = engines.make_engine(spec.cell.engine, model, cache_dir=cell_dir.parent.parent / INDUCTOR_CACHE)
+    engine = engines.make_engine(spec.cell.engine, model, cache_dir=RunLayout.of_cell(cell_dir).inductor_cache)
     engine.prepare(on_phase=lambda phase, s, e: rec.event(phase, s, e, n_seqs=spec.cell.batch_size))
     stop.check()
     batch_size = spec.cell.batch_size

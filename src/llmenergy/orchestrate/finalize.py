@@ -233,10 +233,10 @@ class CellsInFlight:
                 if (not covered or min(covered) < end_ns + margin) and waited < COVER_TIMEOUT_S * 1e9:
                     return False
             power = _slice(power, start_ns - margin, end_ns + margin)
-            for sub in ("uuids", "ready"):  # the provenance of the group's ranks and collectors
-                dst = getattr(files, sub)
+            # the provenance of the group's ranks and collectors
+            for src_dir, dst in ((job.files.uuids, files.uuids), (job.files.ready, files.ready)):
                 dst.mkdir(parents=True, exist_ok=True)
-                for src in getattr(job.files, sub).glob("*.json"):
+                for src in src_dir.glob("*.json"):
                     shutil.copyfile(src, dst / src.name)
             loaded_here = self.loaded_by is None
             self.loaded_by = self.loaded_by or cell.id

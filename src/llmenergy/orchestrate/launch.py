@@ -52,6 +52,7 @@ from llmenergy.cellfiles import (
     CellRecord,
     CellSpec,
     GroupSpec,
+    RunLayout,
     accepted,
 )
 from llmenergy.config import Config
@@ -223,7 +224,7 @@ def _die_with_launcher(launcher_pid: int) -> Any:
 def launch_local(spec: CellSpec, job: CellFiles, fwd: Forward, worker_args: list[str],
                  tick: Tick | None = None) -> list[int]:
     node = socket.gethostname()
-    agent_log = open(job.logs / f"agent.{node}.log", "ab")  # noqa: SIM115 - closed below
+    agent_log = open(job.agent_log(node), "ab")  # noqa: SIM115 - closed below
     agent = subprocess.Popen(_agent_args(job), stdout=agent_log, stderr=subprocess.STDOUT,
                              preexec_fn=_die_with_launcher(os.getpid()))
     port = _free_port()
@@ -233,7 +234,7 @@ def launch_local(spec: CellSpec, job: CellFiles, fwd: Forward, worker_args: list
         for rank in range(n):
             env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_RANK": str(rank),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-            out = open(job.logs / f"rank{rank}.log", "ab")  # noqa: SIM115 - child owns it
+            out = open(job.rank_log(rank), "ab")  # noqa: SIM115 - child owns it
             procs.append(subprocess.Popen(worker_args, env=env, stdout=out, stderr=subprocess.STDOUT,
                                           preexec_fn=_die_with_launcher(os.getpid())))
             out.close()
@@ -251,9 +252,9 @@ def launch_local(spec: CellSpec, job: CellFiles, fwd: Forward, worker_args: list
 def launch_srun(job: CellFiles, fwd: Forward, cfg: Config, cell: Cell, worker_args: list[str],
                 tick: Tick | None = None) -> list[int]:
     res = slurm.resources_for(cell.shards, cfg.gpus[cell.gpu], 60)
-    agent = subprocess.Popen([*slurm.srun_collector_args(res), "--output", str(job.logs / "agent.%N.log"),
+    agent = subprocess.Popen([*slurm.srun_collector_args(res), "--output", str(job.agent_log("%N")),
                               *_agent_args(job)])
-    worker = subprocess.Popen([*slurm.srun_worker_args(res), "--output", str(job.logs / "rank%t.log"),
+    worker = subprocess.Popen([*slurm.srun_worker_args(res), "--output", str(job.rank_log("%t")),
                                *worker_args])
     fwd.procs = [worker]
     try:
@@ -303,7 +304,7 @@ def prepare(files: CellFiles) -> None:
 
 
 def group_dir(output_dir: str | Path, gid: str) -> Path:
-    return Path(output_dir) / "groups" / gid
+    return RunLayout(Path(output_dir)).group(gid).root
 
 
 def done_path(output_dir: str | Path, gid: str) -> Path:
@@ -382,7 +383,7 @@ def run_job(cfg: Config, todo: list[Cell], job: CellFiles, *, group: Group | Non
         first.write(job.spec)  # the node agents' spec: collector, layout, power cap, policies
     group_spec = job.group_spec if group is not None else job.own_group_spec
     GroupSpec(group.id if group is not None else todo[0].id, [c.id for c in todo],
-              str(Path(cfg.output_dir).resolve() / "cells"), job_dir=str(job.root.resolve())).write(group_spec)
+              str(RunLayout(Path(cfg.output_dir)).cells.resolve()), job_dir=str(job.root.resolve())).write(group_spec)
     if group is None:
         log.info("%s: launching %d rank(s) on %d node(s) via %s", todo[0].id, todo[0].shards, first.nodes, launcher)
     else:

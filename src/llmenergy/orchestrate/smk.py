@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import atomic
-from llmenergy.cellfiles import Cell, accepted
+from llmenergy.cellfiles import Cell, RunLayout, accepted
 from llmenergy.config import Config, from_dict
 from llmenergy.errors import ConfigError
 from llmenergy.planning.groups import (
@@ -121,7 +121,7 @@ class Context:
         that a failed cell never takes its finished neighbours with it)."""
         if self.packing == "group":
             return [self.done_marker(gid) for gid in self.group_ids]
-        return [str(c.dir(self.output_dir) / "metrics.parquet") for c in self.plan.cells]
+        return [str(c.files(self.output_dir).metrics) for c in self.plan.cells]
 
     def _record(self, cell: Cell) -> dict[str, Any] | None:
         path = cell.files(self.output_dir).record
@@ -248,8 +248,8 @@ class Context:
         cell ids."""
         bad: list[str] = []
         for cell in self.plan.cells:
-            cell_dir = cell.dir(self.output_dir)
-            outputs = [cell_dir / "metrics.parquet", cell_dir / "cell.json"]
+            files = cell.files(self.output_dir)
+            outputs = [files.metrics, files.record]
             problems = [(p, why) for p in outputs
                         if p.exists() and (why := output_problem(p, lambda st: accepted(st, self.cfg.policies)))]
             if not problems:
@@ -377,7 +377,7 @@ class Context:
         (``rerun-triggers: mtime``), they make the next run (and ``-n``) reach back to
         exactly the cells without outputs."""
         stamps = [p.stat().st_mtime for c in self.plan.cells
-                  for p in (c.dir(self.output_dir) / "metrics.parquet",) if p.exists()]
+                  for p in (c.files(self.output_dir).metrics,) if p.exists()]
         stamps += [p.stat().st_mtime for gid in self.group_ids
                    for p in (Path(self.done_marker(gid)),) if p.exists()]
         when = max(0.0, min(stamps, default=1.0) - 1.0)
@@ -396,7 +396,7 @@ class Context:
         res = aggregate(out, grid_gco2_per_kwh=self.cfg.grid_gco2_per_kwh,
                         expected_cells=[c.identity() for c in self.plan.cells])
         path = render_report(out, out_path=Path(report))
-        self._backdate([res.summary_path, res.stats_path, path, out / "figures"])
+        self._backdate([res.summary_path, res.stats_path, path, RunLayout(out).figures])
         log.warning("llmenergy: partial report of a failed run: %s (statuses %s)", path,
                     ", ".join(f"{k} {v}" for k, v in sorted(res.status_counts.items())))
 
