@@ -2,7 +2,7 @@
 
 * No module reaches into another's private names (``from llmenergy.x import _y``,
   or ``x._y`` on an imported ``llmenergy`` module): what is shared is public.
-* Every path of a run comes from one place, ``llmenergy.cellfiles`` (``CellFiles``,
+* Every path of a run comes from one place, ``llmenergy.layout`` (``CellFiles``,
   ``RunLayout``): no other module spells a run's file names.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def test_the_rule_sees_both_forms() -> None:
 
 
 #: The module that owns every path of a run.
-LAYOUT = PKG / "cellfiles.py"
+LAYOUT = PKG / "layout.py"
 #: File and folder names of a run (its cells, groups, summary, report and the ``.run/`` handshake).
 RUN_FILE_NAMES = frozenset({
     "uuids", "ready", "capready", "ranks", ".run",
