@@ -25,7 +25,7 @@ PKG = Path(llmenergy.__file__).resolve().parent
 #: stage -> rank; a module may import stages of a lower rank, or its own stage.
 STAGES = {
     "errors": 0,
-    "atomic": 1, "entrypoints": 1, "slurm": 1, "arch": 1,
+    "atomic": 1, "entrypoints": 1, "slurm": 1, "arch": 1, "layout": 1,
     "checkpoints": 2,
     "data": 2,
     "config": 3,

@@ -48,6 +48,8 @@ OS_STARTERS = ("fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawn
 SPAWNING_CALLS: dict[str, str] = {
     "llmenergy.orchestrate.submit.submit_jobs": "submitit runs each job as a child process or through sbatch",
     "llmenergy.planning.jobs.partition_limits": "asks Slurm's sinfo for the partitions' limits",
+    "llmenergy.orchestrate.provenance.git_commit": "runs git to read the checkout's commit",
+    "llmenergy.orchestrate.provenance.collect_provenance": "runs git to read the checkout's commit",
 }
 #: keyword arguments whose call starts processes: (keyword, value) -> why
 SPAWNING_KEYWORDS: dict[tuple[str, object], str] = {

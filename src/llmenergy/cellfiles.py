@@ -9,7 +9,11 @@ Every record that crosses a process boundary is defined here, typed and versione
 * :class:`Provenance` and :class:`CellRecord` (``cell.json``, and
   ``failed/{cell}.json``): what happened, written last by the launcher;
 * the Arrow schemas of ``events``, ``responses``, ``power`` and ``metrics``;
-* :class:`CellFiles`: every path of a cell directory.
+* the ``.run/`` handshake between ranks, node agents and launcher:
+  :class:`RankDevice` (``uuids/``), :class:`CollectorReady` (``ready/``),
+  :class:`CapReady` (``capready/``), :class:`CellBegin`, :class:`RankOutcome`;
+* re-exported from :mod:`llmenergy.layout`: :class:`CellFiles` (every path of a
+  cell's or a packed group's directory) and :class:`RunLayout` (every path of a run).
 
 JSON records carry ``schema_version``; reading a record of another version, or a
 file that is not one, raises :class:`~llmenergy.errors.RecordError` naming the file.
@@ -20,7 +24,7 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pyarrow as pa
 
@@ -28,6 +32,7 @@ from llmenergy import atomic
 from llmenergy.config import CollectorSpec, Policies
 from llmenergy.data.prompts import DatasetSpec
 from llmenergy.errors import RecordError
+from llmenergy.layout import CellFiles, RunLayout, node_file, rank_file, rank_of_file  # noqa: F401 - re-exported
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"llmenergy.schema_version"
@@ -63,10 +68,10 @@ class Cell:
         return {"cell_id": self.id, **asdict(self)}
 
     def dir(self, output_dir: str | Path) -> Path:
-        return Path(output_dir) / "cells" / self.id
+        return self.files(output_dir).root
 
     def files(self, output_dir: str | Path) -> CellFiles:
-        return CellFiles(self.dir(output_dir))
+        return RunLayout(Path(output_dir)).cell(self.id)
 
     @classmethod
     def from_identity(cls, d: dict[str, Any]) -> Cell:
@@ -75,32 +80,6 @@ class Cell:
 
 #: The matrix axes, in the order of a cell id.
 AXES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Cell))
-
-
-@dataclass(frozen=True)
-class CellFiles:
-    """The files of one cell directory (docs/internals.md, "Cell directory")."""
-
-    root: Path
-
-    spec = property(lambda self: self.root / "spec.json")
-    record = property(lambda self: self.root / "cell.json")
-    events = property(lambda self: self.root / "events.parquet")
-    responses = property(lambda self: self.root / "responses.parquet")
-    power = property(lambda self: self.root / "power.parquet")
-    metrics = property(lambda self: self.root / "metrics.parquet")
-    logs = property(lambda self: self.root / "logs")
-    powercap = property(lambda self: self.root / "powercap")
-    run = property(lambda self: self.root / ".run")
-    worker_status = property(lambda self: self.root / ".run" / "worker_status.json")
-
-    #: What a finished cell consists of; removed before a cell runs again.
-    OUTPUTS: ClassVar[tuple[str, ...]] = ("cell.json", "metrics.parquet", "events.parquet",
-                                          "responses.parquet", "power.parquet")
-
-    def failed_record(self) -> Path:
-        """``{output_dir}/failed/{cell}.json``: the last failure of a cell not yet finished."""
-        return self.root.parent.parent / "failed" / f"{self.root.name}.json"
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -166,7 +145,7 @@ class CellSpec:
         return {"schema_version": SCHEMA_VERSION, "cell_id": self.cell.id, **asdict(self)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], path: str = "spec.json") -> CellSpec:
+    def from_json(cls, data: dict[str, Any], path: str = str(CellFiles(Path()).spec)) -> CellSpec:
         values = _fields(cls, data, path)
         try:
             values["cell"] = Cell.from_identity(values["cell"])
@@ -199,6 +178,9 @@ class GroupSpec:
     group_id: str
     cells: list[str]
     cells_dir: str
+    #: Where the job's handshake and logs are (``groups/{id}``, or the cell's own
+    #: directory for a cell run alone); empty: this file's folder.
+    job_dir: str = ""
 
     def cell_dir(self, cell_id: str) -> Path:
         return Path(self.cells_dir) / cell_id
@@ -214,9 +196,6 @@ class GroupSpec:
         return cls(**values)
 
 
-#: Under ``{output_dir}/groups/{group_id}/``: the group's spec, its done marker.
-GROUP_SPEC = "group.json"
-GROUP_DONE = "done.json"
 
 
 # --------------------------------------------------------------------------- #
@@ -237,6 +216,107 @@ class WorkerStatus:
     @classmethod
     def read(cls, path: Path) -> WorkerStatus:
         return cls(**_fields(cls, _read(path), str(path)))
+
+
+@dataclass(frozen=True)
+class CellBegin:
+    """Rank 0 → launcher (``.run/begin.json``): a cell of the job has started."""
+
+    cell_id: str
+    position: int
+    started_ns: int
+
+    def write(self, path: Path) -> None:
+        atomic.write_json(path, {"schema_version": SCHEMA_VERSION, **asdict(self)})
+
+    @classmethod
+    def read(cls, path: Path) -> CellBegin:
+        return cls(**_fields(cls, _read(path), str(path)))
+
+
+@dataclass(frozen=True)
+class RankOutcome:
+    """One rank's end of a cell (``.run/ranks/{rank}.json``): what it saw, when, and
+    ``left`` once it leaves the job because the ranks are out of step."""
+
+    rank: int
+    status: str
+    reason: str | None = None
+    at_ns: int = 0
+    left: bool = False
+
+    def write(self, path: Path) -> None:
+        atomic.write_json(path, {"schema_version": SCHEMA_VERSION, **asdict(self)})
+
+    @classmethod
+    def read(cls, path: Path) -> RankOutcome:
+        return cls(**_fields(cls, _read(path), str(path)))
+
+
+class _Handshake:
+    """A versioned JSON record of the ``.run/`` handshake."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def write(self, path: Path) -> None:
+        atomic.write_json(path, {"schema_version": SCHEMA_VERSION, **self.to_dict()})
+
+    @classmethod
+    def read(cls, path: Path) -> Any:
+        return cls(**_fields(cls, _read(path), str(path)))
+
+
+@dataclass(frozen=True)
+class RankDevice(_Handshake):
+    """A rank → its node's agents (``.run/uuids/{node}.{rank}.json``): the device it runs on."""
+
+    node: str = ""
+    rank: int = -1
+    uuid: str = ""  # "GPU-…", or "cpu"
+    name: str = ""
+    index: int = -1
+
+    @classmethod
+    def read(cls, path: Path) -> RankDevice:
+        """As the other records, except that a file without ``schema_version`` or without
+        the descriptive fields is read too (a stand-in rank announcing only its ``uuid``);
+        one without ``uuid`` is not one."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise RecordError(f"{path}: unreadable ({exc})") from None
+        if not isinstance(data, dict) or not data.get("uuid"):
+            raise RecordError(f"{path}: not a device record (no uuid)")
+        if data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise RecordError(f"{path}: schema_version {data['schema_version']!r}, this llmenergy reads "
+                              f"{SCHEMA_VERSION}")
+        return cls(**_fields(cls, data, str(path)))
+
+
+@dataclass(frozen=True)
+class CollectorReady(_Handshake):
+    """A node's collector → rank 0 (``.run/ready/{node}.json``); ``backend`` None with the
+    one-line ``error`` when no backend could be built."""
+
+    node: str
+    backend: str | None
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    interval_ms: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class CapReady(_Handshake):
+    """A node's power-cap guard → the ranks (``.run/capready/{node}.json``)."""
+
+    node: str
+    status: str  # "applied" | "denied" | "error"
+    reason: str | None = None
+    backend: str | None = None
+    requested_w: float | None = None
+    on_denied: str | None = None
+    gpus: list[dict[str, Any]] = field(default_factory=list)  # uuid, previous_w, requested_w, enforced_w
 
 
 # --------------------------------------------------------------------------- #
@@ -268,7 +348,7 @@ class Provenance:
     group: dict[str, Any] | None = None
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], path: str = "cell.json") -> Provenance:
+    def from_json(cls, data: dict[str, Any], path: str = str(CellFiles(Path()).record)) -> Provenance:
         return cls(**_fields(cls, data, f"{path}: provenance"))
 
 
@@ -298,7 +378,7 @@ class CellRecord:
         return {"schema_version": SCHEMA_VERSION, "cell_id": self.cell.id, **asdict(self)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], path: str = "cell.json") -> CellRecord:
+    def from_json(cls, data: dict[str, Any], path: str = str(CellFiles(Path()).record)) -> CellRecord:
         values = _fields(cls, data, path)
         try:
             values["cell"] = Cell.from_identity(values["cell"])

@@ -43,7 +43,7 @@ def cmd_run_cell(args: argparse.Namespace) -> int:
 
 
 def cmd_run_group(args: argparse.Namespace) -> int:
-    from llmenergy.orchestrate.packed import run_group
+    from llmenergy.orchestrate.launch import run_group
     from llmenergy.planning.groups import find_group
     from llmenergy.planning.matrix import expand
 
@@ -76,8 +76,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from llmenergy.analysis.plots import make_figures
+    from llmenergy.cellfiles import RunLayout
 
-    path = Path(args.summary)
+    path = Path(args.summary) if args.summary else RunLayout(Path("results")).summary
     if not path.is_file():
         raise UserError(f"{path}: no summary; run `llmenergy aggregate` first")
     try:
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_aggregate)
 
     s = sub.add_parser("plot", help="figures from summary.parquet")
-    s.add_argument("--summary", default="results/summary.parquet",
+    s.add_argument("--summary", default=None,
                    help="summary written by `llmenergy aggregate` (default: results/summary.parquet)")
     s.add_argument("--out", default="results/figures",
                    help="directory for the PNG/SVG figures and index.json (default: results/figures)")

@@ -99,3 +99,35 @@ def test_scancel_mid_group_then_rerun_runs_only_the_unfinished_cells(workdir: Pa
     assert ran == [c for c in cells if c not in done_before]
     assert all(_status(workdir, c) == "ok" for c in cells)
     assert h.fingerprint(workdir, done_before) == before  # finished cells are never rerun
+
+
+def test_a_rank_failing_alone_ends_the_group_and_the_rerun_runs_the_unfinished(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 21: rank 1 of 2 raises in cell 2 of 4 while rank 0 waits for it in a
+    collective. The job does not hang: it ends within a minute of the failure, cell 2
+    is recorded failed (rank 1's reason), cells 3 and 4 are left unfinished, and the
+    rerun runs exactly cells 2-4."""
+    from datetime import datetime
+
+    gid, cells = _four_cell_group(workdir)
+    victim = cells[1]
+    monkeypatch.setenv("FAKE_CRASH_RANKS", "1")  # the submit environment passes it to the ranks
+    first = h.run_snakemake(workdir, fail_cells=[victim])
+    assert first.returncode != 0, first.tail()
+    assert first.executed_groups == [gid]
+    assert {c: _status(workdir, c) for c in cells} == {cells[0]: "ok", victim: "failed", cells[2]: None,
+                                                     cells[3]: None}
+    record = h.cell_json(workdir, victim)
+    assert "rank 1" in record["reason"] and "FAKE rank failure" in record["reason"], record["reason"]
+    failed_ns = json.loads((h.cell_dir(workdir, victim) / ".run" / "ranks" / "1.json").read_text())["at_ns"]
+    finalised = datetime.strptime(record["provenance"]["finished_at"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    assert finalised - failed_ns / 1e9 < 60  # every rank left the cell, the launcher recorded it
+    before = h.fingerprint(workdir, [cells[0]])
+
+    monkeypatch.delenv("FAKE_CRASH_RANKS")
+    second = h.run_snakemake(workdir)
+    assert second.returncode == 0, second.tail()
+    ran = json.loads((_group_dir(workdir, gid) / "group.json").read_text())["cells"]
+    assert ran == cells[1:]
+    assert all(_status(workdir, c) == "ok" for c in cells)
+    assert h.fingerprint(workdir, [cells[0]]) == before

@@ -19,7 +19,7 @@ from llmenergy.orchestrate.fingerprint import (
     fingerprint_of,
 )
 from llmenergy.orchestrate.launch import (
-    _finished,
+    finished,
     cell_spec,
     measurement,
 )
@@ -130,12 +130,12 @@ def test_run_cell_treats_another_fingerprint_as_not_finished(tmp_path: Path) -> 
     cell = ctx.plan.cells[0]
     current = measurement(ctx.cfg, cell)
     d = _finish(ctx, cell, *current)
-    assert _finished(ctx.cfg, cell.files(ctx.output_dir), current) == "ok"
+    assert finished(ctx.cfg, cell.files(ctx.output_dir), current) == "ok"
     other = ("feedfacefeedface", {**current[1], "repeats": 9})
-    assert _finished(ctx.cfg, cell.files(ctx.output_dir), other) is None
+    assert finished(ctx.cfg, cell.files(ctx.output_dir), other) is None
     assert (d / SUPERSEDED / current[0] / "cell.json").is_file() and not (d / "cell.json").exists()
     _finish(ctx, cell, None)  # recorded without a fingerprint: not finished either
-    assert _finished(ctx.cfg, cell.files(ctx.output_dir), current) is None
+    assert finished(ctx.cfg, cell.files(ctx.output_dir), current) is None
     assert (d / SUPERSEDED / "unknown" / "cell.json").is_file() and not (d / "cell.json").exists()
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-import pytest
 import yaml
 from launch_helpers import make_env
 
@@ -170,3 +169,32 @@ def test_groups_share_model_gpu_shards_engine_and_cap(tmp_path: Path) -> None:
     assert [len(g.cells) for g in groups] == [2, 2, 1]
     assert groups[0].id == group_id(cells[0]) == "m_g_s1_pnone_reference"
     assert groups[1].id == "m_g_s1_p200W_reference"
+
+
+def test_a_rank_failing_alone_ends_the_group_without_hanging_and_the_rerun_runs_the_rest(tmp_path: Path) -> None:
+    """Rank 1 of 2 raises in cell 2 of 4 while rank 0 waits for it in a collective: the
+    group leaves within a minute, cell 2 is recorded failed with rank 1's reason, cells
+    3 and 4 stay unfinished, and the rerun runs exactly cells 2-4 (issue 21)."""
+    import time
+
+    root = tmp_path / "g"
+    _config(root, [{**c, "shards": [2]} for c in FOUR])
+    ids = _ids(root)
+    gid = "tiny_cpu_s2_pnone_reference"
+    env = make_env(None)
+    env.update(FAKE_CRASH_CELLS=ids[1], FAKE_CRASH_RANKS="1", FAKE_CRASH_ONCE_DIR=str(tmp_path / "once"))
+    assert _cli(root, "run-group", "--group", gid, env=env, timeout_s=300) == 1
+    ended_ns = time.time_ns()
+    records = {c: _cell_dir(root, c) / "cell.json" for c in ids}
+    assert json.loads(records[ids[0]].read_text())["status"] == "ok"
+    victim = json.loads(records[ids[1]].read_text())
+    assert victim["status"] == "failed" and "rank 1" in victim["reason"] and "FAKE rank failure" in victim["reason"]
+    assert not records[ids[2]].exists() and not records[ids[3]].exists()  # left for the rerun
+    assert not (_cell_dir(root, ids[2]) / "events.parquet").exists()
+    failed_ns = json.loads((_cell_dir(root, ids[1]) / ".run" / "ranks" / "1.json").read_text())["at_ns"]
+    assert (ended_ns - failed_ns) / 1e9 < 60  # from rank 1's failure to the launcher's exit
+
+    assert _cli(root, "run-group", "--group", gid, env=env, timeout_s=300) == 0
+    group_json = json.loads((root / "results" / "groups" / gid / "group.json").read_text())
+    assert group_json["cells"] == ids[1:]
+    assert {c: json.loads(records[c].read_text())["status"] for c in ids} == {c: "ok" for c in ids}

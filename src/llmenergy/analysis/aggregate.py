@@ -32,15 +32,17 @@ from llmenergy.cellfiles import (
     METRICS_SCHEMA,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
+    CellFiles,
     CellRecord,
+    RunLayout,
 )
 from llmenergy.errors import RecordError, UserError
 
 log = logging.getLogger(__name__)
 
-SUMMARY_NAME = "summary.parquet"
-STATS_NAME = "summary_stats.parquet"
-PROBLEMS_NAME = "aggregate_problems.json"
+SUMMARY_NAME = RunLayout(Path()).summary.name
+STATS_NAME = RunLayout(Path()).summary_stats.name
+PROBLEMS_NAME = RunLayout(Path()).problems.name
 #: Metrics summarised over repeats in ``summary_stats.parquet``.
 STAT_METRICS = (
     "duration_s", "tokens_per_s", "words_per_s", "responses_per_s", "energy_j", "avg_power_w",
@@ -127,7 +129,7 @@ def _scan(cells_dir: Path) -> tuple[list[str], list[Path]]:
         for entry in it:
             if not entry.is_dir() or entry.name.startswith("."):
                 continue
-            path = os.path.join(entry.path, "metrics.parquet")
+            path = str(CellFiles(Path(entry.path)).metrics)
             if os.path.exists(path):
                 files.append(path)
             else:
@@ -172,7 +174,7 @@ def _placeholder(cell_id: str, ident: dict[str, Any], status: str, reason: str) 
 
 def _failed_record(output_dir: Path, cell_id: str) -> CellRecord | None:
     """``failed/{cell}.json``: the last failure of a cell (Snakemake removes a failed job's cell.json)."""
-    path = output_dir / "failed" / f"{cell_id}.json"
+    path = RunLayout(output_dir).failed_record(cell_id)
     try:
         return CellRecord.read(path) if path.exists() else None
     except RecordError as exc:
@@ -256,7 +258,7 @@ def aggregate(output_dir: Path, *, grid_gco2_per_kwh: float | None = None,
               expected_cells: list[dict[str, Any]] | None = None) -> AggregateResult:
     """Write ``summary.parquet``, ``summary_stats.parquet`` and ``aggregate_problems.json``."""
     output_dir = Path(output_dir)
-    cells_dir = output_dir / "cells"
+    cells_dir = RunLayout(output_dir).cells
     if not cells_dir.is_dir() and not expected_cells:
         raise UserError(f"{cells_dir}: no such directory (nothing to aggregate)")
     files, without = _scan(cells_dir) if cells_dir.is_dir() else ([], [])

@@ -42,7 +42,7 @@ from llmenergy.analysis.figdraw import (
     set_x_ticks,
     set_y_scale,
 )
-from llmenergy.analysis.figpareto import fig_pareto, pareto_front
+from llmenergy.analysis.figpareto import fig_pareto
 
 log = logging.getLogger(__name__)
 

@@ -340,9 +340,10 @@ def compute_cell_metrics(cell_dir: Path, *, record: CellRecord | None = None, sp
     spec = spec if spec is not None else read_spec
     if grid_gco2_per_kwh is None and spec is not None and spec.grid_gco2_per_kwh is not None:
         grid_gco2_per_kwh = float(spec.grid_gco2_per_kwh)
-    events = _read_parquet(cell_dir / "events.parquet")
-    resp = _read_parquet(cell_dir / "responses.parquet")
-    power = _read_parquet(cell_dir / "power.parquet")
+    files = CellFiles(cell_dir)
+    events = _read_parquet(files.events)
+    resp = _read_parquet(files.responses)
+    power = _read_parquet(files.power)
     if resp is not None and "words_out" not in resp.columns and "text" in resp.columns:
         resp["words_out"] = resp["text"].fillna("").astype(str).str.split().str.len()
     derived_status, derived_reason = _derive_status(record, events)

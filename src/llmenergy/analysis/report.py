@@ -36,7 +36,7 @@ from llmenergy.analysis.findings import paper_findings, short_answer
 from llmenergy.analysis.flags import DISCREPANCY_LIMIT_PCT, cell_flags, flagged_rows
 from llmenergy.analysis.plots import load_manifest, make_figures
 from llmenergy.atomic import write_text
-from llmenergy.cellfiles import CellRecord
+from llmenergy.cellfiles import CellRecord, RunLayout
 from llmenergy.errors import RecordError, UserError
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def _records(df: pd.DataFrame, columns: list[str]) -> list[dict[str, Any]]:
 
 
 def _figures(output_dir: Path, summary: pd.DataFrame, summary_path: Path) -> list[dict[str, Any]]:
-    figdir = output_dir / "figures"
+    figdir = RunLayout(output_dir).figures
     infos = load_manifest(figdir)
     fresh = (infos is not None and (figdir / "index.json").stat().st_mtime
              >= summary_path.stat().st_mtime
@@ -115,7 +115,7 @@ def _provenance(output_dir: Path, cell_ids: list[str]) -> dict[str, Any]:
     finished: list[str] = []
     n_read = 0
     for cid in cell_ids:
-        path = output_dir / "cells" / cid / "cell.json"
+        path = RunLayout(output_dir).cell(cid).record
         try:
             prov = CellRecord.read(path).provenance
         except RecordError:
@@ -181,8 +181,8 @@ def _key_findings(stats: pd.DataFrame) -> list[dict[str, Any]]:
 
 def _logs(output_dir: Path, cell_id: str) -> list[str]:
     """Where to look for a cell's failure: the paths that exist, relative to ``output_dir``."""
-    candidates = [Path("failed") / f"{cell_id}.json", Path("logs") / "run_cell" / f"{cell_id}.log",
-                  Path("cells") / cell_id / "logs"]
+    rel = RunLayout(Path())
+    candidates = [rel.failed_record(cell_id), rel.rule_log("run_cell", cell_id), rel.cell(cell_id).logs]
     return [str(p) + ("/" if p.name == "logs" else "") for p in candidates if (output_dir / p).exists()]
 
 
@@ -247,7 +247,7 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
     """Render ``report.html`` from the aggregate outputs in ``output_dir``; return its path."""
     output_dir = Path(output_dir)
     summary_path = Path(summary_path) if summary_path else output_dir / SUMMARY_NAME
-    out_path = Path(out_path) if out_path else output_dir / "report.html"
+    out_path = Path(out_path) if out_path else RunLayout(output_dir).report
     if not summary_path.exists():
         raise UserError(f"{summary_path}: no summary; run `llmenergy aggregate` first")
     summary = pd.read_parquet(summary_path)

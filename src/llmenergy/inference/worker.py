@@ -1,288 +1,228 @@
-"""One rank of a cell: join the model-parallel group, load, warm up, run batches.
+"""The rank loop: one process per rank runs a job's cells in order, a cell run alone
+being a group of one.
 
-Rank 0 writes ``events.parquet`` and ``responses.parquet``. Every timestamp is
-``time.time_ns()`` taken after a device synchronize, so the collector's samples
-(another process, maybe another node) can be joined to the events by time.
+Started by :mod:`llmenergy.orchestrate.launch` as ``python -m llmenergy.inference.worker
+GROUP_JSON`` (:class:`~llmenergy.cellfiles.GroupSpec`: ``groups/{id}/group.json`` for a
+packed group, ``cells/{id}/.run/group.json`` for ``run-cell``), with the rank geometry
+in ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` (local launch)
+or in ``SLURM_*`` (srun launch).
 
-Started by :mod:`llmenergy.orchestrate.launch` as ``python -m llmenergy.inference.worker SPEC``
-(``--group GROUP_JSON`` for a packed group: :mod:`llmenergy.inference.packed`), with the
-rank geometry in ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``
-(local launch) or in ``SLURM_*`` (srun launch).
+Once per job the ranks join one process group, announce their device in the job's
+``.run/uuids/`` and (rank 0) wait for the job's collectors. Then, for each cell:
+
+1. rank 0 writes the cell's ``.run/begin.json`` (the launcher's cue), the ranks meet;
+2. idle baseline (the cell's own);
+3. ``load``: the first cell builds the model; every later cell re-allocates the KV
+   cache for its batch size and sequence length around the loaded weights
+   (:func:`llmenergy.inference.model.resize_cache`) and encodes its prompts;
+4. power cap (first cell: wait for the job's guards; a denied or failed cap is every
+   cell's outcome), the engine, warm-up, repeats × batches, each metered;
+5. every rank writes its outcome and waits for the others' (:func:`.rank.agree`);
+   rank 0 writes ``events.parquet``, ``responses.parquet`` and
+   ``.run/worker_status.json``; the launcher finalises the cell from them while the
+   ranks go on.
+
+A cell that fails on every rank together (out of memory, an error in a batch) is
+recorded and the ranks go on with the next cell. A failure that leaves the ranks
+out of step (one rank failed alone, a peer died) ends the job within
+:data:`.rank.PEER_WAIT_S`; a stop signal records the current cell ``incomplete`` and
+ends it. Cells not started stay without records, so a rerun runs exactly them.
+Every timestamp is ``time.time_ns()`` taken after a device synchronize, so the
+collector's samples (another process, maybe another node) join the events by time.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmenergy import atomic
-from llmenergy.cellfiles import EVENTS_SCHEMA, RESPONSES_SCHEMA, CellSpec, WorkerStatus
-from llmenergy.errors import CellInterrupted, PowerCapDenied, PowerCapError, UserError
-from llmenergy.slurm import on_stop_signals
+from llmenergy.cellfiles import (
+    CellBegin,
+    CellFiles,
+    CellSpec,
+    GroupSpec,
+    RankOutcome,
+    RunLayout,
+    WorkerStatus,
+    rank_file,
+)
+from llmenergy.errors import PowerCapDenied, PowerCapError
+from llmenergy.inference.rank import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    PEER_WAIT_S,
+    RankEnv,
+    Recorder,
+    StopFlag,
+    agree,
+    cell_status,
+    check_caps,
+    device_info,
+    in_step,
+    outcome_of,
+    rank_env,
+    select_device,
+    start_process,
+    wait_ready,
+)
 
 log = logging.getLogger("llmenergy.inference.worker")
 
-EXIT_OOM = 75
-EXIT_INTERRUPTED = 76
-EXIT_CAP_DENIED = 77
-#: how long a failing rank other than 0 waits for rank 0's status file before it exits
-RANK0_GRACE_S = 60.0
-#: Inductor's cache (compiled engine), under the output directory: repeats and later cells reuse it.
-INDUCTOR_CACHE = ".cache/inductor"
-
-
 @dataclass
-class RankEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    node: str
+class Shared:
+    """What the cells of a job share: the device, the model and tokenizer, the cap outcome."""
+
+    device: Any
+    model: Any = None
+    load: dict[str, Any] | None = None
+    tokenizer: Any = None
+    cap_error: Exception | None = None
+    prompts: dict[str, Any] = field(default_factory=dict)
 
 
-def rank_env(environ: dict[str, str] | None = None) -> RankEnv:
-    """The rank geometry, from torchrun-style variables or from Slurm's."""
-    env = dict(os.environ if environ is None else environ)
-    node = socket.gethostname()
-    if "RANK" in env:
-        return RankEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"])),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), node)
-    from llmenergy import slurm
-
-    senv = slurm.SlurmEnv.from_environ(env)
-    addr, port = slurm.rendezvous(senv)
-    return RankEnv(senv.rank, senv.world_size, senv.local_rank, addr, port, node)
-
-
-class _Stop:
-    """Turns :data:`llmenergy.slurm.STOP_SIGNALS` into a flag checked between batches."""
-
-    def __init__(self, device: Any) -> None:
-        self.signum: int | None = None
-        self.device = device
-        on_stop_signals(self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        log.warning("received signal %d: finishing the current batch, then stopping", signum)
-        self.signum = signum
-
-    def check(self) -> None:
-        """Raise on every rank together once any rank was signalled.
-
-        The flag is all-reduced so that no rank enters a collective the others
-        have left.
-        """
-        import torch
-        import torch.distributed as dist
-
-        flag = torch.tensor([0 if self.signum is None else self.signum], dtype=torch.int64, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if int(flag.item()):
-            raise CellInterrupted(f"interrupted by signal {int(flag.item())}")
-
-
-class Recorder:
-    """Collects phase events and responses on rank 0."""
-
-    def __init__(self, cell_id: str, device: Any) -> None:
-        self.cell_id = cell_id
-        self.device = device
-        self.events: list[dict[str, Any]] = []
-        self.responses: list[dict[str, Any]] = []
-        self.repeat = -1
-        self.batch_index = -1
-
-    def now_ns(self) -> int:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.time_ns()
-
-    def event(self, phase: str, start_ns: int, end_ns: int, n_seqs: int = 0, tokens_in: int = 0,
-              tokens_out: int = 0) -> None:
-        self.events.append({
-            "cell_id": self.cell_id, "repeat": self.repeat, "phase": phase, "batch_index": self.batch_index,
-            "start_ns": start_ns, "end_ns": end_ns, "n_seqs": n_seqs, "tokens_in": tokens_in,
-            "tokens_out": tokens_out,
-        })
-
-    def write(self, cell_dir: Path) -> None:
-        import pyarrow as pa
-
-        atomic.write_parquet(cell_dir / "events.parquet", pa.Table.from_pylist(self.events, schema=EVENTS_SCHEMA))
-        atomic.write_parquet(cell_dir / "responses.parquet",
-                             pa.Table.from_pylist(self.responses, schema=RESPONSES_SCHEMA))
-
-
-def _device(spec: CellSpec, local_rank: int) -> Any:
+def _load(spec: CellSpec, shared: Shared) -> bool:
+    """Build the model (first cell) or give it this cell's KV cache; True when built here."""
     import torch
 
-    if spec.device == "cuda" and torch.cuda.is_available():
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(dev)
-        return dev
-    return torch.device("cpu")
-
-
-def _device_info(dev: Any, node: str, rank: int) -> dict[str, Any]:
-    import torch
-
-    if dev.type != "cuda":
-        return {"node": node, "rank": rank, "uuid": "cpu", "name": "cpu", "index": -1}
-    props = torch.cuda.get_device_properties(dev)
-    uuid = str(props.uuid)
-    uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
-    return {"node": node, "rank": rank, "uuid": uuid, "name": props.name, "index": dev.index}
-
-
-def _wait_files(directory: Path, count: int, timeout_s: float) -> list[Path]:
-    """The ``*.json`` files of ``directory`` once there are ``count`` (or what is there at the timeout)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        files = sorted(directory.glob("*.json")) if directory.exists() else []
-        if len(files) >= count or time.monotonic() >= deadline:
-            return files
-        time.sleep(0.05)
-
-
-def _wait_ready(run_dir: Path, nodes: int, timeout_s: float = 60.0) -> list[dict[str, Any]]:
-    files = _wait_files(run_dir / "ready", nodes, timeout_s)
-    if len(files) < nodes:
-        log.warning("only %d of %d collectors ready after %.0f s; continuing", len(files), nodes, timeout_s)
-    return [json.loads(f.read_text()) for f in files]
-
-
-def _check_caps(run_dir: Path, nodes: int, timeout_s: float = 120.0) -> None:
-    """Wait for every node's power-cap guard; a cell never runs silently uncapped."""
-    files = _wait_files(run_dir / "capready", nodes, timeout_s)
-    if len(files) < nodes:
-        raise PowerCapError(f"only {len(files)} of {nodes} power-cap guards answered in {timeout_s:.0f} s")
-    for f in files:
-        rep = json.loads(f.read_text())
-        if rep["status"] == "denied":
-            raise PowerCapDenied(f"node {rep['node']}: {rep.get('reason') or 'permission denied'}")
-        if rep["status"] != "applied":
-            raise PowerCapError(f"node {rep['node']}: power cap {rep['status']}: {rep.get('reason')}")
-        log.info("power cap on %s: %s", rep["node"],
-                 ", ".join(f"{g['uuid']}: {g['enforced_w']} W" for g in rep.get("gpus", [])))
-
-
-def wait_for_rank0(status_file: Path, timeout_s: float = RANK0_GRACE_S) -> None:
-    """Before a rank other than 0 exits non-zero, let rank 0 write what was measured and
-    its status: ``srun --kill-on-bad-exit`` would otherwise kill rank 0 mid-write, and
-    an interrupted cell would be recorded ``failed`` with its events lost."""
-    deadline = time.monotonic() + timeout_s
-    while not status_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
-def _tokenizer(spec: CellSpec) -> Any:
-    """The cell's tokenizer: configured, else the checkpoint's (its folder or, as in Meta's
-    release, the parent's), else the project's own."""
+    from llmenergy.inference import model as M
+    from llmenergy.inference import weights
     from llmenergy.inference.tokenizer import tokenizer_for
 
-    return tokenizer_for(spec.weights, spec.tokenizer)
+    if shared.model is None:
+        shared.model, info = weights.build(
+            spec.arch, spec.weights, device=shared.device, dtype=getattr(torch, spec.dtype), seed=spec.seed,
+            max_batch_size=spec.cell.batch_size, max_seq_len=spec.max_seq_len)
+        shared.load = info.to_dict()
+        # configured, else the checkpoint's (its folder or, as in Meta's release, the parent's), else ours
+        shared.tokenizer = tokenizer_for(spec.weights, spec.tokenizer)
+        return True
+    M.resize_cache(shared.model, spec.cell.batch_size, spec.max_seq_len)
+    log.info("%s: model kept loaded; KV cache %d × %d", spec.cell_id, spec.cell.batch_size, spec.max_seq_len)
+    return False
+
+
+def _prompts(spec: CellSpec, shared: Shared) -> tuple[list[Any], list[list[int]]]:
+    from llmenergy.data.prompts import load_prompts
+
+    key = repr(spec.dataset)
+    if key not in shared.prompts:
+        prompts = load_prompts(spec.dataset)
+        tok = shared.tokenizer
+        shared.prompts[key] = (prompts, [tok.encode(p.text, bos=True, eos=False)[-spec.max_prompt_len:]
+                                         for p in prompts])
+    return shared.prompts[key]
+
+
+def _cell_phases(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Shared, rec: Recorder,
+                 stop: StopFlag, is_main: bool, first: bool) -> WorkerStatus:
+    """One cell from the ranks' meeting to its last batch; raises what fails it."""
+    import torch.distributed as dist
+
+    if first and is_main:
+        wait_ready(job, spec.nodes)
+    dist.barrier()  # every rank starts the cell together
+    t0 = rec.now_ns()
+    time.sleep(spec.collector.idle_baseline_s)
+    rec.event("idle", t0, rec.now_ns())
+    stop.check()
+    t0 = rec.now_ns()
+    built = _load(spec, shared)
+    prompts, encoded = _prompts(spec, shared)
+    dist.barrier()
+    rec.event("load", t0, rec.now_ns())
+    stop.check()
+    if first and spec.cell.power_cap_w is not None:
+        try:
+            check_caps(job, spec.nodes)
+        except (PowerCapDenied, PowerCapError) as exc:
+            shared.cap_error = exc
+    if shared.cap_error is not None:
+        raise shared.cap_error
+    stop.check()
+    measure(rec, shared.model, shared.tokenizer, prompts, encoded, spec, stop, files.root, is_main)
+    return WorkerStatus("ok", load=dict(shared.load or {}, shared_model_load=not built))
+
+
+def run_cell(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Shared, stop: StopFlag, renv: RankEnv,
+             position: int) -> tuple[int, bool]:
+    """Run one cell on this rank, agree with the others, record it on rank 0.
+    Returns the cell's exit code and whether this rank goes on with the next cell."""
+    import torch
+
+    is_main = renv.rank == 0
+    if is_main:
+        CellBegin(spec.cell_id, position, time.time_ns()).write(files.begin)
+    rec = Recorder(spec.cell_id, shared.device)
+    try:
+        status, code = _cell_phases(spec, files, job, shared, rec, stop, is_main, position == 0), 0
+    except Exception as exc:  # noqa: BLE001 - recorded as the cell's status (rank.outcome_of)
+        status, code = outcome_of(exc, renv.rank)
+    if status.status == "oom" and shared.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if is_main:
+        rec.write(files)
+    own = RankOutcome(renv.rank, status.status, status.reason, time.time_ns())
+    outcomes = agree(files, own, renv.world_size)
+    together = in_step(outcomes, renv.world_size)
+    if is_main:
+        cell_status(status, outcomes, renv.world_size).write(files.worker_status)
+    log.info("rank %d: cell %s done: %s", renv.rank, spec.cell_id, status.status)
+    if not together:
+        missing = sorted(set(range(renv.world_size)) - {o.rank for o in outcomes})
+        log.error("rank %d: ranks out of step after %s (missing %s, left %s within %.0f s): leaving the job",
+                  renv.rank, spec.cell_id, missing, [o.rank for o in outcomes if o.left], PEER_WAIT_S)
+        RankOutcome(renv.rank, status.status, status.reason, own.at_ns, left=True).write(files.outcome(renv.rank))
+        return code or EXIT_FAILED, False
+    return code, code != EXIT_INTERRUPTED
+
+
+def run(group_path: Path) -> int:
+    """Run a job's cells on this rank; the exit code is the last cell's (that of a cell run alone)."""
+    import torch
+    import torch.distributed as dist
+
+    group = GroupSpec.read(group_path)
+    job = CellFiles(Path(group.job_dir) if group.job_dir else group_path.parent)
+    first = CellSpec.read(CellFiles(group.cell_dir(group.cells[0])).spec)
+    renv = rank_env()
+    dev = select_device(first, renv.local_rank)
+    stop = StopFlag(dev)
+    start_process(first, renv, dev)
+    device_info(dev, renv.node, renv.rank).write(rank_file(job.uuids, renv.node, renv.rank))
+    shared = Shared(device=dev)
+    code = 0
+    for i, cid in enumerate(group.cells):
+        files = CellFiles(group.cell_dir(cid))
+        spec = CellSpec.read(files.spec)  # read as the cell starts (the fakes key on it)
+        torch.manual_seed(spec.seed)
+        code, go_on = run_cell(spec, files, job, shared, stop, renv, i)
+        if not go_on:
+            break
+    log.info("rank %d: %s done", renv.rank, group.group_id)
+    if code == 0:
+        with contextlib.suppress(Exception):
+            dist.barrier()
+    with contextlib.suppress(Exception):  # a broken group cannot always be torn down cleanly
+        dist.destroy_process_group()
+    return code
 
 
 def _batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def run(spec_path: Path) -> int:
-    import torch
-    import torch.distributed as dist
-
-    from llmenergy.data.prompts import load_prompts
-    from llmenergy.inference import tp, weights
-
-    spec = CellSpec.read(spec_path)
-    cell_dir = spec_path.parent
-    run_dir = cell_dir / ".run"
-    renv = rank_env()
-    dev = _device(spec, renv.local_rank)
-    stop = _Stop(dev)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    torch.manual_seed(spec.seed)
-    if dev.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, spec.ranks_per_node)))
-    dist.init_process_group(backend, init_method=f"tcp://{renv.master_addr}:{renv.master_port}",
-                            rank=renv.rank, world_size=renv.world_size)
-    tp.init_model_parallel(renv.world_size)
-    info = _device_info(dev, renv.node, renv.rank)
-    atomic.write_json(run_dir / "uuids" / f"{renv.node}.{renv.rank}.json", info)
-    rec = Recorder(spec.cell_id, dev)
-    is_main = renv.rank == 0
-    try:
-        if is_main:
-            _wait_ready(run_dir, spec.nodes)
-        dist.barrier()
-        t0 = rec.now_ns()
-        time.sleep(spec.collector.idle_baseline_s)
-        rec.event("idle", t0, rec.now_ns())
-        stop.check()
-
-        t0 = rec.now_ns()
-        dtype = getattr(torch, spec.dtype)
-        model, load_info = weights.build(
-            spec.arch, spec.weights, device=dev, dtype=dtype, seed=spec.seed,
-            max_batch_size=spec.cell.batch_size, max_seq_len=spec.max_seq_len)
-        tok = _tokenizer(spec)
-        prompts = load_prompts(spec.dataset)
-        encoded = [tok.encode(p.text, bos=True, eos=False)[-spec.max_prompt_len:] for p in prompts]
-        dist.barrier()
-        rec.event("load", t0, rec.now_ns())
-        stop.check()
-
-        if spec.cell.power_cap_w is not None:
-            _check_caps(run_dir, spec.nodes)
-        stop.check()
-        measure(rec, model, tok, prompts, encoded, spec, stop, cell_dir, is_main)
-        status, code = WorkerStatus("ok", load=load_info.to_dict()), 0
-    except PowerCapDenied as exc:
-        status, code = WorkerStatus("power_cap_denied", str(exc)), EXIT_CAP_DENIED
-    except PowerCapError as exc:
-        status, code = WorkerStatus("failed", f"power cap: {exc}"), 1
-    except UserError as exc:  # a bad checkpoint, dataset or tokenizer: one line, no traceback
-        log.error("%s", exc)
-        status, code = WorkerStatus("failed", str(exc)), 2
-    except CellInterrupted as exc:
-        status, code = WorkerStatus("incomplete", str(exc)), EXIT_INTERRUPTED
-    except torch.OutOfMemoryError as exc:
-        status, code = WorkerStatus("oom", f"CUDA out of memory: {str(exc).splitlines()[0]}"), EXIT_OOM
-    except Exception as exc:  # noqa: BLE001 - e.g. a peer rank's node died: record why, keep what was measured
-        log.exception("rank %d failed", renv.rank)
-        first = (str(exc).splitlines() or [""])[0][:300]
-        status, code = WorkerStatus("failed", f"rank {renv.rank}: {type(exc).__name__}: {first}"), 1
-    if is_main:
-        rec.write(cell_dir)
-        status.write(run_dir / "worker_status.json")
-    log.info("rank %d done: %s", renv.rank, status.status)
-    if code == 0:
-        dist.barrier()
-    elif not is_main:
-        wait_for_rank0(run_dir / "worker_status.json")
-    with contextlib.suppress(Exception):  # a broken group cannot always be torn down cleanly
-        dist.destroy_process_group()
-    return code
-
-
 def measure(rec: Recorder, model: Any, tok: Any, prompts: list[Any], encoded: list[list[int]],
-            spec: CellSpec, stop: _Stop, cell_dir: Path, is_main: bool) -> None:
+            spec: CellSpec, stop: StopFlag, cell_dir: Path, is_main: bool) -> None:
     """The measured part of a cell on a loaded model: its engine (compile recorded as a
     phase of its own), the warm-up, then every repeat's batches, each metered."""
     from llmenergy.inference import engines
 
-    engine = engines.make_engine(spec.cell.engine, model, cache_dir=cell_dir.parent.parent / INDUCTOR_CACHE)
+    engine = engines.make_engine(spec.cell.engine, model, cache_dir=RunLayout.of_cell(cell_dir).inductor_cache)
     engine.prepare(on_phase=lambda phase, s, e: rec.event(phase, s, e, n_seqs=spec.cell.batch_size))
     stop.check()
     batch_size = spec.cell.batch_size
@@ -338,10 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
-    if args and args[0] == "--group":  # a packed group (llmenergy.inference.packed)
-        from llmenergy.inference.packed import run_group
-
-        return run_group(Path(args[1]))
+    if len(args) != 1:
+        log.error("usage: python -m %s GROUP_JSON", __name__)
+        return 2
     return run(Path(args[0]))
 
 

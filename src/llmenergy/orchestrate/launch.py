@@ -1,26 +1,34 @@
-"""Run one cell: start a collector per node and one worker rank per GPU, then finalise.
+"""Run a job: one cell (``llmenergy run-cell``) or a packed group's cells in order with
+one model load (``llmenergy run-group``); a cell run alone is a group of one.
 
+The launcher skips the job's finished cells (:func:`finished`: accepted, current
+fingerprint), writes each remaining cell's ``spec.json`` and the job's
+:class:`~llmenergy.cellfiles.GroupSpec` (``groups/{id}/group.json``, or the cell's
+``.run/group.json``), then starts one node agent per node (collector, and the
+power-cap guard of a capped job: the cap is set once and restored at the end, on
+every exit path) and the ranks (:mod:`llmenergy.inference.worker`), with their
+logs in the job's ``logs/`` (the cell's own for ``run-cell``, ``groups/{id}/logs``).
 Two launchers share everything but the process start:
 
-* ``local``: ranks and the collector are child processes of this one;
+* ``local``: ranks and the agent are child processes of this one;
 * ``srun``: inside a Slurm job, ``srun --overlap`` starts the ranks across the
-  job's nodes and, beside them, one collector per node.
+  job's nodes and, beside them, one agent per node.
 
-Whatever happens to the ranks, the collectors are stopped (SIGUSR1, so they
-flush), the power files are merged, the metrics are computed and ``cell.json``
-is written last. Only an ``ok`` cell (or an ``oom`` cell under
-``policies.on_oom: record``) exits 0, so Snakemake reruns the others.
+Whatever happens to the ranks, the agents are stopped (SIGUSR1, so they flush),
+and every cell that started is finalised (:mod:`.finalize`). Only a job whose
+cells all end accepted exits 0, so Snakemake reruns the others; a packed group
+then writes ``groups/{id}/done.json``, its Snakemake output.
 
-Signals: any of :data:`llmenergy.slurm.STOP_SIGNALS` reaching ``run-cell``
+Signals: any of :data:`llmenergy.slurm.STOP_SIGNALS` reaching the launcher
 (``scancel --signal=TERM``, Ctrl-C) is passed on to the ranks, which finish the
 current batch, record ``incomplete`` and exit non-zero. Under ``srun`` they are
 passed on as SIGUSR2, because ``srun`` answers SIGTERM by killing its tasks but
 forwards SIGUSR1/2 to them. (Slurm's own time-limit warning reaches the steps,
 ranks and node agents directly; see :func:`llmenergy.slurm.time_limit_signal`.)
 
-A cell that does not end accepted (:func:`llmenergy.cellfiles.accepted`), a
-failure to compute its metrics included, exits non-zero, keeps its raw data and
-``.run/`` for inspection, and leaves a copy of its record in ``failed/``.
+A rank that fails alone leaves the job within :data:`llmenergy.inference.rank.PEER_WAIT_S`;
+the launcher then ends the other ranks (``srun --kill-on-bad-exit`` at once, the local
+launcher after :data:`GRACE_S`).
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from llmenergy import atomic, entrypoints, slurm
@@ -42,7 +51,8 @@ from llmenergy.cellfiles import (
     CellFiles,
     CellRecord,
     CellSpec,
-    WorkerStatus,
+    GroupSpec,
+    RunLayout,
     accepted,
 )
 from llmenergy.config import Config
@@ -53,8 +63,9 @@ from llmenergy.orchestrate.fingerprint import (
     fingerprint_of,
     supersede,
 )
-from llmenergy.orchestrate.provenance import collect_provenance
+from llmenergy.orchestrate.finalize import CellsInFlight, JobOf
 from llmenergy.planning.matrix import dtype_for, layout
+from llmenergy.planning.groups import Group
 from llmenergy.power.agent import stop_flushing
 
 log = logging.getLogger(__name__)
@@ -103,15 +114,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _agent_args(files: CellFiles) -> list[str]:
-    return [sys.executable, "-m", entrypoints.NODE_AGENT, str(files.spec)]
+def _agent_args(job: CellFiles) -> list[str]:
+    return [sys.executable, "-m", entrypoints.NODE_AGENT, str(job.spec)]
 
 
-def _worker_args(files: CellFiles) -> list[str]:
-    return [sys.executable, "-m", entrypoints.WORKER, str(files.spec)]
-
-
-class _Forward:
+class Forward:
     """Forward :data:`llmenergy.slurm.STOP_SIGNALS` to the ranks.
 
     ``as_signal`` replaces the forwarded signal: the srun launcher uses SIGUSR2,
@@ -143,9 +150,9 @@ class _Forward:
 Tick = Callable[[], None]
 
 
-def _wait_ranks(procs: list[subprocess.Popen[bytes]], tick: Tick | None = None) -> list[int]:
+def wait_ranks(procs: list[subprocess.Popen[bytes]], tick: Tick | None = None) -> list[int]:
     """Wait for all ranks; once one fails, give the rest GRACE_S, then kill them.
-    ``tick`` is called every poll (a packed group finalises its cells there)."""
+    ``tick`` is called every poll (the launcher finalises the cells done there)."""
     failed_at: float | None = None
     while True:
         if tick is not None:
@@ -184,11 +191,11 @@ def _die_with_launcher(launcher_pid: int) -> Any:
     return set_parent_death_signal
 
 
-def _launch_local(spec: CellSpec, files: CellFiles, fwd: _Forward, *, worker_args: list[str] | None = None,
-                  tick: Tick | None = None) -> list[int]:
+def launch_local(spec: CellSpec, job: CellFiles, fwd: Forward, worker_args: list[str],
+                 tick: Tick | None = None) -> list[int]:
     node = socket.gethostname()
-    agent_log = open(files.logs / f"agent.{node}.log", "ab")  # noqa: SIM115 - closed below
-    agent = subprocess.Popen(_agent_args(files), stdout=agent_log, stderr=subprocess.STDOUT,
+    agent_log = open(job.agent_log(node), "ab")  # noqa: SIM115 - closed below
+    agent = subprocess.Popen(_agent_args(job), stdout=agent_log, stderr=subprocess.STDOUT,
                              preexec_fn=_die_with_launcher(os.getpid()))
     port = _free_port()
     n = spec.cell.shards
@@ -197,12 +204,12 @@ def _launch_local(spec: CellSpec, files: CellFiles, fwd: _Forward, *, worker_arg
         for rank in range(n):
             env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_RANK": str(rank),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-            out = open(files.logs / f"rank{rank}.log", "ab")  # noqa: SIM115 - child owns it
-            procs.append(subprocess.Popen(worker_args or _worker_args(files), env=env, stdout=out, stderr=subprocess.STDOUT,
+            out = open(job.rank_log(rank), "ab")  # noqa: SIM115 - child owns it
+            procs.append(subprocess.Popen(worker_args, env=env, stdout=out, stderr=subprocess.STDOUT,
                                           preexec_fn=_die_with_launcher(os.getpid())))
             out.close()
         fwd.procs = procs
-        codes = _wait_ranks(procs, tick)
+        codes = wait_ranks(procs, tick)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -212,16 +219,16 @@ def _launch_local(spec: CellSpec, files: CellFiles, fwd: _Forward, *, worker_arg
     return codes
 
 
-def _launch_srun(files: CellFiles, fwd: _Forward, cfg: Config, cell: Cell, *,
-                 worker_args: list[str] | None = None, tick: Tick | None = None) -> list[int]:
+def launch_srun(job: CellFiles, fwd: Forward, cfg: Config, cell: Cell, worker_args: list[str],
+                tick: Tick | None = None) -> list[int]:
     res = slurm.resources_for(cell.shards, cfg.gpus[cell.gpu], 60)
-    agent = subprocess.Popen([*slurm.srun_collector_args(res), "--output", str(files.logs / "agent.%N.log"),
-                              *_agent_args(files)])
-    worker = subprocess.Popen([*slurm.srun_worker_args(res), "--output", str(files.logs / "rank%t.log"),
-                               *(worker_args or _worker_args(files))])
+    agent = subprocess.Popen([*slurm.srun_collector_args(res), "--output", str(job.agent_log("%N")),
+                              *_agent_args(job)])
+    worker = subprocess.Popen([*slurm.srun_worker_args(res), "--output", str(job.rank_log("%t")),
+                               *worker_args])
     fwd.procs = [worker]
     try:
-        codes = _wait_ranks([worker], tick)
+        codes = wait_ranks([worker], tick)
     finally:
         if worker.poll() is None:
             worker.kill()
@@ -229,21 +236,7 @@ def _launch_srun(files: CellFiles, fwd: _Forward, cfg: Config, cell: Cell, *,
     return codes
 
 
-def _status(files: CellFiles, codes: list[int], signum: int | None) -> tuple[str, str | None]:
-    if files.worker_status.exists():
-        try:
-            st = WorkerStatus.read(files.worker_status)
-        except RecordError as exc:
-            return "failed", str(exc)
-        if st.status != "ok" or all(c == 0 for c in codes):
-            return st.status, st.reason
-    if signum is not None:
-        return "incomplete", f"interrupted by signal {signum}"
-    bad = [c for c in codes if c != 0]
-    return ("failed", f"rank exited with code {bad[0]}; see logs/") if bad else ("ok", None)
-
-
-def _finished(cfg: Config, files: CellFiles, current: tuple[str, dict[str, Any]]) -> str | None:
+def finished(cfg: Config, files: CellFiles, current: tuple[str, dict[str, Any]]) -> str | None:
     """The status of the cell's record, when it is finished (accepted) under the config's
     policies with the current fingerprint. A finished cell of another fingerprint is
     superseded (its files moved aside), and so is one without a fingerprint."""
@@ -264,78 +257,108 @@ def _finished(cfg: Config, files: CellFiles, current: tuple[str, dict[str, Any]]
     return record.status
 
 
-def _prepare(files: CellFiles) -> None:
-    """Remove what an earlier attempt left, make the scratch folders."""
+def prepare(files: CellFiles) -> None:
+    """Remove what an earlier attempt left in a cell's or a job's directory, make the scratch folders."""
     shutil.rmtree(files.powercap, ignore_errors=True)
     for name in CellFiles.OUTPUTS:
         (files.root / name).unlink(missing_ok=True)
+    files.done.unlink(missing_ok=True)
     shutil.rmtree(files.run, ignore_errors=True)
-    for d in ("uuids", "ready", "capready", "power"):
-        (files.run / d).mkdir(parents=True, exist_ok=True)
+    for d in CellFiles.HANDSHAKE:
+        getattr(files, d).mkdir(parents=True, exist_ok=True)
     files.logs.mkdir(parents=True, exist_ok=True)
 
 
-def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = False) -> int:
-    """Run ``cell`` and write its outputs; returns the process exit code."""
-    from llmenergy.power.collector import merge_node_files, recovered_nodes
+def group_dir(output_dir: str | Path, gid: str) -> Path:
+    return RunLayout(Path(output_dir)).group(gid).root
 
-    files = cell.files(cfg.output_dir)
-    fingerprint, defn = measurement(cfg, cell)
-    finished = None if force else _finished(cfg, files, (fingerprint, defn))
-    if finished is not None:
-        log.info("%s: already finished (cell.json is %s); skipping", cell.id, finished)
-        return 0
+
+def done_path(output_dir: str | Path, gid: str) -> Path:
+    """The group's done marker: written once every cell of the group is finished."""
+    return CellFiles(group_dir(output_dir, gid)).done
+
+
+def _write_done(cfg: Config, group: Group) -> None:
+    statuses = {}
+    for cell in group.cells:
+        try:
+            statuses[cell.id] = CellRecord.read(cell.files(cfg.output_dir).record).status
+        except RecordError:
+            statuses[cell.id] = None
+    atomic.write_json(done_path(cfg.output_dir, group.id), {"group_id": group.id, "cells": statuses})
+
+
+def _launcher(launcher: str) -> str:
     if launcher == "auto":
-        launcher = "srun" if os.environ.get("SLURM_JOB_ID") and shutil.which("srun") else "local"
-    _prepare(files)
-    spec = cell_spec(cfg, cell)
-    spec.write(files.spec)
+        return "srun" if os.environ.get("SLURM_JOB_ID") and shutil.which("srun") else "local"
+    return launcher
+
+
+def run_job(cfg: Config, todo: list[Cell], job: CellFiles, *, group: Group | None, launcher: str) -> int:
+    """Run ``todo`` (unfinished cells, in order) in one job whose handshake and logs are
+    in ``job``; finalise each; 0 when every one ends accepted."""
     started = time.time()
-    log.info("%s: launching %d rank(s) on %d node(s) via %s", cell.id, cell.shards, spec.nodes, launcher)
-    fwd = _Forward(signal.SIGUSR2 if launcher == "srun" else None)
+    launcher = _launcher(launcher)
+    measured = {c.id: measurement(cfg, c) for c in todo}
+    prepare(job)
+    specs: dict[str, CellSpec] = {}
+    for cell in todo:
+        files = cell.files(cfg.output_dir)
+        if files.root != job.root:
+            prepare(files)
+        specs[cell.id] = cell_spec(cfg, cell)
+        specs[cell.id].write(files.spec)
+    first = specs[todo[0].id]
+    if job.root != todo[0].files(cfg.output_dir).root:
+        first.write(job.spec)  # the node agents' spec: collector, layout, power cap, policies
+    group_spec = job.group_spec if group is not None else job.own_group_spec
+    GroupSpec(group.id if group is not None else todo[0].id, [c.id for c in todo],
+              str(RunLayout(Path(cfg.output_dir)).cells.resolve()), job_dir=str(job.root.resolve())).write(group_spec)
+    if group is None:
+        log.info("%s: launching %d rank(s) on %d node(s) via %s", todo[0].id, todo[0].shards, first.nodes, launcher)
+    else:
+        log.info("%s: %d of %d cell(s) to run, one model load, launching %d rank(s) on %d node(s) via %s",
+                 group.id, len(todo), len(group.cells), todo[0].shards, first.nodes, launcher)
+    cells = CellsInFlight(cfg, JobOf(job, group.id if group is not None else None,
+                                     group.cell_ids if group is not None else [], launcher, started),
+                          todo, specs, measured)
+    worker = [sys.executable, "-m", entrypoints.WORKER, str(group_spec)]
+    fwd = Forward(signal.SIGUSR2 if launcher == "srun" else None)
     try:
-        codes = _launch_srun(files, fwd, cfg, cell) if launcher == "srun" else _launch_local(spec, files, fwd)
+        if launcher == "srun":
+            codes = launch_srun(job, fwd, cfg, todo[0], worker, tick=cells.tick)
+        else:
+            codes = launch_local(first, job, fwd, worker, tick=cells.tick)
     finally:
         fwd.restore()
-    power = merge_node_files(files.run / "power")
-    return finalize(cfg, cell, spec, files, codes=codes, signum=fwd.signum, started=started, launcher=launcher,
-                    power=power, recovered=recovered_nodes(power), measured=(fingerprint, defn))
+    cells.tick(final=True, codes=codes, signum=fwd.signum)
+    done = [c for c in todo if cells.codes.get(c.id) == 0]
+    if group is None:
+        return 0 if done else 1
+    log.info("%s: %d of %d cell(s) finished in this job (ranks exited %s)", group.id, len(done), len(todo), codes)
+    if len(done) == len(todo):
+        shutil.rmtree(job.run, ignore_errors=True)
+        _write_done(cfg, group)
+        return 0
+    return 1
 
 
-def finalize(cfg: Config, cell: Cell, spec: CellSpec, files: CellFiles, *, codes: list[int], signum: int | None,
-             started: float, launcher: str, power: Any, recovered: list[str],
-             measured: tuple[str, dict[str, Any]], powercap_dir: Any = None,
-             group: dict[str, Any] | None = None, wall_s: float | None = None) -> int:
-    """Write a cell's ``power.parquet``, ``metrics.parquet`` and, last, ``cell.json``
-    (and ``failed/{cell}.json`` when not accepted); returns the cell's exit code."""
-    from llmenergy.analysis.metrics import compute_cell_metrics
-    from llmenergy.power.caps import read_cap_report
+def run_cell(cfg: Config, cell: Cell, *, launcher: str = "auto", force: bool = False) -> int:
+    """Run ``cell`` alone (a group of one) and write its outputs; returns the process exit code."""
+    current = measurement(cfg, cell)
+    status = None if force else finished(cfg, cell.files(cfg.output_dir), current)
+    if status is not None:
+        log.info("%s: already finished (cell.json is %s); skipping", cell.id, status)
+        return 0
+    return run_job(cfg, [cell], cell.files(cfg.output_dir), group=None, launcher=launcher)
 
-    status, reason = _status(files, codes, signum)
-    if power.num_rows:
-        atomic.write_parquet(files.power, power)
-    record = CellRecord(cell=cell, status=status, reason=reason, repeats=cfg.repeats, launcher=launcher,
-                        rank_exit_codes=codes, power_recovered_from_parts=recovered,
-                        provenance=collect_provenance(files, started=started, power=power),
-                        fingerprint=measured[0], definition=measured[1])
-    record.provenance.group = group
-    if wall_s is not None:  # a packed cell: its own window, not the job's
-        record.provenance.wall_s = round(wall_s, 3)
-    if cell.power_cap_w is not None:
-        record.provenance.power_cap = read_cap_report(powercap_dir or files.powercap)
-    try:
-        atomic.write_parquet(files.metrics, compute_cell_metrics(files.root, record=record, spec=spec))
-    except Exception as exc:  # noqa: BLE001 - a metrics bug must not lose the run's raw data
-        log.exception("%s: computing metrics failed", cell.id)
-        record.status, record.reason = "failed", f"metrics: {type(exc).__name__}: {exc}"
-    ok = accepted(record.status, cfg.policies)
-    if ok:
-        shutil.rmtree(files.run, ignore_errors=True)
-    record.write(files.record)
-    if not ok:
-        record.write(files.failed_record())
-        log.error("%s: %s (%s)", cell.id, record.status, record.reason)
-        return 1
-    files.failed_record().unlink(missing_ok=True)  # failed/ lists only cells not yet finished
-    log.info("%s: %s in %.1f s", cell.id, record.status, time.time() - started)
-    return 0
+
+def run_group(cfg: Config, group: Group, *, launcher: str = "auto", force: bool = False) -> int:
+    """Run ``group``'s unfinished cells in one job with one model load; returns the exit code."""
+    out = cfg.output_dir
+    todo = [c for c in group.cells if force or finished(cfg, c.files(out), measurement(cfg, c)) is None]
+    if not todo:
+        log.info("%s: all %d cells already finished; nothing to run", group.id, len(group.cells))
+        _write_done(cfg, group)
+        return 0
+    return run_job(cfg, todo, CellFiles(group_dir(out, group.id)), group=group, launcher=launcher)

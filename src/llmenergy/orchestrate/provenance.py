@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import llmenergy
-from llmenergy.cellfiles import CellFiles, Provenance, WorkerStatus
+from llmenergy.cellfiles import CellFiles, CollectorReady, Provenance, RankDevice, WorkerStatus
 from llmenergy.errors import RecordError
 from llmenergy.slurm import parse_time_limit_min
 
@@ -85,8 +84,8 @@ def slurm_time_limit_min(job_id: str | None) -> int | None:
 
 def collect_provenance(files: CellFiles, *, started: float, power: Any = None) -> Provenance:
     """What the cell ran on and with, from its ``.run/`` folder (ranks' devices, collectors) and here."""
-    uuids = [json.loads(p.read_text()) for p in sorted((files.run / "uuids").glob("*.json"))]
-    ready = [json.loads(p.read_text()) for p in sorted((files.run / "ready").glob("*.json"))]
+    uuids = [RankDevice.read(p).to_dict() for p in sorted(files.uuids.glob("*.json"))]
+    ready = [CollectorReady.read(p).to_dict() for p in sorted(files.ready.glob("*.json"))]
     job = os.environ.get("SLURM_JOB_ID")
     load = None
     if files.worker_status.exists():

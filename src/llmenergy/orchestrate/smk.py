@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import atomic
-from llmenergy.cellfiles import Cell, accepted
+from llmenergy.cellfiles import Cell, RunLayout, accepted
 from llmenergy.config import Config, from_dict
 from llmenergy.errors import ConfigError
 from llmenergy.planning.groups import resolve_packing
@@ -138,7 +138,7 @@ class Context:
         return [j.id for j in self.jobs]
 
     def done_marker(self, job_id: str) -> str:
-        from llmenergy.orchestrate.packed import done_path
+        from llmenergy.orchestrate.launch import done_path
 
         return str(done_path(self.output_dir, job_id))
 
@@ -148,7 +148,7 @@ class Context:
         so that a failed cell never takes its finished neighbours with it)."""
         if self.packing == "group":
             return [self.done_marker(jid) for jid in self.job_ids]
-        return [str(c.dir(self.output_dir) / "metrics.parquet") for c in self.plan.cells]
+        return [str(c.files(self.output_dir).metrics) for c in self.plan.cells]
 
     def _job(self, job_id: str) -> Job:
         job = self._jobs.get(job_id) or self._cell_jobs.get(job_id)
@@ -252,8 +252,8 @@ class Context:
         cell ids."""
         bad: list[str] = []
         for cell in self.plan.cells:
-            cell_dir = cell.dir(self.output_dir)
-            outputs = [cell_dir / "metrics.parquet", cell_dir / "cell.json"]
+            files = cell.files(self.output_dir)
+            outputs = [files.metrics, files.record]
             problems = [(p, why) for p in outputs
                         if p.exists() and (why := output_problem(p, lambda st: accepted(st, self.cfg.policies)))]
             if not problems:
@@ -354,7 +354,7 @@ class Context:
         (``rerun-triggers: mtime``), they make the next run (and ``-n``) reach back to
         exactly the cells without outputs."""
         stamps = [p.stat().st_mtime for c in self.plan.cells
-                  for p in (c.dir(self.output_dir) / "metrics.parquet",) if p.exists()]
+                  for p in (c.files(self.output_dir).metrics,) if p.exists()]
         stamps += [p.stat().st_mtime for jid in self.job_ids
                    for p in (Path(self.done_marker(jid)),) if p.exists()]
         when = max(0.0, min(stamps, default=1.0) - 1.0)
@@ -373,7 +373,7 @@ class Context:
         res = aggregate(out, grid_gco2_per_kwh=self.cfg.grid_gco2_per_kwh,
                         expected_cells=[c.identity() for c in self.plan.cells])
         path = render_report(out, out_path=Path(report))
-        self._backdate([res.summary_path, res.stats_path, path, out / "figures"])
+        self._backdate([res.summary_path, res.stats_path, path, RunLayout(out).figures])
         log.warning("llmenergy: partial report of a failed run: %s (statuses %s)", path,
                     ", ".join(f"{k} {v}" for k, v in sorted(res.status_counts.items())))
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmenergy.config import Config
+from llmenergy.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,9 @@ class EnergyEstimate:
 def _read_rows(output_dir: Path) -> tuple[list[dict[str, Any]], Path | None]:
     """The metrics rows of the output directory: ``summary.parquet``, else every cell's
     ``metrics.parquet``; unreadable files are skipped with a warning."""
-    summary = output_dir / "summary.parquet"
-    files = [summary] if summary.is_file() else sorted(output_dir.glob("cells/*/metrics.parquet"))
+    run = RunLayout(output_dir)
+    files = ([run.summary] if run.summary.is_file()
+             else sorted(f for f in (run.cell(d.name).metrics for d in sorted(run.cells.glob("*"))) if f.is_file()))
     tables = []
     for path in files:
         try:
@@ -85,7 +87,7 @@ def _read_rows(output_dir: Path) -> tuple[list[dict[str, Any]], Path | None]:
     if not tables:
         return [], None
     rows = [r for t in tables for r in t.to_pylist()]
-    return rows, summary if summary.is_file() else output_dir / "cells"
+    return rows, run.summary if run.summary.is_file() else run.cells
 
 
 def measured_power_w(rows: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[float, int]]:

@@ -1,6 +1,7 @@
-"""The per-node agent of a cell (``llmenergy node-agent SPEC``).
+"""The per-node agent of a job (``python -m llmenergy.power.agent SPEC``, started by the
+launcher; ``SPEC`` is the ``spec.json`` of the job's directory: a cell's, or a packed group's).
 
-One runs on every node of the cell, beside the ranks (``srun --overlap
+One runs on every node of the job, beside the ranks (``srun --overlap
 --ntasks-per-node=1`` inside Slurm, a child process locally). It starts the
 node's power collector and, for a capped cell, the power-cap guard; on
 any of :data:`llmenergy.slurm.STOP_SIGNALS` it stops both (SIGUSR1, so they flush and restore),
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import entrypoints
-from llmenergy.cellfiles import CellSpec
+from llmenergy.cellfiles import CellFiles, CellSpec
 from llmenergy.slurm import on_stop_signals
 
 log = logging.getLogger("llmenergy.power.agent")
@@ -36,12 +37,12 @@ STOP_TIMEOUT_S = 30.0
 SELF_STOP_GRACE_S = 3.0
 
 
-def collector_args(spec: CellSpec, run_dir: Path, node: str) -> list[str]:
+def collector_args(spec: CellSpec, job: CellFiles, node: str) -> list[str]:
     c = spec.collector
     args = [sys.executable, "-m", entrypoints.COLLECTOR, "--backend", c.backend,
             "--interval-ms", str(c.interval_ms), "--power-interval-ms", str(c.power_interval_ms),
-            "--out", str(run_dir / "power"), "--node", node,
-            "--uuid-dir", str(run_dir / "uuids"), "--ready-dir", str(run_dir / "ready"),
+            "--out", str(job.power_parts), "--node", node,
+            "--uuid-dir", str(job.uuids), "--ready-dir", str(job.ready),
             "--expect-devices", str(spec.ranks_per_node)]
     if c.estimate_tdp_w:
         args += ["--option", f"tdp_w={c.estimate_tdp_w}"]
@@ -50,12 +51,11 @@ def collector_args(spec: CellSpec, run_dir: Path, node: str) -> list[str]:
     return args
 
 
-def guard_args(spec: CellSpec, cell_dir: Path, node: str) -> list[str]:
-    run_dir = cell_dir / ".run"
+def guard_args(spec: CellSpec, job: CellFiles, node: str) -> list[str]:
     backend = "dcgm" if spec.collector.backend == "dcgm" else "nvml"
     args = [sys.executable, "-m", entrypoints.POWERCAP_GUARD, "--cap-w", str(spec.cell.power_cap_w),
-            "--uuid-dir", str(run_dir / "uuids"), "--ready-dir", str(run_dir / "capready"),
-            "--state-dir", str(cell_dir / "powercap"), "--node", node,
+            "--uuid-dir", str(job.uuids), "--ready-dir", str(job.capready),
+            "--state-dir", str(job.powercap), "--node", node,
             "--expect-devices", str(spec.ranks_per_node), "--backend", backend,
             "--on-denied", spec.policies.on_power_cap_denied]
     if spec.collector.dcgm_host:
@@ -82,10 +82,9 @@ def stop_flushing(proc: subprocess.Popen[bytes], name: str, grace_s: float = 0.0
 
 def run(spec_path: Path, node: str | None = None) -> int:
     spec = CellSpec.read(spec_path)
-    cell_dir = spec_path.parent
+    job = CellFiles(spec_path.parent)
     node = node or socket.gethostname()
-    logs = cell_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    job.logs.mkdir(parents=True, exist_ok=True)
     stop = {"signum": 0}
 
     def handle(signum: int, frame: Any) -> None:
@@ -93,12 +92,12 @@ def run(spec_path: Path, node: str | None = None) -> int:
 
     on_stop_signals(handle)
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
-    with open(logs / f"collector.{node}.log", "ab") as out:
-        children.append(("collector", subprocess.Popen(collector_args(spec, cell_dir / ".run", node),
+    with open(job.collector_log(node), "ab") as out:
+        children.append(("collector", subprocess.Popen(collector_args(spec, job, node),
                                                        stdout=out, stderr=subprocess.STDOUT)))
     if spec.cell.power_cap_w is not None:
-        with open(logs / f"powercap.{node}.log", "ab") as out:
-            children.append(("powercap-guard", subprocess.Popen(guard_args(spec, cell_dir, node),
+        with open(job.powercap_log(node), "ab") as out:
+            children.append(("powercap-guard", subprocess.Popen(guard_args(spec, job, node),
                                                                 stdout=out, stderr=subprocess.STDOUT)))
     log.info("node %s: started %s", node, ", ".join(n for n, _ in children))
     while not stop["signum"]:  # children may end early (a denied cap); the agent waits for its stop
@@ -108,7 +107,7 @@ def run(spec_path: Path, node: str | None = None) -> int:
     codes = {name: stop_flushing(p, name, max(0.0, deadline - time.monotonic())) for name, p in children}
     if spec.cell.power_cap_w is not None:
         subprocess.run([sys.executable, "-m", entrypoints.POWERCAP_GUARD, "--restore",
-                        "--state-dir", str(cell_dir / "powercap"), "--node", node], check=False)
+                        "--state-dir", str(job.powercap), "--node", node], check=False)
     log.info("node %s: stopped (%s)", node, codes)
     return 0 if all(c == 0 for c in codes.values()) else 1
 

@@ -33,9 +33,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmenergy.atomic import write_json, write_parquet
+from llmenergy.atomic import write_parquet
+from llmenergy.cellfiles import CollectorReady, RankDevice, node_file, rank_of_file
 from llmenergy.config import DEFAULT_POWER_INTERVAL_MS, CollectorSpec
-from llmenergy.errors import LLMEnergyError, SensorError
+from llmenergy.errors import LLMEnergyError, RecordError, SensorError
 from llmenergy.power.backends.base import (
     POWER_SCHEMA,
     PowerBackend,
@@ -61,24 +62,21 @@ def final_path(out_dir: Path, node: str) -> Path:
 
 
 def read_uuid_files(uuid_dir: Path, node: str) -> list[dict[str, Any]]:
-    """The rank files ``{node}.{rank}.json`` of one node, sorted by rank; unreadable ones skipped."""
+    """The ranks' :class:`~llmenergy.cellfiles.RankDevice` files of one node, sorted by rank;
+    unreadable ones skipped (being written: the next poll sees them)."""
     found = []
     if not uuid_dir.is_dir():
         return found
-    prefix = f"{node}."
     for path in uuid_dir.iterdir():
-        name = path.name
-        if not (name.startswith(prefix) and name.endswith(".json")):
-            continue
-        rank = name[len(prefix):-len(".json")]
-        if not rank.isdigit():
+        rank = rank_of_file(path, node)
+        if rank is None:
             continue
         try:
-            entry = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # being written; the next poll sees it
-        if isinstance(entry, dict) and entry.get("uuid"):
-            found.append({**entry, "rank": int(rank)})
+            entry = RankDevice.read(path)
+        except RecordError:
+            continue
+        if entry.uuid:
+            found.append({**entry.to_dict(), "rank": rank})
     return sorted(found, key=lambda e: e["rank"])
 
 
@@ -158,13 +156,9 @@ class NodeCollector:
         return entries
 
     def write_ready(self, backend: PowerBackend | None, error: str | None = None) -> None:
-        write_json(self.ready_dir / f"{self.node}.json", {
-            "node": self.node,
-            "backend": None if backend is None else backend.name,
-            "devices": [] if backend is None else [d.to_json() for d in backend.devices()],
-            "interval_ms": self.interval_ms,
-            "error": error,
-        })
+        CollectorReady(node=self.node, backend=None if backend is None else backend.name,
+                       devices=[] if backend is None else [d.to_json() for d in backend.devices()],
+                       interval_ms=self.interval_ms, error=error).write(node_file(self.ready_dir, self.node))
 
     # -- part files --------------------------------------------------------
     def _first_free_part(self) -> int:

@@ -40,7 +40,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from llmenergy.atomic import write_json
+from llmenergy.cellfiles import CapReady, node_file
 from llmenergy.errors import LLMEnergyError, PowerCapDenied, PowerCapError
 from llmenergy.power.caps import (
     CapBackend,
@@ -153,9 +153,9 @@ class PowerCapGuard:
         gpus = [] if self.state is None else [
             {"uuid": g.uuid, "previous_w": g.previous_w, "requested_w": g.requested_w, "enforced_w": g.enforced_w}
             for g in self.state.gpus]
-        write_json(self.ready_dir / f"{self.node}.json", {
-            "node": self.node, "status": status, "reason": reason, "backend": self.backend_name,
-            "requested_w": self.cap_w, "on_denied": self.on_denied, "gpus": gpus})
+        CapReady(node=self.node, status=status, reason=reason, backend=self.backend_name,
+                 requested_w=self.cap_w, on_denied=self.on_denied, gpus=gpus).write(
+            node_file(self.ready_dir, self.node))
 
     # -- apply / restore -------------------------------------------------------
     def restore(self, reason: str | None = None) -> bool:

@@ -1,0 +1,251 @@
+"""The launcher's second half: turn what a job's ranks and collectors left into each
+cell's ``power.parquet``, ``metrics.parquet`` and, last, ``cell.json``.
+
+A job runs one cell (``run-cell``) or a packed group's cells in order
+(``run-group``). While the ranks go on with the next cell, :class:`CellsInFlight`
+finalises each cell whose ``.run/worker_status.json`` appeared; the last cell, and
+whatever cell the job ended in (a stop signal, the time limit, a rank failing alone,
+a node failure), is finalised once the ranks are gone, with their exit codes. A
+cell never started gets no record, so the next run runs exactly it.
+
+The power of a cell that had its job to itself is every sample of the job; in a
+group it is the group collectors' samples over the cell's own window (its first
+event to its last, ± :data:`WINDOW_MARGIN_S`), taken once the collectors' part
+files cover it.
+
+A cell that does not end accepted (:func:`llmenergy.cellfiles.accepted`), a
+failure to compute its metrics included, keeps its raw data and ``.run/`` for
+inspection, and leaves a copy of its record in ``failed/``.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from llmenergy import atomic
+from llmenergy.cellfiles import (
+    POWER_SCHEMA,
+    Cell,
+    CellBegin,
+    CellFiles,
+    CellRecord,
+    CellSpec,
+    RankOutcome,
+    WorkerStatus,
+    accepted,
+)
+from llmenergy.config import Config
+from llmenergy.errors import RecordError
+from llmenergy.orchestrate.provenance import collect_provenance
+
+log = logging.getLogger("llmenergy.orchestrate.launch")
+
+#: Power samples kept on each side of a packed cell's window (the counter is interpolated at its edges).
+WINDOW_MARGIN_S = 2.0
+#: How long the launcher waits for the collectors' parts to cover a finished cell's window.
+COVER_TIMEOUT_S = 15.0
+
+
+def cell_status(files: CellFiles, codes: list[int], signum: int | None) -> tuple[str, str | None]:
+    """The cell's status and reason: rank 0's record, else the first rank that failed, else the exit codes."""
+    if files.worker_status.exists():
+        try:
+            st = WorkerStatus.read(files.worker_status)
+        except RecordError as exc:
+            return "failed", str(exc)
+        if st.status != "ok" or all(c == 0 for c in codes):
+            return st.status, st.reason
+    failed = []
+    for path in sorted(files.outcomes.glob("*.json")) if files.outcomes.is_dir() else []:
+        try:
+            outcome = RankOutcome.read(path)
+        except RecordError:
+            continue
+        if outcome.status != "ok":
+            failed.append(outcome)
+    if failed:
+        first = min(failed, key=lambda o: (o.at_ns, o.rank))
+        return first.status, first.reason
+    if signum is not None:
+        return "incomplete", f"interrupted by signal {signum}"
+    bad = [c for c in codes if c != 0]
+    return ("failed", f"rank exited with code {bad[0]}; see logs/") if bad else ("ok", None)
+
+
+def finalize(cfg: Config, cell: Cell, spec: CellSpec, files: CellFiles, *, codes: list[int], signum: int | None,
+             started: float, launcher: str, power: Any, recovered: list[str],
+             measured: tuple[str, dict[str, Any]], powercap_dir: Any = None,
+             group: dict[str, Any] | None = None, wall_s: float | None = None) -> int:
+    """Write a cell's ``power.parquet``, ``metrics.parquet`` and, last, ``cell.json``
+    (and ``failed/{cell}.json`` when not accepted); returns the cell's exit code."""
+    from llmenergy.analysis.metrics import compute_cell_metrics
+    from llmenergy.power.caps import read_cap_report
+
+    status, reason = cell_status(files, codes, signum)
+    if power.num_rows:
+        atomic.write_parquet(files.power, power)
+    record = CellRecord(cell=cell, status=status, reason=reason, repeats=cfg.repeats, launcher=launcher,
+                        rank_exit_codes=codes, power_recovered_from_parts=recovered,
+                        provenance=collect_provenance(files, started=started, power=power),
+                        fingerprint=measured[0], definition=measured[1])
+    record.provenance.group = group
+    if wall_s is not None:  # a packed cell: its own window, not the job's
+        record.provenance.wall_s = round(wall_s, 3)
+    if cell.power_cap_w is not None:
+        record.provenance.power_cap = read_cap_report(powercap_dir or files.powercap)
+    try:
+        atomic.write_parquet(files.metrics, compute_cell_metrics(files.root, record=record, spec=spec))
+    except Exception as exc:  # noqa: BLE001 - a metrics bug must not lose the run's raw data
+        log.exception("%s: computing metrics failed", cell.id)
+        record.status, record.reason = "failed", f"metrics: {type(exc).__name__}: {exc}"
+    ok = accepted(record.status, cfg.policies)
+    if ok:
+        shutil.rmtree(files.run, ignore_errors=True)
+    record.write(files.record)
+    if not ok:
+        record.write(files.failed_record())
+        log.error("%s: %s (%s)", cell.id, record.status, record.reason)
+        return 1
+    files.failed_record().unlink(missing_ok=True)  # failed/ lists only cells not yet finished
+    log.info("%s: %s in %.1f s", cell.id, record.status, time.time() - started)
+    return 0
+
+
+def read_power(job: CellFiles, *, quiet: bool) -> Any:
+    """The job collectors' samples so far (final files and parts), or None while they are rotating."""
+    import pyarrow as pa
+
+    from llmenergy.power.collector import merge_node_files
+
+    logger = logging.getLogger("llmenergy.power.collector")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)  # mid-run, every node "has no final file" yet: that is expected
+    try:
+        return merge_node_files(job.power_parts)
+    except (OSError, pa.ArrowException) as exc:  # a part renamed or removed while read
+        log.debug("power files changing (%s); retrying", exc)
+        return None
+    finally:
+        logger.setLevel(level)
+
+
+def _window(files: CellFiles, begin_ns: int) -> tuple[int, int]:
+    """The cell's first and last event instants (from ``events.parquet``), else begin → now."""
+    import pyarrow.parquet as pq
+
+    try:
+        t = pq.read_table(files.events, columns=["start_ns", "end_ns"])
+        if t.num_rows:
+            return int(min(t["start_ns"].to_pylist())), int(max(t["end_ns"].to_pylist()))
+    except (OSError, ValueError):
+        pass
+    return begin_ns, time.time_ns()
+
+
+def _slice(power: Any, lo_ns: int, hi_ns: int) -> Any:
+    import pyarrow.compute as pc
+
+    ts = power["timestamp_ns"]
+    table = power.filter(pc.and_(pc.greater_equal(ts, lo_ns), pc.less_equal(ts, hi_ns)))
+    return table.replace_schema_metadata(None)
+
+
+def _latest_by_node(power: Any) -> list[int]:
+    out: dict[str, int] = {}
+    for node, ts in zip(power["node"].to_pylist(), power["timestamp_ns"].to_pylist(), strict=True):
+        out[node] = max(ts, out.get(node, ts))
+    return list(out.values())
+
+
+@dataclass
+class JobOf:
+    """The job the cells run in: its directory, its group (None: a cell run alone), its launcher."""
+
+    files: CellFiles
+    group_id: str | None
+    group_cells: list[str]
+    launcher: str
+    started: float
+
+
+class CellsInFlight:
+    """A job's cells as they finish: finalised one by one, in order, while the ranks go on."""
+
+    def __init__(self, cfg: Config, job: JobOf, todo: list[Cell], specs: dict[str, CellSpec],
+                 measured: dict[str, tuple[str, dict[str, Any]]]) -> None:
+        self.cfg, self.job = cfg, job
+        self.pending = list(todo)
+        self.specs, self.measured = specs, measured
+        self.codes: dict[str, int] = {}
+        self.loaded_by: str | None = None
+        self._last_try: dict[str, float] = {}
+
+    def tick(self, *, final: bool = False, codes: list[int] | None = None, signum: int | None = None) -> None:
+        """Finalise the finished cells, in order; ``final``: the ranks are gone, finalise what started.
+        The last cell waits for the ranks' exit codes (those of a cell run alone)."""
+        while self.pending:
+            cell = self.pending[0]
+            files = cell.files(self.cfg.output_dir)
+            done = files.worker_status.exists()
+            if not final and (not done or len(self.pending) == 1):
+                return
+            try:
+                begin: CellBegin | None = CellBegin.read(files.begin)
+            except RecordError:
+                begin = None
+            if begin is None and not (final and self.job.group_id is None):
+                log.info("%s: not started in this job; left for the next run", cell.id)
+                shutil.rmtree(files.run, ignore_errors=True)
+                self.pending.pop(0)
+                continue
+            if not final:
+                now = time.monotonic()
+                if now - self._last_try.get(cell.id, 0.0) < 1.0:
+                    return
+                self._last_try[cell.id] = now
+            if not self._finalize(cell, files, begin, final=final,
+                                  codes=(codes or []) if final else [0], signum=signum if final else None):
+                return
+            self.pending.pop(0)
+
+    def _finalize(self, cell: Cell, files: CellFiles, begin: CellBegin | None, *, final: bool,
+                  codes: list[int], signum: int | None) -> bool:
+        from llmenergy.power.collector import recovered_nodes
+
+        job = self.job
+        power = read_power(job.files, quiet=not final)
+        if power is None and not final:
+            return False
+        if power is None:
+            power = POWER_SCHEMA.empty_table()
+        group, wall_s, started = None, None, job.started
+        if job.group_id is not None:
+            begin_ns = begin.started_ns if begin is not None else time.time_ns()
+            start_ns, end_ns = _window(files, begin_ns)
+            margin = int(WINDOW_MARGIN_S * 1e9)
+            if not final:
+                covered = _latest_by_node(power)
+                waited = time.time_ns() - end_ns
+                if (not covered or min(covered) < end_ns + margin) and waited < COVER_TIMEOUT_S * 1e9:
+                    return False
+            power = _slice(power, start_ns - margin, end_ns + margin)
+            # the provenance of the group's ranks and collectors
+            for src_dir, dst in ((job.files.uuids, files.uuids), (job.files.ready, files.ready)):
+                dst.mkdir(parents=True, exist_ok=True)
+                for src in src_dir.glob("*.json"):
+                    shutil.copyfile(src, dst / src.name)
+            loaded_here = self.loaded_by is None
+            self.loaded_by = self.loaded_by or cell.id
+            group = {"group_id": job.group_id, "position": job.group_cells.index(cell.id),
+                     "cells": job.group_cells, "model_loaded_here": loaded_here, "logs": str(job.files.logs)}
+            started, wall_s = begin_ns / 1e9, (end_ns - start_ns) / 1e9
+        recovered = recovered_nodes(power) if final and job.group_id is None else []
+        self.codes[cell.id] = finalize(
+            self.cfg, cell, self.specs[cell.id], files, codes=codes, signum=signum, started=started,
+            launcher=job.launcher, power=power, recovered=recovered, measured=self.measured[cell.id],
+            powercap_dir=job.files.powercap, group=group, wall_s=wall_s)
+        return True
