@@ -22,6 +22,11 @@ Decode step (the part that matters for speed):
 - with shards > 1 the row-parallel all-reduces and the embedding/output
   all-gathers use functional collectives, which can sit inside a graph.
 
+Linear layers (:mod:`llmenergy.inference.quant`): QKV and gate/up fused per shard
+at construction (the model's parameters become views of the fused weights), and
+for ``precision`` int8/fp8 quantised per local output channel (weight-only), so
+one engine per model precision: docs/precision.md.
+
 On CUDA the step is compiled with ``mode="reduce-overhead"`` (Inductor, then
 captured as a CUDA graph and replayed); the caches are marked as static
 addresses so that the graph does not copy them.  Prefill (one forward pass of
@@ -55,7 +60,7 @@ from torch.distributed import _functional_collectives as funcol
 from torch.nn.attention import sdpa_kernel
 
 from llmenergy.errors import UserError
-from llmenergy.inference import tp
+from llmenergy.inference import quant, tp
 from llmenergy.inference.generate import (
     GenerationResult,
     PhaseCallback,
@@ -92,7 +97,8 @@ class CompiledEngine:
     name = "compiled"
 
     def __init__(self, model: Transformer, *, cache_dir: str | Path | None = None,
-                 compile: bool | None = None, eos_check_every: int = 16) -> None:
+                 compile: bool | None = None, eos_check_every: int = 16,
+                 precision: str = "fp16") -> None:
         if eos_check_every < 1:
             raise UserError(f"eos_check_every must be positive, got {eos_check_every}")
         self.model = model
@@ -104,6 +110,13 @@ class CompiledEngine:
         self.compile = self.device.type == "cuda" if compile is None else compile
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.shards = tp.mp_world_size()
+        self.precision = precision
+        self.linears, self.quant_backend = quant.prepare(model, precision)
+        if self.compile:
+            for lin in self.linears:
+                for mod in lin.modules():
+                    for buf in mod.buffers():
+                        torch._dynamo.mark_static_address(buf)
         self._group = None
         if self.shards > 1:
             from fairscale.nn.model_parallel.initialize import get_model_parallel_group
@@ -150,11 +163,12 @@ class CompiledEngine:
         h = self._all_gather_last(F.embedding(tokens, m.tok_embeddings.weight))
         cos, sin = self._cos[pos][None, :, None, :], self._sin[pos][None, :, None, :]
         for i, layer in enumerate(m.layers):
-            a, ff = layer.attention, layer.feed_forward
+            a, lin = layer.attention, self.linears[i]
             x = layer.attention_norm(h)
-            q = F.linear(x, a.wq.weight).view(bsz, seqlen, a.n_local_heads, a.head_dim)
-            k = F.linear(x, a.wk.weight).view(bsz, seqlen, a.n_local_kv_heads, a.head_dim)
-            v = F.linear(x, a.wv.weight).view(bsz, seqlen, a.n_local_kv_heads, a.head_dim)
+            q, k, v = lin.qkv(x).split(lin.qkv_sizes, dim=-1)
+            q = q.unflatten(-1, (a.n_local_heads, a.head_dim))
+            k = k.unflatten(-1, (a.n_local_kv_heads, a.head_dim))
+            v = v.unflatten(-1, (a.n_local_kv_heads, a.head_dim))
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             ck, cv = caches[2 * i], caches[2 * i + 1]
             ck.index_copy_(2, pos, k.transpose(1, 2))
@@ -166,10 +180,10 @@ class CompiledEngine:
                 values = values.repeat_interleave(rep, dim=1)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
             out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
-            h = h + self._all_reduce(F.linear(out, a.wo.weight))
+            h = h + self._all_reduce(lin.wo(out))
             x = layer.ffn_norm(h)
-            gate = F.silu(F.linear(x, ff.w1.weight)) * F.linear(x, ff.w3.weight)
-            h = h + self._all_reduce(F.linear(gate, ff.w2.weight))
+            gate, up = lin.gate_up(x).split(lin.hidden, dim=-1)
+            h = h + self._all_reduce(lin.w2(F.silu(gate) * up))
         h = m.norm(h[:, -1])
         return self._all_gather_last(F.linear(h, m.output.weight)).float()
 
