@@ -135,8 +135,13 @@ class CompiledEngine:
             if self.cache_dir is not None:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir)
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._step = torch.compile(self._decode, mode=mode, fullgraph=True, dynamic=False)
+            extra = quant.compile_options(precision, self.device)
+            if extra:  # reduce-overhead (CUDA graphs) plus the narrow weights' GEMM options
+                self._step = torch.compile(self._decode, options={"triton.cudagraphs": True, **extra},
+                                           fullgraph=True, dynamic=False)
+            else:
+                mode = "reduce-overhead" if self.device.type == "cuda" else None
+                self._step = torch.compile(self._decode, mode=mode, fullgraph=True, dynamic=False)
 
     # ------------------------------------------------------------------ model pieces
 

@@ -163,6 +163,24 @@ def narrow_linear(weight: torch.Tensor, precision: str, kind: str) -> tuple[nn.M
     return NarrowLinear(q, scale, weight.dtype), "torch"
 
 
+#: Inductor options of a compiled step with int8/fp8 weights on CUDA: GEMMs become
+#: Triton templates, so that the narrow → 16-bit conversion can be fused into the
+#: template's loads of the weight (prologue fusion) instead of being written out as a
+#: dequantised copy first (what cuBLAS needs: issue 24's 2x slowdown).  Not yet verified
+#: on a GPU; ``LLMENERGY_QUANT_AUTOTUNE=0`` turns them off.
+NARROW_INDUCTOR_OPTIONS: dict[str, Any] = {
+    "max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON", "prologue_fusion": True}
+
+
+def compile_options(precision: str, device: torch.device) -> dict[str, Any]:
+    """Extra torch.compile options for ``precision`` on ``device`` (empty: none)."""
+    if precision not in NARROW_BYTES or device.type != "cuda" or os.environ.get("LLMENERGY_QUANT_AUTOTUNE") == "0":
+        return {}
+    import torch._inductor.config as inductor
+
+    return {k: v for k, v in NARROW_INDUCTOR_OPTIONS.items() if hasattr(inductor, k)}
+
+
 # ----------------------------------------------------------------- per model
 
 @dataclasses.dataclass
