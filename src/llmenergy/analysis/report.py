@@ -28,14 +28,13 @@ from llmenergy.analysis.aggregate import (
 )
 from llmenergy.analysis.plots import load_manifest, make_figures
 from llmenergy.atomic import write_text
-from llmenergy.cellfiles import CellRecord
+from llmenergy.cellfiles import AXES, CellRecord
 from llmenergy.errors import RecordError, UserError
 
 log = logging.getLogger(__name__)
 
 DISCREPANCY_LIMIT_PCT = 1.0
-MATRIX_AXES = ["model", "dataset", "gpu", "shards", "batch_size", "max_gen_len", "power_cap_w",
-               "engine"]
+MATRIX_AXES = list(AXES)
 CONFIG_COLUMNS = ["gpu", "shards", "batch_size", "max_gen_len", "power_cap_w", "dataset"]
 
 
