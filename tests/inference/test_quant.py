@@ -140,3 +140,32 @@ def test_bf16_runs_on_both_engines_near_fp32() -> None:
         assert pre.dtype == torch.float32
         rel = float((pre - ref32).norm() / ref32.norm())
         assert 0 < rel < 0.05, (name, rel)
+
+
+def test_torchao_backend_agrees_with_the_pure_pytorch_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torchao", reason="torchao is not installed here (the GPU path's library)")
+    def build() -> torch.nn.Module:
+        return W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
+                       max_batch_size=4, max_seq_len=24)[0]
+
+    ref = make_engine("reference", build()).first_logits(PROMPTS)[0]
+    logits = {}
+    for kind in ("torch", "torchao"):
+        monkeypatch.setenv("LLMENERGY_QUANT_BACKEND", kind)
+        engine = make_engine("compiled", build(), precision="int8")
+        assert engine.quant_backend == kind
+        logits[kind] = engine.first_logits(PROMPTS)[0]
+    # torchao rounds its own scales (its range is not exactly ±127), so both are compared
+    # with the unquantised weights rather than with each other
+    for kind, got in logits.items():
+        rel = float((got - ref).norm() / ref.norm())
+        assert 0 < rel < LOGIT_TOLERANCE["int8"], (kind, rel)
+
+
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert quant.backend("fp16", cpu) == "dense" and quant.backend("int8", cpu) == "torch"
+    monkeypatch.setenv("LLMENERGY_QUANT_BACKEND", "cutlass")
+    with pytest.raises(UserError, match="LLMENERGY_QUANT_BACKEND"):
+        quant.backend("fp8", cpu)
+    assert quant.compile_options("int8", cpu) == {}
