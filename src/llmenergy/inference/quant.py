@@ -114,7 +114,11 @@ def _torchao_linear(weight: torch.Tensor, precision: str) -> nn.Module:
 
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     lin.weight = nn.Parameter(weight, requires_grad=False)
-    quantize_(lin, Int8WeightOnlyConfig() if precision == "int8" else Float8WeightOnlyConfig())
+    # set_inductor_config=False: torchao would otherwise turn on coordinate-descent tuning
+    # for the whole process (minutes more compile); the engine sets its own options
+    config = (Int8WeightOnlyConfig(set_inductor_config=False) if precision == "int8"
+              else Float8WeightOnlyConfig(set_inductor_config=False))
+    quantize_(lin, config)
     return lin
 
 
