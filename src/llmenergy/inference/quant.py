@@ -223,14 +223,14 @@ def _release(modules: list[Any]) -> None:
 def prepare(model: nn.Module, precision: str) -> tuple[list[Linears], str]:
     """The fused (and for int8/fp8 quantised) projections of every block, and the backend.
 
-    Done once per model; asking again for another precision is an error (the
-    narrow precisions release the 16-bit weights).
+    Done once per model; asking again for another precision is an error when either is
+    int8/fp8 (they release the 16-bit weights); fp16 and bf16 share the fused weights.
     """
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
     done = getattr(model, _ATTR, None)
     if done is not None:
-        if done[0] != precision:
+        if done[0] != precision and (done[1] != "dense" or precision in NARROW_BYTES):
             raise UserError(f"the model's linears were prepared for {done[0]}, not {precision}")
         return done[2], done[1]
     device = model.tok_embeddings.weight.device
