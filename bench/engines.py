@@ -25,6 +25,16 @@ CUDA) needs ``pip install llmenergy[hf]``; its ``compile_s`` is the warm-up
 generation that triggers transformers' compile.
 
     python bench/engines.py --engines reference compiled hf --out bench/results/h200_engines_hf.json
+
+Precisions (docs/precision.md): ``--precision fp16 bf16 int8 fp8`` builds one model per
+precision and runs each engine that supports it (int8/fp8: compiled only; reference and
+hf only the ``--anchor-precisions``, default fp16), batches 1 and 16 unless given; the
+bound uses each run's own weight bytes (one byte per block linear weight under
+int8/fp8); every precision is compared with fp16's reference; a closing table gives the
+speed-up over fp16.  ``--tiny`` is a CPU smoke run on ``llama-tiny``:
+
+    python bench/engines.py --engines reference compiled hf --precision fp16 bf16 int8 fp8 --out o.json
+    python bench/engines.py --tiny --engines reference compiled hf --precision fp16 bf16 int8 fp8 --out /tmp/p.json
 """
 from __future__ import annotations
 

@@ -169,3 +169,22 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError, match="LLMENERGY_QUANT_BACKEND"):
         quant.backend("fp8", cpu)
     assert quant.compile_options("int8", cpu) == {}
+
+
+@pytest.mark.slow
+def test_compile_falls_back_when_the_narrow_gemm_options_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Triton-template options are unverified on a GPU: a compile that fails with them
+    is redone without them (here on CPU, with options Inductor rejects)."""
+    monkeypatch.setattr(quant, "compile_options",
+                        lambda precision, device: {"max_autotune_gemm_backends": "NO_SUCH_BACKEND"})
+    model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
+                       max_batch_size=2, max_seq_len=24)
+    eager = make_engine("compiled", model, precision="int8", compile=False)
+    want = eager.generate(PROMPTS[:2], 6, eos_id=None, stop_at_eos=False).tokens
+    model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
+                       max_batch_size=2, max_seq_len=24)
+    engine = make_engine("compiled", model, precision="int8", compile=True)
+    assert engine._extra  # the options were asked for
+    engine.prepare()
+    assert engine._extra == {}
+    assert engine.generate(PROMPTS[:2], 6, eos_id=None, stop_at_eos=False).tokens == want

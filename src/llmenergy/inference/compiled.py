@@ -131,17 +131,21 @@ class CompiledEngine:
         self._ready: set[int] = set()
         self._tokens: dict[int, torch.Tensor] = {}
         self._step = self._decode
+        self._extra: dict[str, object] = {}
         if self.compile:
             if self.cache_dir is not None:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir)
-            extra = quant.compile_options(precision, self.device)
-            if extra:  # reduce-overhead (CUDA graphs) plus the narrow weights' GEMM options
-                self._step = torch.compile(self._decode, options={"triton.cudagraphs": True, **extra},
+            self._extra = quant.compile_options(precision, self.device)
+            if self._extra:  # reduce-overhead (CUDA graphs) plus the narrow weights' GEMM options
+                self._step = torch.compile(self._decode, options={"triton.cudagraphs": True, **self._extra},
                                            fullgraph=True, dynamic=False)
             else:
-                mode = "reduce-overhead" if self.device.type == "cuda" else None
-                self._step = torch.compile(self._decode, mode=mode, fullgraph=True, dynamic=False)
+                self._compile_plain()
+
+    def _compile_plain(self) -> None:
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self._step = torch.compile(self._decode, mode=mode, fullgraph=True, dynamic=False)
 
     # ------------------------------------------------------------------ model pieces
 
@@ -244,9 +248,16 @@ class CompiledEngine:
             token = self._token(bsz).zero_()
             pos = torch.zeros(1, dtype=torch.long, device=self.device)
             n_pad = torch.zeros(bsz, dtype=torch.long, device=self.device)
-            for _ in range(_WARMUP_CALLS):  # writes position 0, which prefill overwrites
-                self._mark_step()
-                self._step(token, pos, n_pad, caches)
+            try:
+                self._warm_calls(token, pos, n_pad, caches)
+            except Exception as exc:  # noqa: BLE001 - the GEMM-template options are unverified
+                if not self._extra:
+                    raise
+                log.warning("compiling with %s failed (%s: %s); compiling without them",
+                            self._extra, type(exc).__name__, exc)
+                self._extra = {}
+                self._compile_plain()
+                self._warm_calls(token, pos, n_pad, caches)
         sync(self.device)
         t1 = time.time_ns()
         self._ready.add(bsz)
@@ -254,6 +265,12 @@ class CompiledEngine:
             log.info("compiled the decode step for batch %d in %.1f s", bsz, (t1 - t0) / 1e9)
             if on_phase is not None:
                 on_phase("compile", t0, t1)
+
+    def _warm_calls(self, token: torch.Tensor, pos: torch.Tensor, n_pad: torch.Tensor,
+                    caches: Caches) -> None:
+        for _ in range(_WARMUP_CALLS):  # writes position 0, which prefill overwrites
+            self._mark_step()
+            self._step(token, pos, n_pad, caches)
 
     def prepare(self, on_phase: PhaseCallback | None = None) -> None:
         """Compile for ``max_batch_size`` before any measured generation."""
