@@ -176,7 +176,8 @@ def test_compile_falls_back_when_the_narrow_gemm_options_fail(monkeypatch: pytes
     """The Triton-template options are unverified on a GPU: a compile that fails with them
     is redone without them (here on CPU, with options Inductor rejects)."""
     monkeypatch.setattr(quant, "compile_options",
-                        lambda precision, device: {"max_autotune_gemm_backends": "NO_SUCH_BACKEND"})
+                        lambda precision, device: {"max_autotune_gemm": True,
+                                                   "max_autotune_gemm_backends": "NO_SUCH_BACKEND"})
     model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
                        max_batch_size=2, max_seq_len=24)
     eager = make_engine("compiled", model, precision="int8", compile=False)
