@@ -189,3 +189,16 @@ def test_compile_falls_back_when_the_narrow_gemm_options_fail(monkeypatch: pytes
     engine.prepare()
     assert engine._extra == {}
     assert engine.generate(PROMPTS[:2], 6, eos_id=None, stop_at_eos=False).tokens == want
+
+
+def test_a_cells_engine_gets_its_precision_from_the_spec() -> None:
+    from types import SimpleNamespace
+
+    from llmenergy.cellfiles import Cell
+    from llmenergy.inference.engines import cell_engine
+
+    model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
+                       max_batch_size=2, max_seq_len=16)
+    spec = SimpleNamespace(cell=Cell("tiny", "alp", "cpu", 1, 2, 8, None, "compiled", "fp8"))
+    engine = cell_engine(spec, model)  # type: ignore[arg-type]
+    assert (engine.name, engine.precision, engine.quant_backend) == ("compiled", "fp8", "torch")

@@ -29,7 +29,7 @@ torch-free feasibility check live in :mod:`llmenergy.arch` (``ENGINES``,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -38,7 +38,10 @@ from llmenergy.errors import UserError
 from llmenergy.inference import generate as G
 from llmenergy.inference.model import Transformer
 
-__all__ = ["ENGINES", "Engine", "ReferenceEngine", "engine_problem", "make_engine"]
+if TYPE_CHECKING:
+    from llmenergy.cellfiles import CellSpec
+
+__all__ = ["ENGINES", "Engine", "ReferenceEngine", "cell_engine", "engine_problem", "make_engine"]
 
 
 class Engine(Protocol):
@@ -125,6 +128,11 @@ def make_engine(name: str, model: Transformer, *, max_batch_size: int | None = N
     from llmenergy.inference.compiled import CompiledEngine
 
     return CompiledEngine(model, cache_dir=cache_dir, compile=compile, precision=precision)
+
+
+def cell_engine(spec: CellSpec, model: Transformer, *, cache_dir: str | Path | None = None) -> Engine:
+    """The engine of a cell: its ``engine`` and ``precision`` axes, from its spec."""
+    return make_engine(spec.cell.engine, model, cache_dir=cache_dir, precision=spec.cell.precision)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
