@@ -25,11 +25,22 @@ CUDA) needs ``pip install llmenergy[hf]``; its ``compile_s`` is the warm-up
 generation that triggers transformers' compile.
 
     python bench/engines.py --engines reference compiled hf --out bench/results/h200_engines_hf.json
+
+Precisions (docs/precision.md): ``--precision fp16 bf16 int8 fp8`` builds one model per
+precision and runs each engine that supports it (int8/fp8: compiled only; reference and
+hf only the ``--anchor-precisions``, default fp16), batches 1 and 16 unless given; the
+bound uses each run's own weight bytes (one byte per block linear weight under
+int8/fp8); every precision is compared with fp16's reference; a closing table gives the
+speed-up over fp16.  ``--tiny`` is a CPU smoke run on ``llama-tiny``:
+
+    python bench/engines.py --engines reference compiled hf --precision fp16 bf16 int8 fp8 --out o.json
+    python bench/engines.py --tiny --engines reference compiled hf --precision fp16 bf16 int8 fp8 --out /tmp/p.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import threading
@@ -161,15 +172,71 @@ def _agreement(got: list[list[int]], want: list[list[int]]) -> dict[str, float]:
     return {"same_token_fraction": same / total, "mean_identical_prefix": sum(prefix) / len(prefix)}
 
 
+def _dtype(precision: str, device: str, override: str | None) -> str:
+    """The model's dtype: --dtype, else float32 on CPU (bfloat16 for bf16), else the precision's."""
+    from llmenergy.arch import PRECISION_DTYPE
+
+    if override:
+        return override
+    if device == "cpu":
+        return "bfloat16" if precision == "bf16" else "float32"
+    return PRECISION_DTYPE[precision]
+
+
+def _weight_bytes(model: Any, engine: Any) -> int:
+    """Bytes a decode step reads of the weights: the model's parameters, plus the compiled
+    engine's narrow linears when it quantised them (the model's 16-bit copies are released)."""
+    from llmenergy.inference import quant
+    from llmenergy.inference.model import num_bytes
+
+    linears = getattr(engine, "linears", None)
+    if linears is None or getattr(engine, "quant_backend", "dense") == "dense":
+        return num_bytes(model)
+    return num_bytes(model) + quant.linear_bytes(linears)
+
+
+def _write(out: Path, results: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out)
+
+
+def _table(results: dict[str, Any]) -> str:
+    """One line per (precision, engine, batch): tok/s, share of the bound, J/token, and the
+    speed-up over fp16 of the same engine and batch."""
+    fp16 = {(r["engine"], r["batch"]): r["tokens_per_s"] for r in results["runs"] if r["precision"] == "fp16"}
+    lines = ["precision engine     batch    tok/s  bound  J/token  vs fp16  backend"]
+    for r in results["runs"]:
+        base = fp16.get((r["engine"], r["batch"]))
+        speed = "-" if base is None else f"{r['tokens_per_s'] / base:.2f}x"
+        jpt = "-" if r["j_per_token"] is None else f"{r['j_per_token']:.4f}"
+        frac = "-" if r["bound_fraction"] is None else f"{r['bound_fraction']:.2f}"
+        lines.append(f"{r['precision']:9s} {r['engine']:10s} {r['batch']:5d} {r['tokens_per_s']:8.1f}  "
+                     f"{frac:>5s}  {jpt:>7s}  {speed:>7s}  {r['quant_backend']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from llmenergy.arch import ENGINES
+    from llmenergy.arch import ENGINES, PRECISIONS, precision_problem
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="llama-7b")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--dtype", default=None, help="default float16 on cuda, float32 on cpu")
+    p.add_argument("--tiny", action="store_true",
+                   help="llama-tiny on the CPU, batches 1 4, 16 generated, short windows (a smoke run)")
+    p.add_argument("--dtype", default=None,
+                   help="the model's dtype; default: the precision's on cuda, float32 on cpu (bf16: bfloat16)")
     p.add_argument("--engines", nargs="+", default=["reference", "compiled"], choices=list(ENGINES))
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--precision", nargs="+", default=["fp16"], choices=list(PRECISIONS),
+                   help="one model per precision; int8/fp8 run on the compiled engine only")
+    p.add_argument("--anchor-precisions", nargs="+", default=["fp16"], choices=list(PRECISIONS),
+                   help="the precisions that reference and hf run (compiled runs all): each hf "
+                        "precision costs a compile per batch size")
+    p.add_argument("--quant-backend", choices=["auto", "torch", "torchao"], default="auto",
+                   help="int8/fp8 kernels (llmenergy.inference.quant); auto: torchao on CUDA when it imports")
+    p.add_argument("--batches", type=int, nargs="+", default=None,
+                   help="default 1 16 64; 1 16 with more than one precision")
     p.add_argument("--prompt", type=int, default=64, help="longest prompt (lengths in [P/2, P])")
     p.add_argument("--gen", type=int, default=256)
     p.add_argument("--min-window-s", type=float, default=5.0)
@@ -179,12 +246,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=29513)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.tiny:
+        args.arch, args.device, args.gen, args.prompt = "llama-tiny", "cpu", 16, 16
+        args.min_window_s, args.max_reps = 0.2, 3
+        args.batches = args.batches or [1, 4]
+    if args.batches is None:
+        args.batches = [1, 16] if len(args.precision) > 1 else [1, 16, 64]
+    if args.quant_backend != "auto":
+        os.environ["LLMENERGY_QUANT_BACKEND"] = args.quant_backend
 
     import torch
 
     from llmenergy.inference import tp, weights
     from llmenergy.inference.engines import make_engine
-    from llmenergy.inference.model import num_bytes
 
     uuid = None
     if args.device == "cuda":
@@ -194,56 +268,90 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dev = torch.device("cpu")
         tp.init_model_parallel(1)
-    dtype = getattr(torch, args.dtype or ("float16" if dev.type == "cuda" else "float32"))
-    model, info = weights.build(args.arch, "synthetic", device=dev, dtype=dtype, seed=0,
-                                max_batch_size=max(args.batches), max_seq_len=args.prompt + args.gen)
-    wbytes = num_bytes(model)
-    pool = _prompts(max(args.batches), args.prompt, model.args.vocab_size)
     nvml = Nvml(uuid)
+    out = Path(args.out)
     results: dict[str, Any] = {
-        "arch": args.arch, "device": str(dev), "dtype": str(dtype).removeprefix("torch."),
+        "arch": args.arch, "device": str(dev), "precisions": args.precision,
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "python": platform.python_version(), "weight_bytes": wbytes,
-        "prompt_lengths": [len(q) for q in pool], "gen": args.gen, "load_s": info.load_duration_s,
-        "bandwidth_b_per_s": args.bandwidth, "runs": [], "comparison": [],
+        "torch": torch.__version__, "python": platform.python_version(), "gen": args.gen,
+        "bandwidth_b_per_s": args.bandwidth, "runs": [], "comparison": [], "skipped": [], "models": [],
     }
+    try:
+        import torchao
+
+        results["torchao"] = torchao.__version__
+    except Exception as exc:  # noqa: BLE001 - recorded, the fallback runs
+        results["torchao"] = f"unavailable: {exc}"
     if "hf" in args.engines:
         import transformers
 
         results["transformers"] = transformers.__version__
-    tokens: dict[tuple[str, int], Any] = {}
-    logits: dict[tuple[str, int], Any] = {}
-    for name in args.engines:
-        engine = make_engine(name, model, cache_dir=args.cache_dir)
-        for bsz in args.batches:
-            prompts = pool[:bsz]
-            row = _measure(engine, prompts, args, nvml, dev, wbytes)
-            tokens[name, bsz] = row.pop("_tokens")
-            logits[name, bsz] = [t.float().cpu() for t in engine.first_logits(prompts)]
-            results["runs"].append({"engine": name, **row})
-            _fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-            print(f"{name:9s} bs{bsz:<3d} {row['tokens_per_s']:9.1f} tok/s  "
-                  f"{_fmt(row['j_per_token'], '.4f')} J/tok  busy {_fmt(row['gpu_util_pct'], '.0f')}%  "
-                  f"bound {row['bound_fraction']:.2f}  compile {row['compile_s']:.1f} s  "
-                  f"reps {row['reps']}", flush=True)
-        del engine
-    for name in args.engines:
-        if name == "reference" or "reference" not in args.engines:
+    tokens: dict[tuple[str, str, int], Any] = {}
+    logits: dict[tuple[str, str, int], Any] = {}
+    pool: list[list[int]] = []
+    for precision in args.precision:
+        names = [e for e in args.engines if e == "compiled" or precision in args.anchor_precisions]
+        for name in args.engines:
+            why = precision_problem(precision, name, "cpu")
+            if why is None and name not in names:
+                why = f"{precision} not in --anchor-precisions"
+            if why is not None:
+                results["skipped"].append({"precision": precision, "engine": name, "reason": why})
+                print(f"skip {precision} {name}: {why}", flush=True)
+        names = [e for e in names if precision_problem(precision, e, "cpu") is None]
+        if not names:
             continue
-        for bsz in args.batches:
-            ref_logits, got_logits = logits["reference", bsz], logits[name, bsz]
-            cmp = {"engine": name, "batch": bsz,
-                   "prefill_logits_rel_diff": _rel(got_logits[0], ref_logits[0]),
-                   "first_step_logits_rel_diff": _rel(got_logits[1], ref_logits[1]),
-                   **_agreement(tokens[name, bsz], tokens["reference", bsz])}
+        torch._dynamo.reset()  # one compiled code cache per precision: no recompile limit
+        dtype = getattr(torch, _dtype(precision, args.device, args.dtype))
+        model, info = weights.build(args.arch, "synthetic", device=dev, dtype=dtype, seed=0,
+                                    max_batch_size=max(args.batches),
+                                    max_seq_len=args.prompt + args.gen)
+        pool = pool or _prompts(max(args.batches), args.prompt, model.args.vocab_size)
+        results["prompt_lengths"] = [len(q) for q in pool]
+        results["models"].append({"precision": precision, "dtype": str(dtype).removeprefix("torch."),
+                                  "load_s": info.load_duration_s})
+        # compiled last: int8/fp8 release the model's 16-bit weights
+        for name in sorted(names, key=lambda e: e == "compiled"):
+            engine = make_engine(name, model, cache_dir=args.cache_dir, precision=precision)
+            wbytes = _weight_bytes(model, engine)
+            backend = getattr(engine, "quant_backend", "dense")
+            for bsz in args.batches:
+                prompts = pool[:bsz]
+                row = _measure(engine, prompts, args, nvml, dev, wbytes)
+                tokens[precision, name, bsz] = row.pop("_tokens")
+                logits[precision, name, bsz] = [t.float().cpu() for t in engine.first_logits(prompts)]
+                results["runs"].append({"precision": precision, "engine": name, "quant_backend": backend,
+                                        "weight_bytes": wbytes, **row})
+                _fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+                print(f"{precision:4s} {name:9s} bs{bsz:<3d} {row['tokens_per_s']:9.1f} tok/s  "
+                      f"{_fmt(row['j_per_token'], '.4f')} J/tok  busy {_fmt(row['gpu_util_pct'], '.0f')}%  "
+                      f"bound {_fmt(row['bound_fraction'], '.2f')}  compile {row['compile_s']:.1f} s  "
+                      f"reps {row['reps']}  {backend}", flush=True)
+                _write(out, results)
+            del engine
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    for (precision, name, bsz), got in sorted(logits.items()):
+        # against the same precision's reference; int8/fp8/bf16 also against fp16's
+        for base in {(precision, "reference"), ("fp16", "reference"), ("fp16", "compiled")}:
+            key = (*base, bsz)
+            if key not in logits or key == (precision, name, bsz) or (base[1] == "compiled" and
+                                                                      ("fp16", "reference", bsz) in logits):
+                continue
+            want = logits[key]
+            cmp = {"precision": precision, "engine": name, "batch": bsz,
+                   "against": f"{base[0]} {base[1]}",
+                   "prefill_logits_rel_diff": _rel(got[0], want[0]),
+                   "first_step_logits_rel_diff": _rel(got[1], want[1]),
+                   **_agreement(tokens[precision, name, bsz], tokens[key])}
             results["comparison"].append(cmp)
-            print(f"{name} vs reference bs{bsz}: logits rel diff prefill "
+            print(f"{precision} {name} vs {cmp['against']} bs{bsz}: logits rel diff prefill "
                   f"{cmp['prefill_logits_rel_diff']:.2e}, first step {cmp['first_step_logits_rel_diff']:.2e}; "
                   f"same tokens {cmp['same_token_fraction']:.3f}, identical prefix "
                   f"{cmp['mean_identical_prefix']:.1f}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    _write(out, results)
+    print(_table(results))
     print(f"wrote {out}")
     tp.shutdown()
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from dataclasses import dataclass
 
 from llmenergy.errors import ConfigError
@@ -17,6 +18,28 @@ from llmenergy.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+#: the ``precision`` axis (see docs/precision.md): ``fp16``/``bf16`` hold weights and compute
+#: in that dtype; ``int8``/``fp8`` (e4m3) are weight-only: the transformer blocks' linear
+#: weights are stored narrow with one scale per output channel, activations stay 16-bit.
+PRECISIONS: tuple[str, ...] = ("fp16", "bf16", "int8", "fp8")
+DEFAULT_PRECISION = "fp16"
+#: the activation (and, for fp16/bf16, weight) dtype of each precision on a GPU
+PRECISION_DTYPE = {"fp16": "float16", "bf16": "bfloat16", "int8": "float16", "fp8": "float16"}
+#: bytes per weight of the transformer blocks' linear layers under each weight-only precision
+NARROW_BYTES = {"int8": 1, "fp8": 1}
+#: engines that run each precision (``reference`` is the paper's eager fp16 code, ``hf``
+#: transformers' generate: both dense only)
+PRECISION_ENGINES = {"fp16": ("reference", "compiled", "hf"), "bf16": ("reference", "compiled", "hf"),
+                     "int8": ("compiled",), "fp8": ("compiled",)}
+#: the lowest CUDA compute capability of each precision (fp8 e4m3 conversions: Ada/Hopper)
+MIN_COMPUTE_CAPABILITY = {"bf16": 8.0, "fp8": 8.9}
+#: compute capabilities of GPU names a ``gpus.<type>`` key may carry (matched case-insensitively
+#: as a word of the name: ``H100``, ``h100-sxm``, ``a100_80g``); ``gpus.<type>.compute_capability``
+#: overrides it
+KNOWN_COMPUTE_CAPABILITY = {"v100": 7.0, "t4": 7.5, "a100": 8.0, "a30": 8.0, "a10": 8.6,
+                            "a40": 8.6, "l4": 8.9, "l40": 8.9, "l40s": 8.9, "h100": 9.0,
+                            "h200": 9.0, "gh200": 9.0, "h800": 9.0, "b200": 10.0, "gb200": 10.0}
 
 
 #: vocabulary size of the project's own tokenizer (see :mod:`llmenergy.inference.tokenizer`)
@@ -153,8 +176,63 @@ def n_params(args: ModelArgs) -> int:
     return args.n_layers * per_layer + 2 * args.vocab_size * args.dim + args.dim
 
 
-def weight_bytes(args: ModelArgs, dtype: str = "float16") -> int:
-    return n_params(args) * DTYPE_BYTES[_dtype_name(dtype)]
+def linear_params(args: ModelArgs) -> int:
+    """Parameters of the transformer blocks' linear layers (what int8/fp8 store narrow)."""
+    head = args.head_dim
+    attn = args.dim * args.n_heads * head * 2 + args.dim * args.kv_heads * head * 2
+    return args.n_layers * (attn + 3 * args.dim * args.hidden_dim)
+
+
+def weight_bytes(args: ModelArgs, dtype: str = "float16", precision: str = DEFAULT_PRECISION) -> int:
+    """Bytes of all weights in ``dtype``; with ``int8``/``fp8`` the blocks' linear weights take
+    one byte each plus a ``dtype`` scale per output channel (embeddings, norms and the output
+    head stay in ``dtype``)."""
+    size = DTYPE_BYTES[_dtype_name(dtype)]
+    if precision not in NARROW_BYTES:
+        return n_params(args) * size
+    lin = linear_params(args)
+    q, kv = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    # output channels of wq, wk, wv, wo, w1, w3, w2
+    channels = args.n_layers * (q + 2 * kv + args.dim + 2 * args.hidden_dim + args.dim)
+    return (n_params(args) - lin) * size + lin * NARROW_BYTES[precision] + channels * size
+
+
+def compute_capability(name: str, given: float | None = None) -> float | None:
+    """The CUDA compute capability of GPU type ``name``: ``given`` when set, else from
+    :data:`KNOWN_COMPUTE_CAPABILITY` by a word of the name, else None (unknown)."""
+    if given is not None:
+        return given
+    words = re.split(r"[^a-z0-9]+", name.lower())
+    for word in words:
+        if word in KNOWN_COMPUTE_CAPABILITY:
+            return KNOWN_COMPUTE_CAPABILITY[word]
+    return None
+
+
+def precision_problem(precision: str, engine: str, device: str = "cuda", gpu: str = "",
+                      capability: float | None = None) -> str | None:
+    """Why a cell of ``precision`` on ``engine`` and GPU type ``gpu`` cannot run, or None.
+
+    ``capability``: the GPU's compute capability (:func:`compute_capability`); None when
+    unknown, which rules out fp8 (a GPU before Ada/Hopper cannot convert to e4m3) but not
+    bf16.  On a CPU device every precision runs (int8/fp8 through the pure-PyTorch path).
+    """
+    if precision not in PRECISIONS:
+        return f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})"
+    if engine not in PRECISION_ENGINES[precision]:
+        return (f"engine {engine}: runs {', '.join(p for p, e in PRECISION_ENGINES.items() if engine in e)} "
+                f"only, not {precision} (weight-only {precision} needs the compiled engine)")
+    need = MIN_COMPUTE_CAPABILITY.get(precision)
+    if device == "cpu" or need is None:
+        return None
+    if capability is None:
+        if precision == "fp8":
+            return (f"{gpu} × fp8: compute capability unknown; set gpus.{gpu}.compute_capability "
+                    f"(fp8 needs ≥ {need:g}: L4, L40, H100, H200 ...)")
+        return None
+    if capability < need:
+        return f"{gpu} × {precision}: needs compute capability ≥ {need:g}, {gpu} has {capability:g}"
+    return None
 
 
 def _dtype_name(dtype: object) -> str:

@@ -57,12 +57,14 @@ class Cell:
     max_gen_len: int
     power_cap_w: float | None
     engine: str = "reference"
+    precision: str = "fp16"  # arch.PRECISIONS; the default adds nothing to the id
 
     @property
     def id(self) -> str:
         cap = "none" if self.power_cap_w is None else f"{self.power_cap_w:g}W"
+        prec = "" if self.precision == "fp16" else f"_{self.precision}"
         return (f"{self.model}_{self.dataset}_{self.gpu}_s{self.shards}_b{self.batch_size}"
-                f"_g{self.max_gen_len}_p{cap}_{self.engine}")
+                f"_g{self.max_gen_len}_p{cap}_{self.engine}{prec}")
 
     def identity(self) -> dict[str, Any]:
         return {"cell_id": self.id, **asdict(self)}
@@ -75,7 +77,9 @@ class Cell:
 
     @classmethod
     def from_identity(cls, d: dict[str, Any]) -> Cell:
-        return cls(**{k: d[k] for k in AXES})
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)
+                    if f.default is not dataclasses.MISSING}
+        return cls(**{k: d[k] if k in d else defaults[k] for k in AXES})
 
 
 #: The matrix axes, in the order of a cell id.

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from llmenergy.arch import ENGINES, SIZES, ModelArgs
+from llmenergy.arch import DEFAULT_PRECISION, ENGINES, PRECISION_DTYPE, PRECISIONS, SIZES, ModelArgs
 from llmenergy.data.prompts import DatasetSpec
 from llmenergy.errors import ConfigError
 from llmenergy.slurm import TIME_LIMIT_WARNING_S
@@ -57,6 +57,7 @@ class GpuSpec:
     min_power_w: float | None = None
     max_power_w: float | None = None
     mem_bandwidth_gbs: float = 900.0
+    compute_capability: float | None = None  # None: from the name (arch.KNOWN_COMPUTE_CAPABILITY)
     max_time_min: int | None = None  # the longest job the partition accepts (besides Slurm's MaxTime)
 
 
@@ -204,6 +205,15 @@ def _check_matrix(cfg: Config) -> None:
         for v in group.get("engine", ["reference"]):
             if v not in ENGINES:
                 raise ConfigError(f"{src}: matrix[{i}].engine: unknown engine {v!r} (known: {', '.join(ENGINES)})")
+        for v in group.get("precision", [DEFAULT_PRECISION]):
+            if v not in PRECISIONS:
+                raise ConfigError(f"{src}: matrix[{i}].precision: unknown precision {v!r} "
+                                  f"(known: {', '.join(PRECISIONS)})")
+            for m in group["model"]:
+                dtype = cfg.models[m].dtype
+                if v in ("fp16", "bf16") and dtype not in ("auto", PRECISION_DTYPE[v]) and "precision" in group:
+                    raise ConfigError(f"{src}: matrix[{i}].precision: {v} contradicts models.{m}.dtype "
+                                      f"{dtype} (precision sets the dtype; leave dtype auto)")
         for gen in group.get("max_gen_len", []):
             for m in group["model"]:
                 for d in group["dataset"]:

@@ -143,3 +143,41 @@ def engines_worker(rank: int, arch: Any, prompts: list[list[int]], max_gen_len: 
         out[engine.name] = {"free": free.tokens, "stop": stop.tokens, "stop_out": stop.tokens_out,
                             "stop_steps": stop.decode_steps, "logits": engine.first_logits(prompts)}
     return out
+
+
+def precision_worker(rank: int, arch: Any, prompts: list[list[int]], max_gen_len: int,
+                     precisions: tuple[str, ...] = ("int8", "fp8")) -> dict[str, Any]:
+    """Per weight-only precision, on N ranks (synthetic weights, seed 1, fp32 activations):
+    the compiled engine on quantised weights, the reference on the same model with each
+    local weight replaced by its dequantised value, and the reference on the original
+    weights: greedy tokens and first logits of each."""
+    from llmenergy.inference import quant
+    from llmenergy.inference import weights as W
+    from llmenergy.inference.engines import make_engine
+
+    longest = max(len(p) for p in prompts)
+
+    def build() -> Any:
+        return W.build(arch, "synthetic", device="cpu", dtype=torch.float32, seed=1,
+                       max_batch_size=len(prompts), max_seq_len=longest + max_gen_len)[0]
+
+    def run(engine: Any) -> dict[str, Any]:
+        tokens = engine.generate(prompts, max_gen_len, eos_id=None, stop_at_eos=False).tokens
+        return {"tokens": tokens, "logits": engine.first_logits(prompts)}
+
+    model = build()
+    out: dict[str, Any] = {"fp32": run(make_engine("reference", model))}
+    for precision in precisions:
+        dense = build()
+        with torch.no_grad():
+            for layer in dense.layers:
+                a, ff = layer.attention, layer.feed_forward
+                for m in (a.wq, a.wk, a.wv, a.wo, ff.w1, ff.w2, ff.w3):
+                    q, scale = quant.quantize(m.weight, precision)
+                    m.weight.copy_(quant.dequantize(q, scale, m.weight.dtype))
+        narrow = build()
+        engine = make_engine("compiled", narrow, precision=precision)
+        out[precision] = {"compiled": run(engine), "dequantised": run(make_engine("reference", dense)),
+                          "backend": engine.quant_backend,
+                          "linear_bytes": quant.linear_bytes(engine.linears)}
+    return out

@@ -28,7 +28,8 @@ from llmenergy.analysis.flags import row_flags
 log = logging.getLogger(__name__)
 
 #: The axes of the matrix, in the order captions name them.
-AXES = ["model", "dataset", "gpu", "shards", "batch_size", "max_gen_len", "power_cap_w", "engine"]
+AXES = ["model", "dataset", "gpu", "shards", "batch_size", "max_gen_len", "power_cap_w", "engine",
+        "precision"]
 CONFIG_KEYS = [a for a in AXES if a != "power_cap_w"]
 MAX_HUES = 8
 MAX_PANELS = 24
@@ -41,7 +42,7 @@ SHORT_NAMES = {"shards": "shards", "batch_size": "batch", "max_gen_len": "len",
 AXIS_NAMES = {
     "model": "model", "dataset": "dataset", "gpu": "GPU type", "shards": "shards (GPUs)",
     "batch_size": "batch size", "max_gen_len": "max generation length (tokens)",
-    "power_cap_w": "power cap", "engine": "engine",
+    "power_cap_w": "power cap", "engine": "engine", "precision": "precision (weights)",
 }
 CI_TEXT = "95 % Student-t interval over the cell's ok repeats (as in the table)"
 

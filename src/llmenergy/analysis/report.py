@@ -36,14 +36,14 @@ from llmenergy.analysis.findings import paper_findings, short_answer
 from llmenergy.analysis.flags import DISCREPANCY_LIMIT_PCT, cell_flags, flagged_rows
 from llmenergy.analysis.plots import load_manifest, make_figures
 from llmenergy.atomic import write_text
-from llmenergy.cellfiles import CellRecord, RunLayout
+from llmenergy.cellfiles import AXES, CellRecord, RunLayout
 from llmenergy.errors import RecordError, UserError
 
 log = logging.getLogger(__name__)
 
-MATRIX_AXES = ["model", "dataset", "gpu", "shards", "batch_size", "max_gen_len", "power_cap_w",
-               "engine"]
-CONFIG_COLUMNS = ["gpu", "shards", "batch_size", "max_gen_len", "power_cap_w", "dataset", "engine"]
+MATRIX_AXES = list(AXES)
+CONFIG_COLUMNS = ["gpu", "shards", "batch_size", "max_gen_len", "power_cap_w", "dataset", "engine",
+                  "precision"]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

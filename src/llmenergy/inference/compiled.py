@@ -22,6 +22,11 @@ Decode step (the part that matters for speed):
 - with shards > 1 the row-parallel all-reduces and the embedding/output
   all-gathers use functional collectives, which can sit inside a graph.
 
+Linear layers (:mod:`llmenergy.inference.quant`): QKV and gate/up fused per shard
+at construction (the model's parameters become views of the fused weights), and
+for ``precision`` int8/fp8 quantised per local output channel (weight-only), so
+one engine per model precision: docs/precision.md.
+
 On CUDA the step is compiled with ``mode="reduce-overhead"`` (Inductor, then
 captured as a CUDA graph and replayed); the caches are marked as static
 addresses so that the graph does not copy them.  Prefill (one forward pass of
@@ -55,7 +60,7 @@ from torch.distributed import _functional_collectives as funcol
 from torch.nn.attention import sdpa_kernel
 
 from llmenergy.errors import UserError
-from llmenergy.inference import tp
+from llmenergy.inference import quant, tp
 from llmenergy.inference.generate import (
     GenerationResult,
     PhaseCallback,
@@ -92,7 +97,8 @@ class CompiledEngine:
     name = "compiled"
 
     def __init__(self, model: Transformer, *, cache_dir: str | Path | None = None,
-                 compile: bool | None = None, eos_check_every: int = 16) -> None:
+                 compile: bool | None = None, eos_check_every: int = 16,
+                 precision: str = "fp16") -> None:
         if eos_check_every < 1:
             raise UserError(f"eos_check_every must be positive, got {eos_check_every}")
         self.model = model
@@ -104,6 +110,13 @@ class CompiledEngine:
         self.compile = self.device.type == "cuda" if compile is None else compile
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.shards = tp.mp_world_size()
+        self.precision = precision
+        self.linears, self.quant_backend = quant.prepare(model, precision)
+        if self.compile:
+            for lin in self.linears:
+                for mod in lin.modules():
+                    for buf in mod.buffers():
+                        torch._dynamo.mark_static_address(buf)
         self._group = None
         if self.shards > 1:
             from fairscale.nn.model_parallel.initialize import get_model_parallel_group
@@ -118,12 +131,21 @@ class CompiledEngine:
         self._ready: set[int] = set()
         self._tokens: dict[int, torch.Tensor] = {}
         self._step = self._decode
+        self._extra: dict[str, object] = {}
         if self.compile:
             if self.cache_dir is not None:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir)
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._step = torch.compile(self._decode, mode=mode, fullgraph=True, dynamic=False)
+            self._extra = quant.compile_options(precision, self.device)
+            if self._extra:  # reduce-overhead (CUDA graphs) plus the narrow weights' GEMM options
+                self._step = torch.compile(self._decode, options={"triton.cudagraphs": True, **self._extra},
+                                           fullgraph=True, dynamic=False)
+            else:
+                self._compile_plain()
+
+    def _compile_plain(self) -> None:
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self._step = torch.compile(self._decode, mode=mode, fullgraph=True, dynamic=False)
 
     # ------------------------------------------------------------------ model pieces
 
@@ -150,11 +172,12 @@ class CompiledEngine:
         h = self._all_gather_last(F.embedding(tokens, m.tok_embeddings.weight))
         cos, sin = self._cos[pos][None, :, None, :], self._sin[pos][None, :, None, :]
         for i, layer in enumerate(m.layers):
-            a, ff = layer.attention, layer.feed_forward
+            a, lin = layer.attention, self.linears[i]
             x = layer.attention_norm(h)
-            q = F.linear(x, a.wq.weight).view(bsz, seqlen, a.n_local_heads, a.head_dim)
-            k = F.linear(x, a.wk.weight).view(bsz, seqlen, a.n_local_kv_heads, a.head_dim)
-            v = F.linear(x, a.wv.weight).view(bsz, seqlen, a.n_local_kv_heads, a.head_dim)
+            q, k, v = lin.qkv(x).split(lin.qkv_sizes, dim=-1)
+            q = q.unflatten(-1, (a.n_local_heads, a.head_dim))
+            k = k.unflatten(-1, (a.n_local_kv_heads, a.head_dim))
+            v = v.unflatten(-1, (a.n_local_kv_heads, a.head_dim))
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             ck, cv = caches[2 * i], caches[2 * i + 1]
             ck.index_copy_(2, pos, k.transpose(1, 2))
@@ -166,10 +189,10 @@ class CompiledEngine:
                 values = values.repeat_interleave(rep, dim=1)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
             out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
-            h = h + self._all_reduce(F.linear(out, a.wo.weight))
+            h = h + self._all_reduce(lin.wo(out))
             x = layer.ffn_norm(h)
-            gate = F.silu(F.linear(x, ff.w1.weight)) * F.linear(x, ff.w3.weight)
-            h = h + self._all_reduce(F.linear(gate, ff.w2.weight))
+            gate, up = lin.gate_up(x).split(lin.hidden, dim=-1)
+            h = h + self._all_reduce(lin.w2(F.silu(gate) * up))
         h = m.norm(h[:, -1])
         return self._all_gather_last(F.linear(h, m.output.weight)).float()
 
@@ -225,9 +248,16 @@ class CompiledEngine:
             token = self._token(bsz).zero_()
             pos = torch.zeros(1, dtype=torch.long, device=self.device)
             n_pad = torch.zeros(bsz, dtype=torch.long, device=self.device)
-            for _ in range(_WARMUP_CALLS):  # writes position 0, which prefill overwrites
-                self._mark_step()
-                self._step(token, pos, n_pad, caches)
+            try:
+                self._warm_calls(token, pos, n_pad, caches)
+            except Exception as exc:  # noqa: BLE001 - the GEMM-template options are unverified
+                if not self._extra:
+                    raise
+                log.warning("compiling with %s failed (%s: %s); compiling without them",
+                            self._extra, type(exc).__name__, exc)
+                self._extra = {}
+                self._compile_plain()
+                self._warm_calls(token, pos, n_pad, caches)
         sync(self.device)
         t1 = time.time_ns()
         self._ready.add(bsz)
@@ -235,6 +265,12 @@ class CompiledEngine:
             log.info("compiled the decode step for batch %d in %.1f s", bsz, (t1 - t0) / 1e9)
             if on_phase is not None:
                 on_phase("compile", t0, t1)
+
+    def _warm_calls(self, token: torch.Tensor, pos: torch.Tensor, n_pad: torch.Tensor,
+                    caches: Caches) -> None:
+        for _ in range(_WARMUP_CALLS):  # writes position 0, which prefill overwrites
+            self._mark_step()
+            self._step(token, pos, n_pad, caches)
 
     def prepare(self, on_phase: PhaseCallback | None = None) -> None:
         """Compile for ``max_batch_size`` before any measured generation."""

@@ -29,16 +29,19 @@ torch-free feasibility check live in :mod:`llmenergy.arch` (``ENGINES``,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from llmenergy.arch import ENGINES, engine_problem
+from llmenergy.arch import ENGINES, PRECISION_DTYPE, engine_problem, precision_problem
 from llmenergy.errors import UserError
 from llmenergy.inference import generate as G
 from llmenergy.inference.model import Transformer
 
-__all__ = ["ENGINES", "Engine", "ReferenceEngine", "engine_problem", "make_engine"]
+if TYPE_CHECKING:
+    from llmenergy.cellfiles import CellSpec
+
+__all__ = ["ENGINES", "Engine", "ReferenceEngine", "cell_engine", "engine_problem", "make_engine"]
 
 
 class Engine(Protocol):
@@ -81,19 +84,34 @@ class ReferenceEngine:
 def make_engine(name: str, model: Transformer, *, max_batch_size: int | None = None,
                 max_seq_len: int | None = None, device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None, cache_dir: str | Path | None = None,
-                compile: bool | None = None) -> Engine:
+                compile: bool | None = None, precision: str | None = None) -> Engine:
     """Engine ``name`` over ``model``.
 
     The batch size, sequence length, device and dtype are the model's (its KV
     cache and weights); when given they must match.  ``cache_dir``: Inductor's
     cache directory (compiled, hf).  ``compile``: compiled and hf; default True
     on CUDA, False on CPU (see :mod:`llmenergy.inference.compiled`,
-    :mod:`llmenergy.inference.hf`).
+    :mod:`llmenergy.inference.hf`).  ``precision`` (the cell's, :data:`llmenergy.arch.PRECISIONS`;
+    default: bf16 for a bfloat16 model, else fp16): fp16/bf16 need a model of that dtype
+    (or float32, on CPU); int8/fp8 quantise the blocks' weights of a 16/32-bit model
+    (compiled engine only, see :mod:`llmenergy.inference.quant`).
     """
-    problem = engine_problem(name, 1, "cpu")  # the shard count is checked by the hf engine itself
+    weight = model.tok_embeddings.weight
+    if precision is None:
+        precision = "bf16" if weight.dtype == torch.bfloat16 else "fp16"
+    # the shard count is checked by the hf engine itself; compute capability by the planner
+    problem = engine_problem(name, 1, "cpu") or precision_problem(precision, name, "cpu")
     if problem is not None:
         raise UserError(problem)
-    weight = model.tok_embeddings.weight
+    want_dtype = PRECISION_DTYPE[precision] if precision in ("fp16", "bf16") else None
+    if want_dtype is not None and str(weight.dtype).removeprefix("torch.") not in (want_dtype, "float32"):
+        raise UserError(f"engine {name}: precision {precision} needs a {want_dtype} model, not {weight.dtype}")
+    from llmenergy.inference import quant
+
+    prepared = quant.model_precision(model)
+    if prepared is not None and prepared != precision and prepared in quant.NARROW_BYTES:
+        raise UserError(f"engine {name}: the model's weights were quantised to {prepared}, "
+                        f"it cannot run {precision}")
     given = {"max_batch_size": (max_batch_size, model.max_batch_size),
              "max_seq_len": (max_seq_len, model.max_seq_len),
              "device": (None if device is None else torch.device(device), weight.device),
@@ -109,7 +127,12 @@ def make_engine(name: str, model: Transformer, *, max_batch_size: int | None = N
         return HFEngine(model, cache_dir=cache_dir, compile=compile)
     from llmenergy.inference.compiled import CompiledEngine
 
-    return CompiledEngine(model, cache_dir=cache_dir, compile=compile)
+    return CompiledEngine(model, cache_dir=cache_dir, compile=compile, precision=precision)
+
+
+def cell_engine(spec: CellSpec, model: Transformer, *, cache_dir: str | Path | None = None) -> Engine:
+    """The engine of a cell: its ``engine`` and ``precision`` axes, from its spec."""
+    return make_engine(spec.cell.engine, model, cache_dir=cache_dir, precision=spec.cell.precision)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

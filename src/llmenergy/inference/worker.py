@@ -222,7 +222,7 @@ def measure(rec: Recorder, model: Any, tok: Any, prompts: list[Any], encoded: li
     phase of its own), the warm-up, then every repeat's batches, each metered."""
     from llmenergy.inference import engines
 
-    engine = engines.make_engine(spec.cell.engine, model, cache_dir=RunLayout.of_cell(cell_dir).inductor_cache)
+    engine = engines.cell_engine(spec, model, cache_dir=RunLayout.of_cell(cell_dir).inductor_cache)
     engine.prepare(on_phase=lambda phase, s, e: rec.event(phase, s, e, n_seqs=spec.cell.batch_size))
     stop.check()
     batch_size = spec.cell.batch_size

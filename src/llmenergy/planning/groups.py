@@ -41,7 +41,8 @@ def resolve_packing(cfg: Config, default: str = DEFAULT_PACKING) -> str:
 def group_id(cell: Cell) -> str:
     """The id of the group ``cell`` belongs to: what the cells of a group share."""
     cap = "none" if cell.power_cap_w is None else f"{cell.power_cap_w:g}W"
-    return f"{cell.model}_{cell.gpu}_s{cell.shards}_p{cap}_{cell.engine}"
+    prec = "" if cell.precision == "fp16" else f"_{cell.precision}"  # a model load is one precision
+    return f"{cell.model}_{cell.gpu}_s{cell.shards}_p{cap}_{cell.engine}{prec}"
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmenergy.arch import (
+    DEFAULT_PRECISION,
     DTYPE_BYTES,
+    PRECISION_DTYPE,
+    compute_capability,
     engine_problem,
+    precision_problem,
     kv_cache_bytes,
     shard_problem,
     weight_bytes,
@@ -27,6 +31,7 @@ from llmenergy.slurm import ShardLayoutError, node_layout
 MAX_SHARDS = 32
 DEFAULTS: dict[str, list[Any]] = {
     "shards": [1], "batch_size": [1], "max_gen_len": [256], "power_cap_w": [None], "engine": ["reference"],
+    "precision": [DEFAULT_PRECISION],
 }
 # Per GPU: CUDA context, allocator slack and activations not counted in weights + KV cache.
 RESERVE_GB_PER_GPU = 2.0
@@ -59,14 +64,23 @@ class Plan:
 
 
 def dtype_for(cfg: Config, cell: Cell) -> str:
+    """The dtype a cell's model is built in (and computes in): ``models.<name>.dtype`` when
+    set, float32 on a CPU device, else the precision's (fp16, int8, fp8: float16; bf16:
+    bfloat16).  int8/fp8 weights are quantised from it at load."""
     dtype = cfg.models[cell.model].dtype
     if dtype != "auto":
         return dtype
-    return "float32" if cfg.gpus[cell.gpu].device == "cpu" else "float16"
+    if cfg.gpus[cell.gpu].device == "cpu":
+        return "float32"
+    return PRECISION_DTYPE[cell.precision]
 
 
 def memory_problem(cfg: Config, cell: Cell) -> str | None:
-    """Why ``cell`` does not fit in shards × GPU memory, or None."""
+    """Why ``cell`` does not fit in shards × GPU memory, or None.
+
+    int8/fp8 weights are quantised after the model is loaded in its dtype, layer by layer,
+    so the peak is the 16-bit weights whatever the precision.
+    """
     spec, gpu = cfg.models[cell.model], cfg.gpus[cell.gpu]
     dtype = dtype_for(cfg, cell)
     seq = cfg.datasets[cell.dataset].max_prompt_len + cell.max_gen_len
@@ -89,9 +103,13 @@ def feasibility(cfg: Config, cell: Cell) -> str | None:
         layout(cfg, cell)
     except ShardLayoutError as exc:
         return str(exc)
-    device = "cpu" if cfg.gpus[cell.gpu].device == "cpu" else "cuda"
+    gpu = cfg.gpus[cell.gpu]
+    device = "cpu" if gpu.device == "cpu" else "cuda"
     return (shard_problem(cell.model, cfg.models[cell.model].args, cell.shards)
-            or engine_problem(cell.engine, cell.shards, device) or memory_problem(cfg, cell))
+            or engine_problem(cell.engine, cell.shards, device)
+            or precision_problem(cell.precision, cell.engine, device, cell.gpu,
+                                 compute_capability(cell.gpu, gpu.compute_capability))
+            or memory_problem(cfg, cell))
 
 
 def expand(cfg: Config) -> Plan:
@@ -151,13 +169,14 @@ def host_mem_mb(cfg: Config, cell: Cell) -> tuple[int, str]:
 def estimate_runtime_s(cfg: Config, cell: Cell) -> float:
     """A rough upper estimate of a cell's wall time, for the plan and Slurm's --time.
 
-    Decode is memory-bound: each step streams the shard's weights once.
+    Decode is memory-bound: each step streams the shard's weights once (one byte per
+    linear weight under int8/fp8).
     """
     spec, gpu, ds = cfg.models[cell.model], cfg.gpus[cell.gpu], cfg.datasets[cell.dataset]
     dtype = dtype_for(cfg, cell)
     nodes, _ = layout(cfg, cell)
     # Eager fairscale decode ran at ~3x the bandwidth bound, never faster than ~30 ms/step (H100, 7B).
-    step_s = max(weight_bytes(spec.args, dtype) / cell.shards / (gpu.mem_bandwidth_gbs * 1e9) * 3, 0.03)
+    step_s = max(weight_bytes(spec.args, dtype, cell.precision) / cell.shards / (gpu.mem_bandwidth_gbs * 1e9) * 3, 0.03)
     step_s += 0.01 * (nodes - 1)  # two all-reduces per layer cross the network
     if gpu.device == "cpu":
         step_s = max(step_s, 0.01 * cell.shards)

@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
+from llmenergy.cellfiles import AXES
 from llmenergy.config import Config
 from llmenergy.planning import jobs
 from llmenergy.planning.energy import estimate_energy
@@ -35,8 +36,7 @@ from llmenergy.planning.matrix import (
     layout,
 )
 
-IDENTITY = ["model", "dataset", "gpu", "shards", "batch_size", "max_gen_len", "power_cap_w",
-            "engine"]
+IDENTITY = list(AXES)  # every matrix axis, in cell-id order
 REQUEST = ["nodes", "gpus_per_node", "partition", "constraint", "mem_mb_per_node", "mem_mb_source",
            "est_runtime_min", "gpu_hours", "group_id"]
 GROUP_TABLE = [  # (header, key, right-aligned)

@@ -1,0 +1,287 @@
+"""The linear layers of the ``compiled`` engine: fused per shard, dense or weight-only narrow.
+
+:func:`prepare` turns each transformer block's seven projections into four linear
+modules, once per model (later engines on the same model reuse them):
+
+- ``qkv``: ``wq``, ``wk`` and ``wv`` of this rank's shard concatenated along the
+  output channels; ``gate_up``: ``w1`` and ``w3`` likewise; ``wo`` and ``w2``
+  (row-parallel) as they are.  One matrix read per fused projection instead of
+  three or two launches.
+- ``fp16``/``bf16`` (dense): the fused weight is one new tensor and the model's
+  ``wq``/``wk``/``wv``/``w1``/``w3`` parameters become views of it, so the weights
+  are not held twice and the other engines still read the same values.
+- ``int8``/``fp8`` (weight-only, e4m3): each local weight is quantised with one
+  scale per local output channel (symmetric, ``scale = max|w| / 127`` or ``/ 448``);
+  the model's 16-bit block weights are then released (the model can only be run by
+  this engine afterwards: :func:`model_precision` says so).  Embeddings, norms and the
+  output head stay in the model's dtype.
+
+Kernels (:func:`backend`): on CUDA, torchao's ``Int8WeightOnlyConfig`` /
+``Float8WeightOnlyConfig`` when torchao imports and a quantised layer passes a
+smoke check, so that the compiled step reads the narrow weight; otherwise (always
+on CPU) :class:`NarrowLinear`, pure PyTorch ``F.linear(x, q.to(dtype)) * scale``:
+correct, but on a GPU Inductor materialises the dequantised weight every step
+(twice the bytes of fp16: issue 24).  ``LLMENERGY_QUANT_BACKEND=torch|torchao``
+forces one.  See docs/precision.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmenergy.arch import NARROW_BYTES, PRECISIONS
+from llmenergy.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+#: the largest finite e4m3 value and int8's symmetric range
+FP8_MAX = 448.0
+INT8_MAX = 127
+#: attribute of a model whose linears were prepared: (precision, backend, list[Linears])
+_ATTR = "_llmenergy_linears"
+_ENV = "LLMENERGY_QUANT_BACKEND"
+
+
+# ----------------------------------------------------------------- quantisation
+
+def _scale(w: torch.Tensor, top: float) -> torch.Tensor:
+    amax = w.abs().amax(dim=1).float()
+    return torch.where(amax > 0, amax / top, torch.ones_like(amax))
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, float32 scale per output channel) with ``w ≈ q * scale[:, None]``;
+    each element is off by at most ``scale / 2`` (round to nearest, no clipping)."""
+    scale = _scale(w, INT8_MAX)
+    q = torch.round(w.float() / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, float32 scale per output channel): the row maximum maps to 448."""
+    scale = _scale(w, FP8_MAX)
+    q = (w.float() / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def quantize(w: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if precision == "int8":
+        return quantize_int8(w)
+    if precision == "fp8":
+        return quantize_fp8(w)
+    raise UserError(f"precision {precision!r} is not weight-only (int8, fp8)")
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale[:, None]).to(dtype)
+
+
+# ----------------------------------------------------------------- linear modules
+
+class DenseLinear(nn.Module):
+    """``F.linear(x, weight)`` on a weight it does not copy."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class NarrowLinear(nn.Module):
+    """Weight-only int8/fp8 in pure PyTorch: ``F.linear(x, q.to(x.dtype)) * scale``."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("qweight", q, persistent=False)
+        self.register_buffer("scale", scale.to(dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.qweight.to(x.dtype)) * self.scale
+
+
+def _torchao_linear(weight: torch.Tensor, precision: str) -> nn.Module:
+    """An ``nn.Linear`` holding ``weight`` quantised by torchao (raises when it cannot)."""
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    # set_inductor_config=False: torchao would otherwise turn on coordinate-descent tuning
+    # for the whole process (minutes more compile); the engine sets its own options
+    config = (Int8WeightOnlyConfig(set_inductor_config=False) if precision == "int8"
+              else Float8WeightOnlyConfig(set_inductor_config=False))
+    quantize_(lin, config)
+    return lin
+
+
+def _check(lin: nn.Module, weight: torch.Tensor, precision: str) -> None:
+    """Raise when ``lin`` differs from the dense layer by more than its precision allows."""
+    x = torch.randn(2, weight.shape[1], device=weight.device, dtype=weight.dtype,
+                    generator=torch.Generator(weight.device).manual_seed(0))
+    with torch.no_grad():
+        got, want = lin(x).float(), F.linear(x, weight).float()
+    rel = float((got - want).norm() / want.norm().clamp_min(1e-12))
+    if not rel < (0.02 if precision == "int8" else 0.1):
+        raise RuntimeError(f"relative error {rel:.3g} against the dense layer")
+
+
+def backend(precision: str, device: torch.device) -> str:
+    """``dense`` (fp16/bf16), ``torchao`` (CUDA, torchao importable) or ``torch`` (fallback)."""
+    if precision not in NARROW_BYTES:
+        return "dense"
+    forced = os.environ.get(_ENV)
+    if forced in ("torch", "torchao"):
+        return forced
+    if forced:
+        raise UserError(f"{_ENV}={forced!r}: must be torch or torchao")
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import torchao.quantization  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means: no torchao here
+        log.warning("torchao unavailable (%s): %s weights run through the pure-PyTorch path, "
+                    "which dequantises every step (slower than fp16 on a GPU)", exc, precision)
+        return "torch"
+    return "torchao"
+
+
+def narrow_linear(weight: torch.Tensor, precision: str, kind: str) -> tuple[nn.Module, str]:
+    """(module, backend actually used) for a local ``weight`` under ``precision``."""
+    if kind == "torchao":
+        try:
+            lin = _torchao_linear(weight, precision)
+            _check(lin, weight, precision)
+            return lin, "torchao"
+        except Exception as exc:  # noqa: BLE001 - fall back, loudly, on anything torchao raises
+            log.warning("torchao %s failed (%s: %s); using the pure-PyTorch path",
+                        precision, type(exc).__name__, exc)
+    q, scale = quantize(weight, precision)
+    return NarrowLinear(q, scale, weight.dtype), "torch"
+
+
+#: Inductor options of a compiled step with int8/fp8 weights on CUDA: GEMMs become
+#: Triton templates, so that the narrow → 16-bit conversion can be fused into the
+#: template's loads of the weight (prologue fusion) instead of being written out as a
+#: dequantised copy first (what cuBLAS needs: issue 24's 2x slowdown).  Not yet verified
+#: on a GPU; ``LLMENERGY_QUANT_AUTOTUNE=0`` turns them off.
+NARROW_INDUCTOR_OPTIONS: dict[str, Any] = {
+    "max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON", "prologue_fusion": True}
+
+
+def compile_options(precision: str, device: torch.device) -> dict[str, Any]:
+    """Extra torch.compile options for ``precision`` on ``device`` (empty: none)."""
+    if precision not in NARROW_BYTES or device.type != "cuda" or os.environ.get("LLMENERGY_QUANT_AUTOTUNE") == "0":
+        return {}
+    import torch._inductor.config as inductor
+
+    return {k: v for k, v in NARROW_INDUCTOR_OPTIONS.items() if hasattr(inductor, k)}
+
+
+# ----------------------------------------------------------------- per model
+
+@dataclasses.dataclass
+class Linears:
+    """The four projections of one block (this rank's shard)."""
+
+    qkv: nn.Module
+    qkv_sizes: tuple[int, int, int]
+    wo: nn.Module
+    gate_up: nn.Module
+    hidden: int  # local feed-forward width: gate_up's output is [gate | up]
+    w2: nn.Module
+
+    def modules(self) -> tuple[nn.Module, ...]:
+        return self.qkv, self.wo, self.gate_up, self.w2
+
+
+def _fuse(modules: list[Any]) -> torch.Tensor:
+    """The weights of ``modules`` concatenated along output channels; their parameters
+    become views of the result (no second copy)."""
+    fused = torch.cat([m.weight.data for m in modules], dim=0)
+    row = 0
+    for m in modules:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(fused[row:row + n], requires_grad=False)
+        row += n
+    return fused
+
+
+def _release(modules: list[Any]) -> None:
+    for m in modules:
+        m.weight = nn.Parameter(torch.empty(0, device=m.weight.device, dtype=m.weight.dtype),
+                                requires_grad=False)
+
+
+def prepare(model: nn.Module, precision: str) -> tuple[list[Linears], str]:
+    """The fused (and for int8/fp8 quantised) projections of every block, and the backend.
+
+    Done once per model; asking again for another precision is an error when either is
+    int8/fp8 (they release the 16-bit weights); fp16 and bf16 share the fused weights.
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+    done = getattr(model, _ATTR, None)
+    if done is not None:
+        if done[0] != precision and (done[1] != "dense" or precision in NARROW_BYTES):
+            raise UserError(f"the model's linears were prepared for {done[0]}, not {precision}")
+        return done[2], done[1]
+    device = model.tok_embeddings.weight.device
+    kind = backend(precision, device)
+    used: set[str] = set()
+    layers: list[Linears] = []
+    for layer in model.layers:
+        a, ff = layer.attention, layer.feed_forward
+        sizes = (a.wq.weight.shape[0], a.wk.weight.shape[0], a.wv.weight.shape[0])
+        hidden = ff.w1.weight.shape[0]
+        weights = {"qkv": _fuse([a.wq, a.wk, a.wv]), "wo": a.wo.weight.data,
+                   "gate_up": _fuse([ff.w1, ff.w3]), "w2": ff.w2.weight.data}
+        mods: dict[str, nn.Module] = {}
+        for key, w in weights.items():
+            if kind == "dense":
+                mods[key] = DenseLinear(w)
+            else:
+                mods[key], how = narrow_linear(w, precision, kind)
+                used.add(how)
+        if kind != "dense":
+            del weights
+            _release([a.wq, a.wk, a.wv, a.wo, ff.w1, ff.w3, ff.w2])
+        layers.append(Linears(mods["qkv"], sizes, mods["wo"], mods["gate_up"], hidden, mods["w2"]))
+    how = "dense" if kind == "dense" else ("torch" if "torch" in used else "torchao")
+    if kind != "dense" and device.type == "cuda":
+        torch.cuda.empty_cache()
+    log.info("prepared %d blocks' linears: %s, backend %s", len(layers), precision, how)
+    setattr(model, _ATTR, (precision, how, layers))
+    return layers, how
+
+
+def model_precision(model: nn.Module) -> str | None:
+    """The precision the model's linears were prepared for, or None."""
+    done = getattr(model, _ATTR, None)
+    return None if done is None else done[0]
+
+
+def linear_bytes(layers: list[Linears]) -> int:
+    """Bytes the blocks' projections hold (what a decode step reads of them)."""
+    total = 0
+    for lin in layers:
+        for mod in lin.modules():
+            for t in list(mod.parameters()) + list(mod.buffers()):
+                total += _tensor_bytes(t)
+    return total
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t``, including the inner tensors of a torchao subclass."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
+        names, _ = flatten()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
