@@ -246,14 +246,24 @@ def _balance(summary: pd.DataFrame, stats: pd.DataFrame) -> dict[str, Any]:
                    and float(total) > 0 else None)
             why = reasons.get(cid, {}).get(col)
             if value is None and why is None:
+                withheld = [p["label"] for p in parts if p["j"] is None]
                 why = ("null: the cell's span is not covered by every device's samples"
-                       if pd.isna(total) else "null: a part it depends on is null")
+                       if pd.isna(total) else
+                       f"null: the rest of the total is unknown while {', '.join(withheld)} "
+                       f"{'is' if len(withheld) == 1 else 'are'} withheld" if withheld else
+                       "null: a part it depends on is null")
             parts.append({"label": label, "j": value, "pct": pct, "reason": why,
                           "s": c.get(secs) if secs else None})
-        rows.append({"cell_id": cid, "window_s": c.get("balance_window_s"), "total_j": total,
+        rows.append({"cell_id": cid, "status": c.get("status"),
+                     "window_s": c.get("balance_window_s"), "total_j": total,
                      "parts": parts, "complete": c.get("energy_complete"),
                      "total_reason": reasons.get(cid, {}).get("balance_total_j")})
-    nulls = [(r["cell_id"], p["label"], p["reason"]) for r in rows for p in r["parts"] if p["j"] is None]
+    by_reason: dict[tuple[str, str], list[str]] = {}  # the same reason in many cells: one line
+    for r in rows:
+        for p in r["parts"]:
+            if p["j"] is None:
+                by_reason.setdefault((p["label"], p["reason"]), []).append(r["cell_id"])
+    nulls = [(cells, label, why) for (label, why), cells in by_reason.items()]
     return {"rows": rows, "nulls": nulls, "present": True, **resolution}
 
 
