@@ -233,6 +233,10 @@ def test_a_figure_skipped_for_null_energy_says_why_not_no_sensor() -> None:
     with pytest.raises(FigureSkipped, match=r"power source: nvml.*decode_energy_j null: 1 of 2") as exc:
         BUILDERS["prefill_vs_decode_energy"](summary)
     assert "no power sensor" not in str(exc.value)
+    summary.loc[ok, ["active_energy_j", "idle_power_w"]] = None  # null because idle power is
+    summary["energy_reason"] = np.where(ok, "idle_power_w null: 1 of 1 window(s) last 0.3 s", None)
+    with pytest.raises(FigureSkipped, match=r"active_energy_j null where idle_power_w null: 1 of 1"):
+        BUILDERS["active_vs_total_energy"](summary)
 
 
 def test_pareto_front_by_hand_and_front_points_numbered_with_a_key() -> None:

@@ -61,6 +61,10 @@ def ok_rows(summary: pd.DataFrame, *cols: str) -> pd.DataFrame:
     return df.assign(_flagged=row_flags(df, cols).ne("").to_numpy(bool))
 
 
+#: A column null because another one is: its reason is that column's.
+DERIVED_FROM = {"active_energy_j": "idle_power_w"}
+
+
 def null_reason(summary: pd.DataFrame, column: str) -> str | None:
     """Why ``column`` is null in the ``ok`` rows that lack it, from their ``energy_reason``:
     the distinct clauses naming it (at most two, then a count), or None when none says."""
@@ -72,6 +76,9 @@ def null_reason(summary: pd.DataFrame, column: str) -> str | None:
         for col, clause in reason_clauses(text):
             if col == column and clause not in clauses:
                 clauses.append(clause)
+    if not clauses and column in DERIVED_FROM:  # e.g. active energy needs the idle power
+        why = null_reason(summary[summary[column].isna()], DERIVED_FROM[column])
+        return f"{column} null where {why}" if why else None
     if not clauses:
         return None
     more = f" (and {len(clauses) - 2} more)" if len(clauses) > 2 else ""
@@ -96,7 +103,7 @@ def energy_rows(summary: pd.DataFrame, *cols: str) -> pd.DataFrame:
             raise FigureSkipped("no energy data: no power sensor (power source: none), so the "
                                 "energy columns are empty")
         empty = [c for c in cols if ok[c].isna().all()] or [c for c in cols if ok[c].isna().any()]
-        whys = [f"{c}: {null_reason(summary, c) or 'null in every ok repeat'}" for c in empty]
+        whys = [null_reason(summary, c) or f"{c} null in every ok repeat" for c in empty]
         raise FigureSkipped("no ok repeat has every value this figure needs (power source: "
                             + ", ".join(src) + "); " + "; ".join(whys or ["no ok repeat"]))
     return df
