@@ -140,13 +140,20 @@ def make_cell(root: Path, cell_id: str, *, model: str = "tiny", dataset: str = "
 def synthetic_summary(*, models: tuple = ("7B",), datasets: tuple = ("alpaca",),
                       gpus: tuple = ("H200",), shards: tuple = (1,), batch: tuple = (16,),
                       gen: tuple = (256,), caps: tuple = (None,), engines: tuple = ("reference",),
-                      repeats: int = 3, short_cells: tuple = ()) -> pd.DataFrame:
+                      repeats: int = 3, short_cells: tuple = (),
+                      real_gpu: bool = False) -> pd.DataFrame:
     """One ok row per cell × repeat, with numbers a reader can check by hand.
 
     tokens/s = 100·batch/shards^0.5, ×2 for ``compiled``, ×1.2 for gsm8k, ×0.9 under a cap,
     × (1 + 0.01·repeat); power = 300 W·shards·(1 + batch/256), ×0.8 under a cap, ×1.1 for
     compiled; J/token = power / tokens/s. Cells whose id is in ``short_cells`` get a
     short measurement window on repeat 0 (flagged).
+
+    ``real_gpu``: as on an H200 (100 ms sensor), every prefill energy is null (its windows
+    last 25–141 ms) with that reason, and each cell has a balance: total 10 kJ = idle 1 kJ
+    + load 2 kJ + compile 1.5 kJ over 40 s (``compiled`` only, else 0) + warm-up null
+    (0.4 s window, said why) + measured 4 kJ + gaps 0.5 kJ over 2 s + unattributed (null,
+    since warm-up is).
     """
     import itertools
 
@@ -174,6 +181,18 @@ def synthetic_summary(*, models: tuple = ("7B",), datasets: tuple = ("alpaca",),
             mem_util_pct=25.0, power_source="nvml", energy_discrepancy_pct=0.1,
             short_window=cid in short_cells and rep == 0, power_out_of_range=False,
             fingerprint="f" * 16))
+        if real_gpu:
+            compiled = eng == "compiled"
+            rows[-1].update(
+                prefill_energy_j=None, update_period_s=0.1, energy_complete=True,
+                energy_reason=("prefill_energy_j null: 4 of 4 window(s) last 0.025-0.141 s, under "
+                               "10 sensor update periods (1.00 s); balance_warmup_j null: 1 of 1 "
+                               "window(s) last 0.400-0.400 s, under 10 sensor update periods (1.00 s)"),
+                balance_window_s=90.0, balance_total_j=10_000.0, balance_idle_j=1_000.0,
+                balance_load_j=2_000.0, compile_j=1_500.0 if compiled else 0.0,
+                compile_duration_s=40.0 if compiled else 0.0, balance_warmup_j=None,
+                balance_measured_j=4_000.0, balance_gaps_j=500.0, balance_gaps_s=2.0,
+                balance_unattributed_j=None, balance_unattributed_pct=None)
     return to_table(rows).to_pandas()
 
 

@@ -48,3 +48,42 @@ def test_missing_columns_are_no_flag() -> None:
     bare = pd.DataFrame({"cell_id": ["a"], "status": ["ok"], "energy_j": [1.0]})
     assert row_flags(bare).tolist() == [""]
     assert cell_flags(bare) == {}
+
+
+def _energy_rows() -> pd.DataFrame:
+    prefill = ("prefill_energy_j null: 4 of 4 window(s) last 0.025-0.141 s, under 10 sensor "
+               "update periods (1.00 s)")
+    return pd.DataFrame({
+        "cell_id": ["p", "m", "m", "k"],
+        "repeat": [0, 0, 1, 0],
+        "status": ["ok"] * 4,
+        "energy_j": [10.0, math.nan, 9.0, 10.0],
+        "power_source": ["nvml"] * 4,
+        "energy_complete": [True, False, False, True],
+        "energy_reason": [prefill, "energy_j null: no power samples of node2/GPU-7 (rank 1)",
+                          None, None],
+    })
+
+
+def test_energy_reason_and_incomplete_energy_are_flags() -> None:
+    reasons = row_flags(_energy_rows()).tolist()
+    assert reasons[0].startswith("prefill_energy_j null: 4 of 4 window(s) last 0.025-0.141 s")
+    # the reason names the device; no second, vaguer "null energy" beside it
+    assert reasons[1] == "energy_j null: no power samples of node2/GPU-7 (rank 1)"
+    assert reasons[2].startswith("energy incomplete")  # energy published, a GPU not metered
+    assert reasons[3] == ""
+    assert "repeat 0: prefill_energy_j null" in cell_flags(_energy_rows())["p"]
+
+
+def test_a_phase_clause_flags_only_the_figures_that_draw_that_phase() -> None:
+    rows = _energy_rows()
+    assert row_flags(rows, ["j_per_token", "batch_size"]).tolist()[0] == ""
+    assert row_flags(rows, ["prefill_energy_j"]).tolist()[0].startswith("prefill_energy_j null")
+    # a clause about the repeat's energy counts in every figure
+    assert row_flags(rows, ["tokens_per_s"]).tolist()[1].startswith("energy_j null")
+
+
+def test_repeats_with_the_same_reason_share_one_entry() -> None:
+    rows = pd.DataFrame({"cell_id": ["a"] * 3, "repeat": [0, 1, 2], "status": ["ok"] * 3,
+                         "energy_reason": ["balance_load_j null: short"] * 2 + [None]})
+    assert cell_flags(rows) == {"a": "repeats 0, 1: balance_load_j null: short"}

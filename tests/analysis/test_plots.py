@@ -193,6 +193,52 @@ def test_prefill_decode_and_active_energy() -> None:
                        0.6)
 
 
+UNRESOLVED = ("prefill_energy_j null: 2 of 2 window(s) last 0.025-0.141 s, under 10 sensor "
+              "update periods (1.00 s)")
+
+
+def test_decode_is_drawn_when_no_prefill_is_resolved() -> None:
+    summary = summary_of(shards=(1,))
+    ok = summary["status"] == "ok"
+    summary.loc[ok, "prefill_energy_j"] = None  # as on a GPU: every prefill below 1 s
+    summary["energy_reason"] = np.where(ok, UNRESOLVED, None)
+    fig, caption = BUILDERS["prefill_vs_decode_energy"](summary)
+    lines = _lines_by_label(fig.axes[0])
+    assert list(lines) == ["decode"]
+    assert lines["decode"][0] == [1.0, 4.0, 16.0]  # every batch size's decode is kept
+    assert caption.startswith("Prefill is not drawn: prefill windows shorter than 10 sensor "
+                              "update periods: not resolved; see docs/measurement.md.")
+    assert not [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "_flagged"]
+    # the J/token figure is not hollowed by a prefill it does not draw
+    fig, _ = BUILDERS["j_per_token_vs_batch"](summary)
+    assert figure_data(fig).flagged == []
+
+
+def test_prefill_left_out_only_where_null() -> None:
+    summary = summary_of(shards=(1,))
+    one = summary.index[(summary["batch_size"] == 4) & (summary["repeat"] == 0)]
+    summary.loc[one, "prefill_energy_j"] = None
+    summary["energy_reason"] = None
+    summary.loc[one, "energy_reason"] = UNRESOLVED
+    fig, caption = BUILDERS["prefill_vs_decode_energy"](summary)
+    assert set(_lines_by_label(fig.axes[0])) == {"prefill", "decode"}
+    assert caption.startswith("Prefill is left out for 1 of 9 repeat(s): prefill windows shorter")
+
+
+def test_a_figure_skipped_for_null_energy_says_why_not_no_sensor() -> None:
+    summary = summary_of(shards=(1,))
+    ok = summary["status"] == "ok"
+    summary.loc[ok, "decode_energy_j"] = None
+    summary["energy_reason"] = np.where(ok, "decode_energy_j null: 1 of 2 window(s) last 0.5 s", None)
+    with pytest.raises(FigureSkipped, match=r"power source: nvml.*decode_energy_j null: 1 of 2") as exc:
+        BUILDERS["prefill_vs_decode_energy"](summary)
+    assert "no power sensor" not in str(exc.value)
+    summary.loc[ok, ["active_energy_j", "idle_power_w"]] = None  # null because idle power is
+    summary["energy_reason"] = np.where(ok, "idle_power_w null: 1 of 1 window(s) last 0.3 s", None)
+    with pytest.raises(FigureSkipped, match=r"active_energy_j null where idle_power_w null: 1 of 1"):
+        BUILDERS["active_vs_total_energy"](summary)
+
+
 def test_pareto_front_by_hand_and_front_points_numbered_with_a_key() -> None:
     x = np.array([1.0, 2.0, 3.0, 1.5, 4.0])
     y = np.array([5.0, 3.0, 4.0, 6.0, 1.0])

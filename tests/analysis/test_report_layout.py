@@ -125,3 +125,89 @@ def test_the_mixed_results_report_fits_too(tmp_path: Path) -> None:
     page = render_report(root).read_text()
     out = chromium_probe(page, tmp_path, _WIDTH_JS, width=1280)
     assert out["page"] <= out["vw"] and out["wide"] == [], out
+
+
+INCOMPLETE = "7B_gsm8k_H200_s1_b64_g256_pdefault_compiled"
+INCOMPLETE_WHY = ("energy incomplete in 1 repeat(s) (repeat 2: energy_j null: no power samples "
+                  "of node2/GPU-7 (rank 1))")
+
+
+@pytest.fixture(scope="module")
+def gpu_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The matrix as on an H200: every prefill below the sensor's resolution, a balance per
+    cell with a withheld warm-up, and one cell recorded incomplete."""
+    root = tmp_path_factory.mktemp("gpu")
+    summary = synthetic_summary(datasets=("alpaca", "gsm8k"), batch=(16, 64),
+                                engines=("reference", "compiled"), real_gpu=True)
+    bad = summary["cell_id"] == INCOMPLETE
+    summary.loc[bad, "status"] = "incomplete"
+    summary.loc[bad, "reason"] = INCOMPLETE_WHY
+    write_results(root, summary)
+    render_report(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def gpu_html(gpu_results: Path) -> str:
+    return (gpu_results / "report.html").read_text()
+
+
+def _section(html: str, start: str, end: str) -> str:
+    return html.split(f'id="{start}"')[1].split(f'id="{end}"')[0]
+
+
+def test_balance_table_populated_with_reasons_for_null_parts(gpu_html: str) -> None:
+    table = _section(gpu_html, "balance", "flagged")
+    head = re.search(r"<tr><th>Cell</th>.*?</tr>", table, re.S).group(0)  # type: ignore[union-attr]
+    labels = re.findall(r"<th>([^<]+)", head)
+    assert labels == ["Cell", "Span (s)", "Total (J)", "Idle", "Load", "Compile", "Warm-up",
+                      "Measured (prefill + decode)", "Gaps", "Unattributed"]
+    cid = "7B_alpaca_H200_s1_b16_g256_pdefault_compiled"
+    row = re.search(rf"<tr><td><code class=\"id\">{cid}</code>.*?</tr>", table, re.S).group(0)  # type: ignore[union-attr]
+    cells = re.findall(r'<td class="num">(.*?)</td>', row, re.S)
+    text = [re.sub(r"<[^>]+>", " ", c).split() for c in cells]
+    assert text[0] == ["90"] and text[1] == ["10,000"]  # span (s), total (J)
+    assert text[2] == ["1,000", "10", "%"]  # idle: J and % of the total
+    assert text[4] == ["1,500", "15", "%", "40", "s"]  # compile: J, %, seconds
+    assert text[7] == ["500", "5", "%", "2", "s"]  # gaps
+    # withheld parts: an em dash whose tooltip gives the reason, and the reason listed below
+    assert re.search(r'<span class="null" title="balance_warmup_j null: 1 of 1 window\(s\) last '
+                     r'0.400-0.400 s, under 10 sensor update periods \(1.00 s\)">—</span>', cells[5])
+    assert ('<span class="null" title="null: the rest of the total is unknown while Warm-up is '
+            'withheld">—</span>') in cells[8]
+    nulls = table.split('id="balance-nulls"')[1]
+    assert re.search(r"<li>Warm-up: balance_warmup_j null: 1 of 1 window\(s\) last 0.400-0.400 s, "
+                     rf"under 10 sensor update periods \(1.00 s\); in 8 cells: .*{cid}", nulls)
+    assert f'{INCOMPLETE}</code> <a class="status-bad" href="#not-measured">incomplete</a>' in table
+    reference = "7B_alpaca_H200_s1_b16_g256_pdefault_reference"
+    ref_row = re.search(rf"<code class=\"id\">{reference}</code>.*?</tr>", table, re.S).group(0)  # type: ignore[union-attr]
+    assert re.findall(r'<td class="num">(.*?)</td>', ref_row, re.S)[4].startswith("0<br>")
+
+
+def test_prefill_not_resolved_decode_still_drawn(gpu_results: Path, gpu_html: str) -> None:
+    manifest = {f["name"]: f for f in json.loads((gpu_results / "figures" / "index.json").read_text())}
+    fig = manifest["prefill_vs_decode_energy"]
+    assert not fig["skipped"]
+    assert fig["caption"].startswith("Prefill is not drawn: prefill windows shorter than 10 sensor "
+                                     "update periods: not resolved; see docs/measurement.md.")
+    # every ok cell's decode, but gsm8k × compiled: its panel keeps one batch size (64 is incomplete)
+    assert len(fig["cells"]) == 6 and "7B_gsm8k_H200_s1_b16_g256_pdefault_compiled" not in fig["cells"]
+    note = " ".join(_section(gpu_html, "energy", "figures").split())
+    assert "updated every 100 ms, so windows under 1 s are withheld" in note
+    assert "docs/measurement.md" in note and "null" in note
+
+
+def test_energy_reason_in_flagged_repeats_and_incomplete_cell_listed(gpu_html: str) -> None:
+    flagged = _section(gpu_html, "flag-table", "not-measured")
+    assert re.search(r"<td class=\"num\">0, 1, 2</td><td>prefill_energy_j null: 4 of 4 window\(s\) "
+                     r"last 0.025-0.141 s, under 10 sensor update periods", flagged)
+    assert INCOMPLETE not in flagged  # not ok: listed below instead
+    missing = _section(gpu_html, "not-measured", "problems")
+    row = re.search(rf"<tr><td><code>{INCOMPLETE}</code></td>.*?</tr>", missing, re.S).group(0)  # type: ignore[union-attr]
+    assert ">incomplete<" in row and INCOMPLETE_WHY in row
+
+
+@needs_chromium
+def test_the_energy_integrity_report_fits_too(gpu_html: str, tmp_path: Path) -> None:
+    out = chromium_probe(gpu_html, tmp_path, _WIDTH_JS, width=1280)
+    assert out["page"] <= out["vw"] and out["wide"] == [] and out["scrolled"] == [], out

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from llmenergy.analysis.aggregate import t_quantile_975
-from llmenergy.analysis.flags import row_flags
+from llmenergy.analysis.flags import reason_clauses, row_flags
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +53,60 @@ class FigureSkipped(Exception):
 
 def ok_rows(summary: pd.DataFrame, *cols: str) -> pd.DataFrame:
     """The ``ok`` rows with every column of ``cols`` present; ``_flagged`` marks the rows
-    :func:`llmenergy.analysis.flags.row_flags` flags (drawn hollow)."""
+    :func:`llmenergy.analysis.flags.row_flags` flags for these columns (drawn hollow)."""
     df = summary[summary["status"] == "ok"] if "status" in summary.columns else summary
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise FigureSkipped(f"summary has no column(s) {', '.join(missing)}")
     df = df.dropna(subset=list(cols))
-    return df.assign(_flagged=row_flags(df).ne("").to_numpy(bool))
+    return df.assign(_flagged=row_flags(df, cols).ne("").to_numpy(bool))
+
+
+#: A column null because another one is: its reason is that column's.
+DERIVED_FROM = {"active_energy_j": "idle_power_w"}
+
+
+def null_reason(summary: pd.DataFrame, column: str) -> str | None:
+    """Why ``column`` is null in the ``ok`` rows that lack it, from their ``energy_reason``:
+    the distinct clauses naming it (at most two, then a count), or None when none says."""
+    df = summary[summary["status"] == "ok"] if "status" in summary.columns else summary
+    if column not in df.columns or "energy_reason" not in df.columns:
+        return None
+    clauses: list[str] = []
+    for text in df.loc[df[column].isna(), "energy_reason"]:
+        for col, clause in reason_clauses(text):
+            if col == column and clause not in clauses:
+                clauses.append(clause)
+    if not clauses and column in DERIVED_FROM:  # e.g. active energy needs the idle power
+        why = null_reason(summary[summary[column].isna()], DERIVED_FROM[column])
+        return f"{column} null where {why}" if why else None
+    if not clauses:
+        return None
+    more = f" (and {len(clauses) - 2} more)" if len(clauses) > 2 else ""
+    return "; ".join(clauses[:2]) + more
+
+
+def below_resolution(summary: pd.DataFrame, column: str) -> bool:
+    """Whether some ok row's ``column`` is null because its windows are below the sensor's
+    resolution (the ``energy_reason`` clause says "sensor update periods")."""
+    why = null_reason(summary, column)
+    return why is not None and "sensor update periods" in why
 
 
 def energy_rows(summary: pd.DataFrame, *cols: str) -> pd.DataFrame:
-    """Like :func:`ok_rows`, skipping with the power source named when energy is empty."""
+    """Like :func:`ok_rows`, skipping with the reason when no ok row has the energy columns:
+    no sensor (the power source named), else the ``energy_reason`` of the null column."""
     df = ok_rows(summary, *cols)
     if len(df) == 0:
-        src = sorted({str(s) for s in summary.get("power_source", pd.Series(dtype=str)).dropna()})
-        raise FigureSkipped("no energy data (power source: " + (", ".join(src) or "none")
-                            + "): energy columns are empty")
+        ok = summary[summary["status"] == "ok"] if "status" in summary.columns else summary
+        src = sorted({str(s) for s in ok.get("power_source", pd.Series(dtype=str)).dropna()})
+        if not src or src == ["none"]:
+            raise FigureSkipped("no energy data: no power sensor (power source: none), so the "
+                                "energy columns are empty")
+        empty = [c for c in cols if ok[c].isna().all()] or [c for c in cols if ok[c].isna().any()]
+        whys = [null_reason(summary, c) or f"{c} null in every ok repeat" for c in empty]
+        raise FigureSkipped("no ok repeat has every value this figure needs (power source: "
+                            + ", ".join(src) + "); " + "; ".join(whys or ["no ok repeat"]))
     return df
 
 

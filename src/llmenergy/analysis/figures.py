@@ -23,10 +23,12 @@ from llmenergy.analysis.figdata import (
     AXIS_NAMES,
     FigureSkipped,
     attach,
+    below_resolution,
     energy_rows,
     fmt_value,
     layout,
     n_text,
+    null_reason,
     ok_rows,
     power_label,
     thin_hues,
@@ -88,15 +90,37 @@ def _melted(df: pd.DataFrame, columns: dict[str, str], per: str, name: str) -> p
     return pd.concat(parts, ignore_index=True)
 
 
+PREFILL_UNRESOLVED = ("prefill windows shorter than 10 sensor update periods: not resolved; "
+                      "see docs/measurement.md")
+
+
 def fig_prefill_decode(summary: pd.DataFrame) -> tuple[Figure, str]:
-    df = energy_rows(summary, "prefill_energy_j", "decode_energy_j", "tokens_out", "batch_size")
+    """Decode energy per token wherever it is published; prefill beside it where it is,
+    and the caption says why it is left out (below the sensor's resolution, as a rule)."""
+    df = energy_rows(summary, "decode_energy_j", "tokens_out", "batch_size")
     df = df[df["tokens_out"] > 0]
+    if "prefill_energy_j" not in df.columns:
+        df = df.assign(prefill_energy_j=np.nan)
+    n_missing = int(df["prefill_energy_j"].isna().sum())
     long = _melted(df, {"prefill_energy_j": "prefill", "decode_energy_j": "decode"},
                    "tokens_out", "phase")
+    what = ("Energy of the decode phase per output token," if n_missing == len(df) else
+            "Energy of the prefill and of the decode phase, each per output token,")
     spec = LineSpec(y="_value", ylabel="Energy per output token (J/token)", x="batch_size",
                     hue="phase", hue_label="phase", title="Prefill vs decode energy per token",
-                    what="Energy of the prefill and of the decode phase, each per output token,")
-    return line_figure(long, spec)
+                    what=what)
+    fig, caption = line_figure(long, spec)
+    if n_missing:
+        why = (PREFILL_UNRESOLVED if below_resolution(summary, "prefill_energy_j")
+               else f"prefill energy null: {null_reason(summary, 'prefill_energy_j') or 'not measured'}")
+        scope = ("Prefill is not drawn" if n_missing == len(df)
+                 else f"Prefill is left out for {n_missing} of {len(df)} repeat(s)")
+        caption = f"{scope}: {why}. {caption}"
+        if n_missing == len(df):
+            fig.suptitle("Decode energy per token (prefill not resolved by the sensor; "
+                         f"{power_label(df)})" if below_resolution(summary, "prefill_energy_j")
+                         else f"Decode energy per token ({power_label(df)})")
+    return fig, caption
 
 
 def fig_active_energy(summary: pd.DataFrame) -> tuple[Figure, str]:

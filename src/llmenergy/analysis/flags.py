@@ -7,17 +7,23 @@ a short reason:
 - ``energy_discrepancy_pct`` beyond ±1 %: the energy counter and the integral of
   instant power disagree;
 - ``power_out_of_range``: some event fell outside the power samples (its energy is null);
+- ``energy_reason``: each of its clauses (``<column> null: why``, one per withheld
+  energy column, e.g. a prefill below the sensor's resolution) is a reason;
+- ``energy_complete`` False: a GPU the ranks used was not metered over the whole window;
 - null ``energy_j`` on a row whose power source is a sensor (not ``none``);
 - any column named ``*_flag`` that is true or non-empty text, and a ``flags`` text
   column (``;``-separated reasons) when the summary has one.
 
 Columns are read defensively: a summary without one of them simply has no such flag.
-Figures draw a point hollow when any repeat behind it is flagged; tables mark the
-cell and link to the flagged-repeats table.
+Figures draw a point hollow when any repeat behind it is flagged; a clause about a
+phase column (``prefill_energy_j``, the balance's parts, ...) hollows only the figures
+that draw that column (:func:`row_flags` with ``columns``). Tables mark the cell and
+link to the flagged-repeats table.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import pandas as pd
@@ -25,6 +31,10 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 DISCREPANCY_LIMIT_PCT = 1.0
+#: Columns of ``energy_reason`` clauses that leave a repeat's total energy intact: a figure
+#: that does not draw them is not affected (its points stay filled).
+PHASE_COLUMNS = ("prefill_energy_j", "decode_energy_j", "idle_power_w", "active_energy_j",
+                 "compile_j")
 
 
 def _truthy(series: pd.Series) -> pd.Series:
@@ -37,14 +47,36 @@ def _truthy(series: pd.Series) -> pd.Series:
     return ~text.str.lower().isin(["", "false", "0", "none", "nan"])
 
 
-def row_flags(df: pd.DataFrame) -> pd.Series:
-    """Per row: the reasons it is flagged, joined by ``; `` (empty text when clean)."""
-    reasons = pd.Series([""] * len(df), index=df.index, dtype=object)
+def reason_clauses(text: Any) -> list[tuple[str | None, str]]:
+    """``energy_reason`` split into ``(column, clause)``; column is None when none is named."""
+    if text is None or (isinstance(text, float) and pd.isna(text)) or not str(text).strip():
+        return []
+    out = []
+    for clause in str(text).split("; "):
+        clause = clause.strip()
+        if clause:
+            head = clause.split(" null:", 1)[0] if " null:" in clause else None
+            out.append((head if head and " " not in head else None, clause))
+    return out
+
+
+def _phase_only(column: str | None) -> bool:
+    return column is not None and (column in PHASE_COLUMNS or column.startswith("balance_"))
+
+
+def row_flags(df: pd.DataFrame, columns: Iterable[str] | None = None) -> pd.Series:
+    """Per row: the reasons it is flagged, joined by ``; `` (empty text when clean).
+
+    ``columns``: the columns a figure draws; an ``energy_reason`` clause about a phase
+    column (:data:`PHASE_COLUMNS`, ``balance_*``) then counts only if it is one of them.
+    Without ``columns`` (the tables) every clause counts.
+    """
+    drawn = None if columns is None else set(columns)
+    reasons: dict[Any, list[str]] = {i: [] for i in df.index}
 
     def add(mask: pd.Series, text: Any) -> None:
         for i in mask[mask].index:
-            part = text(i) if callable(text) else text
-            reasons.at[i] = f"{reasons.at[i]}; {part}" if reasons.at[i] else part
+            reasons[i].append(text(i) if callable(text) else text)
 
     if "short_window" in df.columns:
         dur = df["duration_s"] if "duration_s" in df.columns else None
@@ -57,17 +89,30 @@ def row_flags(df: pd.DataFrame) -> pd.Series:
             lambda i: f"counter vs instant power differ by {pct.at[i]:+.1f} %")
     if "power_out_of_range" in df.columns:
         add(_truthy(df["power_out_of_range"]), "events outside the power samples")
+    said_energy: set[Any] = set()  # rows whose energy_reason already explains a null energy_j
+    if "energy_reason" in df.columns:
+        for i, text in df["energy_reason"].items():
+            for column, clause in reason_clauses(text):
+                if drawn is not None and _phase_only(column) and column not in drawn:
+                    continue
+                reasons[i].append(clause)
+                said_energy |= {i} if column == "energy_j" else set()
+    if "energy_complete" in df.columns:
+        incomplete = df["energy_complete"].astype("boolean").eq(False).fillna(False).astype(bool)
+        add(incomplete & ~df.index.isin(list(said_energy)),
+            "energy incomplete: a GPU of the cell was not metered over the whole window")
+        said_energy |= set(incomplete[incomplete].index)
     if "energy_j" in df.columns and "power_source" in df.columns:
         sensor = ~df["power_source"].fillna("none").astype(str).isin(["none", ""])
         ok = df["status"] == "ok" if "status" in df.columns else sensor
-        add(sensor & ok & df["energy_j"].isna(), "null energy")
+        add(sensor & ok & df["energy_j"].isna() & ~df.index.isin(list(said_energy)), "null energy")
     for col in df.columns:
         if col.endswith("_flag"):
             add(_truthy(df[col]), lambda i, c=col: f"{c[:-5].replace('_', ' ')}: {df.at[i, c]}"
                 if not isinstance(df.at[i, c], (bool, int, float)) else c[:-5].replace("_", " "))
     if "flags" in df.columns:
         add(_truthy(df["flags"]), lambda i: str(df.at[i, "flags"]))
-    return reasons
+    return pd.Series(["; ".join(reasons[i]) for i in df.index], index=df.index, dtype=object)
 
 
 def flagged_rows(summary: pd.DataFrame) -> pd.DataFrame:
@@ -78,15 +123,22 @@ def flagged_rows(summary: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _repeat_label(reps: list[Any]) -> str:
+    known = [int(r) for r in reps if pd.notna(r)]
+    if not known:
+        return "a repeat" if len(reps) == 1 else f"{len(reps)} repeats"
+    return ("repeat " if len(known) == 1 else "repeats ") + ", ".join(map(str, known))
+
+
 def cell_flags(summary: pd.DataFrame) -> dict[str, str]:
-    """cell_id → the distinct reasons of its flagged ok repeats, with the repeats named."""
+    """cell_id → the distinct reasons of its flagged ok repeats, with the repeats named
+    (repeats with the same reasons share one entry)."""
     rows = flagged_rows(summary)
     out: dict[str, str] = {}
     for cid, grp in rows.groupby("cell_id", sort=True):
-        parts = []
+        by_reason: dict[str, list[Any]] = {}
         for _, r in grp.iterrows():
-            rep = r.get("repeat")
-            label = f"repeat {int(rep)}" if pd.notna(rep) else "a repeat"
-            parts.append(f"{label}: {r['flag_reasons']}")
-        out[str(cid)] = " | ".join(parts)
+            by_reason.setdefault(str(r["flag_reasons"]), []).append(r.get("repeat"))
+        out[str(cid)] = " | ".join(f"{_repeat_label(reps)}: {text}"
+                                   for text, reps in by_reason.items())
     return out

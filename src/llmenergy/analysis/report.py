@@ -33,7 +33,8 @@ from llmenergy.analysis.aggregate import (
 )
 from llmenergy.analysis.compare import METHOD_TEXT, pair_records, pairs, summarise, summary_records
 from llmenergy.analysis.findings import paper_findings, short_answer
-from llmenergy.analysis.flags import DISCREPANCY_LIMIT_PCT, cell_flags, flagged_rows
+from llmenergy.analysis.energy import RESOLUTION_PERIODS
+from llmenergy.analysis.flags import DISCREPANCY_LIMIT_PCT, cell_flags, flagged_rows, reason_clauses
 from llmenergy.analysis.plots import load_manifest, make_figures
 from llmenergy.atomic import write_text
 from llmenergy.cellfiles import AXES, CellRecord, RunLayout
@@ -186,12 +187,84 @@ def _logs(output_dir: Path, cell_id: str) -> list[str]:
     return [str(p) + ("/" if p.name == "logs" else "") for p in candidates if (output_dir / p).exists()]
 
 
-def _not_measured(output_dir: Path, stats: pd.DataFrame) -> list[dict[str, Any]]:
+def _not_measured(output_dir: Path, stats: pd.DataFrame, summary: pd.DataFrame) -> list[dict[str, Any]]:
     """Cells without an ok measurement (failed, missing, queued, ...) with reasons and log paths."""
     rows = _records(stats[stats["status"] != "ok"], ["cell_id", "status", "n_ok", "n_repeats", "reason"])
+    energy = ({} if "energy_reason" not in summary.columns else
+              summary.dropna(subset=["energy_reason"]).groupby("cell_id")["energy_reason"].first())
     for row in rows:
         row["logs"] = _logs(output_dir, str(row["cell_id"]))
+        why = energy.get(row["cell_id"]) if len(energy) else None
+        # the energy clauses too, unless the cell's reason already quotes them
+        row["energy_reason"] = why if why and why.split("; ")[0] not in str(row.get("reason")) else None
     return rows
+
+
+#: The balance table's parts, in the order of the cell's life: (label, energy column, seconds column).
+BALANCE_PARTS = [("Idle", "balance_idle_j", None), ("Load", "balance_load_j", None),
+                 ("Compile", "compile_j", "compile_duration_s"),
+                 ("Warm-up", "balance_warmup_j", None),
+                 ("Measured (prefill + decode)", "balance_measured_j", None),
+                 ("Gaps", "balance_gaps_j", "balance_gaps_s"),
+                 ("Unattributed", "balance_unattributed_j", None)]
+
+
+def _cell_reasons(summary: pd.DataFrame) -> dict[str, dict[str, str]]:
+    """cell_id → {column → the first ``energy_reason`` clause naming it} over the cell's rows."""
+    out: dict[str, dict[str, str]] = {}
+    if "energy_reason" not in summary.columns:
+        return out
+    for cid, text in summary[["cell_id", "energy_reason"]].dropna().itertuples(index=False):
+        for column, clause in reason_clauses(text):
+            if column is not None:
+                out.setdefault(str(cid), {}).setdefault(column, clause)
+    return out
+
+
+def _balance(summary: pd.DataFrame, stats: pd.DataFrame) -> dict[str, Any]:
+    """The energy balance table: per cell with a balance, each part in J and % of the total,
+    a null part with its reason; and the sensor's update period the resolution rule used."""
+    periods = pd.to_numeric(summary.get("update_period_s", pd.Series(dtype=float)),
+                            errors="coerce").dropna()
+    period = float(periods.max()) if len(periods) else None
+    resolution = {"periods": RESOLUTION_PERIODS, "period_s": period,
+                  "min_s": RESOLUTION_PERIODS * period if period else None}
+    if "balance_total_j" not in stats.columns:
+        return {"rows": [], "nulls": [], "present": False, **resolution}
+    reasons = _cell_reasons(summary)
+    has = stats[stats["balance_total_j"].notna() | stats["cell_id"].astype(str).isin(
+        [c for c, r in reasons.items() if any(k.startswith("balance_") for k in r)])]
+    rows = []
+    for _, c in has.iterrows():
+        cid = str(c["cell_id"])
+        total = c["balance_total_j"]
+        parts = []
+        for label, col, secs in BALANCE_PARTS:
+            value = c.get(col)
+            value = None if value is None or pd.isna(value) else float(value)
+            pct = (100.0 * value / float(total) if value is not None and pd.notna(total)
+                   and float(total) > 0 else None)
+            why = reasons.get(cid, {}).get(col)
+            if value is None and why is None:
+                withheld = [p["label"] for p in parts if p["j"] is None]
+                why = ("null: the cell's span is not covered by every device's samples"
+                       if pd.isna(total) else
+                       f"null: the rest of the total is unknown while {', '.join(withheld)} "
+                       f"{'is' if len(withheld) == 1 else 'are'} withheld" if withheld else
+                       "null: a part it depends on is null")
+            parts.append({"label": label, "j": value, "pct": pct, "reason": why,
+                          "s": c.get(secs) if secs else None})
+        rows.append({"cell_id": cid, "status": c.get("status"),
+                     "window_s": c.get("balance_window_s"), "total_j": total,
+                     "parts": parts, "complete": c.get("energy_complete"),
+                     "total_reason": reasons.get(cid, {}).get("balance_total_j")})
+    by_reason: dict[tuple[str, str], list[str]] = {}  # the same reason in many cells: one line
+    for r in rows:
+        for p in r["parts"]:
+            if p["j"] is None:
+                by_reason.setdefault((p["label"], p["reason"]), []).append(r["cell_id"])
+    nulls = [(cells, label, why) for (label, why), cells in by_reason.items()]
+    return {"rows": rows, "nulls": nulls, "present": True, **resolution}
 
 
 def _flags(summary: pd.DataFrame, stats: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
@@ -207,7 +280,11 @@ def _flags(summary: pd.DataFrame, stats: pd.DataFrame) -> dict[str, list[dict[st
     src = ok[ok["power_source"].fillna("none").str.contains("none|estimate")]
     src = src.groupby("cell_id", as_index=False)["power_source"].first()
     flagged = flagged_rows(summary)
-    repeats = _records(flagged, ["cell_id", "repeat", "flag_reasons"])
+    repeats = []  # repeats of a cell with the same reasons share a row
+    for (cid, why), grp in flagged.groupby(["cell_id", "flag_reasons"], sort=False):
+        reps = [r for r in grp["repeat"].tolist() if pd.notna(r)]
+        repeats.append({"cell_id": cid, "flag_reasons": why,
+                        "repeat": ", ".join(str(int(r)) for r in sorted(reps)) if reps else None})
     seen: set[str] = set()
     for r in repeats:  # the first row of a cell carries the anchor the tables link to
         r["anchor"] = str(r["cell_id"]) not in seen
@@ -289,7 +366,8 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
                                   "tokens_per_s_mean", "tokens_per_s_ci95", "j_per_token_mean",
                                   "j_per_token_ci95", "avg_power_w_mean", "power_source"]),
         "flags": _flags(summary, stats),
-        "not_measured": _not_measured(output_dir, stats),
+        "not_measured": _not_measured(output_dir, stats, summary),
+        "balance": _balance(summary, stats),
         "discrepancy_limit_pct": DISCREPANCY_LIMIT_PCT,
         "problems": problems,
         "accuracy": _accuracy(summary),
