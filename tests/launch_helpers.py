@@ -64,7 +64,8 @@ def write_config(root: Path, *, power_cap_w: float | None = None, on_oom: str = 
                  on_power_cap_denied: str = "fail", n_prompts: int = 6, batch_size: int = 2,
                  max_gen_len: int = 8, backend: str = "estimate", idle_baseline_s: float = 0.2) -> Path:
     """A one-cell config in ``root/config.yaml`` whose outputs go to ``root/results``."""
-    collector: dict[str, Any] = {"backend": backend, "idle_baseline_s": idle_baseline_s, "interval_ms": 100,
+    collector: dict[str, Any] = {"backend": backend, "idle_baseline_s": idle_baseline_s, "idle_settle_s": 0.2,
+                                 "interval_ms": 100,
                                  "power_interval_ms": 100}
     if backend == "estimate":
         collector["estimate_tdp_w"] = 100

@@ -239,6 +239,25 @@ class CellBegin:
 
 
 @dataclass(frozen=True)
+class ClockOffsets:
+    """Rank 0 → launcher (the job's ``.run/clocks.json``): each node's wall clock minus
+    rank 0's, measured once per job by timed round trips over the process group
+    (:func:`llmenergy.inference.rank.measure_clock_offsets`). ``rtt_ns`` is the round
+    trip of the sample each offset comes from; its half bounds the offset's error."""
+
+    offsets_ns: dict[str, int]
+    rtt_ns: dict[str, int]
+    measured_ns: int = 0
+
+    def write(self, path: Path) -> None:
+        atomic.write_json(path, {"schema_version": SCHEMA_VERSION, **asdict(self)})
+
+    @classmethod
+    def read(cls, path: Path) -> ClockOffsets:
+        return cls(**_fields(cls, _read(path), str(path)))
+
+
+@dataclass(frozen=True)
 class RankOutcome:
     """One rank's end of a cell (``.run/ranks/{rank}.json``): what it saw, when, and
     ``left`` once it leaves the job because the ranks are out of step."""
@@ -350,6 +369,11 @@ class Provenance:
     #: A packed cell's group: ``group_id``, ``position`` (0-based), ``cells`` (the group's
     #: cell ids in run order), ``model_loaded_here`` (this cell's load event built the model).
     group: dict[str, Any] | None = None
+    #: Each node's wall clock minus rank 0's (ns), measured at the job's handshake; the
+    #: node's power timestamps are corrected by it (``power.parquet`` is on rank 0's clock).
+    clock_offsets_ns: dict[str, int] | None = None
+    #: The round trip (ns) of the sample each offset comes from: the offset is within half of it.
+    clock_offset_rtt_ns: dict[str, int] | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any], path: str = str(CellFiles(Path()).record)) -> Provenance:
@@ -480,6 +504,7 @@ METRICS_FIELDS: list[tuple[str, pa.DataType]] = IDENTITY_FIELDS + [
     # what the energy columns can be trusted for (docs/measurement.md)
     ("tokens_after_eos", pa.int64()), ("update_period_s", pa.float64()),
     ("energy_complete", pa.bool_()), ("energy_reason", pa.string()),
+    ("clock_offset_max_ms", pa.float64()),  # largest node-to-rank-0 clock offset (corrected)
     # the cell's energy balance, repeated on each of its rows (analysis.balance)
     ("balance_window_s", pa.float64()), ("balance_total_j", pa.float64()),
     ("balance_idle_j", pa.float64()), ("balance_load_j", pa.float64()),

@@ -67,6 +67,7 @@ class CollectorSpec:
     interval_ms: int = 100
     power_interval_ms: int = DEFAULT_POWER_INTERVAL_MS
     idle_baseline_s: float = 5.0
+    idle_settle_s: float = 2.0  # the wait between the load and the idle window
     estimate_tdp_w: float | None = None
     dcgm_host: str | None = None
 

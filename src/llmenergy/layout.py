@@ -37,6 +37,8 @@ class CellFiles:
     ready = property(lambda self: self.root / ".run" / "ready")
     capready = property(lambda self: self.root / ".run" / "capready")
     power_parts = property(lambda self: self.root / ".run" / "power")
+    #: Rank 0 → launcher: each node's clock offset to rank 0 (:class:`~llmenergy.cellfiles.ClockOffsets`).
+    clocks = property(lambda self: self.root / ".run" / "clocks.json")
     #: Rank 0 → launcher: the cell has started (:class:`CellBegin`).
     begin = property(lambda self: self.root / ".run" / "begin.json")
     #: Every rank's outcome of the cell (:class:`RankOutcome`), ``{rank}.json``.

@@ -319,3 +319,25 @@ def test_cpu_ranks_with_only_rapl_samples_are_not_energy_incomplete(tmp_path: Pa
     gpu = [{"node": "node0", "rank": 0, "uuid": "GPU-0000", "name": "H200", "index": 0}]
     cdir2, _ = write_trace_cell(tmp_path, "gpu", gpus=gpu, power=rapl, collector="auto")
     assert "node0/GPU-0000" in (energy_incomplete_reason(compute_cell_metrics(cdir2)) or "")
+
+
+def test_a_clock_offset_above_5_ms_is_flagged_not_nulled(tmp_path: Path) -> None:
+    from trace_helpers import write_trace_cell
+
+    from llmenergy.analysis.metrics import compute_cell_metrics
+
+    cdir, _ = write_trace_cell(tmp_path)
+    ok = compute_cell_metrics(cdir).to_pandas()
+    assert ok["clock_offset_max_ms"].isna().all()  # not measured: no value, no flag
+    doc = json.loads((cdir / "cell.json").read_text())
+    doc["provenance"]["clock_offsets_ns"] = {"node0": 0, "node1": -7_250_000}
+    (cdir / "cell.json").write_text(json.dumps(doc))
+    flagged = compute_cell_metrics(cdir).to_pandas()
+    assert flagged["clock_offset_max_ms"].tolist() == pytest.approx([7.25, 7.25])
+    assert flagged["energy_j"].notna().all() and flagged["energy_j"].tolist() == ok["energy_j"].tolist()
+    assert all("clock of node node1 off rank 0's by -7.2 ms" in r for r in flagged["energy_reason"])
+    doc["provenance"]["clock_offsets_ns"] = {"node0": 0, "node1": 4_900_000}
+    (cdir / "cell.json").write_text(json.dumps(doc))
+    small = compute_cell_metrics(cdir).to_pandas()
+    assert small["clock_offset_max_ms"].tolist() == pytest.approx([4.9, 4.9])
+    assert not any("clock" in (r or "") for r in small["energy_reason"])

@@ -91,6 +91,9 @@ def test_two_node_and_one_node_cells(workdir: Path) -> None:
         rank_hosts = {g["rank"]: g["node"] for g in info["provenance"]["gpus"]}
         assert sorted(rank_hosts) == list(range(nodes))
         assert len(set(rank_hosts.values())) == nodes, rank_hosts  # one rank per node
+        offsets = info["provenance"]["clock_offsets_ns"]  # measured across the nodes at the job's start
+        assert sorted(offsets) == sorted(set(rank_hosts.values())) and offsets[rank_hosts[0]] == 0
+        assert all(abs(o) < 5_000_000 for o in offsets.values()), offsets  # the test nodes share one host's clock
         m = h.metrics_row(workdir, cell)
         assert m["status"] == "ok" and m["nodes"] == nodes and m["shards"] == nodes
         assert m["tokens_out"] == N_PROMPTS * 4 * 1  # n_prompts × max_gen_len × repeats

@@ -34,7 +34,7 @@ def _config(root: Path, matrix: list[dict[str, list[Any]]]) -> Path:
                      "b": {"format": "alpaca", "path": "synthetic", "n_prompts": 3, "seed": 1, "max_prompt_len": 16}},
         "gpus": {"cpu": {"partition": "debug", "gpus_per_node": 1, "memory_gb": 16, "device": "cpu"}},
         "collector": {"backend": "estimate", "estimate_tdp_w": 100, "idle_baseline_s": 0.2, "interval_ms": 100,
-                      "power_interval_ms": 100},
+                      "power_interval_ms": 100, "idle_settle_s": SETTLE_S},
         "matrix": matrix,
     }
     root.mkdir(parents=True, exist_ok=True)
@@ -77,6 +77,9 @@ def _loads(root: Path) -> int:
     return log.read_text().count("built llama-tiny")
 
 
+SETTLE_S = 0.3
+
+
 def test_packed_cells_match_the_same_cells_run_alone(tmp_path: Path) -> None:
     packed, alone = tmp_path / "packed", tmp_path / "alone"
     _config(packed, FOUR)
@@ -101,13 +104,19 @@ def test_packed_cells_match_the_same_cells_run_alone(tmp_path: Path) -> None:
             assert mp[key] == ma[key], (cid, key)
         ep, ea = (pq.read_table(d / "events.parquet").to_pandas() for d in (p, a))
         keys = ["phase", "repeat", "batch_index", "n_seqs", "tokens_in", "tokens_out"]
-        assert ep[keys].equals(ea[keys]), cid  # its own idle, load, warm-up, prefill/decode
+        assert ep[keys].equals(ea[keys]), cid  # its own load, settle, idle, warm-up, prefill/decode
+        for ev in (ep, ea):  # one idle definition: after the load and a settle interval, packed or alone
+            assert ev["phase"].tolist()[:3] == ["load", "settle", "idle"], cid
+            load, idle = ev.iloc[0], ev.iloc[2]
+            assert idle["start_ns"] - load["end_ns"] >= SETTLE_S * 1e9, cid
         jp, ja = (json.loads((d / "cell.json").read_text()) for d in (p, a))
         assert jp.keys() == ja.keys() and jp["provenance"].keys() == ja["provenance"].keys()
         assert (jp["status"], jp["fingerprint"], jp["definition"]) == (ja["status"], ja["fingerprint"],
                                                                       ja["definition"])
         assert jp["provenance"]["group"]["group_id"] == GROUP and ja["provenance"]["group"] is None
         assert jp["provenance"]["power_samples"] > 0
+        for doc in (jp, ja):  # measured at the job's start: one host, rank 0's node is 0
+            assert doc["provenance"]["clock_offsets_ns"] == {doc["provenance"]["hosts"][0]: 0}
     loaded = [json.loads((_cell_dir(packed, c) / "cell.json").read_text())["provenance"]["group"]["model_loaded_here"]
               for c in ids]
     assert loaded == [True, False, False, False]

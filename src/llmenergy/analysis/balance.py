@@ -4,7 +4,7 @@ The span runs from the start of the cell's first event to the end of its last
 (``idle`` … last ``decode``), as rank 0 stamped them. Its counter energy
 (``balance_total_j``, summed over the cell's GPU-domain devices) splits into
 
-* ``balance_idle_j``, ``balance_load_j``, ``compile_j``, ``balance_warmup_j``:
+* ``balance_idle_j`` (the ``settle`` interval and the ``idle`` window), ``balance_load_j``, ``compile_j``, ``balance_warmup_j``:
   the events of those phases (``compile`` includes a short last batch's compile
   inside a repeat); 0 when the cell has no such event;
 * ``balance_measured_j``: every repeat's prefill and decode events;
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 #: Phase groups of the balance: column → phases of ``events.parquet``.
 BALANCE_PHASES: dict[str, tuple[str, ...]] = {
-    "balance_idle_j": ("idle",),
+    "balance_idle_j": ("settle", "idle"),  # the idle window and the settle interval before it
     "balance_load_j": ("load",),
     "compile_j": ("compile",),
     "balance_warmup_j": ("warmup",),

@@ -10,6 +10,9 @@ get a null energy and ``power_out_of_range = True``: nothing is extrapolated.
 Only GPU-domain devices (``gpu``, ``estimate``) count as GPU energy; CPU RAPL
 domains (``cpu_package``, ``dram``) go to ``cpu_energy_j``.
 
+Polled counters (NVML) are first restamped by :func:`align_to_sensor`: each new
+value at the midpoint between the poll that first showed it and the one before.
+
 Resolution: a sensor reports a new value every *update period* (NVML's counter
 and instant power: about 100 ms). An edge of a window can misplace up to one
 period's energy, so a window shorter than :data:`RESOLUTION_PERIODS` periods is
@@ -277,6 +280,62 @@ def power_source_of(power: pd.DataFrame | None) -> str:
     return "+".join(sources) if sources else "none"
 
 
+#: Sources whose counter values are stamped when polled, not when the sensor updated them.
+POLLED_COUNTER_SOURCES = ("nvml",)
+#: A device's counter is a staircase (polled faster than it updates) when at most this
+#: share of its polls show a new value; only then are its values restamped.
+STAIRCASE_MAX_CHANGED = 0.9
+
+
+def align_to_sensor(power: pd.DataFrame | None) -> pd.DataFrame | None:
+    """``power`` with each polled counter value (NVML) stamped when the sensor updated it.
+
+    NVML's energy counter takes a new value about every 100 ms; the collector polls it
+    faster and stamps each sample when read. A value first seen at poll ``t_k`` (the
+    previous poll, ``t_{k-1}``, still showed the old value) was updated somewhere in
+    ``(t_{k-1}, t_k]``: it is stamped at the midpoint ``t_k − (t_k − t_{k-1}) / 2``, at
+    most half that poll interval from the update. Only the counter moves: the row's
+    other readings (instant power, utilisation) keep their poll time, the counter going
+    to a row of its own. A device's first sample (no earlier poll), the repeats of an
+    unchanged value, a counter that changes at more than :data:`STAIRCASE_MAX_CHANGED`
+    of its polls (it updates as fast as it is read), and sources that carry the
+    sensor's own sample times (DCGM) or are not polled counters are left as they are. What this does not remove is the
+    sensor's own lag behind the energy it reports (docs/measurement.md).
+    """
+    if power is None or len(power) == 0 or "source" not in power.columns or "energy_mj" not in power.columns:
+        return power
+    polled = power["source"].isin(POLLED_COUNTER_SOURCES) & power["energy_mj"].notna()
+    if not polled.any():
+        return power
+    power = power.reset_index(drop=True)
+    polled = polled.reset_index(drop=True)
+    keys = ["node", "device"] if "node" in power.columns else ["device"]
+    sub = power.loc[polled, [*keys, "timestamp_ns", "energy_mj"]].sort_values([*keys, "timestamp_ns"])
+    t_ns = sub["timestamp_ns"].to_numpy(np.int64)
+    prev_ns = np.concatenate([t_ns[:1], t_ns[:-1]])
+    same_device = (sub[keys] == sub[keys].shift(1)).all(axis=1)
+    changed = same_device & (sub["energy_mj"] != sub["energy_mj"].shift(1)) & pd.Series(t_ns > prev_ns, sub.index)
+    # only devices polled faster than their counter updates (a staircase): a counter that
+    # changes at (nearly) every poll is as fresh as the poll and keeps its time
+    label = sub[keys].astype(str).agg("/".join, axis=1)
+    share = changed.groupby(label).sum() / same_device.groupby(label).sum().clip(lower=1)
+    changed &= label.map(share <= STAIRCASE_MAX_CHANGED).astype(bool)
+    moved = sub.index[changed.to_numpy()]
+    if len(moved) == 0:
+        return power
+    counter_rows = power.loc[moved].copy()
+    kept = (*keys, "device_index", "domain", "source", "timestamp_ns", "energy_mj")
+    for col in (c for c in counter_rows.columns if c not in kept):  # the poll's other readings stay put
+        numeric = pd.api.types.is_numeric_dtype(counter_rows[col]) and not pd.api.types.is_bool_dtype(counter_rows[col])
+        counter_rows[col] = np.nan if numeric else None
+    at = sub.index.get_indexer(moved)
+    counter_rows["timestamp_ns"] = t_ns[at] - (t_ns[at] - prev_ns[at]) // 2
+    out = power.copy()
+    out.loc[moved, "energy_mj"] = np.nan
+    out = pd.concat([out, counter_rows], ignore_index=True)
+    return out.sort_values("timestamp_ns", kind="stable").reset_index(drop=True)
+
+
 def attribute_events(events: pd.DataFrame, power: pd.DataFrame | None) -> pd.DataFrame:
     """Return a copy of ``events`` with the energy columns of :data:`ATTRIBUTION_COLUMNS`.
 
@@ -284,6 +343,7 @@ def attribute_events(events: pd.DataFrame, power: pd.DataFrame | None) -> pd.Dat
     ``energy_instant_j`` from integrating ``power_w``; both are sums over GPU-domain
     devices and null when any device's samples do not cover the whole event.
     """
+    power = align_to_sensor(power)
     out = events.copy().reset_index(drop=True)
     n = len(out)
     start = out["start_ns"].to_numpy(np.float64) if n else np.zeros(0)

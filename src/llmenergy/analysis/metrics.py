@@ -22,6 +22,9 @@ Nothing is published that the data cannot support; each null says why in
   has no samples at all; ``energy_complete`` is then False, and
   :func:`energy_incomplete_reason` says so in one line for the launcher.
 
+Flagged, not null: a node whose clock was more than :data:`CLOCK_FLAG_MS` off rank 0's
+(``clock_offset_max_ms``; its power timestamps are corrected by the measured offset).
+
 The per-cell balance (:mod:`llmenergy.analysis.balance`) is repeated on every row.
 """
 from __future__ import annotations
@@ -57,6 +60,8 @@ from llmenergy.errors import RecordError, UserError
 log = logging.getLogger(__name__)
 
 J_PER_KWH = 3.6e6
+#: A node's clock offset to rank 0 above this is flagged in ``energy_reason`` (it is corrected).
+CLOCK_FLAG_MS = 5.0
 
 
 def read_records(cell_dir: Path) -> tuple[CellRecord | None, CellSpec | None]:
@@ -178,6 +183,20 @@ def _metered(spec: CellSpec | None, record: CellRecord | None, power: pd.DataFra
     gpus = record.provenance.gpus if record is not None else []
     gpu_ranks = any(g.get("uuid") not in (None, "cpu") for g in gpus)
     return gpu_ranks or spec.device == "cuda" and not gpus or _has_gpu_samples(power)
+
+
+def _clock_offsets(record: CellRecord | None) -> tuple[float | None, str | None]:
+    """``clock_offset_max_ms`` (the largest node's offset to rank 0, None when not measured)
+    and a flag when it exceeds :data:`CLOCK_FLAG_MS`."""
+    offsets = record.provenance.clock_offsets_ns if record is not None else None
+    if not offsets:
+        return None, None
+    node, worst = max(offsets.items(), key=lambda kv: abs(kv[1]))
+    worst_ms = abs(worst) / 1e6
+    if worst_ms <= CLOCK_FLAG_MS:
+        return worst_ms, None
+    return worst_ms, (f"clock of node {node} off rank 0's by {worst / 1e6:+.1f} ms "
+                      f"(> {CLOCK_FLAG_MS:g} ms; its power timestamps were corrected)")
 
 
 def _repeat_row(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | None,
@@ -372,6 +391,8 @@ def compute_cell_metrics(cell_dir: Path, *, record: CellRecord | None = None, sp
     balance, cell_reasons = cell_balance(att, power)
     base.update(balance)
     cell_reasons = ([idle_why] if idle_why else []) + cell_reasons
+    base["clock_offset_max_ms"], clock_flag = _clock_offsets(record)
+    cell_reasons += [clock_flag] if clock_flag else []
     repeats: list[int] = []
     if att is not None:
         repeats = sorted(int(r) for r in att["repeat"].unique() if r >= 0)

@@ -31,6 +31,7 @@ from llmenergy.cellfiles import (
     RESPONSES_SCHEMA,
     CapReady,
     CellFiles,
+    ClockOffsets,
     CellSpec,
     CollectorReady,
     RankDevice,
@@ -47,6 +48,8 @@ EXIT_USER_ERROR = 2
 EXIT_OOM = 75
 EXIT_INTERRUPTED = 76
 EXIT_CAP_DENIED = 77
+#: Round trips of the clock-offset handshake; each node's offset comes from its shortest.
+CLOCK_ROUNDS = 8
 #: How long a rank waits, after a cell, for the other ranks' outcomes; the bound on a
 #: group's hang when a rank fails alone (the launcher's grace comes on top locally).
 PEER_WAIT_S = 30.0
@@ -263,3 +266,79 @@ def cell_status(own: WorkerStatus, outcomes: list[RankOutcome], world_size: int)
     if own.status == "ok" and missing:
         return WorkerStatus("failed", f"rank(s) {missing} did not finish the cell within {PEER_WAIT_S:.0f} s")
     return own
+
+
+def estimate_offset(samples: list[tuple[int, int, int]]) -> tuple[int, int]:
+    """A peer clock's offset to rank 0's, and the round trip it was measured over (ns).
+
+    Each sample is ``(t0, remote, t1)``: rank 0's clock when it sent, the peer's clock
+    when the message arrived, rank 0's clock once the peer's reply came back. The peer's
+    reading happened between t0 and t1, so ``remote − (t0 + t1) / 2`` is the offset
+    to within half the round trip ``t1 − t0`` whatever the split of the delays (the
+    NTP estimate); the sample with the shortest round trip bounds it best.
+    """
+    if not samples:
+        raise ValueError("no clock samples")
+    t0, remote, t1 = min(samples, key=lambda s: (s[2] - s[0], s[0]))
+    return remote - (t0 + t1) // 2, t1 - t0
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_clock_offsets(device: Any, node: str, rounds: int = CLOCK_ROUNDS) -> dict[int, tuple[str, int, int]]:
+    """Every rank, together: time ``rounds`` round trips from rank 0 to every other rank
+    over the process group (a broadcast out, an all-gather of the peers' stamps back;
+    on NCCL the tensors live on the device and each stamp follows a synchronize).
+    Returns, on rank 0, ``{rank: (node, offset_ns, rtt_ns)}`` for every other rank
+    (:func:`estimate_offset`); on the other ranks ``{}``."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    nodes: list[Any] = [None] * world
+    dist.all_gather_object(nodes, node)
+    token = torch.zeros(1, dtype=torch.int64, device=device)
+    stamps = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    samples: dict[int, list[tuple[int, int, int]]] = {r: [] for r in range(1, world)}
+    for _ in range(rounds):
+        dist.barrier()
+        _sync(device)
+        t0 = time.time_ns()
+        dist.broadcast(token, src=0)
+        _sync(device)
+        mine = torch.tensor([time.time_ns()], dtype=torch.int64, device=device)
+        dist.all_gather(stamps, mine)
+        _sync(device)
+        t1 = time.time_ns()
+        if rank == 0:
+            for r in range(1, world):
+                samples[r].append((t0, int(stamps[r].item()), t1))
+    if rank != 0:
+        return {}
+    return {r: (str(nodes[r]), *estimate_offset(s)) for r, s in samples.items()}
+
+
+def node_offsets(per_rank: dict[int, tuple[str, int, int]], node0: str) -> ClockOffsets:
+    """Each node's offset from its rank with the shortest round trip; rank 0's node is 0 by definition."""
+    offsets: dict[str, int] = {node0: 0}
+    rtt: dict[str, int] = {node0: 0}
+    for node, offset, trip in sorted(per_rank.values(), key=lambda v: v[2]):
+        if node not in offsets:
+            offsets[node], rtt[node] = offset, trip
+    return ClockOffsets(offsets_ns=offsets, rtt_ns=rtt, measured_ns=time.time_ns())
+
+
+def clock_handshake(job: CellFiles, device: Any, renv: RankEnv) -> None:
+    """Every rank: measure the nodes' clock offsets; rank 0 writes them to the job's ``.run/clocks.json``."""
+    per_rank = measure_clock_offsets(device, renv.node)
+    if renv.rank != 0:
+        return
+    clocks = node_offsets(per_rank, renv.node)
+    clocks.write(job.clocks)
+    log.info("clock offsets to rank 0 (ms): %s", ", ".join(
+        f"{n}: {o / 1e6:+.3f} (round trip {clocks.rtt_ns[n] / 1e6:.3f})" for n, o in clocks.offsets_ns.items()))

@@ -8,13 +8,16 @@ in ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` (local
 or in ``SLURM_*`` (srun launch).
 
 Once per job the ranks join one process group, announce their device in the job's
-``.run/uuids/`` and (rank 0) wait for the job's collectors. Then, for each cell:
+``.run/uuids/``, time their clocks against rank 0's (:func:`.rank.clock_handshake`:
+``.run/clocks.json``) and (rank 0) wait for the job's collectors. Then, for each cell:
 
 1. rank 0 writes the cell's ``.run/begin.json`` (the launcher's cue), the ranks meet;
-2. idle baseline (the cell's own);
-3. ``load``: the first cell builds the model; every later cell re-allocates the KV
+2. ``load``: the first cell builds the model; every later cell re-allocates the KV
    cache for its batch size and sequence length around the loaded weights
    (:func:`llmenergy.inference.model.resize_cache`) and encodes its prompts;
+3. ``settle`` (``collector.idle_settle_s``), then the ``idle`` baseline
+   (``collector.idle_baseline_s``): the same definition for every cell, the model
+   loaded;
 4. power cap (first cell: wait for the job's guards; a denied or failed cap is every
    cell's outcome), the engine, warm-up, repeats × batches, each metered;
 5. every rank writes its outcome and waits for the others' (:func:`.rank.agree`);
@@ -62,6 +65,7 @@ from llmenergy.inference.rank import (
     agree,
     cell_status,
     check_caps,
+    clock_handshake,
     device_info,
     in_step,
     outcome_of,
@@ -127,14 +131,19 @@ def _cell_phases(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Share
         wait_ready(job, spec.nodes)
     dist.barrier()  # every rank starts the cell together
     t0 = rec.now_ns()
-    time.sleep(spec.collector.idle_baseline_s)
-    rec.event("idle", t0, rec.now_ns())
-    stop.check()
-    t0 = rec.now_ns()
     built = _load(spec, shared)
     prompts, encoded = _prompts(spec, shared)
     dist.barrier()
     rec.event("load", t0, rec.now_ns())
+    stop.check()
+    # idle: the GPUs with this cell's model and KV cache in memory, after a settle interval,
+    # the same for a cell alone and for every cell of a group (docs/measurement.md)
+    t0 = rec.now_ns()
+    time.sleep(spec.collector.idle_settle_s)
+    rec.event("settle", t0, rec.now_ns())
+    t0 = rec.now_ns()
+    time.sleep(spec.collector.idle_baseline_s)
+    rec.event("idle", t0, rec.now_ns())
     stop.check()
     if first and spec.cell.power_cap_w is not None:
         try:
@@ -194,6 +203,7 @@ def run(group_path: Path) -> int:
     stop = StopFlag(dev)
     start_process(first, renv, dev)
     device_info(dev, renv.node, renv.rank).write(rank_file(job.uuids, renv.node, renv.rank))
+    clock_handshake(job, dev, renv)
     shared = Shared(device=dev)
     code = 0
     for i, cid in enumerate(group.cells):

@@ -8,7 +8,9 @@ whatever cell the job ended in (a stop signal, the time limit, a rank failing al
 a node failure), is finalised once the ranks are gone, with their exit codes. A
 cell never started gets no record, so the next run runs exactly it.
 
-The power of a cell that had its job to itself is every sample of the job; in a
+Every node's power timestamps are moved onto rank 0's clock by the offset the ranks
+measured at the job's handshake (``.run/clocks.json``; :func:`to_rank0_clock`), so
+that they join rank 0's events. The power of a cell that had its job to itself is every sample of the job; in a
 group it is the group collectors' samples over the cell's own window (its first
 event to its last, ± :data:`WINDOW_MARGIN_S`), taken once the collectors' part
 files cover it.
@@ -33,6 +35,7 @@ from llmenergy.cellfiles import (
     CellFiles,
     CellRecord,
     CellSpec,
+    ClockOffsets,
     RankOutcome,
     WorkerStatus,
     accepted,
@@ -114,8 +117,34 @@ def finalize(cfg: Config, cell: Cell, spec: CellSpec, files: CellFiles, *, codes
     return 0
 
 
+def to_rank0_clock(power: Any, offsets_ns: dict[str, int]) -> Any:
+    """``power`` with each node's timestamps moved onto rank 0's clock (minus the node's
+    offset, :class:`~llmenergy.cellfiles.ClockOffsets`); a node without one is left as is."""
+    import numpy as np
+    import pyarrow as pa
+
+    if not power.num_rows or not any(offsets_ns.values()):
+        return power
+    shift = np.array([offsets_ns.get(n, 0) for n in power["node"].to_pylist()], dtype=np.int64)
+    ts = power["timestamp_ns"].to_numpy(zero_copy_only=False).astype(np.int64) - shift
+    i = power.schema.get_field_index("timestamp_ns")
+    return power.set_column(i, power.schema.field(i), pa.array(ts, type=pa.int64()))
+
+
+def read_offsets(job: CellFiles) -> dict[str, int]:
+    """The job's clock offsets (``.run/clocks.json``), or none (not measured, or unreadable: logged)."""
+    if not job.clocks.exists():
+        return {}
+    try:
+        return ClockOffsets.read(job.clocks).offsets_ns
+    except RecordError as exc:
+        log.warning("%s: power timestamps left uncorrected", exc)
+        return {}
+
+
 def read_power(job: CellFiles, *, quiet: bool) -> Any:
-    """The job collectors' samples so far (final files and parts), or None while they are rotating."""
+    """The job collectors' samples so far (final files and parts), each node's on rank 0's
+    clock (:func:`to_rank0_clock`), or None while they are rotating."""
     import pyarrow as pa
 
     from llmenergy.power.collector import merge_node_files
@@ -125,7 +154,7 @@ def read_power(job: CellFiles, *, quiet: bool) -> Any:
     if quiet:
         logger.setLevel(logging.ERROR)  # mid-run, every node "has no final file" yet: that is expected
     try:
-        return merge_node_files(job.power_parts)
+        return to_rank0_clock(merge_node_files(job.power_parts), read_offsets(job))
     except (OSError, pa.ArrowException) as exc:  # a part renamed or removed while read
         log.debug("power files changing (%s); retrying", exc)
         return None
@@ -238,6 +267,8 @@ class CellsInFlight:
                 dst.mkdir(parents=True, exist_ok=True)
                 for src in src_dir.glob("*.json"):
                     shutil.copyfile(src, dst / src.name)
+            if job.files.clocks.exists():
+                shutil.copyfile(job.files.clocks, files.clocks)
             loaded_here = self.loaded_by is None
             self.loaded_by = self.loaded_by or cell.id
             group = {"group_id": job.group_id, "position": job.group_cells.index(cell.id),

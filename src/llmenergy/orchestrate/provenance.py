@@ -1,4 +1,5 @@
-"""Provenance of a cell: versions, commit, hosts, GPUs, driver, Slurm job, energy seen by Slurm."""
+"""Provenance of a cell: versions, commit, hosts, GPUs, driver, Slurm job, energy seen by Slurm,
+the nodes' clock offsets to rank 0."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import llmenergy
-from llmenergy.cellfiles import CellFiles, CollectorReady, Provenance, RankDevice, WorkerStatus
+from llmenergy.cellfiles import CellFiles, ClockOffsets, CollectorReady, Provenance, RankDevice, WorkerStatus
 from llmenergy.errors import RecordError
 from llmenergy.slurm import parse_time_limit_min
 
@@ -88,6 +89,12 @@ def collect_provenance(files: CellFiles, *, started: float, power: Any = None) -
     ready = [CollectorReady.read(p).to_dict() for p in sorted(files.ready.glob("*.json"))]
     job = os.environ.get("SLURM_JOB_ID")
     load = None
+    clocks = None
+    if files.clocks.exists():
+        try:
+            clocks = ClockOffsets.read(files.clocks)
+        except RecordError as exc:
+            log.warning("%s", exc)
     if files.worker_status.exists():
         with contextlib.suppress(RecordError):
             load = WorkerStatus.read(files.worker_status).load
@@ -107,4 +114,6 @@ def collect_provenance(files: CellFiles, *, started: float, power: Any = None) -
         power_samples=int(power.num_rows) if power is not None else 0,
         load=load,
         slurm_time_limit_min=slurm_time_limit_min(job),
+        clock_offsets_ns=clocks.offsets_ns if clocks is not None else None,
+        clock_offset_rtt_ns=clocks.rtt_ns if clocks is not None else None,
     )
