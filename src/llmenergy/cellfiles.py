@@ -416,7 +416,7 @@ def _schema(fields: list[tuple[str, pa.DataType]]) -> pa.Schema:
                      metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
 
 
-#: ``events.parquet``: one row per phase (idle, load, warmup, compile, prefill, decode).
+#: ``events.parquet``: one row per phase (idle, load, warmup, compile, prefill, decode, prefill_only).
 EVENTS_SCHEMA = pa.schema([
     ("cell_id", pa.string()), ("repeat", pa.int32()), ("phase", pa.string()),
     ("batch_index", pa.int32()), ("start_ns", pa.int64()), ("end_ns", pa.int64()),
