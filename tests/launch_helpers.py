@@ -62,11 +62,14 @@ LONG_CELL: dict[str, Any] = {"n_prompts": 200, "batch_size": 2, "max_gen_len": 9
 
 def write_config(root: Path, *, power_cap_w: float | None = None, on_oom: str = "record",
                  on_power_cap_denied: str = "fail", n_prompts: int = 6, batch_size: int = 2,
-                 max_gen_len: int = 8, backend: str = "estimate", idle_baseline_s: float = 0.2) -> Path:
-    """A one-cell config in ``root/config.yaml`` whose outputs go to ``root/results``."""
+                 max_gen_len: int = 8, backend: str = "estimate", idle_baseline_s: float = 0.2,
+                 min_window_s: float = 0, prefill_window_s: float = 0) -> Path:
+    """A one-cell config in ``root/config.yaml`` whose outputs go to ``root/results`` (no
+    minimum window and no prefill-only loop unless asked: the defaults would add 25 s a repeat)."""
     collector: dict[str, Any] = {"backend": backend, "idle_baseline_s": idle_baseline_s, "idle_settle_s": 0.2,
                                  "interval_ms": 100,
-                                 "power_interval_ms": 100}
+                                 "power_interval_ms": 100, "min_window_s": min_window_s,
+                                 "prefill_window_s": prefill_window_s}
     if backend == "estimate":
         collector["estimate_tdp_w"] = 100
     data = {

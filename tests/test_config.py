@@ -87,6 +87,8 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
      "gpus.A100.compute_capability"),
     ("estimate without a TDP", with_("collector", {"backend": "estimate"}), "collector.estimate_tdp_w"),
     ("interval too short", with_("collector", {"interval_ms": 1}), "collector.interval_ms"),
+    ("negative minimum window", with_("collector", {"min_window_s": -1}), "collector.min_window_s"),
+    ("prefill window not a number", with_("collector", {"prefill_window_s": "5s"}), "collector.prefill_window_s"),
     ("output_dir escapes", with_("output_dir", "../elsewhere"), "output_dir"),
     ("kshot without train file", with_("datasets.alp.kshot", 4), "datasets.alp.kshot"),
     ("missing models", with_("models", _DELETE), "'models' is a required"),

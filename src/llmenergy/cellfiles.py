@@ -444,20 +444,21 @@ def _schema(fields: list[tuple[str, pa.DataType]]) -> pa.Schema:
                      metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
 
 
-#: ``events.parquet``: one row per phase (idle, load, warmup, compile, prefill, decode).
+#: ``events.parquet``: one row per phase (idle, load, warmup, compile, prefill, decode, prefill_only).
 EVENTS_SCHEMA = pa.schema([
     ("cell_id", pa.string()), ("repeat", pa.int32()), ("phase", pa.string()),
     ("batch_index", pa.int32()), ("start_ns", pa.int64()), ("end_ns", pa.int64()),
     ("n_seqs", pa.int32()), ("tokens_in", pa.int64()), ("tokens_out", pa.int64()),
 ])
 
-#: ``responses.parquet``: one row per prompt × repeat.
+#: ``responses.parquet``: one row per prompt × repeat × cycle.
 RESPONSES_SCHEMA = pa.schema([
     ("cell_id", pa.string()), ("repeat", pa.int32()), ("batch_index", pa.int32()),
     ("prompt_id", pa.string()), ("tokens_in", pa.int64()), ("tokens_out", pa.int64()),
     ("words_out", pa.int64()), ("text", pa.string()), ("reference", pa.string()),
     ("correct", pa.bool_()), ("template", pa.string()),
     ("tokens_after_eos", pa.int64()),  # generated tokens from the first EOS on (EOS included)
+    ("cycle", pa.int32()),  # the pass over the cell's batches within the repeat (collector.min_window_s)
 ])
 
 #: ``power.parquet`` and the collectors' per-node files: one row per device and sample.
@@ -512,6 +513,10 @@ METRICS_FIELDS: list[tuple[str, pa.DataType]] = IDENTITY_FIELDS + [
     ("balance_warmup_j", pa.float64()), ("balance_measured_j", pa.float64()),
     ("balance_gaps_j", pa.float64()), ("balance_gaps_s", pa.float64()),
     ("balance_unattributed_j", pa.float64()), ("balance_unattributed_pct", pa.float64()),
+    ("balance_prefill_only_j", pa.float64()),
+    # the measured prefill: the repeat's prefill-only loop (docs/measurement.md)
+    ("prefill_only_duration_s", pa.float64()), ("prefill_only_tokens_in", pa.int64()),
+    ("prefill_only_energy_j", pa.float64()), ("prefill_j_per_token_in", pa.float64()),
     ("schema_version", pa.int32()),
 ]
 METRICS_SCHEMA = _schema(METRICS_FIELDS)

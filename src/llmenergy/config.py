@@ -68,8 +68,20 @@ class CollectorSpec:
     power_interval_ms: int = DEFAULT_POWER_INTERVAL_MS
     idle_baseline_s: float = 5.0
     idle_settle_s: float = 2.0  # the wait between the load and the idle window
+    #: a repeat's prefill+decode windows last at least this long: its batches are cycled
+    min_window_s: float = 20.0
+    #: each repeat's prefill-only loop lasts at least this long (and 10 × interval_ms); 0: none
+    prefill_window_s: float = 5.0
     estimate_tdp_w: float | None = None
     dcgm_host: str | None = None
+
+    def prefill_loop_s(self) -> float:
+        """How long each repeat's prefill-only loop lasts at least: ``prefill_window_s``, and
+        at least 10 collector intervals (the sensor's update period, as the analysis measures
+        it, is no shorter than the poll interval); 0 when the loop is off."""
+        if self.prefill_window_s <= 0:
+            return 0.0
+        return max(self.prefill_window_s, 10 * self.interval_ms / 1000)
 
 
 @dataclass(frozen=True)

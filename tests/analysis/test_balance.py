@@ -106,3 +106,17 @@ def test_balance_columns_in_every_metrics_row(tmp_path: Path) -> None:
         assert rows[0][col] == rows[1][col]  # per cell, repeated on each repeat row
     assert rows[0]["compile_j"] == pytest.approx(_truth(tl, ("compile",)), rel=0.001)
     assert rows[0]["balance_measured_j"] is None
+
+
+def test_the_prefill_only_loops_are_a_part_of_their_own() -> None:
+    segs = standard_segments()
+    segs[10] = Segment("prefill", 0.9, 520, 0, 1)  # all batches resolved
+    segs.insert(12, Segment("prefill_only", 6.02, 600, 0))
+    segs.insert(19, Segment("prefill_only", 5.01, 610, 1))
+    out, reasons, tl = _balance(segs)
+    assert reasons == []
+    loops = tl["phase"] == "prefill_only"
+    assert abs(out["balance_prefill_only_j"] - _truth(tl, ("prefill_only",))) <= _bound(tl, loops)
+    # not left unattributed: the rest is still only the stretches before the warm-up
+    rest = (tl["phase"].isna()) & tl["power_w"].isin([140, 150])
+    assert abs(out["balance_unattributed_j"] - tl.loc[rest, "energy_j"].sum()) <= _bound(tl, rest)

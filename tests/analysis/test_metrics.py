@@ -341,3 +341,36 @@ def test_a_clock_offset_above_5_ms_is_flagged_not_nulled(tmp_path: Path) -> None
     small = compute_cell_metrics(cdir).to_pandas()
     assert small["clock_offset_max_ms"].tolist() == pytest.approx([4.9, 4.9])
     assert not any("clock" in (r or "") for r in small["energy_reason"])
+
+
+def test_the_measured_prefill_is_published_when_its_loop_is_resolved(tmp_path: Path) -> None:
+    """Each repeat's prefill-only loop: its energy and J per prompt token, outside energy_j;
+    a loop under ten update periods is null with a reason."""
+    import pandas as pd
+    from trace_helpers import Segment, edge_bound_j, standard_segments, write_trace_cell
+
+    from llmenergy.atomic import write_parquet
+
+    segs = standard_segments()
+    segs.insert(12, Segment("prefill_only", 6.02, 600, 0))  # after repeat 0's last decode
+    segs.insert(19, Segment("prefill_only", 0.52, 610, 1))  # after repeat 1's: too short
+    cdir, tl = write_trace_cell(tmp_path, segments=segs)
+    events = pd.read_parquet(cdir / "events.parquet")
+    loops = events["phase"] == "prefill_only"
+    assert list(events.loc[loops, "repeat"]) == [0, 1]
+    events.loc[loops, "tokens_in"] = [4000, 320]
+    write_parquet(cdir / "events.parquet", events)
+    r0, r1 = _rows(cdir)
+    loop0 = tl.index[(tl["phase"] == "prefill_only") & (tl["repeat"] == 0)][0]
+    assert r0["prefill_only_duration_s"] == pytest.approx(6.02)
+    assert r0["prefill_only_tokens_in"] == 4000
+    assert abs(r0["prefill_only_energy_j"] - 600 * 6.02) <= edge_bound_j(tl, loop0)
+    assert r0["prefill_j_per_token_in"] == pytest.approx(600 * 6.02 / 4000, rel=0.005)
+    # the loop is not part of the repeat's energy: that is still its batches' alone
+    batches = tl[(tl["repeat"] == 0) & tl["phase"].isin(["prefill", "decode"])]
+    assert r0["energy_j"] == pytest.approx(batches["energy_j"].sum(), rel=0.005)
+    assert "prefill_only_energy_j" not in r0["energy_reason"]
+    assert r1["prefill_only_duration_s"] == pytest.approx(0.52) and r1["prefill_only_tokens_in"] == 320
+    assert r1["prefill_only_energy_j"] is None and r1["prefill_j_per_token_in"] is None
+    assert "prefill_only_energy_j null: 1 of 1 window(s) last 0.520-0.520 s" in r1["energy_reason"]
+    assert "balance_prefill_only_j null: 1 of 2 window(s)" in r1["energy_reason"]

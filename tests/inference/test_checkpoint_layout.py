@@ -59,7 +59,7 @@ def cfg_data(weights: str, tokenizer: str | None = None) -> dict[str, Any]:
                              "max_prompt_len": 48}},
         "gpus": {"cpu": {"partition": "local", "gpus_per_node": 2, "memory_gb": 4,
                          "device": "cpu"}},
-        "collector": {"backend": "none", "idle_baseline_s": 0.1},
+        "collector": {"backend": "none", "idle_baseline_s": 0.1, "min_window_s": 0, "prefill_window_s": 0},
         "matrix": [{"model": ["tiny"], "dataset": ["gsm"], "gpu": ["cpu"], "shards": [1],
                     "batch_size": [2], "max_gen_len": [4]}],
     }

@@ -161,3 +161,34 @@ def test_torch_compile_with_functional_collectives_on_two_ranks() -> None:
     for out in run_ranks(engines_worker, 2, "llama-tiny", PROMPTS[:2], 8, True, timeout_s=400):
         assert out["compiled"]["free"] == out["reference"]["free"]
         assert out["compiled"]["stop"] == out["reference"]["stop"]
+
+
+def _caches(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [t.clone() for layer in model.layers for t in (layer.attention.cache_k, layer.attention.cache_v)]
+
+
+def _clear(model: torch.nn.Module) -> None:
+    for layer in model.layers:
+        layer.attention.cache_k.zero_()
+        layer.attention.cache_v.zero_()
+
+
+def test_prefill_only_is_the_prefill_of_generate(model: torch.nn.Module) -> None:
+    """The prefill-only loop's call does the work of generate's prefill: the same KV cache,
+    on either engine, and no compile for a batch size not seen before."""
+    written = {}
+    for name in ("reference", "compiled"):
+        engine = make_engine(name, model)
+        _clear(model)
+        assert engine.prefill_only(PROMPTS[:3]) is None
+        alone = _caches(model)
+        _clear(model)
+        engine.generate(PROMPTS[:3], 1, eos_id=None, stop_at_eos=False)  # prefill, no decode step
+        for got, want in zip(alone, _caches(model), strict=True):
+            torch.testing.assert_close(got, want)
+        assert any(bool(c.abs().sum() > 0) for c in alone)
+        written[name] = alone
+    for got, want in zip(written["compiled"], written["reference"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="exceed the model cache"):
+        make_engine("reference", model).prefill_only([[1] * 30])

@@ -174,3 +174,12 @@ def test_families_with_gqa_and_rope_scaling_give_the_reference_tokens(arch: str)
     ref = make_engine("reference", m).first_logits(PROMPTS)
     for ours, theirs in zip(ref, engine.first_logits(PROMPTS), strict=True):
         torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_prefill_only_runs_hfs_prefill_without_warming_a_new_batch_size(model: torch.nn.Module) -> None:
+    engine = make_engine("hf", model)
+    assert 3 not in engine._ready
+    assert engine.prefill_only(PROMPTS[:3]) is None
+    assert 3 not in engine._ready  # prefill runs eagerly: nothing compiled for it
+    with pytest.raises(ValueError, match="exceed the model cache"):
+        engine.prefill_only([[1] * 30])

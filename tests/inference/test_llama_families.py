@@ -216,7 +216,7 @@ def cfg_data(models: dict[str, dict[str, Any]], shards: list[int]) -> dict[str, 
         "datasets": {"gsm": {"format": "gsm8k", "path": "synthetic", "n_prompts": 2,
                              "max_prompt_len": 48}},
         "gpus": {"cpu": {"partition": "local", "gpus_per_node": 4, "memory_gb": 4, "device": "cpu"}},
-        "collector": {"backend": "none", "idle_baseline_s": 0.1},
+        "collector": {"backend": "none", "idle_baseline_s": 0.1, "min_window_s": 0, "prefill_window_s": 0},
         "matrix": [{"model": list(models), "dataset": ["gsm"], "gpu": ["cpu"], "shards": shards,
                     "batch_size": [2], "max_gen_len": [4]}],
     }

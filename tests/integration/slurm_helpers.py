@@ -56,7 +56,8 @@ def tiny_config(gpus: dict[str, dict[str, Any]], matrix: list[dict[str, list[Any
         "models": {"llama-tiny": {"arch": "llama-tiny", "weights": "synthetic"}},
         "datasets": {"tiny": dict(TINY_DATASET), "slow": dict(SLOW_DATASET)},
         "gpus": gpus,
-        "collector": {"backend": "estimate", "estimate_tdp_w": 65, "interval_ms": 100, "idle_baseline_s": 0.2},
+        "collector": {"backend": "estimate", "estimate_tdp_w": 65, "interval_ms": 100, "idle_baseline_s": 0.2,
+                      "min_window_s": 0, "prefill_window_s": 0},
         "matrix": matrix,
         # one job per cell (profiles/slurm packs by default): the per-cell tests; the packing
         # tests (test_slurm_packing.py) drop this key

@@ -34,7 +34,8 @@ def _config(root: Path, matrix: list[dict[str, list[Any]]]) -> Path:
                      "b": {"format": "alpaca", "path": "synthetic", "n_prompts": 3, "seed": 1, "max_prompt_len": 16}},
         "gpus": {"cpu": {"partition": "debug", "gpus_per_node": 1, "memory_gb": 16, "device": "cpu"}},
         "collector": {"backend": "estimate", "estimate_tdp_w": 100, "idle_baseline_s": 0.2, "interval_ms": 100,
-                      "power_interval_ms": 100, "idle_settle_s": SETTLE_S},
+                      "power_interval_ms": 100, "idle_settle_s": SETTLE_S, "min_window_s": 0,
+                      "prefill_window_s": 0},
         "matrix": matrix,
     }
     root.mkdir(parents=True, exist_ok=True)

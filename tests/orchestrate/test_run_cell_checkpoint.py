@@ -32,7 +32,7 @@ def _config(tmp: Path, weights: str) -> Path:
         "models": {"tiny": {"arch": "llama-tiny", "weights": weights, "tokenizer": None}},
         "datasets": {"gsm": {"format": "gsm8k", "path": "synthetic", "n_prompts": 2, "max_prompt_len": 48}},
         "gpus": {"cpu": {"partition": "local", "gpus_per_node": 2, "memory_gb": 4, "device": "cpu"}},
-        "collector": {"backend": "none", "idle_baseline_s": 0.1},
+        "collector": {"backend": "none", "idle_baseline_s": 0.1, "min_window_s": 0, "prefill_window_s": 0},
         "matrix": [{"model": ["tiny"], "dataset": ["gsm"], "gpu": ["cpu"], "shards": [1],
                     "batch_size": [2], "max_gen_len": [4]}],
     }

@@ -38,7 +38,8 @@ def _cfg(tmp: Path, **gpu: Any) -> config.Config:
                            "max_prompt_len": 32}},
         "gpus": {"T": {"partition": "short", "gpus_per_node": 2, "memory_gb": 8, "device": "cpu",
                        "cpus_per_gpu": 1, **gpu}},
-        "collector": {"backend": "estimate", "estimate_tdp_w": 65, "interval_ms": 100, "idle_baseline_s": 0.2},
+        "collector": {"backend": "estimate", "estimate_tdp_w": 65, "interval_ms": 100, "idle_baseline_s": 0.2,
+                      "min_window_s": 0, "prefill_window_s": 0},
         "matrix": [{"model": ["tiny"], "dataset": ["d"], "gpu": ["T"], "shards": [1], "batch_size": [1, 2],
                     "max_gen_len": [4, 6]}],
     })

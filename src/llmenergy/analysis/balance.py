@@ -8,6 +8,7 @@ The span runs from the start of the cell's first event to the end of its last
   the events of those phases (``compile`` includes a short last batch's compile
   inside a repeat); 0 when the cell has no such event;
 * ``balance_measured_j``: every repeat's prefill and decode events;
+* ``balance_prefill_only_j``: every repeat's prefill-only loop (the measured prefill);
 * ``balance_gaps_j``: the time between the first measured event and the last
   one that no event covers (host work between batches and between repeats);
 * ``balance_unattributed_j``: the rest of the span (e.g. between the idle
@@ -40,6 +41,7 @@ BALANCE_PHASES: dict[str, tuple[str, ...]] = {
     "compile_j": ("compile",),
     "balance_warmup_j": ("warmup",),
     "balance_measured_j": ("prefill", "decode"),
+    "balance_prefill_only_j": ("prefill_only",),
 }
 #: Per-cell columns this module fills (repeated on every repeat row of the cell).
 BALANCE_COLUMNS = (

@@ -8,7 +8,9 @@ reason and null measurements.
 
 Energy: ``energy_j`` is the counter-based energy of the repeat's prefill and
 decode events; where no GPU device has a counter it falls back to the instant
-power integral and ``energy_method`` says ``instant_integral``.
+power integral and ``energy_method`` says ``instant_integral``. The measured prefill
+(``prefill_only_*``, ``prefill_j_per_token_in``) comes from the repeat's
+``prefill_only`` loop, outside ``energy_j``.
 
 Nothing is published that the data cannot support; each null says why in
 ``energy_reason``:
@@ -291,6 +293,8 @@ def _energy_of_repeat(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | Non
                 reasons.append(why)
             else:
                 row[f"{phase}_energy_j"] = _total(ph[col])
+    row.update(_prefill_only(att[(att["repeat"] == r) & (att["phase"] == "prefill_only")], col,
+                             energy is not None, reasons))
     row["energy_j"] = energy
     row["energy_instant_j"] = instant
     if counter is not None and instant is not None and counter > 0:
@@ -306,6 +310,26 @@ def _energy_of_repeat(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | Non
         row["active_energy_j"] = energy - idle_power_w * duration_s
     if energy is not None and grid_gco2_per_kwh is not None:
         row["gco2e"] = energy / J_PER_KWH * float(grid_gco2_per_kwh)
+    return row
+
+
+def _prefill_only(po: pd.DataFrame, col: str, metered_all: bool, reasons: list[str]) -> dict[str, Any]:
+    """The repeat's measured prefill (its ``prefill_only`` loop): duration, prompt tokens,
+    energy (``col``: the repeat's counter or instant) and J per prompt token. The energy is
+    null when the loop is below the sensor's resolution or not covered by every device, and
+    whenever the repeat's own energy is (``metered_all`` False: its reason says why)."""
+    if len(po) == 0:
+        return {}
+    row: dict[str, Any] = {"prefill_only_duration_s": float(po["duration_s"].sum()),
+                           "prefill_only_tokens_in": _sum(po, "tokens_in")}
+    why = _short_reason("prefill_only_energy_j", po)
+    energy = _total(po[col]) if metered_all and not why else None
+    if why:
+        reasons.append(why)
+    elif metered_all and energy is None:
+        reasons.append("prefill_only_energy_j null: its window is not covered by every device's samples")
+    row["prefill_only_energy_j"] = energy
+    row["prefill_j_per_token_in"] = _div(energy, row["prefill_only_tokens_in"])
     return row
 
 

@@ -302,6 +302,14 @@ class CompiledEngine:
         return pre, step.clone()
 
     @torch.inference_mode()
+    def prefill_only(self, prompts: list[list[int]]) -> None:
+        """The (eager) prefill of :meth:`generate` alone, its first token discarded; no sync
+        and no compile (prefill never runs compiled)."""
+        bsz, _ = self._check(prompts, 1)
+        tokens, n_pad = left_pad(prompts, 0, self.device)
+        self._prefill(tokens, n_pad, self.caches(bsz)).argmax(dim=-1)
+
+    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_gen_len: int, *, eos_id: int | None,
                  stop_at_eos: bool, on_phase: PhaseCallback | None = None) -> GenerationResult:
         """Same contract as :func:`llmenergy.inference.generate.generate` (plus ``"compile"``

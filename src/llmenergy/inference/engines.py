@@ -18,6 +18,7 @@ All wrap a :class:`~llmenergy.inference.model.Transformer` from
     engine.prepare(on_phase)            # reports "compile" (nothing for reference)
     result = engine.generate(prompts, max_gen_len, eos_id=eos, stop_at_eos=False,
                              on_phase=on_phase)   # "compile"?, "prefill", "decode"
+    engine.prefill_only(prompts)        # the same prefill, its first token discarded; no sync
 
 ``generate`` has the contract of :func:`~llmenergy.inference.generate.generate`.
 The compiled and hf engines compile per batch size; a batch size that ``prepare`` did
@@ -52,6 +53,8 @@ class Engine(Protocol):
     def generate(self, prompts: list[list[int]], max_gen_len: int, *, eos_id: int | None,
                  stop_at_eos: bool, on_phase: G.PhaseCallback | None = None) -> G.GenerationResult: ...
 
+    def prefill_only(self, prompts: list[list[int]]) -> None: ...
+
     def first_logits(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -70,6 +73,10 @@ class ReferenceEngine:
                  stop_at_eos: bool, on_phase: G.PhaseCallback | None = None) -> G.GenerationResult:
         return G.generate(self.model, prompts, max_gen_len, eos_id=eos_id,
                           stop_at_eos=stop_at_eos, on_phase=on_phase)
+
+    def prefill_only(self, prompts: list[list[int]]) -> None:
+        """This engine's prefill of ``prompts`` alone (:func:`~llmenergy.inference.generate.prefill_only`)."""
+        G.prefill_only(self.model, prompts)
 
     @torch.inference_mode()
     def first_logits(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,6 +117,16 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
 
 
 @torch.inference_mode()
+def prefill_only(model: Transformer, prompts: list[list[int]]) -> None:
+    """The prefill of :func:`generate` alone: ``prompts`` (a batch) left-padded, one
+    forward pass into the KV cache, the first token chosen and discarded. No device
+    synchronize: the caller times a loop of these (the measured prefill, docs/measurement.md)."""
+    check_batch(prompts, 1, model.max_batch_size, model.max_seq_len)
+    tokens, n_pad = left_pad(prompts, 0, _device(model))
+    prefill(model, tokens, n_pad).argmax(dim=-1)
+
+
+@torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_gen_len: int, *,
              eos_id: int | None, stop_at_eos: bool,
              on_phase: PhaseCallback | None = None) -> GenerationResult:

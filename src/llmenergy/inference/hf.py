@@ -254,6 +254,14 @@ class HFEngine:
         return out.logits[0], out.logits[1]
 
     @torch.inference_mode()
+    def prefill_only(self, prompts: list[list[int]]) -> None:
+        """HF's prefill alone: ``generate`` of one new token (input preparation, static
+        cache allocation, the eager prompt forward pass, the first token's choice), which
+        is what this engine's ``prefill`` phase spans; its token is discarded."""
+        self._check(prompts, 1)
+        self._run(prompts, self._config(1, None))
+
+    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_gen_len: int, *, eos_id: int | None,
                  stop_at_eos: bool, on_phase: PhaseCallback | None = None) -> GenerationResult:
         """Same contract as :func:`llmenergy.inference.generate.generate` (plus ``"compile"``

@@ -170,7 +170,8 @@ def estimate_runtime_s(cfg: Config, cell: Cell) -> float:
     """A rough upper estimate of a cell's wall time, for the plan and Slurm's --time.
 
     Decode is memory-bound: each step streams the shard's weights once (one byte per
-    linear weight under int8/fp8).
+    linear weight under int8/fp8). A repeat lasts at least ``collector.min_window_s``
+    (its batches are cycled) and adds its prefill-only loop (``collector.prefill_window_s``).
     """
     spec, gpu, ds = cfg.models[cell.model], cfg.gpus[cell.gpu], cfg.datasets[cell.dataset]
     dtype = dtype_for(cfg, cell)
@@ -181,8 +182,9 @@ def estimate_runtime_s(cfg: Config, cell: Cell) -> float:
     if gpu.device == "cpu":
         step_s = max(step_s, 0.01 * cell.shards)
     batches = math.ceil(ds.n_prompts / cell.batch_size)
-    steps = batches * (cell.max_gen_len + ds.max_prompt_len / 8) * cfg.repeats
-    return estimate_load_s(cfg, cell) + cfg.collector.idle_baseline_s + steps * step_s
+    repeat_s = batches * (cell.max_gen_len + ds.max_prompt_len / 8) * step_s
+    repeat_s = max(repeat_s, cfg.collector.min_window_s) + cfg.collector.prefill_loop_s()
+    return estimate_load_s(cfg, cell) + cfg.collector.idle_baseline_s + cfg.repeats * repeat_s
 
 
 def estimate_load_s(cfg: Config, cell: Cell) -> float:

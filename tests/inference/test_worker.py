@@ -1,0 +1,87 @@
+"""The measure loop of the rank (``inference.worker``): repeats cycled to
+``collector.min_window_s``, the prefill-only loop, and what a response counts past EOS."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from launch_helpers import CellRun, make_env, start_run_cell, write_config
+
+from llmenergy.config import load
+from llmenergy.inference.tokenizer import default_tokenizer
+from llmenergy.inference.worker import _more, response_counts
+from llmenergy.planning.matrix import expand
+
+
+def test_a_response_counts_every_generated_token_but_words_only_up_to_eos() -> None:
+    tok = default_tokenizer()
+    answer = tok.encode("three apples and two pears", bos=False, eos=False)
+    tail = tok.encode("and then some more words", bos=False, eos=False)
+    row = [*answer, tok.eos_id, *tail]
+    text, tokens_out, words_out, after = response_counts(row, tok.eos_id, tok.decode)
+    assert text == "three apples and two pears" and words_out == 5
+    assert tokens_out == len(row)  # the GPU produced them all
+    assert after == 1 + len(tail)  # the EOS and what followed it
+    # no EOS: the whole row is the answer; a second EOS later changes nothing
+    assert response_counts(answer, tok.eos_id, tok.decode) == (text, len(answer), 5, 0)
+    twice = [*answer, tok.eos_id, *tail, tok.eos_id]
+    assert response_counts(twice, tok.eos_id, tok.decode)[1:] == (len(twice), 5, 2 + len(tail))
+    # EOS first: nothing to read, every token after it
+    assert response_counts([tok.eos_id, *tail], tok.eos_id, tok.decode) == ("", 1 + len(tail), 0, 1 + len(tail))
+
+
+def test_more_passes_reach_the_target_at_the_mean_pass_time() -> None:
+    assert _more(20.0, 4.0, 1) == 4  # 16 s left at 4 s a pass
+    assert _more(20.0, 19.0, 2) == 1  # at least one, never a partial pass
+    assert _more(20.0, 20.0, 5) == 0 and _more(0.0, 0.0, 1) == 0  # reached (0: one pass only)
+    assert _more(5.0, 0.0, 1) == 1  # nothing measurable yet: one more, then look again
+
+
+def test_repeats_cycle_their_batches_to_the_minimum_window_and_prefill_is_measured(
+        tmp_path: Path, runs: list[CellRun]) -> None:
+    """Two ranks (gloo): each repeat runs whole cycles of the cell's 2 batches until its windows
+    last min_window_s, every cycle recorded like the first and counted; then its prefill-only
+    loop lasts prefill_window_s; the ranks agree on both (a disagreement would hang them)."""
+    path = write_config(tmp_path, n_prompts=4, batch_size=2, max_gen_len=6, min_window_s=1.5,
+                        prefill_window_s=1.5)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["repeats"] = 2
+    cfg["gpus"]["cpu"]["gpus_per_node"] = 2
+    cfg["matrix"][0]["shards"] = [2]
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (cell,) = expand(load(path, check_files=False)).cells
+    run = start_run_cell(tmp_path, cell.id, make_env(None))
+    runs.append(run)
+    assert run.wait(240.0) == 0, run.logs()
+    assert run.cell_json()["status"] == "ok"
+    events = pd.read_parquet(run.cell_dir / "events.parquet")
+    resp = pd.read_parquet(run.cell_dir / "responses.parquet")
+    metrics = pd.read_parquet(run.cell_dir / "metrics.parquet").set_index("repeat")
+    events["duration_s"] = (events["end_ns"] - events["start_ns"]) / 1e9
+    for r in (0, 1):
+        measured = events[(events["repeat"] == r) & events["phase"].isin(["prefill", "decode"])]
+        cycles = int(resp.loc[resp["repeat"] == r, "cycle"].max()) + 1
+        assert cycles >= 2, f"repeat {r}: one pass of 2 tiny batches cannot last 1.5 s"
+        # every cycle's batches are events (batch_index runs on) and responses like the first's
+        assert sorted(measured.loc[measured["phase"] == "decode", "batch_index"]) == list(range(2 * cycles))
+        rr = resp[resp["repeat"] == r]
+        assert len(rr) == 4 * cycles
+        assert all(sorted(g["prompt_id"]) == sorted(rr.loc[rr["cycle"] == 0, "prompt_id"])
+                   for _, g in rr.groupby("cycle"))
+        assert measured["duration_s"].sum() >= 1.5
+        # the counts follow: every cycle's tokens and responses, over every cycle's windows
+        m = metrics.loc[r]
+        assert m["responses"] == 4 * cycles and m["tokens_out"] == 4 * cycles * 6
+        assert m["duration_s"] == pytest.approx(measured["duration_s"].sum())
+        assert m["tokens_per_s"] == pytest.approx(m["tokens_out"] / m["duration_s"])
+        assert m["words_out"] == rr["words_out"].sum() and rr["tokens_after_eos"].notna().all()
+        # the prefill-only loop: one event after the repeat's batches, whole passes over both batches
+        (loop,) = events[(events["repeat"] == r) & (events["phase"] == "prefill_only")].itertuples()
+        assert loop.start_ns >= measured["end_ns"].max() and loop.duration_s >= 1.5
+        per_pass = int(rr.loc[rr["cycle"] == 0, "tokens_in"].sum())
+        assert loop.tokens_in % per_pass == 0 and loop.tokens_in > per_pass
+        assert m["prefill_only_tokens_in"] == loop.tokens_in
+        assert m["prefill_only_duration_s"] == pytest.approx(loop.duration_s)
+        assert m["prefill_only_energy_j"] > 0 and m["prefill_j_per_token_in"] > 0
