@@ -68,7 +68,7 @@ def test_collector_failing_on_node2_fails_the_cell_at_once_naming_node2(
     _fake_gpu_env(monkeypatch, {})
     second = h.run_snakemake(workdir)
     assert second.returncode == 0, second.tail()
-    assert second.executed_cells == [cell]
+    assert second.executed_cells == [cell], second.tail()
     record = h.cell_json(workdir, cell)
     assert record["status"] == "ok", record
     assert sorted(c["node"] for c in record["provenance"]["collectors"]) == ["node1", "node2"]
