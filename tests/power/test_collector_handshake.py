@@ -91,3 +91,17 @@ def test_agent_reports_a_collector_that_died_before_ready(tmp_path: Path) -> Non
     report_collector_death(job, "node1", 100, 1)
     (rec,) = read_ready(job.ready)
     assert rec.backend is None and rec.error is not None and "exited with code 1" in rec.error
+
+
+def test_every_rank_on_one_host_needs_that_hosts_collector_only(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local launcher runs a 2-node layout's ranks on one host, beside one collector."""
+    job = _job(tmp_path)
+    job.uuids.mkdir(parents=True)
+    for rank in (0, 1):
+        (job.uuids / f"vm.{rank}.json").write_text('{"uuid": "cpu"}')
+    _ready(job, "vm", "estimate")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    start = time.monotonic()
+    assert [r.node for r in wait_ready(job, nodes=2, timeout_s=30.0)] == ["vm"]
+    assert time.monotonic() - start < 5.0

@@ -190,17 +190,28 @@ def wait_ready(job: CellFiles, nodes: int, timeout_s: float = 60.0) -> list[Coll
     that differ between nodes (:func:`~llmenergy.cellfiles.collector_problem`), or a node
     missing at the timeout raise :class:`SensorError` at once, naming the node."""
     deadline = time.monotonic() + timeout_s
+    world_size = int(os.environ.get("WORLD_SIZE", "0") or 0)
     while True:
         records = read_ready(job.ready)
         problem = collector_problem(records)
         if problem is not None:
             raise SensorError(problem)
-        if len(records) >= nodes:
+        hosts = _rank_nodes(job, world_size)  # the local launcher runs every rank on one host
+        if len(records) >= (nodes if hosts is None else min(nodes, len(hosts))):
             return records
         if time.monotonic() >= deadline:
             raise SensorError(f"only {len(records)} of {nodes} collector(s) ready after {timeout_s:.0f} s "
                               f"(ready: {', '.join(r.node for r in records) or 'none'}); see logs/collector.*.log")
         time.sleep(0.05)
+
+
+def _rank_nodes(job: CellFiles, world_size: int) -> set[str] | None:
+    """The nodes the ranks run on, once every rank's ``uuids/{node}.{rank}.json`` is there."""
+    names = [p.name[:-len(".json")] for p in job.uuids.glob("*.json")] if job.uuids.is_dir() else []
+    ranked = [n.rpartition(".") for n in names]
+    if world_size <= 0 or len({r for _, _, r in ranked if r.isdigit()}) < world_size:
+        return None
+    return {node for node, _, r in ranked if r.isdigit()}
 
 
 def check_caps(job: CellFiles, nodes: int, timeout_s: float = 120.0) -> None:
