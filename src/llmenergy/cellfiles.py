@@ -319,14 +319,49 @@ class RankDevice(_Handshake):
 
 @dataclass(frozen=True)
 class CollectorReady(_Handshake):
-    """A node's collector → rank 0 (``.run/ready/{node}.json``); ``backend`` None with the
-    one-line ``error`` when no backend could be built."""
+    """A node's collector → rank 0 and the launcher (``.run/ready/{node}.json``); ``backend``
+    None with the one-line ``error`` when no backend could be built. Rewritten with an
+    ``error`` when the collector fails later (it, or its node agent when it dies):
+    :func:`collector_problem` then fails the job."""
 
     node: str
     backend: str | None
     devices: list[dict[str, Any]] = field(default_factory=list)
     interval_ms: int | None = None
     error: str | None = None
+
+
+def read_ready(directory: Path) -> list[CollectorReady]:
+    """The :class:`CollectorReady` records of a ``ready/`` folder (a torn one is skipped: the
+    next poll reads it whole)."""
+    out = []
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            out.append(CollectorReady.read(path))
+        except RecordError:
+            continue
+    return out
+
+
+def collector_problem(records: list[CollectorReady]) -> str | None:
+    """Why a job's collectors cannot meter it, in one line naming the node, or None.
+
+    A collector that reported an error (no backend, or it failed later) fails the job;
+    so do collectors that resolved to different backends (``auto`` on unlike nodes):
+    one backend per cell. The first node in name order sets the backend the others
+    are compared with.
+    """
+    ordered = sorted(records, key=lambda r: r.node)
+    for rec in ordered:
+        if rec.error:
+            return f"collector on node {rec.node} failed: {rec.error}"
+    if ordered:
+        first = ordered[0]
+        for rec in ordered[1:]:
+            if rec.backend != first.backend:
+                return (f"collector backend differs on node {rec.node}: {rec.backend} "
+                        f"(node {first.node}: {first.backend}); one backend per cell: set collector.backend")
+    return None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ node, as on a real one::
      "deny_set": false,                  # true, or a list of UUIDs: sets fail with NVML_ERROR_NO_PERMISSION
      "set_error": null,                  # an NVML error code every set raises
      "init_error": null,                 # an NVML error code nvmlInit raises
+     "init_error_hosts": {"node2": 9},   # ... only on these hosts (socket.gethostname()): a node without NVML
      "driver": "580.00"}
 
 Per GPU, ``unsupported`` lists pynvml functions that raise NVML_ERROR_NOT_SUPPORTED,
@@ -33,6 +34,7 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -208,6 +210,7 @@ class FakeNvml:
             raise NVMLError(NVML_ERROR_LIBRARY_NOT_FOUND)  # no simulated node: a machine without NVML
         with self.locked_state() as state:
             code = state.get("init_error")
+            code = (state.get("init_error_hosts") or {}).get(socket.gethostname(), code)
         self.log("nvmlInit", None, {}, code)
         if code is not None:
             raise NVMLError(int(code))

@@ -188,7 +188,8 @@ def test_node_crash_mid_cell(slurm_cluster, workdir: Path) -> None:
 
 
 def test_collector_killed_mid_cell(workdir: Path) -> None:
-    """The cell still finishes; its power comes from the collectors' part files."""
+    """Issue 22: a collector that dies leaves its node unmetered, so the cell fails at once with
+    that error naming the node (it used to finish ``ok`` from the part files); the rerun runs it."""
     def inject(wd: Path, cell: str, job: int) -> None:
         h.wait_for(lambda: len(list((h.cell_dir(wd, cell) / ".run" / "power").glob("*.part-*"))) >= 2, 60,
                    "a part file from each collector")
@@ -199,12 +200,12 @@ def test_collector_killed_mid_cell(workdir: Path) -> None:
             os.kill(p, signal.SIGKILL)
 
     out = _run_with_fault(workdir, inject)
-    assert out.first.returncode == 0, out.first.tail()
-    info = h.cell_json(workdir, out.victim)
-    assert info["status"] == "ok"
-    assert sorted(info["power_recovered_from_parts"]) == ["node3", "node4"]
-    assert h.metrics_row(workdir, out.victim)["status"] == "ok"
-    _rerun(out, [])  # nothing to redo
+    assert out.first.returncode != 0, out.first.tail()
+    record = _failed_record(out)
+    assert record["status"] == "failed"
+    assert "collector on node node" in record["reason"] and "killed by signal 9" in record["reason"]
+    _assert_not_finished(out)
+    _rerun(out, [out.victim])
 
 
 def test_corrupt_metrics_file(workdir: Path) -> None:

@@ -2,7 +2,9 @@
 
 CUDA out-of-memory is faked in the rank (``tests/fakes/rank/fake_oom.py``, armed
 by ``FAKE_OOM_AT_BATCH``), since the test machines have no GPU memory to
-exhaust. The collector is killed with a real SIGKILL.
+exhaust, and a slow decode (``tests/fakes/rank/fake_slow_decode.py``) gives a test
+the time to signal the job there. The collector is killed with a real SIGKILL; stop
+signals go to the whole process group, as Snakemake and ``scancel`` send them.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from launch_helpers import (
+    LONG_CELL,
     CellRun,
     cell_id_of,
     make_env,
@@ -89,30 +92,62 @@ def test_finished_cell_is_skipped_and_rerun_with_force(tmp_path: Path, runs: lis
     assert (first.cell_dir / "logs" / "rank0.log").stat().st_size > rank_log_size
 
 
-def test_collector_killed_mid_cell_power_recovered_from_parts(tmp_path: Path, runs: list[CellRun]) -> None:
-    # The rank's idle baseline (a sleep) outlasts the collector's first part flush (every 2 s),
-    # so the collector dies with a part file written and the cell still ahead of it.
-    cell_id = cell_id_of(write_config(tmp_path, n_prompts=4, batch_size=2, idle_baseline_s=3.0))
+def test_collector_killed_mid_cell_fails_the_cell_at_once_naming_the_node(tmp_path: Path,
+                                                                        runs: list[CellRun]) -> None:
+    """Issue 22: a collector that dies leaves its node unmetered; the cell fails at once with
+    that error naming the node (it used to go on, recovered from parts, and end ``ok``). Its
+    parts are still merged into ``power.parquet`` for inspection; ``failed`` is never accepted."""
+    # A long cell: the collector dies while its rank is still measuring.
+    cell_id = cell_id_of(write_config(tmp_path, idle_baseline_s=3.0, **LONG_CELL))
     env = make_env(None)
     run = start_run_cell(tmp_path, cell_id, env)
     runs.append(run)
     collector = run.descendant(entrypoints.COLLECTOR)
     power_dir = run.cell_dir / ".run" / "power"
     wait_for(lambda: any(power_dir.glob("*.part-*.parquet")), "the collector's first part file", 30.0, run)
-    killed_ns = time.time_ns()
+    killed = time.monotonic()
     os.kill(collector.pid, signal.SIGKILL)
     code = run.wait(90.0)
+    ended_s = time.monotonic() - killed
     doc = run.cell_json()
-    assert code == 0, run.logs()
-    assert doc["status"] == "ok", run.logs()
-    assert doc["power_recovered_from_parts"] == doc["provenance"]["hosts"] != []
-    power = pd.read_parquet(run.cell_dir / "power.parquet")
-    assert len(power) > 0 and power["timestamp_ns"].max() <= killed_ns  # only what the parts held
-    events = pd.read_parquet(run.cell_dir / "events.parquet")
-    assert events["end_ns"].max() > killed_ns  # the cell went on after the collector died
-    assert set(pd.read_parquet(run.cell_dir / "metrics.parquet")["status"]) == {"ok"}
-    assert not (run.cell_dir / ".run").exists()
+    assert code == 1, run.logs()
+    assert doc["status"] == "failed", run.logs()
+    host = doc["provenance"]["hosts"][0]
+    assert f"collector on node {host} failed: collector killed by signal 9" in doc["reason"]
+    assert ended_s < 15.0, f"the cell went on {ended_s:.0f} s after its collector died\n{run.logs()}"
+    assert doc["power_recovered_from_parts"] == [host]
+    assert len(pd.read_parquet(run.cell_dir / "power.parquet")) > 0  # the parts, kept for inspection
+    assert (tmp_path / "results" / "failed" / f"{cell_id}.json").exists()
     assert run.session_processes() == []
+
+
+def test_stop_signal_to_the_process_group_in_the_last_decode_is_incomplete_and_reruns(
+        tmp_path: Path, runs: list[CellRun]) -> None:
+    """Issue 22: SIGTERM to every process of the job (Snakemake's and Slurm's scancel) during the
+    last decode. The ranks finish the batch, the collector has already stopped: the cell used to
+    be recorded ``ok`` with repeat energy missing, and never rerun."""
+    cell_id = cell_id_of(write_config(tmp_path, n_prompts=4, batch_size=2, max_gen_len=8))
+    mark = tmp_path / "in_last_decode"
+    env = make_env(None)
+    env.update(FAKE_SLOW_DECODE_BATCH="1", FAKE_SLOW_DECODE_S="4", FAKE_SLOW_DECODE_MARK=str(mark))
+    run = start_run_cell(tmp_path, cell_id, env)
+    runs.append(run)
+    wait_for(mark.exists, "rank 0 in the last batch's decode", 120.0, run)
+    os.killpg(run.proc.pid, signal.SIGTERM)  # run-cell leads its own session and process group
+    code = run.wait(90.0)
+    doc = run.cell_json()
+    assert code != 0, run.logs()
+    assert doc["status"] == "incomplete", run.logs()
+    assert doc["reason"] and "signal 15" in doc["reason"]
+    events = pd.read_parquet(run.cell_dir / "events.parquet")
+    assert set(events[events["repeat"] >= 0]["batch_index"]) == {0, 1}  # the ranks did finish the batch
+    assert set(pd.read_parquet(run.cell_dir / "metrics.parquet")["status"]) == {"incomplete"}
+    assert run.session_processes() == []
+    again = start_run_cell(tmp_path, cell_id, make_env(None))
+    runs.append(again)
+    assert again.wait(120.0) == 0, again.logs()
+    assert "launching" in again.output()  # not taken as finished
+    assert again.cell_json()["status"] == "ok"
 
 
 def test_metrics_failure_fails_the_cell_and_keeps_the_raw_data(tmp_path: Path, runs: list[CellRun]) -> None:

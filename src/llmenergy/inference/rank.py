@@ -37,8 +37,10 @@ from llmenergy.cellfiles import (
     RankDevice,
     RankOutcome,
     WorkerStatus,
+    collector_problem,
+    read_ready,
 )
-from llmenergy.errors import CellInterrupted, PowerCapDenied, PowerCapError, RecordError, UserError
+from llmenergy.errors import CellInterrupted, PowerCapDenied, PowerCapError, RecordError, SensorError, UserError
 from llmenergy.slurm import on_stop_signals
 
 log = logging.getLogger("llmenergy.inference.worker")
@@ -187,11 +189,32 @@ def wait_files(directory: Path, count: int, timeout_s: float) -> list[Path]:
 
 
 def wait_ready(job: CellFiles, nodes: int, timeout_s: float = 60.0) -> list[CollectorReady]:
-    """Rank 0, once per job: wait for every node's collector."""
-    files = wait_files(job.ready, nodes, timeout_s)
-    if len(files) < nodes:
-        log.warning("only %d of %d collectors ready after %.0f s; continuing", len(files), nodes, timeout_s)
-    return [CollectorReady.read(f) for f in files]
+    """Rank 0, once per job: wait for every node's collector. A collector's error, backends
+    that differ between nodes (:func:`~llmenergy.cellfiles.collector_problem`), or a node
+    missing at the timeout raise :class:`SensorError` at once, naming the node."""
+    deadline = time.monotonic() + timeout_s
+    world_size = int(os.environ.get("WORLD_SIZE", "0") or 0)
+    while True:
+        records = read_ready(job.ready)
+        problem = collector_problem(records)
+        if problem is not None:
+            raise SensorError(problem)
+        hosts = _rank_nodes(job, world_size)  # the local launcher runs every rank on one host
+        if len(records) >= (nodes if hosts is None else min(nodes, len(hosts))):
+            return records
+        if time.monotonic() >= deadline:
+            raise SensorError(f"only {len(records)} of {nodes} collector(s) ready after {timeout_s:.0f} s "
+                              f"(ready: {', '.join(r.node for r in records) or 'none'}); see logs/collector.*.log")
+        time.sleep(0.05)
+
+
+def _rank_nodes(job: CellFiles, world_size: int) -> set[str] | None:
+    """The nodes the ranks run on, once every rank's ``uuids/{node}.{rank}.json`` is there."""
+    names = [p.name[:-len(".json")] for p in job.uuids.glob("*.json")] if job.uuids.is_dir() else []
+    ranked = [n.rpartition(".") for n in names]
+    if world_size <= 0 or len({r for _, _, r in ranked if r.isdigit()}) < world_size:
+        return None
+    return {node for node, _, r in ranked if r.isdigit()}
 
 
 def check_caps(job: CellFiles, nodes: int, timeout_s: float = 120.0) -> None:

@@ -52,8 +52,20 @@ WINDOW_MARGIN_S = 2.0
 COVER_TIMEOUT_S = 15.0
 
 
-def cell_status(files: CellFiles, codes: list[int], signum: int | None) -> tuple[str, str | None]:
-    """The cell's status and reason: rank 0's record, else the first rank that failed, else the exit codes."""
+def cell_status(files: CellFiles, codes: list[int], signum: int | None,
+                error: str | None = None) -> tuple[str, str | None]:
+    """The cell's status and reason: the job's collector ``error`` (failed), else rank 0's
+    record, else the first rank that failed, else the exit codes; a stop signal received
+    before the record is written (``signum``) makes an ``ok`` cell ``incomplete``."""
+    if error is not None:
+        return "failed", error
+    status, reason = _ranks_status(files, codes, signum)
+    if signum is not None and status == "ok":
+        return "incomplete", f"interrupted by signal {signum} before the cell was recorded"
+    return status, reason
+
+
+def _ranks_status(files: CellFiles, codes: list[int], signum: int | None) -> tuple[str, str | None]:
     if files.worker_status.exists():
         try:
             st = WorkerStatus.read(files.worker_status)
@@ -81,13 +93,18 @@ def cell_status(files: CellFiles, codes: list[int], signum: int | None) -> tuple
 def finalize(cfg: Config, cell: Cell, spec: CellSpec, files: CellFiles, *, codes: list[int], signum: int | None,
              started: float, launcher: str, power: Any, recovered: list[str],
              measured: tuple[str, dict[str, Any]], powercap_dir: Any = None,
-             group: dict[str, Any] | None = None, wall_s: float | None = None) -> int:
+             group: dict[str, Any] | None = None, wall_s: float | None = None,
+             error: str | None = None) -> int:
     """Write a cell's ``power.parquet``, ``metrics.parquet`` and, last, ``cell.json``
-    (and ``failed/{cell}.json`` when not accepted); returns the cell's exit code."""
-    from llmenergy.analysis.metrics import compute_cell_metrics
+    (and ``failed/{cell}.json`` when not accepted); returns the cell's exit code.
+
+    An ``ok`` cell whose energy is incomplete (a repeat's energy null while a collector
+    was configured: :func:`llmenergy.analysis.metrics.energy_incomplete_reason`) is
+    recorded ``incomplete`` with that reason, and reruns."""
+    from llmenergy.analysis.metrics import compute_cell_metrics, energy_incomplete_reason
     from llmenergy.power.caps import read_cap_report
 
-    status, reason = cell_status(files, codes, signum)
+    status, reason = cell_status(files, codes, signum, error)
     if power.num_rows:
         atomic.write_parquet(files.power, power)
     record = CellRecord(cell=cell, status=status, reason=reason, repeats=cfg.repeats, launcher=launcher,
@@ -100,7 +117,12 @@ def finalize(cfg: Config, cell: Cell, spec: CellSpec, files: CellFiles, *, codes
     if cell.power_cap_w is not None:
         record.provenance.power_cap = read_cap_report(powercap_dir or files.powercap)
     try:
-        atomic.write_parquet(files.metrics, compute_cell_metrics(files.root, record=record, spec=spec))
+        metrics = compute_cell_metrics(files.root, record=record, spec=spec)
+        why = energy_incomplete_reason(metrics) if record.status == "ok" else None
+        if why is not None:
+            record.status, record.reason = "incomplete", why
+            metrics = compute_cell_metrics(files.root, record=record, spec=spec)
+        atomic.write_parquet(files.metrics, metrics)
     except Exception as exc:  # noqa: BLE001 - a metrics bug must not lose the run's raw data
         log.exception("%s: computing metrics failed", cell.id)
         record.status, record.reason = "failed", f"metrics: {type(exc).__name__}: {exc}"
@@ -213,9 +235,12 @@ class CellsInFlight:
         self.loaded_by: str | None = None
         self._last_try: dict[str, float] = {}
 
-    def tick(self, *, final: bool = False, codes: list[int] | None = None, signum: int | None = None) -> None:
+    def tick(self, *, final: bool = False, codes: list[int] | None = None, signum: int | None = None,
+             error: str | None = None) -> None:
         """Finalise the finished cells, in order; ``final``: the ranks are gone, finalise what started.
-        The last cell waits for the ranks' exit codes (those of a cell run alone)."""
+        The last cell waits for the ranks' exit codes (those of a cell run alone). ``signum``: a stop
+        signal the launcher received so far (every cell recorded after it is ``incomplete``);
+        ``error``: the collectors' problem the job ended on (the cell it ended in is ``failed``)."""
         while self.pending:
             cell = self.pending[0]
             files = cell.files(self.cfg.output_dir)
@@ -237,12 +262,13 @@ class CellsInFlight:
                     return
                 self._last_try[cell.id] = now
             if not self._finalize(cell, files, begin, final=final,
-                                  codes=(codes or []) if final else [0], signum=signum if final else None):
+                                  codes=(codes or []) if final else [0], signum=signum,
+                                  error=error if final else None):
                 return
             self.pending.pop(0)
 
     def _finalize(self, cell: Cell, files: CellFiles, begin: CellBegin | None, *, final: bool,
-                  codes: list[int], signum: int | None) -> bool:
+                  codes: list[int], signum: int | None, error: str | None = None) -> bool:
         from llmenergy.power.collector import recovered_nodes
 
         job = self.job
@@ -278,5 +304,5 @@ class CellsInFlight:
         self.codes[cell.id] = finalize(
             self.cfg, cell, self.specs[cell.id], files, codes=codes, signum=signum, started=started,
             launcher=job.launcher, power=power, recovered=recovered, measured=self.measured[cell.id],
-            powercap_dir=job.files.powercap, group=group, wall_s=wall_s)
+            powercap_dir=job.files.powercap, group=group, wall_s=wall_s, error=error)
         return True

@@ -26,6 +26,14 @@ passed on as SIGUSR2, because ``srun`` answers SIGTERM by killing its tasks but
 forwards SIGUSR1/2 to them. (Slurm's own time-limit warning reaches the steps,
 ranks and node agents directly; see :func:`llmenergy.slurm.time_limit_signal`.)
 
+Collectors: :class:`CollectorWatch` reads their ready records every tick; a collector's
+error on any node, or backends that differ between nodes, ends the ranks at once and
+fails the cell they were in with that one line.
+
+A stop signal received before a cell's record is written makes that cell
+``incomplete`` (:func:`.finalize.cell_status`), even when its ranks finished the
+last batch: the collectors stopped with the signal.
+
 A rank that fails alone leaves the job within :data:`llmenergy.inference.rank.PEER_WAIT_S`;
 the launcher then ends the other ranks (``srun --kill-on-bad-exit`` at once, the local
 launcher after :data:`GRACE_S`).
@@ -54,6 +62,8 @@ from llmenergy.cellfiles import (
     GroupSpec,
     RunLayout,
     accepted,
+    collector_problem,
+    read_ready,
 )
 from llmenergy.config import Config
 from llmenergy.errors import RecordError
@@ -148,6 +158,30 @@ class Forward:
 
 
 Tick = Callable[[], None]
+
+
+class CollectorWatch:
+    """The launcher's eye on the job's collectors: the first problem in their ready records
+    (:func:`~llmenergy.cellfiles.collector_problem`: a collector's error, or backends that
+    differ between nodes) ends the ranks at once, and the cell they were in is recorded
+    ``failed`` with that one line (no cell runs on with a node unmetered)."""
+
+    def __init__(self, job: CellFiles, fwd: Forward, *, srun: bool) -> None:
+        self.job, self.fwd, self.srun = job, fwd, srun
+        self.error: str | None = None
+
+    def check(self) -> None:
+        if self.error is not None:
+            return
+        problem = collector_problem(read_ready(self.job.ready))
+        if problem is None:
+            return
+        self.error = problem
+        log.error("%s: ending the ranks", problem)
+        for p in self.fwd.procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()  # srun killed: the job's end (the launcher's exit) takes its tasks
 
 
 def wait_ranks(procs: list[subprocess.Popen[bytes]], tick: Tick | None = None) -> list[int]:
@@ -324,14 +358,21 @@ def run_job(cfg: Config, todo: list[Cell], job: CellFiles, *, group: Group | Non
                           todo, specs, measured)
     worker = [sys.executable, "-m", entrypoints.WORKER, str(group_spec)]
     fwd = Forward(signal.SIGUSR2 if launcher == "srun" else None)
+    watch = CollectorWatch(job, fwd, srun=launcher == "srun")
+
+    def tick() -> None:
+        watch.check()
+        cells.tick(signum=fwd.signum)
+
     try:
         if launcher == "srun":
-            codes = launch_srun(job, fwd, cfg, todo[0], worker, tick=cells.tick)
+            codes = launch_srun(job, fwd, cfg, todo[0], worker, tick=tick)
         else:
-            codes = launch_local(first, job, fwd, worker, tick=cells.tick)
+            codes = launch_local(first, job, fwd, worker, tick=tick)
     finally:
         fwd.restore()
-    cells.tick(final=True, codes=codes, signum=fwd.signum)
+    watch.check()
+    cells.tick(final=True, codes=codes, signum=fwd.signum, error=watch.error)
     done = [c for c in todo if cells.codes.get(c.id) == 0]
     if group is None:
         return 0 if done else 1

@@ -341,6 +341,11 @@ class Context:
         before = read_history(self.cfg, self.plan.cells)
         bad = self.quarantine_corrupt(dry_run=dry_run, derived=derived)
         self.supersede_changed(changed, dry_run=dry_run, derived=derived)
+        if not dry_run and any(not c.files(self.output_dir).record.exists() for c in self.plan.cells):
+            # a partial report of a failed run whose cells all failed is older than nothing:
+            # without removing it Snakemake would not reach back to the cells without outputs
+            for path in derived:
+                Path(path).unlink(missing_ok=True)
         self._keep_history(before)
         if self.packing == "group":
             for jid in self.stale_groups(dry_run=dry_run, derived=derived):

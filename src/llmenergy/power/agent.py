@@ -6,7 +6,8 @@ One runs on every node of the job, beside the ranks (``srun --overlap
 node's power collector and, for a capped cell, the power-cap guard; on
 any of :data:`llmenergy.slurm.STOP_SIGNALS` it stops both (SIGUSR1, so they flush and restore),
 then runs ``powercap-guard --restore`` as a safety net, which changes nothing
-when the guard already restored.
+when the guard already restored. A collector that dies before the agent's stop is
+reported in its ready record (:func:`report_collector_death`): the job fails at once.
 
 Under ``srun`` a signal forwarded to the step reaches every process of it, the
 agent's children included, so the agent first gives them
@@ -28,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import entrypoints
-from llmenergy.cellfiles import CellFiles, CellSpec
+from llmenergy.cellfiles import CellFiles, CellSpec, CollectorReady, node_file
+from llmenergy.errors import RecordError
 from llmenergy.slurm import on_stop_signals
 
 log = logging.getLogger("llmenergy.power.agent")
@@ -80,6 +82,22 @@ def stop_flushing(proc: subprocess.Popen[bytes], name: str, grace_s: float = 0.0
         return proc.wait()
 
 
+def report_collector_death(job: CellFiles, node: str, interval_ms: int, code: int) -> None:
+    """Mark a collector that died before its stop as failed in its ready record, so that rank 0
+    and the launcher fail the job at once (a record already carrying an error is kept)."""
+    path = node_file(job.ready, node)
+    previous = None
+    with contextlib.suppress(RecordError, OSError):
+        previous = CollectorReady.read(path)
+    if previous is not None and previous.error:
+        return
+    how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    log.error("node %s: the collector %s", node, how)
+    CollectorReady(node=node, backend=previous.backend if previous else None,
+                   devices=previous.devices if previous else [], interval_ms=interval_ms,
+                   error=f"collector {how}; see {job.collector_log(node)}").write(path)
+
+
 def run(spec_path: Path, node: str | None = None) -> int:
     spec = CellSpec.read(spec_path)
     job = CellFiles(spec_path.parent)
@@ -100,7 +118,11 @@ def run(spec_path: Path, node: str | None = None) -> int:
             children.append(("powercap-guard", subprocess.Popen(guard_args(spec, job, node),
                                                                 stdout=out, stderr=subprocess.STDOUT)))
     log.info("node %s: started %s", node, ", ".join(n for n, _ in children))
+    collector, reported = children[0][1], False
     while not stop["signum"]:  # children may end early (a denied cap); the agent waits for its stop
+        if not reported and collector.poll() not in (None, 0):
+            report_collector_death(job, node, spec.collector.interval_ms, collector.returncode)
+            reported = True
         time.sleep(0.1)
     grace_s = SELF_STOP_GRACE_S if os.environ.get("SLURM_STEP_ID") is not None else 0.0
     deadline = time.monotonic() + grace_s

@@ -14,8 +14,10 @@ leaves part files only, never the final name; :func:`merge_node_files`
 recovers from them.
 
 If the backend cannot be built, the ready file is still written, with
-``"backend": null`` and the one-line ``"error"``, so rank 0 fails fast; the
-process then exits with the error's exit code.
+``"backend": null`` and the one-line ``"error"``, so rank 0 and the launcher
+fail the job at once; the process then exits with the error's exit code. A
+collector that gives up sampling later rewrites its ready file with the error
+(and its node agent does, for a collector that dies).
 """
 from __future__ import annotations
 
@@ -216,6 +218,7 @@ class NodeCollector:
                 log.warning("collector %s: sample failed (%d in a row): %s", self.node, errors, exc)
                 if errors >= MAX_CONSECUTIVE_ERRORS:
                     log.error("collector %s: giving up after %d failed samples", self.node, errors)
+                    self.write_ready(backend, error=f"gave up after {errors} failed samples: {exc}")
                     return exc.exit_code
                 next_full = now + interval_s
             if now >= next_flush:

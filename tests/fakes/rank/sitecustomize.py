@@ -8,6 +8,7 @@ its variable is set:
 * ``FAKE_RANK_GPU_UUID``: :mod:`fake_rank_gpu`, a CPU rank announces this GPU;
 * ``FAKE_CRASH_CELLS``: :mod:`fake_rank_crash`, the listed cells' ranks fail;
 * ``FAKE_METRICS_CRASH``: :mod:`fake_metrics_crash`, the launcher's metrics step raises;
+* ``FAKE_SLOW_DECODE_BATCH``: :mod:`fake_slow_decode`, a measured batch's decode lasts longer;
 * ``FAKE_DATA_PINS``: :mod:`fake_data_pins`, ``llmenergy data fetch`` verifies the test's files.
 """
 import fake_data_pins
@@ -15,9 +16,11 @@ import fake_metrics_crash
 import fake_oom
 import fake_rank_crash
 import fake_rank_gpu
+import fake_slow_decode
 
 fake_oom.install()
 fake_rank_gpu.install()
 fake_rank_crash.install()
 fake_metrics_crash.install()
 fake_data_pins.install()
+fake_slow_decode.install()
