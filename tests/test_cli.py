@@ -78,3 +78,20 @@ def test_aggregate_logs_a_readable_line(tmp_path: Path, caplog: pytest.LogCaptur
     assert "AggregateResult(" not in text
     assert "aggregated 1 cells (1 rows; statuses: missing 1)" in text
     assert pd.read_parquet(tmp_path / "summary.parquet")["status"].tolist() == ["missing"]
+
+
+def test_aggregate_and_report_read_the_configs_output_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --config and no --results, the config's output_dir is read and written (a bench
+    config with `output_dir: bench-results/...` once aggregated into ./results)."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "config.yaml").read_text())
+    data["output_dir"] = str(tmp_path / "elsewhere")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["aggregate", "--config", str(cfg)]) == 0
+    assert (tmp_path / "elsewhere" / "summary.parquet").is_file()
+    assert not (tmp_path / "results").exists()
+    assert cli.main(["report", "--config", str(cfg)]) == 0
+    assert (tmp_path / "elsewhere" / "report.html").is_file()

@@ -52,6 +52,15 @@ def cmd_run_group(args: argparse.Namespace) -> int:
                      force=args.force)
 
 
+def _results_dir(args: argparse.Namespace) -> Path:
+    """``--results``; unset: the ``--config``'s ``output_dir``, else ``results``."""
+    if args.results:
+        return Path(args.results)
+    if args.config:
+        return Path(_load(args, check_files=False).output_dir)
+    return Path("results")
+
+
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from llmenergy.analysis.aggregate import aggregate
 
@@ -63,7 +72,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
         cfg = _load(args, check_files=False)
         expected = [c.identity() for c in expand(cfg).cells]
         grid = cfg.grid_gco2_per_kwh
-    res = aggregate(Path(args.results), grid_gco2_per_kwh=grid, expected_cells=expected)
+    res = aggregate(_results_dir(args), grid_gco2_per_kwh=grid, expected_cells=expected)
     statuses = ", ".join(f"{k} {v}" for k, v in sorted(res.status_counts.items()))
     log.info("aggregated %d cells (%d rows; statuses: %s) into %s and %s; %d unreadable "
              "metrics file(s)%s", res.n_cells, res.n_rows, statuses or "none", res.summary_path,
@@ -100,7 +109,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from llmenergy.analysis.report import render_report
 
     extra = _planned_notes(args) if args.config else None
-    out = render_report(Path(args.results), out_path=Path(args.out) if args.out else None,
+    out = render_report(_results_dir(args), out_path=Path(args.out) if args.out else None,
                         extra=extra)
     log.info("report: %s", out)
     return 0
@@ -115,7 +124,7 @@ def _planned_notes(args: argparse.Namespace) -> dict[str, str]:
 
     cfg = _load(args, check_files=False)
     planned = [c.id for c in expand(cfg).cells]
-    path = Path(args.results) / SUMMARY_NAME
+    path = _results_dir(args) / SUMMARY_NAME
     have: set[str] = set()
     if path.is_file():
         have = set(pd.read_parquet(path, columns=["cell_id"])["cell_id"].astype(str))
@@ -197,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_run_group)
 
     s = sub.add_parser("aggregate", help="cells' metrics -> summary.parquet + summary_stats.parquet")
-    s.add_argument("--results", default="results", help="output directory (default: results)")
+    s.add_argument("--results", default=None,
+                   help="output directory (default: the --config's output_dir, else results)")
     s.add_argument("--config", default=None,
                    help="config whose planned cells without results become `missing` rows, "
                         "and whose grid carbon intensity fills gco2e")
@@ -211,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("report", help="self-contained HTML report")
-    s.add_argument("--results", default="results",
-                   help="output directory holding summary.parquet (default: results)")
+    s.add_argument("--results", default=None,
+                   help="output directory holding summary.parquet (default: the --config's output_dir, "
+                        "else results)")
     s.add_argument("--config", default=None,
                    help="config whose planned cells missing from the summary the report notes")
     s.add_argument("--out", default=None, help="HTML file (default: RESULTS/report.html)")
