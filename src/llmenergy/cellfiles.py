@@ -10,8 +10,8 @@ Every record that crosses a process boundary is defined here, typed and versione
   ``failed/{cell}.json``): what happened, written last by the launcher;
 * the Arrow schemas of ``events``, ``responses``, ``power`` and ``metrics``;
 * the ``.run/`` handshake between ranks, node agents and launcher:
-  :class:`RankDevice` (``uuids/``), :class:`CollectorReady` (``ready/``),
-  :class:`CapReady` (``capready/``), :class:`CellBegin`, :class:`RankOutcome`;
+  :class:`RankDevice` (``CellFiles.rank_devices``), :class:`CollectorReady` (``ready/``),
+  :class:`CapReady` (``CellFiles.cap_ready``), :class:`CellBegin`, :class:`RankOutcome`;
 * re-exported from :mod:`llmenergy.layout`: :class:`CellFiles` (every path of a
   cell's or a packed group's directory) and :class:`RunLayout` (every path of a run).
 
@@ -292,7 +292,7 @@ class _Handshake:
 
 @dataclass(frozen=True)
 class RankDevice(_Handshake):
-    """A rank → its node's agents (``.run/uuids/{node}.{rank}.json``): the device it runs on."""
+    """A rank → its node's agents (``CellFiles.rank_devices``, one file a rank): the device it runs on."""
 
     node: str = ""
     rank: int = -1
@@ -366,7 +366,7 @@ def collector_problem(records: list[CollectorReady]) -> str | None:
 
 @dataclass(frozen=True)
 class CapReady(_Handshake):
-    """A node's power-cap guard → the ranks (``.run/capready/{node}.json``)."""
+    """A node's power-cap guard → the ranks (``CellFiles.cap_ready``, one file a node)."""
 
     node: str
     status: str  # "applied" | "denied" | "error"

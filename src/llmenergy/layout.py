@@ -33,9 +33,9 @@ class CellFiles:
     #: The job's handshake folders (a cell run alone, or a packed group's directory):
     #: the ranks' devices, the collectors' and the power-cap guards' ready files, the
     #: collectors' power files.
-    uuids = property(lambda self: self.root / ".run" / "uuids")
+    rank_devices = property(lambda self: self.root / ".run" / "uuids")
     ready = property(lambda self: self.root / ".run" / "ready")
-    capready = property(lambda self: self.root / ".run" / "capready")
+    cap_ready = property(lambda self: self.root / ".run" / "capready")
     power_parts = property(lambda self: self.root / ".run" / "power")
     #: Rank 0 → launcher: each node's clock offset to rank 0 (:class:`~llmenergy.cellfiles.ClockOffsets`).
     clocks = property(lambda self: self.root / ".run" / "clocks.json")
@@ -49,7 +49,7 @@ class CellFiles:
     #: The group of one a cell run alone is (``run-cell``).
     own_group_spec = property(lambda self: self.root / ".run" / "group.json")
     #: The handshake folders made before a job starts.
-    HANDSHAKE: ClassVar[tuple[str, ...]] = ("uuids", "ready", "capready", "power_parts")
+    HANDSHAKE: ClassVar[tuple[str, ...]] = ("rank_devices", "ready", "cap_ready", "power_parts")
 
     def outcome(self, rank: int) -> Path:
         return self.outcomes / f"{rank}.json"

@@ -97,9 +97,9 @@ def test_every_rank_on_one_host_needs_that_hosts_collector_only(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The local launcher runs a 2-node layout's ranks on one host, beside one collector."""
     job = _job(tmp_path)
-    job.uuids.mkdir(parents=True)
+    job.rank_devices.mkdir(parents=True)
     for rank in (0, 1):
-        (job.uuids / f"vm.{rank}.json").write_text('{"uuid": "cpu"}')
+        (job.rank_devices / f"vm.{rank}.json").write_text('{"uuid": "cpu"}')
     _ready(job, "vm", "estimate")
     monkeypatch.setenv("WORLD_SIZE", "2")
     start = time.monotonic()

@@ -65,7 +65,7 @@ def test_backend_watches_only_the_requested_uuid() -> None:
 
     with NvmlBackend() as everything:
         uuids = [d.uuid for d in everything.devices()]
-    with NvmlBackend(uuids=uuids[:1]) as one:
+    with NvmlBackend(uuid_list=uuids[:1]) as one:
         assert [d.uuid for d in one.devices()] == uuids[:1]
 
 

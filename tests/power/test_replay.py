@@ -37,7 +37,7 @@ def test_steps_restamped_and_relabelled() -> None:
 
 
 def test_loop_keeps_energy_monotonic() -> None:
-    backend = ReplayBackend(recording(steps=3), uuids=["GPU-a"], loop=True)
+    backend = ReplayBackend(recording(steps=3), uuid_list=["GPU-a"], loop=True)
     energies = [backend.sample(t)[0]["energy_mj"] for t in range(7)]
     assert energies == [0.0, 50.0, 100.0, 100.0, 150.0, 200.0, 200.0]
     assert [d.uuid for d in backend.devices()] == ["GPU-a"]
@@ -54,4 +54,4 @@ def test_missing_file_and_unknown_devices_are_unavailable(tmp_path) -> None:
     with pytest.raises(SensorUnavailable, match="does not exist"):
         ReplayBackend(tmp_path / "none.parquet")
     with pytest.raises(SensorUnavailable, match="no rows"):
-        ReplayBackend(recording(), uuids=["GPU-z"])
+        ReplayBackend(recording(), uuid_list=["GPU-z"])

@@ -109,7 +109,7 @@ def start_process(spec: CellSpec, renv: RankEnv, dev: Any) -> None:
 
 
 def device_info(dev: Any, node: str, rank: int) -> RankDevice:
-    """What a rank announces in the job's ``.run/uuids/`` (the node agents wait for it)."""
+    """What a rank announces in the job's ``CellFiles.rank_devices`` (the node agents wait for it)."""
     import torch
 
     if dev.type != "cuda":
@@ -209,8 +209,8 @@ def wait_ready(job: CellFiles, nodes: int, timeout_s: float = 60.0) -> list[Coll
 
 
 def _rank_nodes(job: CellFiles, world_size: int) -> set[str] | None:
-    """The nodes the ranks run on, once every rank's ``uuids/{node}.{rank}.json`` is there."""
-    names = [p.name[:-len(".json")] for p in job.uuids.glob("*.json")] if job.uuids.is_dir() else []
+    """The nodes the ranks run on, once every rank's device file is there."""
+    names = [p.name[:-len(".json")] for p in job.rank_devices.glob("*.json")] if job.rank_devices.is_dir() else []
     ranked = [n.rpartition(".") for n in names]
     if world_size <= 0 or len({r for _, _, r in ranked if r.isdigit()}) < world_size:
         return None
@@ -219,7 +219,7 @@ def _rank_nodes(job: CellFiles, world_size: int) -> set[str] | None:
 
 def check_caps(job: CellFiles, nodes: int, timeout_s: float = 120.0) -> None:
     """Wait for every node's power-cap guard; a cell never runs silently uncapped."""
-    files = wait_files(job.capready, nodes, timeout_s)
+    files = wait_files(job.cap_ready, nodes, timeout_s)
     if len(files) < nodes:
         raise PowerCapError(f"only {len(files)} of {nodes} power-cap guards answered in {timeout_s:.0f} s")
     for f in files:

@@ -8,7 +8,7 @@ in ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` (local
 or in ``SLURM_*`` (srun launch).
 
 Once per job the ranks join one process group, announce their device in the job's
-``.run/uuids/``, time their clocks against rank 0's (:func:`.rank.clock_handshake`:
+``CellFiles.rank_devices``, time their clocks against rank 0's (:func:`.rank.clock_handshake`:
 ``.run/clocks.json``) and (rank 0) wait for the job's collectors. Then, for each cell:
 
 1. rank 0 writes the cell's ``.run/begin.json`` (the launcher's cue), the ranks meet;
@@ -204,7 +204,7 @@ def run(group_path: Path) -> int:
     dev = select_device(first, renv.local_rank)
     stop = StopFlag(dev)
     start_process(first, renv, dev)
-    device_info(dev, renv.node, renv.rank).write(rank_file(job.uuids, renv.node, renv.rank))
+    device_info(dev, renv.node, renv.rank).write(rank_file(job.rank_devices, renv.node, renv.rank))
     clock_handshake(job, dev, renv)
     shared = Shared(device=dev)
     code = 0

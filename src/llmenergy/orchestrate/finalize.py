@@ -289,7 +289,7 @@ class CellsInFlight:
                     return False
             power = _slice(power, start_ns - margin, end_ns + margin)
             # the provenance of the group's ranks and collectors
-            for src_dir, dst in ((job.files.uuids, files.uuids), (job.files.ready, files.ready)):
+            for src_dir, dst in ((job.files.rank_devices, files.rank_devices), (job.files.ready, files.ready)):
                 dst.mkdir(parents=True, exist_ok=True)
                 for src in src_dir.glob("*.json"):
                     shutil.copyfile(src, dst / src.name)

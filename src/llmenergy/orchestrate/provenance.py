@@ -85,7 +85,7 @@ def slurm_time_limit_min(job_id: str | None) -> int | None:
 
 def collect_provenance(files: CellFiles, *, started: float, power: Any = None) -> Provenance:
     """What the cell ran on and with, from its ``.run/`` folder (ranks' devices, collectors) and here."""
-    uuids = [RankDevice.read(p).to_dict() for p in sorted(files.uuids.glob("*.json"))]
+    uuid_list = [RankDevice.read(p).to_dict() for p in sorted(files.rank_devices.glob("*.json"))]
     ready = [CollectorReady.read(p).to_dict() for p in sorted(files.ready.glob("*.json"))]
     job = os.environ.get("SLURM_JOB_ID")
     load = None
@@ -101,8 +101,8 @@ def collect_provenance(files: CellFiles, *, started: float, power: Any = None) -
     return Provenance(
         versions=_versions(),
         git_commit=git_commit(),
-        hosts=sorted({u["node"] for u in uuids}),
-        gpus=uuids,
+        hosts=sorted({u["node"] for u in uuid_list}),
+        gpus=uuid_list,
         collectors=ready,
         driver=_driver(),
         slurm_job_id=job,

@@ -44,7 +44,7 @@ def collector_args(spec: CellSpec, job: CellFiles, node: str) -> list[str]:
     args = [sys.executable, "-m", entrypoints.COLLECTOR, "--backend", c.backend,
             "--interval-ms", str(c.interval_ms), "--power-interval-ms", str(c.power_interval_ms),
             "--out", str(job.power_parts), "--node", node,
-            "--uuid-dir", str(job.uuids), "--ready-dir", str(job.ready),
+            "--uuid-dir", str(job.rank_devices), "--ready-dir", str(job.ready),
             "--expect-devices", str(spec.ranks_per_node)]
     if c.estimate_tdp_w:
         args += ["--option", f"tdp_w={c.estimate_tdp_w}"]
@@ -56,7 +56,7 @@ def collector_args(spec: CellSpec, job: CellFiles, node: str) -> list[str]:
 def guard_args(spec: CellSpec, job: CellFiles, node: str) -> list[str]:
     backend = "dcgm" if spec.collector.backend == "dcgm" else "nvml"
     args = [sys.executable, "-m", entrypoints.POWERCAP_GUARD, "--cap-w", str(spec.cell.power_cap_w),
-            "--uuid-dir", str(job.uuids), "--ready-dir", str(job.capready),
+            "--uuid-dir", str(job.rank_devices), "--ready-dir", str(job.cap_ready),
             "--state-dir", str(job.powercap), "--node", node,
             "--expect-devices", str(spec.ranks_per_node), "--backend", backend,
             "--on-denied", spec.policies.on_power_cap_denied]

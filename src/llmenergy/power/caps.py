@@ -294,7 +294,7 @@ def _safe_throttle(backend: CapBackend, uuid: str) -> dict[str, Any] | None:
         return None
 
 
-def apply_caps(backend: CapBackend, uuids: list[str], watts: float, *, node: str = "",
+def apply_caps(backend: CapBackend, uuid_list: list[str], watts: float, *, node: str = "",
                path: str | os.PathLike[str] | None = None, key: str = "power_cap_w") -> CapState:
     """Validate ``watts`` on every GPU, save the state (with previous limits), then set and read back.
 
@@ -307,7 +307,7 @@ def apply_caps(backend: CapBackend, uuids: list[str], watts: float, *, node: str
     The exception carries the state as ``cap_state``.
     """
     gpus = []
-    for uuid in dict.fromkeys(uuids):
+    for uuid in dict.fromkeys(uuid_list):
         min_w, max_w, default_w = backend.limits_w(uuid)
         requested_w = validate_cap(watts, min_w, max_w, key)
         gpus.append(GpuCap(uuid=uuid, previous_w=backend.get_setting_w(uuid), requested_w=requested_w,

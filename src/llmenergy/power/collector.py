@@ -241,12 +241,12 @@ class NodeCollector:
         if self.stop_requested:
             self.finalize()
             return 0
-        uuids = [str(e["uuid"]) for e in entries]
+        uuid_list = [str(e["uuid"]) for e in entries]
         try:
-            if not uuids:
+            if not uuid_list:
                 raise SensorError(f"collector {self.node}: no device files {self.node}.*.json in "
                                   f"{self.uuid_dir} after {self.wait_s:.0f} s")
-            backend = select_backend(self.backend_name, uuids=list(dict.fromkeys(uuids)),
+            backend = select_backend(self.backend_name, uuid_list=list(dict.fromkeys(uuid_list)),
                                      interval_ms=self.interval_ms, options=self.options)
         except LLMEnergyError as exc:
             log.error("%s", exc)

@@ -130,7 +130,7 @@ class PowerCapGuard:
             time.sleep(POLL_S)
 
     # -- handshake -------------------------------------------------------------
-    def wait_for_uuids(self) -> list[str]:
+    def wait_for_devices(self) -> list[str]:
         deadline = time.monotonic() + self.wait_s
         entries: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
@@ -141,13 +141,13 @@ class PowerCapGuard:
             if len(entries) >= self.expect_devices:
                 break
             time.sleep(POLL_S)
-        uuids = list(dict.fromkeys(e["uuid"] for e in entries if e["uuid"] != "cpu"))
+        uuid_list = list(dict.fromkeys(e["uuid"] for e in entries if e["uuid"] != "cpu"))
         if len(entries) < self.expect_devices:
             raise PowerCapError(f"powercap {self.node}: only {len(entries)} of {self.expect_devices} "
                                 f"device files in {self.uuid_dir} after {self.wait_s:g} s")
-        if not uuids:
+        if not uuid_list:
             raise PowerCapError(f"powercap {self.node}: no GPU among this node's devices; nothing to cap")
-        return uuids
+        return uuid_list
 
     def write_ready(self, status: str, reason: str | None = None) -> None:
         gpus = [] if self.state is None else [
@@ -173,9 +173,9 @@ class PowerCapGuard:
     def run(self) -> int:
         self.install_triggers()
         try:
-            uuids = self.wait_for_uuids()
+            uuid_list = self.wait_for_devices()
             self.backend = make_backend(self.backend_name, dcgm_host=self.dcgm_host)
-            self.state = apply_caps(self.backend, uuids, self.cap_w, node=self.node,
+            self.state = apply_caps(self.backend, uuid_list, self.cap_w, node=self.node,
                                     path=state_path(self.state_dir, self.node), key=self.key)
         except PowerCapDenied as exc:
             self.state = getattr(exc, "cap_state", None)

@@ -208,15 +208,15 @@ def vendor_text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def select_devices(found: dict[str, DeviceInfo], uuids: list[str] | None, *, missing_what: str) -> list[DeviceInfo]:
-    """Exactly the GPUs named by ``uuids`` (in that order), or every one found, by index.
+def select_devices(found: dict[str, DeviceInfo], uuid_list: list[str] | None, *, missing_what: str) -> list[DeviceInfo]:
+    """Exactly the GPUs named by ``uuid_list`` (in that order), or every one found, by index.
 
     A named UUID that is not in ``found`` raises :class:`SensorUnavailable`:
     ``missing_what`` says who did not see it (e.g. "nvml: GPU UUID(s) not on this node").
     """
-    if uuids is None:
+    if uuid_list is None:
         return sorted(found.values(), key=lambda d: d.index)
-    missing = [u for u in uuids if u not in found]
+    missing = [u for u in uuid_list if u not in found]
     if missing:
         raise SensorUnavailable(f"{missing_what}: {', '.join(missing)}")
-    return [found[u] for u in dict.fromkeys(uuids)]
+    return [found[u] for u in dict.fromkeys(uuid_list)]

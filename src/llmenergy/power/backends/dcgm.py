@@ -66,13 +66,13 @@ Sample = tuple[int, Any]  # (timestamp_ns, value or None)
 
 
 class DcgmBackend(PowerBackend):
-    """Watches exactly the GPUs named by ``uuids`` through a DcgmReader."""
+    """Watches exactly the GPUs named by ``uuid_list`` through a DcgmReader."""
 
     name = "dcgm"
 
     def __init__(
         self,
-        uuids: list[str] | None = None,
+        uuid_list: list[str] | None = None,
         *,
         interval_ms: int = 100,
         host: str | None = None,
@@ -96,7 +96,7 @@ class DcgmBackend(PowerBackend):
         self._pending: dict[int, set[int]] = {}
         try:
             self._connect()
-            self._discover(uuids)
+            self._discover(uuid_list)
             self._watch(profiling)
         except BaseException:
             self.close()
@@ -114,12 +114,12 @@ class DcgmBackend(PowerBackend):
         self._conn = dcgm_lib.connect(self._host, self._mods)
 
     @sensor_call
-    def _discover(self, uuids: list[str] | None) -> None:
+    def _discover(self, uuid_list: list[str] | None) -> None:
         if self._conn is None:
             raise SensorError("dcgm: backend is closed")
         found = {uuid: DeviceInfo(index=gpu_id, uuid=uuid, name=name, domain="gpu")
-                 for gpu_id, uuid, name in self._conn.gpus() if uuids is None or uuid in uuids}
-        self._devices = select_devices(found, uuids, missing_what="dcgm: GPU UUID(s) not seen by DCGM")
+                 for gpu_id, uuid, name in self._conn.gpus() if uuid_list is None or uuid in uuid_list}
+        self._devices = select_devices(found, uuid_list, missing_what="dcgm: GPU UUID(s) not seen by DCGM")
         if not self._devices:
             raise SensorUnavailable("dcgm: no supported GPUs")
         self._history = {d.index: {} for d in self._devices}

@@ -32,20 +32,20 @@ CPU_AUTO_CHAIN: tuple[str, ...] = ("rapl", "none")
 CPU_UUID = "cpu"
 
 
-def _build(name: str, uuids: list[str] | None, interval_ms: int, options: dict[str, Any]) -> PowerBackend:
+def _build(name: str, uuid_list: list[str] | None, interval_ms: int, options: dict[str, Any]) -> PowerBackend:
     node = options.get("node")
-    gpu_uuids = None if uuids is None else [u for u in uuids if u != CPU_UUID]
+    gpu_ids = None if uuid_list is None else [u for u in uuid_list if u != CPU_UUID]
     if name == "dcgm":
         from llmenergy.power.backends.dcgm import DcgmBackend
 
-        return DcgmBackend(gpu_uuids, interval_ms=interval_ms, host=options.get("dcgm_host"),
+        return DcgmBackend(gpu_ids, interval_ms=interval_ms, host=options.get("dcgm_host"),
                            profiling=bool(options.get("dcgm_profiling", True)), node=node)
     if name == "nvml":
         try:
             from llmenergy.power.backends.nvml import NvmlBackend
         except ImportError as exc:  # nvidia-ml-py missing
             raise SensorUnavailable(f"nvml: pynvml not importable ({exc})") from exc
-        return NvmlBackend(gpu_uuids, node=node)
+        return NvmlBackend(gpu_ids, node=node)
     if name == "rapl":
         from llmenergy.power.backends.rapl import POWERCAP_ROOT, RaplBackend
 
@@ -65,28 +65,28 @@ def _build(name: str, uuids: list[str] | None, interval_ms: int, options: dict[s
         recording = options.get("replay_path")
         if recording is None:
             raise ConfigError("collector.replay_path: required when collector.backend is 'replay'")
-        return ReplayBackend(recording, uuids=uuids if uuids and CPU_UUID not in uuids else None,
+        return ReplayBackend(recording, uuid_list=uuid_list if uuid_list and CPU_UUID not in uuid_list else None,
                              loop=bool(options.get("replay_loop", True)), node=node)
     if name == "none":
         from llmenergy.power.backends.null import NullBackend
 
-        return NullBackend(uuids, node=node)
+        return NullBackend(uuid_list, node=node)
     raise ConfigError(f"collector.backend: {name!r} must be one of {', '.join(BACKEND_NAMES)}")
 
 
-def _cpu_only(uuids: list[str] | None) -> bool:
-    return bool(uuids) and all(u == CPU_UUID for u in uuids or [])
+def _cpu_only(uuid_list: list[str] | None) -> bool:
+    return bool(uuid_list) and all(u == CPU_UUID for u in uuid_list or [])
 
 
 def select_backend(
     name: str,
     *,
-    uuids: list[str] | None,
+    uuid_list: list[str] | None,
     interval_ms: int,
     options: dict[str, Any] | None = None,
     builder: Callable[[str, list[str] | None, int, dict[str, Any]], PowerBackend] = _build,
 ) -> PowerBackend:
-    """Build the backend ``name`` for exactly ``uuids`` (None = every device it sees).
+    """Build the backend ``name`` for exactly ``uuid_list`` (None = every device it sees).
 
     ``builder`` is for tests only.
     """
@@ -95,18 +95,18 @@ def select_backend(
         raise ConfigError(f"collector.backend: {name!r} must be one of {', '.join(BACKEND_NAMES)}")
     if not isinstance(interval_ms, int) or isinstance(interval_ms, bool) or interval_ms <= 0:
         raise ConfigError(f"collector.interval_ms: {interval_ms!r} must be a positive integer")
-    if name != "auto" and not (_cpu_only(uuids) and name in ("dcgm", "nvml")):
-        backend = builder(name, uuids, interval_ms, options)
+    if name != "auto" and not (_cpu_only(uuid_list) and name in ("dcgm", "nvml")):
+        backend = builder(name, uuid_list, interval_ms, options)
         log.info("collector backend: %s (requested)", backend.name)
         return backend
     if name != "auto":
         log.warning("collector.backend %r needs GPUs but this node runs CPU ranks only; "
                     "using the CPU chain %s", name, " -> ".join(CPU_AUTO_CHAIN))
-    chain = CPU_AUTO_CHAIN if _cpu_only(uuids) else GPU_AUTO_CHAIN
+    chain = CPU_AUTO_CHAIN if _cpu_only(uuid_list) else GPU_AUTO_CHAIN
     reasons = []
     for candidate in chain:
         try:
-            backend = builder(candidate, uuids, interval_ms, options)
+            backend = builder(candidate, uuid_list, interval_ms, options)
         except SensorError as exc:  # unavailable, or present but failing to set up
             reasons.append(f"{candidate}: {exc}")
             log.info("collector backend %s unavailable: %s", candidate, exc)

@@ -19,7 +19,7 @@ class NullBackend(PowerBackend):
 
     name = "none"
 
-    def __init__(self, uuids: list[str] | None = None, *, node: str | None = None) -> None:
+    def __init__(self, uuid_list: list[str] | None = None, *, node: str | None = None) -> None:
         super().__init__(node=node)
         self._devices = [
             DeviceInfo(
@@ -28,7 +28,7 @@ class NullBackend(PowerBackend):
                 name="unknown",
                 domain="cpu_package" if uuid == "cpu" else "gpu",
             )
-            for i, uuid in enumerate(dict.fromkeys(uuids or []))
+            for i, uuid in enumerate(dict.fromkeys(uuid_list or []))
         ]
 
     def devices(self) -> list[DeviceInfo]:

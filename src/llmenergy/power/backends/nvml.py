@@ -45,12 +45,12 @@ _BYTES_PER_MB = 1024 * 1024
 
 
 class NvmlBackend(PowerBackend):
-    """Reads the NVML counters of exactly the GPUs named by ``uuids`` (all GPUs if None)."""
+    """Reads the NVML counters of exactly the GPUs named by ``uuid_list`` (all GPUs if None)."""
 
     name = "nvml"
     fast_power = True
 
-    def __init__(self, uuids: list[str] | None = None, *, node: str | None = None) -> None:
+    def __init__(self, uuid_list: list[str] | None = None, *, node: str | None = None) -> None:
         super().__init__(node=node)
         self._nvml: nvml_lib.NvmlSession | None = None
         self._handles: dict[int, Any] = {}
@@ -59,7 +59,7 @@ class NvmlBackend(PowerBackend):
         self._power_via_usage: set[int] = set()
         self._init()
         try:
-            self._discover(uuids)
+            self._discover(uuid_list)
         except BaseException:
             self.close()
             raise
@@ -76,16 +76,16 @@ class NvmlBackend(PowerBackend):
         self._nvml = nvml_lib.NvmlSession()
 
     @sensor_call
-    def _discover(self, uuids: list[str] | None) -> None:
+    def _discover(self, uuid_list: list[str] | None) -> None:
         if self._nvml is None:
             raise SensorError("nvml: backend is closed")
         found: dict[str, DeviceInfo] = {}
         for index, uuid, name, handle in self._nvml.gpus():
-            if uuids is not None and uuid not in uuids:
+            if uuid_list is not None and uuid not in uuid_list:
                 continue
             found[uuid] = DeviceInfo(index=index, uuid=uuid, name=name, domain="gpu")
             self._handles[index] = handle
-        self._devices = select_devices(found, uuids, missing_what="nvml: GPU UUID(s) not on this node")
+        self._devices = select_devices(found, uuid_list, missing_what="nvml: GPU UUID(s) not on this node")
         for dev in self._devices:
             self._unsupported[dev.index] = set()
         log.info("nvml: watching %s", ", ".join(f"{d.index}:{d.uuid}" for d in self._devices))

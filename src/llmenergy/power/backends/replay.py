@@ -52,7 +52,7 @@ class ReplayBackend(PowerBackend):
         self,
         recording: Any,
         *,
-        uuids: list[str] | None = None,
+        uuid_list: list[str] | None = None,
         loop: bool = True,
         node: str | None = None,
     ) -> None:
@@ -62,8 +62,8 @@ class ReplayBackend(PowerBackend):
             if required not in table.column_names:
                 raise SensorError(f"replay: recording lacks column {required!r}")
         records = table.to_pylist()
-        if uuids is not None:
-            records = [r for r in records if r["device"] in uuids]
+        if uuid_list is not None:
+            records = [r for r in records if r["device"] in uuid_list]
         if not records:
             raise SensorUnavailable("replay: recording has no rows for the requested devices")
         self._devices = self._collect_devices(records)
