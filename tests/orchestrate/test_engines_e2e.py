@@ -42,6 +42,29 @@ def test_compiled_engine_cell_matches_reference(tmp_path: Path, runs: list[CellR
     assert abs(metrics["duration_s"].iloc[0] - (decode_s + prefill_s)) < 1e-6  # compile time not counted
     assert metrics["engine"].iloc[0] == "compiled"
 
+    # Issue 23 on real run-cell output: both engines' cells are drawn in every metric family,
+    # and the report pairs them on the engine axis.
+    from llmenergy.analysis.aggregate import aggregate
+    from llmenergy.analysis.figdata import FigureSkipped, figure_data
+    from llmenergy.analysis.plots import BUILDERS, FAMILIES
+    from llmenergy.analysis.report import render_report
+
+    results = out["reference"].parent.parent
+    aggregate(results)
+    summary = pd.read_parquet(results / "summary.parquet")
+    assert set(summary["status"]) == {"ok"}
+    for family, names in FAMILIES.items():
+        drawn: set[str] = set()
+        for name in names:
+            try:
+                fig, _ = BUILDERS[name](summary)
+            except FigureSkipped:
+                continue
+            drawn |= set(figure_data(fig).cells)
+        assert drawn == set(cells.values()), family
+    html = render_report(results).read_text()
+    assert "Comparisons" in html and "engine compiled" in html.lower()
+
 
 def test_hf_engine_cell_matches_reference_and_is_planned_on_one_rank_only(tmp_path: Path,
                                                                           runs: list[CellRun]) -> None:
@@ -72,25 +95,3 @@ def test_hf_engine_cell_matches_reference_and_is_planned_on_one_rank_only(tmp_pa
     assert set(events["phase"]) >= {"prefill", "decode", "warmup"} and "compile" not in set(events["phase"])
     assert pd.read_parquet(out["hf"] / "metrics.parquet")["engine"].iloc[0] == "hf"
 
-    # Issue 23 on real run-cell output: both engines' cells are drawn in every metric family,
-    # and the report pairs them on the engine axis.
-    from llmenergy.analysis.aggregate import aggregate
-    from llmenergy.analysis.figdata import FigureSkipped, figure_data
-    from llmenergy.analysis.plots import BUILDERS, FAMILIES
-    from llmenergy.analysis.report import render_report
-
-    results = out["reference"].parent.parent
-    aggregate(results)
-    summary = pd.read_parquet(results / "summary.parquet")
-    assert set(summary["status"]) == {"ok"}
-    for family, names in FAMILIES.items():
-        drawn: set[str] = set()
-        for name in names:
-            try:
-                fig, _ = BUILDERS[name](summary)
-            except FigureSkipped:
-                continue
-            drawn |= set(figure_data(fig).cells)
-        assert drawn == set(cells.values()), family
-    html = render_report(results).read_text()
-    assert "Comparisons" in html and "engine compiled" in html.lower()
