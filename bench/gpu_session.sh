@@ -11,7 +11,9 @@
 #   accept - real-NVML tests and the run-cell overhead (ABBA, 4 rounds);
 #   shards - real-NVML tests and 7B shards 1 vs 2 (both GPUs metered);
 #   engines - bench/engines.py: reference vs compiled at batch 1/16/64 (7B, in one process);
-#   engcells - the engine axis through run-cell (bench/configs/h200x1_engines.yaml).
+#   engcells - the engine axis through run-cell (bench/configs/h200x1_engines.yaml);
+#   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
+#            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
 mode=${1:-x1}
 OUT=${OUT:-/tmp/out}
@@ -52,6 +54,14 @@ case "$mode" in
   engcells)
     nvml_tests
     TAIL=20 step 500 python3 bench/gpu_cells.py --config bench/configs/h200x1_engines.yaml --out "$OUT/h200_engine_cells.json" ;;
+  integrity)
+    C=bench/configs/h200x1_integrity.yaml
+    lle() { python3 -c 'import sys; from llmenergy.cli import main; sys.exit(main())' "$@"; }
+    TAIL=4 step 230 lle run-group --config $C --group llama-7b_H200_s1_pnone_compiled
+    TAIL=4 step 170 lle run-group --config $C --group llama-7b_H200_s1_pnone_reference
+    TAIL=8 step 30 python3 bench/integrity.py bench-results/h200x1_integrity --out "$OUT/h200_integrity.json"
+    TAIL=20 step $(( 585 - SECONDS )) python3 bench/engines.py --engines compiled --precision fp16 int8 fp8 \
+      --batches 1 --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_precision_b1.json" ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac
 tar czf "$OUT/cells_$mode.tgz" bench-results

@@ -265,14 +265,61 @@ def pids_of(fragment: str, cwd: Path) -> list[int]:
     return found
 
 
+def _squeue_ids() -> list[str]:
+    proc = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=False)
+    return proc.stdout.split() if proc.returncode == 0 else []
+
+
+def _nodes_not_idle() -> dict[str, str]:
+    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, check=False)
+    rows = dict(line.split() for line in proc.stdout.splitlines() if len(line.split()) == 2)
+    return {n: st for n, st in rows.items() if st != "idle"}
+
+
+def quiet_cluster(when: str, timeout_s: float = 90.0) -> list[str]:
+    """Leave the test cluster as a test expects to find it: no job of an earlier test
+    left (cancelled), no node down or drained (resumed), every node idle. Returns what
+    it had to do, so that a leftover is reported, not silently inherited by the next
+    test (a 2-node job pends forever behind one)."""
+    if shutil.which("squeue") is None:
+        return []
+    done: list[str] = []
+    left = _squeue_ids()
+    if left:
+        subprocess.run(["scancel", *left], check=False)
+        done.append(f"{when}: cancelled job(s) {', '.join(left)}")
+    deadline = time.monotonic() + timeout_s
+    resumed = False
+    while time.monotonic() < deadline:
+        busy = _nodes_not_idle()
+        if not busy and not _squeue_ids():
+            return done
+        stuck = [n for n, st in busy.items() if st.rstrip("*~#").startswith(("down", "drain", "drng", "fail"))]
+        if stuck and not resumed:
+            subprocess.run(["scontrol", "update", f"NodeName={','.join(stuck)}", "State=RESUME"], check=False)
+            done.append(f"{when}: resumed node(s) {', '.join(f'{n} ({busy[n]})' for n in stuck)}")
+            resumed = True
+        time.sleep(0.5)
+    done.append(f"{when}: cluster not idle after {timeout_s:.0f} s: {_nodes_not_idle()} jobs {_squeue_ids()}")
+    return done
+
+
 def private_workdir(name: str) -> Iterator[Path]:
     """A working directory outside pytest's shared ``tmp_path`` root, which
     concurrent pytest sessions prune while these minutes-long tests run.
-    Removed afterwards unless ``LLMENERGY_KEEP_WORKDIRS`` is set."""
+    Removed afterwards unless ``LLMENERGY_KEEP_WORKDIRS`` is set. The cluster is
+    brought back to idle before and after (:func:`quiet_cluster`); what that took is
+    reported as a warning."""
+    import warnings
+
+    for msg in quiet_cluster("before"):
+        warnings.warn(f"{name}: {msg}", stacklevel=2)
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60]
     path = Path(tempfile.mkdtemp(prefix=f"llmenergy-it-{safe}-"))
     try:
         yield path
     finally:
+        for msg in quiet_cluster("after"):
+            warnings.warn(f"{name}: {msg}", stacklevel=2)
         if not os.environ.get("LLMENERGY_KEEP_WORKDIRS"):
             shutil.rmtree(path, ignore_errors=True)
