@@ -57,7 +57,7 @@ def tiny_config(gpus: dict[str, dict[str, Any]], matrix: list[dict[str, list[Any
         "datasets": {"tiny": dict(TINY_DATASET), "slow": dict(SLOW_DATASET)},
         "gpus": gpus,
         "collector": {"backend": "estimate", "estimate_tdp_w": 65, "interval_ms": 100, "idle_baseline_s": 0.2,
-                      "min_window_s": 0, "prefill_window_s": 0},
+                      "idle_settle_s": 0.2, "min_window_s": 0, "prefill_window_s": 0},
         "matrix": matrix,
         # one job per cell (profiles/slurm packs by default): the per-cell tests; the packing
         # tests (test_slurm_packing.py) drop this key
@@ -90,16 +90,23 @@ def cell_id(workdir: Path, **identity: Any) -> str:
     return found[0]
 
 
+#: Snakemake's Slurm status checks at most this many seconds apart (tests/fakes/rank/status_poll.py).
+STATUS_CHECK_MAX_S = "3"
+
+
 def env(fail_cells: Iterable[str] = ()) -> dict[str, str]:
-    """The submit environment (Slurm jobs inherit it): the venv first on PATH and, when
-    ``fail_cells`` are named, the rank fakes that make those cells' ranks fail for real."""
+    """The submit environment (Slurm jobs inherit it): the venv first on PATH, the rank
+    fakes' hooks on PYTHONPATH (each idle unless its variable is set) with Snakemake's
+    status checks at most :data:`STATUS_CHECK_MAX_S` apart and, when ``fail_cells`` are
+    named, those cells' ranks failing for real."""
     out = {k: v for k, v in os.environ.items() if k != FAKE_CRASH_ENV and not k.startswith("SLURM_")}
     out["PATH"] = f"{VENV_BIN}{os.pathsep}{out.get('PATH', '')}"
     out.setdefault("OMP_NUM_THREADS", "1")
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(RANK_FAKES), out.get("PYTHONPATH")) if p)
+    out["TEST_STATUS_CHECK_MAX_S"] = STATUS_CHECK_MAX_S
     cells = ",".join(fail_cells)
     if cells:
         out[FAKE_CRASH_ENV] = cells
-        out["PYTHONPATH"] = os.pathsep.join(p for p in (str(RANK_FAKES), out.get("PYTHONPATH")) if p)
     return out
 
 

@@ -66,7 +66,7 @@ SCALE_DOWN: dict[str, Any] = {
     "datasets.*.n_prompts": 2, "datasets.*.max_prompt_len": 32,
     "gpus.*.device": "cpu", "gpus.*.cpus_per_gpu": 1, "gpus.*.memory_gb": 8,
     "collector": {"backend": "estimate", "estimate_tdp_w": 65, "interval_ms": 100, "idle_baseline_s": 0.2,
-                  "min_window_s": 0, "prefill_window_s": 0},
+                  "idle_settle_s": 0.2, "min_window_s": 0, "prefill_window_s": 0},
     "matrix.*.batch_size": [2], "matrix.*.max_gen_len": [4],
 }
 PROFILE_TIMING = {"slurm-init-seconds-before-status-checks": 2, "retries": 0, "latency-wait": 5}

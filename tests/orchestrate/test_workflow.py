@@ -21,7 +21,7 @@ CONFIG = {
     "datasets": {"alpaca": {"format": "alpaca", "path": "synthetic", "n_prompts": 4, "max_prompt_len": 48}},
     "gpus": {"cpu": {"partition": "local", "gpus_per_node": 2, "memory_gb": 4, "device": "cpu"}},
     "collector": {"backend": "estimate", "estimate_tdp_w": 50, "interval_ms": 50, "idle_baseline_s": 0.3,
-                  "min_window_s": 0, "prefill_window_s": 0},
+                  "idle_settle_s": 0.2, "min_window_s": 0, "prefill_window_s": 0},
     "matrix": [{"model": ["tiny"], "dataset": ["alpaca"], "gpu": ["cpu"], "shards": [1, 2],
                 "batch_size": [2], "max_gen_len": [8]}],
     "packing": "cell",  # one job per cell (rule run_cell); every route packs by group by default

@@ -9,7 +9,9 @@ its variable is set:
 * ``FAKE_CRASH_CELLS``: :mod:`fake_rank_crash`, the listed cells' ranks fail;
 * ``FAKE_METRICS_CRASH``: :mod:`fake_metrics_crash`, the launcher's metrics step raises;
 * ``FAKE_SLOW_DECODE_BATCH``: :mod:`fake_slow_decode`, a measured batch's decode lasts longer;
-* ``FAKE_DATA_PINS``: :mod:`fake_data_pins`, ``llmenergy data fetch`` verifies the test's files.
+* ``FAKE_DATA_PINS``: :mod:`fake_data_pins`, ``llmenergy data fetch`` verifies the test's files;
+* ``TEST_STATUS_CHECK_MAX_S``: :mod:`status_poll`, Snakemake's Slurm status checks at most
+  that many seconds apart (not a fake: a test's wait, see the module).
 """
 import fake_data_pins
 import fake_metrics_crash
@@ -17,6 +19,7 @@ import fake_oom
 import fake_rank_crash
 import fake_rank_gpu
 import fake_slow_decode
+import status_poll
 
 fake_oom.install()
 fake_rank_gpu.install()
@@ -24,3 +27,4 @@ fake_rank_crash.install()
 fake_metrics_crash.install()
 fake_data_pins.install()
 fake_slow_decode.install()
+status_poll.install()
