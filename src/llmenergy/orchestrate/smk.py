@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import atomic
-from llmenergy.cellfiles import Cell, RunLayout, accepted
+from llmenergy.cellfiles import Cell, accepted
 from llmenergy.config import Config, from_dict
 from llmenergy.errors import ConfigError
+from llmenergy.layout import RunLayout
+from llmenergy.planning import jobs
 from llmenergy.planning.groups import resolve_packing
 from llmenergy.planning.jobs import (
     History,
@@ -40,7 +42,6 @@ from llmenergy.planning.jobs import (
     job_request,
     read_history,
 )
-from llmenergy.planning import jobs
 from llmenergy.planning.matrix import Plan, expand
 from llmenergy.slurm import snakemake_resources, time_limit_signal
 
