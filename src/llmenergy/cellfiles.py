@@ -9,7 +9,8 @@ The records of a cell's own files are defined here, typed and versioned:
   ``failed/{cell}.json``): what happened, written last by the launcher;
 * the Arrow schemas of ``events``, ``responses``, ``power`` and ``metrics``;
 * :func:`read_record` and :func:`record_fields`: how every versioned JSON record is read
-  (the ``.run/`` handshake records of :mod:`llmenergy.handshake` too).
+  (the ``.run/`` handshake records of :mod:`llmenergy.handshake` too); :func:`peek_record`,
+  a look at one that may be torn or old.
 
 The paths of these files are :mod:`llmenergy.layout`'s (:class:`~llmenergy.layout.CellFiles`,
 :class:`~llmenergy.layout.RunLayout`).
@@ -98,6 +99,17 @@ def read_record(path: Path) -> dict[str, Any]:
     if version != SCHEMA_VERSION:
         raise RecordError(f"{path}: schema_version {version!r}, this llmenergy reads {SCHEMA_VERSION}")
     return data
+
+
+def peek_record(path: Path) -> dict[str, Any] | None:
+    """The JSON object of a record file, or None when it is absent, unreadable or not an
+    object: a quick look (its status, its fingerprint) at a record that may be torn or
+    of another version, without :func:`read_record`'s checks."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def record_fields(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
