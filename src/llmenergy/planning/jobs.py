@@ -37,7 +37,6 @@ import statistics
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from llmenergy import slurm
 from llmenergy.cellfiles import Cell, accepted, peek_record
