@@ -286,8 +286,10 @@ class CompiledEngine:
         return check_batch(prompts, max_gen_len, self.max_batch_size, self.max_seq_len)
 
     @torch.inference_mode()
-    def first_logits(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, V] of prefill and of the first decode step (fed the greedy token)."""
+    def first_logits(self, prompts: list[list[int]], first_token: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, V] of prefill and of the first decode step, fed ``first_token`` [B]
+        when given (to compare engines on the same input), else this engine's greedy token."""
         bsz, longest = self._check(prompts, 2)
         self.warm(bsz)
         caches = self.caches(bsz)
@@ -296,7 +298,7 @@ class CompiledEngine:
         pads = n_pad if n_pad is not None else torch.zeros(bsz, dtype=torch.long, device=self.device)
         pos = torch.full((1,), longest, dtype=torch.long, device=self.device)
         token = self._token(bsz)
-        token.copy_(pre.argmax(-1)[:, None])
+        token.copy_((pre.argmax(-1) if first_token is None else first_token.to(self.device))[:, None])
         self._mark_step()
         _, step = self._step(token, pos, pads, caches)
         return pre, step.clone()
