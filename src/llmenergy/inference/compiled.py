@@ -136,14 +136,15 @@ class CompiledEngine:
             if self.cache_dir is not None:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir)
-            self._extra = quant.compile_options(precision, self.device)
-            if self._extra:  # reduce-overhead (CUDA graphs) plus the narrow weights' GEMM options
-                self._step = torch.compile(self._decode, options={"triton.cudagraphs": True, **self._extra},
-                                           fullgraph=True, dynamic=False)
-            else:
-                self._compile_plain()
+            self._compile_with(quant.compile_options(precision, self.device))
 
-    def _compile_plain(self) -> None:
+    def _compile_with(self, extra: dict[str, object]) -> None:
+        """Compile the decode step with Inductor options ``extra`` (the narrow weights')."""
+        self._extra = extra
+        if extra:  # reduce-overhead (CUDA graphs) plus the options
+            self._step = torch.compile(self._decode, options={"triton.cudagraphs": True, **extra},
+                                       fullgraph=True, dynamic=False)
+            return
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         self._step = torch.compile(self._decode, mode=mode, fullgraph=True, dynamic=False)
 
@@ -248,16 +249,19 @@ class CompiledEngine:
             token = self._token(bsz).zero_()
             pos = torch.zeros(1, dtype=torch.long, device=self.device)
             n_pad = torch.zeros(bsz, dtype=torch.long, device=self.device)
-            try:
-                self._warm_calls(token, pos, n_pad, caches)
-            except Exception as exc:  # noqa: BLE001 - the GEMM-template options are unverified
-                if not self._extra:
-                    raise
-                log.warning("compiling with %s failed (%s: %s); compiling without them",
-                            self._extra, type(exc).__name__, exc)
-                self._extra = {}
-                self._compile_plain()
-                self._warm_calls(token, pos, n_pad, caches)
+            while True:
+                try:
+                    self._warm_calls(token, pos, n_pad, caches)
+                    break
+                except Exception as exc:  # noqa: BLE001 - the GEMM-template options are unverified
+                    if not self._extra:
+                        raise
+                    # first without the GEMM-template options, keeping the batch-1 ones
+                    fewer = {k: v for k, v in self._extra.items() if k in quant.NARROW_GEMV_OPTIONS}
+                    fewer = {} if fewer == self._extra else fewer
+                    log.warning("compiling with %s failed (%s: %s); compiling with %s",
+                                self._extra, type(exc).__name__, exc, fewer or "no extra options")
+                    self._compile_with(fewer)
         sync(self.device)
         t1 = time.time_ns()
         self._ready.add(bsz)
