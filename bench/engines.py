@@ -215,6 +215,24 @@ def _weight_bytes(model: Any, engine: Any) -> int:
     return num_bytes(model) + quant.linear_bytes(linears)
 
 
+def _inductor_config(pairs: list[str]) -> dict[str, Any]:
+    """Set ``torch._inductor.config`` from ``KEY=VALUE`` (VALUE as JSON; else a string)."""
+    import torch._inductor.config as config
+
+    done: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not hasattr(config, key):
+            raise SystemExit(f"--inductor {pair!r}: expected KEY=VALUE with KEY in torch._inductor.config")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        setattr(config, key, value)
+        done[key] = value
+    return done
+
+
 def _write(out: Path, results: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -264,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bandwidth, B/s")
     p.add_argument("--cache-dir", default="/tmp/llmenergy-inductor", help="TORCHINDUCTOR_CACHE_DIR")
     p.add_argument("--port", type=int, default=29513)
+    p.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config KEY for every compile of this run (an A/B "
+                        "experiment), e.g. coordinate_descent_tuning=true; VALUE is JSON")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.tiny:
@@ -276,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["LLMENERGY_QUANT_BACKEND"] = args.quant_backend
 
     import torch
+
+    inductor = _inductor_config(args.inductor)
 
     from llmenergy.inference import tp, weights
     from llmenergy.inference.engines import make_engine
@@ -294,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "arch": args.arch, "device": str(dev), "precisions": args.precision,
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "python": platform.python_version(), "gen": args.gen,
-        "bandwidth_b_per_s": args.bandwidth, "runs": [], "comparison": [], "skipped": [], "models": [],
+        "bandwidth_b_per_s": args.bandwidth, "inductor": inductor, "runs": [], "comparison": [], "skipped": [], "models": [],
     }
     try:
         import torchao
