@@ -22,8 +22,9 @@ against ``reference``: the relative difference (L2) of the prefill and
 first-decode-step logits (every engine's first step fed the same token: the first run's
 greedy one), the fraction of rows whose first token (the prefill's argmax) is the same,
 and the fraction of generated positions with the same greedy token.  ``hf``
-(transformers' generate, static cache, its own compile on CUDA) needs ``pip install llmenergy[hf]``; its ``compile_s`` is the warm-up
-generation that triggers transformers' compile.
+(transformers' generate, static cache, its own compile on CUDA) needs
+``pip install llmenergy[hf]``; its ``compile_s`` is the warm-up generation that
+triggers transformers' compile.
 
     python bench/engines.py --engines reference compiled hf --out bench/results/h200_engines_hf.json
 
@@ -161,6 +162,11 @@ def _measure(engine: Any, prompts: list[list[int]], args: argparse.Namespace, nv
 def _rel(a: Any, b: Any) -> float:
     a, b = a.double().cpu(), b.double().cpu()
     return float((a - b).norm() / b.norm())
+
+
+def _same_argmax(a: Any, b: Any) -> float:
+    """The fraction of rows of logits ``a`` and ``b`` [B, V] with the same argmax."""
+    return float((a.argmax(-1) == b.argmax(-1)).double().mean())
 
 
 def _first_logits(engine: Any, prompts: list[list[int]], first_token: Any) -> list[Any]:
@@ -317,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         "arch": args.arch, "device": str(dev), "precisions": args.precision,
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "python": platform.python_version(), "gen": args.gen,
-        "bandwidth_b_per_s": args.bandwidth, "inductor": inductor, "runs": [], "comparison": [], "skipped": [], "models": [],
+        "bandwidth_b_per_s": args.bandwidth, "inductor": inductor,
+        "runs": [], "comparison": [], "skipped": [], "models": [],
     }
     try:
         import torchao
@@ -388,13 +395,14 @@ def main(argv: list[str] | None = None) -> int:
             cmp = {"precision": precision, "engine": name, "batch": bsz,
                    "against": f"{base[0]} {base[1]}",
                    "prefill_logits_rel_diff": _rel(got[0], want[0]),
-                   "first_token_same_fraction": float((got[0].argmax(-1) == want[0].argmax(-1)).double().mean()),
+                   "first_token_same_fraction": _same_argmax(got[0], want[0]),
                    "first_step_logits_rel_diff": _rel(got[1], want[1]),
                    "first_step_same_input": got[2] and want[2],
                    **_agreement(tokens[precision, name, bsz], tokens[key])}
             results["comparison"].append(cmp)
             print(f"{precision} {name} vs {cmp['against']} bs{bsz}: logits rel diff prefill "
-                  f"{cmp['prefill_logits_rel_diff']:.2e} (first token same {cmp['first_token_same_fraction']:.2f}), "
+                  f"{cmp['prefill_logits_rel_diff']:.2e} "
+                  f"(first token same {cmp['first_token_same_fraction']:.2f}), "
                   f"first step {cmp['first_step_logits_rel_diff']:.2e}"
                   f"{'' if cmp['first_step_same_input'] else ' (own first token)'}; "
                   f"same tokens {cmp['same_token_fraction']:.3f}, identical prefix "
