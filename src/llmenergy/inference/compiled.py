@@ -29,7 +29,11 @@ one engine per model precision: docs/precision.md.
 
 On CUDA the step is compiled with ``mode="reduce-overhead"`` (Inductor, then
 captured as a CUDA graph and replayed); the caches are marked as static
-addresses so that the graph does not copy them.  Prefill (one forward pass of
+addresses so that the graph does not copy them.  int8/fp8 add Inductor options
+of their own (:func:`llmenergy.inference.quant.compile_options`: coordinate-descent
+tuning, so that a batch-1 matmul becomes a reduction reading the narrow weight;
+Triton GEMM templates for larger batches); a compile that fails with them is
+redone with fewer.  Prefill (one forward pass of
 every prompt token, variable length) runs eagerly on the same code path.
 
 On CPU the default is the same static code path without compiling: on the two
