@@ -19,10 +19,12 @@ at least ``weight_bytes / --bandwidth`` (4.8e12 B/s, H200 datasheet) and the
 bound is ``batch / step_time`` tokens/s; ``bound_fraction`` is the decode
 tokens/s over that bound.  For every other engine (``compiled``, ``hf``)
 against ``reference``: the relative difference (L2) of the prefill and
-first-decode-step logits, and the fraction of generated positions with the same
-greedy token.  ``hf`` (transformers' generate, static cache, its own compile on
-CUDA) needs ``pip install llmenergy[hf]``; its ``compile_s`` is the warm-up
-generation that triggers transformers' compile.
+first-decode-step logits (every engine's first step fed the same token: the first run's
+greedy one), the fraction of rows whose first token (the prefill's argmax) is the same,
+and the fraction of generated positions with the same greedy token.  ``hf``
+(transformers' generate, static cache, its own compile on CUDA) needs
+``pip install llmenergy[hf]``; its ``compile_s`` is the warm-up generation that
+triggers transformers' compile.
 
     python bench/engines.py --engines reference compiled hf --out bench/results/h200_engines_hf.json
 
@@ -162,6 +164,30 @@ def _rel(a: Any, b: Any) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def _same_argmax(a: Any, b: Any) -> float:
+    """The fraction of rows of logits ``a`` and ``b`` [B, V] with the same argmax."""
+    return float((a.argmax(-1) == b.argmax(-1)).double().mean())
+
+
+def _first_logits(engine: Any, prompts: list[list[int]], first_token: Any) -> list[Any]:
+    """[prefill logits, first-step logits, whether the step was fed ``first_token``].
+
+    Each engine's first decode step is fed the same token (the first run's greedy one):
+    fed its own, a weight format that flips a near-tie in the prefill's argmax would show
+    a first-step difference of the order of the logits themselves (issue 24, H200: int8
+    0.62 against 0.024 at prefill), which says nothing about the decode step's numerics.
+    ``hf`` takes no given token: its step is fed its own.
+    """
+    import inspect
+
+    if first_token is not None and "first_token" in inspect.signature(engine.first_logits).parameters:
+        pre, step = engine.first_logits(prompts, first_token=first_token)
+        return [pre.float().cpu(), step.float().cpu(), True]
+    pre, step = engine.first_logits(prompts)
+    fed = first_token is None or bool((pre.argmax(-1).cpu() == first_token.cpu()).all())
+    return [pre.float().cpu(), step.float().cpu(), fed]
+
+
 def _agreement(got: list[list[int]], want: list[list[int]]) -> dict[str, float]:
     same = total = 0
     prefix = []
@@ -193,6 +219,24 @@ def _weight_bytes(model: Any, engine: Any) -> int:
     if linears is None or getattr(engine, "quant_backend", "dense") == "dense":
         return num_bytes(model)
     return num_bytes(model) + quant.linear_bytes(linears)
+
+
+def _inductor_config(pairs: list[str]) -> dict[str, Any]:
+    """Set ``torch._inductor.config`` from ``KEY=VALUE`` (VALUE as JSON; else a string)."""
+    import torch._inductor.config as config
+
+    done: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not hasattr(config, key):
+            raise SystemExit(f"--inductor {pair!r}: expected KEY=VALUE with KEY in torch._inductor.config")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        setattr(config, key, value)
+        done[key] = value
+    return done
 
 
 def _write(out: Path, results: dict[str, Any]) -> None:
@@ -244,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bandwidth, B/s")
     p.add_argument("--cache-dir", default="/tmp/llmenergy-inductor", help="TORCHINDUCTOR_CACHE_DIR")
     p.add_argument("--port", type=int, default=29513)
+    p.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config KEY for every compile of this run (an A/B "
+                        "experiment), e.g. coordinate_descent_tuning=true; VALUE is JSON")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.tiny:
@@ -256,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["LLMENERGY_QUANT_BACKEND"] = args.quant_backend
 
     import torch
+
+    inductor = _inductor_config(args.inductor)
 
     from llmenergy.inference import tp, weights
     from llmenergy.inference.engines import make_engine
@@ -274,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         "arch": args.arch, "device": str(dev), "precisions": args.precision,
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "python": platform.python_version(), "gen": args.gen,
-        "bandwidth_b_per_s": args.bandwidth, "runs": [], "comparison": [], "skipped": [], "models": [],
+        "bandwidth_b_per_s": args.bandwidth, "inductor": inductor,
+        "runs": [], "comparison": [], "skipped": [], "models": [],
     }
     try:
         import torchao
@@ -288,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         results["transformers"] = transformers.__version__
     tokens: dict[tuple[str, str, int], Any] = {}
     logits: dict[tuple[str, str, int], Any] = {}
+    first: dict[int, Any] = {}  # per batch: the first run's first token, fed to every engine's first step
     pool: list[list[int]] = []
     for precision in args.precision:
         names = [e for e in args.engines if e == "compiled" or precision in args.anchor_precisions]
@@ -319,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                 prompts = pool[:bsz]
                 row = _measure(engine, prompts, args, nvml, dev, wbytes)
                 tokens[precision, name, bsz] = row.pop("_tokens")
-                logits[precision, name, bsz] = [t.float().cpu() for t in engine.first_logits(prompts)]
+                logits[precision, name, bsz] = _first_logits(engine, prompts, first.get(bsz))
+                first.setdefault(bsz, logits[precision, name, bsz][0].argmax(-1))
                 results["runs"].append({"precision": precision, "engine": name, "quant_backend": backend,
                                         "weight_bytes": wbytes, **row})
                 _fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -343,11 +395,16 @@ def main(argv: list[str] | None = None) -> int:
             cmp = {"precision": precision, "engine": name, "batch": bsz,
                    "against": f"{base[0]} {base[1]}",
                    "prefill_logits_rel_diff": _rel(got[0], want[0]),
+                   "first_token_same_fraction": _same_argmax(got[0], want[0]),
                    "first_step_logits_rel_diff": _rel(got[1], want[1]),
+                   "first_step_same_input": got[2] and want[2],
                    **_agreement(tokens[precision, name, bsz], tokens[key])}
             results["comparison"].append(cmp)
             print(f"{precision} {name} vs {cmp['against']} bs{bsz}: logits rel diff prefill "
-                  f"{cmp['prefill_logits_rel_diff']:.2e}, first step {cmp['first_step_logits_rel_diff']:.2e}; "
+                  f"{cmp['prefill_logits_rel_diff']:.2e} "
+                  f"(first token same {cmp['first_token_same_fraction']:.2f}), "
+                  f"first step {cmp['first_step_logits_rel_diff']:.2e}"
+                  f"{'' if cmp['first_step_same_input'] else ' (own first token)'}; "
                   f"same tokens {cmp['same_token_fraction']:.3f}, identical prefix "
                   f"{cmp['mean_identical_prefix']:.1f}", flush=True)
     _write(out, results)

@@ -30,11 +30,12 @@ STAGES = {
     "data": 2,
     "config": 3,
     "cellfiles": 4,
-    "planning": 5,
-    "inference": 6, "power": 6,
-    "analysis": 7,
-    "orchestrate": 8,
-    "cli": 9,
+    "handshake": 5,
+    "planning": 6,
+    "inference": 7, "power": 7,
+    "analysis": 8,
+    "orchestrate": 9,
+    "cli": 10,
 }
 
 

@@ -1,19 +1,19 @@
 """The cell contract: a cell's identity, the files it writes, and their schemas, in one place.
 
-Every record that crosses a process boundary is defined here, typed and versioned:
+The records of a cell's own files are defined here, typed and versioned:
 
 * :class:`Cell`: the identity of one matrix cell (its axes) and its id;
 * :class:`CellSpec` (``spec.json``): what the launcher tells a cell's ranks and
   node agents, resolved from the config;
-* :class:`WorkerStatus` (``.run/worker_status.json``): rank 0's outcome, read by the launcher;
 * :class:`Provenance` and :class:`CellRecord` (``cell.json``, and
   ``failed/{cell}.json``): what happened, written last by the launcher;
 * the Arrow schemas of ``events``, ``responses``, ``power`` and ``metrics``;
-* the ``.run/`` handshake between ranks, node agents and launcher:
-  :class:`RankDevice` (``CellFiles.rank_devices``), :class:`CollectorReady` (``ready/``),
-  :class:`CapReady` (``CellFiles.cap_ready``), :class:`CellBegin`, :class:`RankOutcome`;
-* re-exported from :mod:`llmenergy.layout`: :class:`CellFiles` (every path of a
-  cell's or a packed group's directory) and :class:`RunLayout` (every path of a run).
+* :func:`read_record` and :func:`record_fields`: how every versioned JSON record is read
+  (the ``.run/`` handshake records of :mod:`llmenergy.handshake` too); :func:`peek_record`,
+  a look at one that may be torn or old.
+
+The paths of these files are :mod:`llmenergy.layout`'s (:class:`~llmenergy.layout.CellFiles`,
+:class:`~llmenergy.layout.RunLayout`).
 
 JSON records carry ``schema_version``; reading a record of another version, or a
 file that is not one, raises :class:`~llmenergy.errors.RecordError` naming the file.
@@ -32,7 +32,7 @@ from llmenergy import atomic
 from llmenergy.config import CollectorSpec, Policies
 from llmenergy.data.prompts import DatasetSpec
 from llmenergy.errors import RecordError
-from llmenergy.layout import CellFiles, RunLayout, node_file, rank_file, rank_of_file  # noqa: F401 - re-exported
+from llmenergy.layout import CellFiles, RunLayout
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"llmenergy.schema_version"
@@ -86,7 +86,9 @@ class Cell:
 AXES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Cell))
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_record(path: Path) -> dict[str, Any]:
+    """The JSON object of a versioned record file; :class:`RecordError` naming the file when
+    it is unreadable, not an object, or of another ``schema_version``."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -99,7 +101,20 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
-def _fields(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
+def peek_record(path: Path) -> dict[str, Any] | None:
+    """The JSON object of a record file, or None when it is absent, unreadable or not an
+    object: a quick look (its status, its fingerprint) at a record that may be torn or
+    of another version, without :func:`read_record`'s checks."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def record_fields(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of the dataclass ``cls`` (others are dropped);
+    :class:`RecordError` naming ``path`` and the missing fields when a required one is absent."""
     names = {f.name for f in dataclasses.fields(cls)}
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -150,7 +165,7 @@ class CellSpec:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], path: str = str(CellFiles(Path()).spec)) -> CellSpec:
-        values = _fields(cls, data, path)
+        values = record_fields(cls, data, path)
         try:
             values["cell"] = Cell.from_identity(values["cell"])
             values["dataset"] = DatasetSpec(**values["dataset"])
@@ -165,7 +180,7 @@ class CellSpec:
 
     @classmethod
     def read(cls, path: Path) -> CellSpec:
-        return cls.from_json(_read(path), str(path))
+        return cls.from_json(read_record(path), str(path))
 
 
 # --------------------------------------------------------------------------- #
@@ -194,187 +209,10 @@ class GroupSpec:
 
     @classmethod
     def read(cls, path: Path) -> GroupSpec:
-        values = _fields(cls, _read(path), str(path))
+        values = record_fields(cls, read_record(path), str(path))
         if not isinstance(values["cells"], list) or not values["cells"]:
             raise RecordError(f"{path}: cells: must be a non-empty list of cell ids")
         return cls(**values)
-
-
-
-
-# --------------------------------------------------------------------------- #
-# Rank 0 → launcher
-# --------------------------------------------------------------------------- #
-
-@dataclass(frozen=True)
-class WorkerStatus:
-    """Rank 0's outcome (``.run/worker_status.json``)."""
-
-    status: str
-    reason: str | None = None
-    load: dict[str, Any] | None = None  # weights.LoadInfo of an ok run
-
-    def write(self, path: Path) -> None:
-        atomic.write_json(path, {"schema_version": SCHEMA_VERSION, **asdict(self)})
-
-    @classmethod
-    def read(cls, path: Path) -> WorkerStatus:
-        return cls(**_fields(cls, _read(path), str(path)))
-
-
-@dataclass(frozen=True)
-class CellBegin:
-    """Rank 0 → launcher (``.run/begin.json``): a cell of the job has started."""
-
-    cell_id: str
-    position: int
-    started_ns: int
-
-    def write(self, path: Path) -> None:
-        atomic.write_json(path, {"schema_version": SCHEMA_VERSION, **asdict(self)})
-
-    @classmethod
-    def read(cls, path: Path) -> CellBegin:
-        return cls(**_fields(cls, _read(path), str(path)))
-
-
-@dataclass(frozen=True)
-class ClockOffsets:
-    """Rank 0 → launcher (the job's ``.run/clocks.json``): each node's wall clock minus
-    rank 0's, measured once per job by timed round trips over the process group
-    (:func:`llmenergy.inference.rank.measure_clock_offsets`). ``rtt_ns`` is the round
-    trip of the sample each offset comes from; its half bounds the offset's error."""
-
-    offsets_ns: dict[str, int]
-    rtt_ns: dict[str, int]
-    measured_ns: int = 0
-
-    def write(self, path: Path) -> None:
-        atomic.write_json(path, {"schema_version": SCHEMA_VERSION, **asdict(self)})
-
-    @classmethod
-    def read(cls, path: Path) -> ClockOffsets:
-        return cls(**_fields(cls, _read(path), str(path)))
-
-
-@dataclass(frozen=True)
-class RankOutcome:
-    """One rank's end of a cell (``.run/ranks/{rank}.json``): what it saw, when, and
-    ``left`` once it leaves the job because the ranks are out of step."""
-
-    rank: int
-    status: str
-    reason: str | None = None
-    at_ns: int = 0
-    left: bool = False
-
-    def write(self, path: Path) -> None:
-        atomic.write_json(path, {"schema_version": SCHEMA_VERSION, **asdict(self)})
-
-    @classmethod
-    def read(cls, path: Path) -> RankOutcome:
-        return cls(**_fields(cls, _read(path), str(path)))
-
-
-class _Handshake:
-    """A versioned JSON record of the ``.run/`` handshake."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
-
-    def write(self, path: Path) -> None:
-        atomic.write_json(path, {"schema_version": SCHEMA_VERSION, **self.to_dict()})
-
-    @classmethod
-    def read(cls, path: Path) -> Any:
-        return cls(**_fields(cls, _read(path), str(path)))
-
-
-@dataclass(frozen=True)
-class RankDevice(_Handshake):
-    """A rank → its node's agents (``CellFiles.rank_devices``, one file a rank): the device it runs on."""
-
-    node: str = ""
-    rank: int = -1
-    uuid: str = ""  # "GPU-…", or "cpu"
-    name: str = ""
-    index: int = -1
-
-    @classmethod
-    def read(cls, path: Path) -> RankDevice:
-        """As the other records, except that a file without ``schema_version`` or without
-        the descriptive fields is read too (a stand-in rank announcing only its ``uuid``);
-        one without ``uuid`` is not one."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise RecordError(f"{path}: unreadable ({exc})") from None
-        if not isinstance(data, dict) or not data.get("uuid"):
-            raise RecordError(f"{path}: not a device record (no uuid)")
-        if data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
-            raise RecordError(f"{path}: schema_version {data['schema_version']!r}, this llmenergy reads "
-                              f"{SCHEMA_VERSION}")
-        return cls(**_fields(cls, data, str(path)))
-
-
-@dataclass(frozen=True)
-class CollectorReady(_Handshake):
-    """A node's collector → rank 0 and the launcher (``.run/ready/{node}.json``); ``backend``
-    None with the one-line ``error`` when no backend could be built. Rewritten with an
-    ``error`` when the collector fails later (it, or its node agent when it dies):
-    :func:`collector_problem` then fails the job."""
-
-    node: str
-    backend: str | None
-    devices: list[dict[str, Any]] = field(default_factory=list)
-    interval_ms: int | None = None
-    error: str | None = None
-
-
-def read_ready(directory: Path) -> list[CollectorReady]:
-    """The :class:`CollectorReady` records of a ``ready/`` folder (a torn one is skipped: the
-    next poll reads it whole)."""
-    out = []
-    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
-        try:
-            out.append(CollectorReady.read(path))
-        except RecordError:
-            continue
-    return out
-
-
-def collector_problem(records: list[CollectorReady]) -> str | None:
-    """Why a job's collectors cannot meter it, in one line naming the node, or None.
-
-    A collector that reported an error (no backend, or it failed later) fails the job;
-    so do collectors that resolved to different backends (``auto`` on unlike nodes):
-    one backend per cell. The first node in name order sets the backend the others
-    are compared with.
-    """
-    ordered = sorted(records, key=lambda r: r.node)
-    for rec in ordered:
-        if rec.error:
-            return f"collector on node {rec.node} failed: {rec.error}"
-    if ordered:
-        first = ordered[0]
-        for rec in ordered[1:]:
-            if rec.backend != first.backend:
-                return (f"collector backend differs on node {rec.node}: {rec.backend} "
-                        f"(node {first.node}: {first.backend}); one backend per cell: set collector.backend")
-    return None
-
-
-@dataclass(frozen=True)
-class CapReady(_Handshake):
-    """A node's power-cap guard → the ranks (``CellFiles.cap_ready``, one file a node)."""
-
-    node: str
-    status: str  # "applied" | "denied" | "error"
-    reason: str | None = None
-    backend: str | None = None
-    requested_w: float | None = None
-    on_denied: str | None = None
-    gpus: list[dict[str, Any]] = field(default_factory=list)  # uuid, previous_w, requested_w, enforced_w
 
 
 # --------------------------------------------------------------------------- #
@@ -412,7 +250,7 @@ class Provenance:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], path: str = str(CellFiles(Path()).record)) -> Provenance:
-        return cls(**_fields(cls, data, f"{path}: provenance"))
+        return cls(**record_fields(cls, data, f"{path}: provenance"))
 
 
 @dataclass
@@ -442,7 +280,7 @@ class CellRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], path: str = str(CellFiles(Path()).record)) -> CellRecord:
-        values = _fields(cls, data, path)
+        values = record_fields(cls, data, path)
         try:
             values["cell"] = Cell.from_identity(values["cell"])
         except (TypeError, KeyError) as exc:
@@ -457,7 +295,7 @@ class CellRecord:
 
     @classmethod
     def read(cls, path: Path) -> CellRecord:
-        return cls.from_json(_read(path), str(path))
+        return cls.from_json(read_record(path), str(path))
 
 
 def accepted(status: str, policies: Policies) -> bool:

@@ -85,7 +85,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from llmenergy.analysis.plots import make_figures
-    from llmenergy.cellfiles import RunLayout
+    from llmenergy.layout import RunLayout
 
     path = Path(args.summary) if args.summary else RunLayout(Path("results")).summary
     if not path.is_file():

@@ -37,7 +37,7 @@ class CellFiles:
     ready = property(lambda self: self.root / ".run" / "ready")
     cap_ready = property(lambda self: self.root / ".run" / "capready")
     power_parts = property(lambda self: self.root / ".run" / "power")
-    #: Rank 0 → launcher: each node's clock offset to rank 0 (:class:`~llmenergy.cellfiles.ClockOffsets`).
+    #: Rank 0 → launcher: each node's clock offset to rank 0 (:class:`~llmenergy.handshake.ClockOffsets`).
     clocks = property(lambda self: self.root / ".run" / "clocks.json")
     #: Rank 0 → launcher: the cell has started (:class:`CellBegin`).
     begin = property(lambda self: self.root / ".run" / "begin.json")

@@ -58,6 +58,14 @@ def _external_hash(tool: list[str], content: bytes, tmp_path: Path) -> str:
     return out.split()[0]
 
 
+@pytest.fixture
+def payloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
+    """The test payloads (:func:`_payloads`), every source pinned to them (:func:`_pin_to`)."""
+    content = _payloads(tmp_path)
+    _pin_to(monkeypatch, content, tmp_path)
+    return content
+
+
 def _pin_to(monkeypatch: pytest.MonkeyPatch, payloads: dict[str, bytes], tmp_path: Path) -> None:
     """Pin every source to ``payloads`` the way the real pins are kinded: GSM8K by sha256
     (from ``sha256sum``), Alpaca by git blob id (from ``git hash-object``)."""
@@ -109,11 +117,7 @@ def test_sha256_check_on_a_known_vector(tmp_path: Path) -> None:
     assert problem is not None and f"expected {digest}, got " in problem
 
 
-def test_fetch_with_matching_checksum_writes_loadable_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    payloads = _payloads(tmp_path)
-    _pin_to(monkeypatch, payloads, tmp_path)
+def test_fetch_with_matching_checksum_writes_loadable_files(tmp_path: Path, payloads: dict[str, bytes]) -> None:
     sources = fetch.SOURCES["gsm8k"]
     calls: list[str] = []
     path = fetch.fetch_dataset("gsm8k", tmp_path / "data", opener=fake_opener(payloads, calls))
@@ -128,11 +132,7 @@ def test_fetch_with_matching_checksum_writes_loadable_files(
     )
 
 
-def test_alpaca_is_verified_by_its_git_blob_id(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    payloads = _payloads(tmp_path)
-    _pin_to(monkeypatch, payloads, tmp_path)
+def test_alpaca_is_verified_by_its_git_blob_id(tmp_path: Path, payloads: dict[str, bytes]) -> None:
     path = fetch.fetch_dataset("alpaca", tmp_path / "data", opener=fake_opener(payloads))
     assert path.read_bytes() == payloads[fetch.SOURCES["alpaca"][0].url]
     assert len(formats.read_records(path, "alpaca")) == 5
@@ -140,10 +140,8 @@ def test_alpaca_is_verified_by_its_git_blob_id(
 
 @pytest.mark.parametrize(("name", "kind"), [("alpaca", "git blob id"), ("gsm8k", "sha256")])
 def test_a_tampered_file_fails_with_one_line_and_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, kind: str
+    tmp_path: Path, payloads: dict[str, bytes], name: str, kind: str
 ) -> None:
-    payloads = _payloads(tmp_path)
-    _pin_to(monkeypatch, payloads, tmp_path)
     source = fetch.SOURCES[name][0]
     good = payloads[source.url]
     tampered = good.replace(b"a", b"e", 1)  # same size, one byte different
@@ -160,9 +158,7 @@ def test_a_tampered_file_fails_with_one_line_and_leaves_nothing(
     assert list(dest.iterdir()) == []  # neither the file nor its temporary
 
 
-def test_a_short_download_names_the_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    payloads = _payloads(tmp_path)
-    _pin_to(monkeypatch, payloads, tmp_path)
+def test_a_short_download_names_the_sizes(tmp_path: Path, payloads: dict[str, bytes]) -> None:
     source = fetch.SOURCES["gsm8k"][0]
     cut = payloads[source.url][:-10]
     dest = tmp_path / "data"
@@ -206,12 +202,10 @@ def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
 
 
 def test_download_over_http_verifies_and_logs_progress(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-    http_root: tuple[Path, str],
+    tmp_path: Path, payloads: dict[str, bytes], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, http_root: tuple[Path, str],
 ) -> None:
     root, base = http_root
-    payloads = _payloads(tmp_path)
-    _pin_to(monkeypatch, payloads, tmp_path)
     served = {}
     for s in fetch.SOURCES["gsm8k"]:
         (root / s.filename).write_bytes(payloads[s.url])
@@ -254,10 +248,8 @@ def test_offline_raises_network_error_saying_where_to_put_files(
 
 
 def test_main_prints_hash_and_config_snippet(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, payloads: dict[str, bytes], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    payloads = _payloads(tmp_path)
-    _pin_to(monkeypatch, payloads, tmp_path)
     dest = tmp_path / "data"
     rc = fetch.main(["gsm8k", "--dest", str(dest)], opener=fake_opener(payloads))
     out = capsys.readouterr().out
@@ -286,10 +278,8 @@ def test_unknown_dataset(tmp_path: Path) -> None:
 
 
 def test_present_verified_file_is_kept_and_force_downloads_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, payloads: dict[str, bytes]
 ) -> None:
-    payloads = _payloads(tmp_path)
-    _pin_to(monkeypatch, payloads, tmp_path)
     (source,) = fetch.SOURCES["alpaca"]
     target = tmp_path / source.filename
     target.write_bytes(payloads[source.url])
@@ -299,11 +289,7 @@ def test_present_verified_file_is_kept_and_force_downloads_again(
     assert calls == [source.url] and target.read_bytes() == payloads[source.url]
 
 
-def test_present_file_failing_its_pinned_hash_is_fetched_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    payloads = _payloads(tmp_path)
-    _pin_to(monkeypatch, payloads, tmp_path)
+def test_present_file_failing_its_pinned_hash_is_fetched_again(tmp_path: Path, payloads: dict[str, bytes]) -> None:
     (source,) = fetch.SOURCES["alpaca"]
     target = tmp_path / source.filename
     target.write_bytes(b"[] truncated")
@@ -322,14 +308,11 @@ def _mirror_tree(root: Path, payloads: dict[str, bytes]) -> None:
 
 
 def test_mirror_stands_in_for_upstream_over_http(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-    http_root: tuple[Path, str],
+    tmp_path: Path, payloads: dict[str, bytes], capsys: pytest.CaptureFixture[str], http_root: tuple[Path, str]
 ) -> None:
     """`--mirror URL`: every pinned file comes from URL + the upstream path, by the real
     urllib opener, and is still verified against its pin."""
     root, base = http_root
-    payloads = _payloads(tmp_path)
-    _pin_to(monkeypatch, payloads, tmp_path)
     _mirror_tree(root / "gh", payloads)
     dest = tmp_path / "data"
     assert fetch.main(["gsm8k", "--dest", str(dest), "--mirror", f"{base}/gh/"]) == 0
@@ -346,11 +329,9 @@ def test_mirror_stands_in_for_upstream_over_http(
 
 
 def test_mirror_from_the_environment_and_a_file_url(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, payloads: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Env LLMENERGY_DATA_MIRROR, here a ``file://`` copy of the tree (a site without any proxy)."""
-    payloads = _payloads(tmp_path)
-    _pin_to(monkeypatch, payloads, tmp_path)
     _mirror_tree(tmp_path / "copy", payloads)
     monkeypatch.setenv(fetch.MIRROR_ENV, (tmp_path / "copy").as_uri())
     dest = tmp_path / "data"

@@ -104,6 +104,21 @@ def test_engine_uses_the_models_weights_and_cache_in_place() -> None:
     torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-5)
 
 
+def test_first_step_fed_a_given_token(model: torch.nn.Module) -> None:
+    """Both engines' first decode step can be fed a token other than their own greedy one
+    (the bench compares precisions on the same input); they agree on it."""
+    ref, comp = make_engine("reference", model), make_engine("compiled", model)
+    pre, own = ref.first_logits(PROMPTS)
+    other = pre.argmin(-1)  # surely not the greedy token
+    want = ref.first_logits(PROMPTS, first_token=other)
+    got = comp.first_logits(PROMPTS, first_token=other)
+    torch.testing.assert_close(got[0], pre, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+    assert float((want[1] - own).norm() / own.norm()) > 0.3  # the token was used
+    torch.testing.assert_close(comp.first_logits(PROMPTS, first_token=pre.argmax(-1))[1], own,
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_limits_and_errors(model: torch.nn.Module) -> None:
     engine = make_engine("compiled", model)
     with pytest.raises(ValueError, match="exceed the model cache"):

@@ -5,8 +5,9 @@ import threading
 import time
 from pathlib import Path
 
-from llmenergy.cellfiles import CellFiles, RankOutcome, WorkerStatus
+from llmenergy.handshake import RankOutcome, WorkerStatus
 from llmenergy.inference import rank
+from llmenergy.layout import CellFiles
 
 
 def test_a_rank_waits_for_the_others_and_finds_them_in_step(tmp_path: Path) -> None:

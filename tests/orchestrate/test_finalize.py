@@ -10,7 +10,9 @@ import pytest
 
 from llmenergy import atomic
 from llmenergy.analysis.energy import attribute_events
-from llmenergy.cellfiles import POWER_SCHEMA, CellFiles, ClockOffsets
+from llmenergy.cellfiles import POWER_SCHEMA
+from llmenergy.handshake import ClockOffsets
+from llmenergy.layout import CellFiles
 from llmenergy.orchestrate import finalize
 from llmenergy.orchestrate.provenance import collect_provenance
 

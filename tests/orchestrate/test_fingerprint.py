@@ -1,13 +1,11 @@
 """Issue 15: a cell's fingerprint (no silent mixing) and more time for retried cells."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 from llmenergy import config
 from llmenergy.cellfiles import CellRecord
@@ -26,15 +24,7 @@ from llmenergy.orchestrate.launch import (
 from llmenergy.orchestrate.smk import load
 from llmenergy.planning.matrix import expand
 from llmenergy.slurm import parse_time_limit_min
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _cfg(tmp: Path, **over: object) -> dict:
-    data = yaml.safe_load((REPO / "profiles/local/demo-config.yaml").read_text())
-    data["output_dir"] = str(tmp / "results")
-    data.update(over)
-    return data
+from orchestrate_helpers import demo_config, write_timed_out
 
 
 def _finish(ctx, cell, fingerprint: str | None, defn: dict | None = None, status: str = "ok") -> Path:
@@ -49,13 +39,13 @@ def _finish(ctx, cell, fingerprint: str | None, defn: dict | None = None, status
 
 
 def test_fingerprint_follows_what_defines_the_measurement(tmp_path: Path) -> None:
-    base = config.from_dict(_cfg(tmp_path))
+    base = config.from_dict(demo_config(tmp_path))
     cell = expand(base).cells[0]
     fp, defn = measurement(base, cell)
-    assert measurement(config.from_dict(_cfg(tmp_path)), cell)[0] == fp  # stable
+    assert measurement(config.from_dict(demo_config(tmp_path)), cell)[0] == fp  # stable
     assert defn["weights"] == "synthetic" and defn["checkpoint"] == []
 
-    data = _cfg(tmp_path)
+    data = demo_config(tmp_path)
     ds = next(iter(data["datasets"]))
     data["datasets"][ds]["n_prompts"] += 1
     fp2, defn2 = measurement(config.from_dict(data), cell)
@@ -63,13 +53,13 @@ def test_fingerprint_follows_what_defines_the_measurement(tmp_path: Path) -> Non
     assert changes(defn, defn2) == (f"dataset.n_prompts: {defn['dataset']['n_prompts']} → "
                                     f"{defn['dataset']['n_prompts'] + 1}")
     for key, value in (("repeats", 7), ("warmup_tokens", 3), ("seed", 42)):
-        assert measurement(config.from_dict(_cfg(tmp_path, **{key: value})), cell)[0] != fp, key
+        assert measurement(config.from_dict(demo_config(tmp_path, **{key: value})), cell)[0] != fp, key
     # settings that do not define the measurement leave it alone
-    assert measurement(config.from_dict(_cfg(tmp_path, policies={"on_oom": "fail"})), cell)[0] == fp
+    assert measurement(config.from_dict(demo_config(tmp_path, policies={"on_oom": "fail"})), cell)[0] == fp
 
 
 def test_checkpoint_files_sizes_and_mtimes_are_in_the_definition(tmp_path: Path) -> None:
-    cfg = config.from_dict(_cfg(tmp_path))
+    cfg = config.from_dict(demo_config(tmp_path))
     spec = cell_spec(cfg, expand(cfg).cells[0], resolve_device=False)
     ckpt = tmp_path / "7B"
     ckpt.mkdir()
@@ -85,7 +75,7 @@ def test_checkpoint_files_sizes_and_mtimes_are_in_the_definition(tmp_path: Path)
 
 
 def test_prepare_supersedes_exactly_the_changed_cells(tmp_path: Path, caplog) -> None:
-    old = load(_cfg(tmp_path))
+    old = load(demo_config(tmp_path))
     changed, same, legacy = old.plan.cells[0], old.plan.cells[1], old.plan.cells[2]
     fp, defn = measurement(old.cfg, changed)
     _finish(old, changed, "0123456789abcdef", {**defn, "weights": "synthetic-old"})
@@ -96,14 +86,14 @@ def test_prepare_supersedes_exactly_the_changed_cells(tmp_path: Path, caplog) ->
 
     # dry run: says which and why, moves nothing
     with caplog.at_level("WARNING"):
-        assert load(_cfg(tmp_path)).prepare(dry_run=True, derived=[summary]) == [changed.id, legacy.id]
+        assert load(demo_config(tmp_path)).prepare(dry_run=True, derived=[summary]) == [changed.id, legacy.id]
     assert "weights: synthetic-old → synthetic" in caplog.text and "dry run" in caplog.text
     assert f"{legacy.id}: config changed (recorded without a fingerprint)" in caplog.text
     assert (changed.dir(old.output_dir) / "cell.json").exists() and summary.exists()
 
     # on_config_change: error: one error naming the cell and the change, nothing moved
     with pytest.raises(ConfigError) as err:
-        load(_cfg(tmp_path, policies={"on_config_change": "error"})).prepare(derived=[summary])
+        load(demo_config(tmp_path, policies={"on_config_change": "error"})).prepare(derived=[summary])
     assert len(str(err.value).splitlines()) == 1
     assert "policies.on_config_change" in str(err.value) and changed.id in str(err.value)
     assert same.id not in str(err.value) and summary.exists()
@@ -111,7 +101,7 @@ def test_prepare_supersedes_exactly_the_changed_cells(tmp_path: Path, caplog) ->
     # rerun: the changed cell's files move to superseded/<old fingerprint>/, a record without a
     # fingerprint's to superseded/unknown/ (nothing unchecked passes for current), nothing else
     before = sorted(p.name for p in same.dir(old.output_dir).iterdir())
-    assert load(_cfg(tmp_path)).prepare(derived=[summary]) == [changed.id, legacy.id]
+    assert load(demo_config(tmp_path)).prepare(derived=[summary]) == [changed.id, legacy.id]
     d = changed.dir(old.output_dir)
     assert [p.name for p in d.iterdir()] == [SUPERSEDED]
     kept = d / SUPERSEDED / "0123456789abcdef"
@@ -122,11 +112,11 @@ def test_prepare_supersedes_exactly_the_changed_cells(tmp_path: Path, caplog) ->
     assert sorted(p.name for p in unchecked.iterdir()) == ["cell.json", "logs", "metrics.parquet"]
     assert [p.name for p in legacy.dir(old.output_dir).iterdir()] == [SUPERSEDED]
     assert not summary.exists()
-    assert load(_cfg(tmp_path)).prepare() == []  # nothing left to rerun
+    assert load(demo_config(tmp_path)).prepare() == []  # nothing left to rerun
 
 
 def test_run_cell_treats_another_fingerprint_as_not_finished(tmp_path: Path) -> None:
-    ctx = load(_cfg(tmp_path))
+    ctx = load(demo_config(tmp_path))
     cell = ctx.plan.cells[0]
     current = measurement(ctx.cfg, cell)
     d = _finish(ctx, cell, *current)
@@ -140,17 +130,11 @@ def test_run_cell_treats_another_fingerprint_as_not_finished(tmp_path: Path) -> 
 
 
 def test_runtime_resource_grows_with_attempt_and_after_a_time_limit(tmp_path: Path) -> None:
-    ctx = load(_cfg(tmp_path))
+    ctx = load(demo_config(tmp_path))
     timed_out, fresh = ctx.plan.cells[0], ctx.plan.cells[1]
-    failed = tmp_path / "results" / "failed"
-    failed.mkdir(parents=True)
-    CellRecord(cell=timed_out, status="incomplete", reason="interrupted by signal 15", repeats=1,
-               launcher="srun").write(failed / f"{timed_out.id}.json")
-    data = json.loads((failed / f"{timed_out.id}.json").read_text())
-    data["provenance"]["slurm_time_limit_min"] = 50
-    (failed / f"{timed_out.id}.json").write_text(json.dumps(data))
+    write_timed_out(tmp_path / "results", timed_out, time_limit_min=50)
 
-    ctx = load(_cfg(tmp_path))
+    ctx = load(demo_config(tmp_path))
     ctx.prepare()
     runtime = ctx.rule_resources()["runtime"]
     base = ctx.resources_of(fresh.id)["runtime"]

@@ -8,22 +8,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from llmenergy import config
 from llmenergy.cellfiles import accepted
 from llmenergy.orchestrate.smk import load, output_problem
 from llmenergy.planning import jobs
 from llmenergy.planning.matrix import estimate_runtime_s
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _cfg(tmp: Path, **over: object) -> dict:
-    data = yaml.safe_load((REPO / "profiles/local/demo-config.yaml").read_text())
-    data["output_dir"] = str(tmp / "results")
-    data.update(over)
-    return data
+from orchestrate_helpers import demo_config
 
 
 def test_output_problem_detects_truncated_parquet_and_unfinished_status(tmp_path: Path) -> None:
@@ -46,7 +37,7 @@ def test_output_problem_detects_truncated_parquet_and_unfinished_status(tmp_path
 
 
 def test_quarantine_moves_bad_outputs_aside_and_drops_derived(tmp_path: Path) -> None:
-    ctx = load(_cfg(tmp_path))
+    ctx = load(demo_config(tmp_path))
     bad, good = ctx.plan.cells[0], ctx.plan.cells[1]
     for c, status in ((bad, "incomplete"), (good, "ok")):
         d = c.dir(ctx.output_dir)
@@ -67,7 +58,7 @@ def test_quarantine_moves_bad_outputs_aside_and_drops_derived(tmp_path: Path) ->
 def test_rule_resources_give_every_cell_the_same_keys(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    ctx = load(_cfg(tmp_path))
+    ctx = load(demo_config(tmp_path))
     rules = ctx.rule_resources()
 
     def of(cell_id: str) -> dict:
@@ -88,7 +79,7 @@ def test_rule_resources_give_every_cell_the_same_keys(tmp_path: Path) -> None:
 ])
 def test_accepted_follows_the_policies(tmp_path: Path, status: str, on_oom: str, on_denied: str,
                                        expected: bool) -> None:
-    cfg = config.from_dict(_cfg(tmp_path, policies={"on_oom": on_oom, "on_power_cap_denied": on_denied}))
+    cfg = config.from_dict(demo_config(tmp_path, policies={"on_oom": on_oom, "on_power_cap_denied": on_denied}))
     assert accepted(status, cfg.policies) is expected
 
 
@@ -107,8 +98,8 @@ def test_packed_context_sizes_each_group_job_for_its_unfinished_cells(tmp_path: 
 
     from llmenergy.orchestrate.launch import measurement
 
-    ctx = load(_cfg(tmp_path))
-    assert ctx.packing == "group" and load(_cfg(tmp_path, packing="cell")).packing == "cell"
+    ctx = load(demo_config(tmp_path))
+    assert ctx.packing == "group" and load(demo_config(tmp_path, packing="cell")).packing == "cell"
     assert ctx.targets() == [ctx.done_marker(g) for g in ctx.job_ids]
     group = max(ctx.jobs, key=lambda g: len(g.cells))
     assert len(group.cells) >= 3
@@ -123,7 +114,7 @@ def test_packed_context_sizes_each_group_job_for_its_unfinished_cells(tmp_path: 
     current = measurement(ctx.cfg, done)[0]  # a record without it is not finished
     _record(done.files(ctx.output_dir).record, "ok", est / 10, fingerprint=current)  # a tenth of its estimate
     _record(todo[0].files(ctx.output_dir).record, "incomplete", 1.0, limit_min=40)
-    fresh = load(_cfg(tmp_path))
+    fresh = load(demo_config(tmp_path))
     fresh.prepare()
     assert fresh.unfinished(group.id) == todo
     assert fresh.history.factors[(done.model, done.gpu)] == pytest.approx(0.1)
@@ -150,7 +141,7 @@ def test_group_memory_is_the_largest_of_its_cells_not_the_first(tmp_path: Path) 
 
     from llmenergy.planning.matrix import host_mem_mb
 
-    cfg = _cfg(tmp_path)
+    cfg = demo_config(tmp_path)
     cfg["models"]["llama-tiny"]["arch"] = "llama-7b"  # synthetic weights in host memory, a KV cache that counts
     cfg["gpus"]["local"].update(device="cpu", memory_gb=80)
     cfg["matrix"] = [{**cfg["matrix"][0], "shards": [1], "batch_size": [1, 64], "max_gen_len": [256]}]
@@ -167,9 +158,9 @@ def test_a_group_longer_than_its_partition_runs_as_parts(tmp_path: Path) -> None
 
     from llmenergy.planning.groups import find_group
 
-    whole = load(_cfg(tmp_path))
+    whole = load(demo_config(tmp_path))
     group = max(whole.jobs, key=lambda g: len(g.cells))
-    cfg = _cfg(tmp_path)
+    cfg = demo_config(tmp_path)
     limit = whole.time_limit_min(group.id) - 1
     cfg["gpus"] = {k: {**v, "max_time_min": limit} for k, v in cfg["gpus"].items()}
     ctx = load(cfg)

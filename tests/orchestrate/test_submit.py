@@ -21,6 +21,7 @@ from llmenergy.orchestrate.submit import (
     wait_jobs,
 )
 from llmenergy.slurm import Resources, resources_for
+from orchestrate_helpers import write_timed_out
 
 # the config's GPU type with the small memory and CPU counts of the test cluster
 GpuType = functools.partial(GpuSpec, memory_gb=32, cpus_per_gpu=2)
@@ -50,20 +51,13 @@ def test_group_jobs_ask_what_the_snakemake_rule_asks(tmp_path: Path) -> None:
     (doubled after an `incomplete` record on this route too), the same host memory."""
     from types import SimpleNamespace
 
-    from llmenergy.cellfiles import CellRecord
     from llmenergy.orchestrate.smk import load
     from llmenergy.orchestrate.submit import group_jobs
 
     path = _config(tmp_path)
     ctx = load(__import__("yaml").safe_load(path.read_text()))
     victim = ctx.jobs[0].cells[1]
-    failed = tmp_path / "results" / "failed"
-    failed.mkdir(parents=True)
-    CellRecord(cell=victim, status="incomplete", reason="interrupted by signal 15", repeats=1,
-               launcher="srun").write(failed / f"{victim.id}.json")
-    data = json.loads((failed / f"{victim.id}.json").read_text())
-    data["provenance"]["slurm_time_limit_min"] = 50
-    (failed / f"{victim.id}.json").write_text(json.dumps(data))
+    write_timed_out(tmp_path / "results", victim, time_limit_min=50)
 
     commands, resources, names, _ = group_jobs(path)
     ctx = load(__import__("yaml").safe_load(path.read_text()))

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from llmenergy import cli, config
 from llmenergy.cellfiles import METRICS_SCHEMA
 from llmenergy.planning.matrix import expand
-from llmenergy.planning.energy import estimate_energy
+from llmenergy.planning.energy import EnergyEstimate, estimate_energy
 from llmenergy.planning.plan import IDENTITY, format_plan, group_reasons, plan_rows
 
 CONFIG = Path(__file__).parents[2] / "config.yaml"
@@ -193,6 +193,60 @@ def test_energy_from_finished_cells_where_there_are_some(cfg: config.Config, tmp
     est = estimate_energy(here, rows)
     assert est.kwh == pytest.approx(a100_h * 0.300 + v100_h * 0.100)
     assert est.prior_gpu_hours == 0 and "prior" not in est.text() and "summary.parquet" in est.text()
+
+
+def _without_tdp(cfg: config.Config, *types: str) -> config.Config:
+    return dataclasses.replace(cfg, gpus={name: dataclasses.replace(g, tdp_w=None) if name in types else g
+                                          for name, g in cfg.gpus.items()})
+
+
+def test_energy_of_gpu_types_without_tdp_w_or_measurements_is_unknown_not_0(cfg: config.Config,
+                                                                             tmp_path: Path) -> None:
+    """Neither A100 nor V100 has tdp_w and nothing is measured: the line says the energy is
+    unknown and names the keys to set, whole, within the plan's 120 columns."""
+    here = _without_tdp(dataclasses.replace(cfg, output_dir=str(tmp_path / "out")), "A100", "V100")
+    line = next(ln for ln in format_plan(here, packing="group").splitlines() if "GPU energy" in ln)
+    assert line.startswith("  GPU energy: unknown (no measured A100, V100 cells")
+    assert "set gpus.A100.tdp_w, gpus.V100.tdp_w for a prior)" in line
+    assert "kWh" not in line and "…" not in line and len(line) <= 120
+
+
+def test_the_integrity_config_plans_its_energy_as_unknown(capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The bug report: bench/configs/h200x1_integrity.yaml (H200 without tdp_w) printed
+    `0 kWh (...prior: gpus.<type>.tdp_w × ); w…`."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["plan", "--config", str(CONFIG.parent / "bench/configs/h200x1_integrity.yaml")]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "GPU energy" in ln)
+    assert line == ("  GPU energy: unknown (no measured H200 cells in bench-results/h200x1_integrity/; "
+                    "set gpus.H200.tdp_w for a prior)")
+
+
+def test_energy_leaves_out_the_hours_of_a_type_without_tdp_w_and_says_so(cfg: config.Config,
+                                                                        tmp_path: Path) -> None:
+    here = _without_tdp(dataclasses.replace(cfg, output_dir=str(tmp_path / "out")), "V100")
+    rows, _ = plan_rows(here)
+    a100_h = sum(r["gpu_hours"] for r in rows if r["gpu"] == "A100")
+    est = estimate_energy(here, rows)
+    assert est.kwh == pytest.approx(a100_h * 0.400 * 0.35)
+    assert est.missing_types == ("V100",) and est.missing_gpu_hours > 0
+    line = next(ln for ln in format_plan(here, packing="group").splitlines() if "GPU energy" in ln)
+    assert re.search(r"GPU energy: [\d,.]+ kWh \(estimate; .*\); without [\d,.]+ GPU-hours of V100", line)
+    assert "…" not in line and len(line) <= 120
+
+
+@pytest.mark.parametrize("kwh, shown", [(0.0245, "0.025 kWh"), (0.996, "1.0 kWh"), (3.14159, "3.1 kWh"),
+                                        (9.96, "10 kWh"), (1234.4, "1,234 kWh")])
+def test_a_small_energy_keeps_two_significant_digits(kwh: float, shown: str) -> None:
+    est = EnergyEstimate(kwh=kwh, measured_gpu_hours=0.0, prior_gpu_hours=0.1, missing_gpu_hours=0.0,
+                         n_measured_rows=0, source=None, prior_engines=("reference",))
+    assert est.text().startswith(f"{shown} (estimate; no measured cells in results/, so prior: ")
+
+
+def test_a_long_output_dir_gives_way_to_a_shorter_wording() -> None:
+    est = EnergyEstimate(kwh=0.0, measured_gpu_hours=0.0, prior_gpu_hours=0.0, missing_gpu_hours=2.0,
+                         n_measured_rows=0, source=None, missing_types=("H200",), output_dir="x" * 90)
+    assert est.text() == "unknown (no measured H200 cells; set gpus.H200.tdp_w for a prior)"
 
 
 def test_plan_shows_a_group_split_to_fit_its_partition() -> None:

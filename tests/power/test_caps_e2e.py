@@ -22,6 +22,7 @@ from launch_helpers import (
     LONG_CELL,
     CellRun,
     FakeGpuNode,
+    ProcInfo,
     batch_spans_ns,
     cell_id_of,
     make_env,
@@ -44,6 +45,16 @@ def _start(root: Path, node: FakeGpuNode, runs: list[CellRun], **cfg: object) ->
     run = start_run_cell(root, cell_id, make_env(node))
     runs.append(run)
     return run
+
+
+def _generating_under_cap(root: Path, runs: list[CellRun], settle_s: float) -> tuple[FakeGpuNode, CellRun, ProcInfo]:
+    """A long capped cell, once its cap is applied and its rank generates: (node, run, guard process)."""
+    node = FakeGpuNode(root)
+    run = _start(root, node, runs, **LONG_CELL)
+    guard = run.descendant(entrypoints.POWERCAP_GUARD)
+    wait_for(lambda: node.limit_w() == CAP_W, "the cap to be applied", 60.0, run)
+    wait_generation_started(run, settle_s=settle_s)
+    return node, run, guard
 
 
 def _assert_nothing_left(run: CellRun) -> None:
@@ -78,11 +89,7 @@ def test_cap_set_then_restored_on_normal_exit(tmp_path: Path, runs: list[CellRun
 
 
 def test_sigterm_mid_decode_marks_incomplete_and_restores(tmp_path: Path, runs: list[CellRun]) -> None:
-    node = FakeGpuNode(tmp_path)
-    run = _start(tmp_path, node, runs, **LONG_CELL)
-    guard = run.descendant(entrypoints.POWERCAP_GUARD)
-    wait_for(lambda: node.limit_w() == CAP_W, "the cap to be applied", 60.0, run)
-    wait_generation_started(run, settle_s=1.0)
+    node, run, guard = _generating_under_cap(tmp_path, runs, settle_s=1.0)
     sent_ns = time.time_ns()
     os.kill(run.proc.pid, signal.SIGTERM)  # to run-cell itself, as Slurm's time-limit signal would
     code = run.wait()
@@ -108,12 +115,8 @@ def test_sigterm_mid_decode_marks_incomplete_and_restores(tmp_path: Path, runs: 
 
 
 def test_sigkill_of_a_rank_guard_restores(tmp_path: Path, runs: list[CellRun]) -> None:
-    node = FakeGpuNode(tmp_path)
-    run = _start(tmp_path, node, runs, **LONG_CELL)
-    guard = run.descendant(entrypoints.POWERCAP_GUARD)
+    node, run, guard = _generating_under_cap(tmp_path, runs, settle_s=1.0)
     worker = run.descendant(entrypoints.WORKER)
-    wait_for(lambda: node.limit_w() == CAP_W, "the cap to be applied", 60.0, run)
-    wait_generation_started(run, settle_s=1.0)
     os.kill(worker.pid, signal.SIGKILL)
     code = run.wait()
     doc = run.cell_json()
@@ -132,11 +135,7 @@ def test_sigkill_of_a_rank_guard_restores(tmp_path: Path, runs: list[CellRun]) -
 
 
 def test_sigkill_of_run_cell_still_restores_and_leaves_nothing(tmp_path: Path, runs: list[CellRun]) -> None:
-    node = FakeGpuNode(tmp_path)
-    run = _start(tmp_path, node, runs, **LONG_CELL)
-    guard = run.descendant(entrypoints.POWERCAP_GUARD)
-    wait_for(lambda: node.limit_w() == CAP_W, "the cap to be applied", 60.0, run)
-    wait_generation_started(run, settle_s=0.5)
+    node, run, guard = _generating_under_cap(tmp_path, runs, settle_s=0.5)
     os.kill(run.proc.pid, signal.SIGKILL)  # the launcher itself, with no chance to clean up
     run.proc.wait(10)
     # Its children learn of it from the kernel (parent-death signal): the rank stops after its

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from llmenergy.cellfiles import CellFiles, CollectorReady, collector_problem, node_file, read_ready
 from llmenergy.errors import SensorError
+from llmenergy.handshake import CollectorReady, collector_problem, read_ready
 from llmenergy.inference.rank import wait_ready
+from llmenergy.layout import CellFiles, node_file
 from llmenergy.power.agent import report_collector_death
 
 

@@ -32,11 +32,10 @@ from llmenergy.cellfiles import (
     METRICS_SCHEMA,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
-    CellFiles,
     CellRecord,
-    RunLayout,
 )
 from llmenergy.errors import RecordError, UserError
+from llmenergy.layout import CellFiles, RunLayout
 
 log = logging.getLogger(__name__)
 

@@ -49,15 +49,9 @@ from llmenergy.analysis.energy import (
     power_source_of,
     update_period_s,
 )
-from llmenergy.cellfiles import (
-    METRIC_COLUMNS,
-    METRICS_SCHEMA,
-    SCHEMA_VERSION,
-    CellFiles,
-    CellRecord,
-    CellSpec,
-)
+from llmenergy.cellfiles import METRICS_SCHEMA, METRIC_COLUMNS, SCHEMA_VERSION, CellRecord, CellSpec
 from llmenergy.errors import RecordError, UserError
+from llmenergy.layout import CellFiles
 
 log = logging.getLogger(__name__)
 

@@ -32,13 +32,14 @@ from llmenergy.analysis.aggregate import (
     cell_stats,
 )
 from llmenergy.analysis.compare import METHOD_TEXT, pair_records, pairs, summarise, summary_records
-from llmenergy.analysis.findings import paper_findings, short_answer
 from llmenergy.analysis.energy import RESOLUTION_PERIODS
+from llmenergy.analysis.findings import paper_findings, short_answer
 from llmenergy.analysis.flags import DISCREPANCY_LIMIT_PCT, cell_flags, flagged_rows, reason_clauses
 from llmenergy.analysis.plots import load_manifest, make_figures
 from llmenergy.atomic import write_text
-from llmenergy.cellfiles import AXES, CellRecord, RunLayout
+from llmenergy.cellfiles import AXES, CellRecord
 from llmenergy.errors import RecordError, UserError
+from llmenergy.layout import RunLayout
 
 log = logging.getLogger(__name__)
 

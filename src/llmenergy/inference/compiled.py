@@ -29,7 +29,11 @@ one engine per model precision: docs/precision.md.
 
 On CUDA the step is compiled with ``mode="reduce-overhead"`` (Inductor, then
 captured as a CUDA graph and replayed); the caches are marked as static
-addresses so that the graph does not copy them.  Prefill (one forward pass of
+addresses so that the graph does not copy them.  int8/fp8 add Inductor options
+of their own (:func:`llmenergy.inference.quant.compile_options`: coordinate-descent
+tuning, so that a batch-1 matmul becomes a reduction reading the narrow weight;
+Triton GEMM templates for larger batches); a compile that fails with them is
+redone with fewer.  Prefill (one forward pass of
 every prompt token, variable length) runs eagerly on the same code path.
 
 On CPU the default is the same static code path without compiling: on the two
@@ -136,14 +140,15 @@ class CompiledEngine:
             if self.cache_dir is not None:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir)
-            self._extra = quant.compile_options(precision, self.device)
-            if self._extra:  # reduce-overhead (CUDA graphs) plus the narrow weights' GEMM options
-                self._step = torch.compile(self._decode, options={"triton.cudagraphs": True, **self._extra},
-                                           fullgraph=True, dynamic=False)
-            else:
-                self._compile_plain()
+            self._compile_with(quant.compile_options(precision, self.device))
 
-    def _compile_plain(self) -> None:
+    def _compile_with(self, extra: dict[str, object]) -> None:
+        """Compile the decode step with Inductor options ``extra`` (the narrow weights')."""
+        self._extra = extra
+        if extra:  # reduce-overhead (CUDA graphs) plus the options
+            self._step = torch.compile(self._decode, options={"triton.cudagraphs": True, **extra},
+                                       fullgraph=True, dynamic=False)
+            return
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         self._step = torch.compile(self._decode, mode=mode, fullgraph=True, dynamic=False)
 
@@ -248,16 +253,19 @@ class CompiledEngine:
             token = self._token(bsz).zero_()
             pos = torch.zeros(1, dtype=torch.long, device=self.device)
             n_pad = torch.zeros(bsz, dtype=torch.long, device=self.device)
-            try:
-                self._warm_calls(token, pos, n_pad, caches)
-            except Exception as exc:  # noqa: BLE001 - the GEMM-template options are unverified
-                if not self._extra:
-                    raise
-                log.warning("compiling with %s failed (%s: %s); compiling without them",
-                            self._extra, type(exc).__name__, exc)
-                self._extra = {}
-                self._compile_plain()
-                self._warm_calls(token, pos, n_pad, caches)
+            while True:
+                try:
+                    self._warm_calls(token, pos, n_pad, caches)
+                    break
+                except Exception as exc:  # noqa: BLE001 - the GEMM-template options are unverified
+                    if not self._extra:
+                        raise
+                    # first without the GEMM-template options, keeping the batch-1 ones
+                    fewer = {k: v for k, v in self._extra.items() if k in quant.NARROW_GEMV_OPTIONS}
+                    fewer = {} if fewer == self._extra else fewer
+                    log.warning("compiling with %s failed (%s: %s); compiling with %s",
+                                self._extra, type(exc).__name__, exc, fewer or "no extra options")
+                    self._compile_with(fewer)
         sync(self.device)
         t1 = time.time_ns()
         self._ready.add(bsz)
@@ -286,8 +294,10 @@ class CompiledEngine:
         return check_batch(prompts, max_gen_len, self.max_batch_size, self.max_seq_len)
 
     @torch.inference_mode()
-    def first_logits(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, V] of prefill and of the first decode step (fed the greedy token)."""
+    def first_logits(self, prompts: list[list[int]], first_token: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, V] of prefill and of the first decode step, fed ``first_token`` [B]
+        when given (to compare engines on the same input), else this engine's greedy token."""
         bsz, longest = self._check(prompts, 2)
         self.warm(bsz)
         caches = self.caches(bsz)
@@ -296,7 +306,7 @@ class CompiledEngine:
         pads = n_pad if n_pad is not None else torch.zeros(bsz, dtype=torch.long, device=self.device)
         pos = torch.full((1,), longest, dtype=torch.long, device=self.device)
         token = self._token(bsz)
-        token.copy_(pre.argmax(-1)[:, None])
+        token.copy_((pre.argmax(-1) if first_token is None else first_token.to(self.device))[:, None])
         self._mark_step()
         _, step = self._step(token, pos, pads, caches)
         return pre, step.clone()

@@ -79,12 +79,15 @@ class ReferenceEngine:
         G.prefill_only(self.model, prompts)
 
     @torch.inference_mode()
-    def first_logits(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, V] of prefill and of the first decode step (fed the greedy token)."""
+    def first_logits(self, prompts: list[list[int]], first_token: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, V] of prefill and of the first decode step, fed ``first_token`` [B]
+        when given (to compare engines on the same input), else the greedy token."""
         device = self.model.tok_embeddings.weight.device
         tokens, n_pad = G.left_pad(prompts, 0, device)
         pre = G.prefill(self.model, tokens, n_pad)
-        step = G.decode_step(self.model, pre.argmax(-1)[:, None], tokens.shape[1], n_pad)
+        fed = pre.argmax(-1) if first_token is None else first_token.to(device)
+        step = G.decode_step(self.model, fed[:, None], tokens.shape[1], n_pad)
         return pre, step
 
 

@@ -167,22 +167,34 @@ def narrow_linear(weight: torch.Tensor, precision: str, kind: str) -> tuple[nn.M
     return NarrowLinear(q, scale, weight.dtype), "torch"
 
 
-#: Inductor options of a compiled step with int8/fp8 weights on CUDA: GEMMs become
-#: Triton templates, so that the narrow → 16-bit conversion can be fused into the
-#: template's loads of the weight (prologue fusion) instead of being written out as a
-#: dequantised copy first (what cuBLAS needs: issue 24's 2x slowdown).  Not yet verified
-#: on a GPU; ``LLMENERGY_QUANT_AUTOTUNE=0`` turns them off.
-NARROW_INDUCTOR_OPTIONS: dict[str, Any] = {
+#: Inductor options of a compiled step with int8/fp8 weights on CUDA, for batch 1:
+#: with ``coordinate_descent_tuning`` Inductor decomposes a matmul with one row into a
+#: multiply and a sum (``torch/_inductor/decomposition.py``, ``mm``: "Our matrix vector
+#: multiplies only achieve peak bandwidth with coordinate descent tuning"), and the
+#: narrow → 16-bit conversion and the scale fuse into that reduction, which then reads
+#: the int8/e4m3 weight itself.  gpt-fast sets it for its int8 weight-only layers, and so
+#: does torchao's ``set_inductor_config`` (process-wide; here it is this compile's option
+#: only).  Without it (the H200, torch 2.11, torchao 0.18) int8 and fp8 ran at 0.40x fp16.
+NARROW_GEMV_OPTIONS: dict[str, Any] = {"coordinate_descent_tuning": True}
+#: ... and for batches > 1 (a matmul Inductor does not decompose): GEMMs as Triton
+#: templates, so that the conversion can be fused into the template's loads of the weight
+#: (prologue fusion) instead of written out as a dequantised copy first (what cuBLAS
+#: needs: issue 24's 2x slowdown).  Not yet measured on a GPU; ``LLMENERGY_QUANT_AUTOTUNE=0``
+#: turns these off (the batch-1 option stays).
+NARROW_GEMM_OPTIONS: dict[str, Any] = {
     "max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON", "prologue_fusion": True}
 
 
 def compile_options(precision: str, device: torch.device) -> dict[str, Any]:
     """Extra torch.compile options for ``precision`` on ``device`` (empty: none)."""
-    if precision not in NARROW_BYTES or device.type != "cuda" or os.environ.get("LLMENERGY_QUANT_AUTOTUNE") == "0":
+    if precision not in NARROW_BYTES or device.type != "cuda":
         return {}
     import torch._inductor.config as inductor
 
-    return {k: v for k, v in NARROW_INDUCTOR_OPTIONS.items() if hasattr(inductor, k)}
+    wanted = dict(NARROW_GEMV_OPTIONS)
+    if os.environ.get("LLMENERGY_QUANT_AUTOTUNE") != "0":
+        wanted.update(NARROW_GEMM_OPTIONS)
+    return {k: v for k, v in wanted.items() if hasattr(inductor, k)}
 
 
 # ----------------------------------------------------------------- per model

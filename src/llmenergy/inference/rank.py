@@ -4,7 +4,7 @@ of an exception to a cell status, and the ranks' agreement after each cell.
 
 The rank loop (:mod:`.worker`) runs one cell or a packed group's cells with these.
 
-After each cell every rank writes its :class:`~llmenergy.cellfiles.RankOutcome`
+After each cell every rank writes its :class:`~llmenergy.handshake.RankOutcome`
 (``cells/{id}/.run/ranks/{rank}.json``) and waits, at most :data:`PEER_WAIT_S`, for
 the other ranks' (:func:`agree`). When all are there and none left, the ranks are
 in step (no rank is blocked in a collective the others left) and the group goes on
@@ -26,13 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import atomic
-from llmenergy.cellfiles import (
-    EVENTS_SCHEMA,
-    RESPONSES_SCHEMA,
+from llmenergy.cellfiles import EVENTS_SCHEMA, RESPONSES_SCHEMA, CellSpec
+from llmenergy.errors import CellInterrupted, PowerCapDenied, PowerCapError, RecordError, SensorError, UserError
+from llmenergy.handshake import (
     CapReady,
-    CellFiles,
     ClockOffsets,
-    CellSpec,
     CollectorReady,
     RankDevice,
     RankOutcome,
@@ -40,7 +38,7 @@ from llmenergy.cellfiles import (
     collector_problem,
     read_ready,
 )
-from llmenergy.errors import CellInterrupted, PowerCapDenied, PowerCapError, RecordError, SensorError, UserError
+from llmenergy.layout import CellFiles
 from llmenergy.slurm import on_stop_signals
 
 log = logging.getLogger("llmenergy.inference.worker")
@@ -190,7 +188,7 @@ def wait_files(directory: Path, count: int, timeout_s: float) -> list[Path]:
 
 def wait_ready(job: CellFiles, nodes: int, timeout_s: float = 60.0) -> list[CollectorReady]:
     """Rank 0, once per job: wait for every node's collector. A collector's error, backends
-    that differ between nodes (:func:`~llmenergy.cellfiles.collector_problem`), or a node
+    that differ between nodes (:func:`~llmenergy.handshake.collector_problem`), or a node
     missing at the timeout raise :class:`SensorError` at once, naming the node."""
     deadline = time.monotonic() + timeout_s
     world_size = int(os.environ.get("WORLD_SIZE", "0") or 0)

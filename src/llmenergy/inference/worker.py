@@ -46,17 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmenergy.cellfiles import (
-    CellBegin,
-    CellFiles,
-    CellSpec,
-    GroupSpec,
-    RankOutcome,
-    RunLayout,
-    WorkerStatus,
-    rank_file,
-)
+from llmenergy.cellfiles import CellSpec, GroupSpec
 from llmenergy.errors import PowerCapDenied, PowerCapError
+from llmenergy.handshake import CellBegin, RankOutcome, WorkerStatus
 from llmenergy.inference.rank import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -76,6 +68,7 @@ from llmenergy.inference.rank import (
     start_process,
     wait_ready,
 )
+from llmenergy.layout import CellFiles, RunLayout, rank_file
 
 log = logging.getLogger("llmenergy.inference.worker")
 

@@ -28,20 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmenergy import atomic
-from llmenergy.cellfiles import (
-    POWER_SCHEMA,
-    Cell,
-    CellBegin,
-    CellFiles,
-    CellRecord,
-    CellSpec,
-    ClockOffsets,
-    RankOutcome,
-    WorkerStatus,
-    accepted,
-)
+from llmenergy.cellfiles import POWER_SCHEMA, Cell, CellRecord, CellSpec, accepted
 from llmenergy.config import Config
 from llmenergy.errors import RecordError
+from llmenergy.handshake import CellBegin, ClockOffsets, RankOutcome, WorkerStatus
+from llmenergy.layout import CellFiles
 from llmenergy.orchestrate.provenance import collect_provenance
 
 log = logging.getLogger("llmenergy.orchestrate.launch")
@@ -141,7 +132,7 @@ def finalize(cfg: Config, cell: Cell, spec: CellSpec, files: CellFiles, *, codes
 
 def to_rank0_clock(power: Any, offsets_ns: dict[str, int]) -> Any:
     """``power`` with each node's timestamps moved onto rank 0's clock (minus the node's
-    offset, :class:`~llmenergy.cellfiles.ClockOffsets`); a node without one is left as is."""
+    offset, :class:`~llmenergy.handshake.ClockOffsets`); a node without one is left as is."""
     import numpy as np
     import pyarrow as pa
 

@@ -25,7 +25,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from llmenergy.cellfiles import CellFiles, CellSpec
+from llmenergy.cellfiles import CellSpec
+from llmenergy.layout import CellFiles
 
 log = logging.getLogger(__name__)
 

@@ -54,28 +54,20 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import atomic, entrypoints, slurm
-from llmenergy.cellfiles import (
-    Cell,
-    CellFiles,
-    CellRecord,
-    CellSpec,
-    GroupSpec,
-    RunLayout,
-    accepted,
-    collector_problem,
-    read_ready,
-)
+from llmenergy.cellfiles import Cell, CellRecord, CellSpec, GroupSpec, accepted
 from llmenergy.config import Config
 from llmenergy.errors import RecordError
+from llmenergy.handshake import collector_problem, read_ready
+from llmenergy.layout import CellFiles, RunLayout
+from llmenergy.orchestrate.finalize import CellsInFlight, JobOf
 from llmenergy.orchestrate.fingerprint import (
     changes,
     definition,
     fingerprint_of,
     supersede,
 )
-from llmenergy.orchestrate.finalize import CellsInFlight, JobOf
-from llmenergy.planning.matrix import dtype_for, layout
 from llmenergy.planning.groups import Group
+from llmenergy.planning.matrix import dtype_for, layout
 from llmenergy.power.agent import stop_flushing
 
 log = logging.getLogger(__name__)
@@ -162,7 +154,7 @@ Tick = Callable[[], None]
 
 class CollectorWatch:
     """The launcher's eye on the job's collectors: the first problem in their ready records
-    (:func:`~llmenergy.cellfiles.collector_problem`: a collector's error, or backends that
+    (:func:`~llmenergy.handshake.collector_problem`: a collector's error, or backends that
     differ between nodes) ends the ranks at once, and the cell they were in is recorded
     ``failed`` with that one line (no cell runs on with a node unmetered)."""
 

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import llmenergy
-from llmenergy.cellfiles import CellFiles, ClockOffsets, CollectorReady, Provenance, RankDevice, WorkerStatus
+from llmenergy.cellfiles import Provenance
 from llmenergy.errors import RecordError
+from llmenergy.handshake import ClockOffsets, CollectorReady, RankDevice, WorkerStatus
+from llmenergy.layout import CellFiles
 from llmenergy.slurm import parse_time_limit_min
 
 log = logging.getLogger(__name__)

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import atomic
-from llmenergy.cellfiles import Cell, RunLayout, accepted
+from llmenergy.cellfiles import Cell, accepted, peek_record
 from llmenergy.config import Config, from_dict
 from llmenergy.errors import ConfigError
+from llmenergy.layout import RunLayout
+from llmenergy.planning import jobs
 from llmenergy.planning.groups import resolve_packing
 from llmenergy.planning.jobs import (
     History,
@@ -40,7 +42,6 @@ from llmenergy.planning.jobs import (
     job_request,
     read_history,
 )
-from llmenergy.planning import jobs
 from llmenergy.planning.matrix import Plan, expand
 from llmenergy.slurm import snakemake_resources, time_limit_signal
 
@@ -78,14 +79,6 @@ def output_problem(path: Path, accept: Callable[[str], bool] | None = None) -> s
         return None if accept is None or accept(status) else f"status {status}, not finished"
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         return f"unreadable: {exc}"
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 @dataclass
@@ -297,7 +290,7 @@ class Context:
         out: list[Changed] = []
         for cell in self.plan.cells:
             path = cell.files(self.output_dir).record
-            data = _read_json(path) if path.exists() else None
+            data = peek_record(path)
             if data is None or not accepted(str(data.get("status")), self.cfg.policies):
                 continue  # absent, corrupt or unfinished: quarantine_corrupt's business
             old = data.get("fingerprint")

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 PRIOR_UTILISATION = {"reference": 0.35, "hf": 0.6, "compiled": 0.8}
 #: power sources whose energy is the GPU's own (``power_source`` of a metrics row)
 GPU_SENSORS = {"nvml", "dcgm"}
+#: The plan prints :meth:`EnergyEstimate.text` after "  GPU energy: " on a line of ≤ 120 columns.
+TEXT_WIDTH = 120 - len("  GPU energy: ")
 _COLUMNS = ["gpu", "engine", "status", "energy_j", "duration_s", "n_devices", "power_source"]
 
 
@@ -54,21 +56,59 @@ class EnergyEstimate:
         return "prior: gpus.<type>.tdp_w × " + ", ".join(f"{PRIOR_UTILISATION.get(e, 1.0):g} ({e})"
                                                          for e in self.prior_engines)
 
-    def text(self) -> str:
-        """One line for the plan (≤ ~110 characters)."""
-        total = self.measured_gpu_hours + self.prior_gpu_hours + self.missing_gpu_hours
-        share = f"{self.measured_gpu_hours / total:.0%}" if total else "0%"
-        prior = self.prior_text()
+    def text(self, width: int = TEXT_WIDTH) -> str:
+        """One line for the plan, at most ``width`` characters where a shorter wording fits.
+
+        GPU-hours that could not be priced (a type with neither measurements nor ``tdp_w``)
+        are never counted as 0 kWh: with nothing priced the energy is unknown, otherwise
+        the line says which hours its figure leaves out."""
+        priced_h = self.measured_gpu_hours + self.prior_gpu_hours
+        if not priced_h and not self.missing_gpu_hours:
+            return "0 kWh (no GPU-hours planned)"
+        types = ", ".join(self.missing_types)
+        keys = ", ".join(f"gpus.{t}.tdp_w" for t in self.missing_types)
+        if not priced_h:
+            return _first_fitting(width, [
+                f"unknown (no measured {types} cells in {self.output_dir}/; set {keys} for a prior)",
+                f"unknown (no measured {types} cells; set {keys} for a prior)",
+                f"unknown (no measured cells; set gpus.<type>.tdp_w for {types} for a prior)",
+                "unknown (no measured cells; set gpus.<type>.tdp_w for a prior)"])
+        share = f"{self.measured_gpu_hours / priced_h:.0%}"
+        n = self.n_measured_rows
         if self.measured_gpu_hours and self.prior_gpu_hours:
-            how = f"{share} of GPU-hours at the power of {self.n_measured_rows} measured repeats, the rest {prior}"
+            hows = [f"{share} of GPU-hours at the power of {n} measured repeats, the rest {self.prior_text()}",
+                    f"{share} of GPU-hours at the power of {n} measured repeats, the rest prior",
+                    f"{share} of GPU-hours measured, the rest prior"]
         elif self.measured_gpu_hours:
-            how = f"at the power of {self.n_measured_rows} measured repeats in {self.source}"
+            hows = ([f"at the power of {n} measured repeats in {self.source}",
+                     f"at the power of {n} measured repeats in …/{self.source.name}"] if self.source else [])
+            hows += [f"at the power of {n} measured repeats", "measured power"]
         else:
-            how = f"no measured cells in {self.output_dir}/, so {prior}"
-        line = f"{self.kwh:,.0f} kWh (estimate; {how})"
+            hows = [f"no measured cells in {self.output_dir}/, so {self.prior_text()}",
+                    f"no measured cells, so {self.prior_text()}", "no measured cells, so prior"]
+        head = f"{_sig2(self.kwh)} kWh (estimate; "
+        tails = [")"]
         if self.missing_types:
-            line += f"; without {', '.join(self.missing_types)} (no tdp_w)"
-        return line
+            hours = _sig2(self.missing_gpu_hours)
+            tails = [f"); without {hours} GPU-hours of {types}: set {keys}",
+                     f"); without {hours} GPU-hours of {types} (no tdp_w)",
+                     f"); without {hours} GPU-hours (no tdp_w)"]
+        return _first_fitting(width, [head + how + tail for tail in tails for how in hows])
+
+
+def _first_fitting(width: int, candidates: list[str]) -> str:
+    """The first of ``candidates`` (most to least detailed) of at most ``width`` characters, else the last."""
+    return next((c for c in candidates if len(c) <= width), candidates[-1])
+
+
+def _sig2(x: float) -> str:
+    """``x`` to the unit from 10 up (``1,234``), else to 2 significant digits (``2.5``, ``0.031``)."""
+    if x <= 0:
+        return "0"
+    rounded = float(f"{x:.2g}")
+    if rounded >= 10:
+        return f"{x:,.0f}"
+    return f"{rounded:.{max(1, 1 - math.floor(math.log10(rounded)))}f}"
 
 
 def _read_rows(output_dir: Path) -> tuple[list[dict[str, Any]], Path | None]:

@@ -30,7 +30,6 @@ runs alone, asking for the whole limit (the plan says so).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import shutil
@@ -38,10 +37,9 @@ import statistics
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from llmenergy import slurm
-from llmenergy.cellfiles import Cell, accepted
+from llmenergy.cellfiles import Cell, accepted, peek_record
 from llmenergy.config import Config
 from llmenergy.planning.groups import make_groups, part_id
 from llmenergy.planning.matrix import estimate_runtime_s, host_mem_mb
@@ -88,14 +86,6 @@ class History:
         return todo or list(cells)
 
 
-def _read_json(path: Any) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def read_history(cfg: Config, cells: Iterable[Cell]) -> History:
     """Read each cell's last record (a few bytes each) and learn the runtime factors."""
     cell_list = list(cells)
@@ -103,7 +93,7 @@ def read_history(cfg: Config, cells: Iterable[Cell]) -> History:
     for cell in cell_list:
         files = cell.files(cfg.output_dir)
         for path in (files.record, files.failed_record()):
-            data = _read_json(path) if path.exists() else None
+            data = peek_record(path)
             if data is None:
                 continue
             status = str(data.get("status"))

@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import entrypoints
-from llmenergy.cellfiles import CellFiles, CellSpec, CollectorReady, node_file
+from llmenergy.cellfiles import CellSpec
 from llmenergy.errors import RecordError
+from llmenergy.handshake import CollectorReady
+from llmenergy.layout import CellFiles, node_file
 from llmenergy.slurm import on_stop_signals
 
 log = logging.getLogger("llmenergy.power.agent")

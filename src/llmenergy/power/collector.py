@@ -36,9 +36,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmenergy.atomic import write_parquet
-from llmenergy.cellfiles import CollectorReady, RankDevice, node_file, rank_of_file
 from llmenergy.config import DEFAULT_POWER_INTERVAL_MS, CollectorSpec
 from llmenergy.errors import LLMEnergyError, RecordError, SensorError
+from llmenergy.handshake import CollectorReady, RankDevice
+from llmenergy.layout import node_file, rank_of_file
 from llmenergy.power.backends.base import (
     POWER_SCHEMA,
     PowerBackend,
@@ -64,7 +65,7 @@ def final_path(out_dir: Path, node: str) -> Path:
 
 
 def read_uuid_files(uuid_dir: Path, node: str) -> list[dict[str, Any]]:
-    """The ranks' :class:`~llmenergy.cellfiles.RankDevice` files of one node, sorted by rank;
+    """The ranks' :class:`~llmenergy.handshake.RankDevice` files of one node, sorted by rank;
     unreadable ones skipped (being written: the next poll sees them)."""
     found = []
     if not uuid_dir.is_dir():

@@ -40,8 +40,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from llmenergy.cellfiles import CapReady, node_file
 from llmenergy.errors import LLMEnergyError, PowerCapDenied, PowerCapError
+from llmenergy.handshake import CapReady
+from llmenergy.layout import node_file
 from llmenergy.power.caps import (
     CapBackend,
     CapState,

@@ -15,15 +15,12 @@ there.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
-from types import ModuleType
 from typing import Any
 
-from fake_import_hook import after_import
+from fake_import_hook import GENERATE, after_import, at_measured_batch
 
-TARGET = "llmenergy.inference.generate"
 ENV_BATCH = "FAKE_OOM_AT_BATCH"
 ENV_LOG = "FAKE_OOM_LOG"
 
@@ -39,26 +36,14 @@ def _log(batch: int) -> None:
         os.close(fd)
 
 
-def patch(module: ModuleType, at_batch: int) -> None:
-    """Replace ``module.generate`` by a wrapper that runs out of memory at ``at_batch``."""
-    real = module.generate
-    seen = {"batches": 0}
+def run_out_of_memory(batch: int, kwargs: dict[str, Any]) -> None:
+    """Raise ``torch.OutOfMemoryError`` for measured batch ``batch``, as the CUDA caching allocator would."""
+    import torch
 
-    @functools.wraps(real)
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("on_phase") is not None:  # a measured batch, not the warm-up
-            batch = seen["batches"]
-            seen["batches"] += 1
-            if batch == at_batch:
-                import torch
-
-                _log(batch)
-                raise torch.OutOfMemoryError(
-                    f"CUDA out of memory. Tried to allocate 2.00 GiB (FAKE: injected at batch {batch} "
-                    f"by tests/fakes/rank/fake_oom.py)")
-        return real(*args, **kwargs)
-
-    module.generate = generate
+    _log(batch)
+    raise torch.OutOfMemoryError(
+        f"CUDA out of memory. Tried to allocate 2.00 GiB (FAKE: injected at batch {batch} "
+        f"by tests/fakes/rank/fake_oom.py)")
 
 
 def install() -> None:
@@ -66,4 +51,4 @@ def install() -> None:
     raw = os.environ.get(ENV_BATCH)
     if raw is None or raw == "":
         return
-    after_import(TARGET, functools.partial(patch, at_batch=int(raw)))
+    after_import(GENERATE, at_measured_batch(int(raw), run_out_of_memory))

@@ -15,41 +15,29 @@ import functools
 import os
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from fake_import_hook import after_import
+from fake_import_hook import GENERATE, after_import, at_measured_batch
 
-TARGET = "llmenergy.inference.generate"
 ENV_BATCH = "FAKE_SLOW_DECODE_BATCH"
 ENV_SECONDS = "FAKE_SLOW_DECODE_S"
 ENV_MARK = "FAKE_SLOW_DECODE_MARK"
 
 
-def patch(module: ModuleType, at_batch: int, sleep_s: float) -> None:
-    """Wrap ``module.generate`` so that batch ``at_batch``'s decode is ``sleep_s`` longer."""
-    real = module.generate
-    seen = {"batches": 0}
+def sleep_after_prefill(batch: int, kwargs: dict[str, Any], sleep_s: float) -> None:
+    """Make the batch's decode ``sleep_s`` longer: its ``on_phase`` sleeps once its prefill ends,
+    after creating ``FAKE_SLOW_DECODE_MARK`` (if set)."""
+    on_phase = kwargs["on_phase"]
 
-    @functools.wraps(real)
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        on_phase = kwargs.get("on_phase")
-        if on_phase is not None:  # a measured batch, not the warm-up
-            batch = seen["batches"]
-            seen["batches"] += 1
-            if batch == at_batch:
-                def slow_after_prefill(phase: str, start_ns: int, end_ns: int) -> None:
-                    on_phase(phase, start_ns, end_ns)
-                    if phase == "prefill":
-                        mark = os.environ.get(ENV_MARK)
-                        if mark:
-                            Path(mark).write_text(f"{os.getpid()} {time.time_ns()}\n")
-                        time.sleep(sleep_s)
+    def slow_after_prefill(phase: str, start_ns: int, end_ns: int) -> None:
+        on_phase(phase, start_ns, end_ns)
+        if phase == "prefill":
+            mark = os.environ.get(ENV_MARK)
+            if mark:
+                Path(mark).write_text(f"{os.getpid()} {time.time_ns()}\n")
+            time.sleep(sleep_s)
 
-                kwargs["on_phase"] = slow_after_prefill
-        return real(*args, **kwargs)
-
-    module.generate = generate
+    kwargs["on_phase"] = slow_after_prefill
 
 
 def install() -> None:
@@ -57,5 +45,5 @@ def install() -> None:
     raw = os.environ.get(ENV_BATCH)
     if raw is None or raw == "":
         return
-    after_import(TARGET, functools.partial(patch, at_batch=int(raw),
-                                           sleep_s=float(os.environ.get(ENV_SECONDS, "5"))))
+    sleep_s = float(os.environ.get(ENV_SECONDS, "5"))
+    after_import(GENERATE, at_measured_batch(int(raw), functools.partial(sleep_after_prefill, sleep_s=sleep_s)))
