@@ -216,12 +216,30 @@ start_slurmdbd() {
 start_slurmctld() {
   pid_alive "$DIR/run/slurmctld.pid" && return 0
   SLURM_CONF="$DIR/etc/slurm.conf" /usr/sbin/slurmctld
+  touch "$DIR/run/cold-start"
+}
+
+cancel_recovered_jobs() {
+  # A cold start begins with no jobs. A controller that died with jobs (a machine image
+  # taken mid-run, a killed test run) brings them back from its saved state; they hold
+  # their nodes in `mix` with no process behind them until SlurmdTimeout. Cancelling
+  # (rather than wiping the state) keeps job ids rising, so sacct's records stay unique.
+  [[ -f "$DIR/run/cold-start" ]] || return 0
+  rm -f "$DIR/run/cold-start"
+  local jobs i
+  for i in $(seq 50); do squeue -h >/dev/null 2>&1 && break; sleep 0.2; done
+  jobs="$(squeue -h -o %i 2>/dev/null || true)"
+  [[ -z "$jobs" ]] && return 0
+  log "cold start: cancelling jobs recovered from saved state: $(tr '\n' ' ' <<<"$jobs")"
+  # shellcheck disable=SC2086
+  scancel $jobs 2>/dev/null || true
 }
 
 start_slurmd() {
   local n
   for n in "${NODES[@]}"; do
     pid_alive "$DIR/run/slurmd.$n.pid" && continue
+    rm -rf "${DIR:?}/spool/slurmd.$n"  # job scripts and step state of a dead slurmd
     mkdir -p "$DIR/spool/slurmd.$n"
     # Own UTS namespace: `hostname` inside jobs on this node prints $n.
     SLURM_CONF="$DIR/etc/slurm.conf" unshare --uts /bin/sh -c "hostname $n && exec /usr/sbin/slurmd -N $n"
@@ -294,6 +312,7 @@ cmd_up() {
   start_slurmdbd
   start_slurmctld
   start_slurmd
+  cancel_recovered_jobs
   wait_ready "$t0"
   log "up in $(elapsed "$t0") s: $(sinfo -h -o '%P:%D' | tr '\n' ' ')(state in $DIR)"
 }
