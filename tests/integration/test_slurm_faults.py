@@ -272,3 +272,28 @@ def test_submit_job_gets_the_same_stop_signal_and_handling(workdir: Path) -> Non
     assert (h.cell_dir(workdir, cell) / "power.parquet").is_file()
     agent_logs = list((h.cell_dir(workdir, cell) / "logs").glob("agent.*.log"))
     assert agent_logs and all("stopped ({'collector': 0})" in p.read_text() for p in agent_logs)
+
+
+def test_cold_start_cancels_jobs_recovered_from_saved_state(slurm_cluster, workdir: Path) -> None:
+    """A machine image taken mid-run (CI's) holds a controller's saved state with running
+    jobs and no process behind them: ``cluster.sh up`` from there must cancel them and give
+    an idle cluster, not wait for SlurmdTimeout with the nodes in ``mix``."""
+    if not slurm_cluster.project_cluster or not (SLURM_DIR / "run" / "slurmctld.pid").exists():
+        pytest.skip("stopping the controller needs the project's own test cluster (tests/slurm/cluster.sh)")
+    script = workdir / "sleep.sh"
+    script.write_text("#!/bin/bash\nsleep 600\n")
+    proc = subprocess.run(["sbatch", "--parsable", "-p", "a100", "-w", CRASH_NODE, "-t", "15",
+                           f"--output={workdir / 'sleep.out'}", str(script)],
+                          capture_output=True, text=True, timeout=30, check=True)
+    job = proc.stdout.strip().split(";")[0]
+    h.wait_for(lambda: h.job_state(int(job)) == "R", 60, f"job {job} running")
+    ctld = int((SLURM_DIR / "run" / "slurmctld.pid").read_text().strip())
+    _crash_node(CRASH_NODE)  # the job's processes go with its node's namespace
+    os.kill(ctld, signal.SIGKILL)
+    h.wait_for(lambda: not Path(f"/proc/{ctld}").exists(), 30, "slurmctld gone")
+    up = subprocess.run(["bash", str(Path(__file__).parents[1] / "slurm" / "cluster.sh"), "up"],
+                        capture_output=True, text=True, timeout=150, check=False)
+    assert up.returncode == 0, up.stderr[-2000:]
+    assert f"cancelling jobs recovered from saved state: {job}" in up.stderr, up.stderr
+    assert h.job_state(int(job)) in ("CA", "CANCELLED"), h.job_state(int(job))
+    assert _node_state(CRASH_NODE) == "idle"
