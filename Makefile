@@ -7,6 +7,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# pytest-xdist workers; tests/conftest.py groups the Slurm tests onto one of them
+WORKERS ?= 2
 
 .PHONY: venv demo test test-unit test-fast plan clean cluster-up cluster-down
 
@@ -30,10 +32,10 @@ plan: venv
 	$(BIN)/llmenergy plan --config config.yaml
 
 test: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup tests
 
 test-unit: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" LLMENERGY_NO_CLUSTER=1 $(BIN)/python -m pytest -q -m unit tests
+	PATH="$(CURDIR)/$(BIN):$$PATH" LLMENERGY_NO_CLUSTER=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup -m unit tests
 
 test-fast: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" LLMENERGY_NO_CLUSTER=1 $(BIN)/python -m pytest -q -m "not slurm and not slow" tests

@@ -59,6 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "system: starts processes or needs the cluster (set by tests/tiers.py)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         reason = tiers.system_reason(item)
@@ -66,6 +67,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.get_closest_marker("slurm") is not None:
             if "slurm_cluster" not in item.fixturenames:  # type: ignore[attr-defined]
                 item.fixturenames.append("slurm_cluster")  # type: ignore[attr-defined]
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+
+
+def xdist_group(item: pytest.Item) -> str:
+    """The pytest-xdist worker group of a test (``-n N --dist loadgroup``, as ``make test``
+    runs): every test on the Slurm cluster in one group, so they run one at a time as they
+    expect (each starts from, and leaves, an idle cluster); every other test with the rest of
+    its module, so a module's fixtures are built once."""
+    if "slurm_cluster" in item.fixturenames:  # type: ignore[attr-defined]
+        return "slurm"
+    return item.nodeid.split("::", 1)[0]
 
 
 @pytest.hookimpl(hookwrapper=True)

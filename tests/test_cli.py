@@ -53,6 +53,8 @@ def test_plot_without_summary_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
         f"llmenergy: error: {tmp_path / 'missing.parquet'}: no summary; run `llmenergy aggregate` first"]
+    out = run_cli("plot", "--summary", str(tmp_path / "missing.parquet"), "--jobs", "0")
+    assert out.stderr.strip().splitlines() == ["llmenergy: error: --jobs 0: draw at least one figure at a time"]
 
 
 def test_report_config_notes_planned_cells_not_measured(tmp_path: Path) -> None:

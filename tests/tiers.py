@@ -54,6 +54,7 @@ SPAWNING_CALLS: dict[str, str] = {
 #: keyword arguments whose call starts processes: (keyword, value) -> why
 SPAWNING_KEYWORDS: dict[tuple[str, object], str] = {
     ("compile", True): "torch.compile's Inductor runs the C++ compiler in child processes on CPU",
+    ("workers", 2): "make_figures draws the figures in forked processes",
 }
 
 

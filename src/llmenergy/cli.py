@@ -84,9 +84,11 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from llmenergy.analysis.plots import make_figures
+    from llmenergy.analysis.plots import default_workers, make_figures
     from llmenergy.layout import RunLayout
 
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: draw at least one figure at a time")
     path = Path(args.summary) if args.summary else RunLayout(Path("results")).summary
     if not path.is_file():
         raise UserError(f"{path}: no summary; run `llmenergy aggregate` first")
@@ -94,7 +96,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         summary = pd.read_parquet(path)
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable summary parquet ({exc})") from exc
-    figs = make_figures(summary, Path(args.out))
+    figs = make_figures(summary, Path(args.out), workers=args.jobs or default_workers())
     for f in figs:
         if f.skipped:
             log.info("figure %s skipped: %s", f.name, f.reason)
@@ -218,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="summary written by `llmenergy aggregate` (default: results/summary.parquet)")
     s.add_argument("--out", default="results/figures",
                    help="directory for the PNG/SVG figures and index.json (default: results/figures)")
+    s.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="figures drawn at once, each in its own process (default: the CPUs this "
+                        "process may use)")
     s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("report", help="self-contained HTML report")

@@ -294,6 +294,21 @@ def test_make_figures_writes_png_svg_manifest_and_skips(tmp_path: Path) -> None:
     assert [m["name"] for m in manifest] == list(BUILDERS)
 
 
+def test_figures_drawn_by_two_processes_are_the_serial_ones(tmp_path: Path) -> None:
+    summary = summary_of(source="estimate", shards=(1, 2), batch=(1, 4), repeats=2)
+    serial = make_figures(summary, tmp_path / "serial")
+    forked = make_figures(summary, tmp_path / "forked", workers=2)
+    assert [i.name for i in forked] == list(BUILDERS)  # the manifest keeps BUILDERS' order
+    assert sum(not i.skipped for i in forked) >= 10
+    for a, b in zip(serial, forked, strict=True):
+        assert (a.name, a.caption, a.skipped, a.reason, a.cells, a.table) == \
+            (b.name, b.caption, b.skipped, b.reason, b.cells, b.table)
+        if not a.skipped:
+            assert a.png.read_bytes() == b.png.read_bytes(), a.name
+    manifest = json.loads((tmp_path / "forked" / "index.json").read_text())
+    assert [m["name"] for m in manifest] == list(BUILDERS)
+
+
 def test_every_builder_draws_and_names_the_power_source() -> None:
     summary = summary_of(gpus=("H100", "V100"), datasets=("alpaca", "gsm8k"), gen=(16, 32),
                          caps=(None, 200.0), batch=(1, 4), repeats=2, shards=(1, 2),

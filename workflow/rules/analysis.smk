@@ -30,11 +30,12 @@ rule plot:
         f"{OUT}/logs/plot.log",
     params:
         llmenergy=LLMENERGY,
+    threads: 8  # figures drawn at once (Snakemake lowers it to the cores it may use)
     localrule: True
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "{params.llmenergy} plot --summary {input:q} --out {output:q} > {log:q} 2>&1"
+        "{params.llmenergy} plot --summary {input:q} --out {output:q} --jobs {threads} > {log:q} 2>&1"
 
 
 rule report:

@@ -11,10 +11,14 @@ as in the report's table. Every title names the power source of the plotted rows
 """
 from __future__ import annotations
 
+import functools
 import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -27,7 +31,7 @@ from llmenergy.atomic import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 __all__ = ["BUILDERS", "CONFIG_KEYS", "FAMILIES", "FigureInfo", "FigureSkipped", "fig_pareto",
-           "fig_power_cap", "figure_power_source", "load_manifest", "make_figures",
+           "default_workers", "fig_power_cap", "figure_power_source", "load_manifest", "make_figures",
            "pareto_front", "power_label"]
 MANIFEST = "index.json"
 
@@ -61,28 +65,50 @@ def figure_power_source(fig: Figure) -> str | None:
 
 def _save(fig: Figure, path: Path, fmt: str) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format=fmt, dpi=110)
 
 
-def make_figures(summary: pd.DataFrame, outdir: Path) -> list[FigureInfo]:
-    """Draw every figure of :data:`BUILDERS` into ``outdir`` (PNG + SVG) and write ``index.json``."""
+def _draw(summary: pd.DataFrame, outdir: Path, name: str) -> FigureInfo:
+    """One figure of :data:`BUILDERS` into ``outdir`` (PNG + SVG), or why it is skipped."""
+    try:
+        fig, caption = BUILDERS[name](summary)
+    except FigureSkipped as exc:
+        log.info("figure %s skipped: %s", name, exc)
+        return FigureInfo(name, caption="", skipped=True, reason=str(exc))
+    png, svg = outdir / f"{name}.png", outdir / f"{name}.svg"
+    _save(fig, png, "png")
+    _save(fig, svg, "svg")
+    data = figure_data(fig)
+    return FigureInfo(name, caption, png, svg, power_source=figure_power_source(fig),
+                      cells=data.cells, flagged=data.flagged, table=data.table)
+
+
+def default_workers() -> int:
+    """The CPUs this process may use (Slurm's or taskset's allocation, not the node's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def make_figures(summary: pd.DataFrame, outdir: Path, *, workers: int = 1) -> list[FigureInfo]:
+    """Draw every figure of :data:`BUILDERS` into ``outdir`` (PNG + SVG) and write ``index.json``.
+
+    With ``workers`` > 1 the figures are drawn by that many forked processes (matplotlib
+    renders under the GIL, so threads would not help); the manifest keeps
+    :data:`BUILDERS`' order either way."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    infos: list[FigureInfo] = []
-    for name, build in BUILDERS.items():
-        try:
-            fig, caption = build(summary)
-        except FigureSkipped as exc:
-            log.info("figure %s skipped: %s", name, exc)
-            infos.append(FigureInfo(name, caption="", skipped=True, reason=str(exc)))
-            continue
-        png, svg = outdir / f"{name}.png", outdir / f"{name}.svg"
-        _save(fig, png, "png")
-        _save(fig, svg, "svg")
-        source = figure_power_source(fig)
-        data = figure_data(fig)
-        infos.append(FigureInfo(name, caption, png, svg, power_source=source, cells=data.cells,
-                                flagged=data.flagged, table=data.table))
+    names = list(BUILDERS)
+    draw = functools.partial(_draw, summary, outdir)
+    workers = min(workers, len(names))
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        # fork: the children start with matplotlib, seaborn and the summary already loaded
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            infos = list(pool.map(draw, names))
+    else:
+        infos = [draw(name) for name in names]
     write_json(outdir / MANIFEST, [asdict(i) for i in infos])
     return infos
 

@@ -167,9 +167,10 @@ class Transformer(nn.Module):
             TransformerBlock(args, max_batch_size, max_seq_len) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = fs_layers.ColumnParallelLinear(args.dim, args.vocab_size, bias=False)
+        # RoPE rotations: a placeholder of their shape (the model is built on ``meta``, where
+        # arithmetic would only import torch's decompositions, ~2 s); materialize() computes them
         self.register_buffer(
-            "freqs_cis", rope_frequencies(args.head_dim, max_seq_len, args.rope_theta,
-                                          scaling=args.rope_scaling),
+            "freqs_cis", torch.empty(max_seq_len, args.head_dim // 2, dtype=torch.complex64),
             persistent=False)
 
     def forward(self, tokens: torch.Tensor, start_pos: int, *,

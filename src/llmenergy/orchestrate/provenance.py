@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,14 @@ def git_commit(package_dir: str | os.PathLike[str] | None = None) -> str | None:
 
 
 def _versions() -> dict[str, str | None]:
+    """Installed versions from the packages' metadata: importing torch and snakemake here
+    only to read ``__version__`` cost the launcher ~3 s per cell."""
     out: dict[str, str | None] = {"llmenergy": llmenergy.__version__, "python": platform.python_version()}
-    for mod in ("torch", "fairscale", "pyarrow", "pandas", "snakemake"):
+    for dist in ("torch", "fairscale", "pyarrow", "pandas", "snakemake"):
         try:
-            out[mod] = __import__(mod).__version__
-        except (ImportError, AttributeError):
-            out[mod] = None
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
     return out
 
 
