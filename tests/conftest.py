@@ -68,6 +68,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if "slurm_cluster" not in item.fixturenames:  # type: ignore[attr-defined]
                 item.fixturenames.append("slurm_cluster")  # type: ignore[attr-defined]
         item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+    # the Slurm tests first: the longest group, it starts at once on its worker
+    items.sort(key=lambda item: xdist_group(item) != "slurm")
 
 
 def xdist_group(item: pytest.Item) -> str:
