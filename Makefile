@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-# pytest-xdist workers; tests/conftest.py groups the Slurm tests onto one of them
+# pytest-xdist workers; tests/conftest.py puts the Slurm tests on one of them
 WORKERS ?= 2
 
 .PHONY: venv demo test test-unit test-fast plan clean cluster-up cluster-down
@@ -32,13 +32,13 @@ plan: venv
 	$(BIN)/llmenergy plan --config config.yaml
 
 test: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup tests
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(WORKERS) tests
 
 test-unit: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" LLMENERGY_NO_CLUSTER=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup -m unit tests
+	PATH="$(CURDIR)/$(BIN):$$PATH" LLMENERGY_NO_CLUSTER=1 $(BIN)/python -m pytest -q -n $(WORKERS) -m unit tests
 
 test-fast: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" LLMENERGY_NO_CLUSTER=1 $(BIN)/python -m pytest -q -m "not slurm and not slow" tests
+	PATH="$(CURDIR)/$(BIN):$$PATH" LLMENERGY_NO_CLUSTER=1 $(BIN)/python -m pytest -q -n $(WORKERS) -m "not slurm and not slow" tests
 
 cluster-up:
 	bash tests/slurm/cluster.sh up

@@ -14,6 +14,7 @@ one-process tier, and a ``unit`` test that starts a process fails, saying so.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -59,7 +60,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "system: starts processes or needs the cluster (set by tests/tiers.py)")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         reason = tiers.system_reason(item)
@@ -67,19 +67,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.get_closest_marker("slurm") is not None:
             if "slurm_cluster" not in item.fixturenames:  # type: ignore[attr-defined]
                 item.fixturenames.append("slurm_cluster")  # type: ignore[attr-defined]
-        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
-    # the Slurm tests first: the longest group, it starts at once on its worker
-    items.sort(key=lambda item: xdist_group(item) != "slurm")
+    # the modules on the Slurm cluster first: the longest share of `make test`, it starts at once
+    items.sort(key=lambda item: not uses_cluster(item.nodeid.split("::", 1)[0]))
 
 
-def xdist_group(item: pytest.Item) -> str:
-    """The pytest-xdist worker group of a test (``-n N --dist loadgroup``, as ``make test``
-    runs): every test on the Slurm cluster in one group, so they run one at a time as they
-    expect (each starts from, and leaves, an idle cluster); every other test with the rest of
-    its module, so a module's fixtures are built once."""
-    if "slurm_cluster" in item.fixturenames:  # type: ignore[attr-defined]
-        return "slurm"
-    return item.nodeid.split("::", 1)[0]
+@functools.cache
+def uses_cluster(module: str) -> bool:
+    """Whether a test module (``tests/...py``) has tests on the Slurm cluster: under
+    ``tests/integration`` or ``tests/slurm``, or naming the ``slurm_cluster`` fixture or
+    the ``slurm`` mark. Read from the source, so the pytest-xdist controller, which
+    collects nothing, decides the same as the workers."""
+    if module.startswith(tuple(f"tests/{d}/" for d in tiers.SYSTEM_DIRS)):
+        return True
+    try:
+        text = (CLUSTER_SH.parents[2] / module).read_text()
+    except OSError:
+        return False
+    return "slurm_cluster" in text or "mark.slurm" in text
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``make test`` runs pytest-xdist workers (``-n N``): every module with tests on the
+    Slurm cluster on one worker, one after the other, as they expect (each starts from, and
+    leaves, an idle cluster); every other module whole on any worker, so its fixtures are
+    built once. (pytest-xdist's own ``--dist loadgroup`` does not group under pytest 9.2:
+    it renames ``item._nodeid``, which pytest no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClusterModulesOnOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "slurm cluster" if uses_cluster(module) else module
+
+    config.option.loadscopereorder = False  # collection order: the cluster's modules first
+    return ClusterModulesOnOneWorker(config, log)
 
 
 @pytest.hookimpl(hookwrapper=True)
