@@ -287,6 +287,10 @@ def test_cold_start_cancels_jobs_recovered_from_saved_state(slurm_cluster, workd
                           capture_output=True, text=True, timeout=30, check=True)
     job = proc.stdout.strip().split(";")[0]
     h.wait_for(lambda: h.job_state(int(job)) == "R", 60, f"job {job} running")
+    # slurmctld writes its state file a few seconds after a change: kill it once the running job is in it
+    running_since = time.time()
+    h.wait_for(lambda: (SLURM_DIR / "state" / "job_state").stat().st_mtime > running_since + 0.5, 60,
+               "the controller's saved state to include the running job")
     ctld = int((SLURM_DIR / "run" / "slurmctld.pid").read_text().strip())
     _crash_node(CRASH_NODE)  # the job's processes go with its node's namespace
     os.kill(ctld, signal.SIGKILL)
