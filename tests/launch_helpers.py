@@ -280,14 +280,15 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30.0, 
 
 
 def wait_generation_started(run: CellRun, settle_s: float) -> None:
-    """Block until rank 0 has loaded the model and prompts, then ``settle_s`` more.
+    """Block until rank 0 has finished its first measured batch, then ``settle_s`` more.
 
-    The worker logs the prompt count right after loading; warm-up is two tokens,
-    so ``settle_s`` later the rank is generating the measured batches.
+    The worker logs each measured batch as it ends (``repeat 1/N, cycle 1, batch 1/M``), so
+    from then on the rank is generating the measured batches, whatever the machine's load
+    (under load, load and warm-up alone can outlast a fixed sleep).
     """
     rank_log = run.cell_dir / "logs" / "rank0.log"
-    wait_for(lambda: rank_log.exists() and " prompts from " in rank_log.read_text(errors="replace"),
-             "rank 0 to load the model and prompts", 60.0, run)
+    wait_for(lambda: rank_log.exists() and ", cycle 1, batch 1/" in rank_log.read_text(errors="replace"),
+             "rank 0 to finish its first measured batch", 90.0, run)
     time.sleep(settle_s)
 
 

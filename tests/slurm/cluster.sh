@@ -41,7 +41,9 @@ pid_alive() {  # pid_alive FILE -> 0 if the pid in FILE is a running process
   local f="$1" pid
   [[ -s "$f" ]] || return 1
   pid="$(cat "$f" 2>/dev/null)" || return 1
-  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+  # a killed daemon not yet reaped is a zombie: not running
+  [[ "$(awk '{ print $3 }' "/proc/$pid/stat" 2>/dev/null)" != "Z" ]]
 }
 
 need_root() {
