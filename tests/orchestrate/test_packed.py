@@ -208,3 +208,32 @@ def test_a_rank_failing_alone_ends_the_group_without_hanging_and_the_rerun_runs_
     group_json = json.loads((root / "results" / "groups" / gid / "group.json").read_text())
     assert group_json["cells"] == ids[1:]
     assert {c: json.loads(records[c].read_text())["status"] for c in ids} == {c: "ok" for c in ids}
+
+
+def test_cells_of_one_kv_cache_share_the_compiled_engine_and_match_it_alone(tmp_path: Path) -> None:
+    """Two cells of the compiled engine with the same batch size and KV cache (two datasets of
+    one prompt length): the second keeps the first's engine, so it compiles nothing new, and
+    its tokens are those of the cell run alone. A third cell with another cache gets its own."""
+    packed, alone = tmp_path / "packed", tmp_path / "alone"
+    same = [{**_cell(d, 2, 4), "engine": ["compiled"]} for d in ("a", "c")]
+    cells = [*same, {**_cell("a", 3, 4), "engine": ["compiled"]}]
+    for root in (packed, alone):
+        _config(root, cells)
+        data = yaml.safe_load((root / "config.yaml").read_text())
+        data["datasets"]["c"] = {**data["datasets"]["a"], "seed": 2}  # another dataset, same prompt length
+        (root / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    ids = _ids(packed)
+    gid = "tiny_cpu_s1_pnone_compiled"
+    assert _cli(packed, "run-group", "--group", gid) == 0, (packed / "cli.run-group.log").read_text()[-3000:]
+    shared = [json.loads((_cell_dir(packed, c) / "cell.json").read_text())["provenance"]["load"]["shared_engine"]
+              for c in ids]
+    assert shared == [False, True, False]
+    rank_log = (packed / "results" / "groups" / gid / "logs" / "rank0.log").read_text()
+    assert rank_log.count("engine kept (same precision and KV cache)") == 1
+    for cid in ids:
+        assert _cli(alone, "run-cell", "--cell", cid) == 0
+        doc = json.loads((_cell_dir(alone, cid) / "cell.json").read_text())
+        assert doc["provenance"]["load"]["shared_engine"] is False
+        rp, ra = (pq.read_table(_cell_dir(r, cid) / "responses.parquet").to_pandas() for r in (packed, alone))
+        cols = ["prompt_id", "tokens_in", "tokens_out", "text"]
+        assert rp[cols].equals(ra[cols]), cid

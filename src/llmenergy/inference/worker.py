@@ -82,6 +82,20 @@ class Shared:
     tokenizer: Any = None
     cap_error: Exception | None = None
     prompts: dict[str, Any] = field(default_factory=dict)
+    engine: Any = None
+    engine_key: tuple[Any, ...] | None = None
+
+    def engine_for(self, spec: CellSpec, cache_dir: Path) -> tuple[Any, bool]:
+        """The cell's engine, and whether it is the previous cell's (same engine, precision
+        and KV cache shape: its compiled graphs fit this cell, so it compiles nothing new)."""
+        from llmenergy.inference import engines
+
+        key = (spec.cell.engine, spec.cell.precision, self.model.max_batch_size, self.model.max_seq_len)
+        if self.engine is not None and key == self.engine_key:
+            return self.engine, True
+        self.engine = self.engine_key = None  # the previous engine's graphs and buffers go first
+        self.engine, self.engine_key = engines.cell_engine(spec, self.model, cache_dir=cache_dir), key
+        return self.engine, False
 
 
 def _load(spec: CellSpec, shared: Shared) -> bool:
@@ -148,8 +162,12 @@ def _cell_phases(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Share
     if shared.cap_error is not None:
         raise shared.cap_error
     stop.check()
-    measure(rec, shared.model, shared.tokenizer, prompts, encoded, spec, stop, files.root, is_main)
-    return WorkerStatus("ok", load=dict(shared.load or {}, shared_model_load=not built))
+    engine, reused = shared.engine_for(spec, RunLayout.of_cell(files.root).inductor_cache)
+    if reused:
+        log.info("%s: the previous cell's %s engine kept (same precision and KV cache): no new compile",
+                 spec.cell_id, spec.cell.engine)
+    measure(rec, engine, shared.tokenizer, prompts, encoded, spec, stop, is_main)
+    return WorkerStatus("ok", load=dict(shared.load or {}, shared_model_load=not built, shared_engine=reused))
 
 
 def run_cell(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Shared, stop: StopFlag, renv: RankEnv,
@@ -242,14 +260,12 @@ def _rank0s(value: int, device: Any) -> int:
     return int(t.item())
 
 
-def measure(rec: Recorder, model: Any, tok: Any, prompts: list[Any], encoded: list[list[int]],
-            spec: CellSpec, stop: StopFlag, cell_dir: Path, is_main: bool) -> None:
-    """The measured part of a cell on a loaded model: its engine (compile recorded as a
-    phase of its own), the warm-up, then per repeat its batches, cycled until their
-    windows reach ``collector.min_window_s``, and the prefill-only loop, each metered."""
-    from llmenergy.inference import engines
-
-    engine = engines.cell_engine(spec, model, cache_dir=RunLayout.of_cell(cell_dir).inductor_cache)
+def measure(rec: Recorder, engine: Any, tok: Any, prompts: list[Any], encoded: list[list[int]],
+            spec: CellSpec, stop: StopFlag, is_main: bool) -> None:
+    """The measured part of a cell on its engine: compile (recorded as a phase of its own;
+    none on an engine already compiled for this batch), the warm-up, then per repeat its
+    batches, cycled until their windows reach ``collector.min_window_s``, and the
+    prefill-only loop, each metered."""
     engine.prepare(on_phase=lambda phase, s, e: rec.event(phase, s, e, n_seqs=spec.cell.batch_size))
     stop.check()
     batch_size = spec.cell.batch_size
