@@ -7,11 +7,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-# pytest-xdist workers: 2 for the unit tier; the whole suite runs in one process by default
-# (SUITE_WORKERS=2 runs it on two, tests/conftest.py keeping the Slurm tests on one of them:
-# 27 min instead of ~35 on 2 cores, but a timing-sensitive test failed once under that load)
+# pytest-xdist workers: 2 for the unit tier and the whole suite (tests/conftest.py keeps the
+# Slurm tests on one of them; SUITE_WORKERS=0 runs the suite in one process: 32 min on 2 cores)
 WORKERS ?= 2
-SUITE_WORKERS ?= 0
+SUITE_WORKERS ?= 2
 
 .PHONY: venv demo test test-unit test-fast plan clean cluster-up cluster-down
 
