@@ -277,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--anchor-precisions", nargs="+", default=["fp16"], choices=list(PRECISIONS),
                    help="the precisions that reference and hf run (compiled runs all): each hf "
                         "precision costs a compile per batch size")
-    p.add_argument("--quant-backend", choices=["auto", "torch", "torchao"], default="auto",
-                   help="int8/fp8 kernels (llmenergy.inference.quant); auto: torchao on CUDA when it imports")
+    p.add_argument("--quant-backend", choices=["auto", "triton", "torchao", "torch"], default="auto",
+                   help="int8/fp8 kernels (llmenergy.inference.quant); auto: on CUDA our Triton kernel "
+                        "when triton imports, else torchao when it imports")
     p.add_argument("--batches", type=int, nargs="+", default=None,
                    help="default 1 16 64; 1 16 with more than one precision")
     p.add_argument("--prompt", type=int, default=64, help="longest prompt (lengths in [P/2, P])")
@@ -326,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth_b_per_s": args.bandwidth, "inductor": inductor,
         "runs": [], "comparison": [], "skipped": [], "models": [],
     }
+    try:
+        import triton
+
+        results["triton"] = triton.__version__
+    except Exception as exc:  # noqa: BLE001 - recorded, the fallback runs
+        results["triton"] = f"unavailable: {exc}"
     try:
         import torchao
 

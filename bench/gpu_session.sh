@@ -12,6 +12,10 @@
 #   shards - real-NVML tests and 7B shards 1 vs 2 (both GPUs metered);
 #   engines - bench/engines.py: reference vs compiled at batch 1/16/64 (7B, in one process);
 #   engcells - the engine axis through run-cell (bench/configs/h200x1_engines.yaml);
+#   precision - issue 24's acceptance: bench/engines.py with reference, compiled and hf at
+#            fp16 bf16 int8 fp8 (batch 1 and 16);
+#   precells - the compiled cells of bench/configs/h200x1_precision.yaml through run-group,
+#            set beside that bench's JSON ($BENCH_JSON) by bench/precision_cells.py;
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -62,6 +66,18 @@ case "$mode" in
     TAIL=8 step 30 python3 bench/integrity.py bench-results/h200x1_integrity --out "$OUT/h200_integrity.json"
     TAIL=20 step $(( 585 - SECONDS )) python3 bench/engines.py --engines compiled --precision fp16 int8 fp8 \
       --batches 1 --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_precision_b1.json" ;;
+  precision)
+    TAIL=45 step 570 python3 bench/engines.py --engines reference compiled hf \
+      --precision fp16 bf16 int8 fp8 --batches 1 16 --gen 128 --min-window-s 5 \
+      --cache-dir /tmp/inductor --out "$OUT/h200_precision_all.json" ;;
+  precells)
+    C=bench/configs/h200x1_precision.yaml
+    lle() { python3 -c 'import sys; from llmenergy.cli import main; sys.exit(main())' "$@"; }
+    for g in compiled_int8 compiled_fp8 compiled; do
+      TAIL=3 step $(( 560 - SECONDS )) lle run-group --config $C --group llama-7b_H200_s1_pnone_$g
+    done
+    TAIL=12 step 20 python3 bench/precision_cells.py bench-results/h200x1_precision \
+      "${BENCH_JSON:-bench/results/session8/h200_precision_all.json}" --out "$OUT/h200_precision_cells.json" ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac
 tar czf "$OUT/cells_$mode.tgz" bench-results

@@ -168,20 +168,41 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMENERGY_QUANT_BACKEND", "cutlass")
     with pytest.raises(UserError, match="LLMENERGY_QUANT_BACKEND"):
         quant.backend("fp8", cpu)
-    assert quant.compile_options("int8", cpu) == {}
+    assert quant.compile_options("torch", cpu) == {}
+
+
+def test_triton_backend_runs_the_op_and_generates_the_torch_backends_tokens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forced on CPU, the ``triton`` backend's layers call ``llmenergy::narrow_mm`` (its CPU
+    body is the PyTorch expression: the kernel itself is tested in test_narrow_mm.py), hold
+    one byte per weight, and generate exactly the ``torch`` backend's tokens."""
+    tokens, sizes = {}, {}
+    for kind in ("torch", "triton"):
+        monkeypatch.setenv("LLMENERGY_QUANT_BACKEND", kind)
+        model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
+                           max_batch_size=2, max_seq_len=24)
+        engine = make_engine("compiled", model, precision="int8")
+        assert engine.quant_backend == kind
+        kinds = {type(m).__name__ for lin in engine.linears for m in lin.modules()}
+        assert kinds == {"KernelNarrowLinear" if kind == "triton" else "NarrowLinear"}
+        sizes[kind] = quant.linear_bytes(engine.linears)
+        tokens[kind] = engine.generate(PROMPTS[:2], 6, eos_id=None, stop_at_eos=False).tokens
+    assert tokens["triton"] == tokens["torch"] and sizes["triton"] == sizes["torch"]
 
 
 def test_narrow_compile_options_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CUDA an int8/fp8 step is compiled with coordinate-descent tuning, the option under
-    which Inductor turns a one-row matmul into a reduction that reads the narrow weight
-    (the H200 ran int8/fp8 at 0.40x fp16 without it); fp16 keeps its plain compile."""
+    """On CUDA a step whose int8/fp8 linears are Inductor's (``torch``, ``torchao``) is
+    compiled with coordinate-descent tuning, the option under which Inductor turns a
+    one-row matmul into a reduction that reads the narrow weight (the H200 ran int8/fp8
+    at 0.40x fp16 without it); dense and Triton-kernel linears keep fp16's plain compile."""
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
     monkeypatch.delenv("LLMENERGY_QUANT_AUTOTUNE", raising=False)
-    opts = quant.compile_options("int8", cuda)
-    assert opts["coordinate_descent_tuning"] is True and opts["max_autotune_gemm"] is True
-    assert quant.compile_options("fp16", cuda) == {} and quant.compile_options("bf16", cuda) == {}
+    for kind in ("torch", "torchao"):
+        opts = quant.compile_options(kind, cuda)
+        assert opts["coordinate_descent_tuning"] is True and opts["max_autotune_gemm"] is True
+    assert quant.compile_options("dense", cuda) == {} and quant.compile_options("triton", cuda) == {}
     monkeypatch.setenv("LLMENERGY_QUANT_AUTOTUNE", "0")  # off: the GEMM templates only
-    assert quant.compile_options("fp8", cuda) == {"coordinate_descent_tuning": True}
+    assert quant.compile_options("torchao", cuda) == {"coordinate_descent_tuning": True}
 
 
 @pytest.mark.slow
@@ -190,7 +211,7 @@ def test_compile_falls_back_when_the_narrow_gemm_options_fail(monkeypatch: pytes
     is redone without them, keeping the batch-1 option (here on CPU, with options Inductor
     rejects)."""
     monkeypatch.setattr(quant, "compile_options",
-                        lambda precision, device: {"coordinate_descent_tuning": True,
+                        lambda kind, device: {"coordinate_descent_tuning": True,
                                                    "max_autotune_gemm": True,
                                                    "max_autotune_gemm_backends": "NO_SUCH_BACKEND"})
     model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
@@ -225,7 +246,7 @@ def _many_prompts(n: int) -> list[list[int]]:
     return [torch.randint(3, 1000, (k,), generator=g).tolist() for k in lengths]
 
 
-@pytest.mark.parametrize("kind", ["torch", "torchao"])
+@pytest.mark.parametrize("kind", ["torch", "torchao", "triton"])
 def test_first_step_on_the_same_token_differs_as_little_as_prefill(
         kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 24 on the H200: int8 (torchao) prefill logits 2.4e-2 from fp16's but its first

@@ -29,11 +29,12 @@ one engine per model precision: docs/precision.md.
 
 On CUDA the step is compiled with ``mode="reduce-overhead"`` (Inductor, then
 captured as a CUDA graph and replayed); the caches are marked as static
-addresses so that the graph does not copy them.  int8/fp8 add Inductor options
-of their own (:func:`llmenergy.inference.quant.compile_options`: coordinate-descent
-tuning, so that a batch-1 matmul becomes a reduction reading the narrow weight;
-Triton GEMM templates for larger batches); a compile that fails with them is
-redone with fewer.  Prefill (one forward pass of
+addresses so that the graph does not copy them.  int8/fp8 on the default ``triton``
+backend call our kernel, which sits in the graph as a custom op; the ``torch`` and
+``torchao`` backends add Inductor options of their own
+(:func:`llmenergy.inference.quant.compile_options`: coordinate-descent tuning, so
+that a batch-1 matmul becomes a reduction reading the narrow weight; Triton GEMM
+templates for larger batches); a compile that fails with them is redone with fewer.  Prefill (one forward pass of
 every prompt token, variable length) runs eagerly on the same code path.
 
 On CPU the default is the same static code path without compiling: on the two
@@ -140,7 +141,7 @@ class CompiledEngine:
             if self.cache_dir is not None:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir)
-            self._compile_with(quant.compile_options(precision, self.device))
+            self._compile_with(quant.compile_options(self.quant_backend, self.device))
 
     def _compile_with(self, extra: dict[str, object]) -> None:
         """Compile the decode step with Inductor options ``extra`` (the narrow weights')."""

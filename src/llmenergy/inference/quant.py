@@ -16,13 +16,18 @@ modules, once per model (later engines on the same model reuse them):
   this engine afterwards: :func:`model_precision` says so).  Embeddings, norms and the
   output head stay in the model's dtype.
 
-Kernels (:func:`backend`): on CUDA, torchao's ``Int8WeightOnlyConfig`` /
-``Float8WeightOnlyConfig`` when torchao imports and a quantised layer passes a
-smoke check, so that the compiled step reads the narrow weight; otherwise (always
-on CPU) :class:`NarrowLinear`, pure PyTorch ``F.linear(x, q.to(dtype)) * scale``:
-correct, but on a GPU Inductor materialises the dequantised weight every step
-(twice the bytes of fp16: issue 24).  ``LLMENERGY_QUANT_BACKEND=torch|torchao``
-forces one.  See docs/precision.md.
+Kernels (:func:`backend`), on CUDA the first that imports and passes a smoke check:
+
+- ``triton``: :class:`KernelNarrowLinear`, our Triton kernel
+  (:mod:`llmenergy.inference.narrow_mm`) that reads the int8/e4m3 weight and converts
+  it in registers, for the decode step's few rows; the step compiles as fp16's does.
+- ``torchao``: torchao's ``Int8WeightOnlyConfig`` / ``Float8WeightOnlyConfig``, with
+  Inductor options of their own (:func:`compile_options`).
+- ``torch`` (always on CPU): :class:`NarrowLinear`, pure PyTorch
+  ``F.linear(x, q.to(dtype)) * scale``: correct, but on a GPU Inductor materialises
+  the dequantised weight every step above batch 1 (issue 24).
+
+``LLMENERGY_QUANT_BACKEND=triton|torchao|torch`` forces one.  See docs/precision.md.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from torch import nn
 
 from llmenergy.arch import NARROW_BYTES, PRECISIONS
 from llmenergy.errors import UserError
+from llmenergy.inference import narrow_mm
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +114,14 @@ class NarrowLinear(nn.Module):
         return F.linear(x, self.qweight.to(x.dtype)) * self.scale
 
 
+class KernelNarrowLinear(NarrowLinear):
+    """Weight-only int8/fp8 through ``llmenergy::narrow_mm``: the Triton kernel reads the
+    narrow weight where the rows are few (decode), the PyTorch expression elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return narrow_mm.narrow_mm(x, self.qweight, self.scale)
+
+
 def _torchao_linear(weight: torch.Tensor, precision: str) -> nn.Module:
     """An ``nn.Linear`` holding ``weight`` quantised by torchao (raises when it cannot)."""
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
@@ -133,17 +147,24 @@ def _check(lin: nn.Module, weight: torch.Tensor, precision: str) -> None:
         raise RuntimeError(f"relative error {rel:.3g} against the dense layer")
 
 
+#: the kernels of int8/fp8 weights, in the order tried on CUDA (the last one always works)
+BACKENDS = ("triton", "torchao", "torch")
+
+
 def backend(precision: str, device: torch.device) -> str:
-    """``dense`` (fp16/bf16), ``torchao`` (CUDA, torchao importable) or ``torch`` (fallback)."""
+    """``dense`` (fp16/bf16), else on CUDA ``triton`` (Triton importable), ``torchao``
+    (torchao importable) or ``torch`` (the fallback; always on CPU)."""
     if precision not in NARROW_BYTES:
         return "dense"
     forced = os.environ.get(_ENV)
-    if forced in ("torch", "torchao"):
+    if forced in BACKENDS:
         return forced
     if forced:
-        raise UserError(f"{_ENV}={forced!r}: must be torch or torchao")
+        raise UserError(f"{_ENV}={forced!r}: must be one of {', '.join(BACKENDS)}")
     if device.type != "cuda":
         return "torch"
+    if narrow_mm.triton is not None:
+        return "triton"
     try:
         import torchao.quantization  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any import failure means: no torchao here
@@ -155,6 +176,16 @@ def backend(precision: str, device: torch.device) -> str:
 
 def narrow_linear(weight: torch.Tensor, precision: str, kind: str) -> tuple[nn.Module, str]:
     """(module, backend actually used) for a local ``weight`` under ``precision``."""
+    if kind == "triton":
+        q, scale = quantize(weight, precision)
+        lin = KernelNarrowLinear(q, scale, weight.dtype)
+        try:
+            _check(lin, weight, precision)
+            return lin, "triton"
+        except Exception as exc:  # noqa: BLE001 - fall back, loudly, on anything the kernel raises
+            log.warning("the Triton %s kernel failed (%s: %s); using the pure-PyTorch path",
+                        precision, type(exc).__name__, exc)
+            return NarrowLinear(q, scale, weight.dtype), "torch"
     if kind == "torchao":
         try:
             lin = _torchao_linear(weight, precision)
@@ -185,9 +216,10 @@ NARROW_GEMM_OPTIONS: dict[str, Any] = {
     "max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON", "prologue_fusion": True}
 
 
-def compile_options(precision: str, device: torch.device) -> dict[str, Any]:
-    """Extra torch.compile options for ``precision`` on ``device`` (empty: none)."""
-    if precision not in NARROW_BYTES or device.type != "cuda":
+def compile_options(kind: str, device: torch.device) -> dict[str, Any]:
+    """Extra torch.compile options for linears of backend ``kind`` on ``device`` (empty:
+    none; ``dense`` and ``triton`` compile as fp16 does)."""
+    if kind not in ("torch", "torchao") or device.type != "cuda":
         return {}
     import torch._inductor.config as inductor
 
@@ -266,7 +298,7 @@ def prepare(model: nn.Module, precision: str) -> tuple[list[Linears], str]:
             del weights
             _release([a.wq, a.wk, a.wv, a.wo, ff.w1, ff.w3, ff.w2])
         layers.append(Linears(mods["qkv"], sizes, mods["wo"], mods["gate_up"], hidden, mods["w2"]))
-    how = "dense" if kind == "dense" else ("torch" if "torch" in used else "torchao")
+    how = "dense" if kind == "dense" else ("torch" if "torch" in used else kind)
     if kind != "dense" and device.type == "cuda":
         torch.cuda.empty_cache()
     log.info("prepared %d blocks' linears: %s, backend %s", len(layers), precision, how)

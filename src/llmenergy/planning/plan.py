@@ -161,8 +161,8 @@ def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, An
         (f"  Slurm jobs: {len(rows)} (one per cell, packing: cell), "
          f"{min(minutes):.1f}–{max(minutes):.1f} min each (estimate)") if groups is None else
         (f"  Slurm jobs: {len(groups)} (packing: group; {len(rows)} with packing: cell), one per group "
-         f"of cells sharing\n              model, GPU, shards, engine and cap, the model loaded once: "
-         f"{min(g['n_cells'] for g in groups)}–{max(g['n_cells'] for g in groups)} cells, "
+         f"of cells sharing\n              model, GPU, shards, engine, precision and cap, the model loaded once:"
+         f"\n              {min(g['n_cells'] for g in groups)}–{max(g['n_cells'] for g in groups)} cells, "
          f"{min(g['est_runtime_min'] for g in groups):.1f}–{max(g['est_runtime_min'] for g in groups):.1f} "
          f"min each (estimate)"),
         *_split_lines(groups or []),

@@ -1,0 +1,82 @@
+"""The same cells through ``llmenergy run-group`` and through ``bench/engines.py`` (issue 24).
+
+    python bench/precision_cells.py bench-results/h200x1_precision bench/results/h200_precision_all.json
+
+For each cell of the results directory (``cells/<id>/metrics.parquet`` and ``cell.json``:
+engine, precision, batch size), the bench run of the same engine, precision and batch
+size; prints tokens/s and J/token of both and the pipeline's difference from the bench
+in percent (the issue asks within 3 %), and writes them as JSON with ``--out``.  Tokens/s
+is output tokens over the measured prefill and decode windows in both (the repeat's
+median in the pipeline); J/token is the GPU energy counter's over the same windows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+log = logging.getLogger("precision_cells")
+LIMIT_PCT = 3.0
+
+
+def pipeline_rows(results: Path) -> list[dict[str, Any]]:
+    rows = []
+    for cell_dir in sorted(p.parent for p in results.glob("cells/*/cell.json")):
+        status = json.loads((cell_dir / "cell.json").read_text()).get("status")
+        metrics = cell_dir / "metrics.parquet"
+        if not metrics.exists():
+            rows.append({"cell": cell_dir.name, "status": status})
+            continue
+        m = pd.read_parquet(metrics)
+        rows.append({"cell": cell_dir.name, "status": status, "engine": str(m["engine"].iloc[0]),
+                     "precision": str(m["precision"].iloc[0]), "batch": int(m["batch_size"].iloc[0]),
+                     "tokens_per_s": float(m["tokens_per_s"].median()),
+                     "j_per_token": float(m["j_per_token"].median())})
+    return rows
+
+
+def compare(results: Path, bench: Path) -> list[dict[str, Any]]:
+    runs = json.loads(bench.read_text())["runs"]
+    out = []
+    for row in pipeline_rows(results):
+        match = [r for r in runs if (r["engine"], r["precision"], r["batch"])
+                 == (row.get("engine"), row.get("precision"), row.get("batch"))]
+        if match and "tokens_per_s" in row:
+            b = match[0]
+            row["bench_tokens_per_s"] = b["tokens_per_s"]
+            row["bench_j_per_token"] = b["j_per_token"]
+            row["tokens_per_s_diff_pct"] = 100 * (row["tokens_per_s"] / b["tokens_per_s"] - 1)
+            if b["j_per_token"] and row["j_per_token"] == row["j_per_token"]:
+                row["j_per_token_diff_pct"] = 100 * (row["j_per_token"] / b["j_per_token"] - 1)
+        out.append(row)
+    return out
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("results", type=Path, help="the run-group output directory")
+    p.add_argument("bench", type=Path, help="bench/engines.py's JSON")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    rows = compare(args.results, args.bench)
+    for r in rows:
+        if "tokens_per_s_diff_pct" not in r:
+            log.info("%-48s %s: no metrics or no bench run", r["cell"], r.get("status"))
+            continue
+        log.info("%-48s %s  tok/s %8.1f (bench %8.1f, %+5.1f%%)  J/token %.4f (bench %.4f, %+5.1f%%)%s",
+                 r["cell"], r["status"], r["tokens_per_s"], r["bench_tokens_per_s"],
+                 r["tokens_per_s_diff_pct"], r["j_per_token"], r["bench_j_per_token"],
+                 r.get("j_per_token_diff_pct", float("nan")),
+                 "" if abs(r["tokens_per_s_diff_pct"]) <= LIMIT_PCT else f"  (over {LIMIT_PCT} %)")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""Weight-only int8/fp8 matrix product that reads the narrow weight: ``(x @ q.T) * scale``.
+
+Why: ``F.linear(x, q.to(x.dtype)) * scale`` under ``torch.compile`` makes Inductor
+write the dequantised 16-bit weight for every batch above one (more bytes than
+fp16: issue 24).  Here a Triton kernel loads the int8 / e4m3 weight tile, converts
+it in registers, accumulates in fp32 and applies the per-output-channel scale once at
+the end, so a decode step reads one byte per weight.
+
+- :func:`narrow_mm` (and the op ``torch.ops.llmenergy.narrow_mm``): ``x`` [..., K]
+  fp16/bf16, ``q`` [N, K] int8 or ``float8_e4m3fn``, ``scale`` [N]; returns [..., N] in
+  ``x.dtype``.  The kernel runs on CUDA with Triton importable, ``M`` (rows of ``x``)
+  at most :data:`SMALL_M`, a 16-bit ``x`` and ``N * K < 2**31`` (32-bit offsets);
+  anything else (CPU, prefill, fp32) is the PyTorch expression, which for large ``M``
+  is compute-bound anyway.
+- Two forms.  ``M == 1``: a GEMV, each program owns ``BLOCK_N`` output channels and
+  walks K with a [BLOCK_N, BLOCK_K] tile contiguous along K, multiply-accumulating
+  into a 2-D fp32 register tile reduced once after the loop.  ``2..SMALL_M``: ``tl.dot``
+  with ``BLOCK_M`` 16, 32 or 64 (rows past M masked); the row blocks of one column
+  block are adjacent programs, so a weight tile read twice comes from L2.
+- int8 is converted with a bit trick (the byte into a float's mantissa, one exact
+  subtraction), not the int->float instruction, whose throughput on Hopper is below
+  what HBM delivers; e4m3 uses Triton's conversion.
+- No split-K: a small ``BLOCK_N`` (8 for the GEMV, 32 for N <= 8192 in the GEMM) gives
+  N=4096 at least 128 programs for the 132 SMs; one kernel, no atomics: deterministic,
+  nothing to zero, a single node in a CUDA graph.
+- A fixed config table (:func:`_config`), picked from a sweep on an H200 (Triton 3.6),
+  rather than ``triton.autotune``: the shapes are few and known, a table needs no
+  benchmarking at first call (which would happen inside Inductor's warm-up / CUDA-graph
+  recording) and gives the same kernel every run, which energy measurements need.
+  ``bench/narrow_mm.py`` measures it (bench/results/h200_narrow_mm.json: int8 1.2-1.5x
+  and fp8 1.3-1.7x the speed of fp16 at M = 1 and 16 on the 7B shapes, 34-66% of the
+  HBM bandwidth; at M = 64 0.65-0.84x fp16, still 1.5-2x the compiled dequantisation).
+- ``torch.library.triton_op`` makes the op visible to ``torch.compile`` (no graph break,
+  the kernel lands in the CUDA graph of ``mode="reduce-overhead"``); without Triton the
+  op is a ``custom_op`` running the PyTorch expression.  Triton is imported in a guard,
+  so this module imports with the CPU wheel of torch.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+#: the most rows of ``x`` that take the kernel; above it the product is compute-bound
+SMALL_M = 64
+OP_NAME = "llmenergy::narrow_mm"
+#: weight dtypes the kernel reads, activation dtypes it writes
+WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
+ACT_DTYPES = (torch.float16, torch.bfloat16)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # the CPU wheel of torch ships no triton
+    triton = None
+    tl = None
+    log.debug("triton unavailable (%s): narrow_mm runs the PyTorch expression", exc)
+
+
+def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The PyTorch expression (CPU path, fallback, and what the kernel must equal)."""
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+def _config(m: int, n: int, k: int) -> dict[str, int]:
+    """Block sizes and launch options for an [m, k] x [n, k]^T product (see module doc)."""
+    if m == 1:
+        return {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 8, "num_stages": 3}
+    if m <= 16:
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256 if n > 8192 else 512,
+                "num_warps": 4, "num_stages": 3}
+    wide = n > 8192
+    return {"BLOCK_M": 32 if m <= 32 else 64, "BLOCK_N": 64 if wide else 32,
+            "BLOCK_K": 128 if wide else 256, "num_warps": 4, "num_stages": 4}
+
+
+if triton is not None:
+
+    @triton.jit
+    def _int8_f32(w):
+        """int8 -> fp32 exactly without the slow I2F conversion: the byte ``q + 128`` goes
+        into the low mantissa bits of 2^23, whose unit is 1; subtracting 2^23 + 128 is exact."""
+        u = w.to(tl.uint8, bitcast=True) ^ 0x80
+        return (u.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+
+    @triton.jit
+    def _int8_f16(w):
+        """int8 -> fp16 likewise, in the mantissa of 2^10 (unit 1 up to 2048)."""
+        u = w.to(tl.uint8, bitcast=True) ^ 0x80
+        return (u.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, N, K,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[n] = scale[n] * sum_k x[k] * q[n, k] for one row of x."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        n_mask = rn < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            k_mask = kk < K
+            xv = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+            w = tl.load(q_ptr + rn[:, None] * K + kk[None, :],
+                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if w.dtype == tl.int8:
+                acc += _int8_f32(w) * xv[None, :]
+            else:
+                acc += w.to(tl.float32) * xv[None, :]
+        out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _gemm_kernel(x_ptr, q_ptr, s_ptr, out_ptr, M, N, K,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[m, n] = scale[n] * sum_k x[m, k] * q[n, k]; rows past M are masked."""
+        # row blocks of one column block are adjacent programs: they share weight tiles in L2
+        num_m = tl.cdiv(M, BLOCK_M)
+        rn = (tl.program_id(0) // num_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = (tl.program_id(0) % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_K)
+        m_mask = rm < M
+        n_mask = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            k_mask = kk < K
+            a = tl.load(x_ptr + rm[:, None] * K + kk[None, :],
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            # [BLOCK_K, BLOCK_N] view of the row-major [N, K] weight: contiguous along K
+            b = tl.load(q_ptr + rn[None, :] * K + kk[:, None],
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if b.dtype == tl.int8:
+                if a.dtype == tl.float16:
+                    b = _int8_f16(b)
+                else:
+                    b = _int8_f32(b)
+            acc = tl.dot(a, b.to(a.dtype), acc)
+        out = acc * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
+def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
+           wrap: Any = None, config: dict[str, int] | None = None) -> None:
+    """Run the kernel for 2-D contiguous ``x`` [M, K], ``q`` [N, K], ``scale`` [N] into
+    ``out`` [M, N].  ``wrap`` is ``torch.library.wrap_triton`` inside the op (identity
+    when None: raw launch, e.g. under ``TRITON_INTERPRET=1`` on CPU tensors)."""
+    if triton is None:
+        raise RuntimeError("narrow_mm.launch needs triton")
+    m, k = x.shape
+    n = q.shape[0]
+    cfg = dict(config or _config(m, n, k))
+    opts = {"num_warps": cfg.pop("num_warps", 4), "num_stages": cfg.pop("num_stages", 3)}
+    wrap = wrap or (lambda kernel: kernel)
+    if m == 1:
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+        wrap(_gemv_kernel)[grid](x, q, scale, out, n, k, **cfg, **opts)
+    else:
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"]),)
+        wrap(_gemm_kernel)[grid](x, q, scale, out, m, n, k, **cfg, **opts)
+
+
+def _takes_kernel(x2: torch.Tensor, q: torch.Tensor) -> bool:
+    return (triton is not None and x2.is_cuda and x2.dtype in ACT_DTYPES
+            and q.dtype in WEIGHT_DTYPES and 1 <= x2.shape[0] <= SMALL_M
+            and q.shape[0] * q.shape[1] < 2 ** 31)
+
+
+def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    if q.dim() != 2 or x.shape[-1] != q.shape[1] or scale.shape != (q.shape[0],):
+        raise ValueError(f"narrow_mm: x {tuple(x.shape)}, q {tuple(q.shape)}, scale "
+                         f"{tuple(scale.shape)}: want x [..., K], q [N, K], scale [N]")
+
+
+def _impl(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The op's body: kernel where :func:`_takes_kernel`, else :func:`reference`."""
+    _check(x, q, scale)
+    x2 = x.reshape(-1, x.shape[-1])
+    if not _takes_kernel(x2, q):
+        return reference(x, q, scale)
+    x2 = x2.contiguous()
+    out = torch.empty((x2.shape[0], q.shape[0]), device=x.device, dtype=x.dtype)
+    launch(x2, q.contiguous(), scale.contiguous(), out, wrap=torch.library.wrap_triton)
+    return out.reshape(*x.shape[:-1], q.shape[0])
+
+
+def _register() -> Any:
+    """``llmenergy::narrow_mm``: a ``triton_op`` with Triton, else a plain ``custom_op``."""
+    if triton is not None:
+        return torch.library.triton_op(OP_NAME, _impl, mutates_args=())
+    op = torch.library.custom_op(OP_NAME, _impl, mutates_args=())
+    op.register_fake(reference)
+    return op
+
+
+_op = _register()
+
+
+def narrow_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(x @ q.to(x.dtype).T) * scale`` in ``x.dtype`` reading ``q`` narrow where it can."""
+    return _op(x, q, scale)

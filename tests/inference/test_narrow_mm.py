@@ -1,0 +1,108 @@
+"""narrow_mm (inference/narrow_mm.py): the Triton kernels' numerics through Triton's CPU
+interpreter (a subprocess), the PyTorch path, and the registered op on CPU and under
+torch.compile."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmenergy.inference import narrow_mm as nm
+from llmenergy.inference import quant
+
+HELPER = Path(__file__).with_name("_narrow_interp.py")
+
+
+def _qweights(precision: str, n: int = 48, k: int = 72) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    return quant.quantize(w, precision)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="triton is missing (pip install triton==3.9.0): no interpreter check")
+def test_interpreted_kernels_are_within_fp32_accumulation_of_the_exact_product() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(HELPER)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(cases) == 2 * 7
+    assert {c["m"] for c in cases} == {1, 3, 5, 16, 40}
+    bad = [c for c in cases if not c["ratio"] <= 1.0]  # NaN (an unwritten output) fails too
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_path_is_the_dequantised_linear(precision: str, dtype: torch.dtype) -> None:
+    q, scale = _qweights(precision)
+    scale = scale.to(dtype)
+    g = torch.Generator().manual_seed(1)
+    for shape in ((2, 5, 72), (7, 72)):
+        x = torch.randn(*shape, generator=g).to(dtype)
+        got = nm.narrow_mm(x, q, scale)
+        assert got.shape == (*shape[:-1], 48) and got.dtype == dtype
+        torch.testing.assert_close(got, F.linear(x, q.to(dtype)) * scale, rtol=0, atol=0)
+        want = F.linear(x.double(), quant.dequantize(q, scale, torch.float64))
+        torch.testing.assert_close(got.double(), want, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def _compiled(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, backend: str,
+              compile: bool = True) -> torch.Tensor:
+    torch._dynamo.reset()
+    return torch.compile(f, backend=backend, fullgraph=True)(x) if compile else f(x)
+
+
+def _op_case() -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor]:
+    q, scale = _qweights("int8")
+    x = torch.randn(3, 4, 72, generator=torch.Generator().manual_seed(2))
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(nm.narrow_mm(x, q, scale)) + 1.0
+
+    return f, x, torch.relu(F.linear(x, q.float()) * scale) + 1.0
+
+
+def test_op_runs_on_cpu_and_under_torch_compile_without_inductor() -> None:
+    q, scale = _qweights("int8")
+    x = torch.randn(5, 72)
+    torch.testing.assert_close(torch.ops.llmenergy.narrow_mm(x, q, scale), F.linear(x, q.float()) * scale)
+    f, x, want = _op_case()
+    for backend in ("eager", "aot_eager"):  # aot_eager: the op's fake / functional path
+        torch.testing.assert_close(_compiled(f, x, backend), want)  # fullgraph: no graph break
+
+
+def test_op_under_inductor_on_cpu() -> None:
+    f, x, want = _op_case()
+    torch.testing.assert_close(_compiled(f, x, "inductor", compile=True), want)
+
+
+def test_mismatched_shapes_raise() -> None:
+    q, scale = _qweights("fp8")
+    with pytest.raises(ValueError, match="want x"):
+        nm.narrow_mm(torch.randn(2, 71), q, scale)
+    with pytest.raises(ValueError, match="want x"):
+        nm.narrow_mm(torch.randn(2, 72), q, scale[:-1])
+
+
+def test_config_table_covers_small_batches_and_fills_the_gpu() -> None:
+    for m in range(1, nm.SMALL_M + 1):
+        for n, k in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)):
+            cfg = nm._config(m, n, k)
+            blocks = [v for key, v in cfg.items() if key.startswith("BLOCK_")]
+            assert all(v & (v - 1) == 0 for v in blocks), cfg  # powers of two
+            if m == 1:
+                assert "BLOCK_M" not in cfg
+            else:
+                assert cfg["BLOCK_M"] >= 16 and cfg["BLOCK_N"] >= 16  # tl.dot's minimum
+            programs = -(-n // cfg["BLOCK_N"]) * -(-m // cfg.get("BLOCK_M", 1))
+            assert programs >= 128, (m, n, cfg)  # an H200 has 132 SMs; no split-K
