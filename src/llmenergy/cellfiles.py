@@ -253,6 +253,35 @@ class Provenance:
         return cls(**record_fields(cls, data, f"{path}: provenance"))
 
 
+#: A precision's logits are compared on its dataset's first prompts, up to this many ...
+FIDELITY_PROMPTS = 8
+#: ... at the last positions of each prompt, up to this many (all of a shorter prompt).
+FIDELITY_TAIL = 32
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """What a cell's precision costs in logits (:mod:`llmenergy.inference.fidelity`): its
+    engine's logits against the same load's fp16 weights on the cell's own prompts,
+    position by position; the values None with ``reason`` when not compared."""
+
+    against: str = "fp16"
+    prompts: int = 0
+    positions: int = 0  # prompt positions compared (the last few of each prompt)
+    logit_rel_diff: float | None = None  # mean over positions of |l - l_fp16| / |l_fp16|
+    logit_rel_diff_max: float | None = None
+    token_kl_nats: float | None = None  # mean KL(p_fp16 || p) of the next-token distributions
+    top1_agree: float | None = None  # share of positions whose most likely next token is fp16's
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], path: str) -> Fidelity:
+        return cls(**record_fields(cls, data, f"{path}: fidelity"))
+
+
 @dataclass
 class CellRecord:
     """What ``cell.json`` says: a cell's outcome and provenance. Written last: its
@@ -270,6 +299,8 @@ class CellRecord:
     fingerprint: str | None = None
     #: What defines the measurement (``orchestrate.fingerprint.definition``).
     definition: dict[str, Any] | None = None
+    #: The precision's cost in logits (int8/fp8 cells; bf16 says why not), from rank 0.
+    fidelity: Fidelity | None = None
 
     @property
     def cell_id(self) -> str:
@@ -286,6 +317,8 @@ class CellRecord:
         except (TypeError, KeyError) as exc:
             raise RecordError(f"{path}: cell: {exc}") from None
         values["provenance"] = Provenance.from_json(values.get("provenance") or {}, path)
+        if values.get("fidelity") is not None:
+            values["fidelity"] = Fidelity.from_json(values["fidelity"], path)
         if values["status"] not in STATUSES:
             raise RecordError(f"{path}: status {values['status']!r} is not one of {', '.join(STATUSES)}")
         return cls(**values)
@@ -351,7 +384,7 @@ IDENTITY_FIELDS: list[tuple[str, pa.DataType]] = [
     ("cell_id", pa.string()), ("model", pa.string()), ("dataset", pa.string()),
     ("gpu", pa.string()), ("shards", pa.int32()), ("nodes", pa.int32()),
     ("batch_size", pa.int32()), ("max_gen_len", pa.int32()), ("power_cap_w", pa.float64()),
-    ("engine", pa.string()), ("repeat", pa.int32()),
+    ("engine", pa.string()), ("precision", pa.string()), ("repeat", pa.int32()),
 ]
 IDENTITY_COLUMNS = [name for name, _ in IDENTITY_FIELDS if name != "repeat"]
 
@@ -390,6 +423,10 @@ METRICS_FIELDS: list[tuple[str, pa.DataType]] = IDENTITY_FIELDS + [
     # the measured prefill: the repeat's prefill-only loop (docs/measurement.md)
     ("prefill_only_duration_s", pa.float64()), ("prefill_only_tokens_in", pa.int64()),
     ("prefill_only_energy_j", pa.float64()), ("prefill_j_per_token_in", pa.float64()),
+    # the precision's cost in logits against fp16 (cellfiles.Fidelity; null with a reason)
+    ("logit_rel_diff", pa.float64()), ("logit_rel_diff_max", pa.float64()),
+    ("token_kl_nats", pa.float64()), ("top1_agree", pa.float64()),
+    ("fidelity_positions", pa.int64()), ("fidelity_reason", pa.string()),
     ("schema_version", pa.int32()),
 ]
 METRICS_SCHEMA = _schema(METRICS_FIELDS)

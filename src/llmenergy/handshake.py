@@ -50,6 +50,7 @@ class WorkerStatus(_Handshake):
     status: str
     reason: str | None = None
     load: dict[str, Any] | None = None  # weights.LoadInfo of an ok run
+    fidelity: dict[str, Any] | None = None  # cellfiles.Fidelity of an ok run (int8, fp8, bf16)
 
 
 @dataclass(frozen=True)

@@ -237,3 +237,34 @@ def test_cells_of_one_kv_cache_share_the_compiled_engine_and_match_it_alone(tmp_
         rp, ra = (pq.read_table(_cell_dir(r, cid) / "responses.parquet").to_pandas() for r in (packed, alone))
         cols = ["prompt_id", "tokens_in", "tokens_out", "text"]
         assert rp[cols].equals(ra[cols]), cid
+
+
+def test_an_int8_group_compares_each_cells_logits_with_the_same_loads_fp16_weights(tmp_path: Path) -> None:
+    """int8 quantises at the group's first cell and releases the 16-bit weights; every cell,
+    of either dataset, still gets its prompts' logits compared with fp16's (taken in the
+    load), in cell.json and in metrics.parquet. A bf16 cell says why it has none."""
+    root = tmp_path / "q"
+    int8 = [{**_cell(d, b, 4), "engine": ["compiled"], "precision": ["int8"]} for d, b in (("a", 2), ("b", 3))]
+    _config(root, [*int8, {**_cell("a", 2, 4), "engine": ["compiled"], "precision": ["bf16"]}])
+    ids = _ids(root)
+    for gid in ("tiny_cpu_s1_pnone_compiled_int8", "tiny_cpu_s1_pnone_compiled_bf16"):
+        assert _cli(root, "run-group", "--group", gid) == 0, (root / "cli.run-group.log").read_text()[-3000:]
+    docs = {c: json.loads((_cell_dir(root, c) / "cell.json").read_text()) for c in ids}
+    rows = {c: pq.read_table(_cell_dir(root, c) / "metrics.parquet").to_pylist()[0] for c in ids}
+    narrow = [c for c in ids if c.endswith("_int8")]
+    assert len(narrow) == 2
+    for cid in narrow:
+        fid, row = docs[cid]["fidelity"], rows[cid]
+        assert docs[cid]["status"] == "ok" and fid["reason"] is None, fid
+        # the datasets' first prompts (3 and 4 of them), the last positions of each
+        assert fid["prompts"] == (4 if "_a_" in cid else 3) and fid["positions"] > fid["prompts"]
+        # int8 per-channel weights on a float32 tiny model: a small, non-zero difference
+        assert 0 < fid["logit_rel_diff"] <= fid["logit_rel_diff_max"] < 0.05, fid
+        assert fid["top1_agree"] > 0.5 and fid["token_kl_nats"] >= 0
+        assert row["precision"] == "int8" and row["logit_rel_diff"] == fid["logit_rel_diff"]
+        assert row["fidelity_positions"] == fid["positions"] and row["weights_synthetic"] is True
+    bf16 = next(c for c in ids if c.endswith("_bf16"))
+    assert docs[bf16]["fidelity"]["logit_rel_diff"] is None
+    assert rows[bf16]["precision"] == "bf16" and "no fp16 weights" in rows[bf16]["fidelity_reason"]
+    rank_log = (root / "results" / "groups" / "tiny_cpu_s1_pnone_compiled_int8" / "logs" / "rank0.log").read_text()
+    assert rank_log.count("fp16 reference logits of 2 prompt set(s)") == 1  # once, in the first cell's load

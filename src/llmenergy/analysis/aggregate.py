@@ -253,6 +253,19 @@ def _with_metadata(table: pa.Table, extra: dict[str, str]) -> pa.Table:
     return table.replace_schema_metadata(meta)
 
 
+def _fill_precision(summary: pd.DataFrame, cells_dir: Path) -> pd.DataFrame:
+    """The precision of rows from metrics written before it was a column: the cell's record says."""
+    missing = summary["precision"].isna()
+    for cid in summary.loc[missing, "cell_id"].unique():
+        path = CellFiles(cells_dir / str(cid)).record
+        try:
+            precision = CellRecord.read(path).cell.precision
+        except RecordError:
+            continue  # left null: the cell has no readable record (the row says why it is not ok)
+        summary.loc[summary["cell_id"] == cid, "precision"] = precision
+    return summary
+
+
 def aggregate(output_dir: Path, *, grid_gco2_per_kwh: float | None = None,
               expected_cells: list[dict[str, Any]] | None = None) -> AggregateResult:
     """Write ``summary.parquet``, ``summary_stats.parquet`` and ``aggregate_problems.json``."""
@@ -278,7 +291,7 @@ def aggregate(output_dir: Path, *, grid_gco2_per_kwh: float | None = None,
     if extra_rows:
         table = pa.concat_tables([table, to_table(extra_rows)])
 
-    summary = table.to_pandas()
+    summary = _fill_precision(table.to_pandas(), cells_dir)
     mixed = summary.groupby("cell_id")["fingerprint"].nunique()
     if (mixed > 1).any():  # one metrics file per cell folder: only a hand-made file can do this
         raise RecordError(f"{cells_dir}: cell(s) {', '.join(mixed[mixed > 1].index)} hold rows of "

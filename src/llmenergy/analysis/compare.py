@@ -2,8 +2,8 @@
 
 For each axis of :data:`COMPARE_AXES` with two or more values among the ``ok``
 cells, cells are grouped by every *other* matrix axis; within a group each value
-is paired with the axis's baseline (engine ``reference``, the paper's; no power
-cap, else the highest cap; else the smallest value or the first name).
+is paired with the axis's baseline (engine ``reference``, the paper's; precision
+``fp16``; no power cap, else the highest cap; else the smallest value or the first name).
 
 The ratio of a pair is the ratio of the two cells' means over their ok repeats,
 ``R = mean(a) / mean(b)``. Its interval comes from the delta method on the log
@@ -35,7 +35,7 @@ from llmenergy.analysis.flags import row_flags
 
 log = logging.getLogger(__name__)
 
-COMPARE_AXES = ["engine", "dataset", "gpu", "shards", "power_cap_w", "batch_size"]
+COMPARE_AXES = ["engine", "precision", "dataset", "gpu", "shards", "power_cap_w", "batch_size"]
 #: Ratios computed for each pair: J/token, tokens/s and energy per second (power).
 RATIO_METRICS = ("j_per_token", "tokens_per_s", "avg_power_w")
 METHOD_TEXT = ("ratio of the two cells' means over their ok repeats; 95 % interval by the delta "
@@ -112,6 +112,8 @@ def baseline_of(axis: str, values: list[Any]) -> Any:
     """The value every other value of ``axis`` is compared with."""
     if axis == "engine" and "reference" in values:
         return "reference"
+    if axis == "precision" and "fp16" in values:
+        return "fp16"
     if axis == "power_cap_w":
         if any(isinstance(v, float) and math.isnan(v) for v in values):
             return math.nan
@@ -131,7 +133,7 @@ def value_text(axis: str, value: Any) -> str:
     return {"batch_size": f"batch {v}", "shards": f"shards {v}",
             "power_cap_w": "no cap" if "uncapped" in v else f"cap {v}",
             "max_gen_len": f"max generation length {v}", "engine": f"engine {v}",
-            "dataset": f"dataset {v}", "gpu": f"GPU {v}"}.get(axis, v)
+            "dataset": f"dataset {v}", "gpu": f"GPU {v}", "precision": f"precision {v}"}.get(axis, v)
 
 
 def pairs(summary: pd.DataFrame) -> pd.DataFrame:

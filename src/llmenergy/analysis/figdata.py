@@ -34,11 +34,11 @@ CONFIG_KEYS = [a for a in AXES if a != "power_cap_w"]
 MAX_HUES = 8
 MAX_PANELS = 24
 #: The axis a figure draws one line per value of, when its own hue has one value.
-HUE_ORDER = ["engine", "dataset", "shards", "batch_size", "power_cap_w", "max_gen_len", "gpu"]
+HUE_ORDER = ["engine", "precision", "dataset", "shards", "batch_size", "power_cap_w", "max_gen_len", "gpu"]
 #: Past MAX_PANELS, the axes held fixed first.
-HOLD_FIRST = ["max_gen_len", "dataset", "power_cap_w", "shards", "batch_size", "engine"]
+HOLD_FIRST = ["max_gen_len", "dataset", "power_cap_w", "shards", "batch_size", "engine", "precision"]
 SHORT_NAMES = {"shards": "shards", "batch_size": "batch", "max_gen_len": "len",
-               "power_cap_w": "cap", "engine": "engine"}
+               "power_cap_w": "cap", "engine": "engine", "precision": "precision"}
 AXIS_NAMES = {
     "model": "model", "dataset": "dataset", "gpu": "GPU type", "shards": "shards (GPUs)",
     "batch_size": "batch size", "max_gen_len": "max generation length (tokens)",

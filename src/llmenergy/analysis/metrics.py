@@ -335,6 +335,16 @@ def _derive_status(record: CellRecord | None, events: pd.DataFrame | None) -> tu
     return "ok", None
 
 
+def _fidelity_columns(record: CellRecord | None) -> dict[str, Any]:
+    """The precision's cost in logits (:class:`~llmenergy.cellfiles.Fidelity`) as columns."""
+    fid = record.fidelity if record is not None else None
+    if fid is None:
+        return {}
+    return {"logit_rel_diff": fid.logit_rel_diff, "logit_rel_diff_max": fid.logit_rel_diff_max,
+            "token_kl_nats": fid.token_kl_nats, "top1_agree": fid.top1_agree,
+            "fidelity_positions": fid.positions or None, "fidelity_reason": fid.reason}
+
+
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Build a table with :data:`METRICS_SCHEMA` from row dicts (missing keys → null)."""
     cols = {name: [_clean(r.get(name)) for r in rows] for name in METRIC_COLUMNS}
@@ -394,6 +404,7 @@ def compute_cell_metrics(cell_dir: Path, *, record: CellRecord | None = None, sp
     base["n_prompts"] = spec.dataset.n_prompts if spec is not None else None
     base["weights_synthetic"] = None if spec is None else spec.weights == "synthetic"
     base["fingerprint"] = record.fingerprint if record is not None else None
+    base.update(_fidelity_columns(record))
     source = power_source_of(power)  # from the samples, not from what cell.json planned
     base["power_source"] = source
     base["gpu_name"] = _gpu_names(record)

@@ -36,8 +36,9 @@ from llmenergy.analysis.energy import RESOLUTION_PERIODS
 from llmenergy.analysis.findings import paper_findings, short_answer
 from llmenergy.analysis.flags import DISCREPANCY_LIMIT_PCT, cell_flags, flagged_rows, reason_clauses
 from llmenergy.analysis.plots import load_manifest, make_figures
+from llmenergy.analysis.precision import precision_costs
 from llmenergy.atomic import write_text
-from llmenergy.cellfiles import AXES, CellRecord
+from llmenergy.cellfiles import AXES, FIDELITY_TAIL, CellRecord
 from llmenergy.errors import RecordError, UserError
 from llmenergy.layout import RunLayout
 
@@ -372,6 +373,8 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
         "discrepancy_limit_pct": DISCREPANCY_LIMIT_PCT,
         "problems": problems,
         "accuracy": _accuracy(summary),
+        "precision_costs": precision_costs(summary, pair_rows),
+        "fidelity_tail": FIDELITY_TAIL,
         "provenance": _provenance(output_dir, sorted(stats["cell_id"].astype(str))),
         "extra": extra or {},
     }

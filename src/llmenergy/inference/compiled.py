@@ -168,8 +168,9 @@ class CompiledEngine:
         return funcol.wait_tensor(gathered).movedim(0, -1)
 
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
-                 n_keys: int, caches: Caches) -> torch.Tensor:
-        """Float32 logits of the last position [B, V] for ``tokens`` [B, S] at positions ``pos`` [S].
+                 n_keys: int, caches: Caches, tail: int | None = None) -> torch.Tensor:
+        """Float32 logits of the last position [B, V] (of the last ``tail`` [B, tail, V]) for
+        ``tokens`` [B, S] at positions ``pos`` [S].
 
         Keys and values go into ``caches`` at ``pos``; attention reads the first ``n_keys``.
         """
@@ -199,7 +200,7 @@ class CompiledEngine:
             x = layer.ffn_norm(h)
             gate, up = lin.gate_up(x).split(lin.hidden, dim=-1)
             h = h + self._all_reduce(lin.w2(F.silu(gate) * up))
-        h = m.norm(h[:, -1])
+        h = m.norm(h[:, -1] if tail is None else h[:, -tail:])
         return self._all_gather_last(F.linear(h, m.output.weight)).float()
 
     def _decode(self, token: torch.Tensor, pos: torch.Tensor, n_pad: torch.Tensor,
@@ -311,6 +312,17 @@ class CompiledEngine:
         self._mark_step()
         _, step = self._step(token, pos, pads, caches)
         return pre, step.clone()
+
+    @torch.inference_mode()
+    def tail_logits(self, tokens: torch.Tensor, n_pad: torch.Tensor | None, tail: int) -> torch.Tensor:
+        """Float32 logits [B, tail, V] of the last ``tail`` positions of the left-padded
+        prompts ``tokens`` [B, S], through this engine's (eager) prefill and its linears."""
+        seqlen = tokens.shape[1]
+        caches = self.caches(tokens.shape[0])
+        mask = attention_mask(0, seqlen, n_pad, self.device)
+        with sdpa_kernel(SDPA_BACKENDS):
+            return self._forward(tokens, torch.arange(seqlen, device=self.device), mask, seqlen,
+                                 caches, tail=tail)
 
     @torch.inference_mode()
     def prefill_only(self, prompts: list[list[int]]) -> None:

@@ -174,12 +174,13 @@ class Transformer(nn.Module):
             persistent=False)
 
     def forward(self, tokens: torch.Tensor, start_pos: int, *,
-                n_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                n_pad: torch.Tensor | None = None, last_only: bool = False,
+                tail: int | None = None) -> torch.Tensor:
         """Logits (float32) for ``tokens`` [B, S] placed at positions ``start_pos``...
 
         ``n_pad`` [B] gives the number of left-padding positions of each sequence;
         keys at those positions are masked out.  With ``last_only`` only the last
-        position's logits are computed ([B, 1, V]).
+        position's logits are computed ([B, 1, V]); with ``tail`` the last ``tail``'s.
         """
         bsz, seqlen = tokens.shape
         end = start_pos + seqlen
@@ -192,8 +193,8 @@ class Transformer(nn.Module):
         with sdpa_kernel(SDPA_BACKENDS):
             for layer in self.layers:
                 h = layer(h, start_pos, freqs, mask)
-        if last_only:
-            h = h[:, -1:]
+        if last_only or tail:
+            h = h[:, -(1 if last_only else tail):]
         return self.output(self.norm(h)).float()
 
 

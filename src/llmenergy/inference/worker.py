@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmenergy.arch import NARROW_BYTES
 from llmenergy.cellfiles import CellSpec, GroupSpec
 from llmenergy.errors import PowerCapDenied, PowerCapError
 from llmenergy.handshake import CellBegin, RankOutcome, WorkerStatus
@@ -84,6 +85,8 @@ class Shared:
     prompts: dict[str, Any] = field(default_factory=dict)
     engine: Any = None
     engine_key: tuple[Any, ...] | None = None
+    cell_dirs: list[Path] = field(default_factory=list)  # the job's cells, in run order
+    references: dict[str, Any] = field(default_factory=dict)  # fp16 logits (inference.fidelity)
 
     def engine_for(self, spec: CellSpec, cache_dir: Path) -> tuple[Any, bool]:
         """The cell's engine, and whether it is the previous cell's (same engine, precision
@@ -142,6 +145,8 @@ def _cell_phases(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Share
     t0 = rec.now_ns()
     built = _load(spec, shared)
     prompts, encoded = _prompts(spec, shared)
+    if built and spec.cell.precision in NARROW_BYTES:  # before int8/fp8 release the fp16 weights
+        shared.references = _references(shared)
     dist.barrier()
     rec.event("load", t0, rec.now_ns())
     stop.check()
@@ -167,7 +172,39 @@ def _cell_phases(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Share
         log.info("%s: the previous cell's %s engine kept (same precision and KV cache): no new compile",
                  spec.cell_id, spec.cell.engine)
     measure(rec, engine, shared.tokenizer, prompts, encoded, spec, stop, is_main)
-    return WorkerStatus("ok", load=dict(shared.load or {}, shared_model_load=not built, shared_engine=reused))
+    stop.check()
+    fid = _fidelity(spec, engine, shared)
+    return WorkerStatus("ok", load=dict(shared.load or {}, shared_model_load=not built, shared_engine=reused),
+                        fidelity=None if fid is None else fid.to_dict())
+
+
+def _references(shared: Shared) -> dict[str, Any]:
+    """The fp16 reference logits of every dataset the job's int8/fp8 cells run (the model
+    is still 16-bit: the first cell's engine has not quantised it yet)."""
+    from llmenergy.inference import fidelity
+
+    wanted: dict[str, list[list[int]]] = {}
+    for cell_dir in shared.cell_dirs:
+        other = CellSpec.read(CellFiles(cell_dir).spec)
+        if other.cell.precision in NARROW_BYTES and repr(other.dataset) not in wanted:
+            encoded = _prompts(other, shared)[1]
+            wanted[repr(other.dataset)] = fidelity.fidelity_prompts(encoded, shared.model.max_seq_len)
+    return fidelity.references(shared.model, wanted)
+
+
+def _fidelity(spec: CellSpec, engine: Any, shared: Shared) -> Any:
+    """The cell's :class:`~llmenergy.cellfiles.Fidelity` (int8/fp8: measured; bf16: why
+    not), or None (fp16). A failed comparison is the record's reason, not the cell's."""
+    from llmenergy.cellfiles import Fidelity
+    from llmenergy.inference import fidelity
+
+    if spec.cell.precision not in NARROW_BYTES:
+        return fidelity.not_compared(spec.cell.precision)
+    try:
+        return fidelity.measure(engine, shared.references.get(repr(spec.dataset)))
+    except Exception as exc:  # noqa: BLE001 - the energy numbers stand without it
+        log.exception("%s: comparing logits with fp16 failed", spec.cell_id)
+        return Fidelity(reason=f"comparison failed: {type(exc).__name__}: {exc}")
 
 
 def run_cell(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Shared, stop: StopFlag, renv: RankEnv,
@@ -217,7 +254,7 @@ def run(group_path: Path) -> int:
     start_process(first, renv, dev)
     device_info(dev, renv.node, renv.rank).write(rank_file(job.rank_devices, renv.node, renv.rank))
     clock_handshake(job, dev, renv)
-    shared = Shared(device=dev)
+    shared = Shared(device=dev, cell_dirs=[group.cell_dir(cid) for cid in group.cells])
     code = 0
     for i, cid in enumerate(group.cells):
         files = CellFiles(group.cell_dir(cid))

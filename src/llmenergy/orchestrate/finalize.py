@@ -33,7 +33,7 @@ from llmenergy.config import Config
 from llmenergy.errors import RecordError
 from llmenergy.handshake import CellBegin, ClockOffsets, RankOutcome, WorkerStatus
 from llmenergy.layout import CellFiles
-from llmenergy.orchestrate.provenance import collect_provenance
+from llmenergy.orchestrate.provenance import collect_provenance, worker_fidelity
 
 log = logging.getLogger("llmenergy.orchestrate.launch")
 
@@ -101,7 +101,7 @@ def finalize(cfg: Config, cell: Cell, spec: CellSpec, files: CellFiles, *, codes
     record = CellRecord(cell=cell, status=status, reason=reason, repeats=cfg.repeats, launcher=launcher,
                         rank_exit_codes=codes, power_recovered_from_parts=recovered,
                         provenance=collect_provenance(files, started=started, power=power),
-                        fingerprint=measured[0], definition=measured[1])
+                        fingerprint=measured[0], definition=measured[1], fidelity=worker_fidelity(files))
     record.provenance.group = group
     if wall_s is not None:  # a packed cell: its own window, not the job's
         record.provenance.wall_s = round(wall_s, 3)

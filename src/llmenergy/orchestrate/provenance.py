@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import llmenergy
-from llmenergy.cellfiles import Provenance
+from llmenergy.cellfiles import Fidelity, Provenance
 from llmenergy.errors import RecordError
 from llmenergy.handshake import ClockOffsets, CollectorReady, RankDevice, WorkerStatus
 from llmenergy.layout import CellFiles
@@ -86,6 +86,18 @@ def slurm_time_limit_min(job_id: str | None) -> int | None:
         return None
     out = _run(["squeue", "-h", "-j", job_id, "-o", "%l"])
     return parse_time_limit_min(out.splitlines()[0]) if out else None
+
+
+def worker_fidelity(files: CellFiles) -> Fidelity | None:
+    """The precision's cost in logits that rank 0 measured (``.run/worker_status.json``)."""
+    if not files.worker_status.exists():
+        return None
+    try:
+        data = WorkerStatus.read(files.worker_status).fidelity
+        return None if data is None else Fidelity.from_json(data, str(files.worker_status))
+    except RecordError as exc:
+        log.warning("%s", exc)
+        return None
 
 
 def collect_provenance(files: CellFiles, *, started: float, power: Any = None) -> Provenance:
