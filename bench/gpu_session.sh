@@ -77,7 +77,7 @@ case "$mode" in
       TAIL=3 step $(( 560 - SECONDS )) lle run-group --config $C --group llama-7b_H200_s1_pnone_$g
     done
     TAIL=12 step 20 python3 bench/precision_cells.py bench-results/h200x1_precision \
-      "${BENCH_JSON:-bench/results/session8/h200_precision_all.json}" --out "$OUT/h200_precision_cells.json" ;;
+      "${BENCH_JSON:-bench/results/session9/h200_precision_all.json}" --out "$OUT/h200_precision_cells.json" ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac
 tar czf "$OUT/cells_$mode.tgz" bench-results

@@ -23,6 +23,16 @@ log = logging.getLogger("precision_cells")
 LIMIT_PCT = 3.0
 
 
+#: The cell's logits against the same load's fp16 weights (int8/fp8; docs/precision.md).
+FIDELITY = ("logit_rel_diff", "logit_rel_diff_max", "token_kl_nats", "top1_agree", "fidelity_positions",
+            "fidelity_reason")
+
+
+def _first(m: pd.DataFrame, col: str) -> Any:
+    vals = m[col].dropna() if col in m else []
+    return None if len(vals) == 0 else vals.iloc[0].item() if hasattr(vals.iloc[0], "item") else vals.iloc[0]
+
+
 def pipeline_rows(results: Path) -> list[dict[str, Any]]:
     rows = []
     for cell_dir in sorted(p.parent for p in results.glob("cells/*/cell.json")):
@@ -35,7 +45,8 @@ def pipeline_rows(results: Path) -> list[dict[str, Any]]:
         rows.append({"cell": cell_dir.name, "status": status, "engine": str(m["engine"].iloc[0]),
                      "precision": str(m["precision"].iloc[0]), "batch": int(m["batch_size"].iloc[0]),
                      "tokens_per_s": float(m["tokens_per_s"].median()),
-                     "j_per_token": float(m["j_per_token"].median())})
+                     "j_per_token": float(m["j_per_token"].median()),
+                     **{c: _first(m, c) for c in FIDELITY}})
     return rows
 
 
@@ -73,6 +84,13 @@ def main() -> int:
                  r["tokens_per_s_diff_pct"], r["j_per_token"], r["bench_j_per_token"],
                  r.get("j_per_token_diff_pct", float("nan")),
                  "" if abs(r["tokens_per_s_diff_pct"]) <= LIMIT_PCT else f"  (over {LIMIT_PCT} %)")
+    for r in rows:
+        if r.get("logit_rel_diff") is not None:
+            log.info("%-48s logits vs fp16: rel diff %.4g (max %.4g), KL %.3g nats, top-1 %.3f over %s positions",
+                     r["cell"], r["logit_rel_diff"], r["logit_rel_diff_max"], r["token_kl_nats"],
+                     r["top1_agree"], r["fidelity_positions"])
+        elif r.get("fidelity_reason"):
+            log.info("%-48s logits vs fp16: %s", r["cell"], r["fidelity_reason"])
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
     return 0
