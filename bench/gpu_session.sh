@@ -29,6 +29,8 @@ nproc
 step() { local t=$1; shift; echo "== $* (limit ${t}s)"; local s=$SECONDS; timeout "$t" "$@" 2>&1 | tail -"${TAIL:-6}"; echo "== rc ${PIPESTATUS[0]} in $((SECONDS - s)) s"; }
 nvml_tests() { step 60 python3 -m pytest -q -p no:cacheprovider tests/power/test_nvml_hardware.py; }
 cell7b=llama-7b_alpaca_H100_s1_b16_g256_pnone_reference
+# the CLI as a command `timeout` can start (a shell function it cannot)
+lle=(python3 -c 'import sys; from llmenergy.cli import main; sys.exit(main())')
 case "$mode" in
   x1)
     nvml_tests
@@ -60,9 +62,8 @@ case "$mode" in
     TAIL=20 step 500 python3 bench/gpu_cells.py --config bench/configs/h200x1_engines.yaml --out "$OUT/h200_engine_cells.json" ;;
   integrity)
     C=bench/configs/h200x1_integrity.yaml
-    lle() { python3 -c 'import sys; from llmenergy.cli import main; sys.exit(main())' "$@"; }
-    TAIL=4 step 230 lle run-group --config $C --group llama-7b_H200_s1_pnone_compiled
-    TAIL=4 step 170 lle run-group --config $C --group llama-7b_H200_s1_pnone_reference
+    TAIL=4 step 230 "${lle[@]}" run-group --config $C --group llama-7b_H200_s1_pnone_compiled
+    TAIL=4 step 170 "${lle[@]}" run-group --config $C --group llama-7b_H200_s1_pnone_reference
     TAIL=8 step 30 python3 bench/integrity.py bench-results/h200x1_integrity --out "$OUT/h200_integrity.json"
     TAIL=20 step $(( 585 - SECONDS )) python3 bench/engines.py --engines compiled --precision fp16 int8 fp8 \
       --batches 1 --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_precision_b1.json" ;;
@@ -72,9 +73,8 @@ case "$mode" in
       --cache-dir /tmp/inductor --out "$OUT/h200_precision_all.json" ;;
   precells)
     C=bench/configs/h200x1_precision.yaml
-    lle() { python3 -c 'import sys; from llmenergy.cli import main; sys.exit(main())' "$@"; }
-    for g in compiled_int8 compiled_fp8 compiled; do
-      TAIL=3 step $(( 560 - SECONDS )) lle run-group --config $C --group llama-7b_H200_s1_pnone_$g
+    for g in compiled_int8 compiled compiled_fp8; do
+      TAIL=3 step $(( 560 - SECONDS )) "${lle[@]}" run-group --config $C --group llama-7b_H200_s1_pnone_$g
     done
     TAIL=12 step 20 python3 bench/precision_cells.py bench-results/h200x1_precision \
       "${BENCH_JSON:-bench/results/session9/h200_precision_all.json}" --out "$OUT/h200_precision_cells.json" ;;
