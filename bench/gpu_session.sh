@@ -16,6 +16,8 @@
 #            fp16 bf16 int8 fp8 (batch 1 and 16);
 #   precells - the compiled cells of bench/configs/h200x1_precision.yaml through run-group,
 #            set beside that bench's JSON ($BENCH_JSON) by bench/precision_cells.py;
+#   profile - bench/step_profile.py: where a compiled decode step's time goes (kernels per
+#            step, busy share, kernel classes, the weight kernels' bandwidth), fp16 int8 fp8;
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -78,6 +80,9 @@ case "$mode" in
     done
     TAIL=12 step 20 python3 bench/precision_cells.py bench-results/h200x1_precision \
       "${BENCH_JSON:-bench/results/session9/h200_precision_all.json}" --out "$OUT/h200_precision_cells.json" ;;
+  profile)
+    TAIL=20 step 500 python3 bench/step_profile.py --precision fp16 int8 fp8 --batches 1 16 \
+      --out "$OUT/h200_step_profile.json" ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac
 tar czf "$OUT/cells_$mode.tgz" bench-results
