@@ -16,6 +16,8 @@
 #            fp16 bf16 int8 fp8 (batch 1 and 16);
 #   precells - the compiled cells of bench/configs/h200x1_precision.yaml through run-group,
 #            set beside that bench's JSON ($BENCH_JSON) by bench/precision_cells.py;
+#   fp8 - bench/engines.py fp8 at batch 1, then the fp8 cells of h200x1_precision.yaml through
+#            run-group, set beside it;
 #   profile - bench/step_profile.py: where a compiled decode step's time goes (kernels per
 #            step, busy share, kernel classes, the weight kernels' bandwidth), fp16 int8 fp8;
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
@@ -80,6 +82,15 @@ case "$mode" in
     done
     TAIL=12 step 20 python3 bench/precision_cells.py bench-results/h200x1_precision \
       "${BENCH_JSON:-bench/results/session9/h200_precision_all.json}" --out "$OUT/h200_precision_cells.json" ;;
+  fp8)
+    # the fp8 cells through run-group beside bench/engines.py at batch 1 in the same call
+    # (session 9: the fp16 prefill overflow fix, the kernel variants compiled in the warm-up)
+    C=bench/configs/h200x1_precision.yaml
+    TAIL=6 step 120 python3 bench/engines.py --engines compiled --precision fp8 --batches 1 --gen 128 \
+      --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_fp8_b1.json"
+    TAIL=3 step 240 "${lle[@]}" run-group --config $C --group llama-7b_H200_s1_pnone_compiled_fp8
+    TAIL=12 step 20 python3 bench/precision_cells.py bench-results/h200x1_precision "$OUT/h200_fp8_b1.json" \
+      --out "$OUT/h200_fp8_cells.json" ;;
   profile)
     TAIL=20 step 500 python3 bench/step_profile.py --precision fp16 int8 fp8 --batches 1 16 \
       --out "$OUT/h200_step_profile.json" ;;

@@ -72,3 +72,12 @@ def test_a_cell_without_a_reference_or_at_bf16_says_why() -> None:
     assert "no fp16 reference" in (fidelity.measure(engine, None).reason or "")
     assert "no fp16 weights" in (fidelity.not_compared("bf16").reason or "")
     assert fidelity.not_compared("fp16") is None
+
+
+def test_inf_or_nan_logits_of_the_engine_fail_and_of_the_reference_are_a_reason() -> None:
+    want = [torch.zeros(3, 4), torch.zeros(2, 4)]
+    got = [torch.zeros(3, 4), torch.tensor([[0.0, float("nan"), 0.0, 0.0], [0.0, 0.0, float("inf"), 0.0]])]
+    with pytest.raises(fidelity.NonFiniteLogits, match="inf/NaN at 2 of 5 prompt positions"):
+        fidelity.compare(got, want)
+    fid = fidelity.compare(want, got)
+    assert fid.logit_rel_diff is None and "reference logits are inf/NaN at 2 of 5" in (fid.reason or "")

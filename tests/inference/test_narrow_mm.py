@@ -106,3 +106,32 @@ def test_config_table_covers_small_batches_and_fills_the_gpu() -> None:
                 assert cfg["BLOCK_M"] >= 16 and cfg["BLOCK_N"] >= 16  # tl.dot's minimum
             programs = -(-n // cfg["BLOCK_N"]) * -(-m // cfg.get("BLOCK_M", 1))
             assert programs >= 128, (m, n, cfg)  # an H200 has 132 SMs; no split-K
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_fp16_path_does_not_overflow_where_the_narrow_values_outgrow_the_weight(precision: str) -> None:
+    """A weight row of small magnitude: its narrow values are up to 127 (448 for e4m3) times
+    larger than the weight itself, so ``x @ q.T`` alone passes float16's 65,504 while the
+    true product is small (what made a 7B fp8 prefill inf on the H200)."""
+    w = torch.full((4, 4096), 2e-3)
+    w[:, ::2] = -1e-3
+    q, scale = quant.quantize(w, precision)
+    x = torch.ones(3, 4096, dtype=torch.float16)  # [1, -0.5, ...]·x: true outputs 1e-3 · 2048 = 2.05
+    assert float((x.float() @ q.float().T).abs().max()) > 65504  # the product without the scale
+    got = nm.narrow_mm(x, q, scale.to(torch.float16))
+    assert bool(got.isfinite().all())
+    torch.testing.assert_close(got.float(), x.float() @ w.T, rtol=2e-2, atol=2e-2)
+
+
+def test_warm_up_rows_reach_every_kernel_config() -> None:
+    """The engine's warm-up launches :data:`narrow_mm.WARM_ROWS`: every row count a prefill
+    or decode can take (1..SMALL_M) must use a config one of them compiled."""
+    for n, k in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)):
+        warmed = [nm._config(m, n, k) for m in nm.WARM_ROWS]
+        assert all(nm._config(m, n, k) in warmed for m in range(1, nm.SMALL_M + 1)), (n, k)
+        assert len({tuple(sorted(c.items())) for c in warmed}) == len(nm.WARM_ROWS)  # none wasted
+
+
+def test_warm_launches_nothing_on_cpu() -> None:
+    q, scale = _qweights("int8")
+    assert nm.warm([(q, scale), (q, scale)], torch.float16) == 0

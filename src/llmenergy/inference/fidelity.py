@@ -71,14 +71,28 @@ def references(model: Any, prompts_by_key: dict[str, Prompts]) -> dict[str, tupl
     return refs
 
 
+class NonFiniteLogits(RuntimeError):
+    """The cell's engine gave inf/NaN logits: its generated tokens are not to be trusted."""
+
+
 def compare(got: list[torch.Tensor], want: list[torch.Tensor]) -> Fidelity:
     """``got`` against ``want`` (per prompt [t, V], the same positions): their relative L2
-    difference, the KL divergence KL(want || got) in nats, and top-1 agreement per position."""
+    difference, the KL divergence KL(want || got) in nats, and top-1 agreement per position.
+
+    Raises :class:`NonFiniteLogits` when ``got`` has an inf or NaN; a reference that has
+    one gives a record with the reason instead."""
     if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want, strict=False)):
         raise ValueError("logits to compare differ in shape")
     g, w = torch.cat(got).double(), torch.cat(want).double()
     if len(w) == 0:
         return Fidelity(reason="no positions to compare")
+    bad_g, bad_w = (int((~t.isfinite()).any(-1).sum()) for t in (g, w))
+    if bad_g:
+        raise NonFiniteLogits(f"the engine's logits are inf/NaN at {bad_g} of {len(g)} prompt positions "
+                              f"(the fp16 weights' are finite at {len(w) - bad_w})")
+    if bad_w:
+        return Fidelity(prompts=len(want), positions=len(w),
+                        reason=f"the fp16 reference logits are inf/NaN at {bad_w} of {len(w)} positions")
     rel = (g - w).norm(dim=-1) / w.norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
     kl = F.kl_div(F.log_softmax(g, -1), F.log_softmax(w, -1), log_target=True, reduction="none").sum(-1)
     return Fidelity(prompts=len(want), positions=len(w), logit_rel_diff=float(rel.mean()),

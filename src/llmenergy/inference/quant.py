@@ -103,7 +103,8 @@ class DenseLinear(nn.Module):
 
 
 class NarrowLinear(nn.Module):
-    """Weight-only int8/fp8 in pure PyTorch: ``F.linear(x, q.to(x.dtype)) * scale``."""
+    """Weight-only int8/fp8 in pure PyTorch: ``F.linear(x, q.to(x.dtype)) * scale``, in
+    float16 ``F.linear(x, q.to(x.dtype) * scale)`` (:func:`llmenergy.inference.narrow_mm.reference`)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
         super().__init__()
@@ -111,7 +112,7 @@ class NarrowLinear(nn.Module):
         self.register_buffer("scale", scale.to(dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.qweight.to(x.dtype)) * self.scale
+        return narrow_mm.reference(x, self.qweight, self.scale)
 
 
 class KernelNarrowLinear(NarrowLinear):
@@ -304,6 +305,13 @@ def prepare(model: nn.Module, precision: str) -> tuple[list[Linears], str]:
     log.info("prepared %d blocks' linears: %s, backend %s", len(layers), precision, how)
     setattr(model, _ATTR, (precision, how, layers))
     return layers, how
+
+
+def warm_kernels(layers: list[Linears], dtype: torch.dtype) -> int:
+    """Have Triton compile our kernel's variants for every projection shape now (CUDA,
+    backend ``triton``; :func:`llmenergy.inference.narrow_mm.warm`); the launches run."""
+    pairs = [(m.qweight, m.scale) for lin in layers for m in lin.modules() if isinstance(m, KernelNarrowLinear)]
+    return narrow_mm.warm(pairs, dtype) if pairs else 0
 
 
 def model_precision(model: nn.Module) -> str | None:

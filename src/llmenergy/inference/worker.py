@@ -194,7 +194,8 @@ def _references(shared: Shared) -> dict[str, Any]:
 
 def _fidelity(spec: CellSpec, engine: Any, shared: Shared) -> Any:
     """The cell's :class:`~llmenergy.cellfiles.Fidelity` (int8/fp8: measured; bf16: why
-    not), or None (fp16). A failed comparison is the record's reason, not the cell's."""
+    not), or None (fp16). A failed comparison is the record's reason, not the cell's;
+    inf/NaN logits from the cell's engine fail the cell."""
     from llmenergy.cellfiles import Fidelity
     from llmenergy.inference import fidelity
 
@@ -202,6 +203,8 @@ def _fidelity(spec: CellSpec, engine: Any, shared: Shared) -> Any:
         return fidelity.not_compared(spec.cell.precision)
     try:
         return fidelity.measure(engine, shared.references.get(repr(spec.dataset)))
+    except fidelity.NonFiniteLogits:
+        raise  # the cell's tokens came from such logits: the cell fails, with this reason
     except Exception as exc:  # noqa: BLE001 - the energy numbers stand without it
         log.exception("%s: comparing logits with fp16 failed", spec.cell_id)
         return Fidelity(reason=f"comparison failed: {type(exc).__name__}: {exc}")
