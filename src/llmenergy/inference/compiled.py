@@ -252,7 +252,7 @@ class CompiledEngine:
         sync(self.device)
         t0 = time.time_ns()
         if not self._ready and (n := quant.warm_kernels(self.linears, self.dtype)):
-            log.info("compiled %d narrow_mm kernel variant(s) for prefill and decode", n)
+            log.info("warmed %d narrow_mm kernel variant(s) for prefill and decode (Triton compiles each once)", n)
         if self.compile:
             token = self._token(bsz).zero_()
             pos = torch.zeros(1, dtype=torch.long, device=self.device)
