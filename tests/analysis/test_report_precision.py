@@ -64,3 +64,13 @@ def test_the_precision_report_fits_a_1280px_window(html: str, tmp_path: Path) ->
     out = chromium_probe(html, tmp_path, _WIDTH_JS, width=1280)
     assert out["page"] <= out["vw"] and out["wide"] == [], out
     assert out["scrolled"] == [], "a table needs horizontal scrolling at 1,280 px"
+
+
+def test_the_short_answer_names_the_precision_and_compares_with_the_papers_fp16(tmp_path: Path) -> None:
+    summary = synthetic_summary(engines=("reference", "compiled"), precisions=("fp16", "int8"))
+    write_results(tmp_path, summary)
+    box = render_report(tmp_path).read_text().split('id="answer"')[1].split('id="matrix"')[0]
+    assert "engine compiled, precision int8, batch 16" in box
+    # compiled int8: 1.1 · 0.9 the power at 2 · 1.5 the tokens/s of reference fp16 → 0.33×
+    assert "0.33× (" in box and "the J/token of reference fp16 at the same settings" in box
+    assert 'href="#precision"' in box.split("</section>")[1]  # the contents line links the section

@@ -29,6 +29,7 @@ from llmenergy.analysis.figdata import AXIS_NAMES, fmt_value, t_interval
 log = logging.getLogger(__name__)
 
 PAPER_ENGINE = "reference"
+PAPER_PRECISION = "fp16"  # the paper ran fp16 weights
 HOLDS, FAILS, NOT_MEASURED = "holds", "does not hold", "not measured"
 
 
@@ -124,7 +125,8 @@ def paper_findings(sums: list[AxisSummary], summary: pd.DataFrame) -> list[Paper
 
 def _config_text(row: pd.Series, axes: list[str]) -> str:
     names = {"engine": "engine", "batch_size": "batch", "power_cap_w": "cap",
-             "dataset": "dataset", "shards": "shards", "max_gen_len": "max gen len"}
+             "dataset": "dataset", "shards": "shards", "max_gen_len": "max gen len",
+             "precision": "precision"}
     return ", ".join(f"{names[a]} {fmt_value(a, row[a]).replace(' (uncapped)', '')}"
                      for a in axes if a in row.index)
 
@@ -137,8 +139,8 @@ def short_answer(summary: pd.DataFrame) -> list[dict[str, Any]]:
     ok = ok[ok["j_per_token"].notna()]
     if len(ok) == 0:
         return []
-    axes = [a for a in ("engine", "batch_size", "power_cap_w", "dataset", "shards", "max_gen_len")
-            if a in ok.columns]
+    axes = [a for a in ("engine", "precision", "batch_size", "power_cap_w", "dataset", "shards",
+                        "max_gen_len") if a in ok.columns]
     shown = [a for a in axes if a in ("engine", "batch_size", "power_cap_w")
              or ok[a].nunique(dropna=False) > 1]
     out = []
@@ -163,17 +165,20 @@ def short_answer(summary: pd.DataFrame) -> list[dict[str, Any]]:
             item["versus"].append(f"this is the paper's engine ({PAPER_ENGINE}): it beats the "
                                   "other engines measured here")
         else:
-            same = grp[grp["engine"].astype(str) == PAPER_ENGINE]
+            ref = grp[grp["engine"].astype(str) == PAPER_ENGINE]
+            if "precision" in ref.columns and (ref["precision"] == PAPER_PRECISION).any():
+                ref = ref[ref["precision"] == PAPER_PRECISION]  # the paper's setting: fp16 weights
+            same = ref
             for a in axes:
-                if a != "engine":
+                if a not in ("engine", "precision"):
                     same = same[same[a].isna()] if pd.isna(first[a]) else same[same[a] == first[a]]
             if len(same):
                 r = ratio(best["j_per_token"], same["j_per_token"])
                 change = (f"{100 * (1 - r.value):.0f} % less" if r.value <= 1
                           else f"{100 * (r.value - 1):.0f} % more")
-                item["versus"].append(f"{r.text()} the J/token of {PAPER_ENGINE} at the same "
+                paper = PAPER_ENGINE if "precision" not in shown else f"{PAPER_ENGINE} {PAPER_PRECISION}"
+                item["versus"].append(f"{r.text()} the J/token of {paper} at the same "
                                       f"settings: {change} energy per token")
-            ref = grp[grp["engine"].astype(str) == PAPER_ENGINE]
             ref_means = ref.groupby("cell_id")["j_per_token"].mean()
             ref_id = ref_means.idxmin()
             ref_best = ref[ref["cell_id"] == ref_id]

@@ -23,18 +23,13 @@ _MEANS = ("j_per_token", "tokens_per_s", "logit_rel_diff", "logit_rel_diff_max",
 
 
 def _cell_values(summary: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    ok = summary[summary["status"] == "ok"]
-    out: dict[str, dict[str, Any]] = {}
-    for cid, rows in ok.groupby("cell_id", sort=False):
-        vals: dict[str, Any] = {c: float(rows[c].mean()) if c in rows and rows[c].notna().any() else None
-                                for c in _MEANS}
-        reasons = rows["fidelity_reason"].dropna() if "fidelity_reason" in rows else pd.Series(dtype=str)
-        vals["fidelity_reason"] = str(reasons.iloc[0]) if len(reasons) else None
-        vals["synthetic"] = bool(rows["weights_synthetic"].fillna(False).any()) if "weights_synthetic" in rows else False
-        for axis in ("model", "dataset", "engine", "batch_size", "precision"):
-            vals[axis] = rows[axis].iloc[0] if axis in rows else None
-        out[str(cid)] = vals
-    return out
+    """Per ok cell: the means of :data:`_MEANS`, its axes, its fidelity reason, synthetic or not."""
+    by = summary[summary["status"] == "ok"].groupby("cell_id", sort=False)
+    cells = by[list(_MEANS)].mean().join(
+        by[["model", "dataset", "engine", "batch_size", "precision", "fidelity_reason"]].first())
+    cells["synthetic"] = by["weights_synthetic"].agg(lambda s: bool(s.fillna(False).any()))
+    return {str(cid): {k: None if not isinstance(v, str) and pd.isna(v) else v for k, v in row.items()}
+            for cid, row in cells.to_dict("index").items()}
 
 
 def _text(r: Any) -> str:
@@ -43,7 +38,7 @@ def _text(r: Any) -> str:
 
 def precision_costs(summary: pd.DataFrame, pair_rows: pd.DataFrame) -> list[dict[str, Any]]:
     """One row per ok cell whose precision is not fp16: its values, its fp16 cell's, the ratios."""
-    if "precision" not in summary.columns or not summary["precision"].ne("fp16").any():
+    if not summary["precision"].ne("fp16").any():
         return []
     cells = _cell_values(summary)
     matched: dict[str, dict[str, Any]] = {}
