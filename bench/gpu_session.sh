@@ -20,6 +20,8 @@
 #            run-group, set beside it;
 #   profile - bench/step_profile.py: where a compiled decode step's time goes (kernels per
 #            step, busy share, kernel classes, the weight kernels' bandwidth), fp16 int8 fp8;
+#   sweep - bench/gemv_sweep.py: the one-row narrow_mm kernel's configs and forms on the 7B
+#            shapes (int8, then the best with fp8), then the decode-step profile (fp16, int8);
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -91,6 +93,10 @@ case "$mode" in
     TAIL=3 step 240 "${lle[@]}" run-group --config $C --group llama-7b_H200_s1_pnone_compiled_fp8
     TAIL=12 step 20 python3 bench/precision_cells.py bench-results/h200x1_precision "$OUT/h200_fp8_b1.json" \
       --out "$OUT/h200_fp8_cells.json" ;;
+  sweep)
+    TAIL=40 step 330 python3 bench/gemv_sweep.py --budget-s 230 --out "$OUT/h200_gemv_sweep.json"
+    TAIL=12 step $(( 570 - SECONDS )) python3 bench/step_profile.py --precision fp16 int8 --batches 1 16 \
+      --out "$OUT/h200_step_profile.json" ;;
   profile)
     TAIL=20 step 500 python3 bench/step_profile.py --precision fp16 int8 fp8 --batches 1 16 \
       --out "$OUT/h200_step_profile.json" ;;

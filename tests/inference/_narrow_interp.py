@@ -20,7 +20,8 @@ from llmenergy.inference.quant import quantize  # noqa: E402
 ROUNDING = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -7}
 
 
-def case(weight: str, act: torch.dtype, m: int, n: int, k: int, seed: int) -> dict[str, object]:
+def case(weight: str, act: torch.dtype, m: int, n: int, k: int, seed: int,
+         config: dict[str, int] | None = None) -> dict[str, object]:
     g = torch.Generator().manual_seed(seed)
     if weight == "int8":  # every int8 value, -128 included (the bit-trick conversion)
         q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int16).to(torch.int8)
@@ -30,14 +31,15 @@ def case(weight: str, act: torch.dtype, m: int, n: int, k: int, seed: int) -> di
     scale = scale.to(act)
     x = torch.randn(m, k, generator=g).to(act)
     out = torch.full((m, n), float("nan"), dtype=act)
-    nm.launch(x, q, scale, out)
+    nm.launch(x, q, scale, out, config=config)
     xd, qd, sd = x.double(), q.double(), scale.double()
     ref = (xd @ qd.T) * sd
     # fp32 accumulation of exact products (|error| <= (K+2) 2^-24 sum|x q| |s|) plus
     # the final rounding to the activation dtype
     bound = (k + 2) * 2.0 ** -24 * (xd.abs() @ qd.abs().T) * sd.abs() + ROUNDING[act] * ref.abs()
     ratio = float(((out.double() - ref).abs() / (bound + 1e-30)).max())
-    return {"weight": weight, "act": str(act), "m": m, "n": n, "k": k, "ratio": ratio}
+    return {"weight": weight, "act": str(act), "m": m, "n": n, "k": k, "ratio": ratio,
+            "config": config}
 
 
 def main() -> int:
@@ -50,6 +52,12 @@ def main() -> int:
         cases.append(case(weight, torch.bfloat16, 1, 203, 328, 7))
         cases.append(case(weight, torch.float16, 1, 37, 1100, 8))  # several K blocks + tail
         cases.append(case(weight, torch.float16, 5, 37, 1100, 9))
+        # the GEMV's prefetch and per-tile reduction forms (bench/gemv_sweep.py's space), with
+        # K not a multiple of the tile: the prefetched tile past K must be masked to zero
+        for ahead in (False, True):
+            for rowsum in (False, True):
+                cfg = {"BLOCK_N": 4, "BLOCK_K": 128, "AHEAD": ahead, "ROWSUM": rowsum}
+                cases.append(case(weight, torch.float16, 1, 37, 1100, 10, cfg))
     print(json.dumps(cases))
     return 0
 

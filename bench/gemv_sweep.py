@@ -1,0 +1,200 @@
+"""Sweep narrow_mm's one-row kernel (the GEMV of a batch-1 decode step) on one GPU.
+
+    python bench/gemv_sweep.py --out bench/results/h200_gemv_sweep.json --budget-s 240
+
+Why: at batch 1 the int8 GEMV reached 1.8-2.6 TB/s on the 7B shapes where cuBLAS reads
+fp16 at 2.5-4.0 (bench/results/session8/h200_narrow_mm.json), and int8/fp8 decode was
+1.30x/1.33x fp16 (issue 24 wants 1.5x).  fp8 (hardware conversion) was barely faster
+than int8 (bit-trick conversion), so the conversion is not what limits it; the suspect is
+bytes in flight per SM (each program loads one [BLOCK_N, BLOCK_K] tile, then waits).
+
+What it times, for each config of ``_gemv_kernel`` (BLOCK_N, BLOCK_K, warps, stages, and
+the kernel's two forms: ``AHEAD``, a register prefetch of the next tile, and ``ROWSUM``, a
+[BLOCK_N] accumulator so that wider tiles fit), on the four projections of a 7B layer
+(qkv, wo, gate_up, w2) with int8 weights: microseconds per call from a CUDA graph cycling
+through enough weight copies to miss the 60-MB L2 (``bench/narrow_mm.py``'s
+``time_graph``), GB/s, and the error against the PyTorch expression.  Then the best
+``--fp8-top`` configs again with e4m3 weights.  Baselines in the same process: cuBLAS on
+the fp16 weight and the current table (``narrow_mm._config``).  The sweep stops taking new
+configs after ``--budget-s`` seconds (promising forms first).  A config that fails to
+compile or gives a wrong result is reported, not used.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from narrow_mm import SHAPES, copies_for, time_graph  # noqa: E402  (bench/narrow_mm.py)
+
+from llmenergy.inference import narrow_mm as nm  # noqa: E402
+from llmenergy.inference.quant import quantize  # noqa: E402
+
+log = logging.getLogger("bench.gemv_sweep")
+
+#: largest error against the PyTorch expression, relative to the output's RMS, still right
+MAX_REL_ERR = 1e-2
+
+
+def configs() -> list[dict[str, Any]]:
+    """The sweep space, most promising forms first (the budget cuts the tail)."""
+    out: list[dict[str, Any]] = []
+    for bn, bk, w in itertools.product((8, 4, 16), (512, 256, 1024), (8, 4)):
+        out.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": 1,
+                    "AHEAD": True, "ROWSUM": False})
+    for ahead, bn, bk, w in itertools.product((True, False), (4, 8, 2), (1024, 2048), (4, 8)):
+        out.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": 1,
+                    "AHEAD": ahead, "ROWSUM": True})
+    for bn, bk, w, st in itertools.product((8, 4, 16), (512, 256, 1024), (8, 4), (1, 3)):
+        out.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st,
+                    "AHEAD": False, "ROWSUM": False})
+    return out
+
+
+def key(cfg: dict[str, Any]) -> str:
+    return (f"n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_w{cfg['num_warps']}_s{cfg['num_stages']}"
+            f"{'_ahead' if cfg.get('AHEAD') else ''}{'_rowsum' if cfg.get('ROWSUM') else ''}")
+
+
+class Shape:
+    """One projection's weights (rotated copies) for one weight dtype, and its input row."""
+
+    def __init__(self, name: str, precision: str, rotate_mb: float) -> None:
+        n, k = SHAPES[name]
+        dev = torch.device("cuda")
+        g = torch.Generator(dev).manual_seed(0)
+        self.name, self.n, self.k = name, n, k
+        w16 = (torch.randn(n, k, device=dev, generator=g) * k ** -0.5).half()
+        q, s = quantize(w16, precision)
+        self.nbytes = n * k + 2 * n
+        copies = copies_for(self.nbytes, rotate_mb)
+        self.ws = [(q, s.half())] + [(q.clone(), s.half().clone()) for _ in range(copies - 1)]
+        self.x = torch.randn(1, k, device=dev, generator=g).half()
+        self.out = torch.empty((1, n), device=dev, dtype=torch.float16)
+        self.want = nm.reference(self.x, q, s.half()).float()
+        self.w16 = w16 if precision == "int8" else None
+
+    def time(self, cfg: dict[str, Any] | None, iters: int, graph_calls: int) -> tuple[float, float]:
+        """(median us per call, error of the first call relative to the output's RMS)."""
+        calls = [(lambda w=self.ws[i % len(self.ws)]: nm.launch(self.x, w[0], w[1], self.out,
+                                                                config=cfg))
+                 for i in range(max(graph_calls, len(self.ws)))]
+        us = time_graph(calls, iters)
+        calls[0]()
+        torch.cuda.synchronize()
+        err = float((self.out.float() - self.want).abs().max() / self.want.pow(2).mean().sqrt())
+        return us, err
+
+    def time_fp16(self, iters: int, graph_calls: int, rotate_mb: float) -> float:
+        copies = copies_for(self.n * self.k * 2, rotate_mb)
+        ws = [self.w16] + [self.w16.clone() for _ in range(copies - 1)]
+        calls = [(lambda w=ws[i % copies]: F.linear(self.x, w)) for i in range(max(graph_calls, copies))]
+        return time_graph(calls, iters)
+
+
+def sweep(shapes: list[Shape], cfgs: list[dict[str, Any] | None], args: argparse.Namespace,
+          deadline: float, label: str) -> list[dict[str, Any]]:
+    rows = []
+    for cfg in cfgs:
+        if cfg is not None and time.monotonic() > deadline:
+            log.info("%s: budget spent, %d config(s) not tried", label, len(cfgs) - len(rows))
+            break
+        name = "table" if cfg is None else key(cfg)
+        row: dict[str, Any] = {"precision": label, "config": name, "params": cfg, "us": {}, "err": {}}
+        try:
+            for sh in shapes:
+                us, err = sh.time(cfg, args.iters, args.graph_calls)
+                row["us"][sh.name], row["err"][sh.name] = us, err
+        except Exception as exc:  # noqa: BLE001 - out of resources, compile errors: report, go on
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            log.info("%s %s: %s", label, name, row["error"])
+            rows.append(row)
+            continue
+        row["layer_us"] = sum(row["us"].values())
+        row["layer_gbs"] = sum(sh.nbytes for sh in shapes) / (row["layer_us"] * 1e-6) / 1e9
+        row["ok"] = max(row["err"].values()) <= MAX_REL_ERR
+        log.info("%s %-34s layer %6.1f us %6.0f GB/s %s", label, name, row["layer_us"],
+                 row["layer_gbs"], " ".join(f"{s}={u:.1f}" for s, u in row["us"].items()))
+        rows.append(row)
+    return rows
+
+
+def best(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    good = [r for r in rows if r.get("ok") and r["params"] is not None]
+    return sorted(good, key=lambda r: r["layer_us"])[:n]
+
+
+def per_shape_best(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    good = [r for r in rows if r.get("ok") and r["params"] is not None]
+    out = {}
+    for name in SHAPES:
+        r = min(good, key=lambda r: r["us"][name], default=None)
+        if r is not None:
+            out[name] = {"config": r["config"], "params": r["params"], "us": r["us"][name]}
+    return out
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--budget-s", type=float, default=240.0, help="stop trying new int8 configs after")
+    p.add_argument("--fp8-top", type=int, default=8, help="best int8 configs timed again with fp8")
+    p.add_argument("--iters", type=int, default=50, help="timed graph replays")
+    p.add_argument("--graph-calls", type=int, default=20, help="calls per CUDA graph")
+    p.add_argument("--rotate-mb", type=float, default=256.0, help="weight bytes cycled per graph")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse(argv)
+    if not torch.cuda.is_available() or nm.triton is None:
+        log.error("bench/gemv_sweep.py needs a CUDA device and triton")
+        return 2
+    t0 = time.monotonic()
+    int8 = [Shape(name, "int8", args.rotate_mb) for name in SHAPES]
+    fp16 = {sh.name: sh.time_fp16(args.iters, args.graph_calls, args.rotate_mb) for sh in int8}
+    log.info("fp16 cuBLAS: %s (layer %.1f us)", fp16, sum(fp16.values()))
+    rows = sweep(int8, [None, *configs()], args, t0 + args.budget_s, "int8")
+    top = best(rows, args.fp8_top)
+    del int8
+    torch.cuda.empty_cache()
+    fp8 = [Shape(name, "fp8", args.rotate_mb) for name in SHAPES]
+    rows8 = sweep(fp8, [None, *(r["params"] for r in top)], args, float("inf"), "fp8")
+    result = {
+        "meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                 "triton": nm.triton.__version__, "python": platform.python_version(),
+                 "args": {k: str(v) for k, v in vars(args).items()}, "wall_s": time.monotonic() - t0},
+        "fp16_us": fp16, "fp16_layer_us": sum(fp16.values()),
+        "int8": rows, "fp8": rows8,
+        "int8_best": [r["config"] for r in top], "int8_per_shape": per_shape_best(rows),
+        "fp8_best": [r["config"] for r in best(rows8, args.fp8_top)],
+        "fp8_per_shape": per_shape_best(rows8),
+    }
+    for label, rs in (("int8", rows), ("fp8", rows8)):
+        table = next((r for r in rs if r["params"] is None and "layer_us" in r), None)
+        for r in best(rs, 5):
+            log.info("%s best %-34s layer %6.1f us (table %s, fp16 %.1f)", label, r["config"],
+                     r["layer_us"], f"{table['layer_us']:.1f}" if table else "-", sum(fp16.values()))
+        log.info("%s per shape: %s", label,
+                 {s: (v["config"], round(v["us"], 1)) for s, v in per_shape_best(rs).items()})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    log.info("wrote %s in %.0f s", args.out, time.monotonic() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
