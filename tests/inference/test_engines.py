@@ -153,21 +153,43 @@ def test_engine_problem_is_torch_free_and_names_the_reason() -> None:
     assert "torch" not in imported
 
 
+def _ran_compiled_graph(fn) -> bool:  # noqa: ANN001
+    """Whether ``fn()`` called an Inductor graph (its record function names the graph)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return any("CompiledFxGraph" in e.name for e in prof.events())
+
+
 @pytest.mark.slow
 def test_torch_compile_on_cpu_gives_the_same_tokens(model: torch.nn.Module, tmp_path: Path) -> None:
-    """Inductor (default mode, C++ on CPU): ~30 s per batch size on two cores."""
+    """Inductor (default mode, C++ on CPU), the decode step and the prefill (which is compiled
+    on CUDA by default): ~60 s for a batch size on two cores."""
+    from llmenergy.inference.compiled import CompiledEngine
+
     calls: list[tuple[str, int, int]] = []
-    engine = make_engine("compiled", model, compile=True, cache_dir=tmp_path / "inductor")
+    engine = CompiledEngine(model, compile=True, compile_prefill=True, cache_dir=tmp_path / "inductor")
     engine.prepare(lambda *a: calls.append(a))
     assert [c[0] for c in calls] == ["compile"]
+    assert engine._prefill_ready == {model.max_batch_size}
     got = engine.generate(PROMPTS, GEN, eos_id=None, stop_at_eos=False,
                           on_phase=lambda *a: calls.append(a))
     assert [c[0] for c in calls] == ["compile", "prefill", "decode"]
     assert got.tokens == G.generate(model, PROMPTS, GEN, eos_id=None, stop_at_eos=False).tokens
     assert any((tmp_path / "inductor").iterdir())
-    with torch._dynamo.config.patch(error_on_recompile=True):  # the decode loop never recompiles
+    other = [p + [11, 12, 13] for p in PROMPTS]  # another prompt length: the same graph
+    with torch._dynamo.config.patch(error_on_recompile=True):  # neither loop recompiles
         again = engine.generate(PROMPTS, GEN - 3, eos_id=None, stop_at_eos=False)
+        assert _ran_compiled_graph(lambda: engine.prefill_only(other))
     assert again.tokens == [t[: GEN - 3] for t in got.tokens]
+    # what the graph does not cover runs eagerly, compiling nothing: a batch size not warmed,
+    # and (in a warmed one) a shape whose guard fails, here a one-token prompt
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert not _ran_compiled_graph(lambda: engine.prefill_only(other[:2]))
+        assert not _ran_compiled_graph(lambda: engine.prefill_only([[1]] * len(PROMPTS)))
+    assert engine.generate(other, 4, eos_id=None, stop_at_eos=False).tokens == \
+        G.generate(model, other, 4, eos_id=None, stop_at_eos=False).tokens
 
 
 @pytest.mark.slow

@@ -123,6 +123,15 @@ class KernelNarrowLinear(NarrowLinear):
         return narrow_mm.narrow_mm(x, self.qweight, self.scale)
 
 
+def wide_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)`` for many rows (the compiled prefill): a :class:`KernelNarrowLinear` by the
+    PyTorch expression (what its op does above :data:`narrow_mm.SMALL_M` rows anyway), so
+    that a graph with the row count symbolic has no branch on it to guard on."""
+    if isinstance(mod, KernelNarrowLinear):
+        return narrow_mm.reference(x, mod.qweight, mod.scale)
+    return mod(x)
+
+
 def _torchao_linear(weight: torch.Tensor, precision: str) -> nn.Module:
     """An ``nn.Linear`` holding ``weight`` quantised by torchao (raises when it cannot)."""
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
