@@ -1,6 +1,6 @@
-"""Sweep narrow_mm's one-row kernel (the GEMV of a batch-1 decode step) on one GPU.
+"""Sweep narrow_mm's block configs for a decode step's rows (1: the GEMV; 16: tl.dot) on one GPU.
 
-    python bench/gemv_sweep.py --out bench/results/h200_gemv_sweep.json --budget-s 240
+    python bench/gemv_sweep.py --out bench/results/h200_gemv_sweep.json --rows 1 16
 
 Why: at batch 1 the int8 GEMV reached 1.8-2.6 TB/s on the 7B shapes where cuBLAS reads
 fp16 at 2.5-4.0 (bench/results/session8/h200_narrow_mm.json), and int8/fp8 decode was
@@ -8,16 +8,20 @@ fp16 at 2.5-4.0 (bench/results/session8/h200_narrow_mm.json), and int8/fp8 decod
 than int8 (bit-trick conversion), so the conversion is not what limits it; the suspect is
 bytes in flight per SM (each program loads one [BLOCK_N, BLOCK_K] tile, then waits).
 
-What it times, for each config of ``_gemv_kernel`` (BLOCK_N, BLOCK_K, warps, stages, and
-the kernel's two forms: ``AHEAD``, a register prefetch of the next tile, and ``ROWSUM``, a
-[BLOCK_N] accumulator so that wider tiles fit), on the four projections of a 7B layer
-(qkv, wo, gate_up, w2) with int8 weights: microseconds per call from a CUDA graph cycling
+What it times, for each config (BLOCK_N, BLOCK_K, warps, stages; BLOCK_M for 16 rows), on
+the four projections of a 7B layer (qkv, wo, gate_up, w2) with int8 weights: microseconds per call from a CUDA graph cycling
 through enough weight copies to miss the 60-MB L2 (``bench/narrow_mm.py``'s
 ``time_graph``), GB/s, and the error against the PyTorch expression.  Then the best
 ``--fp8-top`` configs again with e4m3 weights.  Baselines in the same process: cuBLAS on
 the fp16 weight and the current table (``narrow_mm._config``).  The sweep stops taking new
-configs after ``--budget-s`` seconds (promising forms first).  A config that fails to
-compile or gives a wrong result is reported, not used.
+configs after ``--budget-s`` seconds.  A config that fails to compile or gives a wrong
+result is reported, not used.
+
+Session 10's first sweep (bench/results/session10/sweep, one H200) found 4 x 1024 with 4
+warps at 69 us per layer against the table's 81 and cuBLAS fp16's 113; two other forms of
+the GEMV it tried (commit 6ed0ded: a register prefetch of the next tile, 71-76 us at best;
+a [BLOCK_N] accumulator reduced per tile, 86 us at best) lost and were taken out.  This
+space is the neighbourhood of the winner, and the 16-row GEMM's.
 """
 from __future__ import annotations
 
@@ -48,30 +52,24 @@ log = logging.getLogger("bench.gemv_sweep")
 MAX_REL_ERR = 1e-2
 
 
-def configs() -> list[dict[str, Any]]:
-    """The sweep space, most promising forms first (the budget cuts the tail)."""
-    out: list[dict[str, Any]] = []
-    for bn, bk, w in itertools.product((8, 4, 16), (512, 256, 1024), (8, 4)):
-        out.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": 1,
-                    "AHEAD": True, "ROWSUM": False})
-    for ahead, bn, bk, w in itertools.product((True, False), (4, 8, 2), (1024, 2048), (4, 8)):
-        out.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": 1,
-                    "AHEAD": ahead, "ROWSUM": True})
-    for bn, bk, w, st in itertools.product((8, 4, 16), (512, 256, 1024), (8, 4), (1, 3)):
-        out.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st,
-                    "AHEAD": False, "ROWSUM": False})
-    return out
+def configs(rows: int) -> list[dict[str, Any]]:
+    """The sweep space for ``rows`` rows of x."""
+    if rows == 1:
+        return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": 1}
+                for bn, bk, w in itertools.product((4, 2, 8), (1024, 2048, 512, 4096), (4, 2, 8))]
+    return [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
+            for bn, bk, w, st in itertools.product((32, 16, 64), (512, 256, 128), (4, 8), (3, 2, 4))]
 
 
 def key(cfg: dict[str, Any]) -> str:
-    return (f"n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_w{cfg['num_warps']}_s{cfg['num_stages']}"
-            f"{'_ahead' if cfg.get('AHEAD') else ''}{'_rowsum' if cfg.get('ROWSUM') else ''}")
+    m = f"m{cfg['BLOCK_M']}_" if "BLOCK_M" in cfg else ""
+    return f"{m}n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_w{cfg['num_warps']}_s{cfg['num_stages']}"
 
 
 class Shape:
     """One projection's weights (rotated copies) for one weight dtype, and its input row."""
 
-    def __init__(self, name: str, precision: str, rotate_mb: float) -> None:
+    def __init__(self, name: str, precision: str, rotate_mb: float, rows: int) -> None:
         n, k = SHAPES[name]
         dev = torch.device("cuda")
         g = torch.Generator(dev).manual_seed(0)
@@ -81,8 +79,8 @@ class Shape:
         self.nbytes = n * k + 2 * n
         copies = copies_for(self.nbytes, rotate_mb)
         self.ws = [(q, s.half())] + [(q.clone(), s.half().clone()) for _ in range(copies - 1)]
-        self.x = torch.randn(1, k, device=dev, generator=g).half()
-        self.out = torch.empty((1, n), device=dev, dtype=torch.float16)
+        self.x = torch.randn(rows, k, device=dev, generator=g).half()
+        self.out = torch.empty((rows, n), device=dev, dtype=torch.float16)
         self.want = nm.reference(self.x, q, s.half()).float()
         self.w16 = w16 if precision == "int8" else None
 
@@ -149,6 +147,7 @@ def per_shape_best(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 16], help="rows of x (batch size)")
     p.add_argument("--budget-s", type=float, default=240.0, help="stop trying new int8 configs after")
     p.add_argument("--fp8-top", type=int, default=8, help="best int8 configs timed again with fp8")
     p.add_argument("--iters", type=int, default=50, help="timed graph replays")
@@ -164,32 +163,34 @@ def main(argv: list[str] | None = None) -> int:
         log.error("bench/gemv_sweep.py needs a CUDA device and triton")
         return 2
     t0 = time.monotonic()
-    int8 = [Shape(name, "int8", args.rotate_mb) for name in SHAPES]
-    fp16 = {sh.name: sh.time_fp16(args.iters, args.graph_calls, args.rotate_mb) for sh in int8}
-    log.info("fp16 cuBLAS: %s (layer %.1f us)", fp16, sum(fp16.values()))
-    rows = sweep(int8, [None, *configs()], args, t0 + args.budget_s, "int8")
-    top = best(rows, args.fp8_top)
-    del int8
-    torch.cuda.empty_cache()
-    fp8 = [Shape(name, "fp8", args.rotate_mb) for name in SHAPES]
-    rows8 = sweep(fp8, [None, *(r["params"] for r in top)], args, float("inf"), "fp8")
-    result = {
+    result: dict[str, Any] = {
         "meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                  "triton": nm.triton.__version__, "python": platform.python_version(),
-                 "args": {k: str(v) for k, v in vars(args).items()}, "wall_s": time.monotonic() - t0},
-        "fp16_us": fp16, "fp16_layer_us": sum(fp16.values()),
-        "int8": rows, "fp8": rows8,
-        "int8_best": [r["config"] for r in top], "int8_per_shape": per_shape_best(rows),
-        "fp8_best": [r["config"] for r in best(rows8, args.fp8_top)],
-        "fp8_per_shape": per_shape_best(rows8),
-    }
-    for label, rs in (("int8", rows), ("fp8", rows8)):
-        table = next((r for r in rs if r["params"] is None and "layer_us" in r), None)
-        for r in best(rs, 5):
-            log.info("%s best %-34s layer %6.1f us (table %s, fp16 %.1f)", label, r["config"],
-                     r["layer_us"], f"{table['layer_us']:.1f}" if table else "-", sum(fp16.values()))
-        log.info("%s per shape: %s", label,
-                 {s: (v["config"], round(v["us"], 1)) for s, v in per_shape_best(rs).items()})
+                 "args": {k: str(v) for k, v in vars(args).items()}}, "rows": {}}
+    for m in args.rows:
+        int8 = [Shape(name, "int8", args.rotate_mb, m) for name in SHAPES]
+        fp16 = {sh.name: sh.time_fp16(args.iters, args.graph_calls, args.rotate_mb) for sh in int8}
+        log.info("rows %d: fp16 cuBLAS %s (layer %.1f us)", m, fp16, sum(fp16.values()))
+        rows = sweep(int8, [None, *configs(m)], args, time.monotonic() + args.budget_s, f"int8 m{m}")
+        top = best(rows, args.fp8_top)
+        del int8
+        torch.cuda.empty_cache()
+        fp8 = [Shape(name, "fp8", args.rotate_mb, m) for name in SHAPES]
+        rows8 = sweep(fp8, [None, *(r["params"] for r in top)], args, float("inf"), f"fp8 m{m}")
+        del fp8
+        torch.cuda.empty_cache()
+        result["rows"][m] = {
+            "fp16_us": fp16, "fp16_layer_us": sum(fp16.values()), "int8": rows, "fp8": rows8,
+            "int8_best": [r["config"] for r in top], "int8_per_shape": per_shape_best(rows),
+            "fp8_best": [r["config"] for r in best(rows8, args.fp8_top)],
+            "fp8_per_shape": per_shape_best(rows8)}
+        for label, rs in (("int8", rows), ("fp8", rows8)):
+            table = next((r for r in rs if r["params"] is None and "layer_us" in r), None)
+            for r in best(rs, 5):
+                log.info("rows %d %s best %-34s layer %6.1f us (table %s, fp16 %.1f)", m, label,
+                         r["config"], r["layer_us"], f"{table['layer_us']:.1f}" if table else "-",
+                         sum(fp16.values()))
+    result["meta"]["wall_s"] = time.monotonic() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     log.info("wrote %s in %.0f s", args.out, time.monotonic() - t0)

@@ -20,8 +20,10 @@
 #            run-group, set beside it;
 #   profile - bench/step_profile.py: where a compiled decode step's time goes (kernels per
 #            step, busy share, kernel classes, the weight kernels' bandwidth), fp16 int8 fp8;
-#   sweep - bench/gemv_sweep.py: the one-row narrow_mm kernel's configs and forms on the 7B
-#            shapes (int8, then the best with fp8), then the decode-step profile (fp16, int8);
+#   sweep - bench/gemv_sweep.py: narrow_mm's block configs on the 7B shapes at 1 and 16 rows
+#            (int8, then the best with fp8), then the decode-step profile (fp16, int8);
+#   b1 - the sweep (1 and 16 rows), bench/engines.py compiled fp16 int8 fp8 at batch 1, then
+#            the int8 and fp16 batch-1 cells through run-group set beside it (same machine);
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -94,12 +96,22 @@ case "$mode" in
     TAIL=12 step 20 python3 bench/precision_cells.py bench-results/h200x1_precision "$OUT/h200_fp8_b1.json" \
       --out "$OUT/h200_fp8_cells.json" ;;
   sweep)
-    TAIL=40 step 330 python3 bench/gemv_sweep.py --budget-s 230 --out "$OUT/h200_gemv_sweep.json"
+    TAIL=40 step 330 python3 bench/gemv_sweep.py --budget-s 100 --out "$OUT/h200_gemv_sweep.json"
     TAIL=12 step $(( 570 - SECONDS )) python3 bench/step_profile.py --precision fp16 int8 --batches 1 16 \
       --out "$OUT/h200_step_profile.json" ;;
+  b1)
+    C=bench/configs/h200x1_precision_b1.yaml
+    TAIL=24 step 110 python3 bench/gemv_sweep.py --budget-s 40 --fp8-top 4 --out "$OUT/h200_gemv_sweep.json"
+    TAIL=8 step 280 python3 bench/engines.py --engines compiled --precision fp16 int8 fp8 --batches 1 \
+      --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_b1.json"
+    for g in compiled_int8 compiled; do
+      TAIL=3 step $(( 565 - SECONDS )) "${lle[@]}" run-group --config $C --group llama-7b_H200_s1_pnone_$g
+    done
+    TAIL=8 step 20 python3 bench/precision_cells.py bench-results/h200x1_precision_b1 "$OUT/h200_b1.json" \
+      --out "$OUT/h200_b1_cells.json" ;;
   profile)
     TAIL=20 step 500 python3 bench/step_profile.py --precision fp16 int8 fp8 --batches 1 16 \
       --out "$OUT/h200_step_profile.json" ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac
-tar czf "$OUT/cells_$mode.tgz" bench-results
+if [ -d bench-results ]; then tar czf "$OUT/cells_$mode.tgz" bench-results; fi

@@ -14,13 +14,15 @@ the end, so a decode step reads one byte per weight.
   is compute-bound anyway.
 - Two forms.  ``M == 1``: a GEMV, each program owns ``BLOCK_N`` output channels and
   walks K with a [BLOCK_N, BLOCK_K] tile contiguous along K, multiply-accumulating
-  into a 2-D fp32 register tile reduced once after the loop.  ``2..SMALL_M``: ``tl.dot``
+  into a 2-D fp32 register tile reduced once after the loop.  4 x 1024 with 4 warps: 32
+  weight bytes per thread per load (session 10's sweep; a register prefetch of the next
+  tile and a per-tile reduction, tried there, were slower).  ``2..SMALL_M``: ``tl.dot``
   with ``BLOCK_M`` 16, 32 or 64 (rows past M masked); the row blocks of one column
   block are adjacent programs, so a weight tile read twice comes from L2.
 - int8 is converted with a bit trick (the byte into a float's mantissa, one exact
   subtraction), not the int->float instruction, whose throughput on Hopper is below
   what HBM delivers; e4m3 uses Triton's conversion.
-- No split-K: a small ``BLOCK_N`` (8 for the GEMV, 32 for N <= 8192 in the GEMM) gives
+- No split-K: a small ``BLOCK_N`` (4 for the GEMV, 32 for N <= 8192 in the GEMM) gives
   N=4096 at least 128 programs for the 132 SMs; one kernel, no atomics: deterministic,
   nothing to zero, a single node in a CUDA graph.
 - A fixed config table (:func:`_config`), picked from a sweep on an H200 (Triton 3.6),
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 #: the most rows of ``x`` that take the kernel; above it the product is compute-bound
 SMALL_M = 64
 OP_NAME = "llmenergy::narrow_mm"
+ROWS_OP_NAME = "llmenergy::narrow_mm_rows"
 #: weight dtypes the kernel reads, activation dtypes it writes
 WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -76,8 +79,8 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
 
 def _config(m: int, n: int, k: int) -> dict[str, int]:
     """Block sizes and launch options for an [m, k] x [n, k]^T product (see module doc)."""
-    if m == 1:
-        return {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 8, "num_stages": 3}
+    if m == 1:  # session 10's sweep (bench/results/session10/sweep): 69 us per 7B layer, was 81
+        return {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1}
     if m <= 16:
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256 if n > 8192 else 512,
                 "num_warps": 4, "num_stages": 3}
@@ -103,45 +106,23 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, N, K,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     AHEAD: tl.constexpr = False, ROWSUM: tl.constexpr = False):
-        """out[n] = scale[n] * sum_k x[k] * q[n, k] for one row of x.
-
-        ``AHEAD``: the next weight tile is loaded before this one is used (a register
-        prefetch: twice the bytes in flight for a few more registers).  ``ROWSUM``: each
-        tile is reduced over K at once into a [BLOCK_N] accumulator (fewer registers than
-        the [BLOCK_N, BLOCK_K] one, so wider tiles fit)."""
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[n] = scale[n] * sum_k x[k] * q[n, k] for one row of x."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         n_mask = rn < N
-        w_ptrs = q_ptr + rn[:, None] * K + rk[None, :]
-        if ROWSUM:
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        if AHEAD:
-            w_next = tl.load(w_ptrs, mask=n_mask[:, None] & (rk < K)[None, :], other=0.0)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             k_mask = kk < K
-            if AHEAD:
-                w = w_next
-                w_next = tl.load(w_ptrs + (k0 + BLOCK_K),
-                                 mask=n_mask[:, None] & (kk + BLOCK_K < K)[None, :], other=0.0)
-            else:
-                w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             xv = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+            w = tl.load(q_ptr + rn[:, None] * K + kk[None, :],
+                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             if w.dtype == tl.int8:
-                prod = _int8_f32(w) * xv[None, :]
+                acc += _int8_f32(w) * xv[None, :]
             else:
-                prod = w.to(tl.float32) * xv[None, :]
-            if ROWSUM:
-                acc += tl.sum(prod, axis=1)
-            else:
-                acc += prod
-        if not ROWSUM:
-            acc = tl.sum(acc, axis=1)
-        out = acc * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+                acc += w.to(tl.float32) * xv[None, :]
+        out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
     # M (the rows: prompt length × batch in a prefill) is not specialised on (Triton would
@@ -255,8 +236,18 @@ def _register() -> Any:
 
 
 _op = _register()
+#: the same product as an opaque op (``custom_op``): torch.compile does not trace into it, so
+#: the kernel-or-expression choice is made at run time from the actual rows, and a graph
+#: whose row count is symbolic (the compiled prefill) has no guard on it
+_rows_op = torch.library.custom_op(ROWS_OP_NAME, _impl, mutates_args=())
+_rows_op.register_fake(reference)
 
 
 def narrow_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``(x @ q.to(x.dtype).T) * scale`` in ``x.dtype`` reading ``q`` narrow where it can."""
     return _op(x, q, scale)
+
+
+def narrow_mm_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`narrow_mm` through the opaque op (for rows many and varying: a prefill)."""
+    return _rows_op(x, q, scale)

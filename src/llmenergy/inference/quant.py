@@ -124,11 +124,12 @@ class KernelNarrowLinear(NarrowLinear):
 
 
 def wide_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mod(x)`` for many rows (the compiled prefill): a :class:`KernelNarrowLinear` by the
-    PyTorch expression (what its op does above :data:`narrow_mm.SMALL_M` rows anyway), so
-    that a graph with the row count symbolic has no branch on it to guard on."""
+    """``mod(x)`` for rows many and varying (the compiled prefill): a
+    :class:`KernelNarrowLinear` through the opaque op :func:`narrow_mm.narrow_mm_rows`,
+    which picks kernel or PyTorch expression at run time, so that a graph with the row count
+    symbolic has no branch on it to guard on."""
     if isinstance(mod, KernelNarrowLinear):
-        return narrow_mm.reference(x, mod.qweight, mod.scale)
+        return narrow_mm.narrow_mm_rows(x, mod.qweight, mod.scale)
     return mod(x)
 
 
