@@ -18,6 +18,8 @@
 #            set beside that bench's JSON ($BENCH_JSON) by bench/precision_cells.py;
 #   fp8 - bench/engines.py fp8 at batch 1, then the fp8 cells of h200x1_precision.yaml through
 #            run-group, set beside it;
+#   rg1 - bench/engines.py compiled fp16 int8 at batch 1, then the same two cells through
+#            run-group, set beside it (one machine);
 #   profile - bench/step_profile.py: where a compiled decode step's time goes (kernels per
 #            step, busy share, kernel classes, the weight kernels' bandwidth), fp16 int8 fp8;
 #   sweep - bench/gemv_sweep.py: narrow_mm's block configs on the 7B shapes at 1 and 16 rows
@@ -106,6 +108,15 @@ case "$mode" in
       --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_b1.json"
     for g in compiled_int8 compiled; do
       TAIL=3 step $(( 565 - SECONDS )) "${lle[@]}" run-group --config $C --group llama-7b_H200_s1_pnone_$g
+    done
+    TAIL=8 step 20 python3 bench/precision_cells.py bench-results/h200x1_precision_b1 "$OUT/h200_b1.json" \
+      --out "$OUT/h200_b1_cells.json" ;;
+  rg1)
+    C=bench/configs/h200x1_precision_b1.yaml
+    TAIL=8 step 200 python3 bench/engines.py --engines compiled --precision fp16 int8 --batches 1 \
+      --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_b1.json"
+    for g in compiled_int8 compiled; do
+      TAIL=3 step $(( 555 - SECONDS )) "${lle[@]}" run-group --config $C --group llama-7b_H200_s1_pnone_$g
     done
     TAIL=8 step 20 python3 bench/precision_cells.py bench-results/h200x1_precision_b1 "$OUT/h200_b1.json" \
       --out "$OUT/h200_b1_cells.json" ;;

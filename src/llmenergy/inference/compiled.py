@@ -36,16 +36,19 @@ backend call our kernel, which sits in the graph as a custom op; the ``torch`` a
 that a batch-1 matmul becomes a reduction reading the narrow weight; Triton GEMM
 templates for larger batches); a compile that fails with them is redone with fewer.
 
-Prefill (one forward pass of every prompt token, variable length) runs on the same code
-path, compiled on CUDA too (``compile_prefill``): without CUDA graphs, the prompt length
-symbolic (one graph for every length of a batch size), narrow weights through an opaque
+Prefill (one forward pass of every prompt token, variable length) runs eagerly on the same
+code path.  ``compile_prefill=True`` (opt-in, not the default) compiles it too: without CUDA
+graphs, the prompt length symbolic (one graph for every length of a batch size), narrow weights through an opaque
 op that picks the kernel or the PyTorch expression at run time (no branch on the row count
 for the graph to guard on). It is
 compiled in :meth:`CompiledEngine.warm` with the decode step (phase ``"compile"``) and
 afterwards called under the stance ``eager_on_recompile``: a call the graph does not
 cover (a one-token prompt, a batch size not warmed) runs eagerly, it never compiles
-inside a measured window.  Eager, a 7B prefill launched ~40 kernels per layer from
-Python: 43 ms for a 64-token prompt at batch 1 on the H200, 7% of a 128-token run.
+inside a measured window.  Eager, a 7B prefill launches ~40 kernels per layer from
+Python: 26-43 ms for a 64-token prompt at batch 1 on the H200, 5-7% of a 128-token run.
+Measured on one H200 (session 10, docs/precision.md): compiled, the fp16 prefill fell to
+26 ms but its compile added ~45 s per batch size (85 s in all, over issue 24's 60 s), and
+int8's failed a shape constraint at batch 1 and ran eagerly; so it stays off.
 
 On CPU the default is the same static code path without compiling: on the two
 cores of the test machine Inductor's C++ compile of even ``llama-tiny`` takes
@@ -123,9 +126,9 @@ class CompiledEngine:
         self.max_seq_len = model.max_seq_len
         self.eos_check_every = eos_check_every
         self.compile = self.device.type == "cuda" if compile is None else compile
-        # on CPU the decode step's compile is enough to test the path; the prefill's doubles it
-        self.compile_prefill = (self.compile and (self.device.type == "cuda" if compile_prefill is None
-                                                  else compile_prefill))
+        # off by default: on the H200 (session 10) it added ~45 s of compile per batch size and
+        # failed to compile for int8 at batch 1 (a guard outside its range: eager then)
+        self.compile_prefill = self.compile and bool(compile_prefill)
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.shards = tp.mp_world_size()
         self.precision = precision
