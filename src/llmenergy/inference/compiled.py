@@ -38,9 +38,9 @@ templates for larger batches); a compile that fails with them is redone with few
 
 Prefill (one forward pass of every prompt token, variable length) runs eagerly on the same
 code path.  ``compile_prefill=True`` (opt-in, not the default) compiles it too: without CUDA
-graphs, the prompt length symbolic (one graph for every length of a batch size), narrow weights through an opaque
-op that picks the kernel or the PyTorch expression at run time (no branch on the row count
-for the graph to guard on). It is
+graphs, the prompt length symbolic (one graph for every length of a batch size), narrow
+weights through an opaque op that picks the kernel or the PyTorch expression at run time
+(no branch on the row count for the graph to guard on). It is
 compiled in :meth:`CompiledEngine.warm` with the decode step (phase ``"compile"``) and
 afterwards called under the stance ``eager_on_recompile``: a call the graph does not
 cover (a one-token prompt, a batch size not warmed) runs eagerly, it never compiles
