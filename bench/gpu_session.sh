@@ -41,6 +41,19 @@ nvml_tests() { step 60 python3 -m pytest -q -p no:cacheprovider tests/power/test
 cell7b=llama-7b_alpaca_H100_s1_b16_g256_pnone_reference
 # the CLI as a command `timeout` can start (a shell function it cannot)
 lle=(python3 -c 'import sys; from llmenergy.cli import main; sys.exit(main())')
+# bench/engines.py compiled at batch 1 (limit $1 s, precisions $3...), then the int8 and fp16
+# cells of h200x1_precision_b1.yaml through run-group until $2 s into the call, set beside it
+batch1() {
+  local limit=$1 end=$2; shift 2
+  TAIL=8 step "$limit" python3 bench/engines.py --engines compiled --precision "$@" --batches 1 \
+    --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_b1.json"
+  for g in compiled_int8 compiled; do
+    TAIL=3 step $(( end - SECONDS )) "${lle[@]}" run-group --config bench/configs/h200x1_precision_b1.yaml \
+      --group llama-7b_H200_s1_pnone_$g
+  done
+  TAIL=8 step 20 python3 bench/precision_cells.py bench-results/h200x1_precision_b1 "$OUT/h200_b1.json" \
+    --out "$OUT/h200_b1_cells.json"
+}
 case "$mode" in
   x1)
     nvml_tests
@@ -102,24 +115,10 @@ case "$mode" in
     TAIL=12 step $(( 570 - SECONDS )) python3 bench/step_profile.py --precision fp16 int8 --batches 1 16 \
       --out "$OUT/h200_step_profile.json" ;;
   b1)
-    C=bench/configs/h200x1_precision_b1.yaml
     TAIL=24 step 110 python3 bench/gemv_sweep.py --budget-s 40 --fp8-top 4 --out "$OUT/h200_gemv_sweep.json"
-    TAIL=8 step 280 python3 bench/engines.py --engines compiled --precision fp16 int8 fp8 --batches 1 \
-      --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_b1.json"
-    for g in compiled_int8 compiled; do
-      TAIL=3 step $(( 565 - SECONDS )) "${lle[@]}" run-group --config $C --group llama-7b_H200_s1_pnone_$g
-    done
-    TAIL=8 step 20 python3 bench/precision_cells.py bench-results/h200x1_precision_b1 "$OUT/h200_b1.json" \
-      --out "$OUT/h200_b1_cells.json" ;;
+    batch1 280 565 fp16 int8 fp8 ;;
   rg1)
-    C=bench/configs/h200x1_precision_b1.yaml
-    TAIL=8 step 200 python3 bench/engines.py --engines compiled --precision fp16 int8 --batches 1 \
-      --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_b1.json"
-    for g in compiled_int8 compiled; do
-      TAIL=3 step $(( 555 - SECONDS )) "${lle[@]}" run-group --config $C --group llama-7b_H200_s1_pnone_$g
-    done
-    TAIL=8 step 20 python3 bench/precision_cells.py bench-results/h200x1_precision_b1 "$OUT/h200_b1.json" \
-      --out "$OUT/h200_b1_cells.json" ;;
+    batch1 200 555 fp16 int8 ;;
   profile)
     TAIL=20 step 500 python3 bench/step_profile.py --precision fp16 int8 fp8 --batches 1 16 \
       --out "$OUT/h200_step_profile.json" ;;
