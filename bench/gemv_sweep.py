@@ -53,17 +53,57 @@ MAX_REL_ERR = 1e-2
 
 
 def configs(rows: int) -> list[dict[str, Any]]:
-    """The sweep space for ``rows`` rows of x."""
+    """The sweep space for ``rows`` rows of x (most likely first: the budget may cut the tail)."""
     if rows == 1:
-        return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": 1}
-                for bn, bk, w in itertools.product((4, 2, 8), (1024, 2048, 512, 4096), (4, 2, 8))]
+        main = [{"BLOCK_N": bn, "BLOCK_K": bk, "VEC": 8, "AHEAD": 0, "ASM": 1, "num_warps": w,
+                 "num_stages": 1}
+                for bn, bk, w in itertools.product((4, 2, 8), (1024, 512, 2048), (4, 2, 8))]
+        other = [{"BLOCK_N": bn, "BLOCK_K": 1024, "VEC": vec, "AHEAD": ahead, "ASM": asm,
+                  "num_warps": w, "num_stages": 1}
+                 for bn, w in ((4, 4), (2, 2), (4, 2))
+                 for vec, ahead, asm in ((8, 0, 0), (8, 1, 1), (16, 0, 1), (16, 1, 1))]
+        return main + other
     return [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
             for bn, bk, w, st in itertools.product((32, 16, 64), (512, 256, 128), (4, 8), (3, 2, 4))]
 
 
 def key(cfg: dict[str, Any]) -> str:
     m = f"m{cfg['BLOCK_M']}_" if "BLOCK_M" in cfg else ""
-    return f"{m}n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_w{cfg['num_warps']}_s{cfg['num_stages']}"
+    gemv = (f"_v{cfg['VEC']}_a{cfg['AHEAD']}_asm{cfg['ASM']}" if "VEC" in cfg else "")
+    return f"{m}n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_w{cfg['num_warps']}_s{cfg['num_stages']}{gemv}"
+
+
+if nm.triton is not None:
+    tl = nm.tl
+
+    @nm.triton.jit
+    def _session10_gemv(x_ptr, q_ptr, s_ptr, out_ptr, N, K,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Session 10's GEMV (a [BLOCK_N, BLOCK_K] fp32 accumulator, x through shared memory),
+        kept here as the baseline the new kernel is timed against in the same process."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        n_mask = rn < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            k_mask = kk < K
+            xv = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+            w = tl.load(q_ptr + rn[:, None] * K + kk[None, :],
+                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if w.dtype == tl.int8:
+                acc += nm._int8_f32(w) * xv[None, :]
+            else:
+                acc += w.to(tl.float32) * xv[None, :]
+        out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def session10(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """Session 10's table config (4 x 1024, 4 warps) of its kernel, one row."""
+    _session10_gemv[(nm.triton.cdiv(q.shape[0], 4),)](x, q, scale, out, q.shape[0], q.shape[1],
+                                                      BLOCK_N=4, BLOCK_K=1024, num_warps=4,
+                                                      num_stages=1)
 
 
 class Shape:
@@ -84,10 +124,16 @@ class Shape:
         self.want = nm.reference(self.x, q, s.half()).float()
         self.w16 = w16 if precision == "int8" else None
 
-    def time(self, cfg: dict[str, Any] | None, iters: int, graph_calls: int) -> tuple[float, float]:
-        """(median us per call, error of the first call relative to the output's RMS)."""
-        calls = [(lambda w=self.ws[i % len(self.ws)]: nm.launch(self.x, w[0], w[1], self.out,
-                                                                config=cfg))
+    def time(self, cfg: dict[str, Any] | str | None, iters: int,
+             graph_calls: int) -> tuple[float, float]:
+        """(median us per call, error of the first call relative to the output's RMS);
+        ``cfg`` None: the table, ``"session10"``: session 10's kernel."""
+        def call(w: tuple[torch.Tensor, torch.Tensor]) -> None:
+            if cfg == "session10":
+                session10(self.x, w[0], w[1], self.out)
+            else:
+                nm.launch(self.x, w[0], w[1], self.out, config=cfg)
+        calls = [(lambda w=self.ws[i % len(self.ws)]: call(w))
                  for i in range(max(graph_calls, len(self.ws)))]
         us = time_graph(calls, iters)
         calls[0]()
@@ -109,7 +155,7 @@ def sweep(shapes: list[Shape], cfgs: list[dict[str, Any] | None], args: argparse
         if cfg is not None and time.monotonic() > deadline:
             log.info("%s: budget spent, %d config(s) not tried", label, len(cfgs) - len(rows))
             break
-        name = "table" if cfg is None else key(cfg)
+        name = "table" if cfg is None else cfg if isinstance(cfg, str) else key(cfg)
         row: dict[str, Any] = {"precision": label, "config": name, "params": cfg, "us": {}, "err": {}}
         try:
             for sh in shapes:
@@ -130,12 +176,12 @@ def sweep(shapes: list[Shape], cfgs: list[dict[str, Any] | None], args: argparse
 
 
 def best(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    good = [r for r in rows if r.get("ok") and r["params"] is not None]
+    good = [r for r in rows if r.get("ok") and isinstance(r["params"], dict)]
     return sorted(good, key=lambda r: r["layer_us"])[:n]
 
 
 def per_shape_best(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    good = [r for r in rows if r.get("ok") and r["params"] is not None]
+    good = [r for r in rows if r.get("ok") and isinstance(r["params"], dict)]
     out = {}
     for name in SHAPES:
         r = min(good, key=lambda r: r["us"][name], default=None)
@@ -171,12 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         int8 = [Shape(name, "int8", args.rotate_mb, m) for name in SHAPES]
         fp16 = {sh.name: sh.time_fp16(args.iters, args.graph_calls, args.rotate_mb) for sh in int8}
         log.info("rows %d: fp16 cuBLAS %s (layer %.1f us)", m, fp16, sum(fp16.values()))
-        rows = sweep(int8, [None, *configs(m)], args, time.monotonic() + args.budget_s, f"int8 m{m}")
+        base = [None, "session10"] if m == 1 else [None]
+        rows = sweep(int8, [*base, *configs(m)], args, time.monotonic() + args.budget_s, f"int8 m{m}")
         top = best(rows, args.fp8_top)
         del int8
         torch.cuda.empty_cache()
         fp8 = [Shape(name, "fp8", args.rotate_mb, m) for name in SHAPES]
-        rows8 = sweep(fp8, [None, *(r["params"] for r in top)], args, float("inf"), f"fp8 m{m}")
+        rows8 = sweep(fp8, [*base, *(r["params"] for r in top)], args, float("inf"), f"fp8 m{m}")
         del fp8
         torch.cuda.empty_cache()
         result["rows"][m] = {

@@ -26,6 +26,9 @@
 #            (int8, then the best with fp8), then the decode-step profile (fp16, int8);
 #   b1 - the sweep (1 and 16 rows), bench/engines.py compiled fp16 int8 fp8 at batch 1, then
 #            the int8 and fp16 batch-1 cells through run-group set beside it (same machine);
+#   gemv - session 11: the GEMV sweep at one row (the 3-D tile kernel against session 10's in
+#            the same process), bench/engines.py compiled fp16 int8 fp8 at batch 1, then the
+#            decode-step profile of int8 and fp8 at batch 1;
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -119,6 +122,13 @@ case "$mode" in
     batch1 280 565 fp16 int8 fp8 ;;
   rg1)
     batch1 200 555 fp16 int8 ;;
+  gemv)
+    TAIL=30 step 170 python3 bench/gemv_sweep.py --rows 1 --budget-s 90 --fp8-top 6 \
+      --out "$OUT/h200_gemv_sweep.json"
+    TAIL=10 step 250 python3 bench/engines.py --engines compiled --precision fp16 int8 fp8 \
+      --batches 1 --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_b1.json"
+    TAIL=12 step $(( 580 - SECONDS )) python3 bench/step_profile.py --precision int8 fp8 \
+      --batches 1 --out "$OUT/h200_step_profile.json" ;;
   profile)
     TAIL=20 step 500 python3 bench/step_profile.py --precision fp16 int8 fp8 --batches 1 16 \
       --out "$OUT/h200_step_profile.json" ;;

@@ -79,8 +79,9 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
 
 def _config(m: int, n: int, k: int) -> dict[str, int]:
     """Block sizes and launch options for an [m, k] x [n, k]^T product (see module doc)."""
-    if m == 1:  # session 10's sweep (bench/results/session10/sweep): 69 us per 7B layer, was 81
-        return {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1}
+    if m == 1:
+        return {"BLOCK_N": 4, "BLOCK_K": 1024, "VEC": 8, "AHEAD": 0, "num_warps": 4,
+                "num_stages": 1}
     if m <= 16:
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256 if n > 8192 else 512,
                 "num_warps": 4, "num_stages": 3}
@@ -105,25 +106,64 @@ if triton is not None:
         return (u.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1152.0
 
     @triton.jit
-    def _gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, N, K,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[n] = scale[n] * sum_k x[k] * q[n, k] for one row of x."""
+    def _int8_f32_asm(w):
+        """The same conversion in PTX, four bytes (one register) at a time: one ``xor`` flips the
+        four sign bits, one ``prmt`` per byte puts it under 2^23's exponent, one ``sub``."""
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t;
+            xor.b32 t, $4, 0x80808080;
+            prmt.b32 $0, t, 0x4B000000, 0x7650;
+            prmt.b32 $1, t, 0x4B000000, 0x7651;
+            prmt.b32 $2, t, 0x4B000000, 0x7652;
+            prmt.b32 $3, t, 0x4B000000, 0x7653;
+            sub.f32 $0, $0, 0f4B000080;
+            sub.f32 $1, $1, 0f4B000080;
+            sub.f32 $2, $2, 0f4B000080;
+            sub.f32 $3, $3, 0f4B000080;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, AHEAD: tl.constexpr,
+                     ASM: tl.constexpr):
+        """out[n] = scale[n] * sum_k x[k] * q[n, k] for one row of x.
+
+        The K tile is [BLOCK_K / VEC, VEC]: each thread sums its VEC contiguous products in
+        registers, so the accumulator is [BLOCK_N, BLOCK_K / VEC] (a few registers per
+        thread, not one per weight in flight) and x is loaded in the weight's layout (no
+        shared-memory shuffle, no barrier in the loop).  ``AHEAD``: the next tile's loads
+        are issued before this tile's arithmetic.  ``ASM``: int8 through the PTX conversion."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        n_mask = rn < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        rk = (tl.arange(0, BLOCK_K // VEC)[None, :, None] * VEC
+              + tl.arange(0, VEC)[None, None, :])  # [1, BLOCK_K / VEC, VEC]
+        n_mask = rn[:, None, None] < N
+        w_ptrs = q_ptr + rn[:, None, None] * K + rk
+        acc = tl.zeros((BLOCK_N, BLOCK_K // VEC), dtype=tl.float32)
+        if AHEAD:
+            xv = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
+            w = tl.load(w_ptrs, mask=n_mask & (rk < K), other=0.0)
         for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            k_mask = kk < K
-            xv = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-            w = tl.load(q_ptr + rn[:, None] * K + kk[None, :],
-                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            if w.dtype == tl.int8:
-                acc += _int8_f32(w) * xv[None, :]
+            if AHEAD:
+                x_cur, w_cur = xv, w
+                kn = k0 + BLOCK_K + rk
+                xv = tl.load(x_ptr + kn, mask=kn < K, other=0.0)
+                w = tl.load(w_ptrs + (k0 + BLOCK_K), mask=n_mask & (kn < K), other=0.0)
             else:
-                acc += w.to(tl.float32) * xv[None, :]
-        out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+                kk = k0 + rk
+                x_cur = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+                w_cur = tl.load(w_ptrs + k0, mask=n_mask & (kk < K), other=0.0)
+            if w_cur.dtype == tl.int8:
+                if ASM:
+                    wf = _int8_f32_asm(w_cur)
+                else:
+                    wf = _int8_f32(w_cur)
+            else:
+                wf = w_cur.to(tl.float32)
+            acc += tl.sum(wf * x_cur.to(tl.float32), axis=2)
+        out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
 
     # M (the rows: prompt length × batch in a prefill) is not specialised on (Triton would
     # compile a variant for M % 16 == 0 and for M == 1): one kernel per block config, all
@@ -173,7 +213,9 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Ten
     wrap = wrap or (lambda kernel: kernel)
     if m == 1:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-        wrap(_gemv_kernel)[grid](x, q, scale, out, n, k, **cfg, **opts)
+        # the PTX conversion where the kernel is compiled for a GPU (not the CPU interpreter)
+        asm = int(q.dtype == torch.int8 and q.is_cuda and cfg.pop("ASM", 1))
+        wrap(_gemv_kernel)[grid](x, q, scale, out, n, k, **cfg, ASM=asm, **opts)
     else:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"]),)
         wrap(_gemm_kernel)[grid](x, q, scale, out, m, n, k, **cfg, **opts)
