@@ -152,3 +152,51 @@ def test_warm_up_rows_reach_every_kernel_config() -> None:
 def test_warm_launches_nothing_on_cpu() -> None:
     q, scale = _qweights("int8")
     assert nm.warm([(q, scale), (q, scale)], torch.float16) == 0
+
+
+class FakeTimer:
+    """Stands in for the GPU's CUDA-graph timing (no GPU here): microseconds per config
+    name and shape, and a log of what was timed."""
+
+    def __init__(self, us: dict[tuple[int, str], float], fail: set[str] = frozenset()) -> None:
+        self.us, self.fail, self.calls = us, fail, []
+
+    def __call__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], cfg: dict[str, int],
+                 dtype: torch.dtype) -> float:
+        name = nm.config_name(cfg)
+        self.calls.append((pairs[0][0].shape[0], name, len(pairs)))
+        if name in self.fail:
+            raise RuntimeError("out of resources: shared memory")
+        return self.us.get((pairs[0][0].shape[0], name), 10.0)
+
+
+def test_tune_replaces_the_table_only_for_a_clearly_faster_config_once_per_shape(monkeypatch) -> None:
+    monkeypatch.setattr(nm, "_tuned", {})
+    table, two, eight, half_k = (nm.config_name(c) for c in nm.GEMV_CANDIDATES)
+    wide, narrow = _qweights("int8", 48, 72), _qweights("int8", 16, 72)
+    fake_timer = FakeTimer({(48, table): 10.0, (48, eight): 8.0,     # 20 % faster: taken
+                            (16, table): 10.0, (16, two): 9.8},      # 2 %: noise, table kept
+                           fail={half_k})
+    report = nm.tune([wide, narrow, wide], torch.float16, timer=fake_timer)
+    assert report["48x72 int8"]["config"] == eight
+    assert report["16x72 int8"]["config"] == table
+    assert half_k not in report["48x72 int8"]["us"]  # the failing config is reported out
+    assert {(n, k) for n, _, k in fake_timer.calls} == {(48, 2), (16, 1)}  # every weight of a shape
+    assert nm._config(1, 48, 72, torch.int8) == nm.GEMV_CANDIDATES[2]
+    assert nm._config(1, 48, 72, torch.float8_e4m3fn) == nm.GEMV_TABLE  # keyed by weight dtype
+    assert "BLOCK_M" in nm._config(2, 48, 72, torch.int8)  # more rows: not the GEMV's
+    assert nm.tuned() == {"16x72 int8": table, "48x72 int8": eight}
+    before = len(fake_timer.calls)
+    assert nm.tune([wide], torch.float16, timer=fake_timer) == {}  # once per shape and process
+    assert len(fake_timer.calls) == before
+
+
+def test_tune_times_nothing_when_turned_off_or_on_cpu(monkeypatch) -> None:
+    monkeypatch.setattr(nm, "_tuned", {})
+    fake_timer = FakeTimer({})
+    monkeypatch.setenv(nm.TUNE_ENV, "0")
+    assert nm.tune([_qweights("fp8")], torch.float16, timer=fake_timer) == {}
+    assert fake_timer.calls == []
+    monkeypatch.delenv(nm.TUNE_ENV)
+    assert nm.tune([_qweights("fp8")], torch.float16) == {}  # CPU: the kernel is not used
+    assert nm.tuned() == {}

@@ -78,7 +78,7 @@ from torch.distributed import _functional_collectives as funcol
 from torch.nn.attention import sdpa_kernel
 
 from llmenergy.errors import UserError
-from llmenergy.inference import quant, tp
+from llmenergy.inference import narrow_mm, quant, tp
 from llmenergy.inference.generate import (
     GenerationResult,
     PhaseCallback,
@@ -154,6 +154,8 @@ class CompiledEngine:
         self._tokens: dict[int, torch.Tensor] = {}
         self._step = self._decode
         self._extra: dict[str, object] = {}
+        #: the one-row narrow_mm config per weight shape tuned at warm-up (provenance)
+        self.gemv_configs: dict[str, str] = {}
         if self.compile:
             if self.cache_dir is not None:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -308,6 +310,7 @@ class CompiledEngine:
         t0 = time.time_ns()
         if not self._ready and (n := quant.warm_kernels(self.linears, self.dtype)):
             log.info("warmed %d narrow_mm kernel variant(s) for prefill and decode (Triton compiles each once)", n)
+            self.gemv_configs = narrow_mm.tuned()
         if self.compile:
             token = self._token(bsz).zero_()
             pos = torch.zeros(1, dtype=torch.long, device=self.device)

@@ -40,7 +40,9 @@ the end, so a decode step reads one byte per weight.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
+import statistics
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +79,28 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
 
 
-def _config(m: int, n: int, k: int) -> dict[str, int]:
+#: the GEMV's block config when :func:`tune` has not picked one for the shape
+GEMV_TABLE: dict[str, int] = {"BLOCK_N": 4, "BLOCK_K": 1024, "VEC": 8, "AHEAD": 0,
+                              "num_warps": 4, "num_stages": 1}
+#: what :func:`tune` times at load on the GPU, the table first
+GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
+    GEMV_TABLE,
+    {**GEMV_TABLE, "BLOCK_N": 2, "num_warps": 2},
+    {**GEMV_TABLE, "BLOCK_N": 8, "num_warps": 8},
+    {**GEMV_TABLE, "BLOCK_K": 512, "num_warps": 2},
+)
+#: a candidate replaces the table for a shape only when it is this much faster than it
+TUNE_MARGIN = 0.03
+#: ``LLMENERGY_GEMV_TUNE=0``: no timing at load, the table for every shape
+TUNE_ENV = "LLMENERGY_GEMV_TUNE"
+#: (N, K, weight dtype) -> the GEMV config :func:`tune` chose in this process
+_tuned: dict[tuple[int, int, torch.dtype], dict[str, int]] = {}
+
+
+def _config(m: int, n: int, k: int, wdtype: torch.dtype | None = None) -> dict[str, int]:
     """Block sizes and launch options for an [m, k] x [n, k]^T product (see module doc)."""
     if m == 1:
-        return {"BLOCK_N": 4, "BLOCK_K": 1024, "VEC": 8, "AHEAD": 0, "num_warps": 4,
-                "num_stages": 1}
+        return dict(_tuned.get((n, k, wdtype), GEMV_TABLE))
     if m <= 16:
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256 if n > 8192 else 512,
                 "num_warps": 4, "num_stages": 3}
@@ -208,7 +227,7 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Ten
         raise RuntimeError("narrow_mm.launch needs triton")
     m, k = x.shape
     n = q.shape[0]
-    cfg = dict(config or _config(m, n, k))
+    cfg = dict(config or _config(m, n, k, q.dtype))
     opts = {"num_warps": cfg.pop("num_warps", 4), "num_stages": cfg.pop("num_stages", 3)}
     wrap = wrap or (lambda kernel: kernel)
     if m == 1:
@@ -221,6 +240,96 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Ten
         wrap(_gemm_kernel)[grid](x, q, scale, out, m, n, k, **cfg, **opts)
 
 
+Timer = Callable[[list[tuple[torch.Tensor, torch.Tensor]], dict[str, int], torch.dtype], float]
+
+
+def config_name(cfg: dict[str, int]) -> str:
+    """``n4_k1024_v8_a0_w4``: a GEMV config in a word (logs, provenance)."""
+    return (f"n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_v{cfg['VEC']}_a{cfg['AHEAD']}"
+            f"_w{cfg['num_warps']}")
+
+
+def tune(weights: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, *,
+         candidates: tuple[dict[str, int], ...] = GEMV_CANDIDATES,
+         timer: Timer | None = None) -> dict[str, dict[str, Any]]:
+    """Choose the one-row (decode at batch 1) block config per weight shape on this GPU.
+
+    Why: the fastest config differed between two H200s of the same kind (session 10: the
+    table's 86 us per 7B layer on one, 69 on the other, another config 74 there).  For each
+    (N, K, weight dtype) not tuned yet in this process, every candidate is timed over all
+    weights of that shape in turn (``timer``; on CUDA a CUDA graph of one launch per weight,
+    so they come from HBM, the median of 5 replays); the fastest replaces the table only
+    when it is :data:`TUNE_MARGIN` faster.  Done once per shape and process, in the
+    engine's warm-up (its ``compile`` phase): every later graph and every cell of a packed
+    group uses the same kernel.  Returns, per shape tuned now, the config chosen and the
+    microseconds per call of each candidate.  Nothing with ``LLMENERGY_GEMV_TUNE=0``, nor,
+    with the default timer, for weights the kernel does not take (CPU); a given ``timer``
+    times every shape.
+    """
+    if os.environ.get(TUNE_ENV, "1") == "0":
+        return {}
+    groups: dict[tuple[int, int, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for q, scale in weights:
+        row = torch.empty((1, q.shape[1]), device=q.device, dtype=dtype)
+        if timer is not None or _takes_kernel(row, q):
+            groups.setdefault((q.shape[0], q.shape[1], q.dtype), []).append((q, scale))
+    timer = timer or _graph_us
+    report: dict[str, dict[str, Any]] = {}
+    for key, pairs in groups.items():
+        if key in _tuned:
+            continue
+        us: dict[int, float] = {}
+        for i, cfg in enumerate(candidates):
+            try:
+                us[i] = timer(pairs, cfg, dtype)
+            except Exception as exc:  # noqa: BLE001 - out of resources: that config is out
+                log.warning("narrow_mm: GEMV config %s failed on %s: %s: %s", config_name(cfg),
+                            key[:2], type(exc).__name__, str(exc)[:200])
+        best = min(us, key=us.__getitem__, default=0)
+        if 0 in us and us[best] > us[0] * (1 - TUNE_MARGIN):
+            best = 0
+        _tuned[key] = dict(candidates[best])
+        name = f"{key[0]}x{key[1]} {str(key[2]).removeprefix('torch.')}"
+        report[name] = {"config": config_name(candidates[best]),
+                        "us": {config_name(candidates[i]): round(t, 2) for i, t in us.items()}}
+        log.info("narrow_mm: one-row config for %s: %s (%s)", name, report[name]["config"],
+                 ", ".join(f"{c} {t:.1f} us" for c, t in report[name]["us"].items()))
+    return report
+
+
+def tuned() -> dict[str, str]:
+    """The one-row configs :func:`tune` chose in this process, by shape (provenance)."""
+    return {f"{n}x{k} {str(d).removeprefix('torch.')}": config_name(c)
+            for (n, k, d), c in sorted(_tuned.items(), key=str)}
+
+
+def _graph_us(pairs: list[tuple[torch.Tensor, torch.Tensor]], cfg: dict[str, int],
+              dtype: torch.dtype) -> float:
+    """Microseconds per launch of ``cfg`` over ``pairs``, from a CUDA graph (GPU time only)."""
+    q0 = pairs[0][0]
+    x = torch.randn((1, q0.shape[1]), device=q0.device, dtype=dtype)
+    out = torch.empty((1, q0.shape[0]), device=q0.device, dtype=dtype)
+
+    def run() -> None:
+        for q, scale in pairs:
+            launch(x, q, scale, out, config=cfg)
+
+    run()  # Triton compiles this config here, outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(pairs))
+    return statistics.median(times)
+
+
 #: one row count per block config of :func:`_config` (1: the GEMV; then BLOCK_M 16, 32, 64)
 WARM_ROWS = (1, 2, 17, 33)
 
@@ -228,7 +337,9 @@ WARM_ROWS = (1, 2, 17, 33)
 def warm(weights: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> int:
     """Run the op once per block config for every distinct weight shape and dtype of
     ``weights`` (``(q, scale)`` pairs), so that Triton compiles each kernel variant now and
-    not in the first prefill of a prompt length that needs it; returns the launches."""
+    not in the first prefill of a prompt length that needs it; returns the launches.
+    First :func:`tune` picks the one-row configs (on CUDA)."""
+    tune(weights, dtype)
     seen: set[tuple[int, int, torch.dtype]] = set()
     launched = 0
     for q, scale in weights:

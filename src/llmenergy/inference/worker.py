@@ -174,7 +174,9 @@ def _cell_phases(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Share
     measure(rec, engine, shared.tokenizer, prompts, encoded, spec, stop, is_main)
     stop.check()
     fid = _fidelity(spec, engine, shared)
-    return WorkerStatus("ok", load=dict(shared.load or {}, shared_model_load=not built, shared_engine=reused),
+    gemv = getattr(engine, "gemv_configs", None)
+    return WorkerStatus("ok", load=dict(shared.load or {}, shared_model_load=not built, shared_engine=reused,
+                                        **({"gemv_configs": gemv} if gemv else {})),
                         fidelity=None if fid is None else fid.to_dict())
 
 
