@@ -94,7 +94,7 @@ case "$mode" in
     TAIL=20 step $(( 585 - SECONDS )) python3 bench/engines.py --engines compiled --precision fp16 int8 fp8 \
       --batches 1 --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_precision_b1.json" ;;
   precision)
-    TAIL=45 step 570 python3 bench/engines.py --engines reference compiled hf \
+    TAIL=45 step $(( 590 - SECONDS )) python3 bench/engines.py --engines reference compiled hf \
       --precision fp16 bf16 int8 fp8 --batches 1 16 --gen 128 --min-window-s 5 \
       --cache-dir /tmp/inductor --out "$OUT/h200_precision_all.json" ;;
   precells)

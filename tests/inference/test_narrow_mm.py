@@ -172,20 +172,20 @@ class FakeTimer:
 
 def test_tune_replaces_the_table_only_for_a_clearly_faster_config_once_per_shape(monkeypatch) -> None:
     monkeypatch.setattr(nm, "_tuned", {})
-    table, two, eight, half_k = (nm.config_name(c) for c in nm.GEMV_CANDIDATES)
+    table, c1, c2, c3 = (nm.config_name(c) for c in nm.GEMV_CANDIDATES)
     wide, narrow = _qweights("int8", 48, 72), _qweights("int8", 16, 72)
-    fake_timer = FakeTimer({(48, table): 10.0, (48, eight): 8.0,     # 20 % faster: taken
-                            (16, table): 10.0, (16, two): 9.8},      # 2 %: noise, table kept
-                           fail={half_k})
+    fake_timer = FakeTimer({(48, table): 10.0, (48, c2): 8.0,     # 20 % faster: taken
+                            (16, table): 10.0, (16, c1): 9.8},    # 2 %: noise, table kept
+                           fail={c3})
     report = nm.tune([wide, narrow, wide], torch.float16, timer=fake_timer)
-    assert report["48x72 int8"]["config"] == eight
+    assert report["48x72 int8"]["config"] == c2
     assert report["16x72 int8"]["config"] == table
-    assert half_k not in report["48x72 int8"]["us"]  # the failing config is reported out
+    assert c3 not in report["48x72 int8"]["us"]  # the failing config is reported out
     assert {(n, k) for n, _, k in fake_timer.calls} == {(48, 2), (16, 1)}  # every weight of a shape
     assert nm._config(1, 48, 72, torch.int8) == nm.GEMV_CANDIDATES[2]
     assert nm._config(1, 48, 72, torch.float8_e4m3fn) == nm.GEMV_TABLE  # keyed by weight dtype
     assert "BLOCK_M" in nm._config(2, 48, 72, torch.int8)  # more rows: not the GEMV's
-    assert nm.tuned() == {"16x72 int8": table, "48x72 int8": eight}
+    assert nm.tuned() == {"16x72 int8": table, "48x72 int8": c2}
     before = len(fake_timer.calls)
     assert nm.tune([wide], torch.float16, timer=fake_timer) == {}  # once per shape and process
     assert len(fake_timer.calls) == before

@@ -13,15 +13,19 @@ the end, so a decode step reads one byte per weight.
   anything else (CPU, prefill, fp32) is the PyTorch expression, which for large ``M``
   is compute-bound anyway.
 - Two forms.  ``M == 1``: a GEMV, each program owns ``BLOCK_N`` output channels and
-  walks K with a [BLOCK_N, BLOCK_K] tile contiguous along K, multiply-accumulating
-  into a 2-D fp32 register tile reduced once after the loop.  4 x 1024 with 4 warps: 32
-  weight bytes per thread per load (session 10's sweep; a register prefetch of the next
-  tile and a per-tile reduction, tried there, were slower).  ``2..SMALL_M``: ``tl.dot``
-  with ``BLOCK_M`` 16, 32 or 64 (rows past M masked); the row blocks of one column
-  block are adjacent programs, so a weight tile read twice comes from L2.
+  walks K in tiles of [BLOCK_K / VEC, VEC]: each thread sums its VEC contiguous products
+  in registers, so the fp32 accumulator is [BLOCK_N, BLOCK_K / VEC] (40 registers a
+  thread for the table's config, against 71 for session 10's [BLOCK_N, BLOCK_K] one: more
+  programs resident per SM, more bytes in flight), and x is loaded in the weight's layout
+  (no shared-memory exchange and no barrier in the loop; both read off the sm_90 SASS).
+  Its config per weight shape is chosen on the GPU at load (:func:`tune`).
+  ``2..SMALL_M``: ``tl.dot`` with ``BLOCK_M`` 16, 32 or 64 (rows past M masked); the row
+  blocks of one column block are adjacent programs, so a weight tile read twice comes
+  from L2.
 - int8 is converted with a bit trick (the byte into a float's mantissa, one exact
   subtraction), not the int->float instruction, whose throughput on Hopper is below
-  what HBM delivers; e4m3 uses Triton's conversion.
+  what HBM delivers; in the GEMV on the GPU as PTX (one ``prmt`` a byte, one ``xor`` per
+  four: 14 % fewer instructions in the loop, 8 % faster); e4m3 uses Triton's conversion.
 - No split-K: a small ``BLOCK_N`` (4 for the GEMV, 32 for N <= 8192 in the GEMM) gives
   N=4096 at least 128 programs for the 132 SMs; one kernel, no atomics: deterministic,
   nothing to zero, a single node in a CUDA graph.
@@ -79,15 +83,19 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
 
 
-#: the GEMV's block config when :func:`tune` has not picked one for the shape
+#: the GEMV's block config when :func:`tune` has not picked one for the shape: the best
+#: single config of session 11's sweep on an H200 (73 us per 7B layer, session 10's
+#: kernel 85 us, cuBLAS fp16 116 us in the same process; bench/results/session11/gemv)
 GEMV_TABLE: dict[str, int] = {"BLOCK_N": 4, "BLOCK_K": 1024, "VEC": 8, "AHEAD": 0,
                               "num_warps": 4, "num_stages": 1}
-#: what :func:`tune` times at load on the GPU, the table first
+#: what :func:`tune` times at load on the GPU, the table first: the fastest per 7B
+#: projection in that sweep (qkv and gate/up 2 x 1024 by 16, 2 warps: 7-9 % under the
+#: table; wo 2 x 1024 by 8; w2 4 x 1024, 8 warps)
 GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
     GEMV_TABLE,
+    {**GEMV_TABLE, "BLOCK_N": 2, "VEC": 16, "num_warps": 2},
     {**GEMV_TABLE, "BLOCK_N": 2, "num_warps": 2},
-    {**GEMV_TABLE, "BLOCK_N": 8, "num_warps": 8},
-    {**GEMV_TABLE, "BLOCK_K": 512, "num_warps": 2},
+    {**GEMV_TABLE, "num_warps": 8},
 )
 #: a candidate replaces the table for a shape only when it is this much faster than it
 TUNE_MARGIN = 0.03
@@ -233,7 +241,7 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Ten
     if m == 1:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
         # the PTX conversion where the kernel is compiled for a GPU (not the CPU interpreter)
-        asm = int(q.dtype == torch.int8 and q.is_cuda and cfg.pop("ASM", 1))
+        asm = int(cfg.pop("ASM", 1) and q.dtype == torch.int8 and q.is_cuda)
         wrap(_gemv_kernel)[grid](x, q, scale, out, n, k, **cfg, ASM=asm, **opts)
     else:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"]),)
