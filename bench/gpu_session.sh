@@ -121,7 +121,7 @@ case "$mode" in
     TAIL=24 step 110 python3 bench/gemv_sweep.py --budget-s 40 --fp8-top 4 --out "$OUT/h200_gemv_sweep.json"
     batch1 280 565 fp16 int8 fp8 ;;
   rg1)
-    batch1 200 555 fp16 int8 ;;
+    batch1 200 "${END:-555}" fp16 int8 ;;
   gemv)
     TAIL=30 step 170 python3 bench/gemv_sweep.py --rows 1 --budget-s 90 --fp8-top 6 \
       --out "$OUT/h200_gemv_sweep.json"

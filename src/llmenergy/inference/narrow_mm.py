@@ -29,13 +29,13 @@ the end, so a decode step reads one byte per weight.
 - No split-K: a small ``BLOCK_N`` (4 for the GEMV, 32 for N <= 8192 in the GEMM) gives
   N=4096 at least 128 programs for the 132 SMs; one kernel, no atomics: deterministic,
   nothing to zero, a single node in a CUDA graph.
-- A fixed config table (:func:`_config`), picked from a sweep on an H200 (Triton 3.6),
-  rather than ``triton.autotune``: the shapes are few and known, a table needs no
-  benchmarking at first call (which would happen inside Inductor's warm-up / CUDA-graph
-  recording) and gives the same kernel every run, which energy measurements need.
-  ``bench/narrow_mm.py`` measures it (bench/results/h200_narrow_mm.json: int8 1.2-1.5x
-  and fp8 1.3-1.7x the speed of fp16 at M = 1 and 16 on the 7B shapes, 34-66% of the
-  HBM bandwidth; at M = 64 0.65-0.84x fp16, still 1.5-2x the compiled dequantisation).
+- Block configs from a table (:func:`_config`), picked from sweeps on H200s (Triton 3.6),
+  rather than ``triton.autotune``, which would benchmark at first call, inside Inductor's
+  warm-up or CUDA-graph recording.  The GEMV's config alone is chosen per machine, by
+  :func:`tune`, among four in the engine's warm-up (the best differed between two H200s),
+  once per shape and process: every graph and cell of a process then runs the same kernel,
+  which energy measurements need, and the choice is in the cell's provenance.
+  ``bench/narrow_mm.py`` and ``bench/gemv_sweep.py`` measure them.
 - ``torch.library.triton_op`` makes the op visible to ``torch.compile`` (no graph break,
   the kernel lands in the CUDA graph of ``mode="reduce-overhead"``); without Triton the
   op is a ``custom_op`` running the PyTorch expression.  Triton is imported in a guard,
