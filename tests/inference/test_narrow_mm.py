@@ -47,9 +47,9 @@ def test_cpu_path_is_the_dequantised_linear(precision: str, dtype: torch.dtype) 
     q, scale = _qweights(precision)
     scale = scale.to(dtype)
     g = torch.Generator().manual_seed(1)
-    for shape in ((2, 5, 72), (7, 72)):
+    for shape, fn in (((2, 5, 72), nm.narrow_mm), ((7, 72), nm.narrow_mm), ((7, 72), nm.eager)):
         x = torch.randn(*shape, generator=g).to(dtype)
-        got = nm.narrow_mm(x, q, scale)
+        got = fn(x, q, scale)
         assert got.shape == (*shape[:-1], 48) and got.dtype == dtype
         torch.testing.assert_close(got, F.linear(x, q.to(dtype)) * scale, rtol=0, atol=0)
         want = F.linear(x.double(), quant.dequantize(q, scale, torch.float64))
@@ -109,6 +109,8 @@ def test_mismatched_shapes_raise() -> None:
         nm.narrow_mm(torch.randn(2, 71), q, scale)
     with pytest.raises(ValueError, match="want x"):
         nm.narrow_mm(torch.randn(2, 72), q, scale[:-1])
+    with pytest.raises(ValueError, match="want x"):
+        nm.eager(torch.randn(2, 71), q, scale)
 
 
 def test_config_table_covers_small_batches_and_fills_the_gpu() -> None:

@@ -120,7 +120,9 @@ class KernelNarrowLinear(NarrowLinear):
     narrow weight where the rows are few (decode), the PyTorch expression elsewhere."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return narrow_mm.narrow_mm(x, self.qweight, self.scale)
+        if torch.compiler.is_compiling():
+            return narrow_mm.narrow_mm(x, self.qweight, self.scale)
+        return narrow_mm.eager(x, self.qweight, self.scale)  # the eager prefill: no dispatch
 
 
 def wide_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
