@@ -188,6 +188,7 @@ def test_tune_replaces_the_table_only_for_a_clearly_faster_config_once_per_shape
     assert nm._config(1, 48, 72, torch.float8_e4m3fn) == nm.GEMV_TABLE  # keyed by weight dtype
     assert "BLOCK_M" in nm._config(2, 48, 72, torch.int8)  # more rows: not the GEMV's
     assert nm.tuned() == {"16x72 int8": table, "48x72 int8": c2}
+    assert nm.tuned(torch.float8_e4m3fn) == {}  # an fp8 engine lists its own shapes only
     before = len(fake_timer.calls)
     assert nm.tune([wide], torch.float16, timer=fake_timer) == {}  # once per shape and process
     assert len(fake_timer.calls) == before

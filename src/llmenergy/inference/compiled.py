@@ -310,7 +310,7 @@ class CompiledEngine:
         t0 = time.time_ns()
         if not self._ready and (n := quant.warm_kernels(self.linears, self.dtype)):
             log.info("warmed %d narrow_mm kernel variant(s) for prefill and decode (Triton compiles each once)", n)
-            self.gemv_configs = narrow_mm.tuned()
+            self.gemv_configs = narrow_mm.tuned(quant.NARROW_DTYPES.get(self.precision))
         if self.compile:
             token = self._token(bsz).zero_()
             pos = torch.zeros(1, dtype=torch.long, device=self.device)

@@ -305,10 +305,11 @@ def tune(weights: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, *
     return report
 
 
-def tuned() -> dict[str, str]:
-    """The one-row configs :func:`tune` chose in this process, by shape (provenance)."""
+def tuned(wdtype: torch.dtype | None = None) -> dict[str, str]:
+    """The one-row configs :func:`tune` chose in this process, by shape (provenance); only
+    those of weight dtype ``wdtype`` when given."""
     return {f"{n}x{k} {str(d).removeprefix('torch.')}": config_name(c)
-            for (n, k, d), c in sorted(_tuned.items(), key=str)}
+            for (n, k, d), c in sorted(_tuned.items(), key=str) if wdtype in (None, d)}
 
 
 def _graph_us(pairs: list[tuple[torch.Tensor, torch.Tensor]], cfg: dict[str, int],

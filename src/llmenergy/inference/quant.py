@@ -47,6 +47,8 @@ from llmenergy.inference import narrow_mm
 log = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
+#: the weight dtype of each narrow precision
+NARROW_DTYPES = {"int8": torch.int8, "fp8": FP8_DTYPE}
 #: the largest finite e4m3 value and int8's symmetric range
 FP8_MAX = 448.0
 INT8_MAX = 127
