@@ -22,6 +22,11 @@ warps at 69 us per layer against the table's 81 and cuBLAS fp16's 113; two other
 the GEMV it tried (commit 6ed0ded: a register prefetch of the next tile, 71-76 us at best;
 a [BLOCK_N] accumulator reduced per tile, 86 us at best) lost and were taken out.  This
 space is the neighbourhood of the winner, and the 16-row GEMM's.
+
+Session 11 changed the GEMV's tile to [BLOCK_N, BLOCK_K / VEC, VEC] (products summed per
+thread in registers; ``VEC``, ``AHEAD`` for a prefetch of the next tile, ``ASM`` for the PTX
+int8 conversion are its new parameters); session 10's kernel is kept here as a baseline,
+timed in the same process (``session10``).
 """
 from __future__ import annotations
 
