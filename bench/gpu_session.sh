@@ -29,6 +29,8 @@
 #   gemv - session 11: the GEMV sweep at one row (the 3-D tile kernel against session 10's in
 #            the same process), bench/engines.py compiled fp16 int8 fp8 at batch 1, then the
 #            decode-step profile of int8 and fp8 at batch 1;
+#   prefill - session 11: the step profile of fp16 and int8 at batch 1 with the prefill's
+#            wall time against its kernels' time (int8's prefill was 41-45 ms, fp16's 23-36);
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -129,6 +131,9 @@ case "$mode" in
       --batches 1 --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_b1.json"
     TAIL=12 step $(( 580 - SECONDS )) python3 bench/step_profile.py --precision int8 fp8 \
       --batches 1 --out "$OUT/h200_step_profile.json" ;;
+  prefill)
+    TAIL=12 step $(( 340 - SECONDS )) python3 bench/step_profile.py --precision fp16 int8 --batches 1 \
+      --steps 10 --out "$OUT/h200_prefill_profile.json" ;;
   profile)
     TAIL=20 step 500 python3 bench/step_profile.py --precision fp16 int8 fp8 --batches 1 16 \
       --out "$OUT/h200_step_profile.json" ;;

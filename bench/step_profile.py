@@ -60,7 +60,11 @@ def profile_one(engine: Any, prompts: list[list[int]], steps: int, weight_bytes:
     # the prefill alone (a run of one token), whose kernels are taken out of the run's: the
     # rest are the decode steps' (an eager prefill launches ~40 kernels per layer)
     with profile(activities=acts) as pre:
-        engine.generate(prompts, 1, eos_id=None, stop_at_eos=False)
+        one = engine.generate(prompts, 1, eos_id=None, stop_at_eos=False)
+    pre_kernels = _kernels(pre, cuda)
+    pre_top: dict[str, float] = defaultdict(float)
+    for name, us in pre_kernels:
+        pre_top[_class(name) + ": " + name[:70]] += us
     n_steps = max(r.decode_steps, 1)
     by_class: dict[str, float] = defaultdict(float)
     by_name: dict[str, float] = defaultdict(float)
@@ -82,6 +86,11 @@ def profile_one(engine: Any, prompts: list[list[int]], steps: int, weight_bytes:
         "weight_kernels_b_per_s": weight_bytes / weights_s if weights_s else None,
         "step_b_per_s": weight_bytes / step_s if step_s else None,
         "top_kernels_us_per_step": [(name[:90], us / n_steps) for name, us in top],
+        # the prefill (one run of one token, profiled): its wall time against its kernels' time
+        # (an eager prefill far above its kernels is bound by the host's Python)
+        "prefill_s": one.prefill_duration_s, "prefill_kernels": len(pre_kernels),
+        "prefill_kernel_busy_s": sum(us for _, us in pre_kernels) / 1e6,
+        "prefill_top_kernels_us": sorted(pre_top.items(), key=lambda kv: -kv[1])[:8],
         "profiled_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -134,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                   + "  ".join(f"{c} {v:.2f}" for c, v in row["class_share"].items())
                   + (f"  weights at {row['weight_kernels_b_per_s'] / 1e12:.2f} TB/s"
                      if row["weight_kernels_b_per_s"] else ""), flush=True)
+            print(f"      prefill {row['prefill_s'] * 1e3:7.1f} ms, {row['prefill_kernels']} kernels "
+                  f"busy {row['prefill_kernel_busy_s'] * 1e3:.1f} ms: "
+                  + "; ".join(f"{n} {us / 1e3:.2f} ms" for n, us in row["prefill_top_kernels_us"][:5]),
+                  flush=True)
         del engine, model
         torch._dynamo.reset()
         if cuda:
