@@ -31,6 +31,8 @@
 #            decode-step profile of int8 and fp8 at batch 1;
 #   prefill - session 11: the step profile of fp16 and int8 at batch 1 with the prefill's
 #            wall time against its kernels' time (int8's prefill was 41-45 ms, fp16's 23-36);
+#   ppaths - bench/prefill_paths.py: the eager int8 prefill through our kernel or the PyTorch
+#            expression, beside fp16's (one process);
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -134,6 +136,8 @@ case "$mode" in
   prefill)
     TAIL=12 step $(( 340 - SECONDS )) python3 bench/step_profile.py --precision fp16 int8 --batches 1 \
       --steps 10 --out "$OUT/h200_prefill_profile.json" ;;
+  ppaths)
+    TAIL=30 step 200 python3 bench/prefill_paths.py --out "$OUT/h200_prefill_paths.json" ;;
   profile)
     TAIL=20 step 500 python3 bench/step_profile.py --precision fp16 int8 fp8 --batches 1 16 \
       --out "$OUT/h200_step_profile.json" ;;
