@@ -248,16 +248,20 @@ def _write(out: Path, results: dict[str, Any]) -> None:
 
 def _table(results: dict[str, Any]) -> str:
     """One line per (precision, engine, batch): tok/s, share of the bound, J/token, and the
-    speed-up over fp16 of the same engine and batch."""
-    fp16 = {(r["engine"], r["batch"]): r["tokens_per_s"] for r in results["runs"] if r["precision"] == "fp16"}
-    lines = ["precision engine     batch    tok/s  bound  J/token  vs fp16  backend"]
+    speed-up over fp16 of the same engine and batch, in all and in decode alone (the prefill
+    of an eager engine is bound by the host: docs/precision.md)."""
+    fp16 = {(r["engine"], r["batch"]): r for r in results["runs"] if r["precision"] == "fp16"}
+    lines = ["precision engine     batch    tok/s  bound  J/token  vs fp16  decode vs fp16  backend"]
     for r in results["runs"]:
         base = fp16.get((r["engine"], r["batch"]))
-        speed = "-" if base is None else f"{r['tokens_per_s'] / base:.2f}x"
+        speed = "-" if base is None else f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x"
+        dec = ("-" if base is None or not base.get("decode_tokens_per_s")
+               or r.get("decode_tokens_per_s") is None
+               else f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x")
         jpt = "-" if r["j_per_token"] is None else f"{r['j_per_token']:.4f}"
         frac = "-" if r["bound_fraction"] is None else f"{r['bound_fraction']:.2f}"
         lines.append(f"{r['precision']:9s} {r['engine']:10s} {r['batch']:5d} {r['tokens_per_s']:8.1f}  "
-                     f"{frac:>5s}  {jpt:>7s}  {speed:>7s}  {r['quant_backend']}")
+                     f"{frac:>5s}  {jpt:>7s}  {speed:>7s}  {dec:>14s}  {r['quant_backend']}")
     return "\n".join(lines)
 
 
