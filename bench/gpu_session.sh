@@ -31,6 +31,7 @@
 #            decode-step profile of int8 and fp8 at batch 1;
 #   prefill - session 11: the step profile of fp16 and int8 at batch 1 with the prefill's
 #            wall time against its kernels' time (int8's prefill was 41-45 ms, fp16's 23-36);
+#   rg8 - bench/engines.py fp8 at batch 1, then that cell through run-group (until $END s);
 #   ppaths - bench/prefill_paths.py: the eager int8 prefill through our kernel or the PyTorch
 #            expression, beside fp16's (one process);
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
@@ -136,6 +137,14 @@ case "$mode" in
   prefill)
     TAIL=12 step $(( 340 - SECONDS )) python3 bench/step_profile.py --precision fp16 int8 --batches 1 \
       --steps 10 --out "$OUT/h200_prefill_profile.json" ;;
+  rg8)
+    # fp8 at batch 1: the bench, then the same cell through run-group, set beside it
+    TAIL=6 step 100 python3 bench/engines.py --engines compiled --precision fp8 --batches 1 --gen 128 \
+      --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_b1.json"
+    TAIL=3 step $(( ${END:-300} - SECONDS )) "${lle[@]}" run-group --config bench/configs/h200x1_precision_b1.yaml \
+      --group llama-7b_H200_s1_pnone_compiled_fp8
+    TAIL=8 step 15 python3 bench/precision_cells.py bench-results/h200x1_precision_b1 "$OUT/h200_b1.json" \
+      --out "$OUT/h200_b1_cells.json" ;;
   ppaths)
     TAIL=30 step 200 python3 bench/prefill_paths.py --out "$OUT/h200_prefill_paths.json" ;;
   profile)
