@@ -24,9 +24,9 @@ a [BLOCK_N] accumulator reduced per tile, 86 us at best) lost and were taken out
 space is the neighbourhood of the winner, and the 16-row GEMM's.
 
 Session 11 changed the GEMV's tile to [BLOCK_N, BLOCK_K / VEC, VEC] (products summed per
-thread in registers; ``VEC``, ``AHEAD`` for a prefetch of the next tile, ``ASM`` for the PTX
-int8 conversion are its new parameters); session 10's kernel is kept here as a baseline,
-timed in the same process (``session10``).
+thread in registers; ``VEC`` and ``ASM``, the PTX int8 conversion, are its new parameters;
+a prefetch of the next tile, ``AHEAD`` in that sweep, lost everywhere and is out); session
+10's kernel is kept here as a baseline, timed in the same process (``session10``).
 """
 from __future__ import annotations
 
@@ -60,13 +60,11 @@ MAX_REL_ERR = 1e-2
 def configs(rows: int) -> list[dict[str, Any]]:
     """The sweep space for ``rows`` rows of x (most likely first: the budget may cut the tail)."""
     if rows == 1:
-        main = [{"BLOCK_N": bn, "BLOCK_K": bk, "VEC": 8, "AHEAD": 0, "ASM": 1, "num_warps": w,
-                 "num_stages": 1}
+        main = [{"BLOCK_N": bn, "BLOCK_K": bk, "VEC": 8, "ASM": 1, "num_warps": w, "num_stages": 1}
                 for bn, bk, w in itertools.product((4, 2, 8), (1024, 512, 2048), (4, 2, 8))]
-        other = [{"BLOCK_N": bn, "BLOCK_K": 1024, "VEC": vec, "AHEAD": ahead, "ASM": asm,
-                  "num_warps": w, "num_stages": 1}
-                 for bn, w in ((4, 4), (2, 2), (4, 2))
-                 for vec, ahead, asm in ((8, 0, 0), (8, 1, 1), (16, 0, 1), (16, 1, 1))]
+        other = [{"BLOCK_N": bn, "BLOCK_K": 1024, "VEC": vec, "ASM": asm, "num_warps": w,
+                  "num_stages": 1}
+                 for bn, w in ((4, 4), (2, 2), (4, 2)) for vec, asm in ((8, 0), (16, 1))]
         return main + other
     return [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
             for bn, bk, w, st in itertools.product((32, 16, 64), (512, 256, 128), (4, 8), (3, 2, 4))]
@@ -74,7 +72,7 @@ def configs(rows: int) -> list[dict[str, Any]]:
 
 def key(cfg: dict[str, Any]) -> str:
     m = f"m{cfg['BLOCK_M']}_" if "BLOCK_M" in cfg else ""
-    gemv = (f"_v{cfg['VEC']}_a{cfg['AHEAD']}_asm{cfg['ASM']}" if "VEC" in cfg else "")
+    gemv = f"_v{cfg['VEC']}_asm{cfg['ASM']}" if "VEC" in cfg else ""
     return f"{m}n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_w{cfg['num_warps']}_s{cfg['num_stages']}{gemv}"
 
 

@@ -6,8 +6,8 @@ Why: on the H200 (session 11) a 7B int8 prefill of 64 tokens at batch 1 took 41-
 wall time against fp16's 23-36 ms, with 9.0 ms of kernels against 7.3 (bench/step_profile.py):
 the host's time per narrow linear call (128 per prefill), not the GPU's.  This times, in one
 process on one 7B synthetic model: fp16's prefill, then int8's with every prefill row
-through the kernel (``narrow_mm.EAGER_KERNEL_ROWS`` 64) and through the PyTorch expression
-(1: the weight dequantised to fp16, then cuBLAS), the median of ``--reps`` prefills each
+through the kernel (``narrow_mm.SMALL_M`` 64) and through the PyTorch expression
+(``SMALL_M`` set to 1: the weight dequantised to fp16, then cuBLAS), the median of ``--reps`` prefills each
 (CUDA synchronised), and the int8 prefill logits of both paths against each other.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = torch.tensor(prompts, device=dev)
         logits = {}
         for label, rows in (("int8_kernel", nm.SMALL_M), ("int8_torch", 1), ("int8_kernel_again", nm.SMALL_M)):
-            nm.EAGER_KERNEL_ROWS = rows
+            nm.SMALL_M = rows  # read at each call: the eager prefill's rows take the kernel or not
             out["ms"][label] = _time(e8, prompts, args.reps)
             logits[label] = e8.tail_logits(tokens, None, 1).float()
             print(f"{label:18s} {out['ms'][label]:7.2f} ms (fp16 {out['ms']['fp16']:.2f})", flush=True)

@@ -86,8 +86,8 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
 #: the GEMV's block config when :func:`tune` has not picked one for the shape: the best
 #: single config of session 11's sweep on an H200 (73 us per 7B layer, session 10's
 #: kernel 85 us, cuBLAS fp16 116 us in the same process; bench/results/session11/gemv)
-GEMV_TABLE: dict[str, int] = {"BLOCK_N": 4, "BLOCK_K": 1024, "VEC": 8, "AHEAD": 0,
-                              "num_warps": 4, "num_stages": 1}
+GEMV_TABLE: dict[str, int] = {"BLOCK_N": 4, "BLOCK_K": 1024, "VEC": 8, "num_warps": 4,
+                              "num_stages": 1}
 #: what :func:`tune` times at load on the GPU, the table first: the fastest per 7B
 #: projection in that sweep (qkv and gate/up 2 x 1024 by 16, 2 warps: 7-9 % under the
 #: table; wo 2 x 1024 by 8; w2 4 x 1024, 8 warps)
@@ -153,42 +153,33 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, AHEAD: tl.constexpr,
-                     ASM: tl.constexpr):
+                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, ASM: tl.constexpr):
         """out[n] = scale[n] * sum_k x[k] * q[n, k] for one row of x.
 
         The K tile is [BLOCK_K / VEC, VEC]: each thread sums its VEC contiguous products in
         registers, so the accumulator is [BLOCK_N, BLOCK_K / VEC] (a few registers per
         thread, not one per weight in flight) and x is loaded in the weight's layout (no
-        shared-memory shuffle, no barrier in the loop).  ``AHEAD``: the next tile's loads
-        are issued before this tile's arithmetic.  ``ASM``: int8 through the PTX conversion."""
+        shared-memory shuffle, no barrier in the loop).  ``ASM``: int8 through the PTX
+        conversion.  (Loading the next tile before this one's arithmetic lost in every
+        config of session 11's sweep: 92-109 us per 7B layer against 72-80.)"""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = (tl.arange(0, BLOCK_K // VEC)[None, :, None] * VEC
               + tl.arange(0, VEC)[None, None, :])  # [1, BLOCK_K / VEC, VEC]
         n_mask = rn[:, None, None] < N
         w_ptrs = q_ptr + rn[:, None, None] * K + rk
         acc = tl.zeros((BLOCK_N, BLOCK_K // VEC), dtype=tl.float32)
-        if AHEAD:
-            xv = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
-            w = tl.load(w_ptrs, mask=n_mask & (rk < K), other=0.0)
         for k0 in range(0, K, BLOCK_K):
-            if AHEAD:
-                x_cur, w_cur = xv, w
-                kn = k0 + BLOCK_K + rk
-                xv = tl.load(x_ptr + kn, mask=kn < K, other=0.0)
-                w = tl.load(w_ptrs + (k0 + BLOCK_K), mask=n_mask & (kn < K), other=0.0)
-            else:
-                kk = k0 + rk
-                x_cur = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
-                w_cur = tl.load(w_ptrs + k0, mask=n_mask & (kk < K), other=0.0)
-            if w_cur.dtype == tl.int8:
+            kk = k0 + rk
+            xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+            w = tl.load(w_ptrs + k0, mask=n_mask & (kk < K), other=0.0)
+            if w.dtype == tl.int8:
                 if ASM:
-                    wf = _int8_f32_asm(w_cur)
+                    wf = _int8_f32_asm(w)
                 else:
-                    wf = _int8_f32(w_cur)
+                    wf = _int8_f32(w)
             else:
-                wf = w_cur.to(tl.float32)
-            acc += tl.sum(wf * x_cur.to(tl.float32), axis=2)
+                wf = w.to(tl.float32)
+            acc += tl.sum(wf * xv.to(tl.float32), axis=2)
         out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
         tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
 
@@ -252,9 +243,8 @@ Timer = Callable[[list[tuple[torch.Tensor, torch.Tensor]], dict[str, int], torch
 
 
 def config_name(cfg: dict[str, int]) -> str:
-    """``n4_k1024_v8_a0_w4``: a GEMV config in a word (logs, provenance)."""
-    return (f"n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_v{cfg['VEC']}_a{cfg['AHEAD']}"
-            f"_w{cfg['num_warps']}")
+    """``n4_k1024_v8_w4``: a GEMV config in a word (logs, provenance)."""
+    return f"n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_v{cfg['VEC']}_w{cfg['num_warps']}"
 
 
 def tune(weights: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, *,
@@ -394,19 +384,11 @@ def _impl(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     return _run(x, q, scale, torch.library.wrap_triton)
 
 
-#: outside ``torch.compile`` (the eager prefill), the most rows that take the kernel; more
-#: take :func:`reference` (see :func:`eager`)
-EAGER_KERNEL_ROWS = SMALL_M
-
-
 def eager(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """:func:`narrow_mm` outside ``torch.compile`` without the op's dispatch and wrapper,
-    with :data:`EAGER_KERNEL_ROWS` as its row limit (an eager prefill makes four of these
-    calls per layer; on the H200 a 7B int8 64-token prefill took 41 ms against fp16's 23,
-    with 9 ms of kernels against 7: the host's time per call)."""
-    if x.numel() // max(x.shape[-1], 1) > EAGER_KERNEL_ROWS:
-        _check(x, q, scale)
-        return reference(x, q, scale)
+    """:func:`narrow_mm` outside ``torch.compile`` without the op's dispatch and wrapper (an
+    eager prefill makes four of these calls per layer; on the H200 a 7B int8 64-token
+    prefill took 41 ms against fp16's 23, with 9 ms of kernels against 7: the host's time
+    per call)."""
     return _run(x, q, scale, None)
 
 
