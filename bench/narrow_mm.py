@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import platform
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from llmenergy.inference import narrow_mm as nm  # noqa: E402
+from llmenergy.inference.narrow_mm import time_graph  # noqa: E402,F401  (gemv_sweep.py imports it here)
 from llmenergy.inference.quant import quantize  # noqa: E402
 
 log = logging.getLogger("bench.narrow_mm")
@@ -61,33 +61,6 @@ def row(variant: str, shape: str, n: int, k: int, m: int, us: float, fp16_us: fl
     return {"variant": variant, "shape": shape, "N": n, "K": k, "M": m, "us": us,
             "weight_gbs": gbs, "bandwidth_fraction": gbs / bandwidth_gbs,
             "speedup_vs_fp16": (fp16_us / us) if fp16_us else None, "max_rel_err": err}
-
-
-def time_graph(calls: list[Callable[[], torch.Tensor]], iters: int) -> float:
-    """Median microseconds of one call, from a CUDA graph replaying ``calls`` in turn."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up (compiles) outside the capture
-        for _ in range(3):
-            for call in calls:
-                call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return statistics.median(times)
 
 
 def bench_shape(shape: str, n: int, k: int, args: argparse.Namespace,

@@ -268,18 +268,17 @@ def tune(weights: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, *
         return {}
     groups: dict[tuple[int, int, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for q, scale in weights:
-        row = torch.empty((1, q.shape[1]), device=q.device, dtype=dtype)
-        if timer is not None or _takes_kernel(row, q):
-            groups.setdefault((q.shape[0], q.shape[1], q.dtype), []).append((q, scale))
-    timer = timer or _graph_us
+        groups.setdefault((q.shape[0], q.shape[1], q.dtype), []).append((q, scale))
     report: dict[str, dict[str, Any]] = {}
     for key, pairs in groups.items():
-        if key in _tuned:
+        q0 = pairs[0][0]
+        if key in _tuned or (timer is None and not _takes_kernel(
+                torch.empty((1, key[1]), device=q0.device, dtype=dtype), q0)):
             continue
         us: dict[int, float] = {}
         for i, cfg in enumerate(candidates):
             try:
-                us[i] = timer(pairs, cfg, dtype)
+                us[i] = (timer or _graph_us)(pairs, cfg, dtype)
             except Exception as exc:  # noqa: BLE001 - out of resources: that config is out
                 log.warning("narrow_mm: GEMV config %s failed on %s: %s: %s", config_name(cfg),
                             key[:2], type(exc).__name__, str(exc)[:200])
@@ -302,32 +301,43 @@ def tuned(wdtype: torch.dtype | None = None) -> dict[str, str]:
             for (n, k, d), c in sorted(_tuned.items(), key=str) if wdtype in (None, d)}
 
 
-def _graph_us(pairs: list[tuple[torch.Tensor, torch.Tensor]], cfg: dict[str, int],
-              dtype: torch.dtype) -> float:
-    """Microseconds per launch of ``cfg`` over ``pairs``, from a CUDA graph (GPU time only)."""
-    q0 = pairs[0][0]
-    # a constant row: the time does not depend on the values, and the RNG is left alone
-    x = torch.full((1, q0.shape[1]), 0.5, device=q0.device, dtype=dtype)
-    out = torch.empty((1, q0.shape[0]), device=q0.device, dtype=dtype)
-
-    def run() -> None:
-        for q, scale in pairs:
-            launch(x, q, scale, out, config=cfg)
-
-    run()  # Triton compiles this config here, outside the capture
+def time_graph(calls: list[Callable[[], Any]], iters: int) -> float:
+    """Median microseconds of one call, from a CUDA graph replaying ``calls`` in turn (GPU
+    time only; Triton compiles in the warm-up before the capture).  Also bench/'s timer."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (compiles) outside the capture
+        for _ in range(3):
+            for call in calls:
+                call()
+    torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        run()
-    times = []
+        for call in calls:
+            call()
     for _ in range(5):
+        graph.replay()
+    times = []
+    for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(pairs))
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
     return statistics.median(times)
+
+
+def _graph_us(pairs: list[tuple[torch.Tensor, torch.Tensor]], cfg: dict[str, int],
+              dtype: torch.dtype) -> float:
+    """Microseconds per launch of ``cfg`` over ``pairs`` (:func:`time_graph`, 5 replays)."""
+    q0 = pairs[0][0]
+    # a constant row: the time does not depend on the values, and the RNG is left alone
+    x = torch.full((1, q0.shape[1]), 0.5, device=q0.device, dtype=dtype)
+    out = torch.empty((1, q0.shape[0]), device=q0.device, dtype=dtype)
+    return time_graph([(lambda q=q, scale=scale: launch(x, q, scale, out, config=cfg))
+                       for q, scale in pairs], 5)
 
 
 #: one row count per block config of :func:`_config` (1: the GEMV; then BLOCK_M 16, 32, 64)
