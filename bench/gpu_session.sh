@@ -34,6 +34,9 @@
 #   rg8 - bench/engines.py fp8 at batch 1, then that cell through run-group (until $END s);
 #   ppaths - bench/prefill_paths.py: the eager int8 prefill through our kernel or the PyTorch
 #            expression, beside fp16's (one process);
+#   cprefill - session 12: bench/engines.py compiled fp16 int8 at batch 1 with the eager prefill,
+#            then fp16 int8 fp8 at batch 1 and 16 with the prefill's block compiled
+#            (LLMENERGY_COMPILE_PREFILL=1), in one call;
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -145,6 +148,13 @@ case "$mode" in
       --group llama-7b_H200_s1_pnone_compiled_fp8
     TAIL=8 step 15 python3 bench/precision_cells.py bench-results/h200x1_precision_b1 "$OUT/h200_b1.json" \
       --out "$OUT/h200_b1_cells.json" ;;
+  cprefill)
+    TAIL=10 step 200 env LLMENERGY_COMPILE_PREFILL=0 python3 bench/engines.py --engines compiled \
+      --precision fp16 int8 --batches 1 --gen 128 --min-window-s 5 --cache-dir /tmp/inductor \
+      --out "$OUT/h200_eager_prefill.json"
+    TAIL=20 step $(( 585 - SECONDS )) env LLMENERGY_COMPILE_PREFILL=1 python3 bench/engines.py \
+      --engines compiled --precision fp16 int8 fp8 --batches 1 16 --gen 128 --min-window-s 5 \
+      --cache-dir /tmp/inductor --out "$OUT/h200_compiled_prefill.json" ;;
   ppaths)
     TAIL=30 step 200 python3 bench/prefill_paths.py --out "$OUT/h200_prefill_paths.json" ;;
   profile)

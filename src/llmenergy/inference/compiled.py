@@ -74,6 +74,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.distributed import _functional_collectives as funcol
 from torch.nn.attention import sdpa_kernel
 
@@ -96,6 +97,8 @@ _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_te
 
 Caches = list[torch.Tensor]  # [k0, v0, k1, v1, ...], each [B, kv_heads, max_seq_len, head_dim]
 
+#: ``LLMENERGY_COMPILE_PREFILL=1``: the compiled prefill where the caller does not say
+PREFILL_ENV = "LLMENERGY_COMPILE_PREFILL"
 #: compiled decode calls made by prepare: compile, CUDA-graph record, first replay
 _WARMUP_CALLS = 3
 
@@ -126,9 +129,9 @@ class CompiledEngine:
         self.max_seq_len = model.max_seq_len
         self.eos_check_every = eos_check_every
         self.compile = self.device.type == "cuda" if compile is None else compile
-        # off by default: on the H200 (session 10) it added ~45 s of compile per batch size and
-        # failed to compile for int8 at batch 1 (a guard outside its range: eager then)
-        self.compile_prefill = self.compile and bool(compile_prefill)
+        if compile_prefill is None:
+            compile_prefill = os.environ.get(PREFILL_ENV, "0") == "1"
+        self.compile_prefill = self.compile and compile_prefill
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.shards = tp.mp_world_size()
         self.precision = precision
@@ -161,8 +164,9 @@ class CompiledEngine:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir)
             self._compile_with(quant.compile_options(self.quant_backend, self.device))
-        self._prefill_graph = (torch.compile(self._prefill_fwd, fullgraph=True, dynamic=False)
-                               if self.compile_prefill else None)
+        # the compiled prefill: one graph for every block, the prompt length symbolic
+        self._block_graph = (torch.compile(self._block, fullgraph=True, dynamic=False)
+                             if self.compile_prefill else self._block)
 
     def _compile_with(self, extra: dict[str, object]) -> None:
         """Compile the decode step with Inductor options ``extra`` (the narrow weights')."""
@@ -189,43 +193,54 @@ class CompiledEngine:
         return funcol.wait_tensor(gathered).movedim(0, -1)
 
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
-                 n_keys: int, caches: Caches, tail: int | None = None,
+                 n_keys: int | None, caches: Caches, tail: int | None = None,
                  wide: bool = False) -> torch.Tensor:
         """Float32 logits of the last position [B, V] (of the last ``tail`` [B, tail, V]) for
         ``tokens`` [B, S] at positions ``pos`` [S].
 
-        Keys and values go into ``caches`` at ``pos``; attention reads the first ``n_keys``.
-        ``wide``: the linears by :func:`quant.wide_forward` (the compiled prefill).
+        Keys and values go into ``caches`` at ``pos``; attention reads the first ``n_keys``
+        (None: ``S``, a prefill).  ``wide``: each block through :attr:`_block_graph` (the
+        compiled prefill: one graph for every block).
         """
-        fwd = quant.wide_forward if wide else (lambda mod, x: mod(x))
         m = self.model
-        bsz, seqlen = tokens.shape
+        block = self._block_graph if wide else self._block
         h = self._all_gather_last(F.embedding(tokens, m.tok_embeddings.weight))
         cos, sin = self._cos[pos][None, :, None, :], self._sin[pos][None, :, None, :]
         for i, layer in enumerate(m.layers):
-            a, lin = layer.attention, self.linears[i]
-            x = layer.attention_norm(h)
-            q, k, v = fwd(lin.qkv, x).split(lin.qkv_sizes, dim=-1)
-            q = q.unflatten(-1, (a.n_local_heads, a.head_dim))
-            k = k.unflatten(-1, (a.n_local_kv_heads, a.head_dim))
-            v = v.unflatten(-1, (a.n_local_kv_heads, a.head_dim))
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            ck, cv = caches[2 * i], caches[2 * i + 1]
-            ck.index_copy_(2, pos, k.transpose(1, 2))
-            cv.index_copy_(2, pos, v.transpose(1, 2))
-            keys, values = ck[:, :, :n_keys], cv[:, :, :n_keys]
-            rep = a.n_local_heads // a.n_local_kv_heads
-            if rep > 1:
-                keys = keys.repeat_interleave(rep, dim=1)
-                values = values.repeat_interleave(rep, dim=1)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
-            out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
-            h = h + self._all_reduce(fwd(lin.wo, out))
-            x = layer.ffn_norm(h)
-            gate, up = fwd(lin.gate_up, x).split(lin.hidden, dim=-1)
-            h = h + self._all_reduce(fwd(lin.w2, F.silu(gate) * up))
+            h = block(h, layer, self.linears[i], cos, sin, pos, mask, n_keys,
+                      caches[2 * i], caches[2 * i + 1], wide)
         h = m.norm(h[:, -1] if tail is None else h[:, -tail:])
         return self._all_gather_last(F.linear(h, m.output.weight)).float()
+
+    def _block(self, h: torch.Tensor, layer: nn.Module, lin: quant.Linears, cos: torch.Tensor,
+               sin: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
+               n_keys: int | None, ck: torch.Tensor, cv: torch.Tensor,
+               wide: bool = False) -> torch.Tensor:
+        """One transformer block on ``h`` [B, S, D] (see :meth:`_forward`); ``wide``: the
+        linears by :func:`quant.wide_forward` (rows many and varying)."""
+        fwd = quant.wide_forward if wide else (lambda mod, x: mod(x))
+        a = layer.attention
+        bsz, seqlen = h.shape[0], h.shape[1]
+        x = layer.attention_norm(h)
+        q, k, v = fwd(lin.qkv, x).split(lin.qkv_sizes, dim=-1)
+        q = q.unflatten(-1, (a.n_local_heads, a.head_dim))
+        k = k.unflatten(-1, (a.n_local_kv_heads, a.head_dim))
+        v = v.unflatten(-1, (a.n_local_kv_heads, a.head_dim))
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        ck.index_copy_(2, pos, k.transpose(1, 2))
+        cv.index_copy_(2, pos, v.transpose(1, 2))
+        end = seqlen if n_keys is None else n_keys
+        keys, values = ck[:, :, :end], cv[:, :, :end]
+        rep = a.n_local_heads // a.n_local_kv_heads
+        if rep > 1:
+            keys = keys.repeat_interleave(rep, dim=1)
+            values = values.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
+        h = h + self._all_reduce(fwd(lin.wo, out))
+        x = layer.ffn_norm(h)
+        gate, up = fwd(lin.gate_up, x).split(lin.hidden, dim=-1)
+        return h + self._all_reduce(fwd(lin.w2, F.silu(gate) * up))
 
     def _decode(self, token: torch.Tensor, pos: torch.Tensor, n_pad: torch.Tensor,
                 caches: Caches) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,40 +250,43 @@ class CompiledEngine:
         logits = self._forward(token, pos, mask[:, None, None, :], self.max_seq_len, caches)
         return logits.argmax(dim=-1), logits
 
-    def _prefill_fwd(self, tokens: torch.Tensor, n_pad: torch.Tensor, caches: Caches) -> torch.Tensor:
-        """The prefill as the compiled graph runs it (``n_pad`` always a tensor: one graph)."""
-        seqlen = tokens.shape[1]
-        pos = torch.arange(seqlen, device=self.device)
-        mask = attention_mask(0, seqlen, n_pad, self.device)
-        return self._forward(tokens, pos, mask, seqlen, caches, wide=True)
-
     def _prefill(self, tokens: torch.Tensor, n_pad: torch.Tensor | None,
                  caches: Caches) -> torch.Tensor:
         bsz, seqlen = tokens.shape
+        pos = torch.arange(seqlen, device=self.device)
+        wide = self.compile_prefill and bsz in self._prefill_ready and seqlen > 1
+        if wide and n_pad is None:  # always a [B, 1, S, S] mask: one graph
+            n_pad = self._zero_pads(bsz)
+        mask = attention_mask(0, seqlen, n_pad, self.device)
         with sdpa_kernel(SDPA_BACKENDS):  # as the reference: no cuDNN (it re-plans per length)
-            if self._prefill_graph is not None and bsz in self._prefill_ready and seqlen > 1:
-                pads = n_pad if n_pad is not None else self._zero_pads(bsz)
+            if wide:
                 with torch.compiler.set_stance("eager_on_recompile"):
-                    return self._prefill_graph(tokens, pads, caches)
-            pos = torch.arange(seqlen, device=self.device)
-            mask = attention_mask(0, seqlen, n_pad, self.device)
+                    return self._forward(tokens, pos, mask, None, caches, wide=True)
             return self._forward(tokens, pos, mask, seqlen, caches)
 
     def _zero_pads(self, bsz: int) -> torch.Tensor:
         return torch.zeros(bsz, dtype=torch.long, device=self.device)
 
     def _warm_prefill(self, bsz: int, caches: Caches) -> None:
-        """Compile the prefill graph for batch ``bsz`` (prompt length symbolic); on failure
-        log it and keep the eager prefill for this batch size."""
+        """Compile the prefill's block graph for batch ``bsz`` (prompt length symbolic); on
+        failure log it and keep the eager prefill for this batch size."""
         longest = self.max_seq_len - 1  # a prompt leaves room for one generated token
         if longest < 3:
             return
-        tokens = torch.zeros((bsz, min(16, longest)), dtype=torch.long, device=self.device)
-        torch._dynamo.mark_dynamic(tokens, 1, min=2, max=longest)
+        # a length no other dimension has (Dynamo would tie equal sizes to one symbol)
+        seqlen = min(longest, 19)
+        tokens = torch.zeros((bsz, seqlen), dtype=torch.long, device=self.device)
+        pos = torch.arange(seqlen, device=self.device)
+        mask = attention_mask(0, seqlen, self._zero_pads(bsz), self.device)
+        h = self._all_gather_last(F.embedding(tokens, self.model.tok_embeddings.weight))
+        cos, sin = self._cos[pos][None, :, None, :], self._sin[pos][None, :, None, :]
+        for t, dims in ((h, (1,)), (cos, (1,)), (sin, (1,)), (pos, (0,)), (mask, (2, 3))):
+            torch._dynamo.mark_dynamic(t, dims)
         try:
             with sdpa_kernel(SDPA_BACKENDS):
-                for _ in range(2):  # compile, then one call from the cache
-                    self._prefill_graph(tokens, self._zero_pads(bsz), caches)
+                for i, layer in enumerate(self.model.layers):
+                    self._block_graph(h, layer, self.linears[i], cos, sin, pos, mask, None,
+                                      caches[2 * i], caches[2 * i + 1], True)
         except Exception as exc:  # noqa: BLE001 - an eager prefill is slower, not wrong
             log.warning("compiling the prefill for batch %d failed (%s: %s); it runs eagerly",
                         bsz, type(exc).__name__, str(exc)[:300])
@@ -328,14 +346,17 @@ class CompiledEngine:
                     log.warning("compiling with %s failed (%s: %s); compiling with %s",
                                 self._extra, type(exc).__name__, exc, fewer or "no extra options")
                     self._compile_with(fewer)
-        if self._prefill_graph is not None:
+        sync(self.device)
+        t_decode = time.time_ns()
+        if self.compile_prefill:
             self._warm_prefill(bsz, caches)
         sync(self.device)
         t1 = time.time_ns()
         self._ready.add(bsz)
         if self.compile:
-            log.info("compiled the decode step%s for batch %d in %.1f s",
-                     " and the prefill" if bsz in self._prefill_ready else "", bsz, (t1 - t0) / 1e9)
+            log.info("compiled the decode step for batch %d in %.1f s%s", bsz, (t_decode - t0) / 1e9,
+                     f", the prefill's block in {(t1 - t_decode) / 1e9:.1f} s"
+                     if bsz in self._prefill_ready else "")
             if on_phase is not None:
                 on_phase("compile", t0, t1)
 
