@@ -47,7 +47,7 @@ for w in wheels/*.whl; do python3 -m pip install -q --no-deps --target /tmp/pyli
 export PYTHONPATH=$PWD/src:/tmp/pylibs
 nvidia-smi --query-gpu=name,uuid,driver_version,power.limit,clocks.sm,temperature.gpu --format=csv | tee "$OUT/gpus_$mode.csv"
 nproc
-step() { local t=$1; shift; echo "== $* (limit ${t}s)"; local s=$SECONDS; timeout "$t" "$@" 2>&1 | tail -"${TAIL:-6}"; echo "== rc ${PIPESTATUS[0]} in $((SECONDS - s)) s"; }
+step() { local t=$1; shift; echo "== $* (limit ${t}s)"; local s=$SECONDS; timeout "$t" "$@" 2>&1 | tee -a "$OUT/log_$mode.txt" | tail -"${TAIL:-6}"; echo "== rc ${PIPESTATUS[0]} in $((SECONDS - s)) s"; }
 nvml_tests() { step 60 python3 -m pytest -q -p no:cacheprovider tests/power/test_nvml_hardware.py; }
 cell7b=llama-7b_alpaca_H100_s1_b16_g256_pnone_reference
 # the CLI as a command `timeout` can start (a shell function it cannot)
