@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -309,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("llmenergy").setLevel(logging.INFO)  # compile times, tuned kernels
     inductor = _inductor_config(args.inductor)
 
     from llmenergy.inference import tp, weights
