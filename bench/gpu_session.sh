@@ -32,8 +32,9 @@
 #   prefill - session 11: the step profile of fp16 and int8 at batch 1 with the prefill's
 #            wall time against its kernels' time (int8's prefill was 41-45 ms, fp16's 23-36);
 #   rg8 - bench/engines.py fp8 at batch 1, then that cell through run-group (until $END s);
-#   ppaths - bench/prefill_paths.py: the eager int8 prefill through our kernel or the PyTorch
-#            expression, beside fp16's (one process);
+#   ppaths - bench/prefill_paths.py: the prefill eager and compiled (fp16 int8 fp8, batch 1 16);
+#   s12 - session 12: bench/prefill_paths.py (fp16 int8, batch 1 16), then bench/engines.py
+#            compiled fp16 int8 at batch 1 and the same two cells through run-group beside it;
 #   cprefill - session 12: bench/engines.py compiled fp16 int8 at batch 1 with the eager prefill,
 #            then fp16 int8 fp8 at batch 1 and 16 with the prefill's block compiled
 #            (LLMENERGY_COMPILE_PREFILL=1), in one call;
@@ -157,6 +158,10 @@ case "$mode" in
       --cache-dir /tmp/inductor --out "$OUT/h200_compiled_prefill.json" ;;
   ppaths)
     TAIL=30 step 200 python3 bench/prefill_paths.py --out "$OUT/h200_prefill_paths.json" ;;
+  s12)
+    TAIL=8 step 120 python3 bench/prefill_paths.py --precision fp16 int8 --reps 10 \
+      --out "$OUT/h200_prefill_paths.json"
+    batch1 220 585 fp16 int8 ;;
   profile)
     TAIL=20 step 500 python3 bench/step_profile.py --precision fp16 int8 fp8 --batches 1 16 \
       --out "$OUT/h200_step_profile.json" ;;

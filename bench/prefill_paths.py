@@ -1,14 +1,14 @@
-"""The eager prefill of the compiled engine, int8 through our kernel or the PyTorch expression.
+"""The compiled engine's prefill, eager against compiled (one graph for every block), per precision.
 
     python bench/prefill_paths.py --out $OUT/h200_prefill_paths.json    # GPU
 
-Why: on the H200 (session 11) a 7B int8 prefill of 64 tokens at batch 1 took 41-45 ms of
-wall time against fp16's 23-36 ms, with 9.0 ms of kernels against 7.3 (bench/step_profile.py):
-the host's time per narrow linear call (128 per prefill), not the GPU's.  This times, in one
-process on one 7B synthetic model: fp16's prefill, then int8's with every prefill row
-through the kernel (``narrow_mm.SMALL_M`` 64) and through the PyTorch expression
-(``SMALL_M`` set to 1: the weight dequantised to fp16, then cuBLAS), the median of ``--reps`` prefills each
-(CUDA synchronised), and the int8 prefill logits of both paths against each other.
+Why: an eager 7B prefill is bound by the host (session 11, H200: 64 tokens at batch 1 took
+41.8 ms with 7.3 ms of kernels for fp16, and int8's 128 narrow linears cost the host more
+still: 41-45 ms against fp16's 23-36).  The engine now compiles one transformer block with
+the prompt length symbolic and runs it for every layer (``compile_prefill``).  This times,
+per precision and batch size, in one process on one 7B synthetic model per precision: the
+eager prefill, the block's compile, then the compiled prefill (the median of ``--reps``
+prefills each, CUDA synchronised), and the compiled prefill's logits against the eager one's.
 """
 from __future__ import annotations
 
@@ -25,13 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from llmenergy.inference import narrow_mm as nm  # noqa: E402
 from llmenergy.inference import weights  # noqa: E402
-from llmenergy.inference.engines import make_engine  # noqa: E402
+from llmenergy.inference.compiled import CompiledEngine  # noqa: E402
 
 
-def _time(engine: Any, prompts: list[list[int]], reps: int) -> float:
-    """Median milliseconds of one eager prefill (after two unmeasured ones)."""
+def _time(engine: CompiledEngine, prompts: list[list[int]], reps: int) -> float:
+    """Median milliseconds of one prefill (after two unmeasured ones)."""
     times = []
     for i in range(reps + 2):
         torch.cuda.synchronize()
@@ -43,11 +42,18 @@ def _time(engine: Any, prompts: list[list[int]], reps: int) -> float:
     return statistics.median(times)
 
 
+def _logits(engine: CompiledEngine, prompts: list[list[int]]) -> torch.Tensor:
+    bsz = len(prompts)
+    tokens = torch.tensor(prompts, device=engine.device)
+    return engine._prefill(tokens, None, engine.caches(bsz)).float()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="llama-7b")
+    p.add_argument("--precision", nargs="+", default=["fp16", "int8", "fp8"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -55,34 +61,37 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/prefill_paths.py needs a CUDA device", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
-
-    def build() -> Any:  # one model per precision (a model's linears serve one precision)
-        return weights.build(args.arch, "synthetic", device=dev, dtype=torch.float16, seed=0,
-                             max_batch_size=args.batch, max_seq_len=args.prompt + 8)[0]
-
-    model = build()
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, model.args.vocab_size, (args.batch, args.prompt), generator=g).tolist()
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                            "python": platform.python_version(), "arch": args.arch,
-                           "prompt": args.prompt, "batch": args.batch, "reps": args.reps, "ms": {}}
-    with torch.inference_mode():
-        e16 = make_engine("compiled", model, precision="fp16")
-        out["ms"]["fp16"] = _time(e16, prompts, args.reps)
-        print(f"{'fp16':18s} {out['ms']['fp16']:7.2f} ms", flush=True)
-        del e16, model
+                           "prompt": args.prompt, "reps": args.reps, "rows": []}
+    g = torch.Generator().manual_seed(0)
+    for precision in args.precision:
+        model = weights.build(args.arch, "synthetic", device=dev, dtype=torch.float16, seed=0,
+                              max_batch_size=max(args.batches), max_seq_len=args.prompt + 8)[0]
+        pool = torch.randint(3, model.args.vocab_size, (max(args.batches), args.prompt), generator=g).tolist()
+        with torch.inference_mode():
+            engine = CompiledEngine(model, precision=precision, compile_prefill=True)
+            for bsz in args.batches:
+                prompts = pool[:bsz]
+                eager_ms = _time(engine, prompts, args.reps)  # not warmed: the eager prefill
+                eager = _logits(engine, prompts)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                engine._warm_prefill(bsz, engine.caches(bsz))
+                torch.cuda.synchronize()
+                compile_s = time.perf_counter() - t0
+                row = {"precision": precision, "batch": bsz, "eager_ms": eager_ms,
+                       "compile_s": compile_s, "compiled": bsz in engine._prefill_ready}
+                row["compiled_ms"] = _time(engine, prompts, args.reps)
+                got = _logits(engine, prompts)
+                row["logits_rel_diff"] = float((got - eager).norm() / eager.norm())
+                out["rows"].append(row)
+                print(f"{precision:5s} b{bsz:<3d} eager {eager_ms:7.2f} ms  compiled {row['compiled_ms']:7.2f} ms"
+                      f"  compile {compile_s:5.1f} s  logits rel diff {row['logits_rel_diff']:.2e}"
+                      f"{'' if row['compiled'] else '  (compile FAILED: eager)'}", flush=True)
+        del engine, model
+        torch._dynamo.reset()
         torch.cuda.empty_cache()
-        e8 = make_engine("compiled", build(), precision="int8")
-        tokens = torch.tensor(prompts, device=dev)
-        logits = {}
-        for label, rows in (("int8_kernel", nm.SMALL_M), ("int8_torch", 1), ("int8_kernel_again", nm.SMALL_M)):
-            nm.SMALL_M = rows  # read at each call: the eager prefill's rows take the kernel or not
-            out["ms"][label] = _time(e8, prompts, args.reps)
-            logits[label] = e8.tail_logits(tokens, None, 1).float()
-            print(f"{label:18s} {out['ms'][label]:7.2f} ms (fp16 {out['ms']['fp16']:.2f})", flush=True)
-        a, b = logits["int8_kernel"], logits["int8_torch"]
-        out["logits_rel_diff_kernel_vs_torch"] = float((a - b).norm() / a.norm())
-    print(json.dumps(out, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     return 0

@@ -193,9 +193,14 @@ def test_torch_compile_on_cpu_gives_the_same_tokens(model: torch.nn.Module, tmp_
 
 
 @pytest.mark.slow
-def test_torch_compile_with_functional_collectives_on_two_ranks() -> None:
-    """The all-reduces and all-gathers inside the compiled graph (gloo): ~40 s on two cores."""
+def test_torch_compile_with_functional_collectives_on_two_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The all-reduces and all-gathers inside the compiled graphs, the decode step's and the
+    prefill's block (gloo): ~60 s on two cores."""
+    from llmenergy.inference.compiled import PREFILL_ENV
+
+    monkeypatch.setenv(PREFILL_ENV, "1")  # the ranks inherit it: the prefill compiles on CPU too
     for out in run_ranks(engines_worker, 2, "llama-tiny", PROMPTS[:2], 8, True, timeout_s=400):
+        assert out["compiled"]["prefill_compiled"] == [2]
         assert out["compiled"]["free"] == out["reference"]["free"]
         assert out["compiled"]["stop"] == out["reference"]["stop"]
 

@@ -97,7 +97,8 @@ _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_te
 
 Caches = list[torch.Tensor]  # [k0, v0, k1, v1, ...], each [B, kv_heads, max_seq_len, head_dim]
 
-#: ``LLMENERGY_COMPILE_PREFILL=1``: the compiled prefill where the caller does not say
+#: ``LLMENERGY_COMPILE_PREFILL=0|1``: the compiled prefill off or on where the caller does not
+#: say (default: on where the decode step compiles on CUDA)
 PREFILL_ENV = "LLMENERGY_COMPILE_PREFILL"
 #: compiled decode calls made by prepare: compile, CUDA-graph record, first replay
 _WARMUP_CALLS = 3
@@ -129,8 +130,8 @@ class CompiledEngine:
         self.max_seq_len = model.max_seq_len
         self.eos_check_every = eos_check_every
         self.compile = self.device.type == "cuda" if compile is None else compile
-        if compile_prefill is None:
-            compile_prefill = os.environ.get(PREFILL_ENV, "0") == "1"
+        if compile_prefill is None:  # on by default on CUDA; LLMENERGY_COMPILE_PREFILL=0|1
+            compile_prefill = os.environ.get(PREFILL_ENV, "1" if self.device.type == "cuda" else "0") != "0"
         self.compile_prefill = self.compile and compile_prefill
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.shards = tp.mp_world_size()
