@@ -192,6 +192,24 @@ def test_torch_compile_on_cpu_gives_the_same_tokens(model: torch.nn.Module, tmp_
         G.generate(model, other, 4, eos_id=None, stop_at_eos=False).tokens
 
 
+@pytest.mark.parametrize(("env", "compile", "want"), [
+    (None, True, False),  # on CPU the prefill stays eager unless asked (on CUDA it compiles)
+    ("1", True, True), ("0", True, False),
+    ("1", False, False),  # nothing compiles without compile
+])
+def test_compiled_prefill_follows_the_environment_where_the_caller_does_not_say(
+        model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, env: str | None, compile: bool,
+        want: bool) -> None:
+    from llmenergy.inference.compiled import PREFILL_ENV, CompiledEngine
+
+    if env is None:
+        monkeypatch.delenv(PREFILL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(PREFILL_ENV, env)
+    assert CompiledEngine(model, compile=compile).compile_prefill is want
+    assert CompiledEngine(model, compile=compile, compile_prefill=False).compile_prefill is False
+
+
 @pytest.mark.slow
 def test_torch_compile_with_functional_collectives_on_two_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The all-reduces and all-gathers inside the compiled graphs, the decode step's and the

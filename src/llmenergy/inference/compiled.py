@@ -36,19 +36,20 @@ backend call our kernel, which sits in the graph as a custom op; the ``torch`` a
 that a batch-1 matmul becomes a reduction reading the narrow weight; Triton GEMM
 templates for larger batches); a compile that fails with them is redone with fewer.
 
-Prefill (one forward pass of every prompt token, variable length) runs eagerly on the same
-code path.  ``compile_prefill=True`` (opt-in, not the default) compiles it too: without CUDA
-graphs, the prompt length symbolic (one graph for every length of a batch size), narrow
-weights through an opaque op that picks the kernel or the PyTorch expression at run time
-(no branch on the row count for the graph to guard on). It is
-compiled in :meth:`CompiledEngine.warm` with the decode step (phase ``"compile"``) and
-afterwards called under the stance ``eager_on_recompile``: a call the graph does not
-cover (a one-token prompt, a batch size not warmed) runs eagerly, it never compiles
-inside a measured window.  Eager, a 7B prefill launches ~40 kernels per layer from
-Python: 26-43 ms for a 64-token prompt at batch 1 on the H200, 5-7% of a 128-token run.
-Measured on one H200 (session 10, docs/precision.md): compiled, the fp16 prefill fell to
-26 ms but its compile added ~45 s per batch size (85 s in all, over issue 24's 60 s), and
-int8's failed a shape constraint at batch 1 and ran eagerly; so it stays off.
+Prefill (one forward pass of every prompt token, variable length).  On CUDA it is compiled
+(``compile_prefill``, default on there; ``LLMENERGY_COMPILE_PREFILL=0`` turns it off): one
+graph for one transformer block, :meth:`_block`, with the prompt length symbolic and the
+layer's weights and caches as its inputs, called once per layer (the embedding, mask and
+output head stay eager), without CUDA graphs; narrow weights go through an opaque op that
+picks the kernel or the PyTorch expression at run time (no branch on the row count for the
+graph to guard on).  It is compiled in :meth:`CompiledEngine.warm` with the decode step
+(phase ``"compile"``) for each batch size, and afterwards called under the stance
+``eager_on_recompile``: a call the graph does not cover (a one-token prompt, a batch size
+not warmed) runs eagerly, it never compiles inside a measured window.  Why: an eager 7B
+prefill launches ~40 kernels per layer from Python and is bound by the host.  Measured on
+one H200 (session 12, docs/precision.md), 64 tokens: fp16 29.2 -> 17.7 ms at batch 1 and
+34.5 -> 24.4 ms at batch 16, int8 33.2 -> 19.4 and 66.4 -> 54.6 ms, for 3-14 s of compile
+per batch size (the whole model as one graph, session 10: 45 s per batch size).
 
 On CPU the default is the same static code path without compiling: on the two
 cores of the test machine Inductor's C++ compile of even ``llama-tiny`` takes

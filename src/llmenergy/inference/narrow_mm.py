@@ -79,7 +79,11 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     range is float32's, the scale comes after, as in the kernel (which accumulates in
     float32): one rounding of the output rather than one of every weight."""
     if x.dtype == torch.float16:
-        return F.linear(x, q.to(x.dtype) * scale.to(x.dtype)[:, None])
+        s = scale.to(x.dtype)[:, None]
+        # int8 times float16 promotes in one kernel (the int8 -> float16 conversion is exact:
+        # the same values as converting first, 5 bytes moved per weight instead of 9); e4m3
+        # does not promote
+        return F.linear(x, q * s if q.dtype == torch.int8 else q.to(x.dtype) * s)
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
 
 
