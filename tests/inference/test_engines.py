@@ -173,6 +173,7 @@ def test_torch_compile_on_cpu_gives_the_same_tokens(model: torch.nn.Module, tmp_
     engine.prepare(lambda *a: calls.append(a))
     assert [c[0] for c in calls] == ["compile"]
     assert engine._prefill_ready == {model.max_batch_size}
+    assert (engine.prefill_mode(model.max_batch_size), engine.prefill_mode(2)) == ("compiled", "eager")
     got = engine.generate(PROMPTS, GEN, eos_id=None, stop_at_eos=False,
                           on_phase=lambda *a: calls.append(a))
     assert [c[0] for c in calls] == ["compile", "prefill", "decode"]

@@ -228,6 +228,8 @@ def test_cells_of_one_kv_cache_share_the_compiled_engine_and_match_it_alone(tmp_
     shared = [json.loads((_cell_dir(packed, c) / "cell.json").read_text())["provenance"]["load"]["shared_engine"]
               for c in ids]
     assert shared == [False, True, False]
+    for c in ids:  # on CPU nothing compiles: the prefill is eager, and the cell says so
+        assert json.loads((_cell_dir(packed, c) / "cell.json").read_text())["provenance"]["load"]["prefill"] == "eager"
     rank_log = (packed / "results" / "groups" / gid / "logs" / "rank0.log").read_text()
     assert rank_log.count("engine kept (same precision and KV cache)") == 1
     for cid in ids:

@@ -266,6 +266,11 @@ class CompiledEngine:
                     return self._forward(tokens, pos, mask, None, caches, wide=True)
             return self._forward(tokens, pos, mask, seqlen, caches)
 
+    def prefill_mode(self, bsz: int) -> str:
+        """``"compiled"`` where a prefill of batch ``bsz`` runs the block graph (prompts of
+        two tokens or more), else ``"eager"`` (provenance)."""
+        return "compiled" if bsz in self._prefill_ready else "eager"
+
     def _zero_pads(self, bsz: int) -> torch.Tensor:
         return torch.zeros(bsz, dtype=torch.long, device=self.device)
 
