@@ -182,3 +182,24 @@ def precision_worker(rank: int, arch: Any, prompts: list[list[int]], max_gen_len
                           "backend": engine.quant_backend,
                           "linear_bytes": quant.linear_bytes(engine.linears)}
     return out
+
+
+def tune_worker(rank: int, us_by_rank: list[dict[str, float]]) -> dict[str, Any]:
+    """:func:`narrow_mm.tune` on N ranks, each timing the candidates as ``us_by_rank[rank]``
+    says (a fake timer: no GPU here; configs not named take 10 us), agreeing through
+    :func:`tp.slowest` over the model-parallel group: the config chosen and its timings."""
+    import functools
+
+    from fairscale.nn.model_parallel.initialize import get_model_parallel_group
+
+    from llmenergy.inference import narrow_mm as nm
+    from llmenergy.inference import tp
+
+    def fake_rank_timer(pairs: Any, cfg: dict[str, int], dtype: torch.dtype) -> float:
+        return us_by_rank[rank].get(nm.config_name(cfg), 10.0)
+
+    q = torch.randint(-127, 128, (48, 72), dtype=torch.int8)
+    agree = functools.partial(tp.slowest, group=get_model_parallel_group(), device=torch.device("cpu"))
+    report = nm.tune([(q, torch.rand(48))], torch.float16, timer=fake_rank_timer, agree=agree)
+    return report["48x72 int8"]
+

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_helpers import run_ranks, tune_worker
 
 from llmenergy.inference import narrow_mm as nm
 from llmenergy.inference import quant
@@ -192,6 +193,19 @@ def test_tune_replaces_the_table_only_for_a_clearly_faster_config_once_per_shape
     before = len(fake_timer.calls)
     assert nm.tune([wide], torch.float16, timer=fake_timer) == {}  # once per shape and process
     assert len(fake_timer.calls) == before
+
+
+def test_ranks_agree_on_the_tuned_config_by_their_slowest_time() -> None:
+    """Two real ranks (gloo): alone, rank 0 would take candidate 2 and rank 1 candidate 1;
+    agreeing on the slowest rank's time per candidate, both keep the table (nothing is 3 %
+    faster on both). Then a candidate faster on both is taken by both."""
+    table, c1, c2, _ = (nm.config_name(c) for c in nm.GEMV_CANDIDATES)
+    split = [{table: 10.0, c2: 8.0}, {table: 10.0, c1: 7.0, c2: 12.0}]
+    got = run_ranks(tune_worker, 2, split, timeout_s=120)
+    assert [r["config"] for r in got] == [table, table]
+    assert got[0]["us"] == got[1]["us"] == {table: 10.0, c1: 10.0, c2: 12.0, nm.config_name(nm.GEMV_CANDIDATES[3]): 10.0}
+    both = [{table: 10.0, c1: 8.0}, {table: 9.0, c1: 8.5}]
+    assert [r["config"] for r in run_ranks(tune_worker, 2, both, timeout_s=120)] == [c1, c1]
 
 
 def test_tune_times_nothing_when_turned_off_or_on_cpu(monkeypatch) -> None:

@@ -68,6 +68,7 @@ reuse Inductor's (and Triton's) compiled kernels.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -333,7 +334,9 @@ class CompiledEngine:
         caches = self.caches(bsz)
         sync(self.device)
         t0 = time.time_ns()
-        if not self._ready and (n := quant.warm_kernels(self.linears, self.dtype)):
+        agree = (None if self._group is None else
+                 functools.partial(tp.slowest, group=self._group, device=self.device))
+        if not self._ready and (n := quant.warm_kernels(self.linears, self.dtype, agree)):
             log.info("warmed %d narrow_mm kernel variant(s) for prefill and decode (Triton compiles each once)", n)
             self.gemv_configs = narrow_mm.tuned(quant.NARROW_DTYPES.get(self.precision))
         if self.compile:

@@ -44,6 +44,7 @@ the end, so a decode step reads one byte per weight.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 from typing import Any, Callable
@@ -251,9 +252,14 @@ def config_name(cfg: dict[str, int]) -> str:
     return f"n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_v{cfg['VEC']}_w{cfg['num_warps']}"
 
 
+#: the ranks' agreement on timings: each rank's microseconds per candidate in, the same
+#: list out on every rank (:func:`llmenergy.inference.tp.slowest`: the slowest rank's)
+Agree = Callable[[list[float]], list[float]]
+
+
 def tune(weights: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, *,
          candidates: tuple[dict[str, int], ...] = GEMV_CANDIDATES,
-         timer: Timer | None = None) -> dict[str, dict[str, Any]]:
+         timer: Timer | None = None, agree: Agree | None = None) -> dict[str, dict[str, Any]]:
     """Choose the one-row (decode at batch 1) block config per weight shape on this GPU.
 
     Why: the fastest config differed between two H200s of the same kind (session 10: the
@@ -266,7 +272,9 @@ def tune(weights: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, *
     group uses the same kernel.  Returns, per shape tuned now, the config chosen and the
     microseconds per call of each candidate.  Nothing with ``LLMENERGY_GEMV_TUNE=0``, nor,
     with the default timer, for weights the kernel does not take (CPU); a given ``timer``
-    times every shape.
+    times every shape.  ``agree`` (the engine's, at two shards or more): the times go through
+    it before the choice, so that every rank of a cell picks the same config (the step
+    waits for the slowest rank anyway); every rank must tune the same shapes in order.
     """
     if os.environ.get(TUNE_ENV, "1") == "0":
         return {}
@@ -286,6 +294,9 @@ def tune(weights: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, *
             except Exception as exc:  # noqa: BLE001 - out of resources: that config is out
                 log.warning("narrow_mm: GEMV config %s failed on %s: %s: %s", config_name(cfg),
                             key[:2], type(exc).__name__, str(exc)[:200])
+        if agree is not None:  # a config that failed on one rank is out on all
+            times = agree([us.get(i, math.inf) for i in range(len(candidates))])
+            us = {i: t for i, t in enumerate(times) if math.isfinite(t)}
         best = min(us, key=us.__getitem__, default=0)
         if 0 in us and us[best] > us[0] * (1 - TUNE_MARGIN):
             best = 0
@@ -348,12 +359,13 @@ def _graph_us(pairs: list[tuple[torch.Tensor, torch.Tensor]], cfg: dict[str, int
 WARM_ROWS = (1, 2, 17, 33)
 
 
-def warm(weights: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> int:
+def warm(weights: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype,
+         agree: Agree | None = None) -> int:
     """Run the op once per block config for every distinct weight shape and dtype of
     ``weights`` (``(q, scale)`` pairs), so that Triton compiles each kernel variant now and
     not in the first prefill of a prompt length that needs it; returns the launches.
-    First :func:`tune` picks the one-row configs (on CUDA)."""
-    tune(weights, dtype)
+    First :func:`tune` picks the one-row configs (on CUDA; ``agree``: see there)."""
+    tune(weights, dtype, agree=agree)
     seen: set[tuple[int, int, torch.dtype]] = set()
     launched = 0
     for q, scale in weights:

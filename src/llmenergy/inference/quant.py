@@ -321,11 +321,12 @@ def prepare(model: nn.Module, precision: str) -> tuple[list[Linears], str]:
     return layers, how
 
 
-def warm_kernels(layers: list[Linears], dtype: torch.dtype) -> int:
+def warm_kernels(layers: list[Linears], dtype: torch.dtype, agree: narrow_mm.Agree | None = None) -> int:
     """Have Triton compile our kernel's variants for every projection shape now (CUDA,
-    backend ``triton``; :func:`llmenergy.inference.narrow_mm.warm`); the launches run."""
+    backend ``triton``; :func:`llmenergy.inference.narrow_mm.warm`, ``agree`` the ranks'
+    agreement on its tuning); the launches run."""
     pairs = [(m.qweight, m.scale) for lin in layers for m in lin.modules() if isinstance(m, KernelNarrowLinear)]
-    return narrow_mm.warm(pairs, dtype) if pairs else 0
+    return narrow_mm.warm(pairs, dtype, agree) if pairs else 0
 
 
 def model_precision(model: nn.Module) -> str | None:

@@ -1,15 +1,18 @@
 """Tensor (model) parallel set-up on top of fairscale.
 
 fairscale keeps its process groups in module globals; these helpers wrap its
-initialisation (silencing its ``print``), answer rank/size questions, and check
-that a shard count fits an architecture before anything is built.
+initialisation (silencing its ``print``), answer rank/size questions, agree on a
+measurement across ranks, and check that a shard count fits an architecture before
+anything is built.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+from typing import Any
 
+import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
@@ -67,6 +70,14 @@ def mp_rank() -> int:
 
 def mp_world_size() -> int:
     return fs_init.get_model_parallel_world_size()
+
+
+def slowest(values: list[float], group: Any, device: torch.device) -> list[float]:
+    """The element-wise maximum of every rank's ``values`` over ``group`` (one all-reduce on
+    ``device``, the rank's GPU under NCCL): the same list on every rank."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
 
 
 def check_shards(name: str, args: ModelArgs, shards: int) -> None:
