@@ -281,7 +281,7 @@ class CompiledEngine:
         longest = self.max_seq_len - 1  # a prompt leaves room for one generated token
         if longest < 3:
             return
-        # a length no other dimension has (Dynamo would tie equal sizes to one symbol)
+        # any length from 2 serves (the graph is symbolic in it; 0 and 1 Dynamo specialises)
         seqlen = min(longest, 19)
         tokens = torch.zeros((bsz, seqlen), dtype=torch.long, device=self.device)
         pos = torch.arange(seqlen, device=self.device)
