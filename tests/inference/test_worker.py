@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from launch_helpers import CellRun, make_env, start_run_cell, write_config
 
 from llmenergy.config import load
 from llmenergy.inference.tokenizer import default_tokenizer
-from llmenergy.inference.worker import _more, response_counts
+from llmenergy.inference import model as M
+from llmenergy.inference import weights as W
+from llmenergy.inference.worker import Shared, _more, response_counts
 from llmenergy.planning.matrix import expand
 
 
@@ -37,6 +41,33 @@ def test_more_passes_reach_the_target_at_the_mean_pass_time() -> None:
     assert _more(20.0, 19.0, 2) == 1  # at least one, never a partial pass
     assert _more(20.0, 20.0, 5) == 0 and _more(0.0, 0.0, 1) == 0  # reached (0: one pass only)
     assert _more(5.0, 0.0, 1) == 1  # nothing measurable yet: one more, then look again
+
+
+def test_a_new_engine_of_a_job_starts_without_the_compiled_code_of_the_one_before(tmp_path: Path) -> None:
+    """Dynamo compiles one function at most ``recompile_limit`` times per process (8), and a
+    packed group may have more KV-cache shapes than that: each engine swap forgets the compiled
+    code of the engine before, so the next one compiles afresh. Shown with the limit at 1 and a
+    function compiled for one shape: after a swap it compiles for another (without the swap's
+    reset that is a recompile over the limit, a hard failure); keeping the engine keeps it."""
+    model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
+                       max_batch_size=2, max_seq_len=16)
+    shared = Shared(device=torch.device("cpu"), model=model)
+    spec = SimpleNamespace(cell=SimpleNamespace(engine="compiled", precision="fp16"))
+    torch._dynamo.reset()
+    double = torch.compile(lambda x: x * 2, backend="eager", fullgraph=True, dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        double(torch.ones(2))
+        first, reused = shared.engine_for(spec, tmp_path)
+        assert not reused
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+            double(torch.ones(3))  # the limit holds while the first engine is in use
+        assert shared.engine_for(spec, tmp_path) == (first, True)  # same shape: kept, nothing forgotten
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+            double(torch.ones(3))
+        M.resize_cache(model, 3, 16)
+        second, reused = shared.engine_for(spec, tmp_path)
+        assert second is not first and not reused
+        torch.testing.assert_close(double(torch.ones(3)), torch.full((3,), 2.0))
 
 
 def test_repeats_cycle_their_batches_to_the_minimum_window_and_prefill_is_measured(

@@ -145,6 +145,18 @@ def cell_engine(spec: CellSpec, model: Transformer, *, cache_dir: str | Path | N
     return make_engine(spec.cell.engine, model, cache_dir=cache_dir, precision=spec.cell.precision)
 
 
+def forget_compiled() -> None:
+    """Drop the compiled code of engines no longer in use (``torch._dynamo.reset``), before a
+    job's next engine.  Dynamo keeps compiled code per function, not per engine, and compiles
+    one function at most ``recompile_limit`` (8) times in a process: without this, the ninth
+    KV-cache shape of a packed group failed its compile (``FailOnRecompileLimitHit``,
+    reproduced on CPU).  The next engine compiles afresh (in its ``compile`` phase; Inductor's
+    on-disk cache shortens it).  Only with no compiled engine left in use."""
+    import torch
+
+    torch._dynamo.reset()
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """``cuda`` and ``cuda:0`` name the same device when 0 is the current one."""
     if a.type != b.type:

@@ -96,7 +96,9 @@ class Shared:
         key = (spec.cell.engine, spec.cell.precision, self.model.max_batch_size, self.model.max_seq_len)
         if self.engine is not None and key == self.engine_key:
             return self.engine, True
-        self.engine = self.engine_key = None  # the previous engine's graphs and buffers go first
+        if self.engine is not None:  # the previous engine's graphs and buffers go first
+            self.engine = self.engine_key = None
+            engines.forget_compiled()
         self.engine, self.engine_key = engines.cell_engine(spec, self.model, cache_dir=cache_dir), key
         return self.engine, False
 
