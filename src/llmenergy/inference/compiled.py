@@ -207,13 +207,17 @@ class CompiledEngine:
         """
         m = self.model
         block = self._block_graph if wide else self._block
-        h = self._all_gather_last(F.embedding(tokens, m.tok_embeddings.weight))
-        cos, sin = self._cos[pos][None, :, None, :], self._sin[pos][None, :, None, :]
+        h, cos, sin = self._embed(tokens, pos)
         for i, layer in enumerate(m.layers):
             h = block(h, layer, self.linears[i], cos, sin, pos, mask, n_keys,
                       caches[2 * i], caches[2 * i + 1], wide)
         h = m.norm(h[:, -1] if tail is None else h[:, -tail:])
         return self._all_gather_last(F.linear(h, m.output.weight)).float()
+
+    def _embed(self, tokens: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first block's input for ``tokens`` [B, S] and the rotations at ``pos`` [S]."""
+        h = self._all_gather_last(F.embedding(tokens, self.model.tok_embeddings.weight))
+        return h, self._cos[pos][None, :, None, :], self._sin[pos][None, :, None, :]
 
     def _block(self, h: torch.Tensor, layer: nn.Module, lin: quant.Linears, cos: torch.Tensor,
                sin: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
@@ -269,8 +273,14 @@ class CompiledEngine:
 
     def prefill_mode(self, bsz: int) -> str:
         """``"compiled"`` where a prefill of batch ``bsz`` runs the block graph (prompts of
-        two tokens or more), else ``"eager"`` (provenance)."""
+        two tokens or more), else ``"eager"``."""
         return "compiled" if bsz in self._prefill_ready else "eager"
+
+    def load_provenance(self, bsz: int) -> dict[str, object]:
+        """What a cell of batch ``bsz`` records of this engine (``provenance.load``): how its
+        prefill ran, and the GEMV configs tuned for its narrow weights (when any)."""
+        return {"prefill": self.prefill_mode(bsz), **({"gemv_configs": self.gemv_configs}
+                                                      if self.gemv_configs else {})}
 
     def _zero_pads(self, bsz: int) -> torch.Tensor:
         return torch.zeros(bsz, dtype=torch.long, device=self.device)
@@ -286,8 +296,7 @@ class CompiledEngine:
         tokens = torch.zeros((bsz, seqlen), dtype=torch.long, device=self.device)
         pos = torch.arange(seqlen, device=self.device)
         mask = attention_mask(0, seqlen, self._zero_pads(bsz), self.device)
-        h = self._all_gather_last(F.embedding(tokens, self.model.tok_embeddings.weight))
-        cos, sin = self._cos[pos][None, :, None, :], self._sin[pos][None, :, None, :]
+        h, cos, sin = self._embed(tokens, pos)
         for t, dims in ((h, (1,)), (cos, (1,)), (sin, (1,)), (pos, (0,)), (mask, (2, 3))):
             torch._dynamo.mark_dynamic(t, dims)
         try:
@@ -334,11 +343,12 @@ class CompiledEngine:
         caches = self.caches(bsz)
         sync(self.device)
         t0 = time.time_ns()
-        agree = (None if self._group is None else
-                 functools.partial(tp.slowest, group=self._group, device=self.device))
-        if not self._ready and (n := quant.warm_kernels(self.linears, self.dtype, agree)):
-            log.info("warmed %d narrow_mm kernel variant(s) for prefill and decode (Triton compiles each once)", n)
-            self.gemv_configs = narrow_mm.tuned(quant.NARROW_DTYPES.get(self.precision))
+        if not self._ready:  # the first batch size: our kernels, tuned once for the engine
+            agree = (None if self._group is None else
+                     functools.partial(tp.slowest, group=self._group, device=self.device))
+            if n := quant.warm_kernels(self.linears, self.dtype, agree):
+                log.info("warmed %d narrow_mm kernel variant(s) for prefill and decode (Triton compiles each once)", n)
+                self.gemv_configs = narrow_mm.tuned(quant.NARROW_DTYPES.get(self.precision))
         if self.compile:
             token = self._token(bsz).zero_()
             pos = torch.zeros(1, dtype=torch.long, device=self.device)

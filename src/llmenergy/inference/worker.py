@@ -176,11 +176,8 @@ def _cell_phases(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Share
     measure(rec, engine, shared.tokenizer, prompts, encoded, spec, stop, is_main)
     stop.check()
     fid = _fidelity(spec, engine, shared)
-    engine_load: dict[str, Any] = {}
-    if gemv := getattr(engine, "gemv_configs", None):
-        engine_load["gemv_configs"] = gemv
-    if (prefill_mode := getattr(engine, "prefill_mode", None)) is not None:
-        engine_load["prefill"] = prefill_mode(spec.cell.batch_size)
+    provenance = getattr(engine, "load_provenance", None)  # the compiled engine's
+    engine_load = provenance(spec.cell.batch_size) if provenance is not None else {}
     return WorkerStatus("ok", load=dict(shared.load or {}, shared_model_load=not built, shared_engine=reused,
                                         **engine_load),
                         fidelity=None if fid is None else fid.to_dict())
