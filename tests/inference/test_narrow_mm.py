@@ -217,3 +217,37 @@ def test_tune_times_nothing_when_turned_off_or_on_cpu(monkeypatch) -> None:
     monkeypatch.delenv(nm.TUNE_ENV)
     assert nm.tune([_qweights("fp8")], torch.float16) == {}  # CPU: the kernel is not used
     assert nm.tuned() == {}
+
+
+def _graph_ops(module: torch.nn.Module, x: torch.Tensor) -> set[str]:
+    """The ``llmenergy`` ops in the graph torch.compile makes of ``module(x)``."""
+    seen: set[str] = set()
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable:
+        seen.update(str(n.target) for n in gm.graph.nodes if "llmenergy" in str(n.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(module, backend=backend, fullgraph=True)(x)
+    torch._dynamo.reset()
+    return seen
+
+
+def test_compiled_kernel_linear_calls_the_opaque_op_unless_traced(monkeypatch) -> None:
+    """Under torch.compile our linears call ``narrow_mm_rows`` (opaque: its launch is ours, not
+    generated per call site by Inductor); ``traced`` (the bench's comparison) the triton_op."""
+    q, scale = _qweights("int8")
+    lin = quant.KernelNarrowLinear(q, scale, torch.float32)
+    x = torch.randn(1, 72)
+    assert _graph_ops(lin, x) == {"llmenergy.narrow_mm_rows.default"}
+    monkeypatch.setattr(quant.KernelNarrowLinear, "traced", True)
+    assert _graph_ops(lin, x) == {"llmenergy.narrow_mm.default"}
+    torch.testing.assert_close(lin(x), F.linear(x, q.float()) * scale)
+
+
+def test_pdl_is_off_on_cpu_and_when_turned_off(monkeypatch) -> None:
+    assert nm.pdl_enabled(torch.device("cpu")) is False
+    monkeypatch.setattr(nm, "_pdl_devices", {})
+    monkeypatch.setenv(nm.PDL_ENV, "0")
+    if torch.cuda.is_available():
+        assert nm.pdl_enabled(torch.device("cuda", 0)) is False

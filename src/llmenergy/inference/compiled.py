@@ -278,9 +278,14 @@ class CompiledEngine:
 
     def load_provenance(self, bsz: int) -> dict[str, object]:
         """What a cell of batch ``bsz`` records of this engine (``provenance.load``): how its
-        prefill ran, and the GEMV configs tuned for its narrow weights (when any)."""
-        return {"prefill": self.prefill_mode(bsz), **({"gemv_configs": self.gemv_configs}
-                                                      if self.gemv_configs else {})}
+        prefill ran; for narrow weights through our kernel, whether it launched as a
+        programmatic dependent launch (``narrow_pdl``) and the GEMV configs tuned (when any)."""
+        out: dict[str, object] = {"prefill": self.prefill_mode(bsz)}
+        if self.quant_backend == "triton":
+            out["narrow_pdl"] = narrow_mm.pdl_enabled(self.device)
+        if self.gemv_configs:
+            out["gemv_configs"] = self.gemv_configs
+        return out
 
     def _zero_pads(self, bsz: int) -> torch.Tensor:
         return torch.zeros(bsz, dtype=torch.long, device=self.device)
