@@ -229,7 +229,7 @@ def _inductor_config(pairs: list[str]) -> dict[str, Any]:
     done: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
-        *path, name = key.split(".")  # triton.enable_pdl: config.triton's enable_pdl
+X
         owner: Any = config
         for part in path:
             owner = getattr(owner, part, None)
@@ -301,9 +301,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                    help="set torch._inductor.config KEY for every compile of this run (an A/B "
                         "experiment), e.g. coordinate_descent_tuning=true; VALUE is JSON")
-    p.add_argument("--traced-op", action="store_true",
-                   help="int8/fp8 compiled steps call the triton_op Inductor traces into (session "
-                        "12's decode), not the opaque op: the comparison of compile times")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.tiny:
@@ -321,10 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("llmenergy").setLevel(logging.INFO)  # compile times, tuned kernels
     inductor = _inductor_config(args.inductor)
 
-    from llmenergy.inference import narrow_mm, quant, tp, weights
+    from llmenergy.inference import tp, weights
     from llmenergy.inference.engines import make_engine
-
-    quant.KernelNarrowLinear.traced = args.traced_op
 
     uuid = None
     if args.device == "cuda":
@@ -341,8 +336,6 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "python": platform.python_version(), "gen": args.gen,
         "bandwidth_b_per_s": args.bandwidth, "inductor": inductor,
-        "narrow_op": "traced" if args.traced_op else "opaque",
-        "narrow_pdl": narrow_mm.pdl_enabled(dev),
         "runs": [], "comparison": [], "skipped": [], "models": [],
     }
     try:

@@ -38,9 +38,6 @@
 #   cprefill - session 12: bench/engines.py compiled fp16 int8 at batch 1 with the eager prefill,
 #            then fp16 int8 fp8 at batch 1 and 16 with the prefill's block compiled
 #            (LLMENERGY_COMPILE_PREFILL=1), in one call;
-#   s13 - session 13: the PDL race test on the GPU, then bench/engines.py compiled fp16 int8 at
-#            batch 1 and 16 (the opaque op, PDL), int8 and fp8 at batch 1 with LLMENERGY_PDL=0,
-#            and int8 at batch 1 through session 12's traced op (compile times, same machine);
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -98,13 +95,6 @@ case "$mode" in
   engcells)
     nvml_tests
     TAIL=20 step 500 python3 bench/gpu_cells.py --config bench/configs/h200x1_engines.yaml --out "$OUT/h200_engine_cells.json" ;;
-  s13)
-    E=(python3 bench/engines.py --engines compiled --gen 128 --min-window-s 5 --cache-dir /tmp/inductor)
-    TAIL=8 step 60 python3 -m pytest -q -p no:cacheprovider tests/inference/test_narrow_mm_cuda.py
-    TAIL=14 step 240 "${E[@]}" --precision fp16 int8 --batches 1 16 --out "$OUT/h200_pdl.json"
-    TAIL=10 LLMENERGY_PDL=0 step 110 "${E[@]}" --precision int8 fp8 --batches 1 --out "$OUT/h200_nopdl.json"
-    TAIL=10 step $(( 500 - SECONDS )) "${E[@]}" --precision int8 --batches 1 --traced-op \
-      --out "$OUT/h200_traced.json" ;;
   integrity)
     C=bench/configs/h200x1_integrity.yaml
     TAIL=4 step 230 "${lle[@]}" run-group --config $C --group llama-7b_H200_s1_pnone_compiled

@@ -210,7 +210,7 @@ class CompiledEngine:
         h, cos, sin = self._embed(tokens, pos)
         for i, layer in enumerate(m.layers):
             h = block(h, layer, self.linears[i], cos, sin, pos, mask, n_keys,
-                      caches[2 * i], caches[2 * i + 1], wide)
+                      caches[2 * i], caches[2 * i + 1])
         h = m.norm(h[:, -1] if tail is None else h[:, -tail:])
         return self._all_gather_last(F.linear(h, m.output.weight)).float()
 
@@ -221,15 +221,12 @@ class CompiledEngine:
 
     def _block(self, h: torch.Tensor, layer: nn.Module, lin: quant.Linears, cos: torch.Tensor,
                sin: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
-               n_keys: int | None, ck: torch.Tensor, cv: torch.Tensor,
-               wide: bool = False) -> torch.Tensor:
-        """One transformer block on ``h`` [B, S, D] (see :meth:`_forward`); ``wide``: the
-        linears by :func:`quant.wide_forward` (rows many and varying)."""
-        fwd = quant.wide_forward if wide else (lambda mod, x: mod(x))
+               n_keys: int | None, ck: torch.Tensor, cv: torch.Tensor) -> torch.Tensor:
+        """One transformer block on ``h`` [B, S, D] (see :meth:`_forward`)."""
         a = layer.attention
         bsz, seqlen = h.shape[0], h.shape[1]
         x = layer.attention_norm(h)
-        q, k, v = fwd(lin.qkv, x).split(lin.qkv_sizes, dim=-1)
+        q, k, v = lin.qkv(x).split(lin.qkv_sizes, dim=-1)
         q = q.unflatten(-1, (a.n_local_heads, a.head_dim))
         k = k.unflatten(-1, (a.n_local_kv_heads, a.head_dim))
         v = v.unflatten(-1, (a.n_local_kv_heads, a.head_dim))
@@ -244,10 +241,10 @@ class CompiledEngine:
             values = values.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
-        h = h + self._all_reduce(fwd(lin.wo, out))
+        h = h + self._all_reduce(lin.wo(out))
         x = layer.ffn_norm(h)
-        gate, up = fwd(lin.gate_up, x).split(lin.hidden, dim=-1)
-        return h + self._all_reduce(fwd(lin.w2, F.silu(gate) * up))
+        gate, up = lin.gate_up(x).split(lin.hidden, dim=-1)
+        return h + self._all_reduce(lin.w2(F.silu(gate) * up))
 
     def _decode(self, token: torch.Tensor, pos: torch.Tensor, n_pad: torch.Tensor,
                 caches: Caches) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,14 +275,9 @@ class CompiledEngine:
 
     def load_provenance(self, bsz: int) -> dict[str, object]:
         """What a cell of batch ``bsz`` records of this engine (``provenance.load``): how its
-        prefill ran; for narrow weights through our kernel, whether it launched as a
-        programmatic dependent launch (``narrow_pdl``) and the GEMV configs tuned (when any)."""
-        out: dict[str, object] = {"prefill": self.prefill_mode(bsz)}
-        if self.quant_backend == "triton":
-            out["narrow_pdl"] = narrow_mm.pdl_enabled(self.device)
-        if self.gemv_configs:
-            out["gemv_configs"] = self.gemv_configs
-        return out
+        prefill ran, and the GEMV configs tuned for its narrow weights (when any)."""
+        return {"prefill": self.prefill_mode(bsz), **({"gemv_configs": self.gemv_configs}
+                                                      if self.gemv_configs else {})}
 
     def _zero_pads(self, bsz: int) -> torch.Tensor:
         return torch.zeros(bsz, dtype=torch.long, device=self.device)
@@ -308,7 +300,7 @@ class CompiledEngine:
             with sdpa_kernel(SDPA_BACKENDS):
                 for i, layer in enumerate(self.model.layers):
                     self._block_graph(h, layer, self.linears[i], cos, sin, pos, mask, None,
-                                      caches[2 * i], caches[2 * i + 1], True)
+                                      caches[2 * i], caches[2 * i + 1])
         except Exception as exc:  # noqa: BLE001 - an eager prefill is slower, not wrong
             log.warning("compiling the prefill for batch %d failed (%s: %s); it runs eagerly",
                         bsz, type(exc).__name__, str(exc)[:300])

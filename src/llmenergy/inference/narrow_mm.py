@@ -36,10 +36,16 @@ the end, so a decode step reads one byte per weight.
   once per shape and process: every graph and cell of a process then runs the same kernel,
   which energy measurements need, and the choice is in the cell's provenance.
   ``bench/narrow_mm.py`` and ``bench/gemv_sweep.py`` measure them.
-- ``torch.library.triton_op`` makes the op visible to ``torch.compile`` (no graph break,
-  the kernel lands in the CUDA graph of ``mode="reduce-overhead"``); without Triton the
-  op is a ``custom_op`` running the PyTorch expression.  Triton is imported in a guard,
-  so this module imports with the CPU wheel of torch.
+- The op ``llmenergy::narrow_mm`` is opaque to ``torch.compile``: a plain dispatcher op
+  whose kernel is the raw launch (:func:`eager`), with the PyTorch expression as its fake
+  (shapes).  A graph calls it without a break and without guarding on the row count, so
+  the compiled prefill's one graph serves every prompt length (the kernel-or-expression
+  choice is made at run time), and the decode step's CUDA graph captures the launch.  Why
+  not a ``triton_op`` that Inductor traces into (sessions 8-12): Inductor generated each
+  call site's launch anew, and an int8 decode step compiled in 45 s against 30 s (session
+  13, one H200); outside a trace its body went through ``wrap_triton`` (91 ms for a 7B
+  int8 prefill against 39, session 12), and a ``custom_op`` costs ~10 us more per call.
+  Triton is imported in a guard, so this module imports with the CPU wheel of torch.
 """
 from __future__ import annotations
 
@@ -57,7 +63,6 @@ log = logging.getLogger(__name__)
 #: the most rows of ``x`` that take the kernel; above it the product is compute-bound
 SMALL_M = 64
 OP_NAME = "llmenergy::narrow_mm"
-ROWS_OP_NAME = "llmenergy::narrow_mm_rows"
 #: weight dtypes the kernel reads, activation dtypes it writes
 WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -157,47 +162,34 @@ if triton is not None:
             constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
 
     @triton.jit
-    def _gemv_part(x_ptr, w, kk, K, ASM: tl.constexpr):
-        """The [BLOCK_N, BLOCK_K / VEC] partial sums of one weight tile ``w`` at columns ``kk``."""
-        xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
-        if w.dtype == tl.int8:
-            if ASM:
-                wf = _int8_f32_asm(w)
-            else:
-                wf = _int8_f32(w)
-        else:
-            wf = w.to(tl.float32)
-        return tl.sum(wf * xv.to(tl.float32), axis=2)
-
-    @triton.jit
     def _gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, ASM: tl.constexpr,
-                     PDL: tl.constexpr):
+                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, ASM: tl.constexpr):
         """out[n] = scale[n] * sum_k x[k] * q[n, k] for one row of x.
 
         The K tile is [BLOCK_K / VEC, VEC]: each thread sums its VEC contiguous products in
         registers, so the accumulator is [BLOCK_N, BLOCK_K / VEC] (a few registers per
         thread, not one per weight in flight) and x is loaded in the weight's layout (no
         shared-memory shuffle, no barrier in the loop).  ``ASM``: int8 through the PTX
-        conversion.  ``PDL`` (launched as a programmatic dependent launch): the first weight
-        tile is loaded before waiting for the kernel before (weights are never written), x
-        after it.  (Loading the next tile before this one's arithmetic lost in every config
-        of session 11's sweep: 92-109 us per 7B layer against 72-80.)"""
+        conversion.  (Loading the next tile before this one's arithmetic lost in every
+        config of session 11's sweep: 92-109 us per 7B layer against 72-80.)"""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = (tl.arange(0, BLOCK_K // VEC)[None, :, None] * VEC
               + tl.arange(0, VEC)[None, None, :])  # [1, BLOCK_K / VEC, VEC]
         n_mask = rn[:, None, None] < N
         w_ptrs = q_ptr + rn[:, None, None] * K + rk
-        w = tl.load(w_ptrs, mask=n_mask & (rk < K), other=0.0)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        acc = _gemv_part(x_ptr, w, rk, K, ASM)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
+        acc = tl.zeros((BLOCK_N, BLOCK_K // VEC), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
+            xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
             w = tl.load(w_ptrs + k0, mask=n_mask & (kk < K), other=0.0)
-            acc += _gemv_part(x_ptr, w, kk, K, ASM)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
+            if w.dtype == tl.int8:
+                if ASM:
+                    wf = _int8_f32_asm(w)
+                else:
+                    wf = _int8_f32(w)
+            else:
+                wf = w.to(tl.float32)
+            acc += tl.sum(wf * xv.to(tl.float32), axis=2)
         out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
         tl.store(out_ptr + rn, out.to(out_ptr.dtype.element_ty), mask=rn < N)
 
@@ -206,10 +198,8 @@ if triton is not None:
     # compiled in the engine's warm-up (:func:`warm`), none inside a measured window
     @triton.jit(do_not_specialize=["M"])
     def _gemm_kernel(x_ptr, q_ptr, s_ptr, out_ptr, M, N, K,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr):
-        """out[m, n] = scale[n] * sum_k x[m, k] * q[n, k]; rows past M are masked.  ``PDL``:
-        as the GEMV's, nothing read before the kernel before has finished."""
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[m, n] = scale[n] * sum_k x[m, k] * q[n, k]; rows past M are masked."""
         # row blocks of one column block are adjacent programs: they share weight tiles in L2
         num_m = tl.cdiv(M, BLOCK_M)
         rn = (tl.program_id(0) // num_m) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -218,8 +208,6 @@ if triton is not None:
         m_mask = rm < M
         n_mask = rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             k_mask = kk < K
@@ -234,62 +222,29 @@ if triton is not None:
                 else:
                     b = _int8_f32(b)
             acc = tl.dot(a, b.to(a.dtype), acc)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
         out = acc * tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
 
 
-#: ``LLMENERGY_PDL=0``: our kernels launch plainly, not as programmatic dependent launches
-PDL_ENV = "LLMENERGY_PDL"
-_pdl_devices: dict[int, bool] = {}
-
-
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether our kernels on ``device`` launch as programmatic dependent launches (PDL).
-
-    Why: a decode step at batch 1 is ~130 short kernels of ours (7B: 4-19 us of weights
-    each) between Inductor's; with PDL the GPU starts launching one while the kernel before
-    finishes, and its programs load their first weight tile before waiting for that kernel
-    (``gdc_wait``), so less of each kernel is ramp-up.  Correct as long as nothing the kernel
-    before writes is read or written before the wait: x and out are touched after it, and
-    the weights are never written.  Needs Hopper or newer and Triton's ``gdc_wait``; on by
-    default there (``LLMENERGY_PDL=0`` turns it off, read once per process and device)."""
-    if device.type != "cuda" or triton is None:
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _pdl_devices:
-        gdc = getattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait", None)
-        _pdl_devices[index] = (os.environ.get(PDL_ENV, "1") != "0" and gdc is not None
-                               and torch.cuda.get_device_capability(index)[0] >= 9)
-    return _pdl_devices[index]
-
-
 def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
-           wrap: Any = None, config: dict[str, int] | None = None) -> None:
+           config: dict[str, int] | None = None) -> None:
     """Run the kernel for 2-D contiguous ``x`` [M, K], ``q`` [N, K], ``scale`` [N] into
-    ``out`` [M, N].  ``wrap`` is ``torch.library.wrap_triton`` inside the op (identity
-    when None: raw launch, e.g. under ``TRITON_INTERPRET=1`` on CPU tensors).  A raw
-    launch on a GPU that takes it is a programmatic dependent launch (:func:`pdl_enabled`)."""
+    ``out`` [M, N] (on CPU tensors under ``TRITON_INTERPRET=1`` too)."""
     if triton is None:
         raise RuntimeError("narrow_mm.launch needs triton")
     m, k = x.shape
     n = q.shape[0]
     cfg = dict(config or _config(m, n, k, q.dtype))
     opts = {"num_warps": cfg.pop("num_warps", 4), "num_stages": cfg.pop("num_stages", 3)}
-    if wrap is None and pdl_enabled(x.device):
-        opts["launch_pdl"] = True
-    pdl = int(opts.get("launch_pdl", False))
-    wrap = wrap or (lambda kernel: kernel)
     if m == 1:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
         # the PTX conversion where the kernel is compiled for a GPU (not the CPU interpreter)
         asm = int(cfg.pop("ASM", 1) and q.dtype == torch.int8 and q.is_cuda)
-        wrap(_gemv_kernel)[grid](x, q, scale, out, n, k, **cfg, ASM=asm, PDL=pdl, **opts)
+        _gemv_kernel[grid](x, q, scale, out, n, k, **cfg, ASM=asm, **opts)
     else:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"]),)
-        wrap(_gemm_kernel)[grid](x, q, scale, out, m, n, k, **cfg, PDL=pdl, **opts)
+        _gemm_kernel[grid](x, q, scale, out, m, n, k, **cfg, **opts)
 
 
 Timer = Callable[[list[tuple[torch.Tensor, torch.Tensor]], dict[str, int], torch.dtype], float]
@@ -441,65 +396,37 @@ def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
                          f"{tuple(scale.shape)}: want x [..., K], q [N, K], scale [N]")
 
 
-def _run(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, wrap: Any) -> torch.Tensor:
-    """Kernel where :func:`_takes_kernel`, else :func:`reference`."""
+def eager(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`narrow_mm` without the op's dispatch: the kernel where :func:`_takes_kernel`,
+    else :func:`reference` (the eager prefill calls it four times a layer; on the H200 a 7B
+    int8 64-token prefill took 41 ms against fp16's 23, with 9 ms of kernels against 7: the
+    host's time per call)."""
     _check(x, q, scale)
     x2 = x.reshape(-1, x.shape[-1])
     if not _takes_kernel(x2, q):
         return reference(x, q, scale)
     x2 = x2.contiguous()
     out = torch.empty((x2.shape[0], q.shape[0]), device=x.device, dtype=x.dtype)
-    launch(x2, q.contiguous(), scale.contiguous(), out, wrap=wrap)
+    launch(x2, q.contiguous(), scale.contiguous(), out)
     return out.reshape(*x.shape[:-1], q.shape[0])
 
 
-def _impl(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The op's body (traceable: the kernel through ``wrap_triton``)."""
-    return _run(x, q, scale, torch.library.wrap_triton)
-
-
-def eager(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """:func:`narrow_mm` outside ``torch.compile`` without the op's dispatch and wrapper (an
-    eager prefill makes four of these calls per layer; on the H200 a 7B int8 64-token
-    prefill took 41 ms against fp16's 23, with 9 ms of kernels against 7: the host's time
-    per call)."""
-    return _run(x, q, scale, None)
-
-
-def _register() -> Any:
-    """``llmenergy::narrow_mm``: a ``triton_op`` with Triton, else a plain ``custom_op``."""
-    if triton is not None:
-        return torch.library.triton_op(OP_NAME, _impl, mutates_args=())
-    op = torch.library.custom_op(OP_NAME, _impl, mutates_args=())
-    op.register_fake(reference)
-    return op
-
-
-def _register_rows() -> torch.library.Library:
-    """``llmenergy::narrow_mm_rows``: the same product as an opaque op, torch.compile does not
-    trace into it, so the kernel-or-expression choice is made at run time from the actual
-    rows, and a graph whose row count is symbolic (the compiled prefill) has no guard on it.
-    A plain dispatcher op whose kernel is :func:`eager` (the raw launch): a ``custom_op``
-    costs ~10 us more per call, and its body launched through ``wrap_triton`` outside a trace
-    took the H200's 7B int8 compiled prefill to 91 ms against 39 eager (session 12)."""
+def _register() -> torch.library.Library:
+    """``llmenergy::narrow_mm``, opaque to ``torch.compile`` (module doc): kernel :func:`eager`,
+    fake :func:`reference`."""
     lib = torch.library.Library(OP_NAME.split("::")[0], "FRAGMENT")
-    name = ROWS_OP_NAME.split("::")[1]
+    name = OP_NAME.split("::")[1]
     lib.define(f"{name}(Tensor x, Tensor q, Tensor scale) -> Tensor")
     lib.impl(name, eager, "CompositeExplicitAutograd")
-    torch.library.register_fake(ROWS_OP_NAME, reference, lib=lib)
+    torch.library.register_fake(OP_NAME, reference, lib=lib)
     return lib
 
 
-_op = _register()
-_rows_lib = _register_rows()
-_rows_overload = torch.ops.llmenergy.narrow_mm_rows.default
+_lib = _register()
+_overload = torch.ops.llmenergy.narrow_mm.default
 
 
 def narrow_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``(x @ q.to(x.dtype).T) * scale`` in ``x.dtype`` reading ``q`` narrow where it can."""
-    return _op(x, q, scale)
-
-
-def narrow_mm_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """:func:`narrow_mm` through the opaque op (for rows many and varying: a prefill)."""
-    return _rows_overload(x, q, scale)
+    """``(x @ q.to(x.dtype).T) * scale`` in ``x.dtype`` reading ``q`` narrow where it can,
+    through the op (under ``torch.compile``; eagerly :func:`eager` costs less)."""
+    return _overload(x, q, scale)

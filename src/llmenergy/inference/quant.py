@@ -118,35 +118,15 @@ class NarrowLinear(nn.Module):
 
 
 class KernelNarrowLinear(NarrowLinear):
-    """Weight-only int8/fp8 through our kernel: it reads the narrow weight where the rows are
-    few (decode), the PyTorch expression runs elsewhere.
-
-    Under ``torch.compile`` (the decode step and the prefill's block) through the opaque op
-    :func:`narrow_mm.narrow_mm_rows`: the graph calls it, the launch inside is ours (a
-    programmatic dependent launch where the GPU takes it) and the decode step's CUDA graph
-    captures it.  Why not the ``triton_op`` that Inductor traces into (session 12's decode):
-    Inductor then generates every call site's kernel launch anew, and int8 and fp8 compiled in
-    62-75 s a cell against fp16's 34-41 s.  ``traced = True`` (a class attribute:
-    ``bench/engines.py --traced-op``) is that path again, for the comparison."""
-
-    traced = False
+    """Weight-only int8/fp8 through our kernel, which reads the narrow weight where the rows
+    are few (decode); the PyTorch expression runs elsewhere.  Under ``torch.compile`` (the
+    decode step, the prefill's block) through the opaque op ``llmenergy::narrow_mm``, eagerly
+    without its dispatch (:func:`narrow_mm.eager`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            if self.traced:
-                return narrow_mm.narrow_mm(x, self.qweight, self.scale)
-            return narrow_mm.narrow_mm_rows(x, self.qweight, self.scale)
-        return narrow_mm.eager(x, self.qweight, self.scale)  # the eager prefill: no dispatch
-
-
-def wide_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mod(x)`` for rows many and varying (the compiled prefill): a
-    :class:`KernelNarrowLinear` through the opaque op :func:`narrow_mm.narrow_mm_rows`,
-    which picks kernel or PyTorch expression at run time, so that a graph with the row count
-    symbolic has no branch on it to guard on."""
-    if isinstance(mod, KernelNarrowLinear):
-        return narrow_mm.narrow_mm_rows(x, mod.qweight, mod.scale)
-    return mod(x)
+            return narrow_mm.narrow_mm(x, self.qweight, self.scale)
+        return narrow_mm.eager(x, self.qweight, self.scale)
 
 
 def _torchao_linear(weight: torch.Tensor, precision: str) -> nn.Module:
