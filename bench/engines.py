@@ -229,7 +229,7 @@ def _inductor_config(pairs: list[str]) -> dict[str, Any]:
     done: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
-X
+        *path, name = key.split(".")  # triton.cudagraphs: config.triton's cudagraphs
         owner: Any = config
         for part in path:
             owner = getattr(owner, part, None)
