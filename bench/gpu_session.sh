@@ -38,6 +38,8 @@
 #   cprefill - session 12: bench/engines.py compiled fp16 int8 at batch 1 with the eager prefill,
 #            then fp16 int8 fp8 at batch 1 and 16 with the prefill's block compiled
 #            (LLMENERGY_COMPILE_PREFILL=1), in one call;
+#   b64 - session 13: bench/engines.py compiled fp16 int8 fp8 at batch 64 (256 generated: issue 17's
+#            setting), then compiled fp16 int8 at batch 1 twice more (the ratio's spread);
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -95,6 +97,13 @@ case "$mode" in
   engcells)
     nvml_tests
     TAIL=20 step 500 python3 bench/gpu_cells.py --config bench/configs/h200x1_engines.yaml --out "$OUT/h200_engine_cells.json" ;;
+  b64)
+    E=(python3 bench/engines.py --engines compiled --min-window-s 5 --cache-dir /tmp/inductor)
+    TAIL=10 step 260 "${E[@]}" --precision fp16 int8 fp8 --batches 64 --gen 256 --out "$OUT/h200_b64.json"
+    for i in 1 2; do
+      TAIL=5 step $(( ${END:-400} - SECONDS )) "${E[@]}" --precision fp16 int8 --batches 1 --gen 128 \
+        --out "$OUT/h200_b1_$i.json"
+    done ;;
   integrity)
     C=bench/configs/h200x1_integrity.yaml
     TAIL=4 step 230 "${lle[@]}" run-group --config $C --group llama-7b_H200_s1_pnone_compiled
