@@ -40,6 +40,8 @@
 #            (LLMENERGY_COMPILE_PREFILL=1), in one call;
 #   b64 - session 13: bench/engines.py compiled fp16 int8 fp8 at batch 64 (256 generated: issue 17's
 #            setting), then compiled fp16 int8 at batch 1 twice more (the ratio's spread);
+#   kb - session 13: bench/engines.py compiled fp16 at batch 16 and 64 (256 generated), the decode
+#            attending over key lengths (the default), then over the whole cache (LLMENERGY_KEY_BUCKETS=0);
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -104,6 +106,11 @@ case "$mode" in
       TAIL=5 step $(( ${END:-400} - SECONDS )) "${E[@]}" --precision fp16 int8 --batches 1 --gen 128 \
         --out "$OUT/h200_b1_$i.json"
     done ;;
+  kb)
+    E=(python3 bench/engines.py --engines compiled --min-window-s 5 --cache-dir /tmp/inductor
+       --precision fp16 --batches 16 64 --gen 256)
+    TAIL=12 step 150 "${E[@]}" --out "$OUT/h200_buckets.json"
+    TAIL=12 LLMENERGY_KEY_BUCKETS=0 step $(( ${END:-300} - SECONDS )) "${E[@]}" --out "$OUT/h200_whole.json" ;;
   integrity)
     C=bench/configs/h200x1_integrity.yaml
     TAIL=4 step 230 "${lle[@]}" run-group --config $C --group llama-7b_H200_s1_pnone_compiled

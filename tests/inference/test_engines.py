@@ -193,6 +193,64 @@ def test_torch_compile_on_cpu_gives_the_same_tokens(model: torch.nn.Module, tmp_
         G.generate(model, other, 4, eos_id=None, stop_at_eos=False).tokens
 
 
+def test_key_buckets_cover_the_cache_in_at_most_eight_lengths() -> None:
+    from llmenergy.inference.compiled import key_buckets
+
+    assert key_buckets(24) == [24]  # a short cache: one length, the whole cache
+    assert key_buckets(192) == [64, 128, 192]
+    assert key_buckets(320) == [64, 128, 192, 256, 320]
+    assert key_buckets(2048) == [256, 512, 768, 1024, 1280, 1536, 1792, 2048]
+    assert key_buckets(4097)[-2:] == [4032, 4097] and len(key_buckets(4097)) == 8  # 576 apart
+    assert key_buckets(2048, on=False) == [2048]
+
+
+#: a cache long enough for three key lengths (64, 128, 136), prompts of 3-7 tokens and
+#: generations that cross both boundaries
+LONG_CACHE, LONG_GEN = 136, 129
+
+
+@pytest.fixture(scope="module")
+def long_model() -> torch.nn.Module:
+    m, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
+                   max_batch_size=4, max_seq_len=LONG_CACHE)
+    return m
+
+
+def test_decode_over_key_lengths_gives_the_reference_tokens(
+        long_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attending over the keys written so far, rounded up to a key length, instead of the
+    whole cache: the same tokens as the reference engine and as the whole cache; the key
+    length of each step's position is the smallest that covers it."""
+    from llmenergy.inference.compiled import BUCKETS_ENV, CompiledEngine
+
+    engine = CompiledEngine(long_model)
+    assert engine.key_buckets == [64, 128, 136]
+    assert [engine._keys_for(p).shape[0] for p in (0, 63, 64, 127, 128, 135)] == [64, 64, 128, 128, 136, 136]
+    want = G.generate(long_model, PROMPTS, LONG_GEN, eos_id=None, stop_at_eos=False).tokens
+    assert engine.generate(PROMPTS, LONG_GEN, eos_id=None, stop_at_eos=False).tokens == want
+    assert engine.load_provenance(4)["decode_key_buckets"] == [64, 128, 136]
+    monkeypatch.setenv(BUCKETS_ENV, "0")
+    whole = CompiledEngine(long_model)
+    assert whole.key_buckets == [LONG_CACHE]
+    assert whole.generate(PROMPTS, LONG_GEN, eos_id=None, stop_at_eos=False).tokens == want
+
+
+@pytest.mark.slow
+def test_torch_compile_over_key_lengths_compiles_once(long_model: torch.nn.Module, tmp_path: Path) -> None:
+    """The key length is symbolic in the one compiled decode graph: prepare compiles it once
+    and runs every length; generating across all of them recompiles nothing (~40 s)."""
+    from llmenergy.inference.compiled import CompiledEngine
+
+    torch._dynamo.reset()  # the compiled code of other tests' engines (one code cache per function)
+    engine = CompiledEngine(long_model, compile=True, compile_prefill=False,
+                            cache_dir=tmp_path / "inductor")
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a length per graph would fall
+        engine.prepare()                                         # back to the whole cache
+        got = engine.generate(PROMPTS, LONG_GEN, eos_id=None, stop_at_eos=False)
+    assert engine.key_buckets == [64, 128, 136]
+    assert got.tokens == G.generate(long_model, PROMPTS, LONG_GEN, eos_id=None, stop_at_eos=False).tokens
+
+
 @pytest.mark.parametrize(("env", "compile", "want"), [
     (None, True, False),  # on CPU the prefill stays eager unless asked (on CUDA it compiles)
     ("1", True, True), ("0", True, False),

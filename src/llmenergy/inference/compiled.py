@@ -9,9 +9,14 @@ layers made a compiled graph copy the whole buffer every layer).  A batch of
 
 Decode step (the part that matters for speed):
 
-- static shapes: one token per row, attention over the whole cache
-  (``max_seq_len`` keys) with a boolean mask ``key <= position`` and
-  ``key >= pad`` built on the device, so every step has the same shapes;
+- one token per row, attention over the first K keys of the cache with a boolean mask
+  ``key <= position`` and ``key >= pad`` built on the device; K is the smallest of a few
+  key lengths (:func:`key_buckets`, up to 8, multiples of 64) that covers the position, so
+  a step reads the keys written so far rounded up rather than the whole cache (at batch
+  64 with 320 positions the cache is as big as a 7B model's weights).  K is symbolic in
+  the one compiled graph, and :meth:`CompiledEngine.warm` records a CUDA graph per K;
+  ``LLMENERGY_KEY_BUCKETS=0`` attends over the whole cache (one static shape, as before
+  session 13);
 - the position is a device tensor incremented in place, greedy argmax runs on
   the device and the token is fed back without leaving it: no host
   synchronisation per token (with ``stop_at_eos`` the "all finished?" check
@@ -68,6 +73,7 @@ reuse Inductor's (and Triton's) compiled kernels.
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import os
@@ -104,6 +110,22 @@ Caches = list[torch.Tensor]  # [k0, v0, k1, v1, ...], each [B, kv_heads, max_seq
 PREFILL_ENV = "LLMENERGY_COMPILE_PREFILL"
 #: compiled decode calls made by prepare: compile, CUDA-graph record, first replay
 _WARMUP_CALLS = 3
+#: ``LLMENERGY_KEY_BUCKETS=0``: every decode step attends over the whole cache (one bucket)
+BUCKETS_ENV = "LLMENERGY_KEY_BUCKETS"
+#: the decode step's key lengths: multiples of at least this many keys, at most this many
+KEY_BUCKET_MIN, MAX_KEY_BUCKETS = 64, 8
+
+
+def key_buckets(max_seq_len: int, on: bool = True) -> list[int]:
+    """The key lengths a decode step attends over: the smallest that covers the position is
+    used, so a step reads the keys written so far rounded up, not the whole cache.  At most
+    :data:`MAX_KEY_BUCKETS` (one CUDA graph each), multiples of :data:`KEY_BUCKET_MIN` keys,
+    the last ``max_seq_len``; ``on=False``: ``[max_seq_len]``."""
+    if not on:
+        return [max_seq_len]
+    width = -(-max_seq_len // MAX_KEY_BUCKETS)
+    width = max(KEY_BUCKET_MIN, -(-width // KEY_BUCKET_MIN) * KEY_BUCKET_MIN)
+    return [*range(width, max_seq_len, width), max_seq_len]
 
 
 
@@ -154,6 +176,10 @@ class CompiledEngine:
         if self.compile:
             for t in (self._cos, self._sin, self._keys):
                 torch._dynamo.mark_static_address(t)
+        #: the decode step's key lengths (:func:`key_buckets`; ``LLMENERGY_KEY_BUCKETS=0``: one)
+        self.key_buckets = key_buckets(self.max_seq_len, os.environ.get(BUCKETS_ENV, "1") != "0")
+        self._key_views: dict[int, torch.Tensor] = {}
+        self._set_buckets(self.key_buckets)
         self._caches: dict[int, Caches] = {}
         self._ready: set[int] = set()
         self._prefill_ready: set[int] = set()
@@ -170,6 +196,23 @@ class CompiledEngine:
         # the compiled prefill: one graph for every block, the prompt length symbolic
         self._block_graph = (torch.compile(self._block, fullgraph=True, dynamic=False)
                              if self.compile_prefill else self._block)
+
+    def _set_buckets(self, buckets: list[int]) -> None:
+        """Attend over ``buckets`` key lengths: each a view of the key positions, its length
+        symbolic in the compiled step when there are several (one graph, one CUDA graph per
+        length recorded in :meth:`warm`)."""
+        self.key_buckets = buckets
+        if len(buckets) == 1:  # the whole cache: the tensor itself, a static input as before
+            self._key_views = {self.max_seq_len: self._keys}
+            return
+        self._key_views = {n: self._keys[:n] for n in buckets}
+        if self.compile:  # (a static address would make Dynamo keep the length static)
+            for view in self._key_views.values():
+                torch._dynamo.decorators.mark_unbacked(view, 0)
+
+    def _keys_for(self, position: int) -> torch.Tensor:
+        """The key positions a decode step writing ``position`` attends over (the bucket)."""
+        return self._key_views[self.key_buckets[bisect.bisect_left(self.key_buckets, position + 1)]]
 
     def _compile_with(self, extra: dict[str, object]) -> None:
         """Compile the decode step with Inductor options ``extra`` (the narrow weights')."""
@@ -247,11 +290,16 @@ class CompiledEngine:
         return h + self._all_reduce(lin.w2(F.silu(gate) * up))
 
     def _decode(self, token: torch.Tensor, pos: torch.Tensor, n_pad: torch.Tensor,
-                caches: Caches) -> tuple[torch.Tensor, torch.Tensor]:
-        """One static-shape step: ``token`` [B, 1] at ``pos`` [1] → (next token [B], logits [B, V])."""
-        keys = self._keys[None, :]
-        mask = (keys <= pos) & (keys >= n_pad[:, None])
-        logits = self._forward(token, pos, mask[:, None, None, :], self.max_seq_len, caches)
+                caches: Caches, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step: ``token`` [B, 1] at ``pos`` [1], attending over the key positions ``keys``
+        [K] (the first K of the cache: a bucket, :meth:`_keys_for`) → (next token [B],
+        logits [B, V])."""
+        n_keys = keys.shape[0]  # (symbolic when compiled: its range, for the slices and the attention)
+        torch._check(n_keys >= 2)
+        torch._check(n_keys <= self.max_seq_len)
+        k = keys[None, :]
+        mask = (k <= pos) & (k >= n_pad[:, None])
+        logits = self._forward(token, pos, mask[:, None, None, :], n_keys, caches)
         return logits.argmax(dim=-1), logits
 
     def _prefill(self, tokens: torch.Tensor, n_pad: torch.Tensor | None,
@@ -275,9 +323,10 @@ class CompiledEngine:
 
     def load_provenance(self, bsz: int) -> dict[str, object]:
         """What a cell of batch ``bsz`` records of this engine (``provenance.load``): how its
-        prefill ran, and the GEMV configs tuned for its narrow weights (when any)."""
-        return {"prefill": self.prefill_mode(bsz), **({"gemv_configs": self.gemv_configs}
-                                                      if self.gemv_configs else {})}
+        prefill ran, the key lengths its decode steps attended over, and the GEMV configs
+        tuned for its narrow weights (when any)."""
+        return {"prefill": self.prefill_mode(bsz), "decode_key_buckets": self.key_buckets,
+                **({"gemv_configs": self.gemv_configs} if self.gemv_configs else {})}
 
     def _zero_pads(self, bsz: int) -> torch.Tensor:
         return torch.zeros(bsz, dtype=torch.long, device=self.device)
@@ -355,6 +404,13 @@ class CompiledEngine:
                     self._warm_calls(token, pos, n_pad, caches)
                     break
                 except Exception as exc:  # noqa: BLE001 - the GEMM-template options are unverified
+                    if len(self.key_buckets) > 1 and not self._ready:
+                        log.warning("compiling the decode step with key lengths %s failed (%s: %s); "
+                                    "attending over the whole cache", self.key_buckets,
+                                    type(exc).__name__, str(exc)[:300])
+                        self._set_buckets([self.max_seq_len])
+                        self._compile_with(self._extra)
+                        continue
                     if not self._extra:
                         raise
                     # first without the GEMM-template options, keeping the batch-1 ones
@@ -379,9 +435,10 @@ class CompiledEngine:
 
     def _warm_calls(self, token: torch.Tensor, pos: torch.Tensor, n_pad: torch.Tensor,
                     caches: Caches) -> None:
-        for _ in range(_WARMUP_CALLS):  # writes position 0, which prefill overwrites
-            self._mark_step()
-            self._step(token, pos, n_pad, caches)
+        for keys in self._key_views.values():  # one CUDA graph per key length
+            for _ in range(_WARMUP_CALLS):  # writes position 0, which prefill overwrites
+                self._mark_step()
+                self._step(token, pos, n_pad, caches, keys)
 
     def prepare(self, on_phase: PhaseCallback | None = None) -> None:
         """Compile for ``max_batch_size`` before any measured generation."""
@@ -411,7 +468,7 @@ class CompiledEngine:
         token = self._token(bsz)
         token.copy_((pre.argmax(-1) if first_token is None else first_token.to(self.device))[:, None])
         self._mark_step()
-        _, step = self._step(token, pos, pads, caches)
+        _, step = self._step(token, pos, pads, caches, self._keys_for(longest))
         return pre, step.clone()
 
     @torch.inference_mode()
@@ -463,7 +520,7 @@ class CompiledEngine:
             if done is not None and (i - 1) % self.eos_check_every == 0 and bool(done.all()):
                 break
             self._mark_step()
-            nxt, _ = self._step(token, pos, pads, caches)
+            nxt, _ = self._step(token, pos, pads, caches, self._keys_for(longest + i - 1))
             out[:, i] = nxt
             token.copy_(nxt[:, None])
             pos += 1
