@@ -13,7 +13,7 @@ Decode step (the part that matters for speed):
   ``key <= position`` and ``key >= pad`` built on the device; K is the smallest of a few
   key lengths (:func:`key_buckets`, up to 8, multiples of 64) that covers the position, so
   a step reads the keys written so far rounded up rather than the whole cache (at batch
-  64 with 320 positions the cache is as big as a 7B model's weights).  K is symbolic in
+  64 with 320 positions a 7B cache holds 10.7 GB, its weights 13.5).  K is symbolic in
   the one compiled graph, and :meth:`CompiledEngine.warm` records a CUDA graph per K;
   ``LLMENERGY_KEY_BUCKETS=0`` attends over the whole cache (one static shape, as before
   session 13);
