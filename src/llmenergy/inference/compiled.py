@@ -1,4 +1,4 @@
-"""The ``compiled`` engine: static KV cache, static shapes, one decode step under torch.compile.
+"""The ``compiled`` engine: static KV cache, one decode step under torch.compile (CUDA graphs).
 
 It runs the :class:`~llmenergy.inference.model.Transformer` that
 :func:`llmenergy.inference.weights.build` returns, reading its parameters in
