@@ -1,75 +1,49 @@
 """The ``compiled`` engine: static KV cache, one decode step under torch.compile (CUDA graphs).
 
 It runs the :class:`~llmenergy.inference.model.Transformer` that
-:func:`llmenergy.inference.weights.build` returns, reading its parameters in
-place (no second copy of the weights) and writing into its per-layer
-``cache_k``/``cache_v`` buffers (one buffer per layer: a single buffer for all
-layers made a compiled graph copy the whole buffer every layer).  A batch of
-``B < max_batch_size`` rows uses the first ``B`` rows of those buffers.
+:func:`llmenergy.inference.weights.build` returns, reading its parameters in place and
+writing into its per-layer ``cache_k``/``cache_v`` buffers (one per layer: a single buffer
+made a compiled graph copy it every layer); a batch of ``B < max_batch_size`` rows uses
+their first ``B`` rows.  docs/precision.md has the measurements behind each choice.
 
 Decode step (the part that matters for speed):
 
-- one token per row, attention over the first K keys of the cache with a boolean mask
-  ``key <= position`` and ``key >= pad`` built on the device; K is the smallest of a few
-  key lengths (:func:`key_buckets`, up to 8, multiples of 64) that covers the position, so
-  a step reads the keys written so far rounded up rather than the whole cache (at batch
-  64 with 320 positions a 7B cache holds 10.7 GB, its weights 13.5).  K is symbolic in
-  the one compiled graph, and :meth:`CompiledEngine.warm` records a CUDA graph per K;
-  ``LLMENERGY_KEY_BUCKETS=0`` attends over the whole cache (one static shape, as before
-  session 13);
-- the position is a device tensor incremented in place, greedy argmax runs on
-  the device and the token is fed back without leaving it: no host
-  synchronisation per token (with ``stop_at_eos`` the "all finished?" check
-  syncs once every ``eos_check_every`` steps, so up to that many minus one
-  extra steps may run; the returned tokens are the same);
-- attention through ``F.scaled_dot_product_attention``; RoPE in real
-  arithmetic (Inductor handles no complex tensors);
-- with shards > 1 the row-parallel all-reduces and the embedding/output
-  all-gathers use functional collectives, which can sit inside a graph.
+- one token per row, attention (``F.scaled_dot_product_attention``) over the first K keys
+  of the cache, masked ``key <= position`` and ``key >= pad`` on the device.  K is the
+  smallest of at most 8 key lengths (:func:`key_buckets`) that covers the position, so a
+  step reads the keys written so far rounded up, not the whole cache (7B at batch 64 with
+  320 positions: 10.7 GB of cache against 13.5 of weights).  K is an unbacked symbol of the
+  one compiled graph; :meth:`CompiledEngine.warm` records a CUDA graph per K.
+  ``LLMENERGY_KEY_BUCKETS=0``: the whole cache, one static shape (as before session 13);
+- the position is a device tensor incremented in place, greedy argmax on the device, the
+  token fed back without leaving it: no host sync per token (with ``stop_at_eos`` the
+  "all finished?" check syncs every ``eos_check_every`` steps, so up to that many minus
+  one extra steps may run; the returned tokens are the same); RoPE in real arithmetic;
+- with shards > 1, functional collectives, which can sit inside a graph.
 
-Linear layers (:mod:`llmenergy.inference.quant`): QKV and gate/up fused per shard
-at construction (the model's parameters become views of the fused weights), and
-for ``precision`` int8/fp8 quantised per local output channel (weight-only), so
-one engine per model precision: docs/precision.md.
+Linear layers (:mod:`llmenergy.inference.quant`): QKV and gate/up fused per shard, for
+int8/fp8 quantised per local output channel (one engine per model precision).  On CUDA
+the step compiles with ``mode="reduce-overhead"`` (Inductor, captured as a CUDA graph and
+replayed; the caches are static addresses, not copied).  int8/fp8 on the default
+``triton`` backend call our kernel through an opaque op; the ``torch`` and ``torchao``
+backends add Inductor options of their own (:func:`quant.compile_options`); a compile that
+fails with them is redone with fewer.
 
-On CUDA the step is compiled with ``mode="reduce-overhead"`` (Inductor, then
-captured as a CUDA graph and replayed); the caches are marked as static
-addresses so that the graph does not copy them.  int8/fp8 on the default ``triton``
-backend call our kernel, which sits in the graph as a custom op; the ``torch`` and
-``torchao`` backends add Inductor options of their own
-(:func:`llmenergy.inference.quant.compile_options`: coordinate-descent tuning, so
-that a batch-1 matmul becomes a reduction reading the narrow weight; Triton GEMM
-templates for larger batches); a compile that fails with them is redone with fewer.
+Prefill (every prompt token, variable length): on CUDA (``compile_prefill``;
+``LLMENERGY_COMPILE_PREFILL=0`` turns it off) one graph for one transformer block,
+:meth:`_block`, the prompt length symbolic, the layer's weights and caches its inputs,
+called once per layer, without CUDA graphs (an eager 7B prefill is bound by the host).
+Compiled in :meth:`CompiledEngine.warm` per batch size and then called under the stance
+``eager_on_recompile``: what the graph does not cover (a one-token prompt, a batch size
+not warmed) runs eagerly, so nothing compiles inside a measured window.
 
-Prefill (one forward pass of every prompt token, variable length).  On CUDA it is compiled
-(``compile_prefill``, default on there; ``LLMENERGY_COMPILE_PREFILL=0`` turns it off): one
-graph for one transformer block, :meth:`_block`, with the prompt length symbolic and the
-layer's weights and caches as its inputs, called once per layer (the embedding, mask and
-output head stay eager), without CUDA graphs; narrow weights go through an opaque op that
-picks the kernel or the PyTorch expression at run time (no branch on the row count for the
-graph to guard on).  It is compiled in :meth:`CompiledEngine.warm` with the decode step
-(phase ``"compile"``) for each batch size, and afterwards called under the stance
-``eager_on_recompile``: a call the graph does not cover (a one-token prompt, a batch size
-not warmed) runs eagerly, it never compiles inside a measured window.  Why: an eager 7B
-prefill launches ~40 kernels per layer from Python and is bound by the host.  Measured on
-one H200 (session 12, docs/precision.md), 64 tokens: fp16 29.2 -> 17.7 ms at batch 1 and
-34.5 -> 24.4 ms at batch 16, int8 33.2 -> 19.4 and 66.4 -> 54.6 ms, for 3-14 s of compile
-per batch size (the whole model as one graph, session 10: 45 s per batch size).
-
-On CPU the default is the same static code path without compiling: on the two
-cores of the test machine Inductor's C++ compile of even ``llama-tiny`` takes
-tens of seconds and buys nothing there, and CUDA graphs do not exist.
-``compile=True`` on CPU uses torch.compile's default mode (no CUDA graphs);
-tests (marked slow) check it gives the same tokens, with functional
-collectives over gloo at two ranks too, and that the decode loop never
-recompiles (measured here: 30-50 s of compile per batch size on two shared
-cores, ~40 s for two ranks).
-
-Compiling happens in :meth:`CompiledEngine.prepare` (for ``max_batch_size``)
-or, for a batch size not seen before, at the start of ``generate``; either way
-it is reported as the phase ``"compile"``.  ``cache_dir`` sets
-``TORCHINDUCTOR_CACHE_DIR`` before the first compile so that later processes
-reuse Inductor's (and Triton's) compiled kernels.
+On CPU the default is the same code path without compiling (Inductor's C++ compile takes
+tens of seconds on two cores and buys nothing there); ``compile=True`` uses torch.compile's
+default mode, and slow tests check it gives the same tokens, over gloo at two ranks too,
+without recompiling.  Compiling happens in :meth:`CompiledEngine.prepare` (for
+``max_batch_size``) or, for a new batch size, at the start of ``generate``; either way it
+is the phase ``"compile"``.  ``cache_dir`` sets ``TORCHINDUCTOR_CACHE_DIR`` before the
+first compile so that later processes reuse Inductor's and Triton's kernels.
 """
 from __future__ import annotations
 
@@ -88,14 +62,8 @@ from torch.nn.attention import sdpa_kernel
 
 from llmenergy.errors import UserError
 from llmenergy.inference import narrow_mm, quant, tp
-from llmenergy.inference.generate import (
-    GenerationResult,
-    PhaseCallback,
-    check_batch,
-    left_pad,
-    result,
-    sync,
-)
+from llmenergy.inference.generate import (GenerationResult, PhaseCallback, check_batch, left_pad,
+                                          result, sync)
 from llmenergy.inference.model import SDPA_BACKENDS, Transformer, attention_mask
 
 log = logging.getLogger(__name__)
@@ -126,8 +94,6 @@ def key_buckets(max_seq_len: int, on: bool = True) -> list[int]:
     width = -(-max_seq_len // MAX_KEY_BUCKETS)
     width = max(KEY_BUCKET_MIN, -(-width // KEY_BUCKET_MIN) * KEY_BUCKET_MIN)
     return [*range(width, max_seq_len, width), max_seq_len]
-
-
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -198,17 +164,15 @@ class CompiledEngine:
                              if self.compile_prefill else self._block)
 
     def _set_buckets(self, buckets: list[int]) -> None:
-        """Attend over ``buckets`` key lengths: each a view of the key positions, its length
-        symbolic in the compiled step when there are several (one graph, one CUDA graph per
-        length recorded in :meth:`warm`)."""
+        """Attend over ``buckets`` key lengths, each a view of the key positions whose length
+        is unbacked in the compiled step (a backed one was guarded away: docs/precision.md)."""
         self.key_buckets = buckets
         if len(buckets) == 1:  # the whole cache: the tensor itself, a static input as before
             self._key_views = {self.max_seq_len: self._keys}
             return
         self._key_views = {n: self._keys[:n] for n in buckets}
-        if self.compile:  # (a static address would make Dynamo keep the length static)
-            for view in self._key_views.values():
-                torch._dynamo.decorators.mark_unbacked(view, 0)
+        for view in self._key_views.values() if self.compile else ():
+            torch._dynamo.decorators.mark_unbacked(view, 0)
 
     def _keys_for(self, position: int) -> torch.Tensor:
         """The key positions a decode step writing ``position`` attends over (the bucket)."""
