@@ -144,7 +144,6 @@ class CompiledEngine:
                 torch._dynamo.mark_static_address(t)
         #: the decode step's key lengths (:func:`key_buckets`; ``LLMENERGY_KEY_BUCKETS=0``: one)
         self.key_buckets = key_buckets(self.max_seq_len, os.environ.get(BUCKETS_ENV, "1") != "0")
-        self._key_views: dict[int, torch.Tensor] = {}
         self._set_buckets(self.key_buckets)
         self._caches: dict[int, Caches] = {}
         self._ready: set[int] = set()
@@ -258,9 +257,10 @@ class CompiledEngine:
         """One step: ``token`` [B, 1] at ``pos`` [1], attending over the key positions ``keys``
         [K] (the first K of the cache: a bucket, :meth:`_keys_for`) → (next token [B],
         logits [B, V])."""
-        n_keys = keys.shape[0]  # (symbolic when compiled: its range, for the slices and the attention)
-        torch._check(n_keys >= 2)
-        torch._check(n_keys <= self.max_seq_len)
+        n_keys = keys.shape[0]
+        if len(self.key_buckets) > 1:  # unbacked when compiled: its range, for slices and attention
+            torch._check(n_keys >= 2)
+            torch._check(n_keys <= self.max_seq_len)
         k = keys[None, :]
         mask = (k <= pos) & (k >= n_pad[:, None])
         logits = self._forward(token, pos, mask[:, None, None, :], n_keys, caches)
