@@ -142,7 +142,8 @@ def engines_worker(rank: int, arch: Any, prompts: list[list[int]], max_gen_len: 
         stop = engine.generate(prompts, max_gen_len, eos_id=eos, stop_at_eos=True)
         out[engine.name] = {"free": free.tokens, "stop": stop.tokens, "stop_out": stop.tokens_out,
                             "stop_steps": stop.decode_steps, "logits": engine.first_logits(prompts),
-                            "prefill_compiled": sorted(getattr(engine, "_prefill_ready", ()))}
+                            "prefill_compiled": sorted(getattr(engine, "_prefill_ready", ())),
+                            "key_buckets": getattr(engine, "key_buckets", None)}
     return out
 
 
