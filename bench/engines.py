@@ -392,9 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                 first.setdefault(bsz, logits[precision, name, bsz][0].argmax(-1))
                 results["runs"].append({"precision": precision, "engine": name, "quant_backend": backend,
                                         "weight_bytes": wbytes, **row,
-                                        "gemv_configs": getattr(engine, "gemv_configs", None),
-                                        "prefill_mode": (engine.prefill_mode(bsz)
-                                                         if hasattr(engine, "prefill_mode") else None)})
+                                        # what a cell of this engine records as provenance.load
+                                        "load": (engine.load_provenance(bsz)
+                                                 if hasattr(engine, "load_provenance") else None)})
                 _fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
                 print(f"{precision:4s} {name:9s} bs{bsz:<3d} {row['tokens_per_s']:9.1f} tok/s  "
                       f"{_fmt(row['j_per_token'], '.4f')} J/tok  busy {_fmt(row['gpu_util_pct'], '.0f')}%  "

@@ -142,9 +142,8 @@ class CompiledEngine:
         if self.compile:
             for t in (self._cos, self._sin, self._keys):
                 torch._dynamo.mark_static_address(t)
-        #: the decode step's key lengths (:func:`key_buckets`; ``LLMENERGY_KEY_BUCKETS=0``: one)
-        self.key_buckets = key_buckets(self.max_seq_len, os.environ.get(BUCKETS_ENV, "1") != "0")
-        self._set_buckets(self.key_buckets)
+        # the decode step's key lengths (:func:`key_buckets`; ``LLMENERGY_KEY_BUCKETS=0``: one)
+        self._set_buckets(key_buckets(self.max_seq_len, os.environ.get(BUCKETS_ENV, "1") != "0"))
         self._caches: dict[int, Caches] = {}
         self._ready: set[int] = set()
         self._prefill_ready: set[int] = set()
@@ -163,8 +162,8 @@ class CompiledEngine:
                              if self.compile_prefill else self._block)
 
     def _set_buckets(self, buckets: list[int]) -> None:
-        """Attend over ``buckets`` key lengths, each a view of the key positions whose length
-        is unbacked in the compiled step (a backed one was guarded away: docs/precision.md)."""
+        """Attend over ``buckets`` key lengths (:attr:`key_buckets`), each a view of the key
+        positions whose length is unbacked in the compiled step (docs/precision.md)."""
         self.key_buckets = buckets
         if len(buckets) == 1:  # the whole cache: the tensor itself, a static input as before
             self._key_views = {self.max_seq_len: self._keys}
