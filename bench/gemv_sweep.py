@@ -70,9 +70,28 @@ def configs(rows: int) -> list[dict[str, Any]]:
             for bn, bk, w, st in itertools.product((32, 16, 64), (512, 256, 128), (4, 8), (3, 2, 4))]
 
 
+def wide_configs() -> list[dict[str, Any]]:
+    """The one-row space for 16-bit weights (``--wide``): one stage first, then two and three."""
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "VEC": 8, "ASM": 0, "num_warps": w, "num_stages": st}
+            for st, bn, bk, w in itertools.product((1, 2, 3), (4, 2, 8, 1), (1024, 512, 2048),
+                                                   (4, 2, 8))]
+
+
+def load_configs() -> list[dict[str, Any]]:
+    """Session 14's one-row space (``--space load``): the weight loads' cache policy
+    (``LOAD``), 16 bytes a thread over longer K tiles, one or two stages."""
+    shapes = [(2, 1024, 16, 2), (2, 1024, 8, 2), (4, 1024, 8, 4), (4, 1024, 8, 8),
+              (2, 2048, 16, 2), (2, 2048, 16, 4), (1, 2048, 16, 2), (4, 2048, 16, 4),
+              (1, 1024, 16, 1), (1, 1024, 8, 1)]
+    return [{"BLOCK_N": bn, "BLOCK_K": bk, "VEC": vec, "ASM": 1, "LOAD": load, "num_warps": w,
+             "num_stages": st}
+            for st, load, (bn, bk, vec, w) in itertools.product((1, 2), (0, 1, 2), shapes)]
+
+
 def key(cfg: dict[str, Any]) -> str:
     m = f"m{cfg['BLOCK_M']}_" if "BLOCK_M" in cfg else ""
     gemv = f"_v{cfg['VEC']}_asm{cfg['ASM']}" if "VEC" in cfg else ""
+    gemv += f"_l{cfg['LOAD']}" if cfg.get("LOAD") else ""
     return f"{m}n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_w{cfg['num_warps']}_s{cfg['num_stages']}{gemv}"
 
 
@@ -118,14 +137,15 @@ class Shape:
         g = torch.Generator(dev).manual_seed(0)
         self.name, self.n, self.k = name, n, k
         w16 = (torch.randn(n, k, device=dev, generator=g) * k ** -0.5).half()
-        q, s = quantize(w16, precision)
-        self.nbytes = n * k + 2 * n
+        # "fp16": the 16-bit weight itself through the same kernel (scale 1), against cuBLAS
+        q, s = (w16, torch.ones(n, device=dev)) if precision == "fp16" else quantize(w16, precision)
+        self.nbytes = n * k * q.element_size() + 2 * n
         copies = copies_for(self.nbytes, rotate_mb)
         self.ws = [(q, s.half())] + [(q.clone(), s.half().clone()) for _ in range(copies - 1)]
         self.x = torch.randn(rows, k, device=dev, generator=g).half()
         self.out = torch.empty((rows, n), device=dev, dtype=torch.float16)
         self.want = nm.reference(self.x, q, s.half()).float()
-        self.w16 = w16 if precision == "int8" else None
+        self.w16 = w16 if precision in ("int8", "fp16") else None
 
     def time(self, cfg: dict[str, Any] | str | None, iters: int,
              graph_calls: int) -> tuple[float, float]:
@@ -199,6 +219,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 16], help="rows of x (batch size)")
     p.add_argument("--budget-s", type=float, default=240.0, help="stop trying new int8 configs after")
     p.add_argument("--fp8-top", type=int, default=8, help="best int8 configs timed again with fp8")
+    p.add_argument("--space", choices=("sweep", "load"), default="sweep",
+                   help="one-row space: sessions 10-11's, or session 14's cache policies")
+    p.add_argument("--wide", action="store_true",
+                   help="one row, 16-bit weights through the GEMV against cuBLAS (no int8/fp8)")
     p.add_argument("--iters", type=int, default=50, help="timed graph replays")
     p.add_argument("--graph-calls", type=int, default=20, help="calls per CUDA graph")
     p.add_argument("--rotate-mb", type=float, default=256.0, help="weight bytes cycled per graph")
@@ -216,12 +240,27 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                  "triton": nm.triton.__version__, "python": platform.python_version(),
                  "args": {k: str(v) for k, v in vars(args).items()}}, "rows": {}}
+    if args.wide:
+        wide = [Shape(name, "fp16", args.rotate_mb, 1) for name in SHAPES]
+        fp16 = {sh.name: sh.time_fp16(args.iters, args.graph_calls, args.rotate_mb) for sh in wide}
+        log.info("wide: fp16 cuBLAS %s (layer %.1f us)", fp16, sum(fp16.values()))
+        rows = sweep(wide, [None, *wide_configs()], args, time.monotonic() + args.budget_s, "fp16 m1")
+        fp16_after = {sh.name: sh.time_fp16(args.iters, args.graph_calls, args.rotate_mb)
+                      for sh in wide}
+        for r in best(rows, 8):
+            log.info("wide best %-34s layer %6.1f us (cuBLAS %.1f before, %.1f after)", r["config"],
+                     r["layer_us"], sum(fp16.values()), sum(fp16_after.values()))
+        result["wide"] = {"fp16_us": fp16, "fp16_us_after": fp16_after, "rows": rows,
+                          "best": [r["config"] for r in best(rows, 8)],
+                          "per_shape": per_shape_best(rows)}
+        args.rows = []
     for m in args.rows:
         int8 = [Shape(name, "int8", args.rotate_mb, m) for name in SHAPES]
         fp16 = {sh.name: sh.time_fp16(args.iters, args.graph_calls, args.rotate_mb) for sh in int8}
         log.info("rows %d: fp16 cuBLAS %s (layer %.1f us)", m, fp16, sum(fp16.values()))
         base = [None, "session10"] if m == 1 else [None]
-        rows = sweep(int8, [*base, *configs(m)], args, time.monotonic() + args.budget_s, f"int8 m{m}")
+        space = load_configs() if m == 1 and args.space == "load" else configs(m)
+        rows = sweep(int8, [*base, *space], args, time.monotonic() + args.budget_s, f"int8 m{m}")
         top = best(rows, args.fp8_top)
         del int8
         torch.cuda.empty_cache()

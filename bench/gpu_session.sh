@@ -26,6 +26,12 @@
 #            (int8, then the best with fp8), then the decode-step profile (fp16, int8);
 #   b1 - the sweep (1 and 16 rows), bench/engines.py compiled fp16 int8 fp8 at batch 1, then
 #            the int8 and fp16 batch-1 cells through run-group set beside it (same machine);
+#   wide - session 14: bench/gemv_sweep.py --wide (fp16 weights through our one-row GEMV against
+#            cuBLAS), then bench/engines.py compiled fp16 int8 at batch 1, fp16 with our GEMV
+#            (LLMENERGY_DENSE_GEMV=1) and with cuBLAS, in one call
+#   load - session 14: bench/gemv_sweep.py --space load (the int8 GEMV's cache policies), then
+#            bench/engines.py compiled fp16 at batch 1 with cuBLAS (the default), then with our
+#            GEMV (LLMENERGY_DENSE_GEMV=1), then int8 and fp8, in one call
 #   gemv - session 11: the GEMV sweep at one row (the 3-D tile kernel against session 10's in
 #            the same process), bench/engines.py compiled fp16 int8 fp8 at batch 1, then the
 #            decode-step profile of int8 and fp8 at batch 1;
@@ -147,6 +153,18 @@ case "$mode" in
     batch1 280 565 fp16 int8 fp8 ;;
   rg1)
     batch1 200 "${END:-555}" fp16 int8 ;;
+  load)
+    TAIL=30 step 200 python3 bench/gemv_sweep.py --rows 1 --space load --budget-s 110 --fp8-top 4 \
+      --out "$OUT/h200_load_sweep.json"
+    E=(python3 bench/engines.py --engines compiled --batches 1 --gen 128 --min-window-s 5 --cache-dir /tmp/inductor)
+    TAIL=8 step 150 "${E[@]}" --precision fp16 --out "$OUT/h200_b1_cublas.json"
+    TAIL=8 LLMENERGY_DENSE_GEMV=1 step 150 "${E[@]}" --precision fp16 --out "$OUT/h200_b1_gemv.json"
+    TAIL=12 step $(( ${END:-560} - SECONDS )) "${E[@]}" --precision int8 fp8 --out "$OUT/h200_b1_narrow.json" ;;
+  wide)
+    TAIL=30 step 200 python3 bench/gemv_sweep.py --wide --budget-s 100 --out "$OUT/h200_wide_gemv.json"
+    E=(python3 bench/engines.py --engines compiled --batches 1 --gen 128 --min-window-s 5 --cache-dir /tmp/inductor)
+    TAIL=12 LLMENERGY_DENSE_GEMV=1 step 230 "${E[@]}" --precision fp16 int8 --out "$OUT/h200_b1_gemv.json"
+    TAIL=8 LLMENERGY_DENSE_GEMV=0 step $(( ${END:-560} - SECONDS )) "${E[@]}" --precision fp16 --out "$OUT/h200_b1_cublas.json" ;;
   gemv)
     TAIL=30 step 170 python3 bench/gemv_sweep.py --rows 1 --budget-s 90 --fp8-top 6 \
       --out "$OUT/h200_gemv_sweep.json"

@@ -23,7 +23,10 @@ ROUNDING = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -7}
 def case(weight: str, act: torch.dtype, m: int, n: int, k: int, seed: int,
          config: dict[str, int] | None = None) -> dict[str, object]:
     g = torch.Generator().manual_seed(seed)
-    if weight == "int8":  # every int8 value, -128 included (the bit-trick conversion)
+    if weight == "16":  # a 16-bit weight of x's dtype, scale 1 (the fp16/bf16 decode GEMV)
+        q = (torch.randn(n, k, generator=g) * k ** -0.5).to(act)
+        scale = torch.ones(n)
+    elif weight == "int8":  # every int8 value, -128 included (the bit-trick conversion)
         q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int16).to(torch.int8)
         scale = torch.rand(n, generator=g) * 0.02 + 1e-3
     else:
@@ -60,6 +63,14 @@ def main() -> int:
         cases.append(case(weight, torch.float16, 1, 37, 1100, 11,
                           {"BLOCK_N": 8, "BLOCK_K": 128, "VEC": 4, "num_warps": 4,
                            "num_stages": 1}))
+    for load, seed in ((1, 15), (2, 16)):  # the weight loads evict-first, then L2 only
+        cases.append(case("int8", torch.float16, 1, 37, 1100, seed,
+                          {"BLOCK_N": 2, "BLOCK_K": 256, "VEC": 16, "LOAD": load,
+                           "num_warps": 2, "num_stages": 1}))
+    for act, seed in ((torch.float16, 12), (torch.bfloat16, 13)):  # 16-bit weights: one row
+        cases.append(case("16", act, 1, 37, 1100, seed))
+    cases.append(case("16", torch.float16, 1, 203, 328, 14,
+                      {"BLOCK_N": 2, "BLOCK_K": 256, "VEC": 8, "num_warps": 2, "num_stages": 1}))
     print(json.dumps(cases))
     return 0
 

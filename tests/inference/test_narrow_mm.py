@@ -35,8 +35,10 @@ def test_interpreted_kernels_are_within_fp32_accumulation_of_the_exact_product()
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cases = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(cases) == 2 * 9
-    assert sum(c["config"] is not None for c in cases) == 4
+    assert len(cases) == 2 * 9 + 5
+    assert sum(c["config"] is not None for c in cases) == 7
+    assert sorted(c["config"].get("LOAD", 0) for c in cases if c["config"]) == [0] * 5 + [1, 2]
+    assert sum(c["weight"] == "16" for c in cases) == 3  # fp16 and bf16 weights, one row
     assert {c["m"] for c in cases} == {1, 3, 5, 16, 40}
     bad = [c for c in cases if not c["ratio"] <= 1.0]  # NaN (an unwritten output) fails too
     assert not bad, bad
@@ -237,3 +239,31 @@ def test_compiled_kernel_linear_calls_the_opaque_op() -> None:
     torch._dynamo.reset()
     assert targets == ["llmenergy.narrow_mm.default"]
     torch.testing.assert_close(got, F.linear(x, q.float()) * scale)
+
+
+def test_dense_linear_takes_the_op_only_for_one_static_row_when_compiled() -> None:
+    """fp16/bf16 with the one-row kernel on (quant.use_gemv): a compiled graph with one row
+    (the decode step at batch 1) calls ``llmenergy::narrow_mm`` on the 16-bit weight; more
+    rows, a symbolic row count (the compiled prefill) and eager calls are ``F.linear``."""
+    w = torch.randn(48, 72, generator=torch.Generator().manual_seed(3))
+    lin = quant.DenseLinear(w)
+    layers = [quant.Linears(lin, (16, 16, 16), lin, lin, 24, lin)]
+    assert quant.use_gemv(layers, torch.device("cpu")) is False and lin.gemv is False
+    lin.gemv = True  # as use_gemv turns it on on CUDA
+    lin.register_buffer("ones", torch.ones(48), persistent=False)
+    seen: list[list[str]] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable:
+        seen.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    cases = [(torch.randn(1, 1, 72), False), (torch.randn(3, 1, 72), False),
+             (torch.randn(1, 9, 72), True)]
+    for x, dynamic in cases:
+        torch._dynamo.reset()
+        if dynamic:
+            torch._dynamo.mark_dynamic(x, 1, min=2, max=4096)
+        got = torch.compile(lin, backend=backend, fullgraph=True)(x)
+        torch.testing.assert_close(got, F.linear(x, w))
+    torch._dynamo.reset()
+    assert ["llmenergy.narrow_mm.default" in targets for targets in seen] == [True, False, False]

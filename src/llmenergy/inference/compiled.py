@@ -25,9 +25,9 @@ Linear layers (:mod:`llmenergy.inference.quant`): QKV and gate/up fused per shar
 int8/fp8 quantised per local output channel (one engine per model precision).  On CUDA
 the step compiles with ``mode="reduce-overhead"`` (Inductor, captured as a CUDA graph and
 replayed; the caches are static addresses, not copied).  int8/fp8 on the default
-``triton`` backend call our kernel through an opaque op; the ``torch`` and ``torchao``
-backends add Inductor options of their own (:func:`quant.compile_options`); a compile that
-fails with them is redone with fewer.
+``triton`` backend (and fp16/bf16 at batch 1 if asked: ``quant.use_gemv``) call our kernel
+through an opaque op; the ``torch``/``torchao`` backends add Inductor options (a compile that fails
+with them is redone with fewer).
 
 Prefill (every prompt token, variable length): on CUDA (``compile_prefill``;
 ``LLMENERGY_COMPILE_PREFILL=0`` turns it off) one graph for one transformer block,
@@ -128,6 +128,7 @@ class CompiledEngine:
         self.precision = precision
         self.linears, self.quant_backend = quant.prepare(model, precision)
         if self.compile:
+            quant.use_gemv(self.linears, self.device)  # fp16/bf16 at batch 1: our GEMV, opt-in
             for lin in self.linears:
                 for mod in lin.modules():
                     for buf in mod.buffers():
@@ -357,7 +358,7 @@ class CompiledEngine:
                      functools.partial(tp.slowest, group=self._group, device=self.device))
             if n := quant.warm_kernels(self.linears, self.dtype, agree):
                 log.info("warmed %d narrow_mm kernel variant(s) for prefill and decode (Triton compiles each once)", n)
-                self.gemv_configs = narrow_mm.tuned(quant.NARROW_DTYPES.get(self.precision))
+                self.gemv_configs = narrow_mm.tuned(quant.NARROW_DTYPES.get(self.precision, self.dtype))
         if self.compile:
             token = self._token(bsz).zero_()
             pos = torch.zeros(1, dtype=torch.long, device=self.device)

@@ -84,6 +84,8 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     the H200 a 7B fp8 prefill of 8 prompts came out inf). In bfloat16 and float32, whose
     range is float32's, the scale comes after, as in the kernel (which accumulates in
     float32): one rounding of the output rather than one of every weight."""
+    if q.dtype == x.dtype:  # a 16-bit weight (the one-row GEMV of fp16/bf16; scale 1)
+        return F.linear(x, q) * scale.to(x.dtype)
     if x.dtype == torch.float16:
         s = scale.to(x.dtype)[:, None]
         # int8 times float16 promotes in one kernel (the int8 -> float16 conversion is exact:
@@ -163,15 +165,17 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, ASM: tl.constexpr):
+                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, ASM: tl.constexpr,
+                     LOAD: tl.constexpr):
         """out[n] = scale[n] * sum_k x[k] * q[n, k] for one row of x.
 
         The K tile is [BLOCK_K / VEC, VEC]: each thread sums its VEC contiguous products in
         registers, so the accumulator is [BLOCK_N, BLOCK_K / VEC] (a few registers per
         thread, not one per weight in flight) and x is loaded in the weight's layout (no
         shared-memory shuffle, no barrier in the loop).  ``ASM``: int8 through the PTX
-        conversion.  (Loading the next tile before this one's arithmetic lost in every
-        config of session 11's sweep: 92-109 us per 7B layer against 72-80.)"""
+        conversion.  ``LOAD``: the weight's loads plain (0), marked evict-first (1) or
+        cached in L2 only (2, ``.cg``).  (Loading the next tile before this one's arithmetic
+        lost in every config of session 11's sweep: 92-109 us per 7B layer against 72-80.)"""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = (tl.arange(0, BLOCK_K // VEC)[None, :, None] * VEC
               + tl.arange(0, VEC)[None, None, :])  # [1, BLOCK_K / VEC, VEC]
@@ -181,7 +185,13 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
-            w = tl.load(w_ptrs + k0, mask=n_mask & (kk < K), other=0.0)
+            if LOAD == 1:
+                w = tl.load(w_ptrs + k0, mask=n_mask & (kk < K), other=0.0,
+                            eviction_policy="evict_first")
+            elif LOAD == 2:
+                w = tl.load(w_ptrs + k0, mask=n_mask & (kk < K), other=0.0, cache_modifier=".cg")
+            else:
+                w = tl.load(w_ptrs + k0, mask=n_mask & (kk < K), other=0.0)
             if w.dtype == tl.int8:
                 if ASM:
                     wf = _int8_f32_asm(w)
@@ -241,7 +251,8 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Ten
         grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
         # the PTX conversion where the kernel is compiled for a GPU (not the CPU interpreter)
         asm = int(cfg.pop("ASM", 1) and q.dtype == torch.int8 and q.is_cuda)
-        _gemv_kernel[grid](x, q, scale, out, n, k, **cfg, ASM=asm, **opts)
+        load = cfg.pop("LOAD", 0)
+        _gemv_kernel[grid](x, q, scale, out, n, k, **cfg, ASM=asm, LOAD=load, **opts)
     else:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"]),)
         _gemm_kernel[grid](x, q, scale, out, m, n, k, **cfg, **opts)
@@ -252,7 +263,8 @@ Timer = Callable[[list[tuple[torch.Tensor, torch.Tensor]], dict[str, int], torch
 
 def config_name(cfg: dict[str, int]) -> str:
     """``n4_k1024_v8_w4``: a GEMV config in a word (logs, provenance)."""
-    return f"n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_v{cfg['VEC']}_w{cfg['num_warps']}"
+    load = f"_l{cfg['LOAD']}" if cfg.get("LOAD") else ""
+    return f"n{cfg['BLOCK_N']}_k{cfg['BLOCK_K']}_v{cfg['VEC']}_w{cfg['num_warps']}{load}"
 
 
 #: the ranks' agreement on timings: each rank's microseconds per candidate in, the same
@@ -385,9 +397,11 @@ def warm(weights: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype,
 
 
 def _takes_kernel(x2: torch.Tensor, q: torch.Tensor) -> bool:
+    """The kernel applies: narrow weights up to :data:`SMALL_M` rows, a 16-bit weight of
+    ``x``'s dtype for one row only (more rows: cuBLAS)."""
+    rows = SMALL_M if q.dtype in WEIGHT_DTYPES else 1 if q.dtype == x2.dtype else 0
     return (triton is not None and x2.is_cuda and x2.dtype in ACT_DTYPES
-            and q.dtype in WEIGHT_DTYPES and 1 <= x2.shape[0] <= SMALL_M
-            and q.shape[0] * q.shape[1] < 2 ** 31)
+            and 1 <= x2.shape[0] <= rows and q.shape[0] * q.shape[1] < 2 ** 31)
 
 
 def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:

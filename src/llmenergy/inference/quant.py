@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Any
 
@@ -94,13 +95,23 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
 # ----------------------------------------------------------------- linear modules
 
 class DenseLinear(nn.Module):
-    """``F.linear(x, weight)`` on a weight it does not copy."""
+    """``F.linear(x, weight)`` on a weight it does not copy.
+
+    With :attr:`gemv` on (:func:`use_gemv`: CUDA, Triton, opt-in), a compiled graph whose input
+    has one row (the decode step at batch 1) calls our one-row kernel through the op
+    ``llmenergy::narrow_mm`` on the 16-bit weight, scale 1 (fp32 accumulation, like
+    cuBLAS's); any other row count, and every eager call, is ``F.linear``."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
+        self.gemv = False  # with it, a buffer ``ones`` (the kernel's scale): :func:`use_gemv`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the rows are static in the decode step, symbolic (not an int) in the compiled prefill
+        rows = math.prod(x.shape[:-1])
+        if self.gemv and torch.compiler.is_compiling() and type(rows) is int and rows == 1:
+            return narrow_mm.narrow_mm(x, self.weight, self.ones)
         return F.linear(x, self.weight)
 
 
@@ -313,11 +324,34 @@ def prepare(model: nn.Module, precision: str) -> tuple[list[Linears], str]:
     return layers, how
 
 
+#: ``LLMENERGY_DENSE_GEMV=1``: fp16/bf16 decode at batch 1 through our GEMV, not cuBLAS (off
+#: by default: on one H200 it ran 3.5 % faster at 24 % more power, docs/precision.md)
+DENSE_GEMV_ENV = "LLMENERGY_DENSE_GEMV"
+
+
+def use_gemv(layers: list[Linears], device: torch.device) -> bool:
+    """Turn on the one-row kernel of the dense linears (:class:`DenseLinear`) where it
+    applies (CUDA, Triton) and is asked for (``LLMENERGY_DENSE_GEMV=1``); whether it is on."""
+    on = (device.type == "cuda" and narrow_mm.triton is not None
+          and os.environ.get(DENSE_GEMV_ENV, "0") == "1")
+    for lin in layers:
+        for m in lin.modules():
+            if isinstance(m, DenseLinear):
+                m.gemv = on
+                if on and not hasattr(m, "ones"):
+                    m.register_buffer("ones", torch.ones(m.weight.shape[0], device=device,
+                                                         dtype=m.weight.dtype), persistent=False)
+    return on
+
+
 def warm_kernels(layers: list[Linears], dtype: torch.dtype, agree: narrow_mm.Agree | None = None) -> int:
     """Have Triton compile our kernel's variants for every projection shape now (CUDA,
-    backend ``triton``; :func:`llmenergy.inference.narrow_mm.warm`, ``agree`` the ranks'
-    agreement on its tuning); the launches run."""
-    pairs = [(m.qweight, m.scale) for lin in layers for m in lin.modules() if isinstance(m, KernelNarrowLinear)]
+    backend ``triton``, and dense linears with :attr:`DenseLinear.gemv`;
+    :func:`llmenergy.inference.narrow_mm.warm`, ``agree`` the ranks' agreement on its
+    tuning); the launches run."""
+    pairs = [(m.qweight, m.scale) if isinstance(m, KernelNarrowLinear) else (m.weight, m.ones)
+             for lin in layers for m in lin.modules()
+             if isinstance(m, KernelNarrowLinear) or getattr(m, "gemv", False)]
     return narrow_mm.warm(pairs, dtype, agree) if pairs else 0
 
 
