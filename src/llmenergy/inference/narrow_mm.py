@@ -15,7 +15,7 @@ the end, so a decode step reads one byte per weight.
 - Two forms.  ``M == 1``: a GEMV, each program owns ``BLOCK_N`` output channels and
   walks K in tiles of [BLOCK_K / VEC, VEC]: each thread sums its VEC contiguous products
   in registers, so the fp32 accumulator is [BLOCK_N, BLOCK_K / VEC] (40 registers a
-  thread for the table's config, against 71 for session 10's [BLOCK_N, BLOCK_K] one: more
+  thread for session 11's config, against 71 for session 10's [BLOCK_N, BLOCK_K] one: more
   programs resident per SM, more bytes in flight), and x is loaded in the weight's layout
   (no shared-memory exchange and no barrier in the loop; both read off the sm_90 SASS).
   Its config per weight shape is chosen on the GPU at load (:func:`tune`).
@@ -26,7 +26,7 @@ the end, so a decode step reads one byte per weight.
   subtraction), not the int->float instruction, whose throughput on Hopper is below
   what HBM delivers; in the GEMV on the GPU as PTX (one ``prmt`` a byte, one ``xor`` per
   four: 14 % fewer instructions in the loop, 8 % faster); e4m3 uses Triton's conversion.
-- No split-K: a small ``BLOCK_N`` (4 for the GEMV, 32 for N <= 8192 in the GEMM) gives
+- No split-K: a small ``BLOCK_N`` (1 for the GEMV, 32 for N <= 8192 in the GEMM) gives
   N=4096 at least 128 programs for the 132 SMs; one kernel, no atomics: deterministic,
   nothing to zero, a single node in a CUDA graph.
 - Block configs from a table (:func:`_config`), picked from sweeps on H200s (Triton 3.6),
@@ -96,18 +96,21 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
 
 
 #: the GEMV's block config when :func:`tune` has not picked one for the shape: the best
-#: single config of session 11's sweep on an H200 (73 us per 7B layer, session 10's
-#: kernel 85 us, cuBLAS fp16 116 us in the same process; bench/results/session11/gemv)
-GEMV_TABLE: dict[str, int] = {"BLOCK_N": 4, "BLOCK_K": 1024, "VEC": 8, "num_warps": 4,
-                              "num_stages": 1}
-#: what :func:`tune` times at load on the GPU, the table first: the fastest per 7B
-#: projection in that sweep (qkv and gate/up 2 x 1024 by 16, 2 warps: 7-9 % under the
-#: table; wo 2 x 1024 by 8; w2 4 x 1024, 8 warps)
+#: single config of session 14's sweep on an H200, one output channel a program of one
+#: warp, 16 bytes a thread, the weight's loads evict-first (int8 60.8 us per 7B layer,
+#: session 11's table 73.3, cuBLAS fp16 114.6 in the same process;
+#: bench/results/session14/load)
+GEMV_TABLE: dict[str, int] = {"BLOCK_N": 1, "BLOCK_K": 1024, "VEC": 16, "LOAD": 1,
+                              "num_warps": 1, "num_stages": 1}
+#: what :func:`tune` times at load on the GPU, the table first, then the fastest per 7B
+#: projection in session 11's sweep (qkv and gate/up 2 x 1024 by 16, 2 warps; wo 2 x 1024
+#: by 8; w2 4 x 1024, 8 warps), which :func:`tune` chose on the H200s of sessions 11-14
+_S11 = {"BLOCK_N": 2, "BLOCK_K": 1024, "VEC": 8, "num_warps": 2, "num_stages": 1}
 GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
     GEMV_TABLE,
-    {**GEMV_TABLE, "BLOCK_N": 2, "VEC": 16, "num_warps": 2},
-    {**GEMV_TABLE, "BLOCK_N": 2, "num_warps": 2},
-    {**GEMV_TABLE, "num_warps": 8},
+    {**_S11, "VEC": 16},
+    _S11,
+    {**_S11, "BLOCK_N": 4, "num_warps": 8},
 )
 #: a candidate replaces the table for a shape only when it is this much faster than it
 TUNE_MARGIN = 0.03
