@@ -104,7 +104,7 @@ GEMV_TABLE: dict[str, int] = {"BLOCK_N": 1, "BLOCK_K": 1024, "VEC": 16, "LOAD": 
                               "num_warps": 1, "num_stages": 1}
 #: what :func:`tune` times at load on the GPU, the table first, then the fastest per 7B
 #: projection in session 11's sweep (qkv and gate/up 2 x 1024 by 16, 2 warps; wo 2 x 1024
-#: by 8; w2 4 x 1024, 8 warps), which :func:`tune` chose on the H200s of sessions 11-14
+#: by 8; w2 4 x 1024, 8 warps), which :func:`tune` chose on sessions 11-13's H200s
 _S11 = {"BLOCK_N": 2, "BLOCK_K": 1024, "VEC": 8, "num_warps": 2, "num_stages": 1}
 GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
     GEMV_TABLE,

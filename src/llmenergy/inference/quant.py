@@ -325,7 +325,7 @@ def prepare(model: nn.Module, precision: str) -> tuple[list[Linears], str]:
 
 
 #: ``LLMENERGY_DENSE_GEMV=1``: fp16/bf16 decode at batch 1 through our GEMV, not cuBLAS (off
-#: by default: on one H200 it ran 3.5 % faster at 24 % more power, docs/precision.md)
+#: by default: on two H200s it ran 3.5-5.7 % faster at 15-20 % more J/token, docs/precision.md)
 DENSE_GEMV_ENV = "LLMENERGY_DENSE_GEMV"
 
 
