@@ -229,6 +229,7 @@ def test_decode_over_key_lengths_gives_the_reference_tokens(
     want = G.generate(long_model, PROMPTS, LONG_GEN, eos_id=None, stop_at_eos=False).tokens
     assert engine.generate(PROMPTS, LONG_GEN, eos_id=None, stop_at_eos=False).tokens == want
     assert engine.load_provenance(4)["decode_key_buckets"] == [64, 128, 136]
+    assert engine.load_provenance(4)["dense_gemv"] is False  # cuBLAS's path (F.linear on CPU)
     monkeypatch.setenv(BUCKETS_ENV, "0")
     whole = CompiledEngine(long_model)
     assert whole.key_buckets == [LONG_CACHE]

@@ -24,10 +24,9 @@ Decode step (the part that matters for speed):
 Linear layers (:mod:`llmenergy.inference.quant`): QKV and gate/up fused per shard, for
 int8/fp8 quantised per local output channel (one engine per model precision).  On CUDA
 the step compiles with ``mode="reduce-overhead"`` (Inductor, captured as a CUDA graph and
-replayed; the caches are static addresses, not copied).  int8/fp8 on the default
-``triton`` backend (and fp16/bf16 at batch 1 if asked: ``quant.use_gemv``) call our kernel
-through an opaque op; the ``torch``/``torchao`` backends add Inductor options (a compile that fails
-with them is redone with fewer).
+replayed; the caches are static addresses, not copied).  int8/fp8 on the default ``triton``
+backend (and fp16/bf16 at batch 1 if asked: ``quant.use_gemv``) call our kernel through an
+opaque op; the ``torch``/``torchao`` backends add Inductor options (fewer after a failed compile).
 
 Prefill (every prompt token, variable length): on CUDA (``compile_prefill``;
 ``LLMENERGY_COMPILE_PREFILL=0`` turns it off) one graph for one transformer block,
@@ -127,8 +126,9 @@ class CompiledEngine:
         self.shards = tp.mp_world_size()
         self.precision = precision
         self.linears, self.quant_backend = quant.prepare(model, precision)
+        #: fp16/bf16 at batch 1 through our GEMV (opt-in: ``quant.use_gemv``), not cuBLAS
+        self.dense_gemv = self.compile and quant.use_gemv(self.linears, self.device)
         if self.compile:
-            quant.use_gemv(self.linears, self.device)  # fp16/bf16 at batch 1: our GEMV, opt-in
             for lin in self.linears:
                 for mod in lin.modules():
                     for buf in mod.buffers():
@@ -287,10 +287,10 @@ class CompiledEngine:
 
     def load_provenance(self, bsz: int) -> dict[str, object]:
         """What a cell of batch ``bsz`` records of this engine (``provenance.load``): how its
-        prefill ran, the key lengths its decode steps attended over, and the GEMV configs
-        tuned for its narrow weights (when any)."""
+        prefill ran, the key lengths its decode steps attended over, whether its 16-bit
+        linears took our GEMV, and the GEMV configs tuned (when any)."""
         return {"prefill": self.prefill_mode(bsz), "decode_key_buckets": self.key_buckets,
-                **({"gemv_configs": self.gemv_configs} if self.gemv_configs else {})}
+                "dense_gemv": self.dense_gemv, **({"gemv_configs": self.gemv_configs} if self.gemv_configs else {})}
 
     def _zero_pads(self, bsz: int) -> torch.Tensor:
         return torch.zeros(bsz, dtype=torch.long, device=self.device)
