@@ -134,7 +134,7 @@ case "$mode" in
       TAIL=3 step $(( 560 - SECONDS )) "${lle[@]}" run-group --config $C --group llama-7b_H200_s1_pnone_$g
     done
     TAIL=12 step 20 python3 bench/precision_cells.py bench-results/h200x1_precision \
-      "${BENCH_JSON:-bench/results/session9/h200_precision_all.json}" --out "$OUT/h200_precision_cells.json" ;;
+      "${BENCH_JSON:-bench/results/session14/precision/h200_precision_all.json}" --out "$OUT/h200_precision_cells.json" ;;
   fp8)
     # the fp8 cells through run-group beside bench/engines.py at batch 1 in the same call
     # (session 9: the fp16 prefill overflow fix, the kernel variants compiled in the warm-up)
