@@ -83,8 +83,10 @@ def make_cell(root: Path, cell_id: str, *, model: str = "tiny", dataset: str = "
               idle_w: float = 50.0, power: str = "both", counter_scale: float = 1.0,
               source: str = "nvml", status: str = "ok", reason: str | None = None,
               words_per_response: int = 5, correct: bool | None = None,
-              write_events: bool = True, write_metrics: bool = True) -> Path:
-    """Write a synthetic cell dir; ``power``: both|counter|instant|none|estimate."""
+              write_events: bool = True, write_metrics: bool = True,
+              load: dict[str, Any] | None = None) -> Path:
+    """Write a synthetic cell dir; ``power``: both|counter|instant|none|estimate; ``load``:
+    its ``provenance.load`` (what the job and the engine record)."""
     from llmenergy.analysis.metrics import compute_cell_metrics
     from llmenergy.atomic import write_parquet
     from llmenergy.cellfiles import Cell, CellRecord, CellSpec, Provenance
@@ -129,7 +131,7 @@ def make_cell(root: Path, cell_id: str, *, model: str = "tiny", dataset: str = "
         provenance=Provenance(
             versions={"llmenergy": "0.1.0", "torch": "2.13.0", "python": "3.11.7"}, git_commit="abc1234",
             hosts=["node0"], gpus=[{"node": "node0", "uuid": "GPU-0000", "name": gpu, "index": 0}],
-            driver="999.1", slurm_job_id="42"))
+            driver="999.1", slurm_job_id="42", load=load))
     if write_metrics:
         write_parquet(cdir / "metrics.parquet", compute_cell_metrics(cdir, status=status,
                                                                      reason=reason))

@@ -22,8 +22,11 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("results")
     for bs in (1, 4):
         for shards in (1, 2):
+            # how the compiled engine ran (provenance.load): mixed here on purpose
+            load = {"prefill": "compiled", "decode_key_buckets": [64, 128] if shards == 1 else [136],
+                    "dense_gemv": bs == 1 and shards == 2}
             make_cell(root, f"tiny-h100-s{shards}-bs{bs}", batch_size=bs, shards=shards,
-                      power_w=100.0 + 20 * shards, decode_s=1.0 + bs)
+                      power_w=100.0 + 20 * shards, decode_s=1.0 + bs, load=load)
     make_cell(root, "tiny-v100-s1-bs4", gpu="V100", batch_size=4, power_w=80.0, decode_s=8.0)
     make_cell(root, "tiny-h100-cap", batch_size=4, power_cap_w=200.0, power_w=90.0, decode_s=5.5)
     make_cell(root, "big-oom", model="big", batch_size=64, status="oom",
@@ -138,3 +141,15 @@ def test_provenance_table_shows_the_versions_cell_json_records(html: str) -> Non
     assert rows["llmenergy version"] == "0.1.0"
     assert rows["torch version"] == "2.13.0" and rows["python version"] == "3.11.7"
     assert rows["GPU driver"] == "999.1" and rows["git commit"] == "abc1234"
+
+
+def test_provenance_table_counts_the_cells_by_how_the_compiled_engine_ran(html: str) -> None:
+    """A switch such as LLMENERGY_DENSE_GEMV changes J/token but not a cell's id: a run that
+    mixes settings says so, with the cells of each (cells that recorded none are not counted)."""
+    prov = html.split('id="provenance"')[1].split("</table>")[0]
+    rows = dict(re.findall(r"<tr><th>([^<]+)</th><td>([^<]*)</td></tr>", prov))
+    assert rows["compiled: decode attention"] == ("keys written so far (key lengths): 2 cells, "
+                                                  "whole KV cache: 2 cells")
+    assert rows["compiled: prefill"] == "compiled: 4 cells"
+    assert rows["compiled: 16-bit linears"] == (
+        "our GEMV at batch 1 (LLMENERGY_DENSE_GEMV=1): 1 cell, torch&#39;s F.linear (cuBLAS): 3 cells")

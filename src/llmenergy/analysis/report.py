@@ -108,6 +108,33 @@ def _figures(output_dir: Path, summary: pd.DataFrame, summary_path: Path) -> lis
     return out
 
 
+#: how the compiled engine ran, from a cell's ``provenance.load`` (docs/internals.md): the
+#: report's row, the key, and the words for a value; a run that mixes them shows the count
+#: of each (a switch such as ``LLMENERGY_DENSE_GEMV`` changes J/token, not the cell's id)
+ENGINE_SETTINGS: tuple[tuple[str, str, Any], ...] = (
+    ("compiled: decode attention", "decode_key_buckets",
+     lambda v: "keys written so far (key lengths)" if len(v) > 1 else "whole KV cache"),
+    ("compiled: prefill", "prefill", str),
+    ("compiled: 16-bit linears", "dense_gemv",
+     lambda v: "our GEMV at batch 1 (LLMENERGY_DENSE_GEMV=1)" if v else "torch's F.linear (cuBLAS)"),
+)
+
+
+def _settings_rows(loads: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """A row per :data:`ENGINE_SETTINGS` some cell recorded: each value with its cells."""
+    rows = []
+    for label, key, words in ENGINE_SETTINGS:
+        counts: dict[str, int] = {}
+        for load in loads:
+            if load.get(key) is not None:
+                value = words(load[key])
+                counts[value] = counts.get(value, 0) + 1
+        if counts:
+            rows.append((label, ", ".join(f"{v}: {n} cell{'s' if n > 1 else ''}"
+                                          for v, n in sorted(counts.items()))))
+    return rows
+
+
 def _provenance(output_dir: Path, cell_ids: list[str]) -> dict[str, Any]:
     keys = ("llmenergy", "torch", "python", "git_commit", "driver")
     seen: dict[str, set[str]] = {k: set() for k in keys}
@@ -116,6 +143,7 @@ def _provenance(output_dir: Path, cell_ids: list[str]) -> dict[str, Any]:
     jobs: set[str] = set()
     started: list[str] = []
     finished: list[str] = []
+    loads: list[dict[str, Any]] = []
     n_read = 0
     for cid in cell_ids:
         path = RunLayout(output_dir).cell(cid).record
@@ -133,6 +161,7 @@ def _provenance(output_dir: Path, cell_ids: list[str]) -> dict[str, Any]:
         hosts.update(str(h) for h in prov.hosts)
         if prov.slurm_job_id:
             jobs.add(str(prov.slurm_job_id))
+        loads += [prov.load] if isinstance(prov.load, dict) else []
         started += [prov.started_at] if prov.started_at else []
         finished += [prov.finished_at] if prov.finished_at else []
     labels = {"llmenergy": "llmenergy version", "torch": "torch version", "python": "python version",
@@ -144,7 +173,7 @@ def _provenance(output_dir: Path, cell_ids: list[str]) -> dict[str, Any]:
              ("Slurm jobs", str(len(jobs)) if jobs else "—"),
              ("first start", min(started) if started else "—"),
              ("last finish", max(finished) if finished else "—")]
-    return {"rows": rows, "n_read": n_read, "n_cells": len(cell_ids)}
+    return {"rows": rows + _settings_rows(loads), "n_read": n_read, "n_cells": len(cell_ids)}
 
 
 def _banners(summary: pd.DataFrame) -> list[dict[str, str]]:

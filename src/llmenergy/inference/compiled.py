@@ -286,11 +286,11 @@ class CompiledEngine:
         return "compiled" if bsz in self._prefill_ready else "eager"
 
     def load_provenance(self, bsz: int) -> dict[str, object]:
-        """What a cell of batch ``bsz`` records of this engine (``provenance.load``): how its
-        prefill ran, the key lengths its decode steps attended over, whether its 16-bit
-        linears took our GEMV, and the GEMV configs tuned (when any)."""
+        """A cell of batch ``bsz``'s ``provenance.load``: its prefill's path, its decode's key
+        lengths, whether its 16-bit linears took our GEMV (one row), the GEMV configs tuned."""
         return {"prefill": self.prefill_mode(bsz), "decode_key_buckets": self.key_buckets,
-                "dense_gemv": self.dense_gemv, **({"gemv_configs": self.gemv_configs} if self.gemv_configs else {})}
+                **({"dense_gemv": self.dense_gemv and bsz == 1} if self.quant_backend == "dense" else {}),
+                **({"gemv_configs": self.gemv_configs} if self.gemv_configs else {})}
 
     def _zero_pads(self, bsz: int) -> torch.Tensor:
         return torch.zeros(bsz, dtype=torch.long, device=self.device)

@@ -332,15 +332,14 @@ DENSE_GEMV_ENV = "LLMENERGY_DENSE_GEMV"
 def use_gemv(layers: list[Linears], device: torch.device) -> bool:
     """Turn on the one-row kernel of the dense linears (:class:`DenseLinear`) where it
     applies (CUDA, Triton) and is asked for (``LLMENERGY_DENSE_GEMV=1``); whether it is on."""
-    on = (device.type == "cuda" and narrow_mm.triton is not None
+    dense = [m for lin in layers for m in lin.modules() if isinstance(m, DenseLinear)]
+    on = (bool(dense) and device.type == "cuda" and narrow_mm.triton is not None
           and os.environ.get(DENSE_GEMV_ENV, "0") == "1")
-    for lin in layers:
-        for m in lin.modules():
-            if isinstance(m, DenseLinear):
-                m.gemv = on
-                if on and not hasattr(m, "ones"):
-                    m.register_buffer("ones", torch.ones(m.weight.shape[0], device=device,
-                                                         dtype=m.weight.dtype), persistent=False)
+    for m in dense:
+        m.gemv = on
+        if on and not hasattr(m, "ones"):
+            m.register_buffer("ones", torch.ones(m.weight.shape[0], device=device,
+                                                 dtype=m.weight.dtype), persistent=False)
     return on
 
 
