@@ -4,6 +4,9 @@
   or ``x._y`` on an imported ``llmenergy`` module): what is shared is public.
 * Every path of a run comes from one place, ``llmenergy.layout`` (``CellFiles``,
   ``RunLayout``): no other module spells a run's file names.
+* Every environment switch the engines read is in ``llmenergy.arch.ENGINE_SWITCHES``,
+  so a cell's fingerprint follows it (a switch left out would let a cell measured with
+  another kernel pass for current).
 """
 from __future__ import annotations
 
@@ -93,3 +96,23 @@ def test_no_module_but_the_layout_spells_a_run_file_name(path: Path) -> None:
 def test_the_file_name_rule_sees_literals_and_path_segments_not_docstrings() -> None:
     src = '''"""Writes ``cell.json``."""\nA = "uuids"\nB = f"{x}/.run/begin.json"\nC = "ok"\n'''
     assert spelled_names(src) == ["2: 'uuids'", "3: '/.run/begin.json'"]
+
+
+#: ``LLMENERGY_*`` names the inference package reads that do not change a measurement
+NOT_SWITCHES = frozenset({"LLMENERGY_CACHE"})  # the tokenizer's download cache
+
+
+def env_names(source: str) -> set[str]:
+    """The string literals of ``source`` that are a whole ``LLMENERGY_*`` variable name."""
+    return {node.value for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and node.value.startswith("LLMENERGY_") and node.value.replace("_", "").isalnum()
+            and node.value.isupper()}
+
+
+def test_every_engine_switch_is_part_of_a_cells_definition() -> None:
+    from llmenergy.arch import ENGINE_SWITCHES
+
+    read = set().union(*(env_names(p.read_text()) for p in sorted((PKG / "inference").glob("*.py"))))
+    assert read - NOT_SWITCHES == set(ENGINE_SWITCHES)
+    assert env_names('A = "LLMENERGY_X_Y"\nB = "llmenergy_x"\nC = "LLMENERGY_X is on"\n') == {"LLMENERGY_X_Y"}

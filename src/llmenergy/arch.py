@@ -28,6 +28,12 @@ DEFAULT_PRECISION = "fp16"
 PRECISION_DTYPE = {"fp16": "float16", "bf16": "bfloat16", "int8": "float16", "fp8": "float16"}
 #: bytes per weight of the transformer blocks' linear layers under each weight-only precision
 NARROW_BYTES = {"int8": 1, "fp8": 1}
+#: the ``compiled`` engine's environment switches (docs/precision.md): each changes what its
+#: cells measure (kernels, attention, prefill), so one that is set is part of their definition
+#: (``orchestrate.fingerprint``) and changing it reruns them
+ENGINE_SWITCHES: tuple[str, ...] = (
+    "LLMENERGY_COMPILE_PREFILL", "LLMENERGY_KEY_BUCKETS", "LLMENERGY_DENSE_GEMV",
+    "LLMENERGY_GEMV_TUNE", "LLMENERGY_QUANT_BACKEND", "LLMENERGY_QUANT_AUTOTUNE")
 #: engines that run each precision (``reference`` is the paper's eager fp16 code, ``hf``
 #: transformers' generate: both dense only)
 PRECISION_ENGINES = {"fp16": ("reference", "compiled", "hf"), "bf16": ("reference", "compiled", "hf"),

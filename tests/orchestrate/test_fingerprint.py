@@ -1,6 +1,7 @@
 """Issue 15: a cell's fingerprint (no silent mixing) and more time for retried cells."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -8,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from llmenergy import config
+from llmenergy.arch import ENGINE_SWITCHES
 from llmenergy.cellfiles import CellRecord
 from llmenergy.errors import ConfigError
 from llmenergy.orchestrate.fingerprint import (
@@ -160,3 +162,25 @@ def test_dry_run_is_read_from_the_command_line(argv: list[str], dry: bool) -> No
     from llmenergy.orchestrate.smk import dry_run_requested
 
     assert dry_run_requested(argv) is dry
+
+
+def test_an_engine_switch_that_is_set_is_part_of_a_compiled_cells_definition(tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """LLMENERGY_DENSE_GEMV (and the other ENGINE_SWITCHES) change what a compiled cell
+    measures: set, they enter its definition, so changing one reruns the cell with the
+    change named; unset, the definition has no such key (the default's fingerprints stay
+    as they were); the reference engine does not read them."""
+    cfg = config.from_dict(demo_config(tmp_path))
+    cell = expand(cfg).cells[0]
+    compiled = dataclasses.replace(cell, engine="compiled")
+    for name in ENGINE_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    before = {c.engine: measurement(cfg, c) for c in (cell, compiled)}
+    assert all("engine_switches" not in defn for _, defn in before.values())
+    monkeypatch.setenv("LLMENERGY_DENSE_GEMV", "1")
+    fp, defn = measurement(cfg, compiled)
+    assert fp != before["compiled"][0]
+    assert changes(before["compiled"][1], defn) == "engine_switches.LLMENERGY_DENSE_GEMV: null → 1"
+    assert measurement(cfg, cell) == before[cell.engine]
+    monkeypatch.delenv("LLMENERGY_DENSE_GEMV")
+    assert measurement(cfg, compiled) == before["compiled"]

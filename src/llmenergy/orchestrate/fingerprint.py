@@ -8,7 +8,10 @@ imported at Snakefile parse): the resolved weights path and the sizes and mtimes
 of its checkpoint files (never their contents), arch, tokenizer, dtype, the
 dataset (path, ``n_prompts``, seed, order, template, ``max_prompt_len``, ...),
 ``repeats``, ``seed``, ``warmup_tokens``, the collector settings, the engine and
-the layout. :func:`fingerprint_of` hashes it; ``cell.json`` records both.
+the layout, and for the ``compiled`` engine the environment switches that are set
+(:data:`llmenergy.arch.ENGINE_SWITCHES`: another kernel or attention is another
+measurement; none set, no key, so the default's fingerprints stay as they were).
+:func:`fingerprint_of` hashes it; ``cell.json`` records both.
 
 Code changes alone do not change a fingerprint: the code version stays in
 ``cell.json``'s provenance. A finished cell whose recorded fingerprint differs
@@ -25,6 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from llmenergy.arch import ENGINE_SWITCHES
 from llmenergy.cellfiles import CellSpec
 from llmenergy.layout import CellFiles
 
@@ -67,7 +71,9 @@ def definition(spec: CellSpec, *, checkpoint: list[list[Any]] | None = None) -> 
     dataset.pop("name", None)  # in the cell id
     dataset["path"] = _abs(dataset["path"])
     dataset["train_path"] = _abs(dataset.get("train_path"))
+    switches = {k: os.environ[k] for k in ENGINE_SWITCHES if k in os.environ}
     return {
+        **({"engine_switches": switches} if switches and spec.cell.engine == "compiled" else {}),
         "arch": spec.arch,
         "weights": _abs(spec.weights),
         "checkpoint": checkpoint_files(spec.weights) if checkpoint is None else checkpoint,
