@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,7 @@ def _figures(output_dir: Path, summary: pd.DataFrame, summary_path: Path) -> lis
 #: how the compiled engine ran, from a cell's ``provenance.load`` (docs/internals.md): the
 #: report's row, the key, and the words for a value; a run that mixes them shows the count
 #: of each (a switch such as ``LLMENERGY_DENSE_GEMV`` changes J/token, not the cell's id)
-ENGINE_SETTINGS: tuple[tuple[str, str, Any], ...] = (
+ENGINE_SETTINGS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("compiled: decode attention", "decode_key_buckets",
      lambda v: "keys written so far (key lengths)" if len(v) > 1 else "whole KV cache"),
     ("compiled: prefill", "prefill", str),
