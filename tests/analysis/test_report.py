@@ -151,5 +151,5 @@ def test_provenance_table_counts_the_cells_by_how_the_compiled_engine_ran(html: 
     assert rows["compiled: decode attention"] == ("keys written so far (key lengths): 2 cells, "
                                                   "whole KV cache: 2 cells")
     assert rows["compiled: prefill"] == "compiled: 4 cells"
-    assert rows["compiled: 16-bit linears"] == (
-        "our GEMV at batch 1 (LLMENERGY_DENSE_GEMV=1): 1 cell, torch&#39;s F.linear (cuBLAS): 3 cells")
+    assert rows["compiled: fp16/bf16 linears"] == (
+        "our GEMV at batch 1 (LLMENERGY_DENSE_GEMV=1): 1 cell, torch&#39;s F.linear: 3 cells")

@@ -116,8 +116,8 @@ ENGINE_SETTINGS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("compiled: decode attention", "decode_key_buckets",
      lambda v: "keys written so far (key lengths)" if len(v) > 1 else "whole KV cache"),
     ("compiled: prefill", "prefill", str),
-    ("compiled: 16-bit linears", "dense_gemv",
-     lambda v: "our GEMV at batch 1 (LLMENERGY_DENSE_GEMV=1)" if v else "torch's F.linear (cuBLAS)"),
+    ("compiled: fp16/bf16 linears", "dense_gemv",  # F.linear: cuBLAS on a GPU
+     lambda v: "our GEMV at batch 1 (LLMENERGY_DENSE_GEMV=1)" if v else "torch's F.linear"),
 )
 
 
