@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("llmenergy").setLevel(logging.INFO)  # compile times, tuned kernels
     inductor = _inductor_config(args.inductor)
 
-    from llmenergy.arch import ENGINE_SWITCHES
+    from llmenergy.arch import engine_switches
     from llmenergy.inference import tp, weights
     from llmenergy.inference.engines import make_engine
 
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "python": platform.python_version(), "gen": args.gen,
         "bandwidth_b_per_s": args.bandwidth, "inductor": inductor,
-        "engine_switches": {k: os.environ[k] for k in ENGINE_SWITCHES if k in os.environ},
+        "engine_switches": engine_switches(),
         "runs": [], "comparison": [], "skipped": [], "models": [],
     }
     try:

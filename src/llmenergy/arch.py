@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -34,6 +35,11 @@ NARROW_BYTES = {"int8": 1, "fp8": 1}
 ENGINE_SWITCHES: tuple[str, ...] = (
     "LLMENERGY_COMPILE_PREFILL", "LLMENERGY_KEY_BUCKETS", "LLMENERGY_DENSE_GEMV",
     "LLMENERGY_GEMV_TUNE", "LLMENERGY_QUANT_BACKEND", "LLMENERGY_QUANT_AUTOTUNE")
+
+
+def engine_switches() -> dict[str, str]:
+    """The :data:`ENGINE_SWITCHES` set in this process's environment, with their values."""
+    return {k: os.environ[k] for k in ENGINE_SWITCHES if k in os.environ}
 #: engines that run each precision (``reference`` is the paper's eager fp16 code, ``hf``
 #: transformers' generate: both dense only)
 PRECISION_ENGINES = {"fp16": ("reference", "compiled", "hf"), "bf16": ("reference", "compiled", "hf"),

@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -125,11 +126,7 @@ def _settings_rows(loads: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """A row per :data:`ENGINE_SETTINGS` some cell recorded: each value with its cells."""
     rows = []
     for label, key, words in ENGINE_SETTINGS:
-        counts: dict[str, int] = {}
-        for load in loads:
-            if load.get(key) is not None:
-                value = words(load[key])
-                counts[value] = counts.get(value, 0) + 1
+        counts = Counter(words(load[key]) for load in loads if load.get(key) is not None)
         if counts:
             rows.append((label, ", ".join(f"{v}: {n} cell{'s' if n > 1 else ''}"
                                           for v, n in sorted(counts.items()))))

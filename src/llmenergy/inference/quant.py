@@ -108,10 +108,11 @@ class DenseLinear(nn.Module):
         self.gemv = False  # with it, a buffer ``ones`` (the kernel's scale): :func:`use_gemv`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the rows are static in the decode step, symbolic (not an int) in the compiled prefill
-        rows = math.prod(x.shape[:-1])
-        if self.gemv and torch.compiler.is_compiling() and type(rows) is int and rows == 1:
-            return narrow_mm.narrow_mm(x, self.weight, self.ones)
+        if self.gemv and torch.compiler.is_compiling():
+            # the rows are static in the decode step, symbolic (not an int) in the compiled prefill
+            rows = math.prod(x.shape[:-1])
+            if type(rows) is int and rows == 1:
+                return narrow_mm.narrow_mm(x, self.weight, self.ones)
         return F.linear(x, self.weight)
 
 
@@ -350,7 +351,7 @@ def warm_kernels(layers: list[Linears], dtype: torch.dtype, agree: narrow_mm.Agr
     tuning); the launches run."""
     pairs = [(m.qweight, m.scale) if isinstance(m, KernelNarrowLinear) else (m.weight, m.ones)
              for lin in layers for m in lin.modules()
-             if isinstance(m, KernelNarrowLinear) or getattr(m, "gemv", False)]
+             if isinstance(m, KernelNarrowLinear) or (isinstance(m, DenseLinear) and m.gemv)]
     return narrow_mm.warm(pairs, dtype, agree) if pairs else 0
 
 

@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from llmenergy.arch import ENGINE_SWITCHES
+from llmenergy.arch import engine_switches
 from llmenergy.cellfiles import CellSpec
 from llmenergy.layout import CellFiles
 
@@ -71,7 +71,7 @@ def definition(spec: CellSpec, *, checkpoint: list[list[Any]] | None = None) -> 
     dataset.pop("name", None)  # in the cell id
     dataset["path"] = _abs(dataset["path"])
     dataset["train_path"] = _abs(dataset.get("train_path"))
-    switches = {k: os.environ[k] for k in ENGINE_SWITCHES if k in os.environ}
+    switches = engine_switches()
     return {
         **({"engine_switches": switches} if switches and spec.cell.engine == "compiled" else {}),
         "arch": spec.arch,
