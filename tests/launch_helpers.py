@@ -136,7 +136,7 @@ def make_env(node: FakeGpuNode | None, *, oom_at_batch: int | None = None) -> di
     env = dict(os.environ)
     paths = [str(RANK_FAKES), str(FAKES), str(SRC)]
     for var in ("FAKE_OOM_AT_BATCH", "FAKE_RANK_GPU_UUID", "FAKE_CRASH_CELLS", "FAKE_METRICS_CRASH",
-                "FAKE_SLOW_DECODE_BATCH"):
+                "FAKE_SLOW_DECODE_BATCH", "FAKE_RANK_UNSET_ENV"):
         env.pop(var, None)
     if oom_at_batch is not None:
         env["FAKE_OOM_AT_BATCH"] = str(oom_at_batch)

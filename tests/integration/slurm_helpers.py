@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,9 +45,9 @@ def gpu_type(partition: str, gpus_per_node: int) -> dict[str, Any]:
 
 
 def group(gpu: str, shards: int, dataset: str = "tiny", max_gen_len: int = 4,
-          batch_size: int = 2) -> dict[str, list[Any]]:
+          batch_size: int = 2, engine: str = "reference") -> dict[str, list[Any]]:
     return {"model": ["llama-tiny"], "dataset": [dataset], "gpu": [gpu], "shards": [shards],
-            "batch_size": [batch_size], "max_gen_len": [max_gen_len]}
+            "batch_size": [batch_size], "max_gen_len": [max_gen_len], "engine": [engine]}
 
 
 def tiny_config(gpus: dict[str, dict[str, Any]], matrix: list[dict[str, list[Any]]]) -> dict[str, Any]:
@@ -94,16 +94,17 @@ def cell_id(workdir: Path, **identity: Any) -> str:
 STATUS_CHECK_MAX_S = "3"
 
 
-def env(fail_cells: Iterable[str] = ()) -> dict[str, str]:
+def env(fail_cells: Iterable[str] = (), extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The submit environment (Slurm jobs inherit it): the venv first on PATH, the rank
     fakes' hooks on PYTHONPATH (each idle unless its variable is set) with Snakemake's
-    status checks at most :data:`STATUS_CHECK_MAX_S` apart and, when ``fail_cells`` are
-    named, those cells' ranks failing for real."""
+    status checks at most :data:`STATUS_CHECK_MAX_S` apart, ``extra`` variables and, when
+    ``fail_cells`` are named, those cells' ranks failing for real."""
     out = {k: v for k, v in os.environ.items() if k != FAKE_CRASH_ENV and not k.startswith("SLURM_")}
     out["PATH"] = f"{VENV_BIN}{os.pathsep}{out.get('PATH', '')}"
     out.setdefault("OMP_NUM_THREADS", "1")
     out["PYTHONPATH"] = os.pathsep.join(p for p in (str(RANK_FAKES), out.get("PYTHONPATH")) if p)
     out["TEST_STATUS_CHECK_MAX_S"] = STATUS_CHECK_MAX_S
+    out.update(extra or {})
     cells = ",".join(fail_cells)
     if cells:
         out[FAKE_CRASH_ENV] = cells
@@ -143,13 +144,13 @@ class Run:
         return self.output[-n:]
 
 
-def start_snakemake(workdir: Path, *extra: str, fail_cells: Iterable[str] = (),
-                    timeout_s: int = 240) -> tuple[subprocess.Popen[bytes], Path, float]:
+def start_snakemake(workdir: Path, *extra: str, fail_cells: Iterable[str] = (), timeout_s: int = 240,
+                    extra_env: Mapping[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path, float]:
     """Start Snakemake in the background; its output goes to a log file in ``workdir``."""
     log_path = workdir / f"snakemake.{time.time_ns()}.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(snakemake_args(workdir, *extra, timeout_s=timeout_s), cwd=workdir,
-                                env=env(fail_cells), stdout=log_file, stderr=subprocess.STDOUT,
+                                env=env(fail_cells, extra_env), stdout=log_file, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
     return proc, log_path, time.monotonic()
 
@@ -164,8 +165,10 @@ def finish_snakemake(proc: subprocess.Popen[bytes], log_path: Path, started: flo
     return Run(proc.returncode, log_path.read_text(errors="replace"), time.monotonic() - started)
 
 
-def run_snakemake(workdir: Path, *extra: str, fail_cells: Iterable[str] = (), timeout_s: int = 240) -> Run:
-    proc, log_path, started = start_snakemake(workdir, *extra, fail_cells=fail_cells, timeout_s=timeout_s)
+def run_snakemake(workdir: Path, *extra: str, fail_cells: Iterable[str] = (), timeout_s: int = 240,
+                  extra_env: Mapping[str, str] | None = None) -> Run:
+    proc, log_path, started = start_snakemake(workdir, *extra, fail_cells=fail_cells, timeout_s=timeout_s,
+                                              extra_env=extra_env)
     return finish_snakemake(proc, log_path, started, timeout_s + 60)
 
 

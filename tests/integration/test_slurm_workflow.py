@@ -102,6 +102,32 @@ def test_two_node_and_one_node_cells(workdir: Path) -> None:
 
 
 @pytest.mark.slurm
+def test_an_engine_switch_set_where_snakemake_runs_reaches_the_ranks_and_its_change_reruns_the_cell(
+        workdir: Path) -> None:
+    """A compiled engine's switch set in the submit environment passes through sbatch and
+    srun to ranks on two nodes: the cell's definition (its fingerprint) and what its rank
+    0 ran with both carry it. Planned without it, the cell would rerun, and `-n` says why."""
+    h.write_config(workdir, h.tiny_config({"V1": h.gpu_type("v100", 1)}, [h.group("V1", 2, engine="compiled")]))
+    (cell,) = h.planned_cells(workdir)
+    switch = {"LLMENERGY_KEY_BUCKETS": "0"}
+    run = h.run_snakemake(workdir, extra_env=switch)
+    assert run.returncode == 0, run.tail()
+    info = h.cell_json(workdir, cell)
+    assert info["status"] == "ok" and info["launcher"] == "srun"
+    assert len({g["node"] for g in info["provenance"]["gpus"]}) == 2
+    assert info["definition"]["engine_switches"] == switch
+    assert info["provenance"]["load"]["engine_switches"] == switch
+
+    same = h.run_snakemake(workdir, "-n", extra_env=switch)
+    assert same.returncode == 0 and "config changed" not in same.output, same.tail()
+    without = h.run_snakemake(workdir, "-n")  # says which cell and why; moves nothing
+    assert without.returncode == 0, without.tail()
+    assert f"{cell}: config changed (engine_switches.LLMENERGY_KEY_BUCKETS: 0 → null); would rerun (dry run)" \
+        in without.output, without.tail()
+    assert h.cell_json(workdir, cell)["definition"]["engine_switches"] == switch
+
+
+@pytest.mark.slurm
 def test_rerun_after_a_failed_cell_runs_only_that_cell(workdir: Path) -> None:
     h.write_config(workdir, h.tiny_config({"V1": h.gpu_type("v100", 1), "A1": h.gpu_type("a100", 1)},
                                            [h.group("V1", 1), h.group("A1", 1), h.group("A1", 2)]))

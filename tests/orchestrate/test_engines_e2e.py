@@ -95,3 +95,33 @@ def test_hf_engine_cell_matches_reference_and_is_planned_on_one_rank_only(tmp_pa
     assert set(events["phase"]) >= {"prefill", "decode", "warmup"} and "compile" not in set(events["phase"])
     assert pd.read_parquet(out["hf"] / "metrics.parquet")["engine"].iloc[0] == "hf"
 
+
+
+@pytest.mark.parametrize("ranks_inherit", [True, False], ids=["ranks-inherit", "ranks-lose-it"])
+def test_a_compiled_cell_fails_when_its_ranks_ran_under_other_engine_switches(
+        tmp_path: Path, runs: list[CellRun], ranks_inherit: bool) -> None:
+    """An engine switch set for the job is in the cell's definition (its fingerprint); the
+    ranks record the switches they ran with, and a cell whose ranks lost one (a launcher
+    that does not pass the environment on, faked) is failed, not recorded as ok."""
+    path = write_config(tmp_path, n_prompts=2, batch_size=2, max_gen_len=3)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["matrix"][0].update(engine=["compiled"])
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (cell,) = expand(load(path, check_files=False)).cells
+    env = make_env(None)
+    env["LLMENERGY_KEY_BUCKETS"] = "0"
+    if not ranks_inherit:
+        env["FAKE_RANK_UNSET_ENV"] = "LLMENERGY_KEY_BUCKETS"
+    run = start_run_cell(tmp_path, cell.id, env)
+    runs.append(run)
+    code = run.wait(180.0)
+    doc = run.cell_json()
+    assert doc["definition"]["engine_switches"] == {"LLMENERGY_KEY_BUCKETS": "0"}
+    if ranks_inherit:
+        assert code == 0 and doc["status"] == "ok", run.logs()
+        assert doc["provenance"]["load"]["engine_switches"] == {"LLMENERGY_KEY_BUCKETS": "0"}
+    else:
+        assert code == 1 and doc["status"] == "failed", run.logs()
+        assert doc["provenance"]["load"]["engine_switches"] == {}
+        assert doc["reason"].startswith("engine switches differ: the ranks ran with none, the job defined "
+                                        "the cell with {'LLMENERGY_KEY_BUCKETS': '0'}")

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmenergy.arch import NARROW_BYTES
+from llmenergy.arch import NARROW_BYTES, engine_switches
 from llmenergy.cellfiles import CellSpec, GroupSpec
 from llmenergy.errors import PowerCapDenied, PowerCapError
 from llmenergy.handshake import CellBegin, RankOutcome, WorkerStatus
@@ -178,6 +178,8 @@ def _cell_phases(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Share
     fid = _fidelity(spec, engine, shared)
     provenance = getattr(engine, "load_provenance", None)  # the compiled engine's
     engine_load = provenance(spec.cell.batch_size) if provenance is not None else {}
+    if spec.cell.engine == "compiled":  # what this rank ran with, checked against the definition
+        engine_load["engine_switches"] = engine_switches()
     return WorkerStatus("ok", load=dict(shared.load or {}, shared_model_load=not built, shared_engine=reused,
                                         **engine_load),
                         fidelity=None if fid is None else fid.to_dict())

@@ -81,6 +81,22 @@ def _ranks_status(files: CellFiles, codes: list[int], signum: int | None) -> tup
     return ("failed", f"rank exited with code {bad[0]}; see logs/") if bad else ("ok", None)
 
 
+def switches_differ(record: CellRecord) -> str | None:
+    """Why a compiled cell is not what its definition says: its rank 0 ran under other
+    engine switches (``provenance.load.engine_switches``) than the job's process that
+    defined it (``definition.engine_switches``, absent when none is set). A launcher that
+    does not pass the job's environment to its ranks would otherwise record one kernel
+    and measure another. ``None`` when they agree or the rank recorded none."""
+    load = record.provenance.load or {}
+    if record.cell.engine != "compiled" or "engine_switches" not in load:
+        return None
+    ran, defined = load["engine_switches"], (record.definition or {}).get("engine_switches", {})
+    if ran == defined:
+        return None
+    return (f"engine switches differ: the ranks ran with {ran or 'none'}, the job defined the cell with "
+            f"{defined or 'none'}; the ranks must inherit the job's environment (srun --export=ALL)")
+
+
 def finalize(cfg: Config, cell: Cell, spec: CellSpec, files: CellFiles, *, codes: list[int], signum: int | None,
              started: float, launcher: str, power: Any, recovered: list[str],
              measured: tuple[str, dict[str, Any]], powercap_dir: Any = None,
@@ -103,6 +119,9 @@ def finalize(cfg: Config, cell: Cell, spec: CellSpec, files: CellFiles, *, codes
                         provenance=collect_provenance(files, started=started, power=power),
                         fingerprint=measured[0], definition=measured[1], fidelity=worker_fidelity(files))
     record.provenance.group = group
+    why = switches_differ(record) if record.status == "ok" else None
+    if why is not None:
+        record.status, record.reason = "failed", why
     if wall_s is not None:  # a packed cell: its own window, not the job's
         record.provenance.wall_s = round(wall_s, 3)
     if cell.power_cap_w is not None:
