@@ -4,7 +4,7 @@ It runs the :class:`~llmenergy.inference.model.Transformer` that
 :func:`llmenergy.inference.weights.build` returns, reading its parameters in place and
 writing into its per-layer ``cache_k``/``cache_v`` buffers (one per layer: a single buffer
 made a compiled graph copy it every layer); a batch of ``B < max_batch_size`` rows uses
-their first ``B`` rows.  docs/precision.md has the measurements behind each choice.
+their first ``B`` rows.  docs/precision-measurements.md has the measurements behind each choice.
 
 Decode step (the part that matters for speed):
 
