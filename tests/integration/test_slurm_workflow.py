@@ -119,9 +119,9 @@ def test_an_engine_switch_set_where_snakemake_runs_reaches_the_ranks_and_its_cha
     assert info["provenance"]["load"]["engine_switches"] == switch
 
     same = h.run_snakemake(workdir, "-n", extra_env=switch)
-    assert same.returncode == 0 and "config changed" not in same.output, same.tail()
-    without = h.run_snakemake(workdir, "-n")  # says which cell and why; moves nothing
-    assert without.returncode == 0, without.tail()
+    assert same.returncode == 0 and same.executed_cells == [] and "config changed" not in same.output, same.tail()
+    without = h.run_snakemake(workdir, "-n")  # lists the cell's job and says why; moves nothing
+    assert without.returncode == 0 and without.executed_cells == [cell], without.tail()
     assert f"{cell}: config changed (engine_switches.LLMENERGY_KEY_BUCKETS: 0 → null); would rerun (dry run)" \
         in without.output, without.tail()
     assert h.cell_json(workdir, cell)["definition"]["engine_switches"] == switch

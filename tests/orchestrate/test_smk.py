@@ -175,3 +175,37 @@ def test_a_group_longer_than_its_partition_runs_as_parts(tmp_path: Path) -> None
     assert ctx.targets() == [ctx.done_marker(j) for j in ctx.job_ids]
     assert any("part 1/" in line for line in ctx.group_lines())
     assert isinstance(ctx.request(parts[0].id), jobs.JobRequest)
+
+
+@pytest.mark.parametrize("packing", ["group", "cell"])
+def test_a_dry_run_gives_each_job_it_would_rerun_an_input_newer_than_its_outputs(tmp_path: Path,
+                                                                                  packing: str) -> None:
+    """`snakemake -n` moves nothing, so a finished cell whose config changed still has its
+    outputs; its job (the cell's, or its group's) gets an input file touched by the dry run,
+    and Snakemake lists it. Other jobs get none; a real run removes the files."""
+    from types import SimpleNamespace
+
+    from llmenergy.orchestrate.launch import measurement
+
+    ctx = load(demo_config(tmp_path, packing=packing))
+    changed, other = ctx.plan.cells[0], ctx.plan.cells[-1]
+    for cell, fp in ((changed, "0" * 16), (other, measurement(ctx.cfg, other)[0])):
+        files = cell.files(ctx.output_dir)
+        _record(files.record, "ok", 1.0, fingerprint=fp)
+        pq.write_table(pa.table({"x": [1]}), files.metrics)
+    wildcard = "group" if packing == "group" else "cell"
+
+    def job_of(cell: object) -> str:
+        return next(j.id for j in ctx.jobs if cell in j.cells) if packing == "group" else cell.id  # type: ignore[attr-defined]
+
+    ctx.prepare(dry_run=True)
+    inputs = ctx.would_rerun_input(wildcard)
+    (mark,) = inputs(SimpleNamespace(**{wildcard: job_of(changed)}))
+    assert Path(mark).stat().st_mtime >= changed.files(ctx.output_dir).metrics.stat().st_mtime
+    if job_of(other) != job_of(changed):
+        assert inputs(SimpleNamespace(**{wildcard: job_of(other)})) == []
+    assert changed.files(ctx.output_dir).record.exists()  # nothing moved
+
+    fresh = load(demo_config(tmp_path, packing=packing))
+    assert fresh.prepare() == [changed.id]
+    assert not Path(mark).exists() and fresh.would_rerun_input(wildcard)(SimpleNamespace(**{wildcard: job_of(changed)})) == []

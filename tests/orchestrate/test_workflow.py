@@ -126,7 +126,7 @@ def _files(d: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_config_change_reruns_only_the_affected_cells(tmp_path: Path) -> None:
     """Issue 15 (2): changing n_prompts of one dataset reruns exactly its cells; their old
-    outputs are kept under superseded/; `-n` says which and why without moving anything;
+    outputs are kept under superseded/; `-n` lists their jobs and says why, moving nothing;
     `policies.on_config_change: error` stops with one line before anything runs."""
     cfg = {**CONFIG, "repeats": 1,
            "datasets": {"a": {"format": "alpaca", "path": "synthetic", "n_prompts": 2, "max_prompt_len": 32},
@@ -148,6 +148,7 @@ def test_config_change_reruns_only_the_affected_cells(tmp_path: Path) -> None:
     assert dry.returncode == 0, out[-3000:]
     assert f"{b}: config changed (dataset.n_prompts: 2 → 3); would rerun (dry run)" in out
     assert a + ":" not in out
+    assert _executed(out) == [b]  # the plan lists the job, though its outputs are still there
     assert _files(cells / b) == before_b  # nothing moved
 
     strict = {**cfg, "policies": {"on_config_change": "error"}}

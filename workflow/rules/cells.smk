@@ -2,6 +2,8 @@
 
 
 rule run_cell:
+    input:
+        CTX.would_rerun_input("cell"),  # a dry run's mark of a cell it would rerun (smk.WOULD_RERUN_DIR)
     output:
         metrics=f"{OUT}/cells/{{cell}}/metrics.parquet",
         cell_json=f"{OUT}/cells/{{cell}}/cell.json",
@@ -24,6 +26,8 @@ rule run_cell:
 # unfinished cells in order. The output is the job's done marker: the cells' own files are not declared outputs, so a
 # failed cell never takes its finished neighbours with it (the job then exits non-zero).
 rule run_group:
+    input:
+        CTX.would_rerun_input("group"),
     output:
         f"{OUT}/groups/{{group}}/done.json",
     log:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -48,6 +49,12 @@ from llmenergy.slurm import snakemake_resources, time_limit_signal
 log = logging.getLogger(__name__)
 
 RESOLVED_CONFIG = ".llmenergy/config.json"
+#: A dry run moves nothing, so Snakemake would find the outputs of a job that is to rerun
+#: (its config changed, its outputs corrupt, a group with an unfinished cell) and list
+#: nothing. The dry run touches one empty file per such job in this folder of the output
+#: directory and makes it the job's input, newer than its outputs, so that ``-n`` lists the
+#: job and what follows it; a real run removes the folder.
+WOULD_RERUN_DIR = ".llmenergy/would-rerun"
 
 PARQUET_MAGIC = b"PAR1"
 
@@ -101,6 +108,8 @@ class Context:
     packing: str = "group"
     #: ``{job id: Snakemake resources of its first attempt}``, filled as asked.
     _base: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
+    #: ``{cell or group job id: its file under WOULD_RERUN_DIR}``, in a dry run only.
+    _would_rerun: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     @cached_property
     def limits(self) -> PartitionLimits:
@@ -340,11 +349,40 @@ class Context:
             for path in derived:
                 Path(path).unlink(missing_ok=True)
         self._keep_history(before)
+        stale = self.stale_groups(dry_run=dry_run, derived=derived) if self.packing == "group" else []
+        for jid in stale:
+            log.warning("llmenergy: group job %s: a cell is not finished; the job %s", jid,
+                        "would rerun (dry run)" if dry_run else "reruns (its finished cells are kept)")
+        rerun = bad + [c.cell.id for c in changed]
+        if dry_run:
+            self._mark_would_rerun(rerun, stale)
+        else:
+            shutil.rmtree(Path(self.output_dir) / WOULD_RERUN_DIR, ignore_errors=True)
+        return rerun
+
+    def _mark_would_rerun(self, cells: Sequence[str], stale_jobs: Sequence[str]) -> None:
+        """Touch the :data:`WOULD_RERUN_DIR` file of each job that reruns ``cells`` (their
+        own ``run_cell`` jobs, or the group jobs holding them) and of ``stale_jobs``."""
+        keys = set(stale_jobs)
         if self.packing == "group":
-            for jid in self.stale_groups(dry_run=dry_run, derived=derived):
-                log.warning("llmenergy: group job %s: a cell is not finished; the job %s", jid,
-                            "would rerun (dry run)" if dry_run else "reruns (its finished cells are kept)")
-        return bad + [c.cell.id for c in changed]
+            keys |= {j.id for j in self.jobs if any(c.id in cells for c in j.cells)}
+        else:
+            keys |= set(cells)
+        for key in sorted(keys):
+            path = Path(self.output_dir) / WOULD_RERUN_DIR / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+            self._would_rerun[key] = str(path)
+
+    def would_rerun_input(self, wildcard: str) -> Callable[[Any], list[str]]:
+        """Input function of rule ``run_cell`` (``wildcard`` ``cell``) or ``run_group``
+        (``group``): the job's :data:`WOULD_RERUN_DIR` file in a dry run that would rerun it,
+        else nothing."""
+        def inputs(wildcards: Any) -> list[str]:
+            path = self._would_rerun.get(getattr(wildcards, wildcard))
+            return [path] if path else []
+
+        return inputs
 
     def _backdate(self, derived: Sequence[Path]) -> None:
         """Make the partial report's files older than every cell output. Snakemake does
