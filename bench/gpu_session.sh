@@ -48,6 +48,10 @@
 #            setting), then compiled fp16 int8 at batch 1 twice more (the ratio's spread);
 #   kb - session 13: bench/engines.py compiled fp16 at batch 16 and 64 (256 generated), the decode
 #            attending over key lengths (the default), then over the whole cache (LLMENERGY_KEY_BUCKETS=0);
+#   acc - session 15's plan for issue 24's "same cells through run-group": bench/engines.py compiled
+#            at batch 1 and 16 for the precisions in $ACC (default "fp16 int8"; then ACC="bf16 fp8"),
+#            then the same cells of bench/configs/h200x1_acceptance.yaml through run-group on the
+#            same machine, set beside it by bench/precision_cells.py (cell.json and metrics kept);
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -128,6 +132,20 @@ case "$mode" in
     TAIL=45 step $(( 590 - SECONDS )) python3 bench/engines.py --engines reference compiled hf \
       --precision fp16 bf16 int8 fp8 --batches 1 16 --gen 128 --min-window-s 5 \
       --cache-dir /tmp/inductor --out "$OUT/h200_precision_all.json" ;;
+  acc)
+    read -r -a P <<< "${ACC:-fp16 int8}"
+    tag=$(IFS=_; echo "${P[*]}")
+    TAIL=10 step 300 python3 bench/engines.py --engines compiled --precision "${P[@]}" --batches 1 16 \
+      --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_acc_$tag.json"
+    for p in "${P[@]}"; do
+      g=llama-7b_H200_s1_pnone_compiled; [ "$p" = fp16 ] || g=${g}_$p
+      TAIL=3 step $(( 570 - SECONDS )) "${lle[@]}" run-group --config bench/configs/h200x1_acceptance.yaml --group "$g"
+    done
+    TAIL=14 step 20 python3 bench/precision_cells.py bench-results/h200x1_acceptance "$OUT/h200_acc_$tag.json" \
+      --out "$OUT/h200_acc_${tag}_cells.json"
+    for d in bench-results/h200x1_acceptance/cells/*/; do
+      mkdir -p "$OUT/cells_$tag/$(basename "$d")" && cp "$d"cell.json "$d"metrics.parquet "$OUT/cells_$tag/$(basename "$d")/" 2>/dev/null
+    done ;;
   precells)
     C=bench/configs/h200x1_precision.yaml
     for g in compiled_int8 compiled compiled_fp8; do

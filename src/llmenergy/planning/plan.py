@@ -157,7 +157,7 @@ def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, An
     lines = [
         f"Plan of {cfg.source}",
         f"  cells:      {len(rows)} planned ({', '.join(f'{g} {n}' for g, n in sorted(by_gpu.items()))}), "
-        f"{cfg.repeats} repeats each, with the model loaded once per job",
+        f"{cfg.repeats} repeat{'' if cfg.repeats == 1 else 's'} each, with the model loaded once per job",
         (f"  Slurm jobs: {len(rows)} (one per cell, packing: cell), "
          f"{min(minutes):.1f}–{max(minutes):.1f} min each (estimate)") if groups is None else
         (f"  Slurm jobs: {len(groups)} (packing: group; {len(rows)} with packing: cell), one per group "
