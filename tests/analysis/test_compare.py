@@ -113,3 +113,17 @@ def test_short_answer_names_the_best_setting_and_the_saving_against_reference() 
     (only_ref,) = short_answer(synthetic_summary(batch=(16, 64)))
     assert "only the paper's engine (reference) was measured" in only_ref["versus"][0]
     assert item["power_source"] == "nvml"
+
+
+def test_short_answer_interval_never_goes_below_zero_energy() -> None:
+    """Two repeats far apart: the t-interval's lower end is below 0 J/token, which no
+    measurement can be; the short answer shows 0 there, and the upper end as computed."""
+    summary = synthetic_summary(**ACCEPTANCE)
+    (item,) = short_answer(summary)
+    best = summary["cell_id"] == item["cell_id"]
+    values = summary.loc[best, "j_per_token"].to_numpy()
+    assert len(values) >= 2
+    summary.loc[best, "j_per_token"] = np.linspace(0.001, 0.009, len(values))  # spread, still the best
+    (item,) = short_answer(summary)
+    low, high = item["interval"].split("–")
+    assert low == "0" and float(high) > 0.009

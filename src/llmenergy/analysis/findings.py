@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from llmenergy.analysis.compare import AxisSummary, Ratio, ratio
@@ -131,6 +132,13 @@ def _config_text(row: pd.Series, axes: list[str]) -> str:
                      for a in axes if a in row.index)
 
 
+def _interval_text(values: np.ndarray) -> str:
+    """The 95 % Student-t interval of a J/token mean as ``low–high``. Energy is never
+    negative: a lower end below 0 (few repeats, far apart) is shown as 0."""
+    low, high = t_interval(values)
+    return f"{max(low, 0.0):.3g}–{high:.3g}"
+
+
 def short_answer(summary: pd.DataFrame) -> list[dict[str, Any]]:
     """Per model × GPU type: the lowest-J/token cell and its ratio to the paper's setting."""
     ok = summary[(summary["status"] == "ok")] if "status" in summary.columns else summary
@@ -152,8 +160,7 @@ def short_answer(summary: pd.DataFrame) -> list[dict[str, Any]]:
         item: dict[str, Any] = {
             "model": model, "gpu": gpu, "cell_id": best_id, "config": _config_text(first, shown),
             "j_per_token": float(means[best_id]), "n": int(len(best)),
-            "interval": "–".join(f"{v:.3g}" for v in t_interval(best["j_per_token"].to_numpy()))
-            if len(best) > 1 else "",
+            "interval": _interval_text(best["j_per_token"].to_numpy()) if len(best) > 1 else "",
             "n_cells": int(means.size), "versus": [],
             "power_source": str(first.get("power_source") or "none")}
         if "engine" not in grp.columns or PAPER_ENGINE not in set(grp["engine"].astype(str)):
