@@ -266,3 +266,26 @@ def test_plan_shows_a_group_split_to_fit_its_partition() -> None:
     assert all(g["time_limit_min"] <= 240 for g in doc["groups"] if g["max_time_min"] == 240)
     assert sum(len(g["cells"]) for g in doc["groups"]) == len(expand(cfg).cells)
     assert all(g["max_time_min"] is None for g in doc["groups"] if "_V100_" in g["group_id"])
+
+
+def test_an_engine_switch_set_where_the_plan_runs_is_named_for_compiled_cells(
+        cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stray LLMENERGY_* switch in the shell changes what compiled cells measure (it is
+    part of their definition): the plan names it, and says nothing when none is set or
+    no cell runs the compiled engine (the default config's)."""
+    from llmenergy.planning.plan import switches_note
+
+    demo = config.load(CONFIG.parent / "profiles" / "local" / "demo-config.yaml", check_files=False)
+    monkeypatch.setenv("LLMENERGY_KEY_BUCKETS", "0")
+    assert "switches:" not in format_plan(cfg)  # reference cells only
+    cfg = demo
+    for name in ("LLMENERGY_DENSE_GEMV", "LLMENERGY_KEY_BUCKETS", "LLMENERGY_COMPILE_PREFILL",
+                 "LLMENERGY_GEMV_TUNE", "LLMENERGY_QUANT_BACKEND", "LLMENERGY_QUANT_AUTOTUNE"):
+        monkeypatch.delenv(name, raising=False)
+    assert "switches:" not in format_plan(cfg)
+    monkeypatch.setenv("LLMENERGY_KEY_BUCKETS", "0")
+    lines = format_plan(cfg).splitlines()
+    (line,) = [ln for ln in lines if ln.startswith("  switches:")]
+    assert line == "  switches:   LLMENERGY_KEY_BUCKETS=0 (set here: part of the compiled cells' definitions)"
+    assert lines.index(line) < 10  # with the totals, before the table
+    assert switches_note(["reference", "hf"]) is None  # only the compiled engine reads them

@@ -44,6 +44,9 @@ if workflow.is_main_process:
         _what = "would be set aside (dry run)" if _DRY_RUN else "set aside"
         logger.warning(f"llmenergy: {_cell}: outputs {_what} (see above); the cell will be rerun")
 
+if workflow.is_main_process and CTX.switches_note:
+    logger.warning(f"llmenergy: engine switches: {CTX.switches_note}")
+
 if workflow.is_main_process and CTX.packing == "group":
     logger.info(f"llmenergy: packing: group: {len(CTX.cell_ids)} cells in {len(CTX.job_ids)} Slurm jobs "
                 f"(one model load each; a group too long for its partition runs as parts)")

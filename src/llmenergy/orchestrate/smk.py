@@ -134,6 +134,13 @@ class Context:
     def _cell_jobs(self) -> dict[str, Job]:
         return {j.id: j for j in cell_jobs(self.cfg, self.plan.cells, self.limits)}
 
+    @cached_property
+    def switches_note(self) -> str | None:
+        """The compiled engine's switches set here, if a cell runs it (:func:`planning.plan.switches_note`)."""
+        from llmenergy.planning.plan import switches_note
+
+        return switches_note(c.engine for c in self.plan.cells)
+
     @property
     def job_ids(self) -> list[str]:
         """The ``group`` wildcards of rule ``run_group``, in plan order."""

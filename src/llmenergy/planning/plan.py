@@ -20,9 +20,11 @@ import io
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
+from llmenergy.arch import engine_switches
 from llmenergy.cellfiles import AXES
 from llmenergy.config import Config
 from llmenergy.planning import jobs
@@ -171,7 +173,21 @@ def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, An
         f"  left out:   {len(left_out)} cells"
         + (f" for {reasons} reasons (listed at the end)" if left_out else ""),
     ]
+    note = switches_note(r.get("engine") for r in rows)
+    if note:
+        lines.append(_fit(f"  switches:   {note}"))
     return lines
+
+
+def switches_note(engines: Iterable[Any]) -> str | None:
+    """The compiled engine's switches set in this environment (``arch.ENGINE_SWITCHES``),
+    when a planned cell runs that engine: they are part of its definition, so a stray one
+    in a shell changes what is measured (and reruns finished cells)."""
+    switches = engine_switches()
+    if not switches or "compiled" not in set(engines):
+        return None
+    return (" ".join(f"{k}={v}" for k, v in sorted(switches.items()))
+            + " (set here: part of the compiled cells' definitions)")
 
 
 def _fit(line: str) -> str:
