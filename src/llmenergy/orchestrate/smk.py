@@ -370,11 +370,11 @@ class Context:
     def _mark_would_rerun(self, cells: Sequence[str], stale_jobs: Sequence[str]) -> None:
         """Touch the :data:`WOULD_RERUN_DIR` file of each job that reruns ``cells`` (their
         own ``run_cell`` jobs, or the group jobs holding them) and of ``stale_jobs``."""
-        keys = set(stale_jobs)
+        keys, rerun = set(stale_jobs), set(cells)
         if self.packing == "group":
-            keys |= {j.id for j in self.jobs if any(c.id in cells for c in j.cells)}
+            keys |= {j.id for j in self.jobs if any(c.id in rerun for c in j.cells)}
         else:
-            keys |= set(cells)
+            keys |= rerun
         for key in sorted(keys):
             path = Path(self.output_dir) / WOULD_RERUN_DIR / key
             path.parent.mkdir(parents=True, exist_ok=True)
