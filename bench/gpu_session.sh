@@ -52,6 +52,10 @@
 #            at batch 1 and 16 for the precisions in $ACC (default "fp16 int8"; then ACC="bf16 fp8"),
 #            then the same cells of bench/configs/h200x1_acceptance.yaml through run-group on the
 #            same machine, set beside it by bench/precision_cells.py (cell.json and metrics kept);
+#   order - session 16: the dense fp16 cells through run-group ran 3.5-5 % under the bench that
+#            ran before them in the same call (int8/fp8 within 1 %); run-group first, then the
+#            bench with the ranks' OMP_NUM_THREADS=1, the bench as before, then run-group with
+#            no collector (backend none);
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -146,6 +150,23 @@ case "$mode" in
     for d in bench-results/h200x1_acceptance/cells/*/; do
       mkdir -p "$OUT/cells_$tag/$(basename "$d")" && cp "$d"cell.json "$d"metrics.parquet "$OUT/cells_$tag/$(basename "$d")/" 2>/dev/null
     done ;;
+  order)
+    C=bench/configs/h200x1_acceptance.yaml; g=llama-7b_H200_s1_pnone_compiled
+    E=(python3 bench/engines.py --engines compiled --precision fp16 --batches 1 16 --gen 128 --min-window-s 5
+       --cache-dir /tmp/inductor)
+    rm -rf bench-results
+    TAIL=3 step 200 "${lle[@]}" run-group --config $C --group $g
+    TAIL=4 step 150 env OMP_NUM_THREADS=1 "${E[@]}" --out "$OUT/h200_fp16_omp1.json"
+    TAIL=4 step 20 python3 bench/precision_cells.py bench-results/h200x1_acceptance "$OUT/h200_fp16_omp1.json" \
+      --out "$OUT/cells_omp1.json"
+    TAIL=4 step 150 "${E[@]}" --out "$OUT/h200_fp16.json"
+    TAIL=4 step 20 python3 bench/precision_cells.py bench-results/h200x1_acceptance "$OUT/h200_fp16.json" \
+      --out "$OUT/cells_default.json"
+    # the same group with no collector process (backend none: tokens/s only)
+    sed -e 's/backend: nvml/backend: none/' -e 's#h200x1_acceptance#nocollector#' $C > /tmp/nocollector.yaml
+    TAIL=3 step $(( ${END:-480} - SECONDS )) "${lle[@]}" run-group --config /tmp/nocollector.yaml --group $g
+    TAIL=4 step 20 python3 bench/precision_cells.py bench-results/nocollector "$OUT/h200_fp16.json" \
+      --out "$OUT/cells_nocollector.json" ;;
   precells)
     C=bench/configs/h200x1_precision.yaml
     for g in compiled_int8 compiled compiled_fp8; do
