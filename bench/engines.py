@@ -298,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bandwidth, B/s")
     p.add_argument("--cache-dir", default="/tmp/llmenergy-inductor", help="TORCHINDUCTOR_CACHE_DIR")
     p.add_argument("--port", type=int, default=29513)
+    p.add_argument("--barrier", action="store_true",
+                   help="an NCCL barrier after the process group starts, as a cell's rank does "
+                        "(session 16: the dense cells ran ~160 us a step slower through run-group)")
     p.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                    help="set torch._inductor.config KEY for every compile of this run (an A/B "
                         "experiment), e.g. coordinate_descent_tuning=true; VALUE is JSON")
@@ -327,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         from _single_gpu import init_rank
 
         dev, uuid = init_rank(args.port)
+        if args.barrier:
+            import torch.distributed as dist
+
+            dist.barrier()
     else:
         dev = torch.device("cpu")
         tp.init_model_parallel(1)

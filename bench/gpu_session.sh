@@ -53,9 +53,12 @@
 #            then the same cells of bench/configs/h200x1_acceptance.yaml through run-group on the
 #            same machine, set beside it by bench/precision_cells.py (cell.json and metrics kept);
 #   order - session 16: the dense fp16 cells through run-group ran 3.5-5 % under the bench that
-#            ran before them in the same call (int8/fp8 within 1 %); run-group first, then the
-#            bench with the ranks' OMP_NUM_THREADS=1, the bench as before, then run-group with
-#            no collector (backend none);
+#            ran before them in the same call (int8/fp8 within 1 %): run-group with no collector
+#            (backend none), then as configured, then the bench;
+#   dense - session 16's open question (the dense compiled decode ~160 us a step slower through
+#            run-group than in bench/engines.py, with or without the collector): fp16 at batch 1
+#            in the bench as it is, with the ranks' OMP_NUM_THREADS=1, with the ranks' NCCL
+#            barrier (--barrier), then the batch-1 fp16 cell through run-group, set beside each;
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -152,21 +155,30 @@ case "$mode" in
     done ;;
   order)
     C=bench/configs/h200x1_acceptance.yaml; g=llama-7b_H200_s1_pnone_compiled
-    E=(python3 bench/engines.py --engines compiled --precision fp16 --batches 1 16 --gen 128 --min-window-s 5
-       --cache-dir /tmp/inductor)
     rm -rf bench-results
-    TAIL=3 step 200 "${lle[@]}" run-group --config $C --group $g
-    TAIL=4 step 150 env OMP_NUM_THREADS=1 "${E[@]}" --out "$OUT/h200_fp16_omp1.json"
-    TAIL=4 step 20 python3 bench/precision_cells.py bench-results/h200x1_acceptance "$OUT/h200_fp16_omp1.json" \
-      --out "$OUT/cells_omp1.json"
-    TAIL=4 step 150 "${E[@]}" --out "$OUT/h200_fp16.json"
-    TAIL=4 step 20 python3 bench/precision_cells.py bench-results/h200x1_acceptance "$OUT/h200_fp16.json" \
-      --out "$OUT/cells_default.json"
-    # the same group with no collector process (backend none: tokens/s only)
+    # the fp16 group with no collector process (backend none: tokens/s only), then as configured
     sed -e 's/backend: nvml/backend: none/' -e 's#h200x1_acceptance#nocollector#' $C > /tmp/nocollector.yaml
-    TAIL=3 step $(( ${END:-480} - SECONDS )) "${lle[@]}" run-group --config /tmp/nocollector.yaml --group $g
-    TAIL=4 step 20 python3 bench/precision_cells.py bench-results/nocollector "$OUT/h200_fp16.json" \
-      --out "$OUT/cells_nocollector.json" ;;
+    TAIL=3 step 150 "${lle[@]}" run-group --config /tmp/nocollector.yaml --group $g
+    TAIL=3 step 150 "${lle[@]}" run-group --config $C --group $g
+    TAIL=4 step $(( ${END:-480} - SECONDS )) python3 bench/engines.py --engines compiled --precision fp16 \
+      --batches 1 16 --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_fp16.json"
+    for d in nocollector h200x1_acceptance; do
+      TAIL=4 step 20 python3 bench/precision_cells.py bench-results/$d "$OUT/h200_fp16.json" --out "$OUT/cells_$d.json"
+    done ;;
+  dense)
+    E=(python3 bench/engines.py --engines compiled --precision fp16 --batches 1 --gen 128 --min-window-s 5
+       --cache-dir /tmp/inductor)
+    TAIL=3 step 120 "${E[@]}" --out "$OUT/h200_plain.json"
+    TAIL=3 step 90 env OMP_NUM_THREADS=1 "${E[@]}" --out "$OUT/h200_omp1.json"
+    TAIL=3 step 90 "${E[@]}" --barrier --out "$OUT/h200_barrier.json"
+    sed -e 's/batch_size: \[1, 16\]/batch_size: [1]/' -e 's/precision: \[.*\]/precision: [fp16]/' \
+      bench/configs/h200x1_acceptance.yaml > /tmp/dense.yaml
+    TAIL=3 step $(( ${END:-420} - SECONDS )) "${lle[@]}" run-group --config /tmp/dense.yaml \
+      --group llama-7b_H200_s1_pnone_compiled
+    for b in plain omp1 barrier; do
+      TAIL=2 step 20 python3 bench/precision_cells.py bench-results/h200x1_acceptance "$OUT/h200_$b.json" \
+        --out "$OUT/cells_$b.json"
+    done ;;
   precells)
     C=bench/configs/h200x1_precision.yaml
     for g in compiled_int8 compiled compiled_fp8; do
