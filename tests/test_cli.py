@@ -38,6 +38,32 @@ def test_every_option_has_help() -> None:
     assert {"plan", "run-cell", "aggregate", "plot", "report"} <= set(sub.choices)
 
 
+#: each command as `llmenergy` is called, for its --help (data's options are fetch's)
+COMMANDS = [["plan"], ["run-cell"], ["run-group"], ["submit"], ["aggregate"], ["plot"], ["report"],
+            ["data", "fetch"], ["collect"], ["powercap-guard"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))
+def test_every_option_is_in_the_cli_reference(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/cli.md names every option each command's --help prints, under its own heading."""
+    import re
+
+    with pytest.raises(SystemExit) as done:
+        cli.main([*command, "--help"])
+    assert done.value.code == 0
+    options = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", capsys.readouterr().out)) - {"--help"}
+    assert options, f"no options parsed from `llmenergy {' '.join(command)} --help`"
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    heading = f"### `llmenergy {' '.join(command)}"
+    assert heading in doc, f"docs/cli.md has no section {heading}`"
+    section = doc.split(heading, 1)[1].split("\n### ", 1)[0]
+    # run-cell's section names only what differs from run-group's
+    if command == ["run-cell"]:
+        section += doc.split("### `llmenergy run-group`", 1)[1].split("\n### ", 1)[0]
+    missing = sorted(o for o in options if not re.search(rf"`{o}[` ]", section))
+    assert not missing, f"docs/cli.md, {heading}`: not described: {missing}"
+
+
 def test_data_help_and_verbose_before_delegated_command() -> None:
     out = run_cli("data", "--help")
     assert out.returncode == 0 and "llmenergy data fetch" in out.stdout
