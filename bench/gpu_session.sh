@@ -57,8 +57,9 @@
 #            (backend none), then as configured, then the bench;
 #   dense - session 16's open question (the dense compiled decode ~160 us a step slower through
 #            run-group than in bench/engines.py, with or without the collector): fp16 at batch 1
-#            in the bench as it is, with the ranks' OMP_NUM_THREADS=1, with the ranks' NCCL
-#            barrier (--barrier), then the batch-1 fp16 cell through run-group, set beside each;
+#            in the bench as it is (--batches 1: the model built for batch 1, as the cell's is),
+#            with the ranks' OMP_NUM_THREADS=1, with the ranks' NCCL barrier (--barrier), then
+#            the batch-1 fp16 cell through run-group, set beside each;
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
