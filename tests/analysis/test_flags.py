@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from llmenergy.analysis.flags import cell_flags, flagged_rows, row_flags
+from llmenergy.analysis.flags import HEADLINE_COLUMNS, cell_flags, flagged_rows, row_flags
 
 
 def _rows() -> pd.DataFrame:
@@ -81,6 +81,16 @@ def test_a_phase_clause_flags_only_the_figures_that_draw_that_phase() -> None:
     assert row_flags(rows, ["prefill_energy_j"]).tolist()[0].startswith("prefill_energy_j null")
     # a clause about the repeat's energy counts in every figure
     assert row_flags(rows, ["tokens_per_s"]).tolist()[1].startswith("energy_j null")
+
+
+def test_headline_flags_leave_out_phase_clauses_only() -> None:
+    rows = _energy_rows()
+    headline = cell_flags(rows, HEADLINE_COLUMNS)
+    assert "p" not in headline  # its one clause is about the prefill alone
+    assert "prefill_energy_j null" in cell_flags(rows)["p"]  # still flagged where phases show
+    # the repeat's own energy, withheld or not metered throughout, concerns every headline
+    assert "repeat 0: energy_j null: no power samples" in headline["m"]
+    assert "repeat 1: energy incomplete" in headline["m"]
 
 
 def test_repeats_with_the_same_reason_share_one_entry() -> None:

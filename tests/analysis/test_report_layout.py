@@ -70,7 +70,8 @@ def test_ratio_table_and_findings(html: str) -> None:
 def test_flag_is_marked_where_the_number_is_read(html: str) -> None:
     cells = html.split('id="cells"')[1].split('id="flagged"')[0]
     marks = re.findall(rf'<a class="flag" href="#flag-{FLAGGED}" title="Flagged: ([^"]*)">', cells)
-    assert marks and "short window" in marks[0]
+    # a short window concerns the whole repeat: beside the cell id and beside its J/token
+    assert len(marks) == 2 and all("short window" in m for m in marks)
     assert f'<tr id="flag-{FLAGGED}">' in html  # the link's target, with the reason
     clean = "7B_alpaca_H200_s1_b16_g256_pdefault_reference"
     assert f'href="#flag-{clean}"' not in html
@@ -195,6 +196,21 @@ def test_prefill_not_resolved_decode_still_drawn(gpu_results: Path, gpu_html: st
     note = " ".join(_section(gpu_html, "energy", "figures").split())
     assert "updated every 100 ms, so windows under 1 s are withheld" in note
     assert "docs/measurement.md" in note and "null" in note
+
+
+def test_a_withheld_phase_marks_the_cell_not_its_headline_numbers(gpu_html: str) -> None:
+    """Every repeat's prefill energy is withheld (as on an H200): the cell is marked where
+    its phases are shown, but its J/token, tokens/s and their ratios are whole-window
+    numbers the clause does not touch, so the answer, best-cell and ratio tables carry no mark."""
+    for start, end in (("answer", "matrix"), ("findings", "paper"), ("comparisons", "energy")):
+        assert '<a class="flag"' not in _section(gpu_html, start, end), start
+    cid = "7B_alpaca_H200_s1_b16_g256_pdefault_compiled"
+    cells = _section(gpu_html, "cells", "balance")
+    row = re.search(rf"<tr><td><code class=\"id\">{cid}</code>(.*?)</tr>", cells, re.S).group(1)  # type: ignore[union-attr]
+    marks = re.findall(r'<a class="flag" href="#flag-[^"]*" title="Flagged: ([^"]*)">', row)
+    assert len(marks) == 1 and marks[0].startswith("repeats 0, 1, 2: prefill_energy_j null")
+    assert row.startswith(' <a class="flag"')  # beside the cell id, not its J/token
+    assert f'href="#flag-{cid}"' in _section(gpu_html, "balance", "balance-nulls")
 
 
 def test_energy_reason_in_flagged_repeats_and_incomplete_cell_listed(gpu_html: str) -> None:

@@ -31,7 +31,7 @@ import pandas as pd
 
 from llmenergy.analysis.aggregate import t_quantile_975
 from llmenergy.analysis.figdata import AXES, AXIS_NAMES, fmt_value, sorted_values
-from llmenergy.analysis.flags import row_flags
+from llmenergy.analysis.flags import HEADLINE_COLUMNS, row_flags
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def value_text(axis: str, value: Any) -> str:
 def pairs(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per matched pair: axis, value, baseline, the shared values, cells, n, ratios."""
     ok = summary[summary["status"] == "ok"] if "status" in summary.columns else summary
-    ok = ok.assign(_flag=row_flags(ok).ne("").to_numpy(bool))
+    ok = ok.assign(_flag=row_flags(ok, HEADLINE_COLUMNS).ne("").to_numpy(bool))
     present = [a for a in AXES if a in ok.columns]
     rows: list[dict[str, Any]] = []
     for axis in [a for a in COMPARE_AXES if a in present]:

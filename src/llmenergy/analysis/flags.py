@@ -18,7 +18,8 @@ Columns are read defensively: a summary without one of them simply has no such f
 Figures draw a point hollow when any repeat behind it is flagged; a clause about a
 phase column (``prefill_energy_j``, the balance's parts, ...) hollows only the figures
 that draw that column (:func:`row_flags` with ``columns``). Tables mark the cell and
-link to the flagged-repeats table.
+link to the flagged-repeats table; a headline number (J/token, tokens/s, a ratio of them)
+is marked only for the reasons that concern it (:data:`HEADLINE_COLUMNS`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ DISCREPANCY_LIMIT_PCT = 1.0
 #: that does not draw them is not affected (its points stay filled).
 PHASE_COLUMNS = ("prefill_energy_j", "decode_energy_j", "idle_power_w", "active_energy_j",
                  "compile_j")
+#: What the report's headline numbers read (the short answer, best cells, ratios, J/token
+#: columns): a phase clause alone does not mark them, as it does not hollow such a figure.
+HEADLINE_COLUMNS = ("energy_j", "j_per_token", "tokens_per_s", "avg_power_w", "j_per_word",
+                    "j_per_response")
 
 
 def _truthy(series: pd.Series) -> pd.Series:
@@ -115,10 +120,11 @@ def row_flags(df: pd.DataFrame, columns: Iterable[str] | None = None) -> pd.Seri
     return pd.Series(["; ".join(reasons[i]) for i in df.index], index=df.index, dtype=object)
 
 
-def flagged_rows(summary: pd.DataFrame) -> pd.DataFrame:
-    """The ``ok`` rows that carry a flag, with a ``flag_reasons`` column."""
+def flagged_rows(summary: pd.DataFrame, columns: Iterable[str] | None = None) -> pd.DataFrame:
+    """The ``ok`` rows that carry a flag, with a ``flag_reasons`` column (``columns``: as
+    :func:`row_flags`)."""
     ok = summary[summary["status"] == "ok"] if "status" in summary.columns else summary
-    reasons = row_flags(ok)
+    reasons = row_flags(ok, columns)
     out = ok[reasons != ""].assign(flag_reasons=reasons[reasons != ""])
     return out
 
@@ -130,10 +136,11 @@ def _repeat_label(reps: list[Any]) -> str:
     return ("repeat " if len(known) == 1 else "repeats ") + ", ".join(map(str, known))
 
 
-def cell_flags(summary: pd.DataFrame) -> dict[str, str]:
+def cell_flags(summary: pd.DataFrame, columns: Iterable[str] | None = None) -> dict[str, str]:
     """cell_id → the distinct reasons of its flagged ok repeats, with the repeats named
-    (repeats with the same reasons share one entry)."""
-    rows = flagged_rows(summary)
+    (repeats with the same reasons share one entry); ``columns``: only the reasons that
+    concern them (:data:`HEADLINE_COLUMNS` for the numbers a report's headline reads)."""
+    rows = flagged_rows(summary, columns)
     out: dict[str, str] = {}
     for cid, grp in rows.groupby("cell_id", sort=True):
         by_reason: dict[str, list[Any]] = {}

@@ -36,7 +36,13 @@ from llmenergy.analysis.aggregate import (
 from llmenergy.analysis.compare import METHOD_TEXT, pair_records, pairs, summarise, summary_records
 from llmenergy.analysis.energy import RESOLUTION_PERIODS
 from llmenergy.analysis.findings import paper_findings, short_answer
-from llmenergy.analysis.flags import DISCREPANCY_LIMIT_PCT, cell_flags, flagged_rows, reason_clauses
+from llmenergy.analysis.flags import (
+    DISCREPANCY_LIMIT_PCT,
+    HEADLINE_COLUMNS,
+    cell_flags,
+    flagged_rows,
+    reason_clauses,
+)
 from llmenergy.analysis.plots import load_manifest, make_figures
 from llmenergy.analysis.precision import precision_costs
 from llmenergy.atomic import write_text
@@ -387,6 +393,7 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
         "compare_method": METHOD_TEXT,
         "paper": paper_findings(sums, summary),
         "cell_flags": flags_by_cell,
+        "headline_flags": cell_flags(summary, HEADLINE_COLUMNS),
         "figures": [f for f in figures if not f["skipped"]],
         "skipped_figures": [f for f in figures if f["skipped"]],
         "cells": _records(stats, ["cell_id", "model", "dataset", "gpu", "shards", "batch_size",
