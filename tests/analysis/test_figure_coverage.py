@@ -102,3 +102,23 @@ def test_one_cell_is_drawn_with_its_magnitude_and_named_panel() -> None:
     assert ax.get_title() == "7B · H200"
     assert ax.get_ylim()[0] == 0  # a lone point on a zoomed axis would hide its size
     assert "n = 3 repeats per point" in caption
+
+
+@pytest.mark.parametrize(("axis", "given", "shown"), [
+    ("engine", ("hf", "compiled", "reference"), ["reference", "compiled", "hf"]),
+    ("precision", ("int8", "fp8", "bf16", "fp16"), ["fp16", "bf16", "int8", "fp8"]),
+])
+def test_engines_and_precisions_keep_their_own_order_in_the_legend(axis: str, given: tuple,
+                                                                   shown: list[str]) -> None:
+    """The paper's engine first, precisions from the widest weights down; not alphabetical."""
+    summary = synthetic_summary(batch=(1, 16), engines=given if axis == "engine" else ("compiled",),
+                                precisions=given if axis == "precision" else ("fp16",))
+    fig, _ = BUILDERS["j_per_token_vs_batch"](summary)
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert [lab for lab in labels if lab in given] == shown
+
+
+def test_one_repeat_per_point_is_said_in_the_singular() -> None:
+    fig, caption = BUILDERS["j_per_token_vs_batch"](synthetic_summary(batch=(1, 16), repeats=1))
+    assert "n = 1 repeat per point" in caption
+

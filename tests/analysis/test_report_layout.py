@@ -43,6 +43,11 @@ def test_short_answer_comes_first(html: str) -> None:
     assert "the paper's setting (engine reference)" in box
 
 
+def test_matrix_lists_the_papers_engine_first(html: str) -> None:
+    matrix = html.split('id="matrix"')[1].split('id="findings"')[0]
+    assert re.search(r"<td>engine</td><td>reference, compiled</td>", matrix)
+
+
 def test_reference_engine_in_every_family_and_engine_figure(results: Path, html: str) -> None:
     manifest = {f["name"]: f for f in json.loads((results / "figures" / "index.json").read_text())}
     reference = {f"7B_{d}_H200_s1_b{b}_g256_pdefault_reference"

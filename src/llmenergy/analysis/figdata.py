@@ -24,6 +24,7 @@ import pandas as pd
 
 from llmenergy.analysis.aggregate import t_quantile_975
 from llmenergy.analysis.flags import reason_clauses, row_flags
+from llmenergy.arch import ENGINES, PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +157,23 @@ def _same(series: pd.Series, value: Any) -> pd.Series:
     return series == value
 
 
+#: Axes whose values have an order of their own (legends, panels, tables): the paper's
+#: engine first, then ours; precisions from the widest weights to the narrowest.
+VALUE_ORDER: dict[str, tuple[str, ...]] = {"engine": ENGINES, "precision": PRECISIONS}
+
+
 def sorted_values(series: pd.Series) -> list[Any]:
+    """The distinct values of an axis column in order (numbers ascending, :data:`VALUE_ORDER`
+    for the axes named there, else by name), a null last."""
     vals = series.dropna().unique().tolist()
-    try:
-        vals = sorted(vals)
-    except TypeError:
-        vals = sorted(vals, key=str)
+    order = VALUE_ORDER.get(str(series.name))
+    if order is not None:
+        vals = sorted(vals, key=lambda v: (order.index(v) if v in order else len(order), str(v)))
+    else:
+        try:
+            vals = sorted(vals)
+        except TypeError:
+            vals = sorted(vals, key=str)
     return vals + ([math.nan] if series.isna().any() else [])
 
 
@@ -358,4 +370,6 @@ def n_text(counts: Sequence[int] | np.ndarray) -> str:
     if not counts:
         return "n = 0"
     lo, hi = min(counts), max(counts)
-    return f"n = {lo} repeats per point" if lo == hi else f"n = {lo}–{hi} repeats per point"
+    if lo == hi:
+        return f"n = {lo} repeat{'' if lo == 1 else 's'} per point"
+    return f"n = {lo}–{hi} repeats per point"

@@ -35,6 +35,7 @@ from llmenergy.analysis.aggregate import (
 )
 from llmenergy.analysis.compare import METHOD_TEXT, pair_records, pairs, summarise, summary_records
 from llmenergy.analysis.energy import RESOLUTION_PERIODS
+from llmenergy.analysis.figdata import sorted_values
 from llmenergy.analysis.findings import paper_findings, short_answer
 from llmenergy.analysis.flags import (
     DISCREPANCY_LIMIT_PCT,
@@ -78,13 +79,9 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _axis_values(summary: pd.DataFrame, axis: str) -> list[str]:
-    """Distinct values of one matrix axis, numerically sorted; a null cap reads ``default``."""
-    values = summary[axis].dropna().unique().tolist()
-    try:
-        values = sorted(values)
-    except TypeError:
-        values = sorted(values, key=str)
-    out = [_fmt(v) for v in values]
+    """Distinct values of one matrix axis in the figures' order (numbers ascending, engines and
+    precisions in their own order); a null cap reads ``default``."""
+    out = [_fmt(v) for v in sorted_values(summary[axis].dropna())]
     if axis == "power_cap_w" and summary.loc[summary["status"] != "missing", axis].isna().any():
         out.append("default")
     return out
