@@ -116,6 +116,10 @@ def test_engines_and_precisions_keep_their_own_order_in_the_legend(axis: str, gi
     fig, _ = BUILDERS["j_per_token_vs_batch"](summary)
     labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
     assert [lab for lab in labels if lab in given] == shown
+    # where the axis makes panels, they come in the same order
+    fig, _ = BUILDERS["active_vs_total_energy"](summary)
+    titles = [ax.get_title() for ax in fig.axes if f"{axis} " in ax.get_title()]
+    assert [t.rsplit(f"{axis} ", 1)[1].split()[0] for t in titles] == shown
 
 
 def test_one_repeat_per_point_is_said_in_the_singular() -> None:

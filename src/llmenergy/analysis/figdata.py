@@ -242,8 +242,12 @@ class Layout:
             return [((), self.rows)]
         groups = self.rows.groupby(self.panel_axes, sort=True, dropna=False)
         out = [((k if isinstance(k, tuple) else (k,)), g) for k, g in groups]
-        # no cap (NaN) first: the default setting leads, as in the tables
-        return sorted(out, key=lambda kg: tuple((0, "") if _is_nan(v) else (1, v) for v in kg[0]))
+        # no cap (NaN) first: the default setting leads, as in the tables; then each axis's
+        # own order (sorted_values: engines and precisions as in the legends)
+        rank = {a: {v: i for i, v in enumerate(sorted_values(self.rows[a])) if not _is_nan(v)}
+                for a in self.panel_axes}
+        return sorted(out, key=lambda kg: tuple((0, 0) if _is_nan(v) else (1, rank[a].get(v, len(rank[a])))
+                                                for a, v in zip(self.panel_axes, kg[0], strict=True)))
 
     def ncols(self, n_panels: int) -> int:
         """Columns of the panel grid: one per value of the last panel axis when that makes
