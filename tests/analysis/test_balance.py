@@ -83,6 +83,41 @@ def test_a_phase_shorter_than_ten_update_periods_is_null_and_the_rest_still_clos
     assert out["compile_j"] is not None and out["balance_total_j"] is not None
 
 
+def _short_batches(host_gap_s: float) -> list[Segment]:
+    """Two repeats of eight batches as on the H200 at batch 1: a 20 ms prefill and a 0.55 s
+    decode each (every batch under 1 s), ``host_gap_s`` of host work between batches."""
+    G = Segment
+    head = [s for s in standard_segments() if s.phase is None or s.phase not in ("prefill", "decode")][:7]
+    body: list[Segment] = []
+    for rep in range(2):
+        for b in range(8):
+            body += [G("prefill", 0.02, 560, rep, b), G("decode", 0.55, 500, rep, b), G(None, host_gap_s, 200)]
+    return head + body[:-1] + [G(None, 0.55, 130)]
+
+
+def test_batches_a_few_ms_apart_are_one_stretch_for_the_resolution_rule() -> None:
+    """Each batch lasts 0.57 s, under ten 100 ms periods, but the batches of a repeat are 2 ms
+    apart: the measured part is resolved as the repeat's 4.6 s stretch and published."""
+    out, reasons, tl = _balance(_short_batches(0.002))
+    assert not [r for r in reasons if r.startswith("balance_measured_j")]
+    truth = _truth(tl, ("prefill", "decode"))
+    # the misplacement at each stretch's outer edges, and at most gap × swing (+ the lag at both
+    # edges) inside each 2 ms gap
+    stretch_edges = (tl["phase"] == "prefill") & (tl["batch_index"] == 0)
+    inner = tl["phase"].isna() & (tl["end_s"] - tl["start_s"] < 0.01)
+    bound = _bound(tl, stretch_edges) + float(sum((0.002 + 2 * 0.005) * 300 for _ in tl.index[inner]))
+    assert abs(out["balance_measured_j"] - truth) <= bound
+    assert out["balance_measured_j"] == pytest.approx(truth, rel=0.01)
+
+
+def test_batches_further_apart_than_a_tenth_of_a_period_are_still_judged_one_by_one() -> None:
+    out, reasons, _ = _balance(_short_batches(0.02))
+    assert out["balance_measured_j"] is None
+    assert [r for r in reasons if r.startswith("balance_measured_j")] == [
+        "balance_measured_j null: 16 of 16 window(s) last 0.570-0.570 s, under 10 sensor update "
+        "periods (1.00 s)"]
+
+
 def test_a_cell_without_compile_has_zero_compile_and_no_power_gives_nulls() -> None:
     out, _, _ = _balance([s for s in standard_segments() if s.phase != "compile"])
     assert (out["compile_j"], out["compile_duration_s"]) == (0.0, 0.0)

@@ -48,6 +48,17 @@ def test_each_int8_cell_beside_its_fp16_cell(html: str) -> None:
         assert "not meaningful" not in cells
 
 
+def test_all_cells_table_names_each_cells_precision(html: str) -> None:
+    cells = html.split('id="cells"')[1].split('id="balance"')[0]
+    head = re.findall(r"<th>([^<]+)</th>", cells.split("</tr>")[0])
+    column = head.index("Engine, precision")
+    rows = re.findall(r"<tr>(<td><code class=\"id\">([^<]+)</code>.*?)</tr>", cells, re.S)
+    precisions = {cid: re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)[column].split("<br>")[1]
+                  for row, cid in rows}
+    assert precisions and all(p == ("int8" if cid.endswith("_int8") else "fp16")
+                              for cid, p in precisions.items()), precisions
+
+
 def test_precision_in_the_comparisons_and_findings(html: str) -> None:
     comp = html.split('id="comparisons"')[1].split('id="precision"')[0]
     assert re.search(r"<td>precision \(weights\)</td><td>int8 vs fp16</td><td class=\"num\">4", comp)

@@ -18,9 +18,10 @@ Counter differences over adjacent windows add up exactly, so the parts close on
 the total by construction; what a short window cannot tell is *which side* of
 its edges up to one sensor update period of energy belongs to. A phase whose
 windows are shorter than :data:`~llmenergy.analysis.energy.RESOLUTION_PERIODS`
-update periods is published as null (the measured part: any batch, prefill
-start to decode end, that short), and a reason names it; the gaps and the
-unattributed rest are residuals and are always published, with their durations.
+update periods is published as null, and a reason names it; windows of a part less
+than :data:`JOIN_GAP_PERIODS` of a period apart count as one (a prefill and its decode,
+batches after a host gap that short). The gaps and the unattributed rest are residuals
+and are always published, with their durations.
 """
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ BALANCE_PHASES: dict[str, tuple[str, ...]] = {
     "balance_measured_j": ("prefill", "decode"),
     "balance_prefill_only_j": ("prefill_only",),
 }
+#: Windows of one part closer together than this many update periods count as one for the
+#: resolution rule: across such a gap g the interpolated counter can misplace at most about
+#: g × the power swing (the sensor's own lag cancels across its two edges), against a quarter
+#: period's worth at a window's outer edges. On the H200 the batches of a repeat are 1.5-2.4 ms
+#: apart (the period is 100 ms): each lasts under 1 s, the repeat's stretch 5 s or more.
+JOIN_GAP_PERIODS = 0.1
 #: Per-cell columns this module fills (repeated on every repeat row of the cell).
 BALANCE_COLUMNS = (
     "balance_window_s", "balance_total_j", *BALANCE_PHASES, "compile_duration_s",
@@ -67,10 +74,21 @@ def _uncovered(intervals: np.ndarray, lo: int, hi: int) -> list[tuple[int, int]]
     return [(a, b) for a, b in out if b > a]
 
 
-def _batch_windows_s(measured: pd.DataFrame) -> np.ndarray:
-    """Duration (s) of each batch: its first measured event's start to its last one's end."""
-    by = measured.groupby(["repeat", "batch_index"])
-    return ((by["end_ns"].max() - by["start_ns"].min()) / 1e9).to_numpy(np.float64)
+def _stretches_s(ev: pd.DataFrame, join_ns: int) -> np.ndarray:
+    """Duration (s) of each stretch of a part's windows: windows less than ``join_ns`` apart
+    (a prefill and its decode, and the next batch after a host gap that short) are one."""
+    out: list[int] = []
+    start = end = None
+    for s, e in sorted(zip(ev["start_ns"].astype("int64"), ev["end_ns"].astype("int64"), strict=True)):
+        if end is not None and s - end < join_ns:
+            end = max(end, e)
+            continue
+        if start is not None and end is not None:
+            out.append(end - start)
+        start, end = s, e
+    if start is not None and end is not None:
+        out.append(end - start)
+    return np.asarray(out, dtype=np.float64) / 1e9
 
 
 def cell_balance(att: pd.DataFrame | None, power: pd.DataFrame | None) -> tuple[dict[str, Any], list[str]]:
@@ -107,8 +125,7 @@ def cell_balance(att: pd.DataFrame | None, power: pd.DataFrame | None) -> tuple[
         ev = att[att["phase"].isin(phases)]
         value = float(ev[col].sum(min_count=0)) if ev[col].notna().all() else float("nan")
         parts += value
-        durations = (_batch_windows_s(ev) if name == "balance_measured_j" and len(ev)
-                     else ev["duration_s"].to_numpy(np.float64))
+        durations = _stretches_s(ev, int(JOIN_GAP_PERIODS * period * 1e9))
         short = durations[durations < min_s]
         if len(short):
             reasons.append(f"{name} null: {len(short)} of {len(durations)} window(s) last "
