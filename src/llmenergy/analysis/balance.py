@@ -46,8 +46,8 @@ BALANCE_PHASES: dict[str, tuple[str, ...]] = {
 }
 #: Windows of one part closer together than this many update periods count as one for the
 #: resolution rule: across such a gap g the interpolated counter can misplace at most about
-#: g × the power swing (the sensor's own lag cancels across its two edges), against a quarter
-#: period's worth at a window's outer edges. On the H200 the batches of a repeat are 1.5-2.4 ms
+#: (g + the sensor's lag) × the power swing, against a quarter period's worth at a window's
+#: outer edges. On the H200 the batches of a repeat are 1.5-2.4 ms
 #: apart (the period is 100 ms): each lasts under 1 s, the repeat's stretch 5 s or more.
 JOIN_GAP_PERIODS = 0.1
 #: Per-cell columns this module fills (repeated on every repeat row of the cell).
