@@ -60,6 +60,8 @@
 #            in the bench as it is (--batches 1: the model built for batch 1, as the cell's is),
 #            with the ranks' OMP_NUM_THREADS=1, with the ranks' NCCL barrier (--barrier), then
 #            the batch-1 fp16 cell through run-group, set beside each;
+#   rprof - the dense decode step's kernels in the bench's process (bench/step_profile.py fp16
+#            batch 1) and in a run-group rank (bench/rank_profile/sitecustomize.py), to compare;
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -180,6 +182,25 @@ case "$mode" in
       TAIL=2 step 20 python3 bench/precision_cells.py bench-results/h200x1_acceptance "$OUT/h200_$b.json" \
         --out "$OUT/cells_$b.json"
     done ;;
+  rprof)
+    TAIL=6 step 150 python3 bench/step_profile.py --precision fp16 --batches 1 --out "$OUT/h200_bench_profile.json"
+    sed -e 's/batch_size: \[1, 16\]/batch_size: [1]/' -e 's/precision: \[.*\]/precision: [fp16]/' \
+      -e 's#h200x1_acceptance#rank_profile#' bench/configs/h200x1_acceptance.yaml > /tmp/rprof.yaml
+    TAIL=3 step $(( ${END:-330} - SECONDS )) env PYTHONPATH="$PWD/bench/rank_profile:$PYTHONPATH" \
+      LLMENERGY_BENCH_PROFILE="$OUT/h200_rank_profile.json" "${lle[@]}" run-group --config /tmp/rprof.yaml \
+      --group llama-7b_H200_s1_pnone_compiled
+    python3 - "$OUT" <<'PY'
+import json, sys
+for name in ("bench", "rank"):
+    try:
+        r = json.load(open(f"{sys.argv[1]}/h200_{name}_profile.json"))["runs"][0]
+    except (OSError, KeyError, IndexError) as exc:
+        print(name, "no profile:", exc); continue
+    print(f"{name}: step {r['step_s'] * 1e3:.3f} ms, {r['kernels_per_step']:.1f} kernels/step, busy {r['kernel_busy_s_per_step'] * 1e3:.3f} ms")
+    for k, us in r["top_kernels_us_per_step"][:8]:
+        print(f"   {us:8.1f} us  {k}")
+PY
+    ;;
   precells)
     C=bench/configs/h200x1_precision.yaml
     for g in compiled_int8 compiled compiled_fp8; do
