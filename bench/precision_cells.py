@@ -79,10 +79,12 @@ def main() -> int:
         if "tokens_per_s_diff_pct" not in r:
             log.info("%-48s %s: no metrics or no bench run", r["cell"], r.get("status"))
             continue
-        log.info("%-48s %s  tok/s %8.1f (bench %8.1f, %+5.1f%%)  J/token %.4f (bench %.4f, %+5.1f%%)%s",
+        energy = ("J/token - (not metered)" if r["j_per_token"] != r["j_per_token"] else
+                  f"J/token {r['j_per_token']:.4f} (bench {r['bench_j_per_token']:.4f}, "
+                  f"{r.get('j_per_token_diff_pct', float('nan')):+5.1f}%)")
+        log.info("%-48s %s  tok/s %8.1f (bench %8.1f, %+5.1f%%)  %s%s",
                  r["cell"], r["status"], r["tokens_per_s"], r["bench_tokens_per_s"],
-                 r["tokens_per_s_diff_pct"], r["j_per_token"], r["bench_j_per_token"],
-                 r.get("j_per_token_diff_pct", float("nan")),
+                 r["tokens_per_s_diff_pct"], energy,
                  "" if abs(r["tokens_per_s_diff_pct"]) <= LIMIT_PCT else f"  (over {LIMIT_PCT} %)")
     for r in rows:
         if r.get("logit_rel_diff") is not None:
