@@ -118,6 +118,21 @@ def test_batches_further_apart_than_a_tenth_of_a_period_are_still_judged_one_by_
         "periods (1.00 s)"]
 
 
+def test_short_gaps_that_add_up_to_much_of_the_stretch_do_not_join() -> None:
+    """30 batches of 60 ms, 8 ms apart: each gap is under a tenth of the 100 ms period, but
+    together they are 11 % of the stretch, more than they may misplace: judged one by one."""
+    G = Segment
+    head = [s for s in standard_segments() if s.phase is None or s.phase not in ("prefill", "decode")][:7]
+    body: list[Segment] = []
+    for b in range(30):
+        body += [G("prefill", 0.01, 560, 0, b), G("decode", 0.05, 500, 0, b), G(None, 0.008, 200)]
+    out, reasons, _ = _balance(head + body[:-1] + [G(None, 0.55, 130)])
+    assert out["balance_measured_j"] is None
+    assert [r for r in reasons if r.startswith("balance_measured_j")] == [
+        "balance_measured_j null: 30 of 30 window(s) last 0.060-0.060 s, under 10 sensor update "
+        "periods (1.00 s)"]
+
+
 def test_a_cell_without_compile_has_zero_compile_and_no_power_gives_nulls() -> None:
     out, _, _ = _balance([s for s in standard_segments() if s.phase != "compile"])
     assert (out["compile_j"], out["compile_duration_s"]) == (0.0, 0.0)

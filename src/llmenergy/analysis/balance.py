@@ -20,7 +20,8 @@ its edges up to one sensor update period of energy belongs to. A phase whose
 windows are shorter than :data:`~llmenergy.analysis.energy.RESOLUTION_PERIODS`
 update periods is published as null, and a reason names it; windows of a part less
 than :data:`JOIN_GAP_PERIODS` of a period apart count as one (a prefill and its decode,
-batches after a host gap that short). The gaps and the unattributed rest are residuals
+batches after a host gap that short) while those gaps stay within :data:`JOIN_GAP_SHARE`
+of the stretch. The gaps and the unattributed rest are residuals
 and are always published, with their durations.
 """
 from __future__ import annotations
@@ -45,11 +46,14 @@ BALANCE_PHASES: dict[str, tuple[str, ...]] = {
     "balance_prefill_only_j": ("prefill_only",),
 }
 #: Windows of one part closer together than this many update periods count as one for the
-#: resolution rule: across such a gap g the interpolated counter can misplace at most about
-#: (g + the sensor's lag) × the power swing, against a quarter period's worth at a window's
-#: outer edges. On the H200 the batches of a repeat are 1.5-2.4 ms
+#: resolution rule: across such a gap g the interpolated counter, and the sensor's lag, can
+#: misplace at most about 2 g × the power swing, against a quarter period's worth at a
+#: window's outer edges. On the H200 the batches of a repeat are 1.5-2.4 ms
 #: apart (the period is 100 ms): each lasts under 1 s, the repeat's stretch 5 s or more.
 JOIN_GAP_PERIODS = 0.1
+#: ... and only while those gaps add up to at most this share of the stretch, so that what
+#: they can misplace stays below what the stretch's outer edges can (on the H200: 0.3-0.6 %).
+JOIN_GAP_SHARE = 0.02
 #: Per-cell columns this module fills (repeated on every repeat row of the cell).
 BALANCE_COLUMNS = (
     "balance_window_s", "balance_total_j", *BALANCE_PHASES, "compile_duration_s",
@@ -75,19 +79,27 @@ def _uncovered(intervals: np.ndarray, lo: int, hi: int) -> list[tuple[int, int]]
 
 
 def _stretches_s(ev: pd.DataFrame, join_ns: int) -> np.ndarray:
-    """Duration (s) of each stretch of a part's windows: windows less than ``join_ns`` apart
-    (a prefill and its decode, and the next batch after a host gap that short) are one."""
-    out: list[int] = []
-    start = end = None
+    """Duration (s) of each stretch of a part's windows for the resolution rule. Touching
+    windows (a prefill and its decode) are one; windows less than ``join_ns`` apart (the
+    next batch after a short host gap) join a stretch as long as the gaps inside it add up
+    to at most :data:`JOIN_GAP_SHARE` of it, else its windows are judged one by one."""
+    windows: list[list[int]] = []
     for s, e in sorted(zip(ev["start_ns"].astype("int64"), ev["end_ns"].astype("int64"), strict=True)):
-        if end is not None and s - end < join_ns:
-            end = max(end, e)
-            continue
-        if start is not None and end is not None:
-            out.append(end - start)
-        start, end = s, e
-    if start is not None and end is not None:
-        out.append(end - start)
+        if windows and s <= windows[-1][1]:
+            windows[-1][1] = max(windows[-1][1], e)
+        else:
+            windows.append([s, e])
+    stretches: list[list[list[int]]] = []
+    for w in windows:
+        if stretches and w[0] - stretches[-1][-1][1] < join_ns:
+            stretches[-1].append(w)
+        else:
+            stretches.append([w])
+    out: list[int] = []
+    for st in stretches:
+        span = st[-1][1] - st[0][0]
+        gaps = span - sum(e - s for s, e in st)
+        out += [span] if gaps <= JOIN_GAP_SHARE * span else [e - s for s, e in st]
     return np.asarray(out, dtype=np.float64) / 1e9
 
 
