@@ -117,6 +117,10 @@ def test_engines_and_precisions_keep_their_own_order_in_the_legend(axis: str, gi
     labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
     assert [lab for lab in labels if lab in given] == shown
     # where the axis makes panels, they come in the same order
+    if axis == "engine":  # and the engines' own figure keeps it
+        fig, _ = BUILDERS["engine_comparison"](summary)
+        labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+        assert [lab for lab in labels if lab in given] == shown
     fig, _ = BUILDERS["active_vs_total_energy"](summary)
     titles = [ax.get_title() for ax in fig.axes if f"{axis} " in ax.get_title()]
     assert [t.rsplit(f"{axis} ", 1)[1].split()[0] for t in titles] == shown
@@ -125,4 +129,15 @@ def test_engines_and_precisions_keep_their_own_order_in_the_legend(axis: str, gi
 def test_one_repeat_per_point_is_said_in_the_singular() -> None:
     fig, caption = BUILDERS["j_per_token_vs_batch"](synthetic_summary(batch=(1, 16), repeats=1))
     assert "n = 1 repeat per point" in caption
+
+
+def test_long_panel_titles_wrap_to_fit_four_panels_a_row() -> None:
+    """Every setting that tells panels apart stays in the title, on lines short enough that a
+    row of four panels does not run their titles into each other."""
+    summary = synthetic_summary(datasets=("alpaca", "gsm8k"), shards=(1, 2), gen=(16, 32),
+                                batch=(2, 4), engines=("reference", "compiled"))
+    fig, _ = BUILDERS["active_vs_total_energy"](summary)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles and all(len(line) <= 34 for t in titles for line in t.split("\n")[1:])
+    assert any("engine reference" in t and "shards 2" in t for t in titles)
 

@@ -157,6 +157,8 @@ def _same(series: pd.Series, value: Any) -> pd.Series:
     return series == value
 
 
+#: Characters per line of a panel title (the settings that tell panels apart).
+TITLE_WIDTH = 34
 #: Axes whose values have an order of their own (legends, panels, tables): the paper's
 #: engine first, then ours; precisions from the widest weights to the narrowest.
 VALUE_ORDER: dict[str, tuple[str, ...]] = {"engine": ENGINES, "precision": PRECISIONS}
@@ -266,8 +268,11 @@ class Layout:
         rest += [short_value(a, per[key]) for a, per in self.fixed.items()
                  if len({fmt_value(a, v) for v in per.values()}) > 1]
         lines = [" · ".join(first)] if first else []
-        if rest:
-            lines.append(", ".join(rest))
+        for item in rest:  # lines of at most TITLE_WIDTH characters: a 4-panel row's titles must not overlap
+            if len(lines) > (1 if first else 0) and len(lines[-1]) + 2 + len(item) <= TITLE_WIDTH:
+                lines[-1] += ", " + item
+            else:
+                lines.append(item)
         return "\n".join(lines) or "all cells"
 
     def caption(self) -> str:

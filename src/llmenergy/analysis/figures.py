@@ -31,6 +31,7 @@ from llmenergy.analysis.figdata import (
     null_reason,
     ok_rows,
     power_label,
+    sorted_values,
     thin_hues,
 )
 from llmenergy.analysis.figdraw import (
@@ -206,7 +207,7 @@ def fig_engine(summary: pd.DataFrame) -> tuple[Figure, str]:
         raise FigureSkipped(f"only one engine in the data ({shown or 'none'}): nothing to compare")
     lay = layout(df, "batch_size", "engine", hue_fixed=True)
     panels = lay.panels()
-    engines = sorted(lay.rows["engine"].dropna().unique().tolist())
+    engines = [e for e in sorted_values(lay.rows["engine"]) if isinstance(e, str)]
     pal = sns.color_palette(PALETTE, len(engines))
     colours = {str(e): tuple(pal[i]) for i, e in enumerate(engines)}
     ncols = lay.ncols(len(panels))
