@@ -183,6 +183,8 @@ case "$mode" in
         --out "$OUT/cells_$b.json"
     done ;;
   rprof)
+    env | grep -E '^(TORCH|CUDA|CUBLAS|NCCL|OMP|PYTORCH|MKL|TRITON|LLMENERGY)' > "$OUT/env_bench.txt"
+    python3 -c 'import torch; print(torch.backends.cuda.preferred_blas_library(), torch.get_num_threads())' >> "$OUT/env_bench.txt"
     TAIL=6 step 150 python3 bench/step_profile.py --precision fp16 --batches 1 --out "$OUT/h200_bench_profile.json"
     sed -e 's/batch_size: \[1, 16\]/batch_size: [1]/' -e 's/precision: \[.*\]/precision: [fp16]/' \
       -e 's#h200x1_acceptance#rank_profile#' bench/configs/h200x1_acceptance.yaml > /tmp/rprof.yaml
@@ -196,6 +198,8 @@ for name in ("bench", "rank"):
         r = json.load(open(f"{sys.argv[1]}/h200_{name}_profile.json"))["runs"][0]
     except (OSError, KeyError, IndexError) as exc:
         print(name, "no profile:", exc); continue
+    d = json.load(open(f"{sys.argv[1]}/h200_{name}_profile.json"))
+    print(name, {k: d[k] for k in ("blas", "threads", "env") if k in d})
     print(f"{name}: step {r['step_s'] * 1e3:.3f} ms, {r['kernels_per_step']:.1f} kernels/step, busy {r['kernel_busy_s_per_step'] * 1e3:.3f} ms")
     for k, us in r["top_kernels_us_per_step"][:8]:
         print(f"   {us:8.1f} us  {k}")

@@ -26,6 +26,8 @@ from pathlib import Path
 
 _OUT = os.environ.get("LLMENERGY_BENCH_PROFILE")
 _MIN_GEN = 16  # the warm-up generates 8 tokens; measured batches generate the cell's max_gen_len
+#: the environment variables recorded beside the profile (what could make cuBLAS choose otherwise)
+_ENV_PREFIXES = ("TORCH", "CUDA", "CUBLAS", "NCCL", "OMP", "PYTORCH", "MKL", "TRITON", "LLMENERGY")
 
 
 def _install(out: Path) -> None:
@@ -48,8 +50,12 @@ def _install(out: Path) -> None:
             path = out if rank == 0 else out.with_name(f"{out.name}.rank{rank}")
             path.write_text(json.dumps({"where": "rank", "precision": self.precision,
                                         "quant_backend": self.quant_backend, "torch": torch.__version__,
-                                        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "RANK",
-                                                                               "WORLD_SIZE")},
+                                        "env": {k: v for k, v in os.environ.items()
+                                                if k.startswith(_ENV_PREFIXES) or k in ("RANK", "WORLD_SIZE")},
+                                        "blas": str(torch.backends.cuda.preferred_blas_library()),
+                                        "fp16_reduced_reduction":
+                                            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+                                        "threads": torch.get_num_threads(),
                                         "runs": [row]}, indent=1))
         return plain(self, prompts, max_gen_len, **kwargs)
 
