@@ -194,6 +194,10 @@ def test_phases_below_the_sensor_resolution_are_null_with_a_reason(tmp_path: Pat
     assert r0["prefill_energy_j"] is None and r0["decode_energy_j"] is None
     assert "prefill_energy_j null: 2 of 2 window(s) last 0.060-0.080 s" in r0["energy_reason"]
     assert "decode_energy_j null: 1 of 2 window(s) last 0.530-0.530 s" in r0["energy_reason"]
+    # each says what in the config lengthens its windows
+    clauses = dict(c.split(" null: ", 1) for c in r0["energy_reason"].split("; "))
+    assert clauses["decode_energy_j"].endswith("a longer max_gen_len lengthens each decode window")
+    assert "collector.prefill_window_s" in clauses["prefill_energy_j"]
     # ... while the repeat's total, contiguous batch windows of 12.1 and 0.6 s, is published
     batches = tl[(tl["repeat"] == 0) & tl["phase"].notna()]
     assert r0["energy_j"] == pytest.approx(batches["energy_j"].sum(), rel=0.005)
@@ -218,6 +222,8 @@ def test_short_idle_window_gives_null_idle_power_and_active_energy(tmp_path: Pat
     for r in _rows(cdir):
         assert r["idle_power_w"] is None and r["active_energy_j"] is None
         assert "idle_power_w null: 1 of 1 window(s) last 0.700-0.700 s" in r["energy_reason"]
+        assert "idle_power_w null: 1 of 1 window(s) last 0.700-0.700 s, under 10 sensor update periods (1.00 s), " \
+            "a longer collector.idle_baseline_s resolves it" in r["energy_reason"]
         assert "balance_idle_j null" in r["energy_reason"]
         assert r["energy_j"] is not None and r["energy_complete"] is True
 

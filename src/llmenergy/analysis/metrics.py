@@ -111,15 +111,26 @@ def _total(values: pd.Series) -> float | None:
     return float(values.sum())
 
 
+#: What lengthens the windows of a column the sensor could not resolve (said in its reason).
+LONGER_WINDOWS = {
+    "idle_power_w": "a longer collector.idle_baseline_s resolves it",
+    "prefill_energy_j": "the prefill-only loop (collector.prefill_window_s) meters the prefill on its own",
+    "decode_energy_j": "a longer max_gen_len lengthens each decode window",
+    "prefill_only_energy_j": "a longer collector.prefill_window_s resolves it",
+}
+
+
 def _short_reason(column: str, windows: pd.DataFrame) -> str | None:
-    """Why ``column`` is null when some of ``windows`` are below the sensor's resolution."""
+    """Why ``column`` is null when some of ``windows`` are below the sensor's resolution
+    (and, where the config can change it, what lengthens them: :data:`LONGER_WINDOWS`)."""
     short = windows[windows["below_resolution"].astype(bool)]
     if len(short) == 0:
         return None
     min_s = RESOLUTION_PERIODS * float(windows["update_period_s"].iloc[0])
+    hint = f", {LONGER_WINDOWS[column]}" if column in LONGER_WINDOWS else ""
     return (f"{column} null: {len(short)} of {len(windows)} window(s) last "
             f"{short['duration_s'].min():.3f}-{short['duration_s'].max():.3f} s, under "
-            f"{RESOLUTION_PERIODS} sensor update periods ({min_s:.2f} s)")
+            f"{RESOLUTION_PERIODS} sensor update periods ({min_s:.2f} s){hint}")
 
 
 def _idle_power_w(att: pd.DataFrame) -> tuple[float | None, str | None]:
