@@ -108,7 +108,7 @@ def test_aggregate_logs_a_readable_line(tmp_path: Path, caplog: pytest.LogCaptur
     assert pd.read_parquet(tmp_path / "summary.parquet")["status"].tolist() == ["missing"]
 
 
-def test_aggregate_and_report_read_the_configs_output_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_aggregate_plot_and_report_read_the_configs_output_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With --config and no --results, the config's output_dir is read and written (a bench
     config with `output_dir: bench-results/...` once aggregated into ./results)."""
     import yaml
@@ -120,6 +120,9 @@ def test_aggregate_and_report_read_the_configs_output_dir(tmp_path: Path, monkey
     monkeypatch.chdir(tmp_path)
     assert cli.main(["aggregate", "--config", str(cfg)]) == 0
     assert (tmp_path / "elsewhere" / "summary.parquet").is_file()
+    assert not (tmp_path / "results").exists()
+    assert cli.main(["plot", "--config", str(cfg), "--jobs", "1"]) == 0
+    assert (tmp_path / "elsewhere" / "figures" / "index.json").is_file()
     assert not (tmp_path / "results").exists()
     assert cli.main(["report", "--config", str(cfg)]) == 0
     assert (tmp_path / "elsewhere" / "report.html").is_file()

@@ -89,21 +89,23 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: draw at least one figure at a time")
-    path = Path(args.summary) if args.summary else RunLayout(Path("results")).summary
+    layout = RunLayout(_results_dir(args))
+    path = Path(args.summary) if args.summary else layout.summary
     if not path.is_file():
         raise UserError(f"{path}: no summary; run `llmenergy aggregate` first")
     try:
         summary = pd.read_parquet(path)
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable summary parquet ({exc})") from exc
-    figs = make_figures(summary, Path(args.out), workers=args.jobs or default_workers())
+    out = Path(args.out) if args.out else layout.figures
+    figs = make_figures(summary, out, workers=args.jobs or default_workers())
     for f in figs:
         if f.skipped:
             log.info("figure %s skipped: %s", f.name, f.reason)
         else:
             log.info("figure %s: %s", f.name, f.png)
     log.info("%d figure(s) drawn, %d skipped, in %s", sum(not f.skipped for f in figs),
-             sum(f.skipped for f in figs), args.out)
+             sum(f.skipped for f in figs), out)
     return 0
 
 
@@ -216,10 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_aggregate)
 
     s = sub.add_parser("plot", help="figures from summary.parquet")
+    s.add_argument("--results", default=None,
+                   help="output directory holding summary.parquet (default: the --config's output_dir, "
+                        "else results)")
+    s.add_argument("--config", default=None, help="config whose output_dir is the output directory")
     s.add_argument("--summary", default=None,
-                   help="summary written by `llmenergy aggregate` (default: results/summary.parquet)")
-    s.add_argument("--out", default="results/figures",
-                   help="directory for the PNG/SVG figures and index.json (default: results/figures)")
+                   help="summary written by `llmenergy aggregate` (default: RESULTS/summary.parquet)")
+    s.add_argument("--out", default=None,
+                   help="directory for the PNG/SVG figures and index.json (default: RESULTS/figures)")
     s.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="figures drawn at once, each in its own process (default: the CPUs this "
                         "process may use)")
