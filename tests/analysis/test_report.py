@@ -153,3 +153,18 @@ def test_provenance_table_counts_the_cells_by_how_the_compiled_engine_ran(html: 
     assert rows["compiled: prefill"] == "compiled: 4 cells"
     assert rows["compiled: fp16/bf16 linears"] == (
         "our GEMV at batch 1 (LLMENERGY_DENSE_GEMV=1): 1 cell, torch&#39;s F.linear: 3 cells")
+
+
+def test_the_rerun_commands_are_ones_the_cli_accepts(html: str, results: Path) -> None:
+    """Each `llmenergy` line of "How to rerun" parses with the real argument parser, and
+    together they aggregate, plot and report the same results folder."""
+    import html as html_lib
+    import shlex
+
+    block = html_lib.unescape(html.split('id="rerun"')[1].split("</pre>")[0])
+    lines = [shlex.split(line) for line in block.splitlines() if line.startswith("llmenergy ")]
+    assert [line[1] for line in lines] == ["aggregate", "plot", "report"]
+    parser = cli.build_parser()
+    for line in lines:
+        args = parser.parse_args(line[1:])
+        assert args.results == str(results), line
