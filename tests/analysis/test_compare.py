@@ -9,7 +9,7 @@ import pytest
 from report_helpers import synthetic_summary
 
 from llmenergy.analysis.compare import pairs, pooled, ratio, summarise
-from llmenergy.analysis.findings import FAILS, HOLDS, NOT_MEASURED, paper_findings, short_answer
+from llmenergy.analysis.findings import FAILS, HOLDS, NOT_MEASURED, UNDECIDED, paper_findings, short_answer
 
 ACCEPTANCE = dict(datasets=("alpaca", "gsm8k"), batch=(16, 64), engines=("reference", "compiled"))
 
@@ -96,6 +96,20 @@ def test_paper_findings_marked_from_the_data() -> None:
     summary.loc[summary["batch_size"] == 64, "j_per_token"] *= 10
     found = {f.key: f for f in paper_findings(summarise(pairs(summary)), summary)}
     assert found["j_per_token_batch"].status == FAILS
+    # one repeat per cell: the ratios have no interval, so the data do not decide a finding,
+    # however far the single values fall (J/token 0.1x here): undecided, not "does not hold"
+    single = synthetic_summary(shards=(1, 2), batch=(16, 64), repeats=1)
+    single.loc[single["batch_size"] == 64, "j_per_token"] *= 0.1
+    found = {f.key: f for f in paper_findings(summarise(pairs(single)), single)}
+    assert found["j_per_token_batch"].status == UNDECIDED
+    assert "no interval: fewer than 2 repeats" in found["j_per_token_batch"].evidence
+    # an interval that contains 1 is undecided too
+    wide = synthetic_summary(shards=(1, 2), batch=(16, 64))
+    b64 = wide["batch_size"] == 64
+    spread = wide.loc[b64, "repeat"].map({0: 1.0, 1: 10.0, 2: 0.5})  # means ~1.1x batch 16's
+    wide.loc[b64, "j_per_token"] *= spread
+    found = {f.key: f for f in paper_findings(summarise(pairs(wide)), wide)}
+    assert found["j_per_token_batch"].status == UNDECIDED, found["j_per_token_batch"].evidence
     one = synthetic_summary()
     found = {f.key: f for f in paper_findings(summarise(pairs(one)), one)}
     assert found["j_per_token_batch"].status == NOT_MEASURED

@@ -9,9 +9,12 @@ and against the best reference cell. Ratios and intervals are those of
 :mod:`llmenergy.analysis.compare`.
 
 The paper's qualitative findings are listed, with their section of the paper, in
-docs/paper-findings.md; each is marked *holds*, *does not hold* or *not
-measured* here, with the numbers it rests on. A finding holds when the pooled
-ratio's 95 % interval lies wholly on the side the paper reports.
+docs/paper-findings.md; each is marked *holds*, *does not hold*, *undecided* or
+*not measured* here, with the numbers it rests on. A finding holds when the pooled
+ratio's 95 % interval lies wholly on the side the paper reports for every value,
+and does not hold when one lies wholly on the other side; otherwise (an interval
+that contains 1, or a ratio of single repeats, which has none) the data do not
+decide it.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ log = logging.getLogger(__name__)
 
 PAPER_ENGINE = "reference"
 PAPER_PRECISION = "fp16"  # the paper ran fp16 weights
-HOLDS, FAILS, NOT_MEASURED = "holds", "does not hold", "not measured"
+HOLDS, FAILS, UNDECIDED, NOT_MEASURED = "holds", "does not hold", "undecided", "not measured"
 
 
 @dataclass
@@ -44,10 +47,15 @@ class PaperFinding:
 
 
 def _side(r: Ratio, above: bool) -> bool | None:
-    """True when the interval lies wholly above (or below) 1; None without an interval."""
+    """True when the interval lies wholly above (or below) 1, False when it lies wholly on
+    the other side; None when it contains 1 or there is none."""
     if not (math.isfinite(r.low) and math.isfinite(r.high)):
         return None
-    return r.low > 1 if above else r.high < 1
+    if r.low > 1:
+        return above
+    if r.high < 1:
+        return not above
+    return None
 
 
 def _ratio_check(sums: list[AxisSummary], axis: str, metric: str, above: bool,
@@ -61,13 +69,20 @@ def _ratio_check(sums: list[AxisSummary], axis: str, metric: str, above: bool,
         r = s.ratios[metric]
         side = _side(r, above)
         verdicts.append(side)
-        note = "" if side is not None else " (no interval: fewer than 2 repeats)"
+        bounded = math.isfinite(r.low) and math.isfinite(r.high)
+        note = "" if bounded else " (no interval: fewer than 2 repeats)"
         parts.append(f"{s.value_text} vs {s.baseline_text}: {what} {r.text()} over {s.k} "
                      f"pair{'s' if s.k > 1 else ''}{note}")
-    status = HOLDS if all(v is True for v in verdicts) else FAILS
-    if status == FAILS:
-        parts.append("the interval does not lie wholly "
-                     + ("above" if above else "below") + " 1 for every value")
+    side_word = "above" if above else "below"
+    if any(v is False for v in verdicts):
+        status = FAILS
+        parts.append(f"an interval lies wholly on the other side of 1 (the paper: {side_word})")
+    elif all(v is True for v in verdicts):
+        status = HOLDS
+    else:
+        status = UNDECIDED
+        parts.append(f"not every interval lies wholly {side_word} 1: with 2 or more repeats "
+                     "an interval decides it")
     return status, "; ".join(parts)
 
 
