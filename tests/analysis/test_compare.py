@@ -125,7 +125,9 @@ def test_short_answer_names_the_best_setting_and_the_saving_against_reference() 
     assert "45 % less energy per token" in item["versus"][0]
     assert "best reference cell (engine reference, batch 64" in item["versus"][1]
     (only_ref,) = short_answer(synthetic_summary(batch=(16, 64)))
-    assert "only the paper's engine (reference) was measured" in only_ref["versus"][0]
+    assert only_ref["versus"] == ["it is the only engine measured"]
+    (no_ref,) = short_answer(synthetic_summary(batch=(16, 64), engines=("compiled",)))
+    assert no_ref["versus"] == ["no cell ran it, so there is nothing to compare with"]
     assert item["power_source"] == "nvml"
 
 

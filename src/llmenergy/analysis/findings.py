@@ -179,10 +179,9 @@ def short_answer(summary: pd.DataFrame) -> list[dict[str, Any]]:
             "n_cells": int(means.size), "versus": [],
             "power_source": str(first.get("power_source") or "none")}
         if "engine" not in grp.columns or PAPER_ENGINE not in set(grp["engine"].astype(str)):
-            item["versus"].append(f"not measured against the paper's engine ({PAPER_ENGINE}): "
-                                  "no cell ran it")
+            item["versus"].append("no cell ran it, so there is nothing to compare with")
         elif set(grp["engine"].astype(str)) == {PAPER_ENGINE}:
-            item["versus"].append(f"only the paper's engine ({PAPER_ENGINE}) was measured")
+            item["versus"].append("it is the only engine measured")
         elif str(first["engine"]) == PAPER_ENGINE:
             item["versus"].append(f"the best cell runs the paper's engine ({PAPER_ENGINE}) itself; "
                                   "no other engine measured here did better")
