@@ -2,6 +2,7 @@
 the true ratio about 95 % of the time, and the sentences and the paper's checks follow the data."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -72,6 +73,10 @@ def test_pairs_differ_in_one_axis_only_and_pool_per_value() -> None:
     assert sentence.startswith("Engine compiled uses 0.55× (")
     assert "the energy per token of engine reference over 4 matched cell pairs" in sentence
     assert "at 2.00× (" in sentence
+    assert "flagged" not in sentence
+    one, two = (dataclasses.replace(sums["engine"], n_flagged=n).sentence() for n in (1, 2))
+    assert one.endswith("; 1 of the pairs includes a flagged repeat.")
+    assert two.endswith("; 2 of the pairs include a flagged repeat.")
 
 
 def test_power_cap_baseline_is_no_cap_and_shards_pairs() -> None:

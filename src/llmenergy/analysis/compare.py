@@ -210,7 +210,8 @@ class AxisSummary:
         else:
             return ""
         if self.n_flagged:
-            out += f"; {self.n_flagged} of the pairs include a flagged repeat"
+            verb = "includes" if self.n_flagged == 1 else "include"
+            out += f"; {self.n_flagged} of the pairs {verb} a flagged repeat"
         return out + "."
 
 
