@@ -62,6 +62,8 @@
 #            the batch-1 fp16 cell through run-group, set beside each;
 #   rprof - the dense decode step's kernels in the bench's process (bench/step_profile.py fp16
 #            batch 1) and in a run-group rank (bench/rank_profile/sitecustomize.py), to compare;
+#            RDENSE=1 then runs dense's bench variants (plain, OMP_NUM_THREADS=1, --barrier) while
+#            $END allows, each set beside the profiled cell (its measured windows are untouched);
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -204,6 +206,21 @@ for name in ("bench", "rank"):
     for k, us in r["top_kernels_us_per_step"][:8]:
         print(f"   {us:8.1f} us  {k}")
 PY
+    # RDENSE=1: then dense's bench variants, each set beside the profiled cell, while $END allows
+    if [ "${RDENSE:-0}" = 1 ]; then
+      E=(python3 bench/engines.py --engines compiled --precision fp16 --batches 1 --gen 128 --min-window-s 5
+         --cache-dir /tmp/inductor)
+      for b in plain omp1 barrier; do
+        left=$(( ${END:-540} - SECONDS )); [ "$left" -gt 60 ] || break
+        case $b in
+          plain) TAIL=3 step "$left" "${E[@]}" --out "$OUT/h200_$b.json" ;;
+          omp1) TAIL=3 step "$left" env OMP_NUM_THREADS=1 "${E[@]}" --out "$OUT/h200_$b.json" ;;
+          barrier) TAIL=3 step "$left" "${E[@]}" --barrier --out "$OUT/h200_$b.json" ;;
+        esac
+        TAIL=2 step 20 python3 bench/precision_cells.py bench-results/rank_profile "$OUT/h200_$b.json" \
+          --out "$OUT/cells_$b.json"
+      done
+    fi
     ;;
   precells)
     C=bench/configs/h200x1_precision.yaml
