@@ -108,6 +108,8 @@ def test_paper_findings_marked_from_the_data() -> None:
     found = {f.key: f for f in paper_findings(summarise(pairs(single)), single)}
     assert found["j_per_token_batch"].status == UNDECIDED
     assert "no interval: fewer than 2 repeats" in found["j_per_token_batch"].evidence
+    assert found["j_per_token_batch"].evidence.endswith(
+        "(single repeats give no interval: 2 or more a cell can decide it)")
     # an interval that contains 1 is undecided too
     wide = synthetic_summary(shards=(1, 2), batch=(16, 64))
     b64 = wide["batch_size"] == 64
@@ -115,6 +117,7 @@ def test_paper_findings_marked_from_the_data() -> None:
     wide.loc[b64, "j_per_token"] *= spread
     found = {f.key: f for f in paper_findings(summarise(pairs(wide)), wide)}
     assert found["j_per_token_batch"].status == UNDECIDED, found["j_per_token_batch"].evidence
+    assert found["j_per_token_batch"].evidence.endswith("(an interval contains 1: more repeats narrow it)")
     one = synthetic_summary()
     found = {f.key: f for f in paper_findings(summarise(pairs(one)), one)}
     assert found["j_per_token_batch"].status == NOT_MEASURED

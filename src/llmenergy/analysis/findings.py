@@ -64,12 +64,13 @@ def _ratio_check(sums: list[AxisSummary], axis: str, metric: str, above: bool,
     found = [s for s in sums if s.axis == axis and metric in s.ratios and select(s)]
     if not found:
         return NOT_MEASURED, f"no matched pair of cells differing only in {AXIS_NAMES[axis]}"
-    parts, verdicts = [], []
+    parts, verdicts, unbounded = [], [], 0
     for s in found:
         r = s.ratios[metric]
         side = _side(r, above)
         verdicts.append(side)
         bounded = math.isfinite(r.low) and math.isfinite(r.high)
+        unbounded += not bounded
         note = "" if bounded else " (no interval: fewer than 2 repeats)"
         parts.append(f"{s.value_text} vs {s.baseline_text}: {what} {r.text()} over {s.k} "
                      f"pair{'s' if s.k > 1 else ''}{note}")
@@ -81,8 +82,9 @@ def _ratio_check(sums: list[AxisSummary], axis: str, metric: str, above: bool,
         status = HOLDS
     else:
         status = UNDECIDED
-        parts.append(f"not every interval lies wholly {side_word} 1: with 2 or more repeats "
-                     "an interval decides it")
+        why = ("single repeats give no interval: 2 or more a cell can decide it" if unbounded
+               else "an interval contains 1: more repeats narrow it")
+        parts.append(f"not every interval lies wholly {side_word} 1 ({why})")
     return status, "; ".join(parts)
 
 
