@@ -55,12 +55,17 @@ class Ratio:
     #: Σ v²/df over the parts of ``var_log`` (for Welch–Satterthwaite when pooled)
     welch_den: float = math.nan
 
+    @property
+    def has_interval(self) -> bool:
+        """False for a ratio of single repeats (or any other without a computable interval)."""
+        return math.isfinite(self.low) and math.isfinite(self.high)
+
     def text(self, digits: int = 2) -> str:
         """``0.47× (0.45–0.49)``, or ``0.47×`` without an interval."""
         if not math.isfinite(self.value):
             return "—"
         out = f"{self.value:.{digits}f}×"
-        if math.isfinite(self.low) and math.isfinite(self.high):
+        if self.has_interval:
             out += f" ({self.low:.{digits}f}–{self.high:.{digits}f})"
         return out
 

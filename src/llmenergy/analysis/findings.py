@@ -19,7 +19,6 @@ decide it.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +48,7 @@ class PaperFinding:
 def _side(r: Ratio, above: bool) -> bool | None:
     """True when the interval lies wholly above (or below) 1, False when it lies wholly on
     the other side; None when it contains 1 or there is none."""
-    if not (math.isfinite(r.low) and math.isfinite(r.high)):
+    if not r.has_interval:
         return None
     if r.low > 1:
         return above
@@ -69,9 +68,8 @@ def _ratio_check(sums: list[AxisSummary], axis: str, metric: str, above: bool,
         r = s.ratios[metric]
         side = _side(r, above)
         verdicts.append(side)
-        bounded = math.isfinite(r.low) and math.isfinite(r.high)
-        unbounded += not bounded
-        note = "" if bounded else " (no interval: fewer than 2 repeats)"
+        unbounded += not r.has_interval
+        note = "" if r.has_interval else " (no interval: fewer than 2 repeats)"
         parts.append(f"{s.value_text} vs {s.baseline_text}: {what} {r.text()} over {s.k} "
                      f"pair{'s' if s.k > 1 else ''}{note}")
     side_word = "above" if above else "below"
