@@ -162,8 +162,41 @@ def test_engine_comparison_one_line_per_engine_both_metrics() -> None:
     assert tps["compiled"][1] == pytest.approx([3203.0, 12803.0])
     assert tps["reference"][1] == pytest.approx([1603.0, 6403.0])
     assert "one line per engine" in caption
+    assert "Left out" not in caption  # every setting ran both engines
     with pytest.raises(FigureSkipped, match="only one engine"):
         BUILDERS["engine_comparison"](summary_of())
+
+
+def test_comparison_figures_draw_only_settings_measured_both_ways() -> None:
+    """As in the demo: the compiled engine runs on gsm8k at shards 1 only, so the engine
+    figure has one panel, not one per setting the reference ran alone."""
+    both = summary_of(engines=("reference", "compiled"), datasets=("gsm8k",), shards=(1,), batch=(4,))
+    alone = summary_of(datasets=("alpaca",), shards=(1, 2), batch=(2, 4))
+    summary = pd.concat([both, alone, summary_of(datasets=("gsm8k",), shards=(2,), batch=(4,))])
+    fig, caption = BUILDERS["engine_comparison"](summary)
+    drawn = [ax for ax in fig.axes if ax.has_data()]
+    assert len(drawn) == 2  # one panel: J/token above, tokens/s below
+    lines = _lines_by_label(drawn[1])
+    assert set(lines) == {"compiled", "reference"}
+    # both engines at batch 4, their points set apart (so are their bars), the tick at 4
+    (x_ref,), (x_comp,) = lines["reference"][0], lines["compiled"][0]
+    assert 3.5 < x_ref < 4 < x_comp < 4.5  # in the legend's order: the paper's engine first
+    assert list(drawn[1].get_xticks()) == [4.0]
+    assert "set a little apart along the x axis" in caption
+    assert "one line per engine. Same in every cell:" in caption  # one panel: none named
+    assert set(figure_data(fig).cells) == set(both.loc[both["status"] == "ok", "cell_id"])
+    assert "Left out: 5 cell(s) whose setting was measured with one engine only" in caption
+    # the dataset figure pairs alpaca and gsm8k where both ran: shards 1 and 2, batch 4, reference
+    fig, caption = BUILDERS["j_per_token_by_dataset"](summary)
+    data = figure_data(fig)
+    assert {c for c in data.cells if "compiled" in c or "_b2_" in c} == set()
+    assert len(data.cells) == 4
+    assert "Left out: 3 cell(s) whose setting was measured with one dataset only" in caption
+    # reference at batch 2, compiled at batch 4 only: no setting ran both
+    apart = pd.concat([summary_of(batch=(2,), shards=(1,)),
+                       summary_of(batch=(4,), shards=(1,), engines=("compiled",))])
+    with pytest.raises(FigureSkipped, match="no setting was measured with two values of engine"):
+        BUILDERS["engine_comparison"](apart)
 
 
 def test_power_cap_relative_to_uncapped_and_to_highest_cap() -> None:

@@ -111,6 +111,26 @@ def energy_rows(summary: pd.DataFrame, *cols: str) -> pd.DataFrame:
     return df
 
 
+def matched(df: pd.DataFrame, axis: str) -> tuple[pd.DataFrame, str]:
+    """The rows of the settings measured at two or more values of ``axis`` with every other
+    axis equal (what a comparison of ``axis`` can set side by side), and a caption sentence
+    naming the cells left out ("" when none is). Skips when no setting has two values."""
+    others = [a for a in AXES if a in df.columns and a != axis]
+    if others:
+        n = df.groupby(others, dropna=False)[axis].transform("nunique")
+    else:
+        n = pd.Series(df[axis].nunique(), index=df.index)
+    keep = (n >= 2).to_numpy()
+    name = AXIS_NAMES.get(axis, axis)
+    if not keep.any():
+        raise FigureSkipped(f"no setting was measured with two values of {name}, every other "
+                            "axis equal: nothing to compare (each cell is in the other figures)")
+    left = df.loc[~keep, "cell_id"].nunique() if "cell_id" in df.columns else int((~keep).sum())
+    text = (f"Left out: {left} cell(s) whose setting was measured with one {name} only (each is "
+            "in the other figures)." if left else "")
+    return df[keep], text
+
+
 def power_label(df: pd.DataFrame) -> str:
     sources = sorted({str(s) for s in df.get("power_source", pd.Series(dtype=str)).dropna()})
     text = "power: " + ("+".join(sources) if sources else "none")

@@ -38,6 +38,7 @@ from llmenergy.analysis.figdata import (
     fmt_number,
     fmt_value,
     layout,
+    matched,
     n_text,
     power_label,
     t_interval,
@@ -83,6 +84,8 @@ def set_x_ticks(ax: Axes, values: Sequence[float]) -> None:
         ax.set_xscale("log", base=2)
         pad = 2 ** 0.3
         ax.set_xlim(vals[0] / pad, vals[-1] * pad)
+    elif len(vals) == 1 and vals[0] > 0:  # the same margin as a log 2 axis, for dodged points
+        ax.set_xlim(vals[0] / 2 ** 0.3, vals[0] * 2 ** 0.3)
     ax.xaxis.set_major_locator(FixedLocator(vals))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_number(v)))
     ax.xaxis.set_minor_locator(NullLocator())
@@ -118,19 +121,32 @@ def new_figure(n_panels: int, *, ncols: int, width: float = 3.8, height: float =
 HOLLOW_TEXT = "hollow marker: a flagged repeat (reason in the report's Flagged repeats table)"
 
 
+#: How far apart along x (in octaves) :func:`draw_lines` sets neighbouring lines' points.
+DODGE_OCTAVES = 0.06
+DODGE_TEXT = ("Each line's points are set a little apart along the x axis, so that their bars can "
+              "be told apart; the ticks mark the measured values.")
+
+
 def draw_lines(ax: Axes, data: pd.DataFrame, x: str, y: str, hue: str,
                colours: dict[str, tuple[float, float, float]],
                dashes: dict[str, tuple[float, ...] | str] | None = None,
-               style: str | None = None) -> int:
+               style: str | None = None, dodge: bool = False) -> int:
     """One seaborn line per ``hue`` (and ``style``) value; the mean line carries the label.
 
     A point with a flagged repeat behind it (``_flagged``) is redrawn hollow; returns
-    how many points are hollow.
+    how many points are hollow. ``dodge``: each line's points a little apart along x
+    (:data:`DODGE_OCTAVES` between neighbours, a factor, so a log 2 axis spaces them
+    evenly; in the order of ``colours``), for figures that set lines side by side at the
+    same x values.
     """
     keys = [hue] + ([style] if style else [])
     n_hollow = 0
+    order = list(colours)  # the legend's: dodged left to right in it, the same in every panel
     for key, grp in data.groupby(keys, sort=False):
         key = key if isinstance(key, tuple) else (key,)
+        if dodge:
+            shift = order.index(key[0]) - (len(order) - 1) / 2
+            grp = grp.assign(**{x: grp[x] * 2 ** (DODGE_OCTAVES * shift)})
         before = len(ax.get_lines())
         colour = colours[key[0]]
         sns.lineplot(data=grp, x=x, y=y, color=colour, estimator="mean",
@@ -164,6 +180,12 @@ def hollow_handle() -> Line2D:
 
 def line_figure(df: pd.DataFrame, spec: LineSpec) -> tuple[Figure, str]:
     """The figure of ``spec`` and its caption (what varies, what is constant, the bars)."""
+    left_out = ""
+    comparison = spec.min_hues >= 2 and spec.hue in AXES  # lines set side by side
+    if comparison:  # only the settings measured at two or more of the hue's values
+        hue_values = sorted_values(df[spec.hue])
+        if len(hue_values) >= spec.min_hues:
+            df, left_out = matched(df, spec.hue)
     # a hue that is no matrix axis (phase, energy kind) is always the figure's own
     lay = layout(df, spec.x, spec.hue, spec.facets,
                  hue_fixed=spec.min_hues >= 2 or spec.hue not in AXES)
@@ -192,7 +214,7 @@ def line_figure(df: pd.DataFrame, spec: LineSpec) -> tuple[Figure, str]:
     drawn = []
     for ax, (key, grp) in zip(axes, panels, strict=True):
         data = grp.assign(_hue=grp[hue].map(lambda v: fmt_value(str(hue), v)) if hue else "all")
-        n_hollow += draw_lines(ax, data, spec.x, spec.y, "_hue", colours)
+        n_hollow += draw_lines(ax, data, spec.x, spec.y, "_hue", colours, dodge=comparison)
         drawn.append(data)
         set_x_ticks(ax, data[spec.x].unique())
         means = data.groupby(["_hue", spec.x])[spec.y].mean()
@@ -213,5 +235,6 @@ def line_figure(df: pd.DataFrame, spec: LineSpec) -> tuple[Figure, str]:
     hollow = f" Hollow markers: {n_hollow} point(s) with a flagged repeat." if n_hollow else ""
     caption = (f"{spec.what} against {AXIS_NAMES.get(spec.x, spec.x)}{per}{panel_text}. "
                f"{lay.caption()} Points: mean over the ok repeats of one cell; bars: {CI_TEXT}, "
-               f"{n_text(counts)}.{hollow}")
+               f"{n_text(counts)}.{hollow}{' ' + DODGE_TEXT if comparison else ''}"
+               f"{' ' + left_out if left_out else ''}")
     return fig, caption

@@ -27,6 +27,7 @@ from llmenergy.analysis.figdata import (
     energy_rows,
     fmt_value,
     layout,
+    matched,
     n_text,
     null_reason,
     ok_rows,
@@ -35,6 +36,7 @@ from llmenergy.analysis.figdata import (
     thin_hues,
 )
 from llmenergy.analysis.figdraw import (
+    DODGE_TEXT,
     PALETTE,
     LineSpec,
     draw_lines,
@@ -205,6 +207,7 @@ def fig_engine(summary: pd.DataFrame) -> tuple[Figure, str]:
     if "engine" not in df.columns or df["engine"].nunique() < 2:
         shown = ", ".join(sorted(map(str, df.get("engine", pd.Series(dtype=str)).dropna().unique())))
         raise FigureSkipped(f"only one engine in the data ({shown or 'none'}): nothing to compare")
+    df, left_out = matched(df, "engine")
     lay = layout(df, "batch_size", "engine", hue_fixed=True)
     panels = lay.panels()
     engines = [e for e in sorted_values(lay.rows["engine"]) if isinstance(e, str)]
@@ -221,7 +224,7 @@ def fig_engine(summary: pd.DataFrame) -> tuple[Figure, str]:
         for p, (key, grp) in enumerate(panels):
             ax = axes[(2 * (p // ncols) + m) * ncols + p % ncols]
             data = grp.assign(_hue=grp["engine"].astype(str))
-            n_hollow += draw_lines(ax, data, "batch_size", y, "_hue", colours)
+            n_hollow += draw_lines(ax, data, "batch_size", y, "_hue", colours, dodge=True)
             set_x_ticks(ax, data["batch_size"].unique())
             set_y_scale(ax, data.groupby(["_hue", "batch_size"])[y].mean().to_numpy())
             counts += data.groupby(["_hue", "batch_size"])[y].count().tolist()
@@ -233,11 +236,13 @@ def fig_engine(summary: pd.DataFrame) -> tuple[Figure, str]:
     hue_legend(fig, colours, "Engine", [hollow_handle()] if n_hollow else [])
     fig.suptitle(f"Engines compared: energy per token and throughput ({power_label(lay.rows)})")
     attach(fig, lay.rows)
-    panel_text = " × ".join(AXIS_NAMES.get(a, a) for a in lay.panel_axes) or "all data"
+    panel_text = " × ".join(AXIS_NAMES.get(a, a) for a in lay.panel_axes)
+    panel_text = f", one panel per {panel_text}" if panel_text else ""
     return fig, (f"Energy per output token (upper row) and output tokens per second (lower row) "
-                 f"against batch size, one line per engine, one panel per {panel_text}. "
+                 f"against batch size, one line per engine{panel_text}. "
                  f"{lay.caption()} Points: mean over the ok repeats of one cell; bars: {CI_TEXT}, "
-                 f"{n_text(counts)}. The ratios with their intervals are in the Comparisons table.")
+                 f"{n_text(counts)}. {DODGE_TEXT} {left_out + ' ' if left_out else ''}"
+                 "The ratios with their intervals are in the Comparisons table.")
 
 
 #: The metric families: every ok cell with the metric is drawn in at least one figure of each.
@@ -270,11 +275,12 @@ def _registry() -> dict[str, Builder]:
                                                        keep_single=x == "batch_size")
     out["j_per_token_by_dataset"] = _line_builder(
         "j_per_token", "batch_size", "Energy per output token (J/token)",
-        "Energy per output token, Alpaca against GSM8K,", energy=True, hue="dataset", min_hues=2)
+        "Energy per output token, Alpaca against GSM8K,", energy=True, hue="dataset", min_hues=2,
+        keep_single=True)
     out["gpu_type_comparison"] = _line_builder(
         "j_per_token", "batch_size", "Energy per output token (J/token)",
         "Energy per output token, GPU type against GPU type,", energy=True, hue="gpu",
-        facets=("model",), min_hues=2)
+        facets=("model",), min_hues=2, keep_single=True)
     out["power_cap_tradeoff"] = fig_power_cap
     out["prefill_vs_decode_energy"] = fig_prefill_decode
     out["active_vs_total_energy"] = fig_active_energy
