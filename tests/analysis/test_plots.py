@@ -266,6 +266,16 @@ def test_a_figure_skipped_for_null_energy_says_why_not_no_sensor() -> None:
     with pytest.raises(FigureSkipped, match=r"power source: nvml.*decode_energy_j null: 1 of 2") as exc:
         BUILDERS["prefill_vs_decode_energy"](summary)
     assert "no power sensor" not in str(exc.value)
+    # the same words with each repeat's own numbers: said once, with how many repeats say it
+    n_ok = int(ok.sum())
+    summary.loc[ok, "energy_reason"] = [f"decode_energy_j null: 1 of 2 window(s) last 0.{i + 1} s"
+                                        for i in range(n_ok)]
+    summary.loc[summary.index[ok][:2], "energy_reason"] = "decode_energy_j null: int8 fell over 3 s"
+    with pytest.raises(FigureSkipped) as exc:
+        BUILDERS["prefill_vs_decode_energy"](summary)
+    assert str(exc.value).endswith(
+        f"decode_energy_j null: int8 fell over 3 s (2 repeats); decode_energy_j null: 1 of 2 "
+        f"window(s) last 0.3 s ({n_ok - 2} repeats; the numbers are the first's)")
     summary.loc[ok, ["active_energy_j", "idle_power_w"]] = None  # null because idle power is
     summary["energy_reason"] = np.where(ok, "idle_power_w null: 1 of 1 window(s) last 0.3 s", None)
     with pytest.raises(FigureSkipped, match=r"active_energy_j null where idle_power_w null: 1 of 1"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,28 +64,35 @@ def ok_rows(summary: pd.DataFrame, *cols: str) -> pd.DataFrame:
     return df.assign(_flagged=row_flags(df, cols).ne("").to_numpy(bool))
 
 
+_NUMBER = re.compile(r"(?<![A-Za-z_])\d+(?:\.\d+)?")  # not the 8 of int8
+
 #: A column null because another one is: its reason is that column's.
 DERIVED_FROM = {"active_energy_j": "idle_power_w"}
 
 
 def null_reason(summary: pd.DataFrame, column: str) -> str | None:
     """Why ``column`` is null in the ``ok`` rows that lack it, from their ``energy_reason``:
-    the distinct clauses naming it (at most two, then a count), or None when none says."""
+    the clauses naming it, those that differ only in their numbers given once with the
+    count of repeats that say so (at most two kinds, then a count), or None when none says."""
     df = summary[summary["status"] == "ok"] if "status" in summary.columns else summary
     if column not in df.columns or "energy_reason" not in df.columns:
         return None
-    clauses: list[str] = []
+    kinds: dict[str, list[str]] = {}  # the clause with its numbers masked -> each repeat's
     for text in df.loc[df[column].isna(), "energy_reason"]:
         for col, clause in reason_clauses(text):
-            if col == column and clause not in clauses:
-                clauses.append(clause)
-    if not clauses and column in DERIVED_FROM:  # e.g. active energy needs the idle power
+            if col == column:
+                kinds.setdefault(_NUMBER.sub("#", clause), []).append(clause)
+    if not kinds and column in DERIVED_FROM:  # e.g. active energy needs the idle power
         why = null_reason(summary[summary[column].isna()], DERIVED_FROM[column])
         return f"{column} null where {why}" if why else None
-    if not clauses:
+    if not kinds:
         return None
-    more = f" (and {len(clauses) - 2} more)" if len(clauses) > 2 else ""
-    return "; ".join(clauses[:2]) + more
+    parts = []
+    for said in list(kinds.values())[:2]:
+        numbers = "; the numbers are the first's" if len(set(said)) > 1 else ""
+        parts.append(said[0] + (f" ({len(said)} repeats{numbers})" if len(said) > 1 else ""))
+    more = f" (and {len(kinds) - 2} more)" if len(kinds) > 2 else ""
+    return "; ".join(parts) + more
 
 
 def below_resolution(summary: pd.DataFrame, column: str) -> bool:
