@@ -201,7 +201,7 @@ def synthetic_summary(*, models: tuple = ("7B",), datasets: tuple = ("alpaca",),
                 prefill_energy_j=None, update_period_s=0.1, energy_complete=True,
                 energy_reason=("prefill_energy_j null: 4 of 4 window(s) last 0.025-0.141 s, under "
                                "10 sensor update periods (1.00 s); balance_warmup_j null: 1 of 1 "
-                               "window(s) last 0.400-0.400 s, under 10 sensor update periods (1.00 s)"),
+                               "window(s) last 0.400 s, under 10 sensor update periods (1.00 s)"),
                 balance_window_s=90.0, balance_total_j=10_000.0, balance_idle_j=1_000.0,
                 balance_load_j=2_000.0, compile_j=1_500.0 if compiled else 0.0,
                 compile_duration_s=40.0 if compiled else 0.0, balance_warmup_j=None,

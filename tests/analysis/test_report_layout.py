@@ -178,11 +178,11 @@ def test_balance_table_populated_with_reasons_for_null_parts(gpu_html: str) -> N
     assert text[7] == ["500", "5", "%", "2", "s"]  # gaps
     # withheld parts: an em dash whose tooltip gives the reason, and the reason listed below
     assert re.search(r'<span class="null" title="balance_warmup_j null: 1 of 1 window\(s\) last '
-                     r'0.400-0.400 s, under 10 sensor update periods \(1.00 s\)">—</span>', cells[5])
+                     r'0.400 s, under 10 sensor update periods \(1.00 s\)">—</span>', cells[5])
     assert ('<span class="null" title="null: the rest of the total is unknown while Warm-up is '
             'withheld">—</span>') in cells[8]
     nulls = table.split('id="balance-nulls"')[1]
-    assert re.search(r"<li>Warm-up: balance_warmup_j null: 1 of 1 window\(s\) last 0.400-0.400 s, "
+    assert re.search(r"<li>Warm-up: balance_warmup_j null: 1 of 1 window\(s\) last 0.400 s, "
                      rf"under 10 sensor update periods \(1.00 s\); in 8 cells: .*{cid}", nulls)
     assert f'{INCOMPLETE}</code> <a class="status-bad" href="#not-measured">incomplete</a>' in table
     reference = "7B_alpaca_H200_s1_b16_g256_pdefault_reference"

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from llmenergy.analysis.energy import GPU_DOMAINS, RESOLUTION_PERIODS, attribute_events
+from llmenergy.analysis.energy import GPU_DOMAINS, RESOLUTION_PERIODS, attribute_events, unresolved_clause
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,7 @@ def cell_balance(att: pd.DataFrame | None, power: pd.DataFrame | None) -> tuple[
         durations = _stretches_s(ev, int(JOIN_GAP_PERIODS * period * 1e9))
         short = durations[durations < min_s]
         if len(short):
-            reasons.append(f"{name} null: {len(short)} of {len(durations)} window(s) last "
-                           f"{short.min():.3f}-{short.max():.3f} s, under {RESOLUTION_PERIODS} sensor "
-                           f"update periods ({min_s:.2f} s)")
+            reasons.append(unresolved_clause(name, short.tolist(), len(durations), period))
             value = float("nan")
         elif not np.isfinite(value):
             reasons.append(f"{name} null: its windows are not covered by every device's samples")

@@ -25,6 +25,7 @@ three updates.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,18 @@ FALLBACK_UPDATE_PERIOD_S = 0.1
 _MIN_UPDATES = 3
 GPU_DOMAINS = ("gpu", "estimate")
 CPU_DOMAINS = ("cpu_package", "dram")
+
+
+def unresolved_clause(column: str, short_s: Sequence[float], n_windows: int, update_period_s: float,
+                      hint: str = "") -> str:
+    """The ``energy_reason`` clause of ``column`` left null because the windows lasting
+    ``short_s`` (of ``n_windows``) are under :data:`RESOLUTION_PERIODS` update periods."""
+    lo, hi = f"{min(short_s):.3f}", f"{max(short_s):.3f}"
+    span = lo if lo == hi else f"{lo}-{hi}"
+    return (f"{column} null: {len(short_s)} of {n_windows} window(s) last {span} s, under "
+            f"{RESOLUTION_PERIODS} sensor update periods ({RESOLUTION_PERIODS * update_period_s:.2f} s)"
+            + (f", {hint}" if hint else ""))
+
 
 #: Columns added by :func:`attribute_events`.
 ATTRIBUTION_COLUMNS = (

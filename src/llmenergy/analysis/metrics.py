@@ -43,10 +43,10 @@ import pyarrow.parquet as pq
 from llmenergy.analysis.balance import cell_balance
 from llmenergy.analysis.energy import (
     GPU_DOMAINS,
-    RESOLUTION_PERIODS,
     SHORT_WINDOW_S,
     attribute_events,
     power_source_of,
+    unresolved_clause,
     update_period_s,
 )
 from llmenergy.cellfiles import METRICS_SCHEMA, METRIC_COLUMNS, SCHEMA_VERSION, CellRecord, CellSpec
@@ -126,11 +126,8 @@ def _short_reason(column: str, windows: pd.DataFrame) -> str | None:
     short = windows[windows["below_resolution"].astype(bool)]
     if len(short) == 0:
         return None
-    min_s = RESOLUTION_PERIODS * float(windows["update_period_s"].iloc[0])
-    hint = f", {LONGER_WINDOWS[column]}" if column in LONGER_WINDOWS else ""
-    return (f"{column} null: {len(short)} of {len(windows)} window(s) last "
-            f"{short['duration_s'].min():.3f}-{short['duration_s'].max():.3f} s, under "
-            f"{RESOLUTION_PERIODS} sensor update periods ({min_s:.2f} s){hint}")
+    return unresolved_clause(column, short["duration_s"].tolist(), len(windows),
+                             float(windows["update_period_s"].iloc[0]), LONGER_WINDOWS.get(column, ""))
 
 
 def _idle_power_w(att: pd.DataFrame) -> tuple[float | None, str | None]:
