@@ -209,3 +209,42 @@ def test_a_dry_run_gives_each_job_it_would_rerun_an_input_newer_than_its_outputs
     fresh = load(demo_config(tmp_path, packing=packing))
     assert fresh.prepare() == [changed.id]
     assert not Path(mark).exists() and fresh.would_rerun_input(wildcard)(SimpleNamespace(**{wildcard: job_of(changed)})) == []
+
+
+def test_plan_says_where_the_results_stand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`llmenergy plan` mid-campaign: finished cells (an oom recorded as the policy says),
+    one measured under another definition (it reruns), a failed one, the rest not run."""
+    import yaml
+
+    from llmenergy import cli
+    from llmenergy.orchestrate.launch import measurement
+
+    data = demo_config(tmp_path)
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(data))
+    ctx = load(data)
+    out = Path(ctx.output_dir)
+    assert cli.main(["plan", "--config", str(path)]) == 0
+    assert f"  results:    none yet in {out}/\n" in capsys.readouterr().out
+    ok, oom, stale, failed = ctx.plan.cells[:4]
+    _record(ok.files(out).record, "ok", 1.0, fingerprint=measurement(ctx.cfg, ok)[0])
+    _record(oom.files(out).record, "oom", 1.0, fingerprint=measurement(ctx.cfg, oom)[0])
+    _record(stale.files(out).record, "ok", 1.0, fingerprint="0" * 16)
+    _record(failed.files(out).failed_record(), "incomplete", 1.0)
+    assert cli.main(["plan", "--config", str(path), "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    n = len(ctx.plan.cells)
+    left = [r["gpu_hours"] for r in doc["cells"] if r["cell_id"] not in (ok.id, oom.id)]
+    assert doc["progress"] == {"output_dir": str(out), "cells": n, "finished": 2,
+                               "finished_status": {"ok": 1, "oom": 1}, "changed": 1,
+                               "failed": {"incomplete": 1}, "not_run": n - 4, "to_run": n - 2,
+                               "to_run_gpu_hours": pytest.approx(sum(left), abs=0.01)}
+    assert cli.main(["plan", "--config", str(path)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert (f"results: 2 of {n} finished in {out}/ (1 oom, as policies say); to run {n - 2} "
+            f"(1 failed: 1 incomplete; 1 changed since measured; {n - 4} not run), ") in text
+    # every cell measured as now defined: nothing left
+    for cell in ctx.plan.cells:
+        _record(cell.files(out).record, "ok", 1.0, fingerprint=measurement(ctx.cfg, cell)[0])
+    assert cli.main(["plan", "--config", str(path)]) == 0
+    assert f"  results:    {n} of {n} finished in {out}/\n" in capsys.readouterr().out

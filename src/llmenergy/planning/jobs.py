@@ -76,7 +76,10 @@ class History:
     factors: Mapping[tuple[str, str], float] = field(default_factory=dict)
 
     def finished(self, cell: Cell) -> bool:
-        h = self.cells.get(cell.id)
+        return self.finished_id(cell.id)
+
+    def finished_id(self, cell_id: str) -> bool:
+        h = self.cells.get(cell_id)
         return h is not None and h.finished
 
     def unfinished(self, cells: Sequence[Cell]) -> list[Cell]:

@@ -150,8 +150,45 @@ def group_rows(cfg: Config, cells: list[Cell] | None = None,
     return out
 
 
+def progress(cfg: Config, rows: list[dict[str, Any]], changed: Iterable[str] = ()) -> dict[str, Any]:
+    """Where the planned cells stand in ``output_dir``: ``finished`` (accepted under the
+    config's policies, ``finished_status`` counting each status), ``changed`` (finished under
+    another definition: ``changed`` holds their ids, from the caller's fingerprint check,
+    and they rerun), ``failed`` (by status: a last record not accepted), ``not_run``, and the
+    estimated GPU-hours of the cells left to run."""
+    history = jobs.read_history(cfg, expand(cfg).cells)
+    stale = set(changed)
+    done = Counter(h.status for cid, h in history.cells.items() if h.finished and cid not in stale)
+    failed = Counter(h.status for h in history.cells.values() if not h.finished)
+    left = [r for r in rows if not (history.finished_id(r["cell_id"]) and r["cell_id"] not in stale)]
+    return {"output_dir": cfg.output_dir, "cells": len(rows), "finished": sum(done.values()),
+            "finished_status": dict(done), "changed": len(stale & set(history.cells)),
+            "failed": dict(failed), "not_run": len(rows) - len(history.cells),
+            "to_run": len(left), "to_run_gpu_hours": round(sum(r["gpu_hours"] for r in left), 2)}
+
+
+def progress_text(p: dict[str, Any]) -> list[str]:
+    """The totals' ``results:`` line(s) of :func:`progress`."""
+    out = p["output_dir"].rstrip("/") + "/"
+    if p["to_run"] == p["cells"] and not p["failed"] and not p["changed"]:
+        return [f"  results:    none yet in {out}"]
+    recorded = [f"{n} {s}" for s, n in sorted(p["finished_status"].items()) if s != "ok"]
+    text = (f"  results:    {p['finished']} of {p['cells']} finished in {out}"
+            + (f" ({', '.join(recorded)}, as policies say)" if recorded else ""))
+    if not p["to_run"]:
+        return [text]
+    parts = [f"{sum(p['failed'].values())} failed: "
+             + ", ".join(f"{n} {s}" for s, n in sorted(p["failed"].items()))] if p["failed"] else []
+    parts += [f"{p['changed']} changed since measured"] if p["changed"] else []
+    parts += [f"{p['not_run']} not run"] if p["not_run"] else []
+    rest = f"to run {p['to_run']} ({'; '.join(parts)}), {p['to_run_gpu_hours']:,.1f} GPU-h (estimate)"
+    if len(text) + 2 + len(rest) <= WIDTH:
+        return [f"{text}; {rest}"]
+    return [text + ";", _fit(" " * 14 + rest)]
+
+
 def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, Any]],
-            groups: list[dict[str, Any]] | None = None) -> list[str]:
+            groups: list[dict[str, Any]] | None = None, done: dict[str, Any] | None = None) -> list[str]:
     gpu_h = sum(r["gpu_hours"] for r in rows)
     minutes = [r["est_runtime_min"] for r in rows]
     by_gpu = Counter(r["gpu"] for r in rows)
@@ -170,6 +207,7 @@ def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, An
         *_split_lines(groups or []),
         f"  GPU-hours:  {gpu_h:,.1f} in all (estimate)",
         _fit(f"  GPU energy: {estimate_energy(cfg, rows).text()}"),
+        *(progress_text(done) if done is not None else []),
         f"  left out:   {len(left_out)} cells"
         + (f" for {reasons} reasons (listed at the end)" if left_out else ""),
     ]
@@ -302,14 +340,20 @@ def _left_out(left_out: list[dict[str, Any]], every: bool, examples: bool = True
 
 
 def format_plan(cfg: Config, *, show_infeasible: bool = True, fmt: str = "table",
-                all_left_out: bool = False, packing: str = DEFAULT_PACKING, cells: bool = False) -> str:
+                all_left_out: bool = False, packing: str = DEFAULT_PACKING, cells: bool = False,
+                changed: Iterable[str] | None = None) -> str:
     """The plan as ``table`` (totals, groups when packed, left-out reasons; with ``cells``
-    one line per cell too), ``json`` or ``csv`` (every cell, whatever ``cells``)."""
+    one line per cell too), ``json`` or ``csv`` (every cell, whatever ``cells``).
+    ``changed``: the finished cells whose definition changed (the caller's fingerprint
+    check); given, the totals say where the results stand (:func:`progress`)."""
     rows, left_out = plan_rows(cfg)
+    done = progress(cfg, rows, changed) if changed is not None else None
     notes = checkpoint_notes(cfg, rows)
     groups = group_rows(cfg) if packing == "group" else None
     if fmt == "json":
         doc: dict[str, Any] = {"packing": packing, "cells": rows, "notes": notes}
+        if done is not None:
+            doc["progress"] = done
         if groups is not None:
             doc["groups"] = groups
         if show_infeasible:
@@ -324,7 +368,7 @@ def format_plan(cfg: Config, *, show_infeasible: bool = True, fmt: str = "table"
         if show_infeasible:
             w.writerows({**r, "planned": "no"} for r in left_out)
         return buf.getvalue()
-    lines = _totals(cfg, rows, left_out, groups)
+    lines = _totals(cfg, rows, left_out, groups, done)
     if notes:
         lines += ["  checkpoints:"] + [_fit(f"    {n}") for n in notes]
     lines += [""]
