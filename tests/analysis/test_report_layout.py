@@ -232,3 +232,15 @@ def test_energy_reason_in_flagged_repeats_and_incomplete_cell_listed(gpu_html: s
 def test_the_energy_integrity_report_fits_too(gpu_html: str, tmp_path: Path) -> None:
     out = chromium_probe(gpu_html, tmp_path, _WIDTH_JS, width=1280)
     assert out["page"] <= out["vw"] and out["wide"] == [] and out["scrolled"] == [], out
+
+
+def test_flagged_reasons_counted_by_kind_before_each_cell(gpu_html: str, html: str) -> None:
+    """Every ok repeat (7 ok cells × 3) has its prefill withheld, each cell with its own
+    window lengths: one kind, said once with its counts, above the per-cell rows."""
+    flagged = _section(gpu_html, "flag-table", "not-measured")
+    kinds = flagged.split('id="flag-kinds"')[1].split("</table>")[0]
+    rows = re.findall(r"<tr><td>([^<]*)</td><td class=\"num\">(\d+)</td><td class=\"num\">(\d+)</td></tr>", kinds)
+    assert [(why.split(" null:")[0], int(n), int(c)) for why, n, c in rows] == [
+        ("prefill_energy_j", 21, 7), ("balance_warmup_j", 21, 7)]
+    assert flagged.index('id="flag-kinds"') < flagged.index("<th>Why flagged</th>")
+    assert 'id="flag-kinds"' not in html  # one flagged repeat: its row says it all

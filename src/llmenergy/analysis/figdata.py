@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from llmenergy.analysis.aggregate import t_quantile_975
-from llmenergy.analysis.flags import reason_clauses, row_flags
+from llmenergy.analysis.flags import clause_kind, reason_clauses, row_flags
 from llmenergy.arch import ENGINES, PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -64,8 +63,6 @@ def ok_rows(summary: pd.DataFrame, *cols: str) -> pd.DataFrame:
     return df.assign(_flagged=row_flags(df, cols).ne("").to_numpy(bool))
 
 
-_NUMBER = re.compile(r"(?<![A-Za-z_])\d+(?:\.\d+)?")  # not the 8 of int8
-
 #: A column null because another one is: its reason is that column's.
 DERIVED_FROM = {"active_energy_j": "idle_power_w"}
 
@@ -81,7 +78,7 @@ def null_reason(summary: pd.DataFrame, column: str) -> str | None:
     for text in df.loc[df[column].isna(), "energy_reason"]:
         for col, clause in reason_clauses(text):
             if col == column:
-                kinds.setdefault(_NUMBER.sub("#", clause), []).append(clause)
+                kinds.setdefault(clause_kind(clause), []).append(clause)
     if not kinds and column in DERIVED_FROM:  # e.g. active energy needs the idle power
         why = null_reason(summary[summary[column].isna()], DERIVED_FROM[column])
         return f"{column} null where {why}" if why else None

@@ -24,6 +24,7 @@ is marked only for the reasons that concern it (:data:`HEADLINE_COLUMNS`).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,6 +41,9 @@ PHASE_COLUMNS = ("prefill_energy_j", "decode_energy_j", "idle_power_w", "active_
 #: columns): a phase clause alone does not mark them, as it does not hollow such a figure.
 HEADLINE_COLUMNS = ("energy_j", "j_per_token", "tokens_per_s", "avg_power_w", "j_per_word",
                     "j_per_response")
+
+
+_NUMBER = re.compile(r"(?<![A-Za-z_])[+-]?\d+(?:\.\d+)?")  # not the 8 of int8
 
 
 def _truthy(series: pd.Series) -> pd.Series:
@@ -63,6 +67,26 @@ def reason_clauses(text: Any) -> list[tuple[str | None, str]]:
             head = clause.split(" null:", 1)[0] if " null:" in clause else None
             out.append((head if head and " " not in head else None, clause))
     return out
+
+
+def clause_kind(clause: str) -> str:
+    """A reason clause with its numbers masked (``#``): clauses that differ only in their
+    numbers (each repeat's window lengths, discrepancy, ...) are one kind."""
+    return _NUMBER.sub("#", clause)
+
+
+def flag_kinds(flagged: pd.DataFrame) -> list[dict[str, Any]]:
+    """The kinds of reason among :func:`flagged_rows` (``flag_reasons``), most repeats first:
+    the first clause of each kind as written, and how many repeats and cells say it."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for cell, text in zip(flagged["cell_id"], flagged["flag_reasons"], strict=True):
+        for clause in dict.fromkeys(str(text).split("; ")):
+            k = kinds.setdefault(clause_kind(clause), {"example": clause, "repeats": 0, "cells": set()})
+            k["repeats"] += 1
+            k["cells"].add(cell)
+    out = [{"example": k["example"], "repeats": k["repeats"], "cells": len(k["cells"])}
+           for k in kinds.values()]
+    return sorted(out, key=lambda k: -k["repeats"])
 
 
 def _phase_only(column: str | None) -> bool:

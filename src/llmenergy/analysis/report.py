@@ -41,6 +41,7 @@ from llmenergy.analysis.flags import (
     DISCREPANCY_LIMIT_PCT,
     HEADLINE_COLUMNS,
     cell_flags,
+    flag_kinds,
     flagged_rows,
     reason_clauses,
 )
@@ -324,6 +325,7 @@ def _flags(summary: pd.DataFrame, stats: pd.DataFrame) -> dict[str, list[dict[st
     return {
         "failed": _records(failed, ["cell_id", "status", "n_ok", "n_repeats", "reason"]),
         "repeats": repeats,
+        "kinds": flag_kinds(flagged),
         "short": _records(short, ["cell_id", "repeat", "duration_s"]),
         "discrepancy": _records(disc, ["cell_id", "repeat", "energy_discrepancy_pct",
                                        "energy_j", "energy_instant_j"]),
