@@ -244,3 +244,20 @@ def test_flagged_reasons_counted_by_kind_before_each_cell(gpu_html: str, html: s
         ("prefill_energy_j", 21, 7), ("balance_warmup_j", 21, 7)]
     assert flagged.index('id="flag-kinds"') < flagged.index("<th>Why flagged</th>")
     assert 'id="flag-kinds"' not in html  # one flagged repeat: its row says it all
+
+
+def test_a_part_withheld_in_many_cells_with_their_own_numbers_is_one_line(tmp_path: Path) -> None:
+    summary = synthetic_summary(batch=(16, 64), engines=("reference", "compiled"), real_gpu=True)
+    one = summary["cell_id"] == "7B_alpaca_H200_s1_b64_g256_pdefault_compiled"
+    summary.loc[one, "energy_reason"] = summary.loc[one, "energy_reason"].str.replace(
+        "last 0.400 s", "last 0.650 s")
+    write_results(tmp_path, summary)
+    render_report(tmp_path)
+    nulls = (tmp_path / "report.html").read_text().split('id="balance-nulls"')[1].split("</details>")[0]
+    lines = re.findall(r"<li>(.*?)</li>", nulls, re.S)
+    warmup = [ln for ln in lines if ln.startswith("Warm-up:")]
+    assert len(warmup) == 1, lines  # four cells, one kind of reason
+    assert warmup[0].startswith("Warm-up: balance_warmup_j null: 1 of 1 window(s) last 0.400 s, under 10 "
+                                "sensor update periods (1.00 s) (the numbers are the first cell&#39;s); "
+                                "in 4 cells: ")
+    assert [ln.split(":")[0] for ln in lines] == ["Warm-up", "Unattributed"]

@@ -41,6 +41,7 @@ from llmenergy.analysis.flags import (
     DISCREPANCY_LIMIT_PCT,
     HEADLINE_COLUMNS,
     cell_flags,
+    clause_kind,
     flag_kinds,
     flagged_rows,
     reason_clauses,
@@ -291,12 +292,16 @@ def _balance(summary: pd.DataFrame, stats: pd.DataFrame) -> dict[str, Any]:
                      "window_s": c.get("balance_window_s"), "total_j": total,
                      "parts": parts, "complete": c.get("energy_complete"),
                      "total_reason": reasons.get(cid, {}).get("balance_total_j")})
-    by_reason: dict[tuple[str, str], list[str]] = {}  # the same reason in many cells: one line
+    # the same reason in many cells, each with its own numbers: one line, the first's numbers
+    by_reason: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for r in rows:
         for p in r["parts"]:
             if p["j"] is None:
-                by_reason.setdefault((p["label"], p["reason"]), []).append(r["cell_id"])
-    nulls = [(cells, label, why) for (label, why), cells in by_reason.items()]
+                why = str(p["reason"])
+                by_reason.setdefault((p["label"], clause_kind(why)), []).append((r["cell_id"], why))
+    nulls = [([c for c, _ in said], label,
+              said[0][1] + (" (the numbers are the first cell's)" if len({w for _, w in said}) > 1 else ""))
+             for (label, _), said in by_reason.items()]
     return {"rows": rows, "nulls": nulls, "present": True, **resolution}
 
 
