@@ -243,8 +243,20 @@ def test_plan_says_where_the_results_stand(tmp_path: Path, capsys: pytest.Captur
     text = " ".join(capsys.readouterr().out.split())
     assert (f"results: 2 of {n} finished in {out}/ (1 oom, as policies say); to run {n - 2} "
             f"(1 failed: 1 incomplete; 1 changed since measured; {n - 4} not run), ") in text
+    # `snakemake -n` says the same on one line, and each group job its cells to run
+    dry = load(data)
+    dry.prepare(dry_run=True)
+    assert dry.progress_line().startswith(
+        f"results: 2 of {n} finished in {out}/ (1 oom, as policies say); to run {n - 2} "
+        f"(1 failed: 1 incomplete; 1 changed since measured; {n - 4} not run), ")
+    job = next(j for j in dry.jobs if ok in j.cells)
+    line = next(ln for ln in dry.group_lines() if ln.startswith(f"{job.id}:"))
+    assert f"{sum(c not in (ok, oom) for c in job.cells)} of {len(job.cells)} cells to run" in line
     # every cell measured as now defined: nothing left
     for cell in ctx.plan.cells:
         _record(cell.files(out).record, "ok", 1.0, fingerprint=measurement(ctx.cfg, cell)[0])
     assert cli.main(["plan", "--config", str(path)]) == 0
     assert f"  results:    {n} of {n} finished in {out}/\n" in capsys.readouterr().out
+    done = load(data)
+    done.prepare(dry_run=True)
+    assert all(" cell(s) finished, " in ln for ln in done.group_lines())

@@ -44,6 +44,9 @@ if workflow.is_main_process:
         _what = "would be set aside (dry run)" if _DRY_RUN else "set aside"
         logger.warning(f"llmenergy: {_cell}: outputs {_what} (see above); the cell will be rerun")
 
+if workflow.is_main_process and _DRY_RUN:  # e.g. "results: 9 of 11 finished in results/; to run 2 (...)"
+    logger.info(f"llmenergy: {CTX.progress_line()}")
+
 if workflow.is_main_process and CTX.switches_note:
     logger.warning(f"llmenergy: engine switches: {CTX.switches_note}")
 

@@ -110,6 +110,8 @@ class Context:
     _base: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
     #: ``{cell or group job id: its file under WOULD_RERUN_DIR}``, in a dry run only.
     _would_rerun: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    #: The ids of :meth:`changed_cells` as :meth:`prepare` found them.
+    _changed: set[str] | None = field(default=None, init=False, repr=False)
 
     @cached_property
     def limits(self) -> PartitionLimits:
@@ -231,12 +233,16 @@ class Context:
         return stale
 
     def group_lines(self) -> list[str]:
-        """One line per group job: cells, nodes × GPUs, partition, time limit (for ``-n``)."""
+        """One line per group job: cells to run, nodes × GPUs, partition, time limit (for ``-n``)."""
         out = []
+        changed = self._changed or set()
         for job in self.jobs:
             req = self.request(job.id)
             res = req.resources
-            line = (f"{job.id}: {len(req.todo)}/{len(job.cells)} cells, {res.nodes}×{res.gpus_per_node} GPUs, "
+            todo = sum(not self.history.finished(c) or c.id in changed for c in job.cells)
+            n = len(job.cells)
+            cells = f"{todo} of {n} cells to run" if todo else ("all " if n > 1 else "") + f"{n} cell(s) finished"
+            line = (f"{job.id}: {cells}, {res.nodes}×{res.gpus_per_node} GPUs, "
                     f"partition {res.partition or '-'}, --time {res.time_limit_min} min")
             if job.parts > 1:
                 line += f" (part {job.part}/{job.parts} of {job.group_id}: longest job {job.max_time_min} min)"
@@ -345,6 +351,7 @@ class Context:
     def prepare(self, *, dry_run: bool = False, derived: Sequence[str | Path] = ()) -> list[str]:
         """The main process's pass before anything runs; returns the cells to rerun."""
         changed = self.changed_cells()
+        self._changed = {c.cell.id for c in changed}
         if self.cfg.policies.on_config_change == "error" and changed:
             self.supersede_changed(changed, dry_run=dry_run, derived=derived)  # raises
         before = read_history(self.cfg, self.plan.cells)
@@ -366,6 +373,15 @@ class Context:
         else:
             shutil.rmtree(Path(self.output_dir) / WOULD_RERUN_DIR, ignore_errors=True)
         return rerun
+
+    def progress_line(self) -> str:
+        """Where the results stand, as ``llmenergy plan``'s ``results:`` line (for ``-n``:
+        after a real :meth:`prepare` the changed cells' files are already set aside)."""
+        from llmenergy.planning.plan import plan_rows, progress, progress_text
+
+        changed = self._changed if self._changed is not None else {c.cell.id for c in self.changed_cells()}
+        done = progress(self.cfg, plan_rows(self.cfg)[0], changed)
+        return " ".join(" ".join(progress_text(done)).split())
 
     def _mark_would_rerun(self, cells: Sequence[str], stale_jobs: Sequence[str]) -> None:
         """Touch the :data:`WOULD_RERUN_DIR` file of each job that reruns ``cells`` (their
