@@ -222,6 +222,18 @@ def _latest_by_node(power: Any) -> list[int]:
     return list(out.values())
 
 
+def progress_text(cfg: Config, done: list[Cell], left: list[Cell], elapsed_s: float) -> str:
+    """``3 of 12 cell(s) done, 9 left: about 4.5 h more (estimate)``: the planner's estimate of
+    the cells left, scaled by this job's pace so far (its time over the estimate of those done)."""
+    from llmenergy.planning.jobs import runtime_s
+
+    pace = elapsed_s / max(runtime_s(cfg, done), 1e-9)
+    more_s = pace * runtime_s(cfg, left)
+    more = f"{more_s / 3600:.1f} h" if more_s >= 5400 else f"{max(1, round(more_s / 60))} min"
+    return (f"{len(done)} of {len(done) + len(left)} cell(s) done, {len(left)} left: about {more} more "
+            "(estimate: the plan's, scaled by this job's pace so far)")
+
+
 @dataclass
 class JobOf:
     """The job the cells run in: its directory, its group (None: a cell run alone), its launcher."""
@@ -240,6 +252,7 @@ class CellsInFlight:
                  measured: dict[str, tuple[str, dict[str, Any]]]) -> None:
         self.cfg, self.job = cfg, job
         self.pending = list(todo)
+        self.finished: list[Cell] = []  # finalised in this job, in order
         self.specs, self.measured = specs, measured
         self.codes: dict[str, int] = {}
         self.loaded_by: str | None = None
@@ -275,7 +288,10 @@ class CellsInFlight:
                                   codes=(codes or []) if final else [0], signum=signum,
                                   error=error if final else None):
                 return
-            self.pending.pop(0)
+            self.finished.append(self.pending.pop(0))
+            if self.job.group_id is not None and self.pending and not final:
+                log.info("%s: %s", self.job.group_id, progress_text(self.cfg, self.finished, self.pending,
+                                                                    time.time() - self.job.started))
 
     def _finalize(self, cell: Cell, files: CellFiles, begin: CellBegin | None, *, final: bool,
                   codes: list[int], signum: int | None, error: str | None = None) -> bool:
