@@ -14,8 +14,8 @@ from llmenergy.inference.engines import make_engine
 PROMPTS = [[1, 17, 300, 42, 9, 88, 5], [1, 640, 7], [1, 23, 23, 23, 23], [1, 5, 900, 31], [1, 2]]
 
 
-def _model(batch: int, seq: int = 48) -> torch.nn.Module:
-    model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
+def _model(batch: int, seq: int = 48, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=dtype, seed=1,
                        max_batch_size=batch, max_seq_len=seq)
     return model
 
@@ -67,11 +67,19 @@ def test_the_compiled_engine_matches_the_reference_at_full_precision_and_not_at_
     assert 1e-3 < cost.logit_rel_diff < 0.03 and cost.top1_agree > 0.8
 
 
-def test_a_cell_without_a_reference_or_at_bf16_says_why() -> None:
+def test_a_cell_without_a_reference_says_why() -> None:
     engine = make_engine("compiled", _model(batch=2), precision="int8", compile=False)
     assert "no fp16 reference" in (fidelity.measure(engine, None).reason or "")
-    assert "no fp16 weights" in (fidelity.not_compared("bf16").reason or "")
-    assert fidelity.not_compared("fp16") is None
+
+
+def test_the_reference_engine_compares_a_bf16_model_with_the_fp16_weights_loaded_apart() -> None:
+    """bf16 has no fp16 weights in its load: the references come from a model of their own,
+    and the record names that model's dtype, not the cell's."""
+    refs = fidelity.references(_model(batch=4), {"a": PROMPTS})
+    bf16 = fidelity.measure(make_engine("reference", _model(batch=4, dtype=torch.bfloat16)), refs["a"])
+    assert bf16.against == "float32" and bf16.positions == sum(len(p) for p in PROMPTS)
+    # bfloat16's 8-bit mantissa: about 1 % in the logits (weights and activations), not 0
+    assert 1e-3 < bf16.logit_rel_diff < 0.05 and bf16.top1_agree > 0.8
 
 
 def test_inf_or_nan_logits_of_the_engine_fail_and_of_the_reference_are_a_reason() -> None:

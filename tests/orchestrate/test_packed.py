@@ -244,12 +244,14 @@ def test_cells_of_one_kv_cache_share_the_compiled_engine_and_match_it_alone(tmp_
 def test_an_int8_group_compares_each_cells_logits_with_the_same_loads_fp16_weights(tmp_path: Path) -> None:
     """int8 quantises at the group's first cell and releases the 16-bit weights; every cell,
     of either dataset, still gets its prompts' logits compared with fp16's (taken in the
-    load), in cell.json and in metrics.parquet. A bf16 cell says why it has none."""
+    load), in cell.json and in metrics.parquet. A bf16 group loads the weights as fp16's
+    for its references first, then its own (on a CPU device both float32: no difference;
+    bf16 against fp32 on CPU: tests/inference/test_fidelity.py)."""
     root = tmp_path / "q"
     int8 = [{**_cell(d, b, 4), "engine": ["compiled"], "precision": ["int8"]} for d, b in (("a", 2), ("b", 3))]
-    _config(root, [*int8, {**_cell("a", 2, 4), "engine": ["compiled"], "precision": ["bf16"]}])
+    _config(root, [*int8, {**_cell("a", 2, 4), "engine": ["reference"], "precision": ["bf16"]}])
     ids = _ids(root)
-    for gid in ("tiny_cpu_s1_pnone_compiled_int8", "tiny_cpu_s1_pnone_compiled_bf16"):
+    for gid in ("tiny_cpu_s1_pnone_compiled_int8", "tiny_cpu_s1_pnone_reference_bf16"):
         assert _cli(root, "run-group", "--group", gid) == 0, (root / "cli.run-group.log").read_text()[-3000:]
     docs = {c: json.loads((_cell_dir(root, c) / "cell.json").read_text()) for c in ids}
     rows = {c: pq.read_table(_cell_dir(root, c) / "metrics.parquet").to_pylist()[0] for c in ids}
@@ -266,7 +268,11 @@ def test_an_int8_group_compares_each_cells_logits_with_the_same_loads_fp16_weigh
         assert row["precision"] == "int8" and row["logit_rel_diff"] == fid["logit_rel_diff"]
         assert row["fidelity_positions"] == fid["positions"] and row["weights_synthetic"] is True
     bf16 = next(c for c in ids if c.endswith("_bf16"))
-    assert docs[bf16]["fidelity"]["logit_rel_diff"] is None
-    assert rows[bf16]["precision"] == "bf16" and "no fp16 weights" in rows[bf16]["fidelity_reason"]
+    fid = docs[bf16]["fidelity"]
+    assert docs[bf16]["status"] == "ok" and fid["reason"] is None and fid["against"] == "float32", fid
+    assert fid["logit_rel_diff"] == 0.0 and fid["top1_agree"] == 1.0 and fid["prompts"] == 4, fid
+    assert rows[bf16]["precision"] == "bf16" and rows[bf16]["logit_rel_diff"] == 0.0
+    bf16_log = (root / "results" / "groups" / "tiny_cpu_s1_pnone_reference_bf16" / "logs" / "rank0.log").read_text()
+    assert "weights loaded as float32 for the comparison" in bf16_log
     rank_log = (root / "results" / "groups" / "tiny_cpu_s1_pnone_compiled_int8" / "logs" / "rank0.log").read_text()
     assert rank_log.count("fp16 reference logits of 2 prompt set(s)") == 1  # once, in the first cell's load

@@ -66,8 +66,22 @@ class ReferenceEngine:
     def __init__(self, model: Transformer) -> None:
         self.model = model
 
+    @property
+    def max_batch_size(self) -> int:
+        return int(self.model.max_batch_size)  # the KV cache's, which a packed cell resizes
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
     def prepare(self, on_phase: G.PhaseCallback | None = None) -> None:
         """Nothing to compile."""
+
+    @torch.inference_mode()
+    def tail_logits(self, tokens: torch.Tensor, n_pad: torch.Tensor | None, tail: int) -> torch.Tensor:
+        """Logits [B, tail, V] of the last ``tail`` positions of the left-padded prompts
+        ``tokens`` [B, S]: the model's own prefill (:mod:`llmenergy.inference.fidelity`)."""
+        return self.model(tokens, 0, n_pad=n_pad, tail=tail)
 
     def generate(self, prompts: list[list[int]], max_gen_len: int, *, eos_id: int | None,
                  stop_at_eos: bool, on_phase: G.PhaseCallback | None = None) -> G.GenerationResult:

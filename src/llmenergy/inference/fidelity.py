@@ -12,10 +12,12 @@ of the next-token distributions, and whether the most likely next token is the s
 Both sides see the same tokens (teacher forcing), so one early difference does not
 carry into every later position, as it would when comparing generated text.
 
-bf16 loads the checkpoint as bfloat16: there are no fp16 weights in that load to
-compare with, and its record says so (:func:`not_compared`). fp16 is the reference
-itself. With synthetic weights the numbers describe random matrices, not a language
-model; the report marks them so.
+bf16 loads the checkpoint as bfloat16, so its group's first cell loads the weights a
+first time as fp16 (float32 on a CPU device) for :func:`references`, frees that model,
+then loads its own; its cells are compared as int8's are, through the cell engine's
+``tail_logits`` (the ``hf`` engine has none: its record says so). fp16 is the
+reference itself: not in :data:`COMPARED`. With synthetic weights the numbers describe
+random matrices, not a language model; the report marks them so.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ from llmenergy.cellfiles import FIDELITY_PROMPTS, FIDELITY_TAIL, Fidelity
 from llmenergy.inference.generate import left_pad
 
 log = logging.getLogger(__name__)
+
+#: The precisions whose cells compare their logits with fp16's.
+COMPARED = ("bf16", "int8", "fp8")
 
 Prompts = list[list[int]]
 #: ``(tokens [B, S] left-padded, n_pad [B] or None, tail) -> logits [B, tail, V]``
@@ -59,13 +64,18 @@ def tail_logits(forward: TailForward, prompts: Prompts, max_batch_size: int,
     return out
 
 
-def references(model: Any, prompts_by_key: dict[str, Prompts]) -> dict[str, tuple[Prompts, list[torch.Tensor]]]:
+#: A dataset's prompts, their reference logits, and what those came from (``fp16``).
+Reference = tuple[Prompts, list[torch.Tensor], str]
+
+
+def references(model: Any, prompts_by_key: dict[str, Prompts]) -> dict[str, Reference]:
     """Each key's prompts and their logits through ``model``'s own (16-bit) forward."""
     def forward(tokens: torch.Tensor, n_pad: torch.Tensor | None, tail: int) -> torch.Tensor:
         return model(tokens, 0, n_pad=n_pad, tail=tail)
 
     device = model.tok_embeddings.weight.device
-    refs = {key: (prompts, tail_logits(forward, prompts, model.max_batch_size, device))
+    name = reference_name(model)
+    refs = {key: (prompts, tail_logits(forward, prompts, model.max_batch_size, device), name)
             for key, prompts in prompts_by_key.items() if prompts}
     log.info("fp16 reference logits of %d prompt set(s) kept for the precision's comparison", len(refs))
     return refs
@@ -100,16 +110,17 @@ def compare(got: list[torch.Tensor], want: list[torch.Tensor]) -> Fidelity:
                     top1_agree=float((g.argmax(-1) == w.argmax(-1)).double().mean()))
 
 
-def measure(engine: Any, reference: tuple[Prompts, list[torch.Tensor]] | None) -> Fidelity:
+def measure(engine: Any, reference: Reference | None) -> Fidelity:
     """The cell's engine against its dataset's fp16 reference logits."""
     if reference is None:
         return Fidelity(reason="no fp16 reference logits for this cell's prompts")
     forward = getattr(engine, "tail_logits", None)
     if forward is None:
-        return Fidelity(reason=f"engine {type(engine).__name__} cannot give per-position logits")
-    prompts, want = reference
+        return Fidelity(reason=f"the {getattr(engine, 'name', type(engine).__name__)} engine cannot give "
+                               "per-position logits")
+    prompts, want, against = reference
     got = tail_logits(forward, prompts, engine.max_batch_size, engine.device)
-    fid = dataclasses.replace(compare(got, want), against=reference_name(engine.model))
+    fid = dataclasses.replace(compare(got, want), against=against)
     log.info("logits against fp16 on %d prompts (%d positions): rel diff %.3g (max %.3g), KL %.3g nats, "
              "top-1 agree %.3f", fid.prompts, fid.positions, fid.logit_rel_diff, fid.logit_rel_diff_max,
              fid.token_kl_nats, fid.top1_agree)
@@ -122,9 +133,3 @@ def reference_name(model: Any) -> str:
     name = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     return {"float16": "fp16", "bfloat16": "bf16"}.get(name, name)
 
-
-def not_compared(precision: str) -> Fidelity | None:
-    """The record of a precision never compared in its cell (None: nothing to say)."""
-    if precision == "bf16":
-        return Fidelity(reason="bf16 loads the weights as bfloat16: no fp16 weights in the same load")
-    return None

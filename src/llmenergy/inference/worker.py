@@ -112,12 +112,14 @@ def _load(spec: CellSpec, shared: Shared) -> bool:
     from llmenergy.inference.tokenizer import tokenizer_for
 
     if shared.model is None:
+        # configured, else the checkpoint's (its folder or, as in Meta's release, the parent's), else ours
+        shared.tokenizer = tokenizer_for(spec.weights, spec.tokenizer)
+        if spec.cell.precision == "bf16":  # fp16's logits from a load of their own, freed first
+            shared.references = _fp16_references(spec, shared)
         shared.model, info = weights.build(
             spec.arch, spec.weights, device=shared.device, dtype=getattr(torch, spec.dtype), seed=spec.seed,
             max_batch_size=spec.cell.batch_size, max_seq_len=spec.max_seq_len)
         shared.load = info.to_dict()
-        # configured, else the checkpoint's (its folder or, as in Meta's release, the parent's), else ours
-        shared.tokenizer = tokenizer_for(spec.weights, spec.tokenizer)
         return True
     M.resize_cache(shared.model, spec.cell.batch_size, spec.max_seq_len)
     log.info("%s: model kept loaded; KV cache %d × %d", spec.cell_id, spec.cell.batch_size, spec.max_seq_len)
@@ -148,7 +150,7 @@ def _cell_phases(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Share
     built = _load(spec, shared)
     prompts, encoded = _prompts(spec, shared)
     if built and spec.cell.precision in NARROW_BYTES:  # before int8/fp8 release the fp16 weights
-        shared.references = _references(shared)
+        shared.references = _references(shared, shared.model)
     dist.barrier()
     rec.event("load", t0, rec.now_ns())
     stop.check()
@@ -185,29 +187,52 @@ def _cell_phases(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Share
                         fidelity=None if fid is None else fid.to_dict())
 
 
-def _references(shared: Shared) -> dict[str, Any]:
-    """The fp16 reference logits of every dataset the job's int8/fp8 cells run (the model
-    is still 16-bit: the first cell's engine has not quantised it yet)."""
+def _references(shared: Shared, model: Any) -> dict[str, Any]:
+    """The fp16 reference logits, through ``model``, of every dataset the job's bf16, int8
+    or fp8 cells run (int8/fp8: the cell's own model, before its engine quantises it)."""
     from llmenergy.inference import fidelity
 
     wanted: dict[str, list[list[int]]] = {}
     for cell_dir in shared.cell_dirs:
         other = CellSpec.read(CellFiles(cell_dir).spec)
-        if other.cell.precision in NARROW_BYTES and repr(other.dataset) not in wanted:
+        if other.cell.precision in fidelity.COMPARED and repr(other.dataset) not in wanted:
             encoded = _prompts(other, shared)[1]
-            wanted[repr(other.dataset)] = fidelity.fidelity_prompts(encoded, shared.model.max_seq_len)
-    return fidelity.references(shared.model, wanted)
+            wanted[repr(other.dataset)] = fidelity.fidelity_prompts(encoded, model.max_seq_len)
+    return fidelity.references(model, wanted)
+
+
+def _fp16_references(spec: CellSpec, shared: Shared) -> dict[str, Any]:
+    """A bf16 job's references: the weights loaded as fp16 (float32 on a CPU device, as
+    every precision there), their logits kept, the model freed before the bf16 load."""
+    import gc
+
+    import torch
+
+    from llmenergy.inference import weights
+
+    dtype = torch.float32 if shared.device.type == "cpu" else torch.float16
+    model, info = weights.build(spec.arch, spec.weights, device=shared.device, dtype=dtype, seed=spec.seed,
+                                max_batch_size=spec.cell.batch_size, max_seq_len=spec.max_seq_len)
+    log.info("%s: weights loaded as %s for the comparison in %.1f s", spec.cell_id,
+             str(dtype).removeprefix("torch."), info.load_duration_s)
+    try:
+        return _references(shared, model)
+    finally:
+        del model
+        gc.collect()
+        if shared.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _fidelity(spec: CellSpec, engine: Any, shared: Shared) -> Any:
-    """The cell's :class:`~llmenergy.cellfiles.Fidelity` (int8/fp8: measured; bf16: why
-    not), or None (fp16). A failed comparison is the record's reason, not the cell's;
+    """The cell's :class:`~llmenergy.cellfiles.Fidelity` (bf16, int8, fp8: against the
+    job's fp16 references), or None (fp16). A failed comparison is the record's reason, not the cell's;
     inf/NaN logits from the cell's engine fail the cell."""
     from llmenergy.cellfiles import Fidelity
     from llmenergy.inference import fidelity
 
-    if spec.cell.precision not in NARROW_BYTES:
-        return fidelity.not_compared(spec.cell.precision)
+    if spec.cell.precision not in fidelity.COMPARED:
+        return None  # fp16: the reference itself
     try:
         return fidelity.measure(engine, shared.references.get(repr(spec.dataset)))
     except fidelity.NonFiniteLogits:
