@@ -89,3 +89,10 @@ def test_inf_or_nan_logits_of_the_engine_fail_and_of_the_reference_are_a_reason(
         fidelity.compare(got, want)
     fid = fidelity.compare(want, got)
     assert fid.logit_rel_diff is None and "reference logits are inf/NaN at 2 of 5" in (fid.reason or "")
+
+
+def test_the_engines_a_bf16_job_loads_fp16_weights_for_can_use_them() -> None:
+    model = _model(batch=2)
+    for name in fidelity.LOGIT_ENGINES:
+        engine = make_engine(name, model, compile=False) if name == "compiled" else make_engine(name, model)
+        assert callable(getattr(engine, "tail_logits", None)), name

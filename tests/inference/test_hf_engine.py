@@ -183,3 +183,12 @@ def test_prefill_only_runs_hfs_prefill_without_warming_a_new_batch_size(model: t
     assert 3 not in engine._ready  # prefill runs eagerly: nothing compiled for it
     with pytest.raises(ValueError, match="exceed the model cache"):
         engine.prefill_only([[1] * 30])
+
+
+def test_a_bf16_cell_of_the_hf_engine_says_it_gives_no_per_position_logits(engine: H.HFEngine) -> None:
+    """Whatever the references, the record names the engine, not a missing reference (a bf16
+    job of this engine loads no fp16 weights for them: fidelity.LOGIT_ENGINES)."""
+    from llmenergy.inference import fidelity
+
+    assert engine.name not in fidelity.LOGIT_ENGINES
+    assert fidelity.measure(engine, None).reason == "the hf engine cannot give per-position logits"

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 #: The precisions whose cells compare their logits with fp16's.
 COMPARED = ("bf16", "int8", "fp8")
+#: The engines that give per-position logits (``tail_logits``); a bf16 job of another
+#: (``hf``) loads no fp16 weights for a comparison it cannot make.
+LOGIT_ENGINES = ("reference", "compiled")
 
 Prompts = list[list[int]]
 #: ``(tokens [B, S] left-padded, n_pad [B] or None, tail) -> logits [B, tail, V]``
@@ -112,12 +115,12 @@ def compare(got: list[torch.Tensor], want: list[torch.Tensor]) -> Fidelity:
 
 def measure(engine: Any, reference: Reference | None) -> Fidelity:
     """The cell's engine against its dataset's fp16 reference logits."""
-    if reference is None:
-        return Fidelity(reason="no fp16 reference logits for this cell's prompts")
     forward = getattr(engine, "tail_logits", None)
     if forward is None:
         return Fidelity(reason=f"the {getattr(engine, 'name', type(engine).__name__)} engine cannot give "
                                "per-position logits")
+    if reference is None:
+        return Fidelity(reason="no fp16 reference logits for this cell's prompts")
     prompts, want, against = reference
     got = tail_logits(forward, prompts, engine.max_batch_size, engine.device)
     fid = dataclasses.replace(compare(got, want), against=against)

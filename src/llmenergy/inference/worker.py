@@ -107,6 +107,7 @@ def _load(spec: CellSpec, shared: Shared) -> bool:
     """Build the model (first cell) or give it this cell's KV cache; True when built here."""
     import torch
 
+    from llmenergy.inference import fidelity
     from llmenergy.inference import model as M
     from llmenergy.inference import weights
     from llmenergy.inference.tokenizer import tokenizer_for
@@ -114,8 +115,8 @@ def _load(spec: CellSpec, shared: Shared) -> bool:
     if shared.model is None:
         # configured, else the checkpoint's (its folder or, as in Meta's release, the parent's), else ours
         shared.tokenizer = tokenizer_for(spec.weights, spec.tokenizer)
-        if spec.cell.precision == "bf16":  # fp16's logits from a load of their own, freed first
-            shared.references = _fp16_references(spec, shared)
+        if spec.cell.precision == "bf16" and spec.cell.engine in fidelity.LOGIT_ENGINES:
+            shared.references = _fp16_references(spec, shared)  # a load of their own, freed first
         shared.model, info = weights.build(
             spec.arch, spec.weights, device=shared.device, dtype=getattr(torch, spec.dtype), seed=spec.seed,
             max_batch_size=spec.cell.batch_size, max_seq_len=spec.max_seq_len)
