@@ -92,7 +92,7 @@ def test_the_offsets_are_in_the_cells_provenance(tmp_path: Path) -> None:
 
 def test_a_group_job_logs_its_progress_with_the_time_left_at_its_own_pace(tmp_path: Path) -> None:
     from llmenergy import config
-    from llmenergy.orchestrate.finalize import progress_text
+    from llmenergy.orchestrate.finalize import job_progress_text
     from llmenergy.planning.jobs import runtime_s
     from llmenergy.planning.matrix import expand
     from orchestrate_helpers import demo_config
@@ -101,8 +101,8 @@ def test_a_group_job_logs_its_progress_with_the_time_left_at_its_own_pace(tmp_pa
     cells = expand(cfg).cells
     done, left = cells[:1], cells[1:4]
     plan_left_s = runtime_s(cfg, left)
-    at_plan_pace = progress_text(cfg, done, left, runtime_s(cfg, done))
+    at_plan_pace = job_progress_text(cfg, done, left, runtime_s(cfg, done))
     assert at_plan_pace.startswith(f"1 of 4 cell(s) done, 3 left: about {max(1, round(plan_left_s / 60))} min more")
     # three times slower than planned so far: three times the plan's estimate left, in hours past 90 min
-    slow = progress_text(cfg, done, left, runtime_s(cfg, done) * 5400 / plan_left_s * 3)
+    slow = job_progress_text(cfg, done, left, runtime_s(cfg, done) * 5400 / plan_left_s * 3)
     assert slow.startswith("1 of 4 cell(s) done, 3 left: about 4.5 h more (estimate")

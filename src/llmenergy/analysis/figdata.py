@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from llmenergy.analysis.aggregate import t_quantile_975
-from llmenergy.analysis.flags import clause_kind, reason_clauses, row_flags
+from llmenergy.analysis.flags import by_kind, reason_clauses, row_flags
 from llmenergy.arch import ENGINES, PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,8 @@ def null_reason(summary: pd.DataFrame, column: str) -> str | None:
     df = summary[summary["status"] == "ok"] if "status" in summary.columns else summary
     if column not in df.columns or "energy_reason" not in df.columns:
         return None
-    kinds: dict[str, list[str]] = {}  # the clause with its numbers masked -> each repeat's
-    for text in df.loc[df[column].isna(), "energy_reason"]:
-        for col, clause in reason_clauses(text):
-            if col == column:
-                kinds.setdefault(clause_kind(clause), []).append(clause)
+    kinds = by_kind((None, clause) for text in df.loc[df[column].isna(), "energy_reason"]
+                    for col, clause in reason_clauses(text) if col == column)
     if not kinds and column in DERIVED_FROM:  # e.g. active energy needs the idle power
         why = null_reason(summary[summary[column].isna()], DERIVED_FROM[column])
         return f"{column} null where {why}" if why else None
@@ -86,8 +83,8 @@ def null_reason(summary: pd.DataFrame, column: str) -> str | None:
         return None
     parts = []
     for said in list(kinds.values())[:2]:
-        numbers = "; the numbers are the first's" if len(set(said)) > 1 else ""
-        parts.append(said[0] + (f" ({len(said)} repeats{numbers})" if len(said) > 1 else ""))
+        numbers = "; the numbers are the first's" if len({c for _, c in said}) > 1 else ""
+        parts.append(said[0][1] + (f" ({len(said)} repeats{numbers})" if len(said) > 1 else ""))
     more = f" (and {len(kinds) - 2} more)" if len(kinds) > 2 else ""
     return "; ".join(parts) + more
 

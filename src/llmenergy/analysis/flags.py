@@ -75,17 +75,21 @@ def clause_kind(clause: str) -> str:
     return _NUMBER.sub("#", clause)
 
 
+def by_kind(said: Iterable[tuple[Any, str]]) -> dict[str, list[tuple[Any, str]]]:
+    """``(who, clause)`` pairs grouped by :func:`clause_kind`, in the order first seen."""
+    kinds: dict[str, list[tuple[Any, str]]] = {}
+    for who, clause in said:
+        kinds.setdefault(clause_kind(clause), []).append((who, clause))
+    return kinds
+
+
 def flag_kinds(flagged: pd.DataFrame) -> list[dict[str, Any]]:
     """The kinds of reason among :func:`flagged_rows` (``flag_reasons``), most repeats first:
     the first clause of each kind as written, and how many repeats and cells say it."""
-    kinds: dict[str, dict[str, Any]] = {}
-    for cell, text in zip(flagged["cell_id"], flagged["flag_reasons"], strict=True):
-        for clause in dict.fromkeys(str(text).split("; ")):
-            k = kinds.setdefault(clause_kind(clause), {"example": clause, "repeats": 0, "cells": set()})
-            k["repeats"] += 1
-            k["cells"].add(cell)
-    out = [{"example": k["example"], "repeats": k["repeats"], "cells": len(k["cells"])}
-           for k in kinds.values()]
+    kinds = by_kind((cell, clause) for cell, text in zip(flagged["cell_id"], flagged["flag_reasons"], strict=True)
+                    for clause in dict.fromkeys(str(text).split("; ")))
+    out = [{"example": said[0][1], "repeats": len(said), "cells": len({c for c, _ in said})}
+           for said in kinds.values()]
     return sorted(out, key=lambda k: -k["repeats"])
 
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmenergy.arch import NARROW_BYTES, engine_switches
+from llmenergy.arch import NARROW_BYTES, PRECISION_DTYPE, engine_switches
 from llmenergy.cellfiles import CellSpec, GroupSpec
 from llmenergy.errors import PowerCapDenied, PowerCapError
 from llmenergy.handshake import CellBegin, RankOutcome, WorkerStatus
@@ -203,15 +203,15 @@ def _references(shared: Shared, model: Any) -> dict[str, Any]:
 
 
 def _fp16_references(spec: CellSpec, shared: Shared) -> dict[str, Any]:
-    """A bf16 job's references: the weights loaded as fp16 (float32 on a CPU device, as
-    every precision there), their logits kept, the model freed before the bf16 load."""
+    """A bf16 job's references: the weights loaded as fp16 (as the cell's spec says float32,
+    on a CPU device, in float32 too), their logits kept, the model freed before the bf16 load."""
     import gc
 
     import torch
 
     from llmenergy.inference import weights
 
-    dtype = torch.float32 if shared.device.type == "cpu" else torch.float16
+    dtype = getattr(torch, spec.dtype if spec.dtype == "float32" else PRECISION_DTYPE["fp16"])
     model, info = weights.build(spec.arch, spec.weights, device=shared.device, dtype=dtype, seed=spec.seed,
                                 max_batch_size=spec.cell.batch_size, max_seq_len=spec.max_seq_len)
     log.info("%s: weights loaded as %s for the comparison in %.1f s", spec.cell_id,

@@ -222,7 +222,7 @@ def _latest_by_node(power: Any) -> list[int]:
     return list(out.values())
 
 
-def progress_text(cfg: Config, done: list[Cell], left: list[Cell], elapsed_s: float) -> str:
+def job_progress_text(cfg: Config, done: list[Cell], left: list[Cell], elapsed_s: float) -> str:
     """``3 of 12 cell(s) done, 9 left: about 4.5 h more (estimate)``: the planner's estimate of
     the cells left, scaled by this job's pace so far (its time over the estimate of those done)."""
     from llmenergy.planning.jobs import runtime_s
@@ -290,7 +290,7 @@ class CellsInFlight:
                 return
             self.finished.append(self.pending.pop(0))
             if self.job.group_id is not None and self.pending and not final:
-                log.info("%s: %s", self.job.group_id, progress_text(self.cfg, self.finished, self.pending,
+                log.info("%s: %s", self.job.group_id, job_progress_text(self.cfg, self.finished, self.pending,
                                                                     time.time() - self.job.started))
 
     def _finalize(self, cell: Cell, files: CellFiles, begin: CellBegin | None, *, final: bool,

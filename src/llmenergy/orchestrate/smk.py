@@ -380,7 +380,7 @@ class Context:
         from llmenergy.planning.plan import plan_rows, progress, progress_text
 
         changed = self._changed if self._changed is not None else {c.cell.id for c in self.changed_cells()}
-        done = progress(self.cfg, plan_rows(self.cfg)[0], changed)
+        done = progress(self.cfg, plan_rows(self.cfg)[0], changed, self.history)
         return " ".join(" ".join(progress_text(done)).split())
 
     def _mark_would_rerun(self, cells: Sequence[str], stale_jobs: Sequence[str]) -> None:

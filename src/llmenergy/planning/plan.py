@@ -150,13 +150,15 @@ def group_rows(cfg: Config, cells: list[Cell] | None = None,
     return out
 
 
-def progress(cfg: Config, rows: list[dict[str, Any]], changed: Iterable[str] = ()) -> dict[str, Any]:
+def progress(cfg: Config, rows: list[dict[str, Any]], changed: Iterable[str] = (),
+             history: jobs.History | None = None) -> dict[str, Any]:
     """Where the planned cells stand in ``output_dir``: ``finished`` (accepted under the
     config's policies, ``finished_status`` counting each status), ``changed`` (finished under
     another definition: ``changed`` holds their ids, from the caller's fingerprint check,
     and they rerun), ``failed`` (by status: a last record not accepted), ``not_run``, and the
-    estimated GPU-hours of the cells left to run."""
-    history = jobs.read_history(cfg, expand(cfg).cells)
+    estimated GPU-hours of the cells left to run. ``history``: the cells' records, if
+    the caller has read them (else read here)."""
+    history = jobs.read_history(cfg, expand(cfg).cells) if history is None else history
     stale = set(changed)
     done = Counter(h.status for cid, h in history.cells.items() if h.finished and cid not in stale)
     failed = Counter(h.status for h in history.cells.values() if not h.finished)
