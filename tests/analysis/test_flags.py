@@ -97,3 +97,16 @@ def test_repeats_with_the_same_reason_share_one_entry() -> None:
     rows = pd.DataFrame({"cell_id": ["a"] * 3, "repeat": [0, 1, 2], "status": ["ok"] * 3,
                          "energy_reason": ["balance_load_j null: short"] * 2 + [None]})
     assert cell_flags(rows) == {"a": "repeats 0, 1: balance_load_j null: short"}
+
+
+def test_a_reason_with_one_window_is_the_same_kind_as_one_with_a_range() -> None:
+    """The report counts reasons by kind: "last 0.003 s" (one window) and "last 0.003-0.004 s"
+    are one kind, as are "4 of 4" and "2 of 2"; the precision in a name is not a number."""
+    from llmenergy.analysis.flags import clause_kind
+
+    one = "prefill_energy_j null: 2 of 2 window(s) last 0.003 s, under 10 sensor update periods (1.00 s)"
+    span = "prefill_energy_j null: 4 of 4 window(s) last 0.003-0.004 s, under 10 sensor update periods (1.00 s)"
+    assert clause_kind(one) == clause_kind(span)
+    assert clause_kind("counter vs instant power differ by -22.7 %") == clause_kind(
+        "counter vs instant power differ by +1.4 %")
+    assert clause_kind("int8 cell") != clause_kind("fp8 cell")

@@ -43,7 +43,8 @@ HEADLINE_COLUMNS = ("energy_j", "j_per_token", "tokens_per_s", "avg_power_w", "j
                     "j_per_response")
 
 
-_NUMBER = re.compile(r"(?<![A-Za-z_])[+-]?\d+(?:\.\d+)?")  # not the 8 of int8
+#: A number or a range of them (``0.003-0.004``: one window's ``0.003`` is the same kind); not the 8 of int8.
+_NUMBER = re.compile(r"(?<![A-Za-z_])[+-]?\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)?")
 
 
 def _truthy(series: pd.Series) -> pd.Series:
