@@ -44,6 +44,10 @@ def engine_switches() -> dict[str, str]:
 #: transformers' generate: both dense only)
 PRECISION_ENGINES = {"fp16": ("reference", "compiled", "hf"), "bf16": ("reference", "compiled", "hf"),
                      "int8": ("compiled",), "fp8": ("compiled",)}
+#: the engines that give per-position logits, so a bf16 cell can compare its logits with
+#: fp16's (``inference.fidelity``); a bf16 job of one of them loads the weights twice (fp16
+#: for the references, freed, then bf16), and the planner's load estimate counts both
+LOGIT_ENGINES: tuple[str, ...] = ("reference", "compiled")
 #: the lowest CUDA compute capability of each precision (fp8 e4m3 conversions: Ada/Hopper)
 MIN_COMPUTE_CAPABILITY = {"bf16": 8.0, "fp8": 8.9}
 #: compute capabilities of GPU names a ``gpus.<type>`` key may carry (matched case-insensitively
@@ -207,6 +211,12 @@ def weight_bytes(args: ModelArgs, dtype: str = "float16", precision: str = DEFAU
     # output channels of wq, wk, wv, wo, w1, w3, w2
     channels = args.n_layers * (q + 2 * kv + args.dim + 2 * args.hidden_dim + args.dim)
     return (n_params(args) - lin) * size + lin * NARROW_BYTES[precision] + channels * size
+
+
+def weight_loads(precision: str, engine: str) -> int:
+    """How many times a job loads its weights: twice for bf16 on a :data:`LOGIT_ENGINES` engine
+    (an fp16 load for the fidelity references, freed before the bf16 one), else once."""
+    return 2 if precision == "bf16" and engine in LOGIT_ENGINES else 1
 
 
 def compute_capability(name: str, given: float | None = None) -> float | None:

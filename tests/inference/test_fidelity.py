@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from llmenergy.arch import LOGIT_ENGINES
 from llmenergy.inference import fidelity
 from llmenergy.inference import weights as W
 from llmenergy.inference.engines import make_engine
@@ -93,6 +94,6 @@ def test_inf_or_nan_logits_of_the_engine_fail_and_of_the_reference_are_a_reason(
 
 def test_the_engines_a_bf16_job_loads_fp16_weights_for_can_use_them() -> None:
     model = _model(batch=2)
-    for name in fidelity.LOGIT_ENGINES:
+    for name in LOGIT_ENGINES:
         engine = make_engine(name, model, compile=False) if name == "compiled" else make_engine(name, model)
         assert callable(getattr(engine, "tail_logits", None)), name

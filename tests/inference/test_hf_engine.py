@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmenergy.arch import ModelArgs, engine_problem
+from llmenergy.arch import LOGIT_ENGINES, ModelArgs, engine_problem
 from llmenergy.errors import UserError
 from llmenergy.inference import checkpoint
 from llmenergy.inference import generate as G
@@ -187,8 +187,8 @@ def test_prefill_only_runs_hfs_prefill_without_warming_a_new_batch_size(model: t
 
 def test_a_bf16_cell_of_the_hf_engine_says_it_gives_no_per_position_logits(engine: H.HFEngine) -> None:
     """Whatever the references, the record names the engine, not a missing reference (a bf16
-    job of this engine loads no fp16 weights for them: fidelity.LOGIT_ENGINES)."""
+    job of this engine loads no fp16 weights for them: LOGIT_ENGINES)."""
     from llmenergy.inference import fidelity
 
-    assert engine.name not in fidelity.LOGIT_ENGINES
+    assert engine.name not in LOGIT_ENGINES
     assert fidelity.measure(engine, None).reason == "the hf engine cannot give per-position logits"

@@ -68,6 +68,11 @@ def test_dtype_and_bytes_follow_the_precision() -> None:
         return estimate_runtime_s(cfg, cell) - estimate_load_s(cfg, cell)
 
     assert estimate_load_s(cfg, cells["int8"]) == estimate_load_s(cfg, cells["fp16"])
+    # a bf16 job loads the weights twice (fp16 for its logit references, then bf16), hf's once
+    fp16_s, bf16_s = estimate_load_s(cfg, cells["fp16"]), estimate_load_s(cfg, cells["bf16"])
+    assert fp16_s + 10 < bf16_s < 2 * fp16_s  # 13.5 GB more at ~1 GB/s; one process start
+    hf = _cfg(engine=["hf"], precision=["fp16", "bf16"], batch_size=[1])
+    assert len({estimate_load_s(hf, c) for c in expand(hf).cells}) == 1
     assert decode_s(cells["int8"]) < 0.7 * decode_s(cells["fp16"])
     # ... but not the load peak: weights are quantised after loading in float16
     small = config.from_dict({**cfg.raw, "gpus": {"H100": {"partition": "p", "gpus_per_node": 8,

@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 
 #: The precisions whose cells compare their logits with fp16's.
 COMPARED = ("bf16", "int8", "fp8")
-#: The engines that give per-position logits (``tail_logits``); a bf16 job of another
-#: (``hf``) loads no fp16 weights for a comparison it cannot make.
-LOGIT_ENGINES = ("reference", "compiled")
 
 Prompts = list[list[int]]
 #: ``(tokens [B, S] left-padded, n_pad [B] or None, tail) -> logits [B, tail, V]``

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmenergy.arch import NARROW_BYTES, PRECISION_DTYPE, engine_switches
+from llmenergy.arch import NARROW_BYTES, PRECISION_DTYPE, engine_switches, weight_loads
 from llmenergy.cellfiles import CellSpec, GroupSpec
 from llmenergy.errors import PowerCapDenied, PowerCapError
 from llmenergy.handshake import CellBegin, RankOutcome, WorkerStatus
@@ -107,7 +107,6 @@ def _load(spec: CellSpec, shared: Shared) -> bool:
     """Build the model (first cell) or give it this cell's KV cache; True when built here."""
     import torch
 
-    from llmenergy.inference import fidelity
     from llmenergy.inference import model as M
     from llmenergy.inference import weights
     from llmenergy.inference.tokenizer import tokenizer_for
@@ -115,7 +114,7 @@ def _load(spec: CellSpec, shared: Shared) -> bool:
     if shared.model is None:
         # configured, else the checkpoint's (its folder or, as in Meta's release, the parent's), else ours
         shared.tokenizer = tokenizer_for(spec.weights, spec.tokenizer)
-        if spec.cell.precision == "bf16" and spec.cell.engine in fidelity.LOGIT_ENGINES:
+        if weight_loads(spec.cell.precision, spec.cell.engine) == 2:
             shared.references = _fp16_references(spec, shared)  # a load of their own, freed first
         shared.model, info = weights.build(
             spec.arch, spec.weights, device=shared.device, dtype=getattr(torch, spec.dtype), seed=spec.seed,

@@ -22,6 +22,7 @@ from llmenergy.arch import (
     kv_cache_bytes,
     shard_problem,
     weight_bytes,
+    weight_loads,
 )
 from llmenergy.cellfiles import AXES, Cell
 from llmenergy.config import Config
@@ -188,5 +189,7 @@ def estimate_runtime_s(cfg: Config, cell: Cell) -> float:
 
 
 def estimate_load_s(cfg: Config, cell: Cell) -> float:
-    """The model-load part of :func:`estimate_runtime_s`: synthesis or reading at ~1 GB/s per rank."""
-    return 60 + weight_bytes(cfg.models[cell.model].args, dtype_for(cfg, cell)) / cell.shards / 1e9
+    """The model-load part of :func:`estimate_runtime_s`: synthesis or reading at ~1 GB/s per rank,
+    once per load (a bf16 job loads fp16 weights first for its logit references: ``weight_loads``)."""
+    per_load_s = weight_bytes(cfg.models[cell.model].args, dtype_for(cfg, cell)) / cell.shards / 1e9
+    return 60 + weight_loads(cell.precision, cell.engine) * per_load_s
