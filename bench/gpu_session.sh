@@ -64,6 +64,8 @@
 #            batch 1) and in a run-group rank (bench/rank_profile/sitecustomize.py), to compare;
 #            RDENSE=1 then runs dense's bench variants (plain, OMP_NUM_THREADS=1, --barrier) while
 #            $END allows, each set beside the profiled cell (its measured windows are untouched);
+#            RPREC=bf16 does all of it at bf16 instead of fp16 (the cell then also compares its
+#            logits with an fp16 load of the same weights: the bf16 fidelity on a GPU);
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -187,12 +189,15 @@ case "$mode" in
   rprof)
     env | grep -E '^(TORCH|CUDA|CUBLAS|NCCL|OMP|PYTORCH|MKL|TRITON|LLMENERGY)' > "$OUT/env_bench.txt"
     python3 -c 'import torch; print(torch.backends.cuda.preferred_blas_library(), torch.get_num_threads())' >> "$OUT/env_bench.txt"
-    TAIL=6 step 150 python3 bench/step_profile.py --precision fp16 --batches 1 --out "$OUT/h200_bench_profile.json"
-    sed -e 's/batch_size: \[1, 16\]/batch_size: [1]/' -e 's/precision: \[.*\]/precision: [fp16]/' \
+    rp=${RPREC:-fp16}; g=llama-7b_H200_s1_pnone_compiled; [ "$rp" = fp16 ] || g=${g}_$rp
+    TAIL=6 step 150 python3 bench/step_profile.py --precision "$rp" --batches 1 --out "$OUT/h200_bench_profile.json"
+    sed -e 's/batch_size: \[1, 16\]/batch_size: [1]/' -e "s/precision: \[.*\]/precision: [$rp]/" \
       -e 's#h200x1_acceptance#rank_profile#' bench/configs/h200x1_acceptance.yaml > /tmp/rprof.yaml
     TAIL=3 step $(( ${END:-330} - SECONDS )) env PYTHONPATH="$PWD/bench/rank_profile:$PYTHONPATH" \
       LLMENERGY_BENCH_PROFILE="$OUT/h200_rank_profile.json" "${lle[@]}" run-group --config /tmp/rprof.yaml \
-      --group llama-7b_H200_s1_pnone_compiled
+      --group "$g"
+    python3 -c 'import json, sys; [print(p, json.load(open(p)).get("fidelity")) for p in sys.argv[1:]]' \
+      bench-results/rank_profile/cells/*/cell.json
     python3 - "$OUT" <<'PY'
 import json, sys
 for name in ("bench", "rank"):
@@ -208,7 +213,7 @@ for name in ("bench", "rank"):
 PY
     # RDENSE=1: then dense's bench variants, each set beside the profiled cell, while $END allows
     if [ "${RDENSE:-0}" = 1 ]; then
-      E=(python3 bench/engines.py --engines compiled --precision fp16 --batches 1 --gen 128 --min-window-s 5
+      E=(python3 bench/engines.py --engines compiled --precision "$rp" --batches 1 --gen 128 --min-window-s 5
          --cache-dir /tmp/inductor)
       for b in plain omp1 barrier; do
         left=$(( ${END:-540} - SECONDS )); [ "$left" -gt 60 ] || break

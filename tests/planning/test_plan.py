@@ -129,6 +129,19 @@ def test_packed_plan_shows_the_groups(cfg: config.Config) -> None:
     assert all(g["time_limit_min"] >= 15 for g in doc["groups"])
 
 
+def test_one_job_reads_one_count_and_one_time_not_a_range(cfg: config.Config) -> None:
+    """A plan of one cell said "1–1 cells, 3.2–3.2 min each"; a range is shown only where it is one."""
+    one = config.from_dict({**cfg.raw, "matrix": [{**cfg.raw["matrix"][0], "model": ["llama-7b"],
+                                                   "gpu": ["A100"], "shards": [1], "batch_size": [1],
+                                                   "max_gen_len": [256], "dataset": ["alpaca"]}]},
+                           check_files=False)
+    for packing in ("group", "cell"):
+        head = "\n".join(format_plan(one, packing=packing).splitlines()[:6])
+        assert re.search(r"(1 cell|packing: cell\)), \d+\.\d min each", head), head
+        assert "–" not in head.split("Slurm jobs:")[1].split("GPU-hours")[0], head
+    assert re.search(r"1–12 cells, [\d.]+–[\d.]+ min each", format_plan(cfg, packing="group"))
+
+
 def test_default_plan_fits_a_screen(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                                     tmp_path: Path) -> None:
     """`llmenergy plan --config config.yaml`: ≤60 lines of ≤120 columns, the energy line says its source."""

@@ -189,6 +189,12 @@ def progress_text(p: dict[str, Any]) -> list[str]:
     return [text + ";", _fit(" " * 14 + rest)]
 
 
+def _span(values: list[Any], spec: str) -> str:
+    """``"1–12"``, or one number where all are the same (``"3.2"``, not ``"3.2–3.2"``)."""
+    lo, hi = format(min(values), spec), format(max(values), spec)
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
 def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, Any]],
             groups: list[dict[str, Any]] | None = None, done: dict[str, Any] | None = None) -> list[str]:
     gpu_h = sum(r["gpu_hours"] for r in rows)
@@ -200,12 +206,12 @@ def _totals(cfg: Config, rows: list[dict[str, Any]], left_out: list[dict[str, An
         f"  cells:      {len(rows)} planned ({', '.join(f'{g} {n}' for g, n in sorted(by_gpu.items()))}), "
         f"{cfg.repeats} repeat{'' if cfg.repeats == 1 else 's'} each, with the model loaded once per job",
         (f"  Slurm jobs: {len(rows)} (one per cell, packing: cell), "
-         f"{min(minutes):.1f}–{max(minutes):.1f} min each (estimate)") if groups is None else
+         f"{_span(minutes, '.1f')} min each (estimate)") if groups is None else
         (f"  Slurm jobs: {len(groups)} (packing: group; {len(rows)} with packing: cell), one per group "
          f"of cells sharing\n              model, GPU, shards, engine, precision and cap, the model loaded once:"
-         f"\n              {min(g['n_cells'] for g in groups)}–{max(g['n_cells'] for g in groups)} cells, "
-         f"{min(g['est_runtime_min'] for g in groups):.1f}–{max(g['est_runtime_min'] for g in groups):.1f} "
-         f"min each (estimate)"),
+         f"\n              {_span([g['n_cells'] for g in groups], 'd')} "
+         f"cell{'' if max(g['n_cells'] for g in groups) == 1 else 's'}, "
+         f"{_span([g['est_runtime_min'] for g in groups], '.1f')} min each (estimate)"),
         *_split_lines(groups or []),
         f"  GPU-hours:  {gpu_h:,.1f} in all (estimate)",
         _fit(f"  GPU energy: {estimate_energy(cfg, rows).text()}"),
