@@ -66,6 +66,10 @@
 #            $END allows, each set beside the profiled cell (its measured windows are untouched);
 #            RPREC=bf16 does all of it at bf16 instead of fp16 (the cell then also compares its
 #            logits with an fp16 load of the same weights: the bf16 fidelity on a GPU);
+#   nccl - session 19: the rank's dense step had the bench's kernels and busy time but ~170 us a
+#            step more GPU idle, and the bench with a live NCCL communicator (--barrier) ran ~1.5 %
+#            under plain: plain/--barrier alternated twice (fp16, batch 1), then the batch-1 fp16
+#            cell through run-group, each set beside it;
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -227,6 +231,20 @@ PY
       done
     fi
     ;;
+  nccl)
+    E=(python3 bench/engines.py --engines compiled --precision fp16 --batches 1 --gen 128 --min-window-s 5
+       --cache-dir /tmp/inductor)
+    TAIL=2 step 120 "${E[@]}" --out "$OUT/h200_plain1.json"
+    TAIL=2 step 90 "${E[@]}" --barrier --out "$OUT/h200_barrier1.json"
+    TAIL=2 step 90 "${E[@]}" --out "$OUT/h200_plain2.json"
+    TAIL=2 step 90 "${E[@]}" --barrier --out "$OUT/h200_barrier2.json"
+    sed -e 's/batch_size: \[1, 16\]/batch_size: [1]/' -e 's/precision: \[.*\]/precision: [fp16]/' \
+      -e 's#h200x1_acceptance#nccl#' bench/configs/h200x1_acceptance.yaml > /tmp/nccl.yaml
+    TAIL=2 step $(( ${END:-420} - SECONDS )) "${lle[@]}" run-group --config /tmp/nccl.yaml \
+      --group llama-7b_H200_s1_pnone_compiled
+    for b in plain1 barrier1 plain2 barrier2; do
+      TAIL=1 step 20 python3 bench/precision_cells.py bench-results/nccl "$OUT/h200_$b.json" --out "$OUT/cells_$b.json"
+    done ;;
   precells)
     C=bench/configs/h200x1_precision.yaml
     for g in compiled_int8 compiled compiled_fp8; do
