@@ -104,11 +104,12 @@ class Nvml:
         return sum(u for _, u in self.samples) / len(self.samples) if self.samples else None
 
 
-def _prompts(n: int, longest: int, vocab: int) -> list[list[int]]:
+def _prompts(n: int, longest: int, vocab: int, shortest: int | None = None) -> list[list[int]]:
     import torch
 
     g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(max(1, longest // 2), longest + 1, (n,), generator=g).tolist()
+    lo = max(1, longest // 2 if shortest is None else shortest)
+    lengths = torch.randint(lo, longest + 1, (n,), generator=g).tolist()
     return [torch.randint(3, min(vocab, 1000), (k,), generator=g).tolist() for k in lengths]
 
 
@@ -292,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=None,
                    help="default 1 16 64; 1 16 with more than one precision")
     p.add_argument("--prompt", type=int, default=64, help="longest prompt (lengths in [P/2, P])")
+    p.add_argument("--shortest-prompt", type=int, default=None,
+                   help="shortest prompt (default P/2; P: every prompt P tokens, as a cell's cut prompts)")
     p.add_argument("--gen", type=int, default=256)
     p.add_argument("--min-window-s", type=float, default=5.0)
     p.add_argument("--max-reps", type=int, default=20)
@@ -384,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         model, info = weights.build(args.arch, "synthetic", device=dev, dtype=dtype, seed=0,
                                     max_batch_size=max(args.batches),
                                     max_seq_len=args.prompt + args.gen)
-        pool = pool or _prompts(max(args.batches), args.prompt, model.args.vocab_size)
+        pool = pool or _prompts(max(args.batches), args.prompt, model.args.vocab_size, args.shortest_prompt)
         results["prompt_lengths"] = [len(q) for q in pool]
         results["models"].append({"precision": precision, "dtype": str(dtype).removeprefix("torch."),
                                   "load_s": info.load_duration_s})

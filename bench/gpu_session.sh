@@ -69,7 +69,8 @@
 #   nccl - session 19: the rank's dense step had the bench's kernels and busy time but ~170 us a
 #            step more GPU idle, and the bench with a live NCCL communicator (--barrier) ran ~1.5 %
 #            under plain: plain/--barrier alternated twice (fp16, batch 1), then the batch-1 fp16
-#            cell through run-group, each set beside it;
+#            cell through run-group; the bench with every prompt 64 tokens (the cell's prefill took
+#            25 ms a batch against the bench's 14.6); each run's prefill and decode printed;
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -238,13 +239,30 @@ PY
     TAIL=2 step 90 "${E[@]}" --barrier --out "$OUT/h200_barrier1.json"
     TAIL=2 step 90 "${E[@]}" --out "$OUT/h200_plain2.json"
     TAIL=2 step 90 "${E[@]}" --barrier --out "$OUT/h200_barrier2.json"
+    TAIL=2 step 90 "${E[@]}" --shortest-prompt 64 --out "$OUT/h200_prompt64.json"  # the cell's prompt lengths
     sed -e 's/batch_size: \[1, 16\]/batch_size: [1]/' -e 's/precision: \[.*\]/precision: [fp16]/' \
       -e 's#h200x1_acceptance#nccl#' bench/configs/h200x1_acceptance.yaml > /tmp/nccl.yaml
     TAIL=2 step $(( ${END:-420} - SECONDS )) "${lle[@]}" run-group --config /tmp/nccl.yaml \
       --group llama-7b_H200_s1_pnone_compiled
-    for b in plain1 barrier1 plain2 barrier2; do
-      TAIL=1 step 20 python3 bench/precision_cells.py bench-results/nccl "$OUT/h200_$b.json" --out "$OUT/cells_$b.json"
-    done ;;
+    python3 - "$OUT" <<'PY'
+import glob, json, sys
+import pandas as pd
+for b in ("plain1", "barrier1", "plain2", "barrier2", "prompt64"):
+    try:
+        r = json.load(open(f"{sys.argv[1]}/h200_{b}.json"))["runs"][0]
+        print(f"bench {b:9s} {r['tokens_per_s']:7.1f} tok/s  prefill {r['prefill_s'] * 1e3:6.2f} ms  "
+              f"decode {r['decode_s'] * 1e3:7.2f} ms a batch  {r['j_per_token']:.4f} J/token")
+    except (OSError, KeyError, IndexError) as exc:
+        print(b, "no result:", exc)
+for path in glob.glob("bench-results/nccl/cells/*/events.parquet"):
+    ev = pd.read_parquet(path)
+    ms = (ev["end_ns"] - ev["start_ns"]) / 1e6
+    m = pd.read_parquet(path.replace("events", "metrics"))
+    print(f"cell {float(m['tokens_per_s'].median()):7.1f} tok/s  prefill {ms[ev['phase'] == 'prefill'].median():6.2f} ms  "
+          f"decode {ms[ev['phase'] == 'decode'].median():7.2f} ms a batch (medians)  "
+          f"{float(m['j_per_token'].median()):.4f} J/token")
+PY
+    rm -rf bench-results/nccl/.cache ;;
   precells)
     C=bench/configs/h200x1_precision.yaml
     for g in compiled_int8 compiled compiled_fp8; do
