@@ -108,7 +108,7 @@ def _prompts(n: int, longest: int, vocab: int, shortest: int | None = None) -> l
     import torch
 
     g = torch.Generator().manual_seed(0)
-    lo = max(1, longest // 2 if shortest is None else shortest)
+    lo = max(1, min(longest, longest // 2 if shortest is None else shortest))
     lengths = torch.randint(lo, longest + 1, (n,), generator=g).tolist()
     return [torch.randint(3, min(vocab, 1000), (k,), generator=g).tolist() for k in lengths]
 
