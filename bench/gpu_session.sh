@@ -71,6 +71,10 @@
 #            under plain: plain/--barrier alternated twice (fp16, batch 1), then the batch-1 fp16
 #            cell through run-group; the bench with every prompt 64 tokens (the cell's prefill took
 #            25 ms a batch against the bench's 14.6); each run's prefill and decode printed;
+#   ncclenv - session 20: which part of a live NCCL communicator costs the ~170 us a CUDA-graph step
+#            (fp16, batch 1): plain, --barrier, then --barrier with NCCL's cuMem allocations off
+#            (NCCL_CUMEM_ENABLE=0) and with torch's NCCL watchdog extras off (monitoring, async
+#            error handling, flight recorder), while $END allows; each run's decode printed;
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -263,6 +267,25 @@ for path in glob.glob("bench-results/nccl/cells/*/events.parquet"):
           f"{float(m['j_per_token'].median()):.4f} J/token")
 PY
     rm -rf bench-results/nccl/.cache ;;
+  ncclenv)
+    E=(python3 bench/engines.py --engines compiled --precision fp16 --batches 1 --gen 128 --min-window-s 5
+       --cache-dir /tmp/inductor)
+    TAIL=2 step 120 "${E[@]}" --out "$OUT/h200_plain.json"
+    TAIL=2 step 90 "${E[@]}" --barrier --out "$OUT/h200_barrier.json"
+    TAIL=2 step 90 env NCCL_CUMEM_ENABLE=0 "${E[@]}" --barrier --out "$OUT/h200_nocumem.json"
+    TAIL=2 step $(( ${END:-400} - SECONDS )) env TORCH_NCCL_ENABLE_MONITORING=0 TORCH_NCCL_ASYNC_ERROR_HANDLING=0 \
+      TORCH_NCCL_TRACE_BUFFER_SIZE=0 "${E[@]}" --barrier --out "$OUT/h200_nowatch.json"
+    python3 - "$OUT" <<'PY'
+import json, sys
+for b in ("plain", "barrier", "nocumem", "nowatch"):
+    try:
+        r = json.load(open(f"{sys.argv[1]}/h200_{b}.json"))["runs"][0]
+        print(f"bench {b:8s} {r['tokens_per_s']:7.1f} tok/s  decode {r['decode_s'] * 1e3:7.2f} ms a batch  "
+              f"{r['j_per_token']:.4f} J/token")
+    except (OSError, KeyError, IndexError) as exc:
+        print(b, "no result:", exc)
+PY
+    ;;
   precells)
     C=bench/configs/h200x1_precision.yaml
     for g in compiled_int8 compiled compiled_fp8; do
