@@ -75,6 +75,11 @@
 #            (fp16, batch 1): plain, --barrier, then --barrier with NCCL's cuMem allocations off
 #            (NCCL_CUMEM_ENABLE=0) and with torch's NCCL watchdog extras off (monitoring, async
 #            error handling, flight recorder), while $END allows; each run's decode printed;
+#   reset - session 20: the batch-16 fp16 cell decoded ~160 us a step slower after the batch-1 cell in
+#            the same job (623.4 ms a batch) than alone (603.1, the bench's 602-603): the batch-16
+#            group alone, then the [1, 16] group as it is, with the rank's forget_compiled a no-op
+#            (LLMENERGY_BENCH_FORGET=keep) and with gc.collect() and empty_cache() around it (=gc),
+#            through bench/engine_reset/sitecustomize.py; each cell's decode a batch printed;
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -286,6 +291,29 @@ for b in ("plain", "barrier", "nocumem", "nowatch"):
         print(b, "no result:", exc)
 PY
     ;;
+  reset)
+    sed -e 's/precision: \[.*\]/precision: [fp16]/' -e 's#h200x1_acceptance#reset_#' \
+      bench/configs/h200x1_acceptance.yaml > /tmp/reset.yaml
+    for arm in alone plain keep gc; do
+      left=$(( ${END:-585} - SECONDS )); [ "$left" -gt 70 ] || break
+      sed -e "s#reset_#reset_$arm#" /tmp/reset.yaml > /tmp/reset_$arm.yaml
+      [ $arm = alone ] && sed -i 's/batch_size: \[1, 16\]/batch_size: [16]/' /tmp/reset_$arm.yaml
+      TAIL=2 step "$left" env PYTHONPATH="$PWD/bench/engine_reset:$PYTHONPATH" LLMENERGY_BENCH_FORGET=$arm \
+        "${lle[@]}" run-group --config /tmp/reset_$arm.yaml --group llama-7b_H200_s1_pnone_compiled
+    done
+    python3 - <<'PY'
+import glob
+import pandas as pd
+for path in sorted(glob.glob("bench-results/reset_*/cells/*/events.parquet")):
+    ev = pd.read_parquet(path)
+    ms = (ev["end_ns"] - ev["start_ns"]) / 1e6
+    m = pd.read_parquet(path.replace("events", "metrics"))
+    print(f"{path.split('/')[1]:13s} {path.split('/')[-2].split('_')[4]:4s} "
+          f"decode {ms[ev['phase'] == 'decode'].median():7.2f} ms a batch  "
+          f"prefill {ms[ev['phase'] == 'prefill'].median():6.2f} ms  {float(m['tokens_per_s'].median()):7.1f} tok/s  "
+          f"{float(m['j_per_token'].median()):.4f} J/token")
+PY
+    grep -H "engine_reset" bench-results/reset_*/groups/*/logs/rank0.log | cut -c1-160 ;;
   precells)
     C=bench/configs/h200x1_precision.yaml
     for g in compiled_int8 compiled compiled_fp8; do
