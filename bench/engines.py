@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     logits: dict[tuple[str, str, int], Any] = {}
     first: dict[int, Any] = {}  # per batch: the first run's first token, fed to every engine's first step
     pool: list[list[int]] = []
+    built = 0  # engines made in this process so far (session 20: a process's later compiled engines ran slower)
     for precision in args.precision:
         names = [e for e in args.engines if e == "compiled" or precision in args.anchor_precisions]
         for name in args.engines:
@@ -394,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         # compiled last: int8/fp8 release the model's 16-bit weights
         for name in sorted(names, key=lambda e: e == "compiled"):
             engine = make_engine(name, model, cache_dir=args.cache_dir, precision=precision)
+            built += 1
             wbytes = _weight_bytes(model, engine)
             backend = getattr(engine, "quant_backend", "dense")
             for bsz in args.batches:
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                 logits[precision, name, bsz] = _first_logits(engine, prompts, first.get(bsz))
                 first.setdefault(bsz, logits[precision, name, bsz][0].argmax(-1))
                 results["runs"].append({"precision": precision, "engine": name, "quant_backend": backend,
-                                        "weight_bytes": wbytes, **row,
+                                        "weight_bytes": wbytes, "engines_before": built - 1, **row,
                                         # what a cell of this engine records as provenance.load
                                         "load": (engine.load_provenance(bsz)
                                                  if hasattr(engine, "load_provenance") else None)})

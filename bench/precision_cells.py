@@ -8,6 +8,12 @@ size; prints tokens/s and J/token of both and the pipeline's difference from the
 in percent (the issue asks within 3 %), and writes them as JSON with ``--out``.  Tokens/s
 is output tokens over the measured prefill and decode windows in both (the repeat's
 median in the pipeline); J/token is the GPU energy counter's over the same windows.
+
+Tokens/s counts the prefill, which is bound by the host and varied 21.6-50 ms a batch
+between the bench's own runs on one H200 (session 20): the decode of a batch (the median
+of the cell's ``decode`` events against the bench's ``decode_s``) is compared as well, and
+each cell's place in its job (``provenance.group.position``; ``new engine`` when it did
+not keep the previous cell's: session 20 found a job's second compiled engine slower).
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ def _first(m: pd.DataFrame, col: str) -> Any:
 def pipeline_rows(results: Path) -> list[dict[str, Any]]:
     rows = []
     for cell_dir in sorted(p.parent for p in results.glob("cells/*/cell.json")):
-        status = json.loads((cell_dir / "cell.json").read_text()).get("status")
+        record = json.loads((cell_dir / "cell.json").read_text())
+        status = record.get("status")
         metrics = cell_dir / "metrics.parquet"
         if not metrics.exists():
             rows.append({"cell": cell_dir.name, "status": status})
@@ -46,8 +53,26 @@ def pipeline_rows(results: Path) -> list[dict[str, Any]]:
                      "precision": str(m["precision"].iloc[0]), "batch": int(m["batch_size"].iloc[0]),
                      "tokens_per_s": float(m["tokens_per_s"].median()),
                      "j_per_token": float(m["j_per_token"].median()),
+                     **_phases_s(cell_dir / "events.parquet"), **_place(record),
                      **{c: _first(m, c) for c in FIDELITY}})
     return rows
+
+
+def _phases_s(events: Path) -> dict[str, float | None]:
+    """The median prefill and decode of a measured batch, in seconds (None without events)."""
+    if not events.exists():
+        return {"prefill_s": None, "decode_s": None}
+    ev = pd.read_parquet(events, columns=["phase", "start_ns", "end_ns"])
+    took = (ev["end_ns"] - ev["start_ns"]) / 1e9
+    return {f"{phase}_s": (float(took[ev["phase"] == phase].median()) if (ev["phase"] == phase).any() else None)
+            for phase in ("prefill", "decode")}
+
+
+def _place(record: dict[str, Any]) -> dict[str, Any]:
+    """Where the cell ran in its job: position (None for a cell alone) and a new engine or not."""
+    prov = record.get("provenance") or {}
+    group, load = prov.get("group") or {}, prov.get("load") or {}
+    return {"job_position": group.get("position"), "shared_engine": load.get("shared_engine")}
 
 
 def compare(results: Path, bench: Path) -> list[dict[str, Any]]:
@@ -63,6 +88,11 @@ def compare(results: Path, bench: Path) -> list[dict[str, Any]]:
             row["tokens_per_s_diff_pct"] = 100 * (row["tokens_per_s"] / b["tokens_per_s"] - 1)
             if b["j_per_token"] and row["j_per_token"] == row["j_per_token"]:
                 row["j_per_token_diff_pct"] = 100 * (row["j_per_token"] / b["j_per_token"] - 1)
+            for phase in ("prefill", "decode"):
+                if row.get(f"{phase}_s") and b.get(f"{phase}_s"):
+                    row[f"bench_{phase}_s"] = b[f"{phase}_s"]
+                    row[f"{phase}_diff_pct"] = 100 * (row[f"{phase}_s"] / b[f"{phase}_s"] - 1)
+            row["bench_engines_before"] = b.get("engines_before")  # in the bench's process
         out.append(row)
     return out
 
@@ -80,12 +110,21 @@ def main() -> int:
             log.info("%-48s %s: no metrics or no bench run", r["cell"], r.get("status"))
             continue
         energy = ("J/token - (not metered)" if r["j_per_token"] != r["j_per_token"] else
+                  f"J/token {r['j_per_token']:.4f} (bench not metered)" if r["bench_j_per_token"] is None else
                   f"J/token {r['j_per_token']:.4f} (bench {r['bench_j_per_token']:.4f}, "
                   f"{r.get('j_per_token_diff_pct', float('nan')):+5.1f}%)")
         log.info("%-48s %s  tok/s %8.1f (bench %8.1f, %+5.1f%%)  %s%s",
                  r["cell"], r["status"], r["tokens_per_s"], r["bench_tokens_per_s"],
                  r["tokens_per_s_diff_pct"], energy,
                  "" if abs(r["tokens_per_s_diff_pct"]) <= LIMIT_PCT else f"  (over {LIMIT_PCT} %)")
+        if "decode_diff_pct" in r:
+            place = ("alone" if r["job_position"] is None else
+                     f"job position {r['job_position']}, {'kept engine' if r['shared_engine'] else 'new engine'}")
+            if r.get("bench_engines_before") is not None:
+                place += f"; the bench's engine {r['bench_engines_before'] + 1} of its process"
+            log.info("%-48s decode %7.2f ms a batch (bench %7.2f, %+5.1f%%)  prefill %6.2f ms (bench %6.2f)  %s",
+                     "", 1e3 * r["decode_s"], 1e3 * r["bench_decode_s"], r["decode_diff_pct"],
+                     1e3 * r["prefill_s"], 1e3 * r.get("bench_prefill_s", float("nan")), place)
     for r in rows:
         if r.get("logit_rel_diff") is not None:
             log.info("%-48s logits vs fp16: rel diff %.4g (max %.4g), KL %.3g nats, top-1 %.3f over %s positions",
