@@ -253,24 +253,8 @@ PY
       -e 's#h200x1_acceptance#nccl#' bench/configs/h200x1_acceptance.yaml > /tmp/nccl.yaml
     TAIL=2 step $(( ${END:-420} - SECONDS )) "${lle[@]}" run-group --config /tmp/nccl.yaml \
       --group llama-7b_H200_s1_pnone_compiled
-    python3 - "$OUT" <<'PY'
-import glob, json, sys
-import pandas as pd
-for b in ("plain1", "barrier1", "plain2", "barrier2", "prompt64"):
-    try:
-        r = json.load(open(f"{sys.argv[1]}/h200_{b}.json"))["runs"][0]
-        print(f"bench {b:9s} {r['tokens_per_s']:7.1f} tok/s  prefill {r['prefill_s'] * 1e3:6.2f} ms  "
-              f"decode {r['decode_s'] * 1e3:7.2f} ms a batch  {r['j_per_token']:.4f} J/token")
-    except (OSError, KeyError, IndexError) as exc:
-        print(b, "no result:", exc)
-for path in glob.glob("bench-results/nccl/cells/*/events.parquet"):
-    ev = pd.read_parquet(path)
-    ms = (ev["end_ns"] - ev["start_ns"]) / 1e6
-    m = pd.read_parquet(path.replace("events", "metrics"))
-    print(f"cell {float(m['tokens_per_s'].median()):7.1f} tok/s  prefill {ms[ev['phase'] == 'prefill'].median():6.2f} ms  "
-          f"decode {ms[ev['phase'] == 'decode'].median():7.2f} ms a batch (medians)  "
-          f"{float(m['j_per_token'].median()):.4f} J/token")
-PY
+    python3 bench/decode_table.py --cells bench-results/nccl --bench \
+      $(for b in plain1 barrier1 plain2 barrier2 prompt64; do echo "$b=$OUT/h200_$b.json"; done)
     rm -rf bench-results/nccl/.cache ;;
   ncclenv)
     E=(python3 bench/engines.py --engines compiled --precision fp16 --batches 1 --gen 128 --min-window-s 5
@@ -280,17 +264,8 @@ PY
     TAIL=2 step 90 env NCCL_CUMEM_ENABLE=0 "${E[@]}" --barrier --out "$OUT/h200_nocumem.json"
     TAIL=2 step $(( ${END:-400} - SECONDS )) env TORCH_NCCL_ENABLE_MONITORING=0 TORCH_NCCL_ASYNC_ERROR_HANDLING=0 \
       TORCH_NCCL_TRACE_BUFFER_SIZE=0 "${E[@]}" --barrier --out "$OUT/h200_nowatch.json"
-    python3 - "$OUT" <<'PY'
-import json, sys
-for b in ("plain", "barrier", "nocumem", "nowatch"):
-    try:
-        r = json.load(open(f"{sys.argv[1]}/h200_{b}.json"))["runs"][0]
-        print(f"bench {b:8s} {r['tokens_per_s']:7.1f} tok/s  decode {r['decode_s'] * 1e3:7.2f} ms a batch  "
-              f"{r['j_per_token']:.4f} J/token")
-    except (OSError, KeyError, IndexError) as exc:
-        print(b, "no result:", exc)
-PY
-    ;;
+    python3 bench/decode_table.py --bench \
+      $(for b in plain barrier nocumem nowatch; do echo "$b=$OUT/h200_$b.json"; done) ;;
   reset)
     sed -e 's/precision: \[.*\]/precision: [fp16]/' -e 's#h200x1_acceptance#reset_#' \
       bench/configs/h200x1_acceptance.yaml > /tmp/reset.yaml
@@ -301,18 +276,7 @@ PY
       TAIL=2 step "$left" env PYTHONPATH="$PWD/bench/engine_reset:$PYTHONPATH" LLMENERGY_BENCH_FORGET=$arm \
         "${lle[@]}" run-group --config /tmp/reset_$arm.yaml --group llama-7b_H200_s1_pnone_compiled
     done
-    python3 - <<'PY'
-import glob
-import pandas as pd
-for path in sorted(glob.glob("bench-results/reset_*/cells/*/events.parquet")):
-    ev = pd.read_parquet(path)
-    ms = (ev["end_ns"] - ev["start_ns"]) / 1e6
-    m = pd.read_parquet(path.replace("events", "metrics"))
-    print(f"{path.split('/')[1]:13s} {path.split('/')[-2].split('_')[4]:4s} "
-          f"decode {ms[ev['phase'] == 'decode'].median():7.2f} ms a batch  "
-          f"prefill {ms[ev['phase'] == 'prefill'].median():6.2f} ms  {float(m['tokens_per_s'].median()):7.1f} tok/s  "
-          f"{float(m['j_per_token'].median()):.4f} J/token")
-PY
+    python3 bench/decode_table.py --cells bench-results/reset_*
     grep -H "engine_reset" bench-results/reset_*/groups/*/logs/rank0.log | cut -c1-160 ;;
   precells)
     C=bench/configs/h200x1_precision.yaml

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from decode_table import phase_medians_s  # bench/, the script's folder
 
 log = logging.getLogger("precision_cells")
 LIMIT_PCT = 3.0
@@ -53,19 +54,10 @@ def pipeline_rows(results: Path) -> list[dict[str, Any]]:
                      "precision": str(m["precision"].iloc[0]), "batch": int(m["batch_size"].iloc[0]),
                      "tokens_per_s": float(m["tokens_per_s"].median()),
                      "j_per_token": float(m["j_per_token"].median()),
-                     **_phases_s(cell_dir / "events.parquet"), **_place(record),
+                     **{f"{phase}_s": sec for phase, sec in phase_medians_s(cell_dir / "events.parquet").items()},
+                     **_place(record),
                      **{c: _first(m, c) for c in FIDELITY}})
     return rows
-
-
-def _phases_s(events: Path) -> dict[str, float | None]:
-    """The median prefill and decode of a measured batch, in seconds (None without events)."""
-    if not events.exists():
-        return {"prefill_s": None, "decode_s": None}
-    ev = pd.read_parquet(events, columns=["phase", "start_ns", "end_ns"])
-    took = (ev["end_ns"] - ev["start_ns"]) / 1e9
-    return {f"{phase}_s": (float(took[ev["phase"] == phase].median()) if (ev["phase"] == phase).any() else None)
-            for phase in ("prefill", "decode")}
 
 
 def _place(record: dict[str, Any]) -> dict[str, Any]:
