@@ -77,9 +77,10 @@
 #            error handling, flight recorder), while $END allows; each run's decode printed;
 #   reset - session 20: the batch-16 fp16 cell decoded ~160 us a step slower after the batch-1 cell in
 #            the same job (623.4 ms a batch) than alone (603.1, the bench's 602-603): the batch-16
-#            group alone, then the [1, 16] group as it is, with the rank's forget_compiled a no-op
-#            (LLMENERGY_BENCH_FORGET=keep) and with gc.collect() and empty_cache() around it (=gc),
-#            through bench/engine_reset/sitecustomize.py; each cell's decode a batch printed;
+#            group alone, then the [1, 16] group as it is, with one engine for both batch sizes (the
+#            KV cache built for batch 16: LLMENERGY_BENCH_FORGET=share), with the rank's forget_compiled
+#            a no-op (=keep) and with gc.collect() and empty_cache() around it (=gc), while $END allows
+#            ($ARMS picks), through bench/engine_reset/sitecustomize.py; each cell's decode printed;
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -269,8 +270,8 @@ PY
   reset)
     sed -e 's/precision: \[.*\]/precision: [fp16]/' -e 's#h200x1_acceptance#reset_#' \
       bench/configs/h200x1_acceptance.yaml > /tmp/reset.yaml
-    for arm in alone plain keep gc; do
-      left=$(( ${END:-585} - SECONDS )); [ "$left" -gt 70 ] || break
+    for arm in ${ARMS:-alone plain share keep gc}; do
+      left=$(( ${END:-585} - SECONDS )); [ "$left" -gt $([ $arm = alone ] && echo 70 || echo 125) ] || break
       sed -e "s#reset_#reset_$arm#" /tmp/reset.yaml > /tmp/reset_$arm.yaml
       [ $arm = alone ] && sed -i 's/batch_size: \[1, 16\]/batch_size: [16]/' /tmp/reset_$arm.yaml
       TAIL=2 step "$left" env PYTHONPATH="$PWD/bench/engine_reset:$PYTHONPATH" LLMENERGY_BENCH_FORGET=$arm \

@@ -11,7 +11,11 @@ folder first on PYTHONPATH and ``LLMENERGY_BENCH_FORGET`` set:
 - ``keep``: ``forget_compiled`` does nothing (safe for a job of fewer than 8 KV-cache shapes:
   Dynamo's recompile limit);
 - ``gc``: ``gc.collect()`` first (the dropped engine's graphs freed now, not at some later
-  collection), then the reset, then ``torch.cuda.synchronize()`` and ``empty_cache()``.
+  collection), then the reset, then ``torch.cuda.synchronize()`` and ``empty_cache()``;
+- ``share``: the model's KV cache built for the largest batch of the job's cells of the same
+  sequence length, and never made smaller, so those cells keep one engine (the worker keys
+  it on the cache's shape) and compile each batch size into it, as ``bench/engines.py``
+  does: no second engine, no reset (the job's first cell compiles for the largest batch).
 
 Python imports ``sitecustomize`` at start-up in every process; only a rank (``RANK`` set) is
 changed. The worker looks ``engines.forget_compiled`` up when it calls it, so replacing the
@@ -22,12 +26,46 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 
 _MODE = os.environ.get("LLMENERGY_BENCH_FORGET", "")
 log = logging.getLogger("llmenergy.bench.engine_reset")
 
 
+def _job_batch(max_seq_len: int, asked: int) -> int:
+    """The largest batch of this job's cells whose sequence length is ``max_seq_len``."""
+    from pathlib import Path
+
+    from llmenergy.cellfiles import CellFiles, CellSpec, GroupSpec
+
+    group = GroupSpec.read(Path(sys.argv[-1]))  # the worker's one argument: group.json
+    specs = [CellSpec.read(CellFiles(group.cell_dir(c)).spec) for c in group.cells]
+    return max([asked, *(s.cell.batch_size for s in specs if s.max_seq_len == max_seq_len)])
+
+
+def _share() -> None:
+    from llmenergy.inference import model, weights
+
+    build, resize = weights.build, model.resize_cache
+
+    def shared_build(*args, max_batch_size: int, max_seq_len: int, **kwargs):  # type: ignore[no-untyped-def]
+        size = _job_batch(max_seq_len, max_batch_size)
+        log.warning("weights.build: KV cache for batch %d, not %d (bench/engine_reset share)", size, max_batch_size)
+        return build(*args, max_batch_size=size, max_seq_len=max_seq_len, **kwargs)
+
+    def shared_resize(m, max_batch_size: int, max_seq_len: int) -> None:  # type: ignore[no-untyped-def]
+        if max_seq_len == m.max_seq_len and max_batch_size <= m.max_batch_size:
+            log.warning("resize_cache: batch %d kept for %d (bench/engine_reset share)", m.max_batch_size, max_batch_size)
+            return
+        resize(m, _job_batch(max_seq_len, max_batch_size), max_seq_len)
+
+    weights.build, model.resize_cache = shared_build, shared_resize
+
+
 def _install(mode: str) -> None:
+    if mode == "share":
+        _share()
+        return
     from llmenergy.inference import engines
 
     plain = engines.forget_compiled
@@ -47,5 +85,5 @@ def _install(mode: str) -> None:
     engines.forget_compiled = forget_compiled
 
 
-if _MODE in ("keep", "gc") and "RANK" in os.environ:
+if _MODE in ("keep", "gc", "share") and "RANK" in os.environ:
     _install(_MODE)
