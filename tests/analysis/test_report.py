@@ -24,7 +24,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for shards in (1, 2):
             # how the compiled engine ran (provenance.load): mixed here on purpose
             load = {"prefill": "compiled", "decode_key_buckets": [64, 128] if shards == 1 else [136],
-                    "dense_gemv": bs == 1 and shards == 2}
+                    "dense_gemv": bs == 1 and shards == 2,
+                    "engine_index": 0 if bs == 1 else 1, "shared_engine": bs == 4 and shards == 2}
             make_cell(root, f"tiny-h100-s{shards}-bs{bs}", batch_size=bs, shards=shards,
                       power_w=100.0 + 20 * shards, decode_s=1.0 + bs, load=load)
     make_cell(root, "tiny-v100-s1-bs4", gpu="V100", batch_size=4, power_w=80.0, decode_s=8.0)
@@ -153,6 +154,18 @@ def test_provenance_table_counts_the_cells_by_how_the_compiled_engine_ran(html: 
     assert rows["compiled: prefill"] == "compiled: 4 cells"
     assert rows["compiled: fp16/bf16 linears"] == (
         "our GEMV at batch 1 (LLMENERGY_DENSE_GEMV=1): 1 cell, torch&#39;s F.linear: 3 cells")
+
+
+def test_provenance_table_says_which_compiled_cells_ran_on_a_later_engine_of_their_job(html: str) -> None:
+    """Session 20: a job's second compiled engine decoded ~3 % slower on an H200 than the same
+    cell alone; the report counts the cells that ran so (provenance.load.engine_index)."""
+    prov = html.split('id="provenance"')[1].split("</table>")[0]
+    rows = dict(re.findall(r"<tr><th>([^<]+)</th><td>([^<]*)</td></tr>", prov))
+    slower = " (decoded ~3 % slower on an H200: docs/measurement.md)"
+    assert rows["compiled: engine in its job"] == (
+        f"a later engine of its job{slower}: 1 cell, "
+        f"a later engine of its job, kept from the cell before{slower}: 1 cell, "
+        "its job&#39;s first engine: 2 cells")
 
 
 def test_the_rerun_commands_are_ones_the_cli_accepts(html: str, results: Path) -> None:

@@ -225,9 +225,9 @@ def test_cells_of_one_kv_cache_share_the_compiled_engine_and_match_it_alone(tmp_
     ids = _ids(packed)
     gid = "tiny_cpu_s1_pnone_compiled"
     assert _cli(packed, "run-group", "--group", gid) == 0, (packed / "cli.run-group.log").read_text()[-3000:]
-    shared = [json.loads((_cell_dir(packed, c) / "cell.json").read_text())["provenance"]["load"]["shared_engine"]
-              for c in ids]
-    assert shared == [False, True, False]
+    loads = [json.loads((_cell_dir(packed, c) / "cell.json").read_text())["provenance"]["load"] for c in ids]
+    assert [load["shared_engine"] for load in loads] == [False, True, False]
+    assert [load["engine_index"] for load in loads] == [0, 0, 1]  # the third: the job's second engine
     for c in ids:  # on CPU nothing compiles: the prefill is eager, and the cell says so
         assert json.loads((_cell_dir(packed, c) / "cell.json").read_text())["provenance"]["load"]["prefill"] == "eager"
     rank_log = (packed / "results" / "groups" / gid / "logs" / "rank0.log").read_text()
@@ -236,6 +236,7 @@ def test_cells_of_one_kv_cache_share_the_compiled_engine_and_match_it_alone(tmp_
         assert _cli(alone, "run-cell", "--cell", cid) == 0
         doc = json.loads((_cell_dir(alone, cid) / "cell.json").read_text())
         assert doc["provenance"]["load"]["shared_engine"] is False
+        assert doc["provenance"]["load"]["engine_index"] == 0
         rp, ra = (pq.read_table(_cell_dir(r, cid) / "responses.parquet").to_pandas() for r in (packed, alone))
         cols = ["prompt_id", "tokens_in", "tokens_out", "text"]
         assert rp[cols].equals(ra[cols]), cid

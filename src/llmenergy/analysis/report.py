@@ -124,7 +124,19 @@ ENGINE_SETTINGS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("compiled: prefill", "prefill", str),
     ("compiled: fp16/bf16 linears", "dense_gemv",  # F.linear: cuBLAS on a GPU
      lambda v: "our GEMV at batch 1 (LLMENERGY_DENSE_GEMV=1)" if v else "torch's F.linear"),
+    ("compiled: engine in its job", "engine_place", str),  # _engine_place
 )
+
+
+def _engine_place(load: dict[str, Any]) -> str | None:
+    """Which engine of its job a compiled cell ran on (``engine_index``, ``shared_engine``):
+    a job's later engines decoded ~3 % slower on an H200 (docs/measurement.md, session 20)."""
+    if "decode_key_buckets" not in load or load.get("engine_index") is None:
+        return None  # not the compiled engine, or recorded before session 20
+    if load["engine_index"] == 0:
+        return "its job's first engine"
+    return ("a later engine of its job, kept from the cell before" if load.get("shared_engine") else
+            "a later engine of its job") + " (decoded ~3 % slower on an H200: docs/measurement.md)"
 
 
 def _settings_rows(loads: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -164,7 +176,7 @@ def _provenance(output_dir: Path, cell_ids: list[str]) -> dict[str, Any]:
         hosts.update(str(h) for h in prov.hosts)
         if prov.slurm_job_id:
             jobs.add(str(prov.slurm_job_id))
-        loads += [prov.load] if isinstance(prov.load, dict) else []
+        loads += [{**prov.load, "engine_place": _engine_place(prov.load)}] if isinstance(prov.load, dict) else []
         started += [prov.started_at] if prov.started_at else []
         finished += [prov.finished_at] if prov.finished_at else []
     labels = {"llmenergy": "llmenergy version", "torch": "torch version", "python": "python version",

@@ -85,6 +85,7 @@ class Shared:
     prompts: dict[str, Any] = field(default_factory=dict)
     engine: Any = None
     engine_key: tuple[Any, ...] | None = None
+    engines_made: int = 0  # in this process: a later one decoded slower (docs/measurement.md)
     cell_dirs: list[Path] = field(default_factory=list)  # the job's cells, in run order
     references: dict[str, Any] = field(default_factory=dict)  # fp16 logits (inference.fidelity)
 
@@ -100,6 +101,7 @@ class Shared:
             self.engine = self.engine_key = None
             engines.forget_compiled()
         self.engine, self.engine_key = engines.cell_engine(spec, self.model, cache_dir=cache_dir), key
+        self.engines_made += 1
         return self.engine, False
 
 
@@ -183,7 +185,7 @@ def _cell_phases(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Share
     if spec.cell.engine == "compiled":  # what this rank ran with, checked against the definition
         engine_load["engine_switches"] = engine_switches()
     return WorkerStatus("ok", load=dict(shared.load or {}, shared_model_load=not built, shared_engine=reused,
-                                        **engine_load),
+                                        engine_index=shared.engines_made - 1, **engine_load),
                         fidelity=None if fid is None else fid.to_dict())
 
 
