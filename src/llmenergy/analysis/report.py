@@ -136,7 +136,7 @@ def _engine_place(load: dict[str, Any]) -> str | None:
     if load["engine_index"] == 0:
         return "its job's first engine"
     return ("a later engine of its job, kept from the cell before" if load.get("shared_engine") else
-            "a later engine of its job") + " (decoded ~3 % slower on an H200: docs/measurement.md)"
+            "a later engine of its job") + " (one such fp16 cell decoded 3.4 % slower on an H200: docs/measurement.md)"
 
 
 def _settings_rows(loads: list[dict[str, Any]]) -> list[tuple[str, str]]:
