@@ -174,7 +174,10 @@ case "$mode" in
       --out "$OUT/h200_acc_${tag}_cells.json"
     for d in bench-results/h200x1_acceptance/cells/*/; do
       mkdir -p "$OUT/cells_$tag/$(basename "$d")" && cp "$d"cell.json "$d"metrics.parquet "$OUT/cells_$tag/$(basename "$d")/" 2>/dev/null
-    done ;;
+    done
+    # each job's engines: kept or built after a reset, and the GPU memory beside them (session 21)
+    grep -h "of this process built\|compiled code of the job" bench-results/h200x1_acceptance/groups/*/logs/rank0.log \
+      | cut -c1-200 ;;
   order)
     C=bench/configs/h200x1_acceptance.yaml; g=llama-7b_H200_s1_pnone_compiled
     rm -rf bench-results

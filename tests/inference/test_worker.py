@@ -13,6 +13,7 @@ from launch_helpers import CellRun, make_env, start_run_cell, write_config
 
 from llmenergy.config import load
 from llmenergy.inference.tokenizer import default_tokenizer
+from llmenergy.inference import engines as E
 from llmenergy.inference import model as M
 from llmenergy.inference import weights as W
 from llmenergy.inference.worker import Shared, _more, response_counts
@@ -43,12 +44,57 @@ def test_more_passes_reach_the_target_at_the_mean_pass_time() -> None:
     assert _more(5.0, 0.0, 1) == 1  # nothing measurable yet: one more, then look again
 
 
-def test_a_new_engine_of_a_job_starts_without_the_compiled_code_of_the_one_before(tmp_path: Path) -> None:
-    """Dynamo compiles one function at most ``recompile_limit`` times per process (8), and a
-    packed group may have more KV-cache shapes than that: each engine swap forgets the compiled
-    code of the engine before, so the next one compiles afresh. Shown with the limit at 1 and a
-    function compiled for one shape: after a swap it compiles for another (without the swap's
-    reset that is a recompile over the limit, a hard failure); keeping the engine keeps it."""
+def _swap(shared: Shared, model: M.Transformer, spec: SimpleNamespace, tmp_path: Path, bsz: int) -> object:
+    """The job's next cell has another KV cache shape: its engine is a new one."""
+    M.resize_cache(model, bsz, 16)
+    engine, reused = shared.engine_for(spec, tmp_path)
+    assert not reused
+    return engine
+
+
+def test_a_new_engine_of_a_job_keeps_the_compiled_code_before_it_while_dynamo_has_room(tmp_path: Path) -> None:
+    """A job's later engine built after ``torch._dynamo.reset`` decoded ~3.5 % slower on an H200
+    than one built without it (docs/measurement.md), so an engine swap keeps what Dynamo compiled
+    before while ``recompile_limit`` leaves room for one more engine (2 entries), and resets only
+    then. Shown with a function compiled once: a swap with room keeps it (no recompile), one
+    without room drops it (compiled again) and marks the new engine as built after a reset."""
+    model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
+                       max_batch_size=2, max_seq_len=16)
+    shared = Shared(device=torch.device("cpu"), model=model)
+    spec = SimpleNamespace(cell=SimpleNamespace(engine="compiled", precision="fp16"))
+    compiles: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        compiles.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    double = torch.compile(lambda x: x * 2, backend=counting, fullgraph=True, dynamic=False)
+    double(torch.ones(2))
+    first, _ = shared.engine_for(spec, tmp_path)
+    assert not shared.engine_after_reset and shared.engines_made == 1
+    assert _swap(shared, model, spec, tmp_path, 3) is not first  # room: 0 kept + 2 <= 8
+    double(torch.ones(2))
+    assert len(compiles) == 1 and not shared.engine_after_reset and shared.kept_entries == 0
+    shared.kept_entries = 6  # as after six batch sizes compiled: 6 + 2 <= 8, still room
+    _swap(shared, model, spec, tmp_path, 2)
+    double(torch.ones(2))
+    assert len(compiles) == 1 and not shared.engine_after_reset
+    shared.kept_entries = 7  # no room: reset
+    _swap(shared, model, spec, tmp_path, 3)
+    assert shared.engine_after_reset and shared.kept_entries == 0 and shared.engines_made == 4
+    double(torch.ones(2))
+    assert len(compiles) == 2  # its compiled code went with the reset
+    # a cell that keeps the engine keeps what it says about it
+    assert shared.engine_for(spec, tmp_path)[1] and shared.engine_after_reset
+
+
+def test_an_engine_swap_resets_where_the_limit_leaves_no_room(tmp_path: Path) -> None:
+    """Dynamo compiles one function at most ``recompile_limit`` times per process (8) and a
+    packed group may have more KV-cache shapes than that: without room for the next engine,
+    the swap forgets the compiled code before it, so the next one compiles afresh. Shown with
+    the limit at 1 and a function compiled for one shape: after a swap it compiles for another
+    (without the swap's reset that is a recompile over the limit, a hard failure)."""
     model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
                        max_batch_size=2, max_seq_len=16)
     shared = Shared(device=torch.device("cpu"), model=model)
@@ -64,10 +110,23 @@ def test_a_new_engine_of_a_job_starts_without_the_compiled_code_of_the_one_befor
         assert shared.engine_for(spec, tmp_path) == (first, True)  # same shape: kept, nothing forgotten
         with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
             double(torch.ones(3))
-        M.resize_cache(model, 3, 16)
-        second, reused = shared.engine_for(spec, tmp_path)
-        assert second is not first and not reused
+        assert _swap(shared, model, spec, tmp_path, 3) is not first and shared.engine_after_reset
         torch.testing.assert_close(double(torch.ones(3)), torch.full((3,), 2.0))
+
+
+def test_an_engine_counts_one_dynamo_entry_per_batch_size_it_compiled(tmp_path: Path) -> None:
+    """What an engine swap counts against the limit: nothing for an engine that compiled
+    nothing (the reference, or ``compiled`` on CPU), a batch size each for a compiled one, and
+    an unknown (so a reset) where transformers decides what it compiles (``hf``)."""
+    model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
+                       max_batch_size=2, max_seq_len=16)
+    plain = E.make_engine("compiled", model)
+    plain.warm(2)
+    assert E.compiled_entries(plain) == 0 and plain.compiled_batches == {2}
+    assert E.compiled_entries(E.make_engine("reference", model)) == 0
+    assert E.compiled_entries(SimpleNamespace(compile=True, compiled_batches=frozenset({1, 16}))) == 2
+    assert E.compiled_entries(SimpleNamespace(compile=True)) is None
+    assert not E.room_for_engine(None) and E.room_for_engine(6) and not E.room_for_engine(7)
 
 
 def test_repeats_cycle_their_batches_to_the_minimum_window_and_prefill_is_measured(

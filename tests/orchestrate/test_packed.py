@@ -228,6 +228,7 @@ def test_cells_of_one_kv_cache_share_the_compiled_engine_and_match_it_alone(tmp_
     loads = [json.loads((_cell_dir(packed, c) / "cell.json").read_text())["provenance"]["load"] for c in ids]
     assert [load["shared_engine"] for load in loads] == [False, True, False]
     assert [load["engine_index"] for load in loads] == [0, 0, 1]  # the third: the job's second engine
+    assert [load["engine_after_reset"] for load in loads] == [False] * 3  # room left: nothing reset
     for c in ids:  # on CPU nothing compiles: the prefill is eager, and the cell says so
         assert json.loads((_cell_dir(packed, c) / "cell.json").read_text())["provenance"]["load"]["prefill"] == "eager"
     rank_log = (packed / "results" / "groups" / gid / "logs" / "rank0.log").read_text()

@@ -129,14 +129,17 @@ ENGINE_SETTINGS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
 
 
 def _engine_place(load: dict[str, Any]) -> str | None:
-    """Which engine of its job a compiled cell ran on (``engine_index``, ``shared_engine``):
-    a job's later engines decoded ~3 % slower on an H200 (docs/measurement.md, session 20)."""
+    """Which engine of its job a compiled cell ran on (``engine_index``), and whether it was
+    built after the job's compiled code was reset (``engine_after_reset``; every later engine
+    before session 21): such an engine decoded ~3.5 % slower on an H200 (docs/measurement.md)."""
     if "decode_key_buckets" not in load or load.get("engine_index") is None:
         return None  # not the compiled engine, or recorded before session 20
     if load["engine_index"] == 0:
         return "its job's first engine"
-    return ("a later engine of its job, kept from the cell before" if load.get("shared_engine") else
-            "a later engine of its job") + " (one such fp16 cell decoded 3.4 % slower on an H200: docs/measurement.md)"
+    if not load.get("engine_after_reset", True):
+        return "a later engine of its job, the compiled code before it kept"
+    return ("a later engine of its job, built after a reset of the compiled code "
+            "(such fp16 cells decoded 3.4–3.6 % slower on an H200: docs/measurement.md)")
 
 
 def _settings_rows(loads: list[dict[str, Any]]) -> list[tuple[str, str]]:

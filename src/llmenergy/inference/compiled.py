@@ -162,6 +162,11 @@ class CompiledEngine:
         self._block_graph = (torch.compile(self._block, fullgraph=True, dynamic=False)
                              if self.compile_prefill else self._block)
 
+    @property
+    def compiled_batches(self) -> frozenset[int]:
+        """The batch sizes the decode step compiled for (each a Dynamo cache entry)."""
+        return frozenset(self._ready)
+
     def _set_buckets(self, buckets: list[int]) -> None:
         """Attend over ``buckets`` key lengths (:attr:`key_buckets`), each a view of the key
         positions whose length is unbacked in the compiled step (docs/precision.md)."""

@@ -85,7 +85,11 @@ class Shared:
     prompts: dict[str, Any] = field(default_factory=dict)
     engine: Any = None
     engine_key: tuple[Any, ...] | None = None
-    engines_made: int = 0  # in this process: a later one decoded slower (docs/measurement.md)
+    engines_made: int = 0  # in this process
+    #: Dynamo entries of the engines kept since the last reset (None: unknown, reset next time)
+    kept_entries: int | None = 0
+    #: the engine in use was built after a reset in this process: decoded slower (docs/measurement.md)
+    engine_after_reset: bool = False
     cell_dirs: list[Path] = field(default_factory=list)  # the job's cells, in run order
     references: dict[str, Any] = field(default_factory=dict)  # fp16 logits (inference.fidelity)
 
@@ -97,12 +101,28 @@ class Shared:
         key = (spec.cell.engine, spec.cell.precision, self.model.max_batch_size, self.model.max_seq_len)
         if self.engine is not None and key == self.engine_key:
             return self.engine, True
-        if self.engine is not None:  # the previous engine's graphs and buffers go first
+        if self.engine is not None:  # keep its compiled code while Dynamo has room, else reset
+            spent = engines.compiled_entries(self.engine)
+            self.kept_entries = None if spent is None or self.kept_entries is None else self.kept_entries + spent
             self.engine = self.engine_key = None
-            engines.forget_compiled()
+            if not engines.room_for_engine(self.kept_entries):
+                engines.forget_compiled()
+                self.kept_entries, self.engine_after_reset = 0, True  # and every later engine
+                log.info("compiled code of the job's engines so far dropped (Dynamo's recompile limit); "
+                         "the next engine may decode slower (docs/measurement.md)")
         self.engine, self.engine_key = engines.cell_engine(spec, self.model, cache_dir=cache_dir), key
         self.engines_made += 1
+        _log_memory(self.device, f"engine {self.engines_made} of this process built")
         return self.engine, False
+
+
+def _log_memory(device: Any, what: str) -> None:
+    """What a job's kept engines hold on the GPU, in the rank's log."""
+    import torch
+
+    if getattr(device, "type", None) == "cuda":
+        log.info("%s: %.2f GiB allocated on %s, %.2f GiB reserved", what,
+                 torch.cuda.memory_allocated(device) / 2**30, device, torch.cuda.memory_reserved(device) / 2**30)
 
 
 def _load(spec: CellSpec, shared: Shared) -> bool:
@@ -185,7 +205,8 @@ def _cell_phases(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Share
     if spec.cell.engine == "compiled":  # what this rank ran with, checked against the definition
         engine_load["engine_switches"] = engine_switches()
     return WorkerStatus("ok", load=dict(shared.load or {}, shared_model_load=not built, shared_engine=reused,
-                                        engine_index=shared.engines_made - 1, **engine_load),
+                                        engine_index=shared.engines_made - 1,
+                                        engine_after_reset=shared.engine_after_reset, **engine_load),
                         fidelity=None if fid is None else fid.to_dict())
 
 
