@@ -15,7 +15,8 @@ thread.  Only read-only NVML calls are made.  Without NVML (CPU) the energy and
 utilisation columns are null.
 
 Memory-traffic bound: a decode step must read every weight once, so it lasts
-at least ``weight_bytes / --bandwidth`` (4.8e12 B/s, H200 datasheet) and the
+at least ``weight_bytes / --bandwidth`` (default by the GPU's name, from the
+datasheets: H200 4.8e12 B/s, H100 SXM 3.35e12, H100 PCIe 2.0e12; else 4.8e12) and the
 bound is ``batch / step_time`` tokens/s; ``bound_fraction`` is the decode
 tokens/s over that bound.  For every other engine (``compiled``, ``hf``)
 against ``reference``: the relative difference (L2) of the prefill and
@@ -103,6 +104,9 @@ class Nvml:
         self._thread = None
         return sum(u for _, u in self.samples) / len(self.samples) if self.samples else None
 
+
+#: memory bandwidth by a part of the GPU's name (datasheets), first match; else the H200's
+BANDWIDTHS = (("H200", 4.8e12), ("H100 80GB HBM3", 3.35e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12))
 
 def _prompts(n: int, longest: int, vocab: int, shortest: int | None = None) -> list[list[int]]:
     import torch
@@ -298,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen", type=int, default=256)
     p.add_argument("--min-window-s", type=float, default=5.0)
     p.add_argument("--max-reps", type=int, default=20)
-    p.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bandwidth, B/s")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="memory bandwidth, B/s (default: the GPU's datasheet figure, BANDWIDTHS)")
     p.add_argument("--cache-dir", default="/tmp/llmenergy-inductor", help="TORCHINDUCTOR_CACHE_DIR")
     p.add_argument("--port", type=int, default=29513)
     p.add_argument("--barrier", action="store_true",
@@ -342,9 +347,12 @@ def main(argv: list[str] | None = None) -> int:
         tp.init_model_parallel(1)
     nvml = Nvml(uuid)
     out = Path(args.out)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
+    if args.bandwidth is None:
+        args.bandwidth = next((bw for key, bw in BANDWIDTHS if key in gpu), 4.8e12)
     results: dict[str, Any] = {
         "arch": args.arch, "device": str(dev), "precisions": args.precision,
-        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+        "gpu": gpu,
         "torch": torch.__version__, "python": platform.python_version(), "gen": args.gen,
         "bandwidth_b_per_s": args.bandwidth, "inductor": inductor,
         "engine_switches": engine_switches(),
