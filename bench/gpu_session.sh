@@ -80,7 +80,9 @@
 #            group alone, then the [1, 16] group as it is, with one engine for both batch sizes (the
 #            KV cache built for batch 16: LLMENERGY_BENCH_FORGET=share), with the rank's forget_compiled
 #            a no-op (=keep) and with gc.collect() and empty_cache() around it (=gc), while $END allows
-#            ($ARMS picks), through bench/engine_reset/sitecustomize.py; each cell's decode printed;
+#            ($ARMS picks), through bench/engine_reset/sitecustomize.py; each cell's decode printed.
+#            Session 21: the reset was the cost, and the worker now resets only without room, so
+#            plain = keep; =reset brings a reset at every swap back (ARMS="alone plain reset")
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail

@@ -17,6 +17,12 @@ folder first on PYTHONPATH and ``LLMENERGY_BENCH_FORGET`` set:
   it on the cache's shape) and compile each batch size into it, as ``bench/engines.py``
   does: no second engine, no reset (the job's first cell compiles for the largest batch).
 
+Session 21 ran it on an H200 (bench/results/session21): ``keep`` and ``share`` decoded at the
+alone figure, ``gc`` did not, so the reset itself costs. The worker now resets only where
+Dynamo's recompile limit has no room (``engines.room_for_engine``), so for a job of two shapes
+``plain`` now runs as ``keep`` did. ``reset`` brings the old behaviour back (a reset at every
+engine swap: ``room_for_engine`` always false), to compare with it.
+
 Python imports ``sitecustomize`` at start-up in every process; only a rank (``RANK`` set) is
 changed. The worker looks ``engines.forget_compiled`` up when it calls it, so replacing the
 module's attribute is enough.
@@ -68,6 +74,10 @@ def _install(mode: str) -> None:
         return
     from llmenergy.inference import engines
 
+    if mode == "reset":
+        engines.room_for_engine = lambda entries: False
+        log.warning("room_for_engine: always false, a reset at every engine swap (bench/engine_reset)")
+        return
     plain = engines.forget_compiled
 
     def forget_compiled() -> None:
@@ -85,5 +95,5 @@ def _install(mode: str) -> None:
     engines.forget_compiled = forget_compiled
 
 
-if _MODE in ("keep", "gc", "share") and "RANK" in os.environ:
+if _MODE in ("keep", "gc", "share", "reset") and "RANK" in os.environ:
     _install(_MODE)
