@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from llmenergy.arch import engine_switches
     from llmenergy.inference import tp, weights
-    from llmenergy.inference.engines import compiled_entries, make_engine, room_for_engine
+    from llmenergy.inference.engines import compiled_entries, make_engine, room_for
 
     uuid = None
     if args.device == "cuda":
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "load_s": info.load_duration_s})
         # compiled last: int8/fp8 release the model's 16-bit weights
         for name in sorted(names, key=lambda e: e == "compiled"):
-            if name in kept and not room_for_engine(kept[name]):
+            if name in kept and not room_for(kept[name], len(args.batches)):
                 torch._dynamo.reset()
                 kept, resets = {}, resets + 1
             engine = make_engine(name, model, cache_dir=args.cache_dir, precision=precision)

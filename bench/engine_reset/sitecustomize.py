@@ -19,9 +19,9 @@ folder first on PYTHONPATH and ``LLMENERGY_BENCH_FORGET`` set:
 
 Session 21 ran it on an H200 (bench/results/session21): ``keep`` and ``share`` decoded at the
 alone figure, ``gc`` did not, so the reset itself costs. The worker now resets only where
-Dynamo's recompile limit has no room (``engines.room_for_engine``), so for a job of two shapes
+Dynamo's recompile limit has no room (``engines.room_for``), so for a job of two shapes
 ``plain`` now runs as ``keep`` did. ``reset`` brings the old behaviour back (a reset at every
-engine swap: ``room_for_engine`` always false), to compare with it.
+engine swap: ``room_for`` always false), to compare with it.
 
 Python imports ``sitecustomize`` at start-up in every process; only a rank (``RANK`` set) is
 changed. The worker looks ``engines.forget_compiled`` up when it calls it, so replacing the
@@ -75,8 +75,8 @@ def _install(mode: str) -> None:
     from llmenergy.inference import engines
 
     if mode == "reset":
-        engines.room_for_engine = lambda entries: False
-        log.warning("room_for_engine: always false, a reset at every engine swap (bench/engine_reset)")
+        engines.room_for = lambda entries, more: False
+        log.warning("room_for: always false, a reset at every engine swap (bench/engine_reset)")
         return
     plain = engines.forget_compiled
 

@@ -16,7 +16,8 @@ from llmenergy.inference.tokenizer import default_tokenizer
 from llmenergy.inference import engines as E
 from llmenergy.inference import model as M
 from llmenergy.inference import weights as W
-from llmenergy.inference.worker import Shared, _more, response_counts
+from llmenergy.inference.compiled import CompiledEngine
+from llmenergy.inference.worker import Shared, _more, batch_sizes, response_counts
 from llmenergy.planning.matrix import expand
 
 
@@ -47,21 +48,26 @@ def test_more_passes_reach_the_target_at_the_mean_pass_time() -> None:
 def _swap(shared: Shared, model: M.Transformer, spec: SimpleNamespace, tmp_path: Path, bsz: int) -> object:
     """The job's next cell has another KV cache shape: its engine is a new one."""
     M.resize_cache(model, bsz, 16)
-    engine, reused = shared.engine_for(spec, tmp_path)
+    engine, reused = shared.engine_for(spec, tmp_path, {bsz})
     assert not reused
     return engine
+
+
+def _job(tmp_path: Path) -> tuple[M.Transformer, Shared, SimpleNamespace]:
+    model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
+                       max_batch_size=2, max_seq_len=16)
+    return model, Shared(device=torch.device("cpu"), model=model), SimpleNamespace(
+        cell=SimpleNamespace(engine="compiled", precision="fp16"))
 
 
 def test_a_new_engine_of_a_job_keeps_the_compiled_code_before_it_while_dynamo_has_room(tmp_path: Path) -> None:
     """A job's later engine built after ``torch._dynamo.reset`` decoded ~3.5 % slower on an H200
     than one built without it (docs/measurement.md), so an engine swap keeps what Dynamo compiled
-    before while ``recompile_limit`` leaves room for one more engine (2 entries), and resets only
-    then. Shown with a function compiled once: a swap with room keeps it (no recompile), one
-    without room drops it (compiled again) and marks the new engine as built after a reset."""
-    model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
-                       max_batch_size=2, max_seq_len=16)
-    shared = Shared(device=torch.device("cpu"), model=model)
-    spec = SimpleNamespace(cell=SimpleNamespace(engine="compiled", precision="fp16"))
+    before while ``recompile_limit`` (8) leaves room for what the new engine compiles (an entry
+    per batch size), and resets only then. Shown with a function compiled once: a swap with room
+    keeps it (no recompile), one without room drops it (compiled again) and marks the new engine,
+    and every later one, as built after a reset."""
+    model, shared, spec = _job(tmp_path)
     compiles: list[int] = []
 
     def counting(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
@@ -71,62 +77,82 @@ def test_a_new_engine_of_a_job_keeps_the_compiled_code_before_it_while_dynamo_ha
     torch._dynamo.reset()
     double = torch.compile(lambda x: x * 2, backend=counting, fullgraph=True, dynamic=False)
     double(torch.ones(2))
-    first, _ = shared.engine_for(spec, tmp_path)
+    first, _ = shared.engine_for(spec, tmp_path, {2})
     assert not shared.engine_after_reset and shared.engines_made == 1
-    assert _swap(shared, model, spec, tmp_path, 3) is not first  # room: 0 kept + 2 <= 8
+    assert _swap(shared, model, spec, tmp_path, 3) is not first  # room: 0 kept + 1 <= 8
     double(torch.ones(2))
     assert len(compiles) == 1 and not shared.engine_after_reset and shared.kept_entries == 0
-    shared.kept_entries = 6  # as after six batch sizes compiled: 6 + 2 <= 8, still room
+    shared.kept_entries = 7  # as after seven batch sizes compiled: 7 + 1 <= 8, still room
     _swap(shared, model, spec, tmp_path, 2)
     double(torch.ones(2))
     assert len(compiles) == 1 and not shared.engine_after_reset
-    shared.kept_entries = 7  # no room: reset
-    _swap(shared, model, spec, tmp_path, 3)
+    shared.kept_entries = 7  # a cell of two batch sizes (a smaller last batch): no room, reset
+    M.resize_cache(model, 3, 16)
+    assert not shared.engine_for(spec, tmp_path, {3, 1})[1]
     assert shared.engine_after_reset and shared.kept_entries == 0 and shared.engines_made == 4
     double(torch.ones(2))
     assert len(compiles) == 2  # its compiled code went with the reset
-    # a cell that keeps the engine keeps what it says about it
-    assert shared.engine_for(spec, tmp_path)[1] and shared.engine_after_reset
+    _swap(shared, model, spec, tmp_path, 2)  # a later engine, with room: still after that reset
+    assert shared.engine_after_reset and shared.kept_entries == 0
+
+
+def test_a_cell_keeps_the_engine_before_it_unless_its_new_batch_sizes_leave_no_room(tmp_path: Path) -> None:
+    """A cell of the previous cell's KV cache shape keeps its engine; where it brings a batch
+    size the engine has not compiled (a smaller last batch) and Dynamo has no room for it, the
+    job resets instead and the cell gets a new engine (compiling inside a measured window, or
+    failing over the limit, would be worse)."""
+    model, shared, spec = _job(tmp_path)
+    shared.engine_for(spec, tmp_path, {2})
+    engine = CompiledEngine(model, compile=True)  # as warmed for batch 2 (Inductor takes minutes on CPU)
+    engine.ready_batches.add(2)
+    shared.engine, shared.kept_entries = engine, 6
+    assert shared.engine_for(spec, tmp_path, {2}) == (engine, True)  # nothing new to compile
+    assert shared.engine_for(spec, tmp_path, {2, 1}) == (engine, True)  # 6 + 1 + 1 <= 8
+    shared.kept_entries = 7
+    other, reused = shared.engine_for(spec, tmp_path, {2, 1})  # 7 + 1 + 1 > 8
+    assert other is not engine and not reused and shared.engine_after_reset and shared.kept_entries == 0
 
 
 def test_an_engine_swap_resets_where_the_limit_leaves_no_room(tmp_path: Path) -> None:
     """Dynamo compiles one function at most ``recompile_limit`` times per process (8) and a
     packed group may have more KV-cache shapes than that: without room for the next engine,
     the swap forgets the compiled code before it, so the next one compiles afresh. Shown with
-    the limit at 1 and a function compiled for one shape: after a swap it compiles for another
+    the limit at 0 and a function compiled for one shape: after a swap it compiles for another
     (without the swap's reset that is a recompile over the limit, a hard failure)."""
-    model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
-                       max_batch_size=2, max_seq_len=16)
-    shared = Shared(device=torch.device("cpu"), model=model)
-    spec = SimpleNamespace(cell=SimpleNamespace(engine="compiled", precision="fp16"))
+    model, shared, spec = _job(tmp_path)
     torch._dynamo.reset()
     double = torch.compile(lambda x: x * 2, backend="eager", fullgraph=True, dynamic=False)
+    double(torch.ones(2))
     with torch._dynamo.config.patch(recompile_limit=1):
-        double(torch.ones(2))
-        first, reused = shared.engine_for(spec, tmp_path)
-        assert not reused
+        first, reused = shared.engine_for(spec, tmp_path, {2})  # nothing compiled before: room
+        assert not reused and not shared.engine_after_reset
         with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
             double(torch.ones(3))  # the limit holds while the first engine is in use
-        assert shared.engine_for(spec, tmp_path) == (first, True)  # same shape: kept, nothing forgotten
+        assert shared.engine_for(spec, tmp_path, {2}) == (first, True)  # same shape: kept, nothing forgotten
         with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
             double(torch.ones(3))
+    with torch._dynamo.config.patch(recompile_limit=0):
         assert _swap(shared, model, spec, tmp_path, 3) is not first and shared.engine_after_reset
+    with torch._dynamo.config.patch(recompile_limit=1):
         torch.testing.assert_close(double(torch.ones(3)), torch.full((3,), 2.0))
 
 
 def test_an_engine_counts_one_dynamo_entry_per_batch_size_it_compiled(tmp_path: Path) -> None:
     """What an engine swap counts against the limit: nothing for an engine that compiled
     nothing (the reference, or ``compiled`` on CPU), a batch size each for a compiled one, and
-    an unknown (so a reset) where transformers decides what it compiles (``hf``)."""
-    model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
-                       max_batch_size=2, max_seq_len=16)
+    an unknown (so a reset) where transformers decides what it compiles (``hf``); a cell runs
+    its batch size, a smaller last batch, or all its prompts in one batch."""
+    model, _, _ = _job(tmp_path)
     plain = E.make_engine("compiled", model)
     plain.warm(2)
-    assert E.compiled_entries(plain) == 0 and plain.compiled_batches == {2}
+    assert E.compiled_entries(plain) == 0 and plain.ready_batches == {2} and E.new_entries(plain, {1}) == 0
     assert E.compiled_entries(E.make_engine("reference", model)) == 0
-    assert E.compiled_entries(SimpleNamespace(compile=True, compiled_batches=frozenset({1, 16}))) == 2
+    warmed = SimpleNamespace(compile=True, ready_batches={1, 16})
+    assert E.compiled_entries(warmed) == 2 and E.new_entries(warmed, {16, 4}) == 1
     assert E.compiled_entries(SimpleNamespace(compile=True)) is None
-    assert not E.room_for_engine(None) and E.room_for_engine(6) and not E.room_for_engine(7)
+    assert E.new_entries(SimpleNamespace(compile=True), {4}) is None
+    assert not E.room_for(None, 0) and E.room_for(6, 2) and not E.room_for(7, 2)
+    assert batch_sizes(10, 4) == {4, 2} and batch_sizes(8, 4) == {4} and batch_sizes(3, 4) == {3}
 
 
 def test_repeats_cycle_their_batches_to_the_minimum_window_and_prefill_is_measured(

@@ -146,7 +146,7 @@ class CompiledEngine:
         # the decode step's key lengths (:func:`key_buckets`; ``LLMENERGY_KEY_BUCKETS=0``: one)
         self._set_buckets(key_buckets(self.max_seq_len, os.environ.get(BUCKETS_ENV, "1") != "0"))
         self._caches: dict[int, Caches] = {}
-        self._ready: set[int] = set()
+        self.ready_batches: set[int] = set()  # warmed: with compile, a Dynamo entry each
         self._prefill_ready: set[int] = set()
         self._tokens: dict[int, torch.Tensor] = {}
         self._step = self._decode
@@ -161,11 +161,6 @@ class CompiledEngine:
         # the compiled prefill: one graph for every block, the prompt length symbolic
         self._block_graph = (torch.compile(self._block, fullgraph=True, dynamic=False)
                              if self.compile_prefill else self._block)
-
-    @property
-    def compiled_batches(self) -> frozenset[int]:
-        """The batch sizes the decode step compiled for (each a Dynamo cache entry)."""
-        return frozenset(self._ready)
 
     def _set_buckets(self, buckets: list[int]) -> None:
         """Attend over ``buckets`` key lengths (:attr:`key_buckets`), each a view of the key
@@ -353,12 +348,12 @@ class CompiledEngine:
     def warm(self, bsz: int, on_phase: PhaseCallback | None = None) -> None:
         """Compile (and on CUDA capture) the decode step for batch ``bsz``, and the prefill
         (``compile_prefill``); report ``"compile"``."""
-        if bsz in self._ready:
+        if bsz in self.ready_batches:
             return
         caches = self.caches(bsz)
         sync(self.device)
         t0 = time.time_ns()
-        if not self._ready:  # the first batch size: our kernels, tuned once for the engine
+        if not self.ready_batches:  # the first batch size: our kernels, tuned once for the engine
             agree = (None if self._group is None else
                      functools.partial(tp.slowest, group=self._group, device=self.device))
             if n := quant.warm_kernels(self.linears, self.dtype, agree):
@@ -373,7 +368,7 @@ class CompiledEngine:
                     self._warm_calls(token, pos, n_pad, caches)
                     break
                 except Exception as exc:  # noqa: BLE001 - the GEMM-template options are unverified
-                    if len(self.key_buckets) > 1 and not self._ready:
+                    if len(self.key_buckets) > 1 and not self.ready_batches:
                         log.warning("compiling the decode step with key lengths %s failed (%s: %s); "
                                     "attending over the whole cache", self.key_buckets,
                                     type(exc).__name__, str(exc)[:300])
@@ -394,7 +389,7 @@ class CompiledEngine:
             self._warm_prefill(bsz, caches)
         sync(self.device)
         t1 = time.time_ns()
-        self._ready.add(bsz)
+        self.ready_batches.add(bsz)
         if self.compile:
             log.info("compiled the decode step for batch %d in %.1f s%s", bsz, (t_decode - t0) / 1e9,
                      f", the prefill's block in {(t1 - t_decode) / 1e9:.1f} s"

@@ -159,33 +159,36 @@ def cell_engine(spec: CellSpec, model: Transformer, *, cache_dir: str | Path | N
     return make_engine(spec.cell.engine, model, cache_dir=cache_dir, precision=spec.cell.precision)
 
 
-#: Dynamo entries a new engine may add to each compiled function before the worker looks
-#: again: one for its KV cache's batch and one for a smaller last batch of its cells
-NEW_ENGINE_ENTRIES = 2
-
-
 def compiled_entries(engine: Engine) -> int | None:
     """Dynamo cache entries ``engine`` added to each function it compiled: one per batch size
     its decode step (and prefill block) compiled for; 0 when it compiled nothing; None when not
     known (``hf``: transformers decides what it compiles)."""
     if not getattr(engine, "compile", False):
         return 0
-    ready = getattr(engine, "compiled_batches", None)
+    ready = getattr(engine, "ready_batches", None)
     return None if ready is None else len(ready)
 
 
-def room_for_engine(entries: int | None) -> bool:
-    """Whether one more engine can compile beside ``entries`` kept ones (None: unknown)
-    within Dynamo's ``recompile_limit`` (8), so the job keeps their compiled code."""
+def new_entries(engine: Engine, batch_sizes: set[int]) -> int | None:
+    """The entries a cell of these batch sizes adds to ``engine`` (None: not known)."""
+    if not getattr(engine, "compile", False):
+        return 0
+    ready = getattr(engine, "ready_batches", None)
+    return None if ready is None else len(batch_sizes - ready)
+
+
+def room_for(entries: int | None, more: int) -> bool:
+    """Whether ``more`` compiles fit beside ``entries`` kept ones (None: unknown, no) within
+    Dynamo's ``recompile_limit`` (8 entries per function), so nothing needs a reset."""
     import torch
 
     limit = getattr(torch._dynamo.config, "recompile_limit", 8)
-    return entries is not None and entries + NEW_ENGINE_ENTRIES <= limit
+    return entries is not None and entries + more <= limit
 
 
 def forget_compiled() -> None:
     """Drop the compiled code of engines no longer in use (``torch._dynamo.reset``), before a
-    job's next engine, when :func:`room_for_engine` says there is no room.  Dynamo keeps
+    job's next engine, when :func:`room_for` says there is no room.  Dynamo keeps
     compiled code per function, not per engine, and compiles one function at most
     ``recompile_limit`` (8) times in a process: without this, the ninth KV-cache shape of a
     packed group failed its compile (``FailOnRecompileLimitHit``, reproduced on CPU).  The

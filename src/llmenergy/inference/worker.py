@@ -93,27 +93,39 @@ class Shared:
     cell_dirs: list[Path] = field(default_factory=list)  # the job's cells, in run order
     references: dict[str, Any] = field(default_factory=dict)  # fp16 logits (inference.fidelity)
 
-    def engine_for(self, spec: CellSpec, cache_dir: Path) -> tuple[Any, bool]:
+    def engine_for(self, spec: CellSpec, cache_dir: Path, batch_sizes: set[int]) -> tuple[Any, bool]:
         """The cell's engine, and whether it is the previous cell's (same engine, precision
-        and KV cache shape: its compiled graphs fit this cell, so it compiles nothing new)."""
+        and KV cache shape: its compiled graphs fit this cell, so it compiles nothing new).
+
+        The compiled code of the job's engines is kept while Dynamo has room for what the
+        cell compiles (one entry per new batch size among ``batch_sizes``); without room it
+        is dropped (``engines.forget_compiled``) and the cell gets a new engine."""
         from llmenergy.inference import engines
 
         key = (spec.cell.engine, spec.cell.precision, self.model.max_batch_size, self.model.max_seq_len)
-        if self.engine is not None and key == self.engine_key:
-            return self.engine, True
-        if self.engine is not None:  # keep its compiled code while Dynamo has room, else reset
+        if self.engine is not None:
             spent = engines.compiled_entries(self.engine)
-            self.kept_entries = None if spent is None or self.kept_entries is None else self.kept_entries + spent
+            total = None if spent is None or self.kept_entries is None else self.kept_entries + spent
+            if key == self.engine_key:
+                more = engines.new_entries(self.engine, batch_sizes)
+                if not more or total is None or engines.room_for(total, more):
+                    return self.engine, True
+            self.kept_entries = total
             self.engine = self.engine_key = None
-            if not engines.room_for_engine(self.kept_entries):
-                engines.forget_compiled()
-                self.kept_entries, self.engine_after_reset = 0, True  # and every later engine
-                log.info("compiled code of the job's engines so far dropped (Dynamo's recompile limit); "
-                         "the next engine may decode slower (docs/measurement.md)")
+        if not engines.room_for(self.kept_entries, len(batch_sizes)):
+            engines.forget_compiled()
+            self.kept_entries, self.engine_after_reset = 0, True  # and every later engine
+            log.info("compiled code of the job's engines so far dropped (Dynamo's recompile limit); "
+                     "the next engine may decode slower (docs/measurement.md)")
         self.engine, self.engine_key = engines.cell_engine(spec, self.model, cache_dir=cache_dir), key
         self.engines_made += 1
         _log_memory(self.device, f"engine {self.engines_made} of this process built")
         return self.engine, False
+
+
+def batch_sizes(n_prompts: int, batch_size: int) -> set[int]:
+    """The batch sizes a cell of ``n_prompts`` runs: its batches and the warm-up's."""
+    return {min(n_prompts, batch_size)} | ({n_prompts % batch_size} if n_prompts % batch_size else set())
 
 
 def _log_memory(device: Any, what: str) -> None:
@@ -193,7 +205,8 @@ def _cell_phases(spec: CellSpec, files: CellFiles, job: CellFiles, shared: Share
     if shared.cap_error is not None:
         raise shared.cap_error
     stop.check()
-    engine, reused = shared.engine_for(spec, RunLayout.of_cell(files.root).inductor_cache)
+    engine, reused = shared.engine_for(spec, RunLayout.of_cell(files.root).inductor_cache,
+                                       batch_sizes(len(encoded), spec.cell.batch_size))
     if reused:
         log.info("%s: the previous cell's %s engine kept (same precision and KV cache): no new compile",
                  spec.cell_id, spec.cell.engine)
