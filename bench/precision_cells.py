@@ -13,7 +13,8 @@ Tokens/s counts the prefill, which is bound by the host and varied 21.6-50 ms a 
 between the bench's own runs on one H200 (session 20): the decode of a batch (the median
 of the cell's ``decode`` events against the bench's ``decode_s``) is compared as well, and
 each cell's place in its job (``provenance.group.position``; ``new engine`` when it did
-not keep the previous cell's: session 20 found a job's second compiled engine slower).
+not keep the previous cell's, and ``after a reset`` when built after a reset of the
+compiled code: session 21 found that slower).
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def _place(record: dict[str, Any]) -> dict[str, Any]:
     """Where the cell ran in its job: position (None for a cell alone) and a new engine or not."""
     prov = record.get("provenance") or {}
     group, load = prov.get("group") or {}, prov.get("load") or {}
-    return {"job_position": group.get("position"), "shared_engine": load.get("shared_engine")}
+    return {"job_position": group.get("position"), "shared_engine": load.get("shared_engine"),
+            "engine_after_reset": load.get("engine_after_reset")}  # None: recorded before session 21
 
 
 def compare(results: Path, bench: Path) -> list[dict[str, Any]]:
@@ -85,6 +87,7 @@ def compare(results: Path, bench: Path) -> list[dict[str, Any]]:
                     row[f"bench_{phase}_s"] = b[f"{phase}_s"]
                     row[f"{phase}_diff_pct"] = 100 * (row[f"{phase}_s"] / b[f"{phase}_s"] - 1)
             row["bench_engines_before"] = b.get("engines_before")  # in the bench's process
+            row["bench_resets_before"] = b.get("resets_before")
         out.append(row)
     return out
 
@@ -112,8 +115,10 @@ def main() -> int:
         if "decode_diff_pct" in r:
             place = ("alone" if r["job_position"] is None else
                      f"job position {r['job_position']}, {'kept engine' if r['shared_engine'] else 'new engine'}")
+            place += ", after a reset" if r.get("engine_after_reset") else ""
             if r.get("bench_engines_before") is not None:
                 place += f"; the bench's engine {r['bench_engines_before'] + 1} of its process"
+                place += ", after a reset" if r.get("bench_resets_before") else ""
             log.info("%-48s decode %7.2f ms a batch (bench %7.2f, %+5.1f%%)  prefill %6.2f ms (bench %6.2f)  %s",
                      "", 1e3 * r["decode_s"], 1e3 * r["bench_decode_s"], r["decode_diff_pct"],
                      1e3 * r["prefill_s"], 1e3 * r.get("bench_prefill_s", float("nan")), place)
