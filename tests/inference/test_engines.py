@@ -314,3 +314,38 @@ def test_prefill_only_is_the_prefill_of_generate(model: torch.nn.Module) -> None
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="exceed the model cache"):
         make_engine("reference", model).prefill_only([[1] * 30])
+
+
+def test_dynamo_keeps_an_entry_per_batch_size_of_every_compiled_engine_as_the_worker_counts() -> None:
+    """The worker keeps a job's compiled code while Dynamo has room (``engines.room_for``),
+    counting an entry per batch size each compiled engine warmed (``compiled_entries``).
+    Checked against Dynamo's own cache on CPU (~15 s of Inductor): the decode step's and the
+    prefill block's entries are the sum over the engines, alive or dropped, and generating
+    other prompt lengths adds none."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as entries
+
+    from llmenergy.inference import model as M
+    from llmenergy.inference.compiled import CompiledEngine
+    from llmenergy.inference.engines import compiled_entries, new_entries
+
+    def counts() -> tuple[int, int]:
+        return len(entries(CompiledEngine._decode.__code__)), len(entries(CompiledEngine._block.__code__))
+
+    torch._dynamo.reset()
+    model, _ = W.build("llama-tiny", "synthetic", device="cpu", dtype=torch.float32, seed=1,
+                       max_batch_size=2, max_seq_len=16)
+    first = CompiledEngine(model, compile=True, compile_prefill=True)
+    first.warm(2)
+    first.warm(1)
+    first.generate([[1, 2, 3], [4, 5]], 3, eos_id=None, stop_at_eos=False)
+    first.generate([[1, 2, 3, 4, 5]], 3, eos_id=None, stop_at_eos=False)
+    assert compiled_entries(first) == 2 and counts() == (2, 2)
+    del first
+    M.resize_cache(model, 3, 16)
+    second = CompiledEngine(model, compile=True, compile_prefill=True)
+    assert new_entries(second, {3, 1}) == 2
+    second.warm(3)
+    second.generate([[1, 2, 3], [4, 5], [6]], 3, eos_id=None, stop_at_eos=False)
+    assert compiled_entries(second) == 1 and counts() == (3, 3)  # the dropped engine's stay
+    torch._dynamo.reset()
+    assert counts() == (0, 0)
