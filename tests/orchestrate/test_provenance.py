@@ -38,6 +38,24 @@ def test_checkout_src_package_records_its_commit(tmp_path: Path) -> None:
     assert provenance.git_commit(tmp_path / "llmenergy" / "src" / "llmenergy") == commit
 
 
+def test_a_checkout_whose_code_differs_from_its_commit_records_it_dirty(tmp_path: Path) -> None:
+    """The commit alone would claim code that did not run: a changed or new file under src/
+    (or workflow/, Snakefile) makes it ``<commit>-dirty``; an edited config or doc does not."""
+    root = tmp_path / "llmenergy"
+    commit = make_repo(root, {**PACKAGE, "config.yaml": "a: 1\n", "workflow/rules/run.smk": "rule x:\n"})
+    package = root / "src" / "llmenergy"
+    (root / "config.yaml").write_text("a: 2\n")
+    (root / "notes.md").write_text("x\n")
+    assert provenance.git_commit(package) == commit
+    (package / "extra.py").write_text("X = 1\n")  # a new module, not yet added
+    assert provenance.git_commit(package) == f"{commit}-dirty"
+    (package / "extra.py").unlink()
+    (root / "workflow" / "rules" / "run.smk").write_text("rule y:\n")
+    assert provenance.git_commit(package) == f"{commit}-dirty"
+    git(root, "commit", "-qam", "y")
+    assert provenance.git_commit(package) == git(root, "rev-parse", "HEAD") != commit
+
+
 def test_working_directory_in_another_repository_does_not_matter(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     commit = make_repo(tmp_path / "llmenergy", PACKAGE)
@@ -66,10 +84,11 @@ def test_package_outside_any_repository_records_no_commit(tmp_path: Path) -> Non
 
 
 def test_this_checkout(tmp_path: Path) -> None:
-    """The package under test, imported from this worktree's ``src/``, records this worktree's HEAD."""
+    """The package under test, imported from this worktree's ``src/``, records this worktree's
+    HEAD (``-dirty`` while its code has uncommitted changes, as during development)."""
     package = Path(provenance.llmenergy.__file__).resolve().parent
     top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=package, capture_output=True, text=True)
     if top.returncode != 0 or Path(top.stdout.strip()).resolve() / "src" / "llmenergy" != package:
         pytest.skip("llmenergy is not imported from a git checkout's src/ here")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True).stdout.strip()
-    assert provenance.git_commit() == head
+    assert provenance.git_commit().removesuffix("-dirty") == head

@@ -30,6 +30,10 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+#: what of the checkout runs: a change here makes its commit ``-dirty`` (config and docs do not)
+CODE_PATHS = ("src", "workflow", "Snakefile")
+
+
 def git_commit(package_dir: str | os.PathLike[str] | None = None) -> str | None:
     """The commit of the llmenergy checkout the package was imported from, else None.
 
@@ -37,7 +41,9 @@ def git_commit(package_dir: str | os.PathLike[str] | None = None) -> str | None:
     ``llmenergy``) is its git work tree's own ``src/llmenergy``: a copy of the
     package inside another repository, or one installed into a virtual
     environment that lives in some repository, records no commit rather than
-    that repository's.
+    that repository's.  ``<commit>-dirty`` where the code in the work tree (``src/``,
+    ``workflow/``, ``Snakefile``: tracked files changed, or new files git does not ignore)
+    is not that commit's: the commit alone would claim code that did not run.
     """
     package = Path(package_dir if package_dir is not None else Path(llmenergy.__file__).parent).resolve()
     if not package.is_dir():
@@ -45,7 +51,9 @@ def git_commit(package_dir: str | os.PathLike[str] | None = None) -> str | None:
     top = _run(["git", "rev-parse", "--show-toplevel"], cwd=package)
     if top is None or (Path(top).resolve() / "src" / "llmenergy") != package:
         return None
-    return _run(["git", "rev-parse", "HEAD"], cwd=package)
+    head = _run(["git", "rev-parse", "HEAD"], cwd=package)
+    changed = _run(["git", "status", "--porcelain", "--", *CODE_PATHS], cwd=Path(top))
+    return None if head is None else f"{head}-dirty" if changed or changed is None else head
 
 
 def _versions() -> dict[str, str | None]:
