@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from llmenergy.arch import engine_switches
     from llmenergy.inference import tp, weights
-    from llmenergy.inference.engines import compiled_entries, make_engine, room_for
+    from llmenergy.inference.engines import kept_with, make_engine, room_for
 
     uuid = None
     if args.device == "cuda":
@@ -431,8 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"bound {_fmt(row['bound_fraction'], '.2f')}  compile {row['compile_s']:.1f} s  "
                       f"reps {row['reps']}  {backend}", flush=True)
                 _write(out, results)
-            spent, before = compiled_entries(engine), kept.get(name, 0)
-            kept[name] = None if spent is None or before is None else before + spent
+            kept[name] = kept_with(kept.get(name, 0), engine)
             del engine
         del model
         if dev.type == "cuda":

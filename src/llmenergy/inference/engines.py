@@ -159,22 +159,30 @@ def cell_engine(spec: CellSpec, model: Transformer, *, cache_dir: str | Path | N
     return make_engine(spec.cell.engine, model, cache_dir=cache_dir, precision=spec.cell.precision)
 
 
-def compiled_entries(engine: Engine) -> int | None:
-    """Dynamo cache entries ``engine`` added to each function it compiled: one per batch size
-    its decode step (and prefill block) compiled for; 0 when it compiled nothing; None when not
-    known (``hf``: transformers decides what it compiles)."""
+def _compiled_batches(engine: Engine) -> set[int] | None:
+    """The batch sizes ``engine`` compiled for, each a Dynamo cache entry per compiled function:
+    none without compile; None when not known (``hf``: transformers decides what it compiles)."""
     if not getattr(engine, "compile", False):
-        return 0
-    ready = getattr(engine, "ready_batches", None)
+        return set()
+    return getattr(engine, "ready_batches", None)
+
+
+def compiled_entries(engine: Engine) -> int | None:
+    """Dynamo cache entries ``engine`` added to each function it compiled (None: not known)."""
+    ready = _compiled_batches(engine)
     return None if ready is None else len(ready)
 
 
 def new_entries(engine: Engine, batch_sizes: set[int]) -> int | None:
     """The entries a cell of these batch sizes adds to ``engine`` (None: not known)."""
-    if not getattr(engine, "compile", False):
-        return 0
-    ready = getattr(engine, "ready_batches", None)
-    return None if ready is None else len(batch_sizes - ready)
+    ready = _compiled_batches(engine)
+    return None if ready is None else len(batch_sizes - ready) if getattr(engine, "compile", False) else 0
+
+
+def kept_with(kept: int | None, engine: Engine) -> int | None:
+    """The entries kept once ``engine``'s are added to ``kept`` (None: not known)."""
+    spent = compiled_entries(engine)
+    return None if spent is None or kept is None else kept + spent
 
 
 def room_for(entries: int | None, more: int) -> bool:

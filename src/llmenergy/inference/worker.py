@@ -104,8 +104,7 @@ class Shared:
 
         key = (spec.cell.engine, spec.cell.precision, self.model.max_batch_size, self.model.max_seq_len)
         if self.engine is not None:
-            spent = engines.compiled_entries(self.engine)
-            total = None if spent is None or self.kept_entries is None else self.kept_entries + spent
+            total = engines.kept_with(self.kept_entries, self.engine)
             if key == self.engine_key:
                 more = engines.new_entries(self.engine, batch_sizes)
                 if not more or total is None or engines.room_for(total, more):

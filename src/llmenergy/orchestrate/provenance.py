@@ -52,8 +52,10 @@ def git_commit(package_dir: str | os.PathLike[str] | None = None) -> str | None:
     if top is None or (Path(top).resolve() / "src" / "llmenergy") != package:
         return None
     head = _run(["git", "rev-parse", "HEAD"], cwd=package)
-    changed = _run(["git", "status", "--porcelain", "--", *CODE_PATHS], cwd=Path(top))
-    return None if head is None else f"{head}-dirty" if changed or changed is None else head
+    if head is None:
+        return None
+    clean = _run(["git", "status", "--porcelain", "--", *CODE_PATHS], cwd=Path(top)) == ""
+    return head if clean else f"{head}-dirty"
 
 
 def _versions() -> dict[str, str | None]:
