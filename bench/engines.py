@@ -227,6 +227,11 @@ def _weight_bytes(model: Any, engine: Any) -> int:
     return num_bytes(model) + quant.linear_bytes(linears)
 
 
+#: ``--sdpa-off`` names: the torch.backends.cuda switch of each attention backend
+SDPA_SWITCHES = {"cudnn": "enable_cudnn_sdp", "flash": "enable_flash_sdp",
+                 "efficient": "enable_mem_efficient_sdp", "math": "enable_math_sdp"}
+
+
 def _inductor_config(pairs: list[str]) -> dict[str, Any]:
     """Set ``torch._inductor.config`` from ``KEY=VALUE`` (VALUE as JSON; else a string)."""
     import torch._inductor.config as config
@@ -312,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                    help="set torch._inductor.config KEY for every compile of this run (an A/B "
                         "experiment), e.g. coordinate_descent_tuning=true; VALUE is JSON")
+    p.add_argument("--sdpa-off", nargs="+", default=[], choices=list(SDPA_SWITCHES),
+                   help="turn these attention backends off process-wide before anything compiles "
+                        "(the compiled decode step's attention; the prefill names its own)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.tiny:
@@ -328,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("llmenergy").setLevel(logging.INFO)  # compile times, tuned kernels
     inductor = _inductor_config(args.inductor)
+    for name in args.sdpa_off:
+        getattr(torch.backends.cuda, SDPA_SWITCHES[name])(False)
 
     from llmenergy.arch import engine_switches
     from llmenergy.inference import tp, weights
@@ -354,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "arch": args.arch, "device": str(dev), "precisions": args.precision,
         "gpu": gpu,
         "torch": torch.__version__, "python": platform.python_version(), "gen": args.gen,
-        "bandwidth_b_per_s": args.bandwidth, "inductor": inductor,
+        "bandwidth_b_per_s": args.bandwidth, "inductor": inductor, "sdpa_off": args.sdpa_off,
         "engine_switches": engine_switches(),
         "runs": [], "comparison": [], "skipped": [], "models": [],
     }
@@ -428,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
                 _fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
                 print(f"{precision:4s} {name:9s} bs{bsz:<3d} {row['tokens_per_s']:9.1f} tok/s  "
                       f"{_fmt(row['j_per_token'], '.4f')} J/tok  busy {_fmt(row['gpu_util_pct'], '.0f')}%  "
-                      f"bound {_fmt(row['bound_fraction'], '.2f')}  compile {row['compile_s']:.1f} s  "
+                      f"bound {_fmt(row['bound_fraction'], '.2f')}  decode {row['decode_s'] * 1e3:.2f} ms  "
+                      f"{_fmt(row['mean_power_w'], '.0f')} W  compile {row['compile_s']:.1f} s  "
                       f"reps {row['reps']}  {backend}", flush=True)
                 _write(out, results)
             kept[name] = kept_with(kept.get(name, 0), engine)

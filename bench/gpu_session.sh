@@ -83,6 +83,9 @@
 #            ($ARMS picks), through bench/engine_reset/sitecustomize.py; each cell's decode printed.
 #            Session 21: the reset was the cost, and the worker now resets only without room, so
 #            plain = keep; =reset brings a reset at every swap back (ARMS="alone plain reset")
+#   variants - session 22: fp16 compiled at batch 1 (and 16) with the decode's attention on cuDNN (the
+#            default), on the efficient kernel, as math (Inductor's own kernels), and with Inductor's
+#            coordinate-descent tuning (its GEMV for one row), each in its own process, base again last;
 #   integrity - issue 22's acceptance (bench/configs/h200x1_integrity.yaml through run-group,
 #            read by bench/integrity.py), then the compiled engine at batch 1 per precision.
 set -uo pipefail
@@ -159,6 +162,23 @@ case "$mode" in
     TAIL=8 step 30 python3 bench/integrity.py bench-results/h200x1_integrity --out "$OUT/h200_integrity.json"
     TAIL=20 step $(( 585 - SECONDS )) python3 bench/engines.py --engines compiled --precision fp16 int8 fp8 \
       --batches 1 --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_precision_b1.json" ;;
+  variants)
+    # session 22: fp16 at batch 1 short of 240 tok/s; the decode step's attention (cuDNN, ~6 us a
+    # layer) and its GEMVs (cuBLAS) tried other ways, each in a process of its own, base first
+    # and last ($VARIANTS picks; each row's decode time and mean power printed)
+    E=(python3 bench/engines.py --engines compiled --precision fp16 --gen 128 --min-window-s 5
+       --cache-dir /tmp/inductor)
+    for v in ${VARIANTS:-base efficient math cdt cdtmath base2}; do
+      case $v in
+        base|base2) A=(--batches 1 16) ;;
+        efficient) A=(--batches 1 16 --sdpa-off cudnn) ;;
+        math) A=(--batches 1 16 --sdpa-off cudnn efficient flash) ;;
+        cdt) A=(--batches 1 --inductor coordinate_descent_tuning=true) ;;
+        cdtmath) A=(--batches 1 --inductor coordinate_descent_tuning=true --sdpa-off cudnn efficient flash) ;;
+      esac
+      left=$(( ${END:-585} - SECONDS )); [ "$left" -gt 60 ] || break
+      TAIL=4 step "$left" "${E[@]}" "${A[@]}" --out "$OUT/h200_variant_$v.json"
+    done ;;
   precision)
     TAIL=45 step $(( 590 - SECONDS )) python3 bench/engines.py --engines reference compiled hf \
       --precision fp16 bf16 int8 fp8 --batches 1 16 --gen 128 --min-window-s 5 \
