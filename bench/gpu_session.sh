@@ -166,8 +166,9 @@ case "$mode" in
     # session 22: fp16 at batch 1 short of 240 tok/s; the decode step's attention (cuDNN, ~6 us a
     # layer) and its GEMVs (cuBLAS) tried other ways, each in a process of its own, base first
     # and last ($VARIANTS picks; each row's decode time and mean power printed)
-    E=(python3 bench/engines.py --engines compiled --precision fp16 --gen 128 --min-window-s 5
-       --cache-dir /tmp/inductor)
+    # each variant its own Inductor cache: with one, the attention variants hit the base's cached
+    # graph (compiles of 8-14 s, the same decode to 0.1 %), which ignores the backend switches
+    E=(python3 bench/engines.py --engines compiled --precision fp16 --gen 128 --min-window-s 5)
     for v in ${VARIANTS:-base efficient math cdt cdtmath base2}; do
       case $v in
         base|base2) A=(--batches 1 16) ;;
@@ -177,7 +178,7 @@ case "$mode" in
         cdtmath) A=(--batches 1 --inductor coordinate_descent_tuning=true --sdpa-off cudnn efficient flash) ;;
       esac
       left=$(( ${END:-585} - SECONDS )); [ "$left" -gt 60 ] || break
-      TAIL=4 step "$left" "${E[@]}" "${A[@]}" --out "$OUT/h200_variant_$v.json"
+      TAIL=4 step "$left" "${E[@]}" "${A[@]}" --cache-dir "/tmp/inductor_$v" --out "$OUT/h200_variant_$v.json"
     done ;;
   precision)
     TAIL=45 step $(( 590 - SECONDS )) python3 bench/engines.py --engines reference compiled hf \
