@@ -191,7 +191,7 @@ case "$mode" in
       --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_acc_$tag.json"
     for p in "${P[@]}"; do
       g=llama-7b_H200_s1_pnone_compiled; [ "$p" = fp16 ] || g=${g}_$p
-      TAIL=3 step $(( 570 - SECONDS )) "${lle[@]}" run-group --config bench/configs/h200x1_acceptance.yaml --group "$g"
+      TAIL=3 step $(( ${END:-570} - SECONDS )) "${lle[@]}" run-group --config bench/configs/h200x1_acceptance.yaml --group "$g"
     done
     TAIL=14 step 20 python3 bench/precision_cells.py bench-results/h200x1_acceptance "$OUT/h200_acc_$tag.json" \
       --out "$OUT/h200_acc_${tag}_cells.json"
