@@ -189,14 +189,16 @@ case "$mode" in
     tag=$(IFS=_; echo "${P[*]}")
     TAIL=10 step 300 python3 bench/engines.py --engines compiled --precision "${P[@]}" --batches 1 16 \
       --gen 128 --min-window-s 5 --cache-dir /tmp/inductor --out "$OUT/h200_acc_$tag.json"
+    # the comparison and the cells' files after each job, not once at the end: session 22's call
+    # ran out of time in the last job and lost the three cells finished before it
     for p in "${P[@]}"; do
       g=llama-7b_H200_s1_pnone_compiled; [ "$p" = fp16 ] || g=${g}_$p
       TAIL=3 step $(( ${END:-570} - SECONDS )) "${lle[@]}" run-group --config bench/configs/h200x1_acceptance.yaml --group "$g"
-    done
-    TAIL=14 step 20 python3 bench/precision_cells.py bench-results/h200x1_acceptance "$OUT/h200_acc_$tag.json" \
-      --out "$OUT/h200_acc_${tag}_cells.json"
-    for d in bench-results/h200x1_acceptance/cells/*/; do
-      mkdir -p "$OUT/cells_$tag/$(basename "$d")" && cp "$d"cell.json "$d"metrics.parquet "$OUT/cells_$tag/$(basename "$d")/" 2>/dev/null
+      TAIL=14 step 20 python3 bench/precision_cells.py bench-results/h200x1_acceptance "$OUT/h200_acc_$tag.json" \
+        --out "$OUT/h200_acc_${tag}_cells.json"
+      for d in bench-results/h200x1_acceptance/cells/*/; do
+        mkdir -p "$OUT/cells_$tag/$(basename "$d")" && cp "$d"cell.json "$d"metrics.parquet "$OUT/cells_$tag/$(basename "$d")/" 2>/dev/null
+      done
     done
     # each job's engines: kept or built after a reset, and the GPU memory beside them (session 21)
     grep -h "of this process built\|compiled code of the job" bench-results/h200x1_acceptance/groups/*/logs/rank0.log \
