@@ -60,6 +60,27 @@ def test_fingerprint_follows_what_defines_the_measurement(tmp_path: Path) -> Non
     assert measurement(config.from_dict(demo_config(tmp_path, policies={"on_oom": "fail"})), cell)[0] == fp
 
 
+def test_a_set_model_dtype_is_what_a_cpu_cell_computes_in_as_the_plan_says(tmp_path: Path) -> None:
+    # models.<name>.dtype: set, it wins on every device (the plan's memory estimate reads the
+    # same value); auto: float32 on a CPU device, also on one that resolves to CPU at run time
+    def dtypes(device: str, dtype: str | None) -> set[str]:
+        data = demo_config(tmp_path)
+        data["gpus"]["local"]["device"] = device
+        if dtype is not None:
+            data["models"]["llama-tiny"]["dtype"] = dtype
+        cfg = config.from_dict(data)
+        return {cell_spec(cfg, c, resolve_device=resolve).dtype
+                for c in expand(cfg).cells for resolve in (False, True)}
+
+    assert dtypes("cpu", "float16") == {"float16"}
+    assert dtypes("cpu", None) == {"float32"}
+    assert dtypes("auto", "float16") == {"float16"}
+    # auto device, auto dtype: the plan's (unresolved) float16, and float32 where it resolves to CPU
+    import torch
+
+    assert dtypes("auto", None) == ({"float16"} if torch.cuda.is_available() else {"float16", "float32"})
+
+
 def test_checkpoint_files_sizes_and_mtimes_are_in_the_definition(tmp_path: Path) -> None:
     cfg = config.from_dict(demo_config(tmp_path))
     spec = cell_spec(cfg, expand(cfg).cells[0], resolve_device=False)

@@ -89,7 +89,9 @@ def cell_spec(cfg: Config, cell: Cell, *, resolve_device: bool = True) -> CellSp
     return CellSpec(
         cell=cell, arch=model.arch, weights=model.weights, tokenizer=model.tokenizer,
         stop_at_eos=model.stop_at_eos, device=device,
-        dtype="float32" if device == "cpu" else dtype_for(cfg, cell),
+        # a device that resolves to CPU at run time (auto) computes in float32 unless the
+        # config names a dtype: dtype_for decides for a configured CPU device, as the plan does
+        dtype=("float32" if device == "cpu" and model.dtype == "auto" else dtype_for(cfg, cell)),
         repeats=cfg.repeats, seed=cfg.seed, warmup_tokens=cfg.warmup_tokens,
         nodes=nodes, ranks_per_node=ranks_per_node, dataset=cfg.datasets[cell.dataset],
         collector=cfg.collector, policies=cfg.policies, grid_gco2_per_kwh=cfg.grid_gco2_per_kwh)
