@@ -16,12 +16,14 @@ SUITE_WORKERS ?= 2
 
 venv: $(STAMP)
 
-# torch first, pinned to the CPU wheel that lies on this kind of machine; a bare
-# `torch` (fairscale asks for one) would pull a multi-GB CUDA build.
+# torch first, its CPU build (the lock's torch==2.13.0+cpu): from a wheel pip can find (this
+# kind of machine has one on its local disk), else from PyTorch's CPU index. A bare `torch`
+# (fairscale asks for one) would pull a multi-GB CUDA build, which the lock then refuses.
 $(STAMP): pyproject.toml requirements/lock-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip>=23" setuptools wheel
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==$${TORCH_VERSION:-2.13.0}"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==$${TORCH_VERSION:-2.13.0}+cpu" 2>/dev/null \
+	  || $(BIN)/pip install -q "torch==$${TORCH_VERSION:-2.13.0}" --index-url https://download.pytorch.org/whl/cpu
 	$(BIN)/pip install -q --no-build-isolation "fairscale==0.4.13"
 	$(BIN)/pip install -q -e ".[test,hf]" -c requirements/lock-cpu.txt  # the versions the suite passed with; hf: transformers (no torch requirement)
 	touch $(STAMP)

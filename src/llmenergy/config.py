@@ -106,8 +106,7 @@ class Config:
     policies: Policies = field(default_factory=Policies)
     grid_gco2_per_kwh: float | None = None
     #: ``group``: one Slurm job per group of cells sharing a model load; ``cell``: one per cell;
-    #: None: the route's default (``group`` for profiles/slurm, ``llmenergy submit`` and
-    #: ``llmenergy plan``; ``cell`` for profiles/local).
+    #: None: the route's default, ``group`` on every route (``planning.groups.resolve_packing``).
     packing: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
