@@ -275,3 +275,33 @@ def test_align_to_sensor_leaves_a_counter_that_changes_at_every_poll() -> None:
     power = _device("GPU-a", t, 100_000.0 * t, None)
     out = align_to_sensor(power)
     assert out["timestamp_ns"].tolist() == power["timestamp_ns"].tolist()
+
+
+def test_a_window_edge_in_a_gap_of_the_samples_is_null_but_a_gap_inside_a_window_is_not() -> None:
+    # DCGM-like samples every 0.1 s (stamped by the sensor), 100 W except 400 W over 15-25 s;
+    # no sample at all over 10-30 s (a collector that missed its polls)
+    t = np.round(np.arange(0, 40.05, 0.1), 6)
+    t = t[(t <= 10) | (t >= 30)]
+    energy_mj = 1000.0 * (100.0 * t + 300.0 * np.clip(np.minimum(t, 25) - 15, 0, None))
+    power_w = np.where((t >= 15) & (t < 25), 400.0, 100.0)
+    dev = _device("GPU-a", t, 1e6 + energy_mj, power_w, source="dcgm")
+    att = attribute_events(_events([(15.0, 25.0), (5.0, 35.0), (1.0, 5.0)]), dev)
+    # inside the gap the counter could only be interpolated: 2,500 J against the true 4,000
+    assert np.isnan(att.loc[0, "energy_j"]) and np.isnan(att.loc[0, "energy_instant_j"])
+    assert bool(att.loc[0, "sample_gap"]) and not bool(att.loc[0, "power_out_of_range"])
+    # around the gap the counter's difference is exact (100 W x 20 s + 400 W x 10 s) ...
+    assert att.loc[1, "energy_j"] == pytest.approx(6000.0)
+    assert not bool(att.loc[1, "sample_gap"])
+    # ... but the instant integral across it would not be
+    assert np.isnan(att.loc[1, "energy_instant_j"])
+    assert att.loc[2, "energy_j"] == pytest.approx(400.0) and att.loc[2, "energy_instant_j"] == pytest.approx(400.0)
+
+
+def test_a_counter_that_drops_and_climbs_back_above_its_start_inside_a_window_is_null() -> None:
+    t = np.arange(0, 41, 1.0)
+    counter = 1e7 + 300_000.0 * t - np.where(t > 20, 5e6, 0.0)  # a 5,000 J reset at 20-21 s
+    att = attribute_events(_events([(10.0, 30.0), (0.0, 9.0), (22.0, 40.0)]), _device("GPU-a", t, counter, None))
+    # the difference across the window (1,000 J, positive) would pass for a measurement of 6,000
+    assert np.isnan(att.loc[0, "energy_j"]) and bool(att.loc[0, "counter_drop"])
+    assert att.loc[1, "energy_j"] == pytest.approx(2700.0) and not bool(att.loc[1, "counter_drop"])
+    assert att.loc[2, "energy_j"] == pytest.approx(5400.0) and not bool(att.loc[2, "counter_drop"])

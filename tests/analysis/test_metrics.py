@@ -380,3 +380,66 @@ def test_the_measured_prefill_is_published_when_its_loop_is_resolved(tmp_path: P
     assert r1["prefill_only_energy_j"] is None and r1["prefill_j_per_token_in"] is None
     assert "prefill_only_energy_j null: 1 of 1 window(s) last 0.520 s" in r1["energy_reason"]
     assert "balance_prefill_only_j null: 1 of 2 window(s)" in r1["energy_reason"]
+
+
+def _trace_without(tl, lo_s: float, hi_s: float):
+    """The synthetic NVML trace of ``tl`` with no sample from ``lo_s`` to ``hi_s`` (missed polls)."""
+    from trace_helpers import T0_NS, nvml_trace
+
+    power = nvml_trace(tl)
+    t_s = (power["timestamp_ns"] - T0_NS) / 1e9
+    return power[(t_s < lo_s) | (t_s > hi_s)].reset_index(drop=True)
+
+
+def test_a_repeat_whose_window_ends_in_a_gap_of_the_samples_is_withheld_with_the_gap_named(tmp_path: Path) -> None:
+    from llmenergy.analysis.metrics import energy_incomplete_reason
+
+    from trace_helpers import standard_segments, timeline, write_trace_cell
+
+    tl = timeline(standard_segments())
+    # 2.5 s without samples around the end of repeat 1's first decode (69.68 s) and the next prefill
+    cdir, _ = write_trace_cell(tmp_path, power=_trace_without(tl, 68.0, 70.5))
+    table = compute_cell_metrics(cdir)
+    r0, r1 = table.to_pylist()
+    assert r0["energy_j"] is not None and r0["energy_complete"] is True
+    assert r1["energy_j"] is None and r1["j_per_token"] is None and r1["energy_complete"] is False
+    assert r1["energy_reason"].startswith("energy_j null: 2 of 4 window(s) begin or end in a gap of up to 2.6")
+    assert "over 3 sensor update periods" in r1["energy_reason"]
+    assert "energy_j null" in (energy_incomplete_reason(table) or "")
+
+
+def test_a_gap_of_the_samples_inside_a_window_leaves_its_counter_energy(tmp_path: Path) -> None:
+    from trace_helpers import standard_segments, timeline, write_trace_cell
+
+    tl = timeline(standard_segments())
+    cdir, _ = write_trace_cell(tmp_path, power=_trace_without(tl, 60.0, 65.0))  # inside a 12 s decode
+    r1 = _rows(cdir)[1]
+    truth = tl[(tl["repeat"] == 1) & tl["phase"].notna()]["energy_j"].sum()
+    assert r1["energy_j"] == pytest.approx(truth, rel=0.005) and r1["energy_complete"] is True
+    assert r1["energy_instant_j"] is None  # the instant integral would interpolate across it
+
+
+def test_a_counter_reset_in_a_repeat_withholds_its_energy_and_the_balance_says_why(tmp_path: Path) -> None:
+    from trace_helpers import T0_NS, nvml_trace, standard_segments, timeline, write_trace_cell
+
+    tl = timeline(standard_segments())
+    power = nvml_trace(tl)
+    power.loc[power["timestamp_ns"] > T0_NS + 63 * 10**9, "energy_mj"] -= 5e6  # inside repeat 1's decode
+    cdir, _ = write_trace_cell(tmp_path, power=power)
+    r0, r1 = _rows(cdir)
+    assert r0["energy_j"] is not None
+    assert r1["energy_j"] is None and r1["energy_complete"] is False
+    assert r1["energy_reason"].startswith("energy_j null: the energy counter went down in 1 of 4 window(s)")
+    assert r1["balance_total_j"] is None
+    assert "balance_total_j null: the energy counter went down in the cell's span" in r1["energy_reason"]
+
+
+def test_an_idle_window_the_samples_do_not_cover_says_so(tmp_path: Path) -> None:
+    from trace_helpers import T0_NS, nvml_trace, standard_segments, timeline, write_trace_cell
+
+    tl = timeline(standard_segments())
+    power = nvml_trace(tl)
+    cdir, _ = write_trace_cell(tmp_path, power=power[power["timestamp_ns"] > T0_NS + 7 * 10**9])
+    for r in _rows(cdir):
+        assert r["idle_power_w"] is None and r["active_energy_j"] is None
+        assert "idle_power_w null: the samples of node0/GPU-0000 do not cover 1 of 1 window(s)" in r["energy_reason"]

@@ -126,8 +126,11 @@ def cell_balance(att: pd.DataFrame | None, power: pd.DataFrame | None) -> tuple[
     total = float(wa.loc[0, col])
     if not np.isfinite(total):
         who = wa.loc[0, "uncovered_devices"]
-        return out, [f"balance null: the samples{' of ' + str(who) if who else ''} do not cover "
-                     "the cell's span"]
+        if bool(wa.loc[0, "power_out_of_range"]):
+            return out, [f"balance_total_j null: the samples{' of ' + str(who) if who else ''} do not "
+                         "cover the cell's span"]
+        return out, ["balance_total_j null: the energy counter went down in the cell's span, or its "
+                     "start or end lies in a gap of the power samples"]
     out["balance_total_j"] = total
     period = float(att["update_period_s"].iloc[0])
     min_s = RESOLUTION_PERIODS * period
@@ -143,7 +146,8 @@ def cell_balance(att: pd.DataFrame | None, power: pd.DataFrame | None) -> tuple[
             reasons.append(unresolved_clause(name, short.tolist(), len(durations), period))
             value = float("nan")
         elif not np.isfinite(value):
-            reasons.append(f"{name} null: its windows are not covered by every device's samples")
+            reasons.append(f"{name} null: some of its windows have no energy (not covered by every "
+                           "device's samples, or across a gap or reset in them)")
         out[name] = value
     compile_ev = att[att["phase"] == "compile"]
     out["compile_duration_s"] = float(compile_ev["duration_s"].sum())

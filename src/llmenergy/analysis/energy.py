@@ -21,6 +21,13 @@ period is measured from the data (the median spacing of a device's distinct
 counter values, else of its instant-power values; the coarsest device counts),
 or taken from :data:`DEFAULT_UPDATE_PERIOD_S` when a device shows fewer than
 three updates.
+
+Gaps and resets: a window edge that falls in a gap of a device's counter samples longer than
+:data:`GAP_PERIODS` update periods (a collector that missed polls) would put an interpolated,
+not a measured, share of the gap's energy in the window; its counter energy is null
+(``sample_gap``). The instant integral is null likewise where such a gap lies anywhere in
+or around the window. A counter that goes down inside a window (a reset) nulls that
+window's counter energy (``counter_drop``).
 """
 from __future__ import annotations
 
@@ -41,6 +48,8 @@ RESOLUTION_PERIODS = 10
 DEFAULT_UPDATE_PERIOD_S = {"nvml": 0.1, "dcgm": 0.1, "rapl": 0.001, "estimate": 0.1, "replay": 0.1}
 FALLBACK_UPDATE_PERIOD_S = 0.1
 _MIN_UPDATES = 3
+#: A sample gap longer than this many update periods at a window's edge withholds its energy.
+GAP_PERIODS = 3
 GPU_DOMAINS = ("gpu", "estimate")
 CPU_DOMAINS = ("cpu_package", "dram")
 
@@ -74,6 +83,8 @@ ATTRIBUTION_COLUMNS = (
     "update_period_s",
     "below_resolution",
     "uncovered_devices",
+    "sample_gap",
+    "counter_drop",
 )
 
 
@@ -168,12 +179,24 @@ def _counter_energy_j(s: _Series, start: np.ndarray, end: np.ndarray) -> np.ndar
     e_start = np.interp(start, s.t_ns, s.values)
     e_end = np.interp(end, s.t_ns, s.values)
     energy = (e_end - e_start) / 1000.0
-    energy = np.where(ok, energy, np.nan)
-    if np.any(energy < 0):
-        log.warning("energy counter decreased inside %d event(s): counter reset? energy set to null",
-                    int(np.sum(energy < 0)))
-        energy = np.where(energy < 0, np.nan, energy)
-    return energy
+    return np.where(ok, energy, np.nan)
+
+
+def _counter_drops(s: _Series, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Per window: whether the counter goes down between samples in or around it (a reset:
+    the difference across the window would then be wrong, even where it stays positive)."""
+    out = np.zeros(len(start), dtype=bool)
+    for i in np.flatnonzero(np.diff(s.values) < 0):
+        out |= (s.t_ns[i + 1] > start) & (s.t_ns[i] < end)
+    return out
+
+
+def _edge_gap_s(s: _Series, x: np.ndarray) -> np.ndarray:
+    """The spacing of the two samples around each instant ``x`` (0 outside the range)."""
+    t = s.t_ns
+    i = np.clip(np.searchsorted(t, x, side="right") - 1, 0, len(t) - 2)
+    inside = (x >= t[0]) & (x <= t[-1])
+    return np.where(inside, (t[i + 1] - t[i]) / 1e9, 0.0)
 
 
 def _cumulative_integral_j(s: _Series, x_ns: np.ndarray) -> np.ndarray:
@@ -223,12 +246,16 @@ def _window_sum_count(df: pd.DataFrame, column: str, start: np.ndarray,
 
 
 def _sum_domain(power: pd.DataFrame, start: np.ndarray, end: np.ndarray,
-                ) -> dict[str, Any]:
+                gap_limit_s: float | None = None) -> dict[str, Any]:
     """Per-event sums over the devices of ``power`` (already filtered to one domain group).
 
     A sum is null for an event unless every device of ``power`` covers it with
     the quantity summed: never a partial sum over the devices that happen to.
     ``uncovered`` lists, per event, the ``node/device`` labels that do not cover it.
+    With ``gap_limit_s``, a device's counter sum is also null where a sample gap longer
+    than that holds an edge of the event (``sample_gap``), its instant integral where
+    one lies in or around it; a counter that goes down in or around it nulls its
+    counter sum (``counter_drop``).
     """
     n = len(start)
     counter = np.zeros(n)
@@ -238,6 +265,8 @@ def _sum_domain(power: pd.DataFrame, start: np.ndarray, end: np.ndarray,
     covered = np.zeros(n, dtype=np.int64)
     out_of_range = np.zeros(n, dtype=bool)
     gap = np.full(n, np.nan)
+    sample_gap = np.zeros(n, dtype=bool)
+    counter_drop = np.zeros(n, dtype=bool)
     uncovered: list[list[str]] = [[] for _ in range(n)]
     keys = ["node", "device"] if "node" in power.columns else ["device"]
     for key, dev in power.groupby(keys, sort=True, dropna=False):
@@ -254,12 +283,24 @@ def _sum_domain(power: pd.DataFrame, start: np.ndarray, end: np.ndarray,
             continue
         if cs is not None:
             e = _counter_energy_j(cs, start, end)
+            drop = _counter_drops(cs, start, end)
+            counter_drop |= drop
+            e[drop] = np.nan
+            if gap_limit_s is not None:  # the polls' spacing, not the updates' (a flat counter is no gap)
+                polls = _series(dev, "energy_mj") or cs
+                edge = np.fmax(_edge_gap_s(polls, start), _edge_gap_s(polls, end)) > gap_limit_s
+                sample_gap |= edge
+                e[edge] = np.nan
             counter_ok &= ~np.isnan(e)
             counter += np.nan_to_num(e)
         else:
             counter_ok[:] = False
         if ps is not None:
             e = _instant_energy_j(ps, start, end)
+            if gap_limit_s is not None:
+                wide = _max_gap_s(ps, start, end) > gap_limit_s
+                sample_gap |= wide & (cs is None)  # the instant integral is the energy only without a counter
+                e[wide] = np.nan
             instant_ok &= ~np.isnan(e)
             instant += np.nan_to_num(e)
         else:
@@ -276,6 +317,8 @@ def _sum_domain(power: pd.DataFrame, start: np.ndarray, end: np.ndarray,
         "covered": covered,
         "out_of_range": out_of_range,
         "gap": gap,
+        "sample_gap": sample_gap,
+        "counter_drop": counter_drop,
         "uncovered": [", ".join(u) if u else None for u in uncovered],
     }
 
@@ -310,8 +353,9 @@ def align_to_sensor(power: pd.DataFrame | None) -> pd.DataFrame | None:
     most half that poll interval from the update. Only the counter moves: the row's
     other readings (instant power, utilisation) keep their poll time, the counter going
     to a row of its own. A device's first sample (no earlier poll), the repeats of an
-    unchanged value, a counter that changes at more than :data:`STAIRCASE_MAX_CHANGED`
-    of its polls (it updates as fast as it is read), and sources that carry the
+    unchanged value, a value first seen after missed polls (its poll more than twice the
+    device's median poll spacing after the one before), a counter that changes at more
+    than :data:`STAIRCASE_MAX_CHANGED` of its polls (it updates as fast as it is read), and sources that carry the
     sensor's own sample times (DCGM) or are not polled counters are left as they are. What this does not remove is the
     sensor's own lag behind the energy it reports (docs/measurement.md).
     """
@@ -333,6 +377,10 @@ def align_to_sensor(power: pd.DataFrame | None) -> pd.DataFrame | None:
     label = sub[keys].astype(str).agg("/".join, axis=1)
     share = changed.groupby(label).sum() / same_device.groupby(label).sum().clip(lower=1)
     changed &= label.map(share <= STAIRCASE_MAX_CHANGED).astype(bool)
+    # after missed polls the update may lie anywhere in the gap: it keeps its poll time
+    spacing = pd.Series(np.where(same_device, t_ns - prev_ns, np.nan), sub.index)
+    usual = label.map(spacing.groupby(label).median())
+    changed &= (spacing <= 2 * usual).fillna(False)
     moved = sub.index[changed.to_numpy()]
     if len(moved) == 0:
         return power
@@ -371,14 +419,20 @@ def attribute_events(events: pd.DataFrame, power: pd.DataFrame | None) -> pd.Dat
     gpu = power[power["domain"].isin(GPU_DOMAINS)] if has_power else None
     cpu = power[power["domain"].isin(CPU_DOMAINS)] if has_power else None
 
+    period, _ = update_period_s(power)
     if gpu is not None and len(gpu) > 0 and n > 0:
-        g = _sum_domain(gpu, start, end)
+        g = _sum_domain(gpu, start, end, None if period is None else GAP_PERIODS * period)
         out["energy_j"] = g["counter"]
         out["energy_instant_j"] = g["instant"]
         out["n_devices"] = g["covered"]
         out["power_out_of_range"] = g["out_of_range"]
         out["max_sample_gap_s"] = g["gap"]
         out["uncovered_devices"] = g["uncovered"]
+        out["sample_gap"] = g["sample_gap"]
+        out["counter_drop"] = g["counter_drop"]
+        if g["counter_drop"].any():
+            log.warning("energy counter went down in or around %d event(s): counter reset? energy set to null",
+                        int(g["counter_drop"].sum()))
         for col in ("gpu_util_pct", "mem_util_pct"):
             total, count = _window_sum_count(gpu, col, start, end)
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -389,7 +443,8 @@ def attribute_events(events: pd.DataFrame, power: pd.DataFrame | None) -> pd.Dat
         out["n_devices"] = np.zeros(n, dtype=np.int64)
         out["power_out_of_range"] = np.zeros(n, dtype=bool)
         out["uncovered_devices"] = pd.Series([None] * n, dtype=object)
-    period, _ = update_period_s(power)
+        out["sample_gap"] = np.zeros(n, dtype=bool)
+        out["counter_drop"] = np.zeros(n, dtype=bool)
     out["update_period_s"] = np.full(n, np.nan if period is None else period)
     out["below_resolution"] = (duration_s < RESOLUTION_PERIODS * period) if period is not None \
         else np.zeros(n, dtype=bool)

@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from llmenergy.analysis.balance import cell_balance
 from llmenergy.analysis.energy import (
+    GAP_PERIODS,
     GPU_DOMAINS,
     SHORT_WINDOW_S,
     attribute_events,
@@ -138,16 +139,35 @@ def _idle_power_w(att: pd.DataFrame) -> tuple[float | None, str | None]:
     if why:
         return None, why
     energy = idle["energy_j"].where(idle["energy_j"].notna(), idle["energy_instant_j"])
-    return _div(_total(energy), float(idle["duration_s"].sum())), None
+    power = _div(_total(energy), float(idle["duration_s"].sum()))
+    if power is None:
+        return None, (_uncovered_reason(idle, "idle_power_w") or _sample_reason(idle, "idle_power_w")
+                      or "idle_power_w null: no power samples cover the idle window")
+    return power, None
 
 
-def _uncovered_reason(ev: pd.DataFrame) -> str | None:
+def _uncovered_reason(ev: pd.DataFrame, column: str = "energy_j") -> str | None:
     bad = ev[ev["power_out_of_range"].astype(bool)]
     if len(bad) == 0:
         return None
     who = sorted({d for u in bad["uncovered_devices"].dropna() for d in str(u).split(", ")})
-    return (f"energy_j null: the samples of {', '.join(who) or 'a device'} do not cover "
+    return (f"{column} null: the samples of {', '.join(who) or 'a device'} do not cover "
             f"{len(bad)} of {len(ev)} window(s)")
+
+
+def _sample_reason(ev: pd.DataFrame, column: str = "energy_j") -> str | None:
+    """Why ``column`` is null when the samples reach past ``ev``'s windows but a counter went
+    down in one, or one begins or ends in a gap of the samples (:mod:`.energy`)."""
+    drop = ev[ev["counter_drop"].astype(bool)] if "counter_drop" in ev.columns else ev.iloc[:0]
+    if len(drop):
+        return (f"{column} null: the energy counter went down in {len(drop)} of {len(ev)} "
+                "window(s) (a reset?)")
+    gap = ev[ev["sample_gap"].astype(bool)] if "sample_gap" in ev.columns else ev.iloc[:0]
+    if len(gap):
+        return (f"{column} null: {len(gap)} of {len(ev)} window(s) begin or end in a gap of up to "
+                f"{float(gap['max_sample_gap_s'].max()):.2f} s in the power samples (over "
+                f"{GAP_PERIODS} sensor update periods): their energy would be interpolated")
+    return None
 
 
 def missing_devices(record: CellRecord | None, power: pd.DataFrame | None) -> list[str]:
@@ -284,7 +304,7 @@ def _energy_of_repeat(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | Non
     if missing:
         reasons.append(f"energy_j null: no power samples of {', '.join(missing)}")
         energy = counter = instant = None
-    elif energy is None and (why := _uncovered_reason(ev)):
+    elif energy is None and (why := _uncovered_reason(ev) or _sample_reason(ev)):
         reasons.append(why)
     if energy is not None:
         row["energy_method"] = "counter" if use_counter else "instant_integral"

@@ -296,7 +296,8 @@ def _balance(summary: pd.DataFrame, stats: pd.DataFrame) -> dict[str, Any]:
             why = reasons.get(cid, {}).get(col)
             if value is None and why is None:
                 withheld = [p["label"] for p in parts if p["j"] is None]
-                why = ("null: the cell's span is not covered by every device's samples"
+                why = (reasons.get(cid, {}).get("balance_total_j",
+                                                "null: the cell's span is not covered by every device's samples")
                        if pd.isna(total) else
                        f"null: the rest of the total is unknown while {', '.join(withheld)} "
                        f"{'is' if len(withheld) == 1 else 'are'} withheld" if withheld else
