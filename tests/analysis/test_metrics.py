@@ -443,3 +443,21 @@ def test_an_idle_window_the_samples_do_not_cover_says_so(tmp_path: Path) -> None
     for r in _rows(cdir):
         assert r["idle_power_w"] is None and r["active_energy_j"] is None
         assert "idle_power_w null: the samples of node0/GPU-0000 do not cover 1 of 1 window(s)" in r["energy_reason"]
+
+
+def test_a_run_that_ended_ok_with_a_repeat_missing_is_incomplete(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from llmenergy.analysis.metrics import energy_incomplete_reason
+    from llmenergy.atomic import write_parquet
+
+    from trace_helpers import write_trace_cell
+
+    cdir, _ = write_trace_cell(tmp_path)
+    events = pd.read_parquet(cdir / "events.parquet")
+    write_parquet(cdir / "events.parquet", events[events["repeat"] != 1].reset_index(drop=True))
+    table = compute_cell_metrics(cdir)
+    assert [r["status"] for r in table.to_pylist()] == ["ok", "incomplete"]
+    # the launcher records the cell incomplete with this line, so it is rerun, not ranked
+    assert energy_incomplete_reason(table) == ("1 of 2 repeat(s) not measured "
+                                               "(repeat 1: no prefill/decode events for repeat 1)")

@@ -185,3 +185,19 @@ def test_the_rerun_commands_are_ones_the_cli_accepts(html: str, results: Path) -
     for line in lines:
         args = parser.parse_args(line[1:])
         assert args.results == str(results), line
+
+
+def test_the_accuracy_table_withholds_a_cell_whose_repeats_are_not_all_ok() -> None:
+    import pandas as pd
+
+    from llmenergy.analysis.report import _accuracy
+
+    summary = pd.DataFrame({
+        "cell_id": ["a", "a", "b", "b"], "model": "m", "dataset": "gsm8k",
+        "status": ["ok", "ok", "ok", "incomplete"], "accuracy": [0.5, 0.7, 0.55, 0.5],
+        "j_per_correct": [4.0, 6.0, 6.0, 5.0], "weights_synthetic": False})
+    a, b = _accuracy(summary)
+    assert (a["accuracy"], a["j_per_correct"], a["withheld"]) == (pytest.approx(0.6), 5.0, None)
+    # b's one ok repeat is not the cell's accuracy: the cell is not finished
+    assert b["accuracy"] is None and b["j_per_correct"] is None
+    assert b["withheld"] == "1 of 2 repeat(s) incomplete: the cell is not finished"

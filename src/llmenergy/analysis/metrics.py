@@ -475,10 +475,16 @@ def energy_incomplete_reason(table: pa.Table) -> str | None:
     Incomplete: an ``ok`` row whose ``energy_complete`` is False (a repeat's energy
     is null while a collector was configured, or a GPU the ranks used has no
     samples). Rows of cells run without a collector (``energy_complete`` null)
-    never are. The launcher records such a cell ``incomplete`` with this reason.
+    never are. Also incomplete: a cell whose run ended ``ok`` but one of whose repeats is
+    not (it left no events), said first. The launcher records such a cell ``incomplete``
+    with this reason, so that it reruns.
     """
-    bad = [r for r in table.select(["repeat", "status", "energy_complete", "energy_reason"]).to_pylist()
-           if r["status"] == "ok" and r["energy_complete"] is False]
+    rows = table.select(["repeat", "status", "reason", "energy_complete", "energy_reason"]).to_pylist()
+    lost = [r for r in rows if r["status"] != "ok"]  # a repeat of an ok run that left no events
+    if lost:
+        return (f"{len(lost)} of {len(rows)} repeat(s) not measured (repeat {lost[0]['repeat']}: "
+                f"{lost[0]['reason'] or lost[0]['status']})")
+    bad = [r for r in rows if r["energy_complete"] is False]
     if not bad:
         return None
     first = bad[0]["energy_reason"] or "energy_j null"

@@ -356,14 +356,22 @@ def _flags(summary: pd.DataFrame, stats: pd.DataFrame) -> dict[str, list[dict[st
 
 
 def _accuracy(summary: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per graded cell: accuracy and J per correct answer over its ``ok`` repeats; a cell
+    with repeats that are not ``ok`` says so (``withheld``), its means left empty."""
     acc = summary[summary["accuracy"].notna()]
     if len(acc) == 0:
         return []
-    grp = acc.groupby("cell_id").agg(model=("model", "first"), dataset=("dataset", "first"),
-                                     accuracy=("accuracy", "mean"),
-                                     j_per_correct=("j_per_correct", "mean"),
-                                     synthetic=("weights_synthetic", "any"))
-    return grp.reset_index().to_dict("records")
+    out = []
+    for cid, rows in acc.groupby("cell_id", sort=True):
+        ok = rows[rows["status"] == "ok"]
+        bad = sorted(set(rows["status"]) - {"ok"})
+        out.append({"cell_id": cid, "model": rows["model"].iloc[0], "dataset": rows["dataset"].iloc[0],
+                    "accuracy": None if bad else float(ok["accuracy"].mean()),
+                    "j_per_correct": None if bad else ok["j_per_correct"].mean(),
+                    "synthetic": bool(rows["weights_synthetic"].any()),
+                    "withheld": (f"{len(rows) - len(ok)} of {len(rows)} repeat(s) {', '.join(bad)}: "
+                                 "the cell is not finished" if bad else None)})
+    return out
 
 
 def _env() -> jinja2.Environment:
