@@ -215,6 +215,20 @@ def test_power_cap_relative_to_uncapped_and_to_highest_cap() -> None:
         fig_power_cap(summary_of())
 
 
+def test_power_cap_compares_per_token_when_a_capped_repeat_ran_fewer_cycles() -> None:
+    # uncapped: 4 cycles of 6 s at 300 W; capped at 200 W: 3 cycles of 7 s at 220 W (a repeat
+    # runs whole cycles until min_window_s): per token 0.86x the energy in 1.17x the time
+    summary = summary_of(caps=(None, 200.0), shards=(1,), batch=(4,), repeats=2)
+    capped = summary["power_cap_w"].notna()
+    cycles = np.where(capped, 3, 4)
+    summary["tokens_out"] = 250 * cycles
+    summary["duration_s"] = np.where(capped, 7.0, 6.0) * cycles
+    summary["energy_j"] = np.where(capped, 220.0, 300.0) * summary["duration_s"]
+    lines = _lines_by_label(fig_power_cap(summary)[0].axes[0])
+    assert lines["batch 4 / energy"][1][1] == pytest.approx(220 * 7 / (300 * 6))
+    assert lines["batch 4 / time"][1][1] == pytest.approx(7 / 6)  # slower, not 0.875x as per repeat
+
+
 def test_prefill_decode_and_active_energy() -> None:
     summary = summary_of(shards=(1,))
     fig, _ = BUILDERS["prefill_vs_decode_energy"](summary)

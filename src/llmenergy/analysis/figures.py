@@ -139,8 +139,11 @@ def fig_active_energy(summary: pd.DataFrame) -> tuple[Figure, str]:
 
 
 def fig_power_cap(summary: pd.DataFrame) -> tuple[Figure, str]:
-    """Energy and time at each cap, relative to the uncapped cell (else the highest cap)."""
-    df = energy_rows(summary, "energy_j", "duration_s")
+    """Energy and time per output token at each cap, relative to the uncapped cell (else the
+    highest cap). Per token: a repeat runs whole cycles of its batches until it lasts
+    ``collector.min_window_s``, so a capped repeat can run fewer tokens than the baseline's."""
+    df = energy_rows(summary, "energy_j", "duration_s", "tokens_out")
+    df = df[df["tokens_out"] > 0]
     if "power_cap_w" not in df.columns:
         raise FigureSkipped("summary has no power_cap_w column")
     cfg = [k for k in CONFIG_KEYS if k in df.columns]
@@ -161,8 +164,9 @@ def fig_power_cap(summary: pd.DataFrame) -> tuple[Figure, str]:
             baselines.add(fmt_value("power_cap_w", top))
         else:
             baselines.add("uncapped")
-        e0, t0 = base["energy_j"].mean(), base["duration_s"].mean()
-        parts.append(grp.assign(energy=grp["energy_j"] / e0, time=grp["duration_s"] / t0))
+        e_tok, t_tok = grp["energy_j"] / grp["tokens_out"], grp["duration_s"] / grp["tokens_out"]
+        e0, t0 = e_tok[base.index].mean(), t_tok[base.index].mean()
+        parts.append(grp.assign(energy=e_tok / e0, time=t_tok / t0))
     rel = pd.concat(parts)
     caps = sorted(rel["power_cap_w"].dropna().unique().tolist(), reverse=True)
     order = ([np.nan] if rel["power_cap_w"].isna().any() else []) + caps
@@ -188,11 +192,14 @@ def fig_power_cap(summary: pd.DataFrame) -> tuple[Figure, str]:
         ax.set(title=lay.panel_title(key), xlabel="Power cap per GPU",
                ylabel="Relative to the baseline cell")
     extra = [Line2D([], [], color="black", linestyle=s, label=q) for q, s in dashes.items()]
-    hue_legend(fig, colours, "Batch size; energy / time", extra + ([hollow_handle()] if n_hollow else []))
-    fig.suptitle(f"Power cap: energy and time relative to the baseline ({power_label(rows)})")
+    hue_legend(fig, colours, "Batch size; per output token: energy / time",
+               extra + ([hollow_handle()] if n_hollow else []))
+    fig.suptitle(f"Power cap: energy and time per token relative to the baseline ({power_label(rows)})")
     attach(fig, long)
     panels = " × ".join(AXIS_NAMES.get(a, a) for a in lay.panel_axes) or "all data"
-    caption = (f"Energy (solid) and time (dashed) of a repeat at each power cap, divided by the "
+    caption = (f"Energy (solid) and time (dashed) per output token of a repeat at each power cap "
+               f"(a repeat runs whole cycles until it lasts collector.min_window_s, so repeats "
+               f"differ in tokens), divided by the "
                f"mean of the baseline cell of the same configuration (baseline: "
                f"{', '.join(sorted(baselines))}); one line per batch size, one panel per "
                f"{panels}. {lay.caption()} Bars: {CI_TEXT}, of the capped cell's repeats over "
