@@ -132,6 +132,20 @@ def test_main_and_missing_dir(tmp_path: Path) -> None:
     assert sorted(df["cell_id"].unique()) == ["x", "y"]
 
 
+def test_cells_the_plan_no_longer_has_are_named_in_the_report(tmp_path: Path) -> None:
+    from llmenergy.analysis.report import render_report
+
+    _write_rows(tmp_path, "old", [2.0, 4.0])
+    _write_rows(tmp_path, "now", [1.0, 2.0])
+    res = aggregate(tmp_path, expected_cells=[{"cell_id": "now"}])
+    assert json.loads(res.problems_path.read_text())["not_in_plan"] == ["old"]
+    html = render_report(tmp_path).read_text()
+    assert "1 cell(s) are not in the config's plan" in html and "<code>old</code>" in html
+    # without a plan to compare with (llmenergy aggregate without --config) nothing is said
+    aggregate(tmp_path)
+    assert "not in the config's plan" not in render_report(tmp_path).read_text()
+
+
 def test_failed_and_queued_cells_are_listed_with_reasons_and_logs(tmp_path: Path) -> None:
     """Issue 15 (3): a partial report names the cells not measured, why, and where the logs are."""
     from llmenergy.analysis.report import render_report

@@ -308,7 +308,14 @@ def aggregate(output_dir: Path, *, grid_gco2_per_kwh: float | None = None,
     write_parquet(summary_path, _with_metadata(summary_table, {}))
     write_parquet(stats_path, _with_metadata(pa.Table.from_pandas(stats, preserve_index=False),
                                              {"t_method": method, "ci": "95% two-sided Student t"}))
-    write_json(problems_path, {"problems": problems, "n_files": len(files)})
+    # cells a narrower matrix no longer plans: measured under their own definitions, kept, and named
+    planned = {str(c.get("cell_id", "")) for c in expected_cells} if expected_cells is not None else None
+    not_in_plan = ([] if planned is None else
+                   sorted(str(c) for c in summary["cell_id"].unique() if str(c) not in planned))
+    if not_in_plan:
+        log.warning("%d cell(s) in %s are not in the config's plan (an earlier matrix): %s",
+                    len(not_in_plan), cells_dir, ", ".join(not_in_plan))
+    write_json(problems_path, {"problems": problems, "n_files": len(files), "not_in_plan": not_in_plan})
     counts = {str(k): int(v) for k, v in summary["status"].value_counts().items()}
     for p in problems:
         log.error("skipped %s: %s", p["path"], p["error"])

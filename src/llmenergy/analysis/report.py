@@ -394,8 +394,10 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
     stats_path = output_dir / STATS_NAME
     stats = pd.read_parquet(stats_path) if stats_path.exists() else cell_stats(summary)[0]
     problems: list[dict[str, Any]] = []
+    not_in_plan: list[str] = []
     if (output_dir / PROBLEMS_NAME).exists():
-        problems = json.loads((output_dir / PROBLEMS_NAME).read_text()).get("problems", [])
+        read = json.loads((output_dir / PROBLEMS_NAME).read_text())
+        problems, not_in_plan = read.get("problems", []), read.get("not_in_plan", [])
     figures = _figures(output_dir, summary, summary_path)
     pair_rows = pairs(summary)
     sums = summarise(pair_rows)
@@ -434,6 +436,7 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
         "balance": _balance(summary, stats),
         "discrepancy_limit_pct": DISCREPANCY_LIMIT_PCT,
         "problems": problems,
+        "not_in_plan": not_in_plan,
         "accuracy": _accuracy(summary),
         "precision_costs": precision_costs(summary, pair_rows),
         "fidelity_tail": FIDELITY_TAIL,
