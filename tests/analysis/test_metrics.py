@@ -404,7 +404,7 @@ def test_a_repeat_whose_window_ends_in_a_gap_of_the_samples_is_withheld_with_the
     assert r0["energy_j"] is not None and r0["energy_complete"] is True
     assert r1["energy_j"] is None and r1["j_per_token"] is None and r1["energy_complete"] is False
     assert r1["energy_reason"].startswith("energy_j null: 2 of 4 window(s) begin or end in a gap of up to 2.6")
-    assert "over 3 sensor update periods" in r1["energy_reason"]
+    assert "over 20 sensor update periods" in r1["energy_reason"]
     assert "energy_j null" in (energy_incomplete_reason(table) or "")
 
 

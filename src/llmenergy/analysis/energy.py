@@ -48,8 +48,11 @@ RESOLUTION_PERIODS = 10
 DEFAULT_UPDATE_PERIOD_S = {"nvml": 0.1, "dcgm": 0.1, "rapl": 0.001, "estimate": 0.1, "replay": 0.1}
 FALLBACK_UPDATE_PERIOD_S = 0.1
 _MIN_UPDATES = 3
-#: A sample gap longer than this many update periods at a window's edge withholds its energy.
-GAP_PERIODS = 3
+#: A sample gap longer than this many update periods at a window's edge withholds its energy:
+#: about 20 missed polls in a row (2 s with NVML or DCGM). Shorter gaps are the collector's
+#: scheduling on a loaded host (up to 0.75 s seen on a 2-core machine running the test suite)
+#: and are interpolated, as an edge between two updates is.
+GAP_PERIODS = 20
 GPU_DOMAINS = ("gpu", "estimate")
 CPU_DOMAINS = ("cpu_package", "dram")
 
@@ -341,6 +344,9 @@ POLLED_COUNTER_SOURCES = ("nvml",)
 #: A device's counter is a staircase (polled faster than it updates) when at most this
 #: share of its polls show a new value; only then are its values restamped.
 STAIRCASE_MAX_CHANGED = 0.9
+#: A poll this many median poll spacings after the one before follows missed polls: the value
+#: it first shows may have come anywhere in the gap, so it keeps its poll time.
+MISSED_POLLS = 5
 
 
 def align_to_sensor(power: pd.DataFrame | None) -> pd.DataFrame | None:
@@ -353,8 +359,8 @@ def align_to_sensor(power: pd.DataFrame | None) -> pd.DataFrame | None:
     most half that poll interval from the update. Only the counter moves: the row's
     other readings (instant power, utilisation) keep their poll time, the counter going
     to a row of its own. A device's first sample (no earlier poll), the repeats of an
-    unchanged value, a value first seen after missed polls (its poll more than twice the
-    device's median poll spacing after the one before), a counter that changes at more
+    unchanged value, a value first seen after missed polls (its poll more than
+    :data:`MISSED_POLLS` times the device's median poll spacing after the one before), a counter that changes at more
     than :data:`STAIRCASE_MAX_CHANGED` of its polls (it updates as fast as it is read), and sources that carry the
     sensor's own sample times (DCGM) or are not polled counters are left as they are. What this does not remove is the
     sensor's own lag behind the energy it reports (docs/measurement.md).
@@ -380,7 +386,7 @@ def align_to_sensor(power: pd.DataFrame | None) -> pd.DataFrame | None:
     # after missed polls the update may lie anywhere in the gap: it keeps its poll time
     spacing = pd.Series(np.where(same_device, t_ns - prev_ns, np.nan), sub.index)
     usual = label.map(spacing.groupby(label).median())
-    changed &= (spacing <= 2 * usual).fillna(False)
+    changed &= (spacing <= MISSED_POLLS * usual).fillna(False)
     moved = sub.index[changed.to_numpy()]
     if len(moved) == 0:
         return power
