@@ -277,6 +277,23 @@ def test_align_to_sensor_leaves_a_counter_that_changes_at_every_poll() -> None:
     assert out["timestamp_ns"].tolist() == power["timestamp_ns"].tolist()
 
 
+def test_align_to_sensor_keeps_the_poll_time_of_a_value_first_seen_after_missed_polls() -> None:
+    from llmenergy.analysis.energy import align_to_sensor
+
+    # polls every 40 ms of a counter that updates every 100 ms (1 J a step), none over 2-3 s
+    polls = np.round(np.arange(0.0, 5.0, 0.04), 6)
+    polls = polls[(polls < 2.0) | (polls > 3.0)]
+    power = _device("GPU-a", polls, 1000.0 * np.floor(np.round(polls / 0.1, 6)), None)
+    out = align_to_sensor(power)
+    counter = out[out["energy_mj"].notna()].drop_duplicates("energy_mj", keep="first")
+    stamp = dict(zip(counter["energy_mj"] / 1000.0, counter["timestamp_ns"] / S, strict=True))
+    # the first value after the gap (updated somewhere in 2.0-3.0 s) stays at its poll ...
+    after = polls[polls > 3.0][0]
+    assert stamp[np.floor(round(after / 0.1, 6))] == pytest.approx(after)
+    # ... while the others move half a poll back, toward their update
+    assert stamp[15.0] == pytest.approx(1.52 - 0.02)
+
+
 def test_a_window_edge_in_a_gap_of_the_samples_is_null_but_a_gap_inside_a_window_is_not() -> None:
     # DCGM-like samples every 0.1 s (stamped by the sensor), 100 W except 400 W over 15-25 s;
     # no sample at all over 10-30 s (a collector that missed its polls)
