@@ -111,16 +111,15 @@ def _series(df: pd.DataFrame, column: str) -> _Series | None:
     return _Series(sub["timestamp_ns"].to_numpy(np.float64), sub[column].to_numpy(np.float64))
 
 
-def _counter_series(df: pd.DataFrame) -> _Series | None:
+def _counter_series(s: _Series | None) -> _Series | None:
     """The counter at its update instants.
 
     NVML's energy counter changes about every 100 ms while the collector polls
     it at up to 50 Hz, so raw samples form a staircase. Keeping only the first
     sample of each new value (plus the last sample) and interpolating between
     those treats power as constant between updates, instead of putting a
-    whole step's energy at one edge of an event.
+    whole step's energy at one edge of an event. ``s``: the counter as polled.
     """
-    s = _series(df, "energy_mj")
     if s is None:
         return None
     changed = np.empty(len(s.values), dtype=bool)
@@ -274,7 +273,8 @@ def _sum_domain(power: pd.DataFrame, start: np.ndarray, end: np.ndarray,
     keys = ["node", "device"] if "node" in power.columns else ["device"]
     for key, dev in power.groupby(keys, sort=True, dropna=False):
         label = "/".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
-        cs = _counter_series(dev)
+        polls = _series(dev, "energy_mj")  # the counter as polled: its spacing shows missed polls
+        cs = _counter_series(polls)
         ps = _series(dev, "power_w")
         ref = cs if cs is not None else ps
         if ref is None:  # a device with fewer than two samples covers nothing
@@ -290,7 +290,6 @@ def _sum_domain(power: pd.DataFrame, start: np.ndarray, end: np.ndarray,
             counter_drop |= drop
             e[drop] = np.nan
             if gap_limit_s is not None:  # the polls' spacing, not the updates' (a flat counter is no gap)
-                polls = _series(dev, "energy_mj") or cs
                 edge = np.fmax(_edge_gap_s(polls, start), _edge_gap_s(polls, end)) > gap_limit_s
                 sample_gap |= edge
                 e[edge] = np.nan

@@ -158,11 +158,11 @@ def _uncovered_reason(ev: pd.DataFrame, column: str = "energy_j") -> str | None:
 def _sample_reason(ev: pd.DataFrame, column: str = "energy_j") -> str | None:
     """Why ``column`` is null when the samples reach past ``ev``'s windows but a counter went
     down in one, or one begins or ends in a gap of the samples (:mod:`.energy`)."""
-    drop = ev[ev["counter_drop"].astype(bool)] if "counter_drop" in ev.columns else ev.iloc[:0]
+    drop = ev[ev["counter_drop"].astype(bool)]
     if len(drop):
         return (f"{column} null: the energy counter went down in {len(drop)} of {len(ev)} "
                 "window(s) (a reset?)")
-    gap = ev[ev["sample_gap"].astype(bool)] if "sample_gap" in ev.columns else ev.iloc[:0]
+    gap = ev[ev["sample_gap"].astype(bool)]
     if len(gap):
         return (f"{column} null: {len(gap)} of {len(ev)} window(s) begin or end in a gap of up to "
                 f"{float(gap['max_sample_gap_s'].max()):.2f} s in the power samples (over "
