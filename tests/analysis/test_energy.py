@@ -106,6 +106,31 @@ def test_cpu_domains_kept_apart_from_gpu_energy() -> None:
     assert att.loc[0, "power_source"] == "nvml"
 
 
+def test_cpu_energy_withheld_with_its_reason_at_a_gap_a_reset_or_a_device_short() -> None:
+    # RAPL read every 40 ms at 50 W; the GPU's counter covers everything
+    t = np.round(np.arange(0, 20.0001, 0.04), 3)
+    gpu = _device("GPU-a", t, 200_000.0 * t, None)
+    rapl = 50_000.0 * t
+    gap = (t < 4.0) | (t > 7.0)  # missed polls from 3.96 to 7.04 s hold the edge at 5 s
+    late = (t < 12.0) | (t > 12.7)  # 0.7 s late polls (a loaded host) inside a window
+    drop = np.where(t >= 15.0, rapl - 800_000.0, rapl)  # a reset at 15 s
+    keep = gap & late
+    power = pd.concat([
+        gpu,
+        _device("cpu-package-0", t[keep], drop[keep], None, domain="cpu_package", source="rapl"),
+        _device("cpu-dram-0", t[t < 18.0], 5_000.0 * t[t < 18.0], None, domain="dram", source="rapl"),
+    ])
+    att = attribute_events(_events([(1.0, 3.0), (5.0, 6.0), (11.0, 13.0), (14.0, 16.0), (17.0, 19.0)]), power)
+    assert att["energy_j"].notna().all()  # the GPU's energy is untouched
+    assert att.loc[0, "cpu_energy_j"] == pytest.approx(2 * 55.0)
+    assert att.loc[2, "cpu_energy_j"] == pytest.approx(2 * 55.0)  # late polls are interpolated
+    assert att["cpu_energy_j"].isna().tolist() == [False, True, False, True, True]
+    assert att.loc[[0, 2], "cpu_energy_null"].isna().all()
+    assert "gap of up to 3.08 s in the RAPL samples" in att.loc[1, "cpu_energy_null"]
+    assert "went down" in att.loc[3, "cpu_energy_null"]
+    assert "cpu-dram-0 do not cover" in att.loc[4, "cpu_energy_null"]
+
+
 def test_no_power_gives_null_energy_and_source_none() -> None:
     att = attribute_events(_events([(0.0, 10.0)]), None)
     assert np.isnan(att.loc[0, "energy_j"]) and np.isnan(att.loc[0, "energy_instant_j"])

@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from report_helpers import make_cell
 
@@ -325,6 +327,21 @@ def test_cpu_ranks_with_only_rapl_samples_are_not_energy_incomplete(tmp_path: Pa
     gpu = [{"node": "node0", "rank": 0, "uuid": "GPU-0000", "name": "H200", "index": 0}]
     cdir2, _ = write_trace_cell(tmp_path, "gpu", gpus=gpu, power=rapl, collector="auto")
     assert "node0/GPU-0000" in (energy_incomplete_reason(compute_cell_metrics(cdir2)) or "")
+
+
+def test_a_rapl_trace_that_stops_early_nulls_cpu_energy_with_a_reason_not_the_cell(tmp_path: Path) -> None:
+    from trace_helpers import nvml_trace, standard_segments, timeline, write_trace_cell
+
+    tl = timeline(standard_segments())
+    stop = float(tl.loc[tl["phase"] == "decode", "end_s"].iloc[2]) - 1.0  # inside repeat 1's first decode
+    rapl = nvml_trace(tl, device="cpu-package-0", period_s=0.001, stop_s=stop).assign(
+        domain="cpu_package", source="rapl", power_w=np.nan)
+    cdir, _ = write_trace_cell(tmp_path, power=pd.concat([nvml_trace(tl), rapl], ignore_index=True))
+    r0, r1 = _rows(cdir)
+    assert r0["cpu_energy_j"] is not None and "cpu_energy_j" not in (r0["energy_reason"] or "")
+    assert r1["cpu_energy_j"] is None and r1["energy_j"] is not None and r1["status"] == "ok"
+    assert "cpu_energy_j null: 3 of 4 window(s), e.g. the samples of node0/cpu-package-0 do not cover it" \
+        in r1["energy_reason"]
 
 
 def test_a_clock_offset_above_5_ms_is_flagged_not_nulled(tmp_path: Path) -> None:

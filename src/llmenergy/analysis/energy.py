@@ -8,7 +8,8 @@ energies are summed. Events that are not fully inside a device's sampled range
 get a null energy and ``power_out_of_range = True``: nothing is extrapolated.
 
 Only GPU-domain devices (``gpu``, ``estimate``) count as GPU energy; CPU RAPL
-domains (``cpu_package``, ``dram``) go to ``cpu_energy_j``.
+domains (``cpu_package``, ``dram``) go to ``cpu_energy_j``, under the same coverage,
+gap and reset rules (``cpu_energy_null`` says why an event's is null).
 
 Polled counters (NVML) are first restamped by :func:`align_to_sensor`: each new
 value at the midpoint between the poll that first showed it and the one before.
@@ -83,6 +84,7 @@ ATTRIBUTION_COLUMNS = (
     "gpu_util_pct",
     "mem_util_pct",
     "cpu_energy_j",
+    "cpu_energy_null",
     "update_period_s",
     "below_resolution",
     "uncovered_devices",
@@ -141,18 +143,20 @@ def _update_spacing_s(s: _Series | None) -> float | None:
     return float(np.median(np.diff(s.t_ns[new]))) / 1e9
 
 
-def update_period_s(power: pd.DataFrame | None) -> tuple[float | None, str]:
-    """The update period (s) of the GPU-domain samples of ``power`` and how it was found.
+def update_period_s(power: pd.DataFrame | None,
+                    domains: Sequence[str] = GPU_DOMAINS) -> tuple[float | None, str]:
+    """The update period (s) of the ``domains`` samples of ``power`` (GPU by default) and how
+    it was found.
 
     Per device: the median spacing of its distinct counter values (else of its
     instant-power values); a device with fewer than three updates takes its
     source's default (:data:`DEFAULT_UPDATE_PERIOD_S`). The coarsest device
     counts, since a sum over devices is only as fine as its coarsest part.
-    ``(None, "no samples")`` without GPU-domain samples.
+    ``(None, "no samples")`` without samples of those domains.
     """
     if power is None or len(power) == 0 or "domain" not in power.columns:
         return None, "no samples"
-    gpu = power[power["domain"].isin(GPU_DOMAINS)]
+    gpu = power[power["domain"].isin(domains)]
     if len(gpu) == 0:
         return None, "no samples"
     keys = ["node", "device"] if "node" in gpu.columns else ["device"]
@@ -325,6 +329,32 @@ def _sum_domain(power: pd.DataFrame, start: np.ndarray, end: np.ndarray,
     }
 
 
+def _cpu_energy_j(cpu: pd.DataFrame, start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, pd.Series]:
+    """CPU (RAPL) energy per event and, where null, why (a phrase, else None).
+
+    The gap and reset rules are the GPU's; RAPL updates every millisecond and is read at each
+    poll, so the gap limit is :data:`GAP_PERIODS` times the larger of the measured spacing and
+    :data:`FALLBACK_UPDATE_PERIOD_S` (2 s, as for NVML): late polls on a loaded host are not
+    missed samples. The instant integral stands in only where no CPU device has a counter.
+    """
+    period, _ = update_period_s(cpu, CPU_DOMAINS)
+    c = _sum_domain(cpu, start, end, GAP_PERIODS * max(period or 0.0, FALLBACK_UPDATE_PERIOD_S))
+    energy = c["counter"] if cpu["energy_mj"].notna().any() else c["instant"]
+    why: list[str | None] = []
+    for k in range(len(start)):
+        if not np.isnan(energy[k]):
+            why.append(None)
+        elif c["uncovered"][k]:
+            why.append(f"the samples of {c['uncovered'][k]} do not cover it")
+        elif c["counter_drop"][k]:
+            why.append("the RAPL counter went down in it (a reset?)")
+        elif c["sample_gap"][k]:
+            why.append(f"it begins or ends in a gap of up to {c['gap'][k]:.2f} s in the RAPL samples")
+        else:
+            why.append("no CPU energy samples cover it")
+    return energy, pd.Series(why, dtype=object)
+
+
 def power_source_of(power: pd.DataFrame | None) -> str:
     """The GPU-domain power source(s) of a power table: e.g. ``nvml``; ``none`` if no GPU data."""
     if power is None or len(power) == 0 or "domain" not in power.columns:
@@ -455,10 +485,10 @@ def attribute_events(events: pd.DataFrame, power: pd.DataFrame | None) -> pd.Dat
         else np.zeros(n, dtype=bool)
 
     if cpu is not None and len(cpu) > 0 and n > 0:
-        c = _sum_domain(cpu, start, end)
-        out["cpu_energy_j"] = np.where(np.isnan(c["counter"]), c["instant"], c["counter"])
+        out["cpu_energy_j"], out["cpu_energy_null"] = _cpu_energy_j(cpu, start, end)
     else:
         out["cpu_energy_j"] = np.full(n, np.nan)
+        out["cpu_energy_null"] = pd.Series([None] * n, dtype=object)
 
     e = out["energy_j"].to_numpy(np.float64)
     ei = out["energy_instant_j"].to_numpy(np.float64)

@@ -231,7 +231,8 @@ def _repeat_row(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | None,
     row["repeat"] = r
     reasons: list[str] = []
     row.update(_energy_of_repeat(r, att, resp, idle_power_w, row, grid_gco2_per_kwh, missing, reasons))
-    if base.get("metered") and row.get("energy_j") is None and not reasons and row["status"] == "ok":
+    if (base.get("metered") and row.get("energy_j") is None and row["status"] == "ok"
+            and not any(r.startswith("energy_j") for r in reasons)):
         reasons.append("energy_j null: no power samples cover this repeat")
     if base.get("metered"):
         row["energy_complete"] = row.get("energy_j") is not None and not missing
@@ -332,6 +333,9 @@ def _energy_of_repeat(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | Non
         row["active_energy_j"] = energy - idle_power_w * duration_s
     if energy is not None and grid_gco2_per_kwh is not None:
         row["gco2e"] = energy / J_PER_KWH * float(grid_gco2_per_kwh)
+    cpu_null = ev["cpu_energy_null"].dropna()
+    if row["cpu_energy_j"] is None and len(cpu_null):  # RAPL was collected but not for every window
+        reasons.append(f"cpu_energy_j null: {len(cpu_null)} of {len(ev)} window(s), e.g. {cpu_null.iloc[0]}")
     return row
 
 
