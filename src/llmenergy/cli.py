@@ -100,6 +100,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from llmenergy.analysis.plots import default_workers, make_figures
+    from llmenergy.atomic import file_sha256
     from llmenergy.layout import RunLayout
 
     if args.jobs is not None and args.jobs < 1:
@@ -113,7 +114,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable summary parquet ({exc})") from exc
     out = Path(args.out) if args.out else layout.figures
-    figs = make_figures(summary, out, workers=args.jobs or default_workers())
+    figs = make_figures(summary, out, workers=args.jobs or default_workers(), summary_sha256=file_sha256(path))
     for f in figs:
         if f.skipped:
             log.info("figure %s skipped: %s", f.name, f.reason)

@@ -201,3 +201,40 @@ def test_the_accuracy_table_withholds_a_cell_whose_repeats_are_not_all_ok() -> N
     # b's one ok repeat is not the cell's accuracy: the cell is not finished
     assert b["accuracy"] is None and b["j_per_correct"] is None
     assert b["withheld"] == "1 of 2 repeat(s) incomplete: the cell is not finished"
+
+
+def test_the_report_shows_only_what_goes_with_its_summary(tmp_path: Path) -> None:
+    """Figures, statistics and problems are matched to the summary by its SHA-256, not by file
+    dates: an older run's figures copied in after the summary, or a summary read from elsewhere,
+    never shows the results folder's other files as its own."""
+    from llmenergy.analysis.plots import load_manifest
+    from llmenergy.atomic import file_sha256
+
+    make_cell(tmp_path, "cell-a", batch_size=1)
+    make_cell(tmp_path, "cell-b", batch_size=4)
+    aggregate(tmp_path)
+    render_report(tmp_path)
+    old_figures, old_summary = tmp_path / "old-figures", tmp_path / "elsewhere" / "summary.parquet"
+    shutil.copytree(tmp_path / "figures", old_figures)
+    old_summary.parent.mkdir()
+    shutil.copy(tmp_path / "summary.parquet", old_summary)
+
+    make_cell(tmp_path, "cell-c", batch_size=8)
+    bad = make_cell(tmp_path, "cell-bad", repeats=1) / "metrics.parquet"
+    bad.write_bytes(bad.read_bytes()[:100])
+    aggregate(tmp_path)
+    shutil.rmtree(tmp_path / "figures")
+    shutil.copytree(old_figures, tmp_path / "figures")  # newer than the summary, drawn from the old one
+    text = render_report(tmp_path).read_text()
+    digest = file_sha256(tmp_path / "summary.parquet")
+    infos = load_manifest(tmp_path / "figures") or []
+    assert infos and {i.summary_sha256 for i in infos} == {digest}
+    assert any("cell-c" in i.cells for i in infos)
+    assert "cell-bad/metrics.parquet" in text
+
+    text = render_report(tmp_path, summary_path=old_summary, out_path=tmp_path / "old.html").read_text()
+    cells_table = text.split('id="cells"')[1] if 'id="cells"' in text else text
+    assert "cell-a" in cells_table and "cell-c" not in text  # not the folder's statistics
+    assert "cell-bad/metrics.parquet" not in text  # nor its aggregation problems
+    # the folder's own figures are left as they were: the other summary's were drawn aside
+    assert {i.summary_sha256 for i in load_manifest(tmp_path / "figures") or []} == {digest}

@@ -26,7 +26,7 @@ import pyarrow.dataset as ds
 
 from llmenergy.analysis.balance import BALANCE_COLUMNS
 from llmenergy.analysis.metrics import J_PER_KWH, cell_identity, read_records, to_table
-from llmenergy.atomic import write_json, write_parquet
+from llmenergy.atomic import file_sha256, write_json, write_parquet
 from llmenergy.cellfiles import (
     IDENTITY_COLUMNS,
     METRICS_SCHEMA,
@@ -306,8 +306,10 @@ def aggregate(output_dir: Path, *, grid_gco2_per_kwh: float | None = None,
     stats_path = output_dir / STATS_NAME
     problems_path = output_dir / PROBLEMS_NAME
     write_parquet(summary_path, _with_metadata(summary_table, {}))
+    digest = file_sha256(summary_path)  # the stats and problems name the summary they go with
     write_parquet(stats_path, _with_metadata(pa.Table.from_pandas(stats, preserve_index=False),
-                                             {"t_method": method, "ci": "95% two-sided Student t"}))
+                                             {"t_method": method, "ci": "95% two-sided Student t",
+                                              "summary_sha256": digest}))
     # cells a narrower matrix no longer plans: measured under their own definitions, kept, and named
     planned = {str(c.get("cell_id", "")) for c in expected_cells} if expected_cells is not None else None
     not_in_plan = ([] if planned is None else
@@ -315,7 +317,8 @@ def aggregate(output_dir: Path, *, grid_gco2_per_kwh: float | None = None,
     if not_in_plan:
         log.warning("%d cell(s) in %s are not in the config's plan (an earlier matrix): %s",
                     len(not_in_plan), cells_dir, ", ".join(not_in_plan))
-    write_json(problems_path, {"problems": problems, "n_files": len(files), "not_in_plan": not_in_plan})
+    write_json(problems_path, {"problems": problems, "n_files": len(files), "not_in_plan": not_in_plan,
+                               "summary_sha256": digest})
     counts = {str(k): int(v) for k, v in summary["status"].value_counts().items()}
     for p in problems:
         log.error("skipped %s: %s", p["path"], p["error"])

@@ -49,6 +49,8 @@ class FigureInfo:
     cells: list[str] = field(default_factory=list)
     flagged: list[str] = field(default_factory=list)
     table: list[dict[str, Any]] = field(default_factory=list)
+    #: the SHA-256 of the summary file drawn (None: drawn from a frame, or an older manifest)
+    summary_sha256: str | None = None
 
 
 def figure_power_source(fig: Figure) -> str | None:
@@ -91,8 +93,10 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def make_figures(summary: pd.DataFrame, outdir: Path, *, workers: int = 1) -> list[FigureInfo]:
-    """Draw every figure of :data:`BUILDERS` into ``outdir`` (PNG + SVG) and write ``index.json``.
+def make_figures(summary: pd.DataFrame, outdir: Path, *, workers: int = 1,
+                 summary_sha256: str | None = None) -> list[FigureInfo]:
+    """Draw every figure of :data:`BUILDERS` into ``outdir`` (PNG + SVG) and write ``index.json``,
+    each entry naming the summary file drawn (``summary_sha256``: the report redraws otherwise).
 
     With ``workers`` > 1 the figures are drawn by that many forked processes (matplotlib
     renders under the GIL, so threads would not help); the manifest keeps
@@ -109,6 +113,8 @@ def make_figures(summary: pd.DataFrame, outdir: Path, *, workers: int = 1) -> li
             infos = list(pool.map(draw, names))
     else:
         infos = [draw(name) for name in names]
+    for info in infos:
+        info.summary_sha256 = summary_sha256
     write_json(outdir / MANIFEST, [asdict(i) for i in infos])
     return infos
 

@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import logging
 import math
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 import jinja2
 import pandas as pd
+import pyarrow.parquet as pq
 
 from llmenergy import __version__
 from llmenergy.analysis.aggregate import (
@@ -46,9 +48,9 @@ from llmenergy.analysis.flags import (
     flagged_rows,
     reason_clauses,
 )
-from llmenergy.analysis.plots import load_manifest, make_figures
+from llmenergy.analysis.plots import FigureInfo, load_manifest, make_figures
 from llmenergy.analysis.precision import precision_costs
-from llmenergy.atomic import write_text
+from llmenergy.atomic import file_sha256, write_text
 from llmenergy.cellfiles import AXES, FIDELITY_TAIL, CellRecord
 from llmenergy.errors import RecordError, UserError
 from llmenergy.layout import RunLayout
@@ -94,16 +96,30 @@ def _records(df: pd.DataFrame, columns: list[str]) -> list[dict[str, Any]]:
     return df[cols].astype(object).where(df[cols].notna(), None).to_dict("records")
 
 
-def _figures(output_dir: Path, summary: pd.DataFrame, summary_path: Path) -> list[dict[str, Any]]:
+def _figures(output_dir: Path, summary: pd.DataFrame, digest: str, own: bool) -> list[dict[str, Any]]:
+    """The figures drawn from the summary whose SHA-256 is ``digest``: those in the results
+    folder when its manifest names that summary, else drawn again (a date says nothing: a copy
+    or an older run's figures can be newer than the summary). Drawn again into the folder only
+    for its ``own`` summary; another's go to a temporary folder (the report embeds them)."""
     figdir = RunLayout(output_dir).figures
     infos = load_manifest(figdir)
-    fresh = (infos is not None and (figdir / "index.json").stat().st_mtime
-             >= summary_path.stat().st_mtime
+    fresh = (bool(infos) and all(i.summary_sha256 == digest for i in infos)
              and all(i.skipped or (i.png is not None and i.png.exists()) for i in infos))
-    if not fresh:
-        infos = make_figures(summary, figdir)
+    if fresh:
+        return _embed(infos or [])
+    if infos and own:
+        log.info("%s: figures drawn from another summary (or before they named it): drawing them again",
+                 figdir)
+    if own:
+        return _embed(make_figures(summary, figdir, summary_sha256=digest))
+    with tempfile.TemporaryDirectory(prefix="llmenergy-figures-") as tmp:
+        return _embed(make_figures(summary, Path(tmp), summary_sha256=digest))
+
+
+def _embed(infos: list[FigureInfo]) -> list[dict[str, Any]]:
+    """The report's figure items, each PNG inline as a data URI."""
     out = []
-    for info in infos or []:
+    for info in infos:
         item: dict[str, Any] = {"name": info.name, "caption": info.caption,
                                 "skipped": info.skipped, "reason": info.reason,
                                 "power_source": info.power_source, "table": info.table,
@@ -382,6 +398,30 @@ def _env() -> jinja2.Environment:
     return env
 
 
+def _stats(path: Path, summary: pd.DataFrame, digest: str) -> pd.DataFrame:
+    """The per-cell statistics ``aggregate`` wrote beside the summary whose SHA-256 is
+    ``digest``; computed again from ``summary`` when the file is absent or goes with another."""
+    if path.exists():
+        meta = pq.read_schema(path).metadata or {}
+        if meta.get(b"llmenergy.summary_sha256", b"").decode() == digest:
+            return pd.read_parquet(path)
+        log.info("%s goes with another summary: statistics computed from this one", path)
+    return cell_stats(summary)[0]
+
+
+def _problems(path: Path, digest: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The unreadable cell files and cells outside the plan that ``aggregate`` found for the
+    summary whose SHA-256 is ``digest``; nothing from a file that goes with another summary."""
+    if not path.exists():
+        return [], []
+    read = json.loads(path.read_text())
+    if read.get("summary_sha256") != digest:
+        log.warning("%s goes with another summary (or an older aggregate): its problems are not shown; "
+                    "run `llmenergy aggregate` again", path)
+        return [], []
+    return read.get("problems", []), read.get("not_in_plan", [])
+
+
 def render_report(output_dir: Path, *, summary_path: Path | None = None,
                   out_path: Path | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Render ``report.html`` from the aggregate outputs in ``output_dir``; return its path."""
@@ -391,14 +431,11 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
     if not summary_path.exists():
         raise UserError(f"{summary_path}: no summary; run `llmenergy aggregate` first")
     summary = pd.read_parquet(summary_path)
-    stats_path = output_dir / STATS_NAME
-    stats = pd.read_parquet(stats_path) if stats_path.exists() else cell_stats(summary)[0]
-    problems: list[dict[str, Any]] = []
-    not_in_plan: list[str] = []
-    if (output_dir / PROBLEMS_NAME).exists():
-        read = json.loads((output_dir / PROBLEMS_NAME).read_text())
-        problems, not_in_plan = read.get("problems", []), read.get("not_in_plan", [])
-    figures = _figures(output_dir, summary, summary_path)
+    digest = file_sha256(summary_path)
+    stats = _stats(output_dir / STATS_NAME, summary, digest)
+    problems, not_in_plan = _problems(output_dir / PROBLEMS_NAME, digest)
+    own = summary_path.resolve() == (output_dir / SUMMARY_NAME).resolve()
+    figures = _figures(output_dir, summary, digest, own)
     pair_rows = pairs(summary)
     sums = summarise(pair_rows)
     flags_by_cell = cell_flags(summary)
