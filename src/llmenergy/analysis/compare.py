@@ -198,8 +198,10 @@ class AxisSummary:
 
     def sentence(self) -> str:
         """``compiled uses 0.47× (0.45–0.49) the energy per token of reference over 4 matched
-        cell pairs (pairs: 0.44–0.50), at 2.1× (…) its throughput.``"""
+        cell pairs (pairs: 0.44–0.50), at 2.1× (…) its throughput.``, and a sentence more when
+        the energy ratio's interval contains 1× or there is none."""
         j, t = self.ratios.get("j_per_token"), self.ratios.get("tokens_per_s")
+        unclear = ""
         pair_word = "pair" if self.k == 1 else "pairs"
         if j is not None and math.isfinite(j.value):
             out = (f"{upper(self.value_text)} uses {j.text()} the energy per token of "
@@ -207,6 +209,10 @@ class AxisSummary:
             lo, hi = self.ranges["j_per_token"]
             if self.k > 1:
                 out += f" (pair ratios {lo:.2f}–{hi:.2f})"
+            if j.has_interval and j.low <= 1.0 <= j.high:
+                unclear = " No clear difference in energy per token: its 95% interval contains 1×."
+            elif not j.has_interval:
+                unclear = " No interval (single repeats): more repeats tell whether it differs."
             if t is not None and math.isfinite(t.value):
                 out += f", at {t.text()} its throughput (tokens/s)"
         elif t is not None and math.isfinite(t.value):
@@ -217,7 +223,7 @@ class AxisSummary:
         if self.n_flagged:
             verb = "includes" if self.n_flagged == 1 else "include"
             out += f"; {self.n_flagged} of the pairs {verb} a flagged repeat"
-        return out + "."
+        return out + "." + unclear
 
 
 def upper(text: str) -> str:
