@@ -291,6 +291,9 @@ def test_align_to_sensor_stamps_each_counter_update_within_half_a_poll() -> None
     inst = out[(out["device"] == "GPU-a") & out["power_w"].notna()]
     assert sorted(inst["timestamp_ns"]) == sorted(nvml["timestamp_ns"])
     pd.testing.assert_frame_equal(out[out["device"] == "GPU-b"].reset_index(drop=True), dcgm)
+    # a GPU on NVML's averaged power (source nvml-avg) has the same polled counter: restamped alike
+    avg = align_to_sensor(nvml.assign(source="nvml-avg"))
+    assert sorted(avg.loc[avg["energy_mj"].notna(), "timestamp_ns"]) == sorted(counter["timestamp_ns"])
 
 
 def test_align_to_sensor_leaves_a_counter_that_changes_at_every_poll() -> None:

@@ -108,6 +108,17 @@ def test_missing_field_186_falls_back_to_power_usage(fake, gpus) -> None:
     assert fake.calls["nvmlDeviceGetFieldValues"] == 1  # not retried once known unsupported
 
 
+def test_rows_of_a_gpu_on_averaged_power_say_so(fake, gpus) -> None:
+    gpus[1]["field_unsupported"] = True
+    gpus[1]["average_power_mw"] = 150_000
+    with NvmlBackend(["GPU-aaaa", "GPU-bbbb"]) as backend:
+        full = backend.sample(1)
+        light = backend.sample_power(2)
+    for rows in (full, light):
+        assert [(r["device"], r["source"]) for r in rows] == [("GPU-aaaa", "nvml"), ("GPU-bbbb", "nvml-avg")]
+        assert rows[1]["power_w"] == pytest.approx(150.0)
+
+
 def test_fast_sample_reads_energy_and_power_in_one_call_per_gpu(fake, gpus) -> None:
     with NvmlBackend(["GPU-aaaa", "GPU-bbbb"]) as backend:
         assert backend.fast_power

@@ -46,7 +46,8 @@ SHORT_WINDOW_S = 5.0
 #: A window shorter than this many sensor update periods is below the sensor's resolution.
 RESOLUTION_PERIODS = 10
 #: The update period of a source when the data show too few updates to measure it.
-DEFAULT_UPDATE_PERIOD_S = {"nvml": 0.1, "dcgm": 0.1, "rapl": 0.001, "estimate": 0.1, "replay": 0.1}
+DEFAULT_UPDATE_PERIOD_S = {"nvml": 0.1, "nvml-avg": 0.1, "dcgm": 0.1, "rapl": 0.001, "estimate": 0.1,
+                           "replay": 0.1}
 FALLBACK_UPDATE_PERIOD_S = 0.1
 _MIN_UPDATES = 3
 #: A sample gap longer than this many update periods at a window's edge withholds its energy:
@@ -369,7 +370,7 @@ def power_source_of(power: pd.DataFrame | None) -> str:
 
 
 #: Sources whose counter values are stamped when polled, not when the sensor updated them.
-POLLED_COUNTER_SOURCES = ("nvml",)
+POLLED_COUNTER_SOURCES = ("nvml", "nvml-avg")
 #: A device's counter is a staircase (polled faster than it updates) when at most this
 #: share of its polls show a new value; only then are its values restamped.
 STAIRCASE_MAX_CHANGED = 0.9

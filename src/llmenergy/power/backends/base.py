@@ -125,6 +125,11 @@ class PowerBackend(abc.ABC):
         both in one vendor call override this."""
         return self.read_energy_mj(device_index), self.read_power_w(device_index)
 
+    def source_of(self, device_index: int) -> str:
+        """The ``source`` of a device's rows: the backend's name unless a backend says how a
+        device's readings differ (NVML's averaged-power fallback: ``nvml-avg``)."""
+        return self.name
+
     def sample_power(self, timestamp_ns: int) -> list[dict[str, Any]]:
         """A light row per device: energy counter and instant power only.
 
@@ -133,8 +138,8 @@ class PowerBackend(abc.ABC):
         rows = []
         for dev in self.devices():
             energy_mj, power_w = self.read_energy_and_power(dev.index)
-            rows.append(make_row(node=self.node, device=dev, timestamp_ns=timestamp_ns, source=self.name,
-                                 energy_mj=energy_mj, power_w=power_w))
+            rows.append(make_row(node=self.node, device=dev, timestamp_ns=timestamp_ns,
+                                 source=self.source_of(dev.index), energy_mj=energy_mj, power_w=power_w))
         return rows
 
     def device(self, device_index: int) -> DeviceInfo:

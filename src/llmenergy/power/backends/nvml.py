@@ -4,7 +4,8 @@ Energy comes from the total-energy counter (field 83
 ``NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION``, the same mJ-since-driver-load counter as
 ``nvmlDeviceGetTotalEnergyConsumption``, which is the fallback).  Instant power is
 field 186 ``NVML_FI_DEV_POWER_INSTANT`` (mW); where a driver lacks it we fall back
-to ``nvmlDeviceGetPowerUsage`` (a 1-s average on Hopper) and say so in the log.
+to ``nvmlDeviceGetPowerUsage`` (a 1-s average on Hopper), say so in the log and
+mark that GPU's rows ``source = nvml-avg`` (:data:`AVERAGED_SOURCE`).
 Both fields are read in one ``nvmlDeviceGetFieldValues`` call, first in every
 sample, so they share one instant and the row's timestamp is theirs.  On the lent
 H100 (driver 580) both values change every ~100 ms and one NVML call takes
@@ -42,6 +43,8 @@ from llmenergy.power.backends.nvml_lib import FI_DEV_POWER_INSTANT, FI_DEV_TOTAL
 log = logging.getLogger(__name__)
 
 _BYTES_PER_MB = 1024 * 1024
+#: The ``source`` of a GPU's rows whose ``power_w`` is NVML's averaged power, not field 186.
+AVERAGED_SOURCE = "nvml-avg"
 
 
 class NvmlBackend(PowerBackend):
@@ -145,6 +148,11 @@ class NvmlBackend(PowerBackend):
                                lambda: nvml_lib.pynvml.nvmlDeviceGetPowerUsage(handle))
         return nvml_lib.mw_to_w(value)
 
+    def source_of(self, device_index: int) -> str:
+        """``nvml``, or ``nvml-avg`` once a GPU's power comes from ``nvmlDeviceGetPowerUsage`` (a
+        1-s average on Hopper): its rows then say so, and the instant-power integral with them."""
+        return AVERAGED_SOURCE if device_index in self._power_via_usage else self.name
+
     def _read_instant_mw(self, device_index: int, handle: Any) -> float | None:
         if "power_instant" in self._unsupported[device_index]:
             return None
@@ -208,7 +216,7 @@ class NvmlBackend(PowerBackend):
             node=self.node,
             device=dev,
             timestamp_ns=timestamp_ns,
-            source=self.name,
+            source=self.source_of(i),
             energy_mj=energy_mj,
             power_w=power_w,
             gpu_util_pct=None if util is None else float(util.gpu),
