@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 #: engine -> share of the GPU's power limit drawn while a cell runs (the prior)
 PRIOR_UTILISATION = {"reference": 0.35, "hf": 0.6, "compiled": 0.8}
 #: power sources whose energy is the GPU's own (``power_source`` of a metrics row)
-GPU_SENSORS = {"nvml", "dcgm"}
+GPU_SENSORS = {"nvml", "nvml-avg", "dcgm"}  # nvml-avg: the counter is the same; only power_w is averaged
 #: The plan prints :meth:`EnergyEstimate.text` after "  GPU energy: " on a line of ≤ 120 columns.
 TEXT_WIDTH = 120 - len("  GPU energy: ")
 _COLUMNS = ["gpu", "engine", "status", "energy_j", "duration_s", "n_devices", "power_source"]
