@@ -197,7 +197,7 @@ case "$mode" in
       TAIL=14 step 20 python3 bench/precision_cells.py bench-results/h200x1_acceptance "$OUT/h200_acc_$tag.json" \
         --out "$OUT/h200_acc_${tag}_cells.json"
       for d in bench-results/h200x1_acceptance/cells/*/; do
-        mkdir -p "$OUT/cells_$tag/$(basename "$d")" && cp "$d"cell.json "$d"metrics.parquet "$OUT/cells_$tag/$(basename "$d")/" 2>/dev/null
+        mkdir -p "$OUT/cells_$tag/$(basename "$d")" && cp "$d"cell.json "$d"spec.json "$d"metrics.parquet "$d"events.parquet "$d"power.parquet "$d"responses.parquet "$OUT/cells_$tag/$(basename "$d")/" 2>/dev/null
       done
     done
     # each job's engines: kept or built after a reset, and the GPU memory beside them (session 21)

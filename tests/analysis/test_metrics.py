@@ -425,6 +425,24 @@ def test_a_repeat_whose_window_ends_in_a_gap_of_the_samples_is_withheld_with_the
     assert "energy_j null" in (energy_incomplete_reason(table) or "")
 
 
+@pytest.mark.parametrize(("lo_s", "hi_s", "flagged"), [(69.0, 70.4, True), (69.4, 69.9, False)])
+def test_an_edge_in_a_gap_between_10_and_20_update_periods_keeps_its_energy_flagged(
+        tmp_path: Path, lo_s: float, hi_s: float, flagged: bool) -> None:
+    from llmenergy.analysis.flags import HEADLINE_COLUMNS, row_flags
+
+    from trace_helpers import standard_segments, timeline, write_trace_cell
+
+    tl = timeline(standard_segments())
+    # around the end of repeat 1's first decode (69.68 s): 1.4 s of missed polls (flagged), 0.5 s (not)
+    cdir, _ = write_trace_cell(tmp_path, power=_trace_without(tl, lo_s, hi_s))
+    r1 = _rows(cdir)[1]
+    truth = tl[(tl["repeat"] == 1) & tl["phase"].notna()]["energy_j"].sum()
+    assert r1["energy_j"] == pytest.approx(truth, rel=0.01) and r1["energy_complete"] is True
+    note = "energy_j interpolated across a gap in the power samples: 2 of 4 window(s) begin or end in a gap"
+    assert (note in (r1["energy_reason"] or "")) is flagged
+    assert ("interpolated across a gap" in row_flags(pd.DataFrame([r1]), HEADLINE_COLUMNS).iloc[0]) is flagged
+
+
 def test_a_gap_of_the_samples_inside_a_window_leaves_its_counter_energy(tmp_path: Path) -> None:
     from trace_helpers import standard_segments, timeline, write_trace_cell
 

@@ -36,7 +36,7 @@ DISCREPANCY_LIMIT_PCT = 1.0
 #: Columns of ``energy_reason`` clauses that leave a repeat's total energy intact: a figure
 #: that does not draw them is not affected (its points stay filled).
 PHASE_COLUMNS = ("prefill_energy_j", "decode_energy_j", "idle_power_w", "active_energy_j",
-                 "compile_j")
+                 "compile_j", "cpu_energy_j")
 #: What the report's headline numbers read (the short answer, best cells, ratios, J/token
 #: columns): a phase clause alone does not mark them, as it does not hollow such a figure.
 HEADLINE_COLUMNS = ("energy_j", "j_per_token", "tokens_per_s", "avg_power_w", "j_per_word",

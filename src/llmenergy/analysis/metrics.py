@@ -41,15 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmenergy.analysis.balance import cell_balance
-from llmenergy.analysis.energy import (
-    GAP_PERIODS,
-    GPU_DOMAINS,
-    SHORT_WINDOW_S,
-    attribute_events,
-    power_source_of,
-    unresolved_clause,
-    update_period_s,
-)
+from llmenergy.analysis.energy import GPU_DOMAINS, SHORT_WINDOW_S, attribute_events, power_source_of, update_period_s
+from llmenergy.analysis.reasons import cpu_reason, sample_reason, short_reason, uncovered_reason, wide_edge_note
 from llmenergy.cellfiles import METRICS_SCHEMA, METRIC_COLUMNS, SCHEMA_VERSION, CellRecord, CellSpec
 from llmenergy.errors import RecordError, UserError
 from llmenergy.layout import CellFiles
@@ -112,62 +105,19 @@ def _total(values: pd.Series) -> float | None:
     return float(values.sum())
 
 
-#: What lengthens the windows of a column the sensor could not resolve (said in its reason).
-LONGER_WINDOWS = {
-    "idle_power_w": "a longer collector.idle_baseline_s resolves it",
-    "prefill_energy_j": "the prefill-only loop (collector.prefill_window_s) meters the prefill on its own",
-    "decode_energy_j": "a longer max_gen_len lengthens each decode window",
-    "prefill_only_energy_j": "a longer collector.prefill_window_s resolves it",
-}
-
-
-def _short_reason(column: str, windows: pd.DataFrame) -> str | None:
-    """Why ``column`` is null when some of ``windows`` are below the sensor's resolution
-    (and, where the config can change it, what lengthens them: :data:`LONGER_WINDOWS`)."""
-    short = windows[windows["below_resolution"].astype(bool)]
-    if len(short) == 0:
-        return None
-    return unresolved_clause(column, short["duration_s"].tolist(), len(windows),
-                             float(windows["update_period_s"].iloc[0]), LONGER_WINDOWS.get(column, ""))
-
-
 def _idle_power_w(att: pd.DataFrame) -> tuple[float | None, str | None]:
     idle = att[att["phase"] == "idle"]
     if len(idle) == 0:
         return None, None
-    why = _short_reason("idle_power_w", idle)
+    why = short_reason("idle_power_w", idle)
     if why:
         return None, why
     energy = idle["energy_j"].where(idle["energy_j"].notna(), idle["energy_instant_j"])
     power = _div(_total(energy), float(idle["duration_s"].sum()))
     if power is None:
-        return None, (_uncovered_reason(idle, "idle_power_w") or _sample_reason(idle, "idle_power_w")
+        return None, (uncovered_reason(idle, "idle_power_w") or sample_reason(idle, "idle_power_w")
                       or "idle_power_w null: no power samples cover the idle window")
     return power, None
-
-
-def _uncovered_reason(ev: pd.DataFrame, column: str = "energy_j") -> str | None:
-    bad = ev[ev["power_out_of_range"].astype(bool)]
-    if len(bad) == 0:
-        return None
-    who = sorted({d for u in bad["uncovered_devices"].dropna() for d in str(u).split(", ")})
-    return (f"{column} null: the samples of {', '.join(who) or 'a device'} do not cover "
-            f"{len(bad)} of {len(ev)} window(s)")
-
-
-def _sample_reason(ev: pd.DataFrame, column: str = "energy_j") -> str | None:
-    """Why ``column`` is null when the samples reach past ``ev``'s windows but a counter went
-    down in one, or one begins or ends in a gap of the samples (:mod:`.energy`)."""
-    drop = ev[ev["counter_drop"].astype(bool)]
-    if len(drop):
-        return (f"{column} null: the energy counter went down in {len(drop)} of {len(ev)} "
-                "window(s) (a reset?)")
-    gap = ev[ev["sample_gap"].astype(bool)]
-    if len(gap):
-        return (f"{column} null: {len(gap)} of {len(ev)} window(s) begin or end in a gap of up to "
-                f"{float(gap['max_sample_gap_s'].max()):.2f} s in the power samples (over "
-                f"{GAP_PERIODS} sensor update periods): their energy would be interpolated")
-    return None
 
 
 def missing_devices(record: CellRecord | None, power: pd.DataFrame | None) -> list[str]:
@@ -305,13 +255,15 @@ def _energy_of_repeat(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | Non
     if missing:
         reasons.append(f"energy_j null: no power samples of {', '.join(missing)}")
         energy = counter = instant = None
-    elif energy is None and (why := _uncovered_reason(ev) or _sample_reason(ev)):
+    elif energy is None and (why := uncovered_reason(ev) or sample_reason(ev)):
         reasons.append(why)
     if energy is not None:
         row["energy_method"] = "counter" if use_counter else "instant_integral"
+        if why := wide_edge_note(ev):
+            reasons.append(why)
         for phase in ("prefill", "decode"):
             ph = ev[ev["phase"] == phase]
-            why = _short_reason(f"{phase}_energy_j", ph)
+            why = short_reason(f"{phase}_energy_j", ph)
             if why:
                 reasons.append(why)
             else:
@@ -333,9 +285,8 @@ def _energy_of_repeat(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | Non
         row["active_energy_j"] = energy - idle_power_w * duration_s
     if energy is not None and grid_gco2_per_kwh is not None:
         row["gco2e"] = energy / J_PER_KWH * float(grid_gco2_per_kwh)
-    cpu_null = ev["cpu_energy_null"].dropna()
-    if row["cpu_energy_j"] is None and len(cpu_null):  # RAPL was collected but not for every window
-        reasons.append(f"cpu_energy_j null: {len(cpu_null)} of {len(ev)} window(s), e.g. {cpu_null.iloc[0]}")
+    if row["cpu_energy_j"] is None and (why := cpu_reason(ev)):
+        reasons.append(why)
     return row
 
 
@@ -348,7 +299,7 @@ def _prefill_only(po: pd.DataFrame, col: str, metered_all: bool, reasons: list[s
         return {}
     row: dict[str, Any] = {"prefill_only_duration_s": float(po["duration_s"].sum()),
                            "prefill_only_tokens_in": _sum(po, "tokens_in")}
-    why = _short_reason("prefill_only_energy_j", po)
+    why = short_reason("prefill_only_energy_j", po)
     energy = _total(po[col]) if metered_all and not why else None
     if why:
         reasons.append(why)
