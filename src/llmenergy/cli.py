@@ -97,10 +97,8 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    import pandas as pd
-
+    from llmenergy.analysis.aggregate import read_summary
     from llmenergy.analysis.plots import default_workers, make_figures
-    from llmenergy.atomic import file_sha256
     from llmenergy.layout import RunLayout
 
     if args.jobs is not None and args.jobs < 1:
@@ -110,11 +108,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise UserError(f"{path}: no summary; run `llmenergy aggregate` first")
     try:
-        summary = pd.read_parquet(path)
+        summary, digest = read_summary(path)
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable summary parquet ({exc})") from exc
     out = Path(args.out) if args.out else layout.figures
-    figs = make_figures(summary, out, workers=args.jobs or default_workers(), summary_sha256=file_sha256(path))
+    figs = make_figures(summary, out, workers=args.jobs or default_workers(), summary_sha256=digest)
     for f in figs:
         if f.skipped:
             log.info("figure %s skipped: %s", f.name, f.reason)

@@ -420,7 +420,7 @@ def test_a_repeat_whose_window_ends_in_a_gap_of_the_samples_is_withheld_with_the
     r0, r1 = table.to_pylist()
     assert r0["energy_j"] is not None and r0["energy_complete"] is True
     assert r1["energy_j"] is None and r1["j_per_token"] is None and r1["energy_complete"] is False
-    assert r1["energy_reason"].startswith("energy_j null: 2 of 4 window(s) begin or end in a gap of up to 2.6")
+    assert r1["energy_reason"].startswith("energy_j null: 2 of 4 window(s) begin or end in a gap of up to 2.5")
     assert "over 20 sensor update periods" in r1["energy_reason"]
     assert "energy_j null" in (energy_incomplete_reason(table) or "")
 
@@ -496,3 +496,16 @@ def test_a_run_that_ended_ok_with_a_repeat_missing_is_incomplete(tmp_path: Path)
     # the launcher records the cell incomplete with this line, so it is rerun, not ranked
     assert energy_incomplete_reason(table) == ("1 of 2 repeat(s) not measured "
                                                "(repeat 1: no prefill/decode events for repeat 1)")
+
+
+def test_energy_integrated_from_nvml_averaged_power_is_flagged(tmp_path: Path) -> None:
+    from trace_helpers import nvml_trace, standard_segments, timeline, write_trace_cell
+
+    tl = timeline(standard_segments())
+    power = nvml_trace(tl).assign(source="nvml-avg")
+    cdir, _ = write_trace_cell(tmp_path, "avg", power=power)
+    assert not any("averaged power" in (r["energy_reason"] or "") for r in _rows(cdir))  # the counter
+    cdir2, _ = write_trace_cell(tmp_path, "avg-nocounter", power=power.assign(energy_mj=np.nan))
+    for r in _rows(cdir2):
+        assert r["energy_method"] == "instant_integral" and r["power_source"] == "nvml-avg"
+        assert "energy_j from NVML's averaged power" in r["energy_reason"]

@@ -236,5 +236,6 @@ def test_the_report_shows_only_what_goes_with_its_summary(tmp_path: Path) -> Non
     cells_table = text.split('id="cells"')[1] if 'id="cells"' in text else text
     assert "cell-a" in cells_table and "cell-c" not in text  # not the folder's statistics
     assert "cell-bad/metrics.parquet" not in text  # nor its aggregation problems
+    assert "Not known:" in text and "None: every metrics file was read" not in text
     # the folder's own figures are left as they were: the other summary's were drawn aside
     assert {i.summary_sha256 for i in load_manifest(tmp_path / "figures") or []} == {digest}

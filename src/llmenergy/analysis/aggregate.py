@@ -13,6 +13,8 @@ else from a built-in table (df 1-30, 40, 60, 120, ∞; interpolated in 1/df).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 from dataclasses import dataclass, field
@@ -264,6 +266,13 @@ def _fill_precision(summary: pd.DataFrame, cells_dir: Path) -> pd.DataFrame:
             continue  # left null: the cell has no readable record (the row says why it is not ok)
         summary.loc[summary["cell_id"] == cid, "precision"] = precision
     return summary
+
+
+def read_summary(path: Path) -> tuple[pd.DataFrame, str]:
+    """A summary and the SHA-256 of the very bytes read (what its figures, statistics and
+    problems record): one read, so a summary rewritten meanwhile cannot pair with another's digest."""
+    raw = Path(path).read_bytes()
+    return pd.read_parquet(io.BytesIO(raw)), hashlib.sha256(raw).hexdigest()
 
 
 def aggregate(output_dir: Path, *, grid_gco2_per_kwh: float | None = None,

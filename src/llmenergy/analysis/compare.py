@@ -212,7 +212,8 @@ class AxisSummary:
             if j.has_interval and j.low <= 1.0 <= j.high:
                 unclear = " No clear difference in energy per token: its 95% interval contains 1×."
             elif not j.has_interval:
-                unclear = " No interval (single repeats): more repeats tell whether it differs."
+                unclear = (" No interval (a pair without the repeats to measure its spread): more repeats "
+                           "tell whether it differs.")
             if t is not None and math.isfinite(t.value):
                 out += f", at {t.text()} its throughput (tokens/s)"
         elif t is not None and math.isfinite(t.value):

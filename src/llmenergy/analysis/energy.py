@@ -352,7 +352,8 @@ def _cpu_energy_j(cpu: pd.DataFrame, start: np.ndarray, end: np.ndarray) -> tupl
     """
     period, _ = update_period_s(cpu, CPU_DOMAINS)
     c = _sum_domain(cpu, start, end, GAP_PERIODS * max(period or 0.0, FALLBACK_UPDATE_PERIOD_S))
-    energy = c["counter"] if cpu["energy_mj"].notna().any() else c["instant"]
+    has_counter = "energy_mj" in cpu.columns and bool(cpu["energy_mj"].notna().any())
+    energy = c["counter"] if has_counter else c["instant"]
     why: list[str | None] = []
     for k in range(len(start)):
         if not np.isnan(energy[k]):
@@ -362,9 +363,9 @@ def _cpu_energy_j(cpu: pd.DataFrame, start: np.ndarray, end: np.ndarray) -> tupl
         elif c["counter_drop"][k]:
             why.append("the RAPL counter went down in it (a reset?)")
         elif c["sample_gap"][k]:
-            why.append(f"it begins or ends in a gap of up to {c['gap'][k]:.2f} s in the RAPL samples")
-        else:
-            why.append("no CPU energy samples cover it")
+            why.append(f"it begins or ends in a gap of up to {c['edge_gap'][k]:.2f} s in the RAPL samples")
+        else:  # every device covers it, but not all with the quantity summed
+            why.append("some RAPL zones have an energy counter and others only power: no one sum covers it")
     return energy, pd.Series(why, dtype=object)
 
 

@@ -7,8 +7,9 @@ a short reason:
 - ``energy_discrepancy_pct`` beyond ±1 %: the energy counter and the integral of
   instant power disagree;
 - ``power_out_of_range``: some event fell outside the power samples (its energy is null);
-- ``energy_reason``: each of its clauses (``<column> null: why``, one per withheld
-  energy column, e.g. a prefill below the sensor's resolution) is a reason;
+- ``energy_reason``: each of its clauses is a reason: ``<column> null: why``, one per withheld
+  energy column (e.g. a prefill below the sensor's resolution), and the notes on numbers kept
+  but flagged (``<column> interpolated across a gap ...``, a node's clock offset);
 - ``energy_complete`` False: a GPU the ranks used was not metered over the whole window;
 - null ``energy_j`` on a row whose power source is a sensor (not ``none``);
 - any column named ``*_flag`` that is true or non-empty text, and a ``flags`` text
@@ -57,6 +58,10 @@ def _truthy(series: pd.Series) -> pd.Series:
     return ~text.str.lower().isin(["", "false", "0", "none", "nan"])
 
 
+#: A clause about one column: ``<column> null: why`` (withheld) or ``<column> interpolated ...`` (kept, flagged).
+_CLAUSE_HEAD = re.compile(r"^([A-Za-z0-9_]+) (?:null:|interpolated )")
+
+
 def reason_clauses(text: Any) -> list[tuple[str | None, str]]:
     """``energy_reason`` split into ``(column, clause)``; column is None when none is named."""
     if text is None or (isinstance(text, float) and pd.isna(text)) or not str(text).strip():
@@ -65,8 +70,8 @@ def reason_clauses(text: Any) -> list[tuple[str | None, str]]:
     for clause in str(text).split("; "):
         clause = clause.strip()
         if clause:
-            head = clause.split(" null:", 1)[0] if " null:" in clause else None
-            out.append((head if head and " " not in head else None, clause))
+            head = _CLAUSE_HEAD.match(clause)
+            out.append((head.group(1) if head else None, clause))
     return out
 
 
@@ -130,7 +135,7 @@ def row_flags(df: pd.DataFrame, columns: Iterable[str] | None = None) -> pd.Seri
                 if drawn is not None and _phase_only(column) and column not in drawn:
                     continue
                 reasons[i].append(clause)
-                said_energy |= {i} if column == "energy_j" else set()
+                said_energy |= {i} if column == "energy_j" and " null:" in clause else set()
     if "energy_complete" in df.columns:
         incomplete = df["energy_complete"].astype("boolean").eq(False).fillna(False).astype(bool)
         add(incomplete & ~df.index.isin(list(said_energy)),

@@ -117,7 +117,7 @@ def _idle_power_w(att: pd.DataFrame) -> tuple[float | None, str | None]:
     if power is None:
         return None, (uncovered_reason(idle, "idle_power_w") or sample_reason(idle, "idle_power_w")
                       or "idle_power_w null: no power samples cover the idle window")
-    return power, None
+    return power, wide_edge_note(idle, "idle_power_w")
 
 
 def missing_devices(record: CellRecord | None, power: pd.DataFrame | None) -> list[str]:
@@ -183,7 +183,7 @@ def _repeat_row(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | None,
     row.update(_energy_of_repeat(r, att, resp, idle_power_w, row, grid_gco2_per_kwh, missing, reasons))
     if (base.get("metered") and row.get("energy_j") is None and row["status"] == "ok"
             and not any(r.startswith("energy_j") for r in reasons)):
-        reasons.append("energy_j null: no power samples cover this repeat")
+        reasons.insert(0, "energy_j null: no power samples cover this repeat")
     if base.get("metered"):
         row["energy_complete"] = row.get("energy_j") is not None and not missing
     row["energy_reason"] = "; ".join(reasons + cell_reasons) or None
@@ -261,6 +261,9 @@ def _energy_of_repeat(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | Non
         row["energy_method"] = "counter" if use_counter else "instant_integral"
         if why := wide_edge_note(ev):
             reasons.append(why)
+        if not use_counter and "nvml-avg" in str(base.get("power_source", "")).split("+"):
+            reasons.append("energy_j from NVML's averaged power (nvml-avg; no energy counter): a 1-s "
+                           "average lags the load, so windows of a few seconds may be off")
         for phase in ("prefill", "decode"):
             ph = ev[ev["phase"] == phase]
             why = short_reason(f"{phase}_energy_j", ph)
@@ -305,6 +308,8 @@ def _prefill_only(po: pd.DataFrame, col: str, metered_all: bool, reasons: list[s
         reasons.append(why)
     elif metered_all and energy is None:
         reasons.append("prefill_only_energy_j null: its window is not covered by every device's samples")
+    elif energy is not None and (note := wide_edge_note(po, "prefill_only_energy_j")):
+        reasons.append(note)
     row["prefill_only_energy_j"] = energy
     row["prefill_j_per_token_in"] = _div(energy, row["prefill_only_tokens_in"])
     return row

@@ -50,20 +50,22 @@ def sample_reason(ev: pd.DataFrame, column: str = "energy_j") -> str | None:
     gap = ev[ev["sample_gap"].astype(bool)]
     if len(gap):
         return (f"{column} null: {len(gap)} of {len(ev)} window(s) begin or end in a gap of up to "
-                f"{float(gap['max_sample_gap_s'].max()):.2f} s in the power samples (over "
+                f"{float(gap['edge_gap_s'].max()):.2f} s in the power samples (over "
                 f"{GAP_PERIODS} sensor update periods): their energy would be interpolated")
     return None
 
 
-def wide_edge_note(ev: pd.DataFrame) -> str | None:
-    """A flag (not a null) when some of ``ev``'s windows begin or end in a gap of the power
-    samples over :data:`~llmenergy.analysis.energy.FLAG_GAP_PERIODS` update periods (a
-    longer one withholds the energy): the energy across it is interpolated."""
+def wide_edge_note(ev: pd.DataFrame, column: str = "energy_j") -> str | None:
+    """A flag (not a null) on ``column`` when some of ``ev``'s windows begin or end in a gap of
+    the power samples over :data:`~llmenergy.analysis.energy.FLAG_GAP_PERIODS` update periods
+    (a longer one withholds the energy): the energy across it is interpolated."""
+    if len(ev) == 0:
+        return None
     limit_s = FLAG_GAP_PERIODS * float(ev["update_period_s"].iloc[0])
     wide = ev[ev["edge_gap_s"].fillna(0.0) > limit_s]
     if len(wide) == 0:
         return None
-    return (f"energy_j interpolated across a gap in the power samples: {len(wide)} of {len(ev)} window(s) "
+    return (f"{column} interpolated across a gap in the power samples: {len(wide)} of {len(ev)} window(s) "
             f"begin or end in a gap of up to {float(wide['edge_gap_s'].max()):.2f} s (over {FLAG_GAP_PERIODS} "
             "sensor update periods; up to ~4 % off, docs/measurement.md)")
 

@@ -34,6 +34,7 @@ from llmenergy.analysis.aggregate import (
     STATS_NAME,
     SUMMARY_NAME,
     cell_stats,
+    read_summary,
 )
 from llmenergy.analysis.compare import METHOD_TEXT, pair_records, pairs, summarise, summary_records
 from llmenergy.analysis.energy import RESOLUTION_PERIODS
@@ -50,7 +51,7 @@ from llmenergy.analysis.flags import (
 )
 from llmenergy.analysis.plots import FigureInfo, load_manifest, make_figures
 from llmenergy.analysis.precision import precision_costs
-from llmenergy.atomic import file_sha256, write_text
+from llmenergy.atomic import write_text
 from llmenergy.cellfiles import AXES, FIDELITY_TAIL, CellRecord
 from llmenergy.errors import RecordError, UserError
 from llmenergy.layout import RunLayout
@@ -409,16 +410,18 @@ def _stats(path: Path, summary: pd.DataFrame, digest: str) -> pd.DataFrame:
     return cell_stats(summary)[0]
 
 
-def _problems(path: Path, digest: str) -> tuple[list[dict[str, Any]], list[str]]:
+def _problems(path: Path, digest: str) -> tuple[list[dict[str, Any]] | None, list[str]]:
     """The unreadable cell files and cells outside the plan that ``aggregate`` found for the
-    summary whose SHA-256 is ``digest``; nothing from a file that goes with another summary."""
+    summary whose SHA-256 is ``digest``; ``(None, [])`` (not known) without such a file, or
+    when it goes with another summary."""
     if not path.exists():
-        return [], []
+        log.warning("%s: none beside the summary: the report cannot say which metrics files were skipped", path)
+        return None, []
     read = json.loads(path.read_text())
     if read.get("summary_sha256") != digest:
         log.warning("%s goes with another summary (or an older aggregate): its problems are not shown; "
                     "run `llmenergy aggregate` again", path)
-        return [], []
+        return None, []
     return read.get("problems", []), read.get("not_in_plan", [])
 
 
@@ -430,8 +433,7 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
     out_path = Path(out_path) if out_path else RunLayout(output_dir).report
     if not summary_path.exists():
         raise UserError(f"{summary_path}: no summary; run `llmenergy aggregate` first")
-    summary = pd.read_parquet(summary_path)
-    digest = file_sha256(summary_path)
+    summary, digest = read_summary(summary_path)
     stats = _stats(output_dir / STATS_NAME, summary, digest)
     problems, not_in_plan = _problems(output_dir / PROBLEMS_NAME, digest)
     own = summary_path.resolve() == (output_dir / SUMMARY_NAME).resolve()
@@ -472,7 +474,9 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
         "not_measured": _not_measured(output_dir, stats, summary),
         "balance": _balance(summary, stats),
         "discrepancy_limit_pct": DISCREPANCY_LIMIT_PCT,
-        "problems": problems,
+        "problems": problems or [],
+        "problems_known": problems is not None,
+        "problems_file": PROBLEMS_NAME,
         "not_in_plan": not_in_plan,
         "accuracy": _accuracy(summary),
         "precision_costs": precision_costs(summary, pair_rows),
