@@ -202,3 +202,35 @@ def test_stats_carry_the_cell_balance_once_and_energy_complete_of_every_row(tmp_
     assert stats["energy_complete"].isna()["c"]
     summary = pq.read_table(res.summary_path).to_pandas()
     assert "balance_unattributed_j" in summary.columns and "tokens_after_eos" in summary.columns
+
+
+def test_cells_metered_under_older_rules_are_recomputed_from_their_raw_files(tmp_path: Path) -> None:
+    """A metrics file without this version's rules (an older llmenergy wrote it) does not pass
+    for current: aggregate computes its rows again from events and power, leaves the file as
+    it is, and says so; one without raw files keeps its rows and is named."""
+    from llmenergy.analysis.metrics import RULES_KEY, RULES_VERSION
+    from llmenergy.analysis.report import render_report
+
+    make_cell(tmp_path, "current")
+    old_dir = make_cell(tmp_path, "older")
+    gone_dir = make_cell(tmp_path, "older-no-events")
+    truth = pq.read_table(old_dir / "metrics.parquet").column("energy_j").to_pylist()
+    for d in (old_dir, gone_dir):  # as an older version wrote them: other numbers, no rules key
+        t = pq.read_table(d / "metrics.parquet")
+        meta = {k: v for k, v in (t.schema.metadata or {}).items() if k != RULES_KEY}
+        i = t.schema.get_field_index("energy_j")
+        t = t.set_column(i, t.schema.field(i), pa.array([2 * e for e in t.column("energy_j").to_pylist()]))
+        write_parquet(d / "metrics.parquet", t.replace_schema_metadata(meta))
+    (gone_dir / "events.parquet").unlink()
+    on_disk = (old_dir / "metrics.parquet").read_bytes()
+
+    result = aggregate(tmp_path)
+    summary = pq.read_table(result.summary_path).to_pandas().set_index(["cell_id", "repeat"])
+    assert summary.loc["older", "energy_j"].tolist() == pytest.approx(truth)
+    assert summary.loc["older-no-events", "energy_j"].tolist() == pytest.approx([2 * e for e in truth])
+    found = json.loads(result.problems_path.read_text())
+    assert (found["remetered"], found["older_rules_kept"]) == (["older"], ["older-no-events"])
+    assert found["rules_version"] == RULES_VERSION
+    assert (old_dir / "metrics.parquet").read_bytes() == on_disk
+    text = render_report(tmp_path).read_text()
+    assert "1 cell(s) were metered under older rules" in text and "1 cell(s) keep numbers computed" in text

@@ -24,10 +24,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from llmenergy.analysis.balance import BALANCE_COLUMNS
-from llmenergy.analysis.metrics import J_PER_KWH, cell_identity, read_records, to_table
+from llmenergy.analysis.metrics import (
+    J_PER_KWH,
+    RULES_VERSION,
+    cell_identity,
+    cell_metrics,
+    read_records,
+    rules_version,
+    to_table,
+)
 from llmenergy.atomic import file_sha256, write_json, write_parquet
 from llmenergy.cellfiles import (
     IDENTITY_COLUMNS,
@@ -139,7 +148,9 @@ def _scan(cells_dir: Path) -> tuple[list[str], list[Path]]:
     return files, without
 
 
-def _read_all(files: list[str], problems: list[dict[str, str]]) -> pa.Table:
+def _read_all(files: list[str], problems: list[dict[str, str]], stale: list[Path]) -> pa.Table:
+    """Every readable metrics file's rows; an unreadable one goes to ``problems``, and the
+    folders of those computed under older rules (:data:`~.metrics.RULES_VERSION`) to ``stale``."""
     if not files:
         return METRICS_SCHEMA.empty_table()
     dataset = ds.dataset(files, format="parquet", schema=METRICS_SCHEMA)
@@ -148,6 +159,8 @@ def _read_all(files: list[str], problems: list[dict[str, str]]) -> pa.Table:
         why = _validate(frag)
         if why is None:
             good.append(frag)
+            if rules_version(frag.physical_schema.metadata) < RULES_VERSION:
+                stale.append(Path(frag.path).parent)
         else:
             problems.append({"path": frag.path, "cell_id": Path(frag.path).parent.name, "error": why})
     valid = ds.FileSystemDataset(good, schema=METRICS_SCHEMA, format=ds.ParquetFileFormat(),
@@ -164,6 +177,41 @@ def _read_all(files: list[str], problems: list[dict[str, str]]) -> pa.Table:
             problems.append({"path": frag.path, "cell_id": Path(frag.path).parent.name,
                              "error": f"unreadable: {str(exc).splitlines()[0]}"})
     return pa.concat_tables(tables) if tables else METRICS_SCHEMA.empty_table()
+
+
+def _remeter(table: pa.Table, stale: list[Path]) -> tuple[pa.Table, list[str], list[str]]:
+    """``table`` with the rows of the ``stale`` cells (metrics computed under older rules)
+    computed again from their raw files, as ``finalize`` would now; the files themselves are
+    left as they are. Returns the table, the cells recomputed, and those kept as they were
+    (no ``events.parquet`` to recompute from, or it failed: logged)."""
+    if not stale:
+        return table, [], []
+    log.warning("%d cell(s) were metered under older rules than this version's (%d): their rows are "
+                "computed again from their raw files", len(stale), RULES_VERSION)
+    fresh: list[pa.Table] = []
+    done: list[str] = []
+    kept: list[str] = []
+    for i, cell_dir in enumerate(stale, 1):
+        if not CellFiles(cell_dir).events.exists():
+            kept.append(cell_dir.name)
+            continue
+        try:
+            record, spec = read_records(cell_dir)
+            fresh.append(cell_metrics(cell_dir, record=record, spec=spec)[0])
+            done.append(cell_dir.name)
+        except (OSError, ValueError, RecordError, UserError, pa.ArrowException) as exc:
+            log.warning("%s: not recomputed (%s): its rows are kept as they were", cell_dir, exc)
+            kept.append(cell_dir.name)
+        if i % 50 == 0:
+            log.info("recomputed %d of %d cell(s)", i, len(stale))
+    if kept:
+        log.warning("%d cell(s) keep rows computed under older rules: %s", len(kept), ", ".join(kept))
+    if not done:
+        return table, done, kept
+    redone = pa.array(done)
+    rest = table.filter(pc.invert(pc.is_in(table["cell_id"], value_set=redone)))
+    fresh = [t.cast(METRICS_SCHEMA) for t in fresh]
+    return pa.concat_tables([rest, *fresh]), done, kept
 
 
 def _placeholder(cell_id: str, ident: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
@@ -284,7 +332,9 @@ def aggregate(output_dir: Path, *, grid_gco2_per_kwh: float | None = None,
         raise UserError(f"{cells_dir}: no such directory (nothing to aggregate)")
     files, without = _scan(cells_dir) if cells_dir.is_dir() else ([], [])
     problems: list[dict[str, str]] = []
-    table = _read_all(files, problems)
+    stale: list[Path] = []
+    table = _read_all(files, problems, stale)
+    table, remetered, kept = _remeter(table, stale)
 
     extra_rows = [_cell_row(Path(p["path"]).parent, f"metrics.parquet {p['error']}")
                   for p in problems]
@@ -327,7 +377,8 @@ def aggregate(output_dir: Path, *, grid_gco2_per_kwh: float | None = None,
         log.warning("%d cell(s) in %s are not in the config's plan (an earlier matrix): %s",
                     len(not_in_plan), cells_dir, ", ".join(not_in_plan))
     write_json(problems_path, {"problems": problems, "n_files": len(files), "not_in_plan": not_in_plan,
-                               "summary_sha256": digest})
+                               "remetered": remetered, "older_rules_kept": kept,
+                               "rules_version": RULES_VERSION, "summary_sha256": digest})
     counts = {str(k): int(v) for k, v in summary["status"].value_counts().items()}
     for p in problems:
         log.error("skipped %s: %s", p["path"], p["error"])

@@ -50,6 +50,13 @@ from llmenergy.layout import CellFiles
 log = logging.getLogger(__name__)
 
 J_PER_KWH = 3.6e6
+#: The version of the rules that turn samples into these numbers, in each ``metrics.parquet``'s
+#: schema metadata (:data:`RULES_KEY`); raised whenever a change publishes other numbers or
+#: reasons from the same raw files, so that ``aggregate`` recomputes older cells' rows.
+#: 1: files without the key (before 2026-12-05). 2: RAPL under the gap and reset rules, edges in
+#: gaps of 10-20 update periods flagged, NVML averaged power flagged.
+RULES_VERSION = 2
+RULES_KEY = b"llmenergy.metrics_rules"
 #: A node's clock offset to rank 0 above this is flagged in ``energy_reason`` (it is corrected).
 CLOCK_FLAG_MS = 5.0
 
@@ -336,7 +343,26 @@ def _fidelity_columns(record: CellRecord | None) -> dict[str, Any]:
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Build a table with :data:`METRICS_SCHEMA` from row dicts (missing keys → null)."""
     cols = {name: [_clean(r.get(name)) for r in rows] for name in METRIC_COLUMNS}
-    return pa.Table.from_pydict(cols, schema=METRICS_SCHEMA)
+    table = pa.Table.from_pydict(cols, schema=METRICS_SCHEMA)
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), RULES_KEY: str(RULES_VERSION).encode()})
+
+
+def rules_version(metadata: dict[bytes, bytes] | None) -> int:
+    """The :data:`RULES_VERSION` a metrics file's schema metadata records (1 without one)."""
+    try:
+        return int((metadata or {}).get(RULES_KEY, b"1"))
+    except ValueError:
+        return 1
+
+
+def cell_metrics(cell_dir: Path, *, record: CellRecord | None, spec: CellSpec | None) -> tuple[pa.Table, str | None]:
+    """A finished cell's metrics, and why its energy is incomplete when its record says ``ok``
+    (:func:`energy_incomplete_reason`; the rows then say ``incomplete`` with that reason)."""
+    table = compute_cell_metrics(cell_dir, record=record, spec=spec)
+    why = energy_incomplete_reason(table) if record is not None and record.status == "ok" else None
+    if why is not None:
+        table = compute_cell_metrics(cell_dir, record=record, spec=spec, status="incomplete", reason=why)
+    return table, why
 
 
 def _clean(v: Any) -> Any:

@@ -410,19 +410,19 @@ def _stats(path: Path, summary: pd.DataFrame, digest: str) -> pd.DataFrame:
     return cell_stats(summary)[0]
 
 
-def _problems(path: Path, digest: str) -> tuple[list[dict[str, Any]] | None, list[str]]:
-    """The unreadable cell files and cells outside the plan that ``aggregate`` found for the
-    summary whose SHA-256 is ``digest``; ``(None, [])`` (not known) without such a file, or
-    when it goes with another summary."""
+def _problems(path: Path, digest: str) -> dict[str, Any] | None:
+    """What ``aggregate`` found for the summary whose SHA-256 is ``digest`` (unreadable cell
+    files, cells outside the plan, cells metered under older rules); None (not known) without
+    such a file, or when it goes with another summary."""
     if not path.exists():
         log.warning("%s: none beside the summary: the report cannot say which metrics files were skipped", path)
-        return None, []
+        return None
     read = json.loads(path.read_text())
     if read.get("summary_sha256") != digest:
         log.warning("%s goes with another summary (or an older aggregate): its problems are not shown; "
                     "run `llmenergy aggregate` again", path)
-        return None, []
-    return read.get("problems", []), read.get("not_in_plan", [])
+        return None
+    return read
 
 
 def render_report(output_dir: Path, *, summary_path: Path | None = None,
@@ -435,7 +435,7 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
         raise UserError(f"{summary_path}: no summary; run `llmenergy aggregate` first")
     summary, digest = read_summary(summary_path)
     stats = _stats(output_dir / STATS_NAME, summary, digest)
-    problems, not_in_plan = _problems(output_dir / PROBLEMS_NAME, digest)
+    found = _problems(output_dir / PROBLEMS_NAME, digest)
     own = summary_path.resolve() == (output_dir / SUMMARY_NAME).resolve()
     figures = _figures(output_dir, summary, digest, own)
     pair_rows = pairs(summary)
@@ -474,10 +474,13 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
         "not_measured": _not_measured(output_dir, stats, summary),
         "balance": _balance(summary, stats),
         "discrepancy_limit_pct": DISCREPANCY_LIMIT_PCT,
-        "problems": problems or [],
-        "problems_known": problems is not None,
+        "problems": (found or {}).get("problems", []),
+        "problems_known": found is not None,
         "problems_file": PROBLEMS_NAME,
-        "not_in_plan": not_in_plan,
+        "remetered": (found or {}).get("remetered", []),
+        "older_rules_kept": (found or {}).get("older_rules_kept", []),
+        "rules_version": (found or {}).get("rules_version"),
+        "not_in_plan": (found or {}).get("not_in_plan", []),
         "accuracy": _accuracy(summary),
         "precision_costs": precision_costs(summary, pair_rows),
         "fidelity_tail": FIDELITY_TAIL,

@@ -108,7 +108,7 @@ def finalize(cfg: Config, cell: Cell, spec: CellSpec, files: CellFiles, *, codes
     An ``ok`` cell whose energy is incomplete (a repeat's energy null while a collector
     was configured: :func:`llmenergy.analysis.metrics.energy_incomplete_reason`) is
     recorded ``incomplete`` with that reason, and reruns."""
-    from llmenergy.analysis.metrics import compute_cell_metrics, energy_incomplete_reason
+    from llmenergy.analysis.metrics import cell_metrics
     from llmenergy.power.caps import read_cap_report
 
     status, reason = cell_status(files, codes, signum, error)
@@ -127,11 +127,9 @@ def finalize(cfg: Config, cell: Cell, spec: CellSpec, files: CellFiles, *, codes
     if cell.power_cap_w is not None:
         record.provenance.power_cap = read_cap_report(powercap_dir or files.powercap)
     try:
-        metrics = compute_cell_metrics(files.root, record=record, spec=spec)
-        why = energy_incomplete_reason(metrics) if record.status == "ok" else None
+        metrics, why = cell_metrics(files.root, record=record, spec=spec)
         if why is not None:
             record.status, record.reason = "incomplete", why
-            metrics = compute_cell_metrics(files.root, record=record, spec=spec)
         atomic.write_parquet(files.metrics, metrics)
     except Exception as exc:  # noqa: BLE001 - a metrics bug must not lose the run's raw data
         log.exception("%s: computing metrics failed", cell.id)
