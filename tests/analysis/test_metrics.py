@@ -509,3 +509,18 @@ def test_energy_integrated_from_nvml_averaged_power_is_flagged(tmp_path: Path) -
     for r in _rows(cdir2):
         assert r["energy_method"] == "instant_integral" and r["power_source"] == "nvml-avg"
         assert "energy_j from NVML's averaged power" in r["energy_reason"]
+
+
+def test_a_gpu_counting_another_process_during_a_repeat_is_flagged(tmp_path: Path) -> None:
+    from trace_helpers import T0_NS, nvml_trace, standard_segments, timeline, write_trace_cell
+
+    tl = timeline(standard_segments())
+    power = nvml_trace(tl).assign(compute_processes=1)
+    t_s = (power["timestamp_ns"] - T0_NS) / 1e9
+    power.loc[(t_s > 60.0) & (t_s < 61.0), "compute_processes"] = 2  # inside repeat 1's first decode
+    cdir, _ = write_trace_cell(tmp_path, power=power)
+    r0, r1 = _rows(cdir)
+    assert "shared" not in (r0["energy_reason"] or "")
+    assert r1["energy_j"] is not None and r1["energy_complete"] is True
+    assert ("energy_j shared: 1 of 4 window(s) ran while node0/GPU-0000 (2) counted more than one process"
+            in r1["energy_reason"])

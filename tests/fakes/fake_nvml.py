@@ -104,6 +104,7 @@ def make_gpu(uuid: str, *, min_w: float = 200, max_w: float = 700, default_w: fl
         "energy_mj": 1_000_000, "power_mw": 72_000, "average_power_mw": 71_000,
         "gpu_util": 0, "mem_util": 0, "mem_used_bytes": 512 * MIB,
         "sm_clock_mhz": 345, "mem_clock_mhz": 2619, "temperature_c": 31,
+        "processes": [],  # PIDs holding a compute context on the GPU
         # failures
         "unsupported": [], "field_unsupported": False, "energy_field_unsupported": False, "lost": False,
     }
@@ -278,6 +279,10 @@ class FakeNvml:
     def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> Any:  # noqa: N802
         return self._call("nvmlDeviceGetUtilizationRates", handle, {},
                           lambda _s, g: types.SimpleNamespace(gpu=g["gpu_util"], memory=g["mem_util"]))
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeHandle) -> list[Any]:  # noqa: N802
+        return self._call("nvmlDeviceGetComputeRunningProcesses", handle, {}, lambda _s, g: [
+            types.SimpleNamespace(pid=pid, usedGpuMemory=512 * MIB) for pid in g.get("processes", ())])
 
     def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle) -> Any:  # noqa: N802
         total = 80 * 1024 * MIB

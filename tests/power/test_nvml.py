@@ -182,3 +182,14 @@ def test_close_is_idempotent_and_shuts_nvml_down_once(fake) -> None:
 def test_unwatched_index_is_rejected(fake) -> None:
     with NvmlBackend(["GPU-aaaa"]) as backend, pytest.raises(SensorError, match="index 3"):
         backend.read_energy_mj(3)
+
+
+def test_full_rows_count_the_processes_holding_a_context_on_each_gpu(fake, gpus) -> None:
+    gpus[0]["processes"] = [101, 202]
+    gpus[1]["unsupported"] = ["nvmlDeviceGetComputeRunningProcesses"]
+    with NvmlBackend(["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]) as backend:
+        for t in range(2):
+            rows = backend.sample(t)
+            assert [r["compute_processes"] for r in rows] == [2, None, 0]
+        assert all(r["compute_processes"] is None for r in backend.sample_power(3))  # light rows: not read
+    assert fake.calls["nvmlDeviceGetComputeRunningProcesses"] == 2 + 2 + 1  # GPU-bbbb's asked once

@@ -110,3 +110,19 @@ def test_counter_energy_matches_integrated_instant_power_within_3pct_under_load(
     [row] = attribute_events(events, power).to_dict("records")
     assert row["energy_j"] > 8 * 100  # the GPU is busy: well above 100 W
     assert abs(row["energy_discrepancy_pct"]) < 3, row
+
+
+def test_a_cuda_context_in_this_process_is_counted_on_its_gpu() -> None:
+    """The collector counts the processes holding a compute context on each GPU; a cell's rank
+    is one. Here this process makes one on GPU 0 (NVML lists it; in a container with its own
+    PID namespace NVML may list none, and then nothing can be said of sharing)."""
+    torch = pytest.importorskip("torch", reason="torch is needed to make a CUDA context")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    from llmenergy.power.backends.nvml import NvmlBackend
+
+    torch.ones(1, device="cuda:0").sum().item()
+    with NvmlBackend() as backend:
+        rows = {r["device_index"]: r for r in backend.sample(time.time_ns())}
+    count = rows[0]["compute_processes"]
+    assert count is not None and count >= 1, "this process's context on GPU 0 is not counted"

@@ -97,6 +97,7 @@ ATTRIBUTION_COLUMNS = (
     "sample_gap",
     "counter_drop",
     "edge_gap_s",
+    "shared_devices",
 )
 
 
@@ -369,6 +370,25 @@ def _cpu_energy_j(cpu: pd.DataFrame, start: np.ndarray, end: np.ndarray) -> tupl
     return energy, pd.Series(why, dtype=object)
 
 
+def _shared_devices(gpu: pd.DataFrame, start: np.ndarray, end: np.ndarray) -> pd.Series:
+    """Per event: ``node/device (N)`` of each GPU whose sample inside it counted N > 1 processes
+    holding a compute context (a cell's rank is one a GPU: the rest are another job's, a
+    leftover rank's, a notebook's); None where none did or none was counted."""
+    out: list[list[str]] = [[] for _ in range(len(start))]
+    if "compute_processes" in gpu.columns:
+        many = gpu[gpu["compute_processes"].fillna(0) > 1]
+        keys = ["node", "device"] if "node" in many.columns else ["device"]
+        for key, dev in many.groupby(keys, sort=True, dropna=False):
+            label = "/".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
+            t = dev["timestamp_ns"].to_numpy(np.float64)
+            count = dev["compute_processes"].to_numpy(np.float64)
+            for k in range(len(start)):
+                inside = (t >= start[k]) & (t <= end[k])
+                if inside.any():
+                    out[k].append(f"{label} ({int(count[inside].max())})")
+    return pd.Series([", ".join(o) if o else None for o in out], dtype=object)
+
+
 def power_source_of(power: pd.DataFrame | None) -> str:
     """The GPU-domain power source(s) of a power table: e.g. ``nvml``; ``none`` if no GPU data."""
     if power is None or len(power) == 0 or "domain" not in power.columns:
@@ -483,6 +503,7 @@ def attribute_events(events: pd.DataFrame, power: pd.DataFrame | None) -> pd.Dat
         if g["counter_drop"].any():
             log.warning("energy counter went down in or around %d event(s): counter reset? energy set to null",
                         int(g["counter_drop"].sum()))
+        out["shared_devices"] = _shared_devices(gpu, start, end)
         for col in ("gpu_util_pct", "mem_util_pct"):
             total, count = _window_sum_count(gpu, col, start, end)
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -496,6 +517,7 @@ def attribute_events(events: pd.DataFrame, power: pd.DataFrame | None) -> pd.Dat
         out["sample_gap"] = np.zeros(n, dtype=bool)
         out["counter_drop"] = np.zeros(n, dtype=bool)
         out["edge_gap_s"] = np.full(n, np.nan)
+        out["shared_devices"] = pd.Series([None] * n, dtype=object)
     out["update_period_s"] = np.full(n, np.nan if period is None else period)
     out["below_resolution"] = (duration_s < RESOLUTION_PERIODS * period) if period is not None \
         else np.zeros(n, dtype=bool)

@@ -42,7 +42,14 @@ import pyarrow.parquet as pq
 
 from llmenergy.analysis.balance import cell_balance
 from llmenergy.analysis.energy import GPU_DOMAINS, SHORT_WINDOW_S, attribute_events, power_source_of, update_period_s
-from llmenergy.analysis.reasons import cpu_reason, sample_reason, short_reason, uncovered_reason, wide_edge_note
+from llmenergy.analysis.reasons import (
+    cpu_reason,
+    sample_reason,
+    shared_note,
+    short_reason,
+    uncovered_reason,
+    wide_edge_note,
+)
 from llmenergy.cellfiles import METRICS_SCHEMA, METRIC_COLUMNS, SCHEMA_VERSION, CellRecord, CellSpec
 from llmenergy.errors import RecordError, UserError
 from llmenergy.layout import CellFiles
@@ -54,7 +61,8 @@ J_PER_KWH = 3.6e6
 #: schema metadata (:data:`RULES_KEY`); raised whenever a change publishes other numbers or
 #: reasons from the same raw files, so that ``aggregate`` recomputes older cells' rows.
 #: 1: files without the key (before 2026-12-05). 2: RAPL under the gap and reset rules, edges in
-#: gaps of 10-20 update periods flagged, NVML averaged power flagged.
+#: gaps of 10-20 update periods flagged, NVML averaged power flagged, a GPU shared with another
+#: process flagged.
 RULES_VERSION = 2
 RULES_KEY = b"llmenergy.metrics_rules"
 #: A node's clock offset to rank 0 above this is flagged in ``energy_reason`` (it is corrected).
@@ -266,8 +274,9 @@ def _energy_of_repeat(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | Non
         reasons.append(why)
     if energy is not None:
         row["energy_method"] = "counter" if use_counter else "instant_integral"
-        if why := wide_edge_note(ev):
-            reasons.append(why)
+        for note in (wide_edge_note(ev), shared_note(ev)):
+            if note:
+                reasons.append(note)
         if not use_counter and "nvml-avg" in str(base.get("power_source", "")).split("+"):
             reasons.append("energy_j from NVML's averaged power (nvml-avg; no energy counter): a 1-s "
                            "average lags the load, so windows of a few seconds may be off")

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 #: The ``domain`` values a row may carry.
 DOMAINS = frozenset({"gpu", "cpu_package", "dram", "estimate"})
 #: The ``source`` values a row may carry.
-SOURCES = frozenset((*COLLECTOR_BACKENDS, "replay")) - {"auto"}
+SOURCES = frozenset((*COLLECTOR_BACKENDS, "replay", "nvml-avg")) - {"auto"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,8 @@ sample, so they share one instant and the row's timestamp is theirs.  On the len
 H100 (driver 580) both values change every ~100 ms and one NVML call takes
 ~2.9 ms (``bench/nvml_probe.py``), so polling faster than ~25 Hz adds little.  The rest of a sample
 (utilisation, memory, clocks, temperature, enforced limit, clock-event reasons,
-power-cap throttle time) is best effort: a metric the GPU does not support is
-asked once, then reported as null.
+power-cap throttle time, the number of processes holding a compute context on the
+GPU) is best effort: a metric the GPU does not support is asked once, then reported as null.
 
 NVML itself (initialisation, GPUs by UUID, error mapping, units) is reached
 through :mod:`~llmenergy.power.backends.nvml_lib`; tests patch
@@ -212,6 +212,7 @@ class NvmlBackend(PowerBackend):
         limit_mw = self._optional(i, "power_limit", lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle))
         reasons = self._optional(i, "clock_events", lambda: nvml_lib.NvmlSession.clock_event_reasons(handle))
         violation_ns = self._optional(i, "power_violation", lambda: nvml_lib.NvmlSession.power_violation_ns(handle))
+        processes = self._optional(i, "processes", lambda: nvml.nvmlDeviceGetComputeRunningProcesses(handle))
         return make_row(
             node=self.node,
             device=dev,
@@ -228,6 +229,7 @@ class NvmlBackend(PowerBackend):
             power_limit_w=nvml_lib.mw_to_w(limit_mw),
             clock_event_reasons=reasons,
             power_cap_throttle_ns=violation_ns,
+            compute_processes=None if processes is None else len(processes),
         )
 
     def close(self) -> None:
