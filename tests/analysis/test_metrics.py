@@ -524,3 +524,26 @@ def test_a_gpu_counting_another_process_during_a_repeat_is_flagged(tmp_path: Pat
     assert r1["energy_j"] is not None and r1["energy_complete"] is True
     assert ("energy_j shared: 1 of 4 window(s) ran while node0/GPU-0000 (2) counted more than one process"
             in r1["energy_reason"])
+
+
+def test_a_gpu_counting_another_process_during_the_idle_window_flags_idle_power(tmp_path: Path) -> None:
+    from llmenergy.analysis.flags import row_flags
+    from trace_helpers import T0_NS, nvml_trace, standard_segments, timeline, write_trace_cell
+
+    tl = timeline(standard_segments())
+    power = nvml_trace(tl).assign(compute_processes=1)
+    t_s = (power["timestamp_ns"] - T0_NS) / 1e9
+    power.loc[(t_s > 2.0) & (t_s < 3.0), "compute_processes"] = 3  # inside the idle window (1.03-6.07 s)
+    cdir, _ = write_trace_cell(tmp_path, power=power)
+    rows = _rows(cdir)
+    for r in rows:
+        assert r["idle_power_w"] is not None  # kept, flagged
+        assert ("idle_power_w shared: 1 of 1 window(s) ran while node0/GPU-0000 (3) counted more than one "
+                "process" in r["energy_reason"])
+        assert "energy_j shared" not in r["energy_reason"]  # no repeat's window was shared
+    df = pd.DataFrame(rows)
+    # a figure of active energy (idle subtracted) is hollowed; one of total energy is not
+    assert all("idle_power_w shared" in f for f in row_flags(df, ["idle_power_w"]))
+    assert not any("shared" in f for f in row_flags(df, ["energy_j"]))
+    # active_energy_j subtracts the idle power: its figure is hollowed too
+    assert all("idle_power_w shared" in f for f in row_flags(df, ["energy_j", "active_energy_j"]))

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from llmenergy.analysis.aggregate import t_quantile_975
-from llmenergy.analysis.flags import by_kind, reason_clauses, row_flags
+from llmenergy.analysis.flags import DERIVED_FROM, by_kind, reason_clauses, row_flags
 from llmenergy.arch import ENGINES, PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,6 @@ def ok_rows(summary: pd.DataFrame, *cols: str) -> pd.DataFrame:
     df = df.dropna(subset=list(cols))
     return df.assign(_flagged=row_flags(df, cols).ne("").to_numpy(bool))
 
-
-#: A column null because another one is: its reason is that column's.
-DERIVED_FROM = {"active_energy_j": "idle_power_w"}
 
 
 def null_reason(summary: pd.DataFrame, column: str) -> str | None:

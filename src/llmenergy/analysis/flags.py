@@ -9,7 +9,8 @@ a short reason:
 - ``power_out_of_range``: some event fell outside the power samples (its energy is null);
 - ``energy_reason``: each of its clauses is a reason: ``<column> null: why``, one per withheld
   energy column (e.g. a prefill below the sensor's resolution), and the notes on numbers kept
-  but flagged (``<column> interpolated across a gap ...``, a node's clock offset);
+  but flagged (``<column> interpolated across a gap ...``, ``<column> shared: ...``, a node's
+  clock offset);
 - ``energy_complete`` False: a GPU the ranks used was not metered over the whole window;
 - null ``energy_j`` on a row whose power source is a sensor (not ``none``);
 - any column named ``*_flag`` that is true or non-empty text, and a ``flags`` text
@@ -42,6 +43,8 @@ PHASE_COLUMNS = ("prefill_energy_j", "decode_energy_j", "idle_power_w", "active_
 #: columns): a phase clause alone does not mark them, as it does not hollow such a figure.
 HEADLINE_COLUMNS = ("energy_j", "j_per_token", "tokens_per_s", "avg_power_w", "j_per_word",
                     "j_per_response")
+#: A column computed from another: null because that one is, flagged when that one is.
+DERIVED_FROM = {"active_energy_j": "idle_power_w"}
 
 
 #: A number or a range of them (``0.003-0.004``: one window's ``0.003`` is the same kind); not the 8 of int8.
@@ -58,8 +61,9 @@ def _truthy(series: pd.Series) -> pd.Series:
     return ~text.str.lower().isin(["", "false", "0", "none", "nan"])
 
 
-#: A clause about one column: ``<column> null: why`` (withheld) or ``<column> interpolated ...`` (kept, flagged).
-_CLAUSE_HEAD = re.compile(r"^([A-Za-z0-9_]+) (?:null:|interpolated )")
+#: A clause about one column: ``<column> null: why`` (withheld), ``<column> interpolated ...`` or
+#: ``<column> shared: ...`` (kept, flagged).
+_CLAUSE_HEAD = re.compile(r"^([A-Za-z0-9_]+) (?:null:|interpolated |shared:)")
 
 
 def reason_clauses(text: Any) -> list[tuple[str | None, str]]:
@@ -107,10 +111,12 @@ def row_flags(df: pd.DataFrame, columns: Iterable[str] | None = None) -> pd.Seri
     """Per row: the reasons it is flagged, joined by ``; `` (empty text when clean).
 
     ``columns``: the columns a figure draws; an ``energy_reason`` clause about a phase
-    column (:data:`PHASE_COLUMNS`, ``balance_*``) then counts only if it is one of them.
+    column (:data:`PHASE_COLUMNS`, ``balance_*``) then counts only if it is one of them or
+    one they are computed from (:data:`DERIVED_FROM`).
     Without ``columns`` (the tables) every clause counts.
     """
     drawn = None if columns is None else set(columns)
+    drawn = None if drawn is None else drawn | {DERIVED_FROM[c] for c in drawn if c in DERIVED_FROM}
     reasons: dict[Any, list[str]] = {i: [] for i in df.index}
 
     def add(mask: pd.Series, text: Any) -> None:

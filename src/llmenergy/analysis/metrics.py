@@ -62,8 +62,8 @@ J_PER_KWH = 3.6e6
 #: reasons from the same raw files, so that ``aggregate`` recomputes older cells' rows.
 #: 1: files without the key (before 2026-12-05). 2: RAPL under the gap and reset rules, edges in
 #: gaps of 10-20 update periods flagged, NVML averaged power flagged, a GPU shared with another
-#: process flagged.
-RULES_VERSION = 2
+#: process flagged. 3: the idle window's shared GPU flagged (idle_power_w, active_energy_j).
+RULES_VERSION = 3
 RULES_KEY = b"llmenergy.metrics_rules"
 #: A node's clock offset to rank 0 above this is flagged in ``energy_reason`` (it is corrected).
 CLOCK_FLAG_MS = 5.0
@@ -132,7 +132,8 @@ def _idle_power_w(att: pd.DataFrame) -> tuple[float | None, str | None]:
     if power is None:
         return None, (uncovered_reason(idle, "idle_power_w") or sample_reason(idle, "idle_power_w")
                       or "idle_power_w null: no power samples cover the idle window")
-    return power, wide_edge_note(idle, "idle_power_w")
+    notes = [n for n in (wide_edge_note(idle, "idle_power_w"), shared_note(idle, "idle_power_w")) if n]
+    return power, "; ".join(notes) or None
 
 
 def missing_devices(record: CellRecord | None, power: pd.DataFrame | None) -> list[str]:

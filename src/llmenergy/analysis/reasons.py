@@ -78,14 +78,16 @@ def cpu_reason(ev: pd.DataFrame) -> str | None:
     return f"cpu_energy_j null: {len(cpu_null)} of {len(ev)} window(s), e.g. {cpu_null.iloc[0]}"
 
 
-def shared_note(ev: pd.DataFrame) -> str | None:
+def shared_note(ev: pd.DataFrame, column: str = "energy_j") -> str | None:
     """A flag (not a null) when a metered GPU counted more than one process holding a compute
     context during some of ``ev``'s windows: the counter meters the whole GPU, so another
-    process's draw, if it drew any, is in the energy."""
+    process's draw, if it drew any, is in ``column`` (the energy, or the idle power that
+    ``active_energy_j`` subtracts)."""
     shared = ev["shared_devices"].dropna() if "shared_devices" in ev.columns else ev.iloc[:0]
     if len(shared) == 0:
         return None
     who = sorted({d for text in shared for d in str(text).split(", ")})
-    return (f"energy_j shared: {len(shared)} of {len(ev)} window(s) ran while {', '.join(who)} "
+    what = "power" if column.endswith("_w") else "energy"
+    return (f"{column} shared: {len(shared)} of {len(ev)} window(s) ran while {', '.join(who)} "
             "counted more than one process on the GPU (the cell's rank is one): another process's "
-            "draw, if any, is in this energy")
+            f"draw, if any, is in this {what}")
