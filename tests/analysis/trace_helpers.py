@@ -21,6 +21,19 @@ S = 10**9
 T0_NS = 1_700_000_000 * S
 
 
+def device_samples(name: str, t_s: np.ndarray, energy_mj: np.ndarray | None, power_w: np.ndarray | None,
+            domain: str = "gpu", source: str = "nvml") -> pd.DataFrame:
+    """One device's power rows at times ``t_s`` (s) with the given counter and instant power."""
+    n = len(t_s)
+    return pd.DataFrame({
+        "node": "n0", "device": name, "device_index": np.int32(0), "domain": domain,
+        "timestamp_ns": (t_s * S).astype(np.int64),
+        "energy_mj": energy_mj if energy_mj is not None else np.full(n, np.nan),
+        "power_w": power_w if power_w is not None else np.full(n, np.nan),
+        "gpu_util_pct": np.full(n, 80.0), "mem_util_pct": np.full(n, 30.0), "source": source,
+    })
+
+
 @dataclass(frozen=True)
 class Segment:
     phase: str | None  # None: no event covers it
