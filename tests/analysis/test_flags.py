@@ -110,3 +110,27 @@ def test_a_reason_with_one_window_is_the_same_kind_as_one_with_a_range() -> None
     assert clause_kind("counter vs instant power differ by -22.7 %") == clause_kind(
         "counter vs instant power differ by +1.4 %")
     assert clause_kind("int8 cell") != clause_kind("fp8 cell")
+
+
+def test_each_note_the_metrics_write_reads_back_as_one_clause_about_its_column() -> None:
+    import numpy as np
+
+    from llmenergy.analysis.flags import join_clauses, reason_clauses
+    from llmenergy.analysis.reasons import cpu_edge_note, shared_note, wide_edge_note
+
+    ev = pd.DataFrame({"update_period_s": [0.1, 0.1], "edge_gap_s": [1.5, 0.0],
+                       "cpu_update_period_s": [0.1, 0.1], "cpu_edge_gap_s": [1.2, np.nan],
+                       "shared_devices": ["node0/GPU-a (2)", None]})
+    notes = {"idle_power_w": wide_edge_note(ev, "idle_power_w"), "cpu_energy_j": cpu_edge_note(ev),
+             "prefill_only_energy_j": shared_note(ev, "prefill_only_energy_j")}
+    text = join_clauses(notes.values())
+    assert [column for column, _ in reason_clauses(text)] == list(notes)
+    # read back whole, a phase note leaves the figures of the total energy filled
+    row = pd.DataFrame({"status": ["ok"], "energy_reason": [text]})
+    assert row_flags(row, ["energy_j", "j_per_token"]).iloc[0] == ""
+    try:
+        join_clauses(["energy_j null: a; b"])
+    except ValueError as e:
+        assert "energy_reason clause holds '; '" in str(e)
+    else:
+        raise AssertionError("a clause holding the separator was joined")

@@ -547,3 +547,26 @@ def test_a_gpu_counting_another_process_during_the_idle_window_flags_idle_power(
     assert not any("shared" in f for f in row_flags(df, ["energy_j"]))
     # active_energy_j subtracts the idle power: its figure is hollowed too
     assert all("idle_power_w shared" in f for f in row_flags(df, ["energy_j", "active_energy_j"]))
+
+
+def test_a_rapl_edge_in_a_gap_of_one_to_two_seconds_keeps_cpu_energy_flagged(tmp_path: Path) -> None:
+    from llmenergy.analysis.flags import row_flags
+    from trace_helpers import T0_NS, nvml_trace, standard_segments, timeline, write_trace_cell
+
+    tl = timeline(standard_segments())
+    start = float(tl.loc[tl["phase"] == "decode", "start_s"].iloc[2])  # repeat 1's first decode
+    rapl = nvml_trace(tl, device="cpu-package-0", period_s=0.001).assign(
+        domain="cpu_package", source="rapl", power_w=np.nan)
+    t_s = (rapl["timestamp_ns"] - T0_NS) / 1e9
+    # polls missed over 1.5 s around the window's start: over 10 x 100 ms, under the 2 s limit
+    rapl = rapl[(t_s < start - 0.75) | (t_s > start + 0.75)]
+    cdir, _ = write_trace_cell(tmp_path, power=pd.concat([nvml_trace(tl), rapl], ignore_index=True))
+    r0, r1 = _rows(cdir)
+    assert "cpu_energy_j" not in (r0["energy_reason"] or "")
+    assert r1["cpu_energy_j"] is not None and r1["status"] == "ok"
+    # the prefill before that decode ends in the same gap: two of the repeat's four windows
+    assert ("cpu_energy_j interpolated across a gap in the RAPL samples: 2 of 4 window(s) begin or end "
+            "in a gap of up to 1.52 s (over 10 RAPL poll periods" in r1["energy_reason"])
+    # a flag on the CPU's energy: figures of the GPU's energy keep their points filled
+    assert row_flags(pd.DataFrame([r1]), ["energy_j", "j_per_token"]).iloc[0] == ""
+    assert "RAPL samples" in row_flags(pd.DataFrame([r1]), ["cpu_energy_j"]).iloc[0]

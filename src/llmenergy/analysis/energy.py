@@ -91,6 +91,8 @@ ATTRIBUTION_COLUMNS = (
     "mem_util_pct",
     "cpu_energy_j",
     "cpu_energy_null",
+    "cpu_edge_gap_s",
+    "cpu_update_period_s",
     "update_period_s",
     "below_resolution",
     "uncovered_devices",
@@ -343,8 +345,10 @@ def _sum_domain(power: pd.DataFrame, start: np.ndarray, end: np.ndarray,
     }
 
 
-def _cpu_energy_j(cpu: pd.DataFrame, start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, pd.Series]:
-    """CPU (RAPL) energy per event and, where null, why (a phrase, else None).
+def _cpu_energy_j(cpu: pd.DataFrame, start: np.ndarray, end: np.ndarray) -> dict[str, Any]:
+    """CPU (RAPL) energy per event (``cpu_energy_j``), where null why (``cpu_energy_null``: a
+    phrase, else None), the widest sample gap at its edges (``cpu_edge_gap_s``) and the period
+    its gap limit counts in (``cpu_update_period_s``).
 
     The gap and reset rules are the GPU's; RAPL updates every millisecond and is read at each
     poll, so the gap limit is :data:`GAP_PERIODS` times the larger of the measured spacing and
@@ -352,7 +356,8 @@ def _cpu_energy_j(cpu: pd.DataFrame, start: np.ndarray, end: np.ndarray) -> tupl
     missed samples. The instant integral stands in only where no CPU device has a counter.
     """
     period, _ = update_period_s(cpu, CPU_DOMAINS)
-    c = _sum_domain(cpu, start, end, GAP_PERIODS * max(period or 0.0, FALLBACK_UPDATE_PERIOD_S))
+    period = max(period or 0.0, FALLBACK_UPDATE_PERIOD_S)
+    c = _sum_domain(cpu, start, end, GAP_PERIODS * period)
     has_counter = "energy_mj" in cpu.columns and bool(cpu["energy_mj"].notna().any())
     energy = c["counter"] if has_counter else c["instant"]
     why: list[str | None] = []
@@ -367,7 +372,8 @@ def _cpu_energy_j(cpu: pd.DataFrame, start: np.ndarray, end: np.ndarray) -> tupl
             why.append(f"it begins or ends in a gap of up to {c['edge_gap'][k]:.2f} s in the RAPL samples")
         else:  # every device covers it, but not all with the quantity summed
             why.append("some RAPL zones have an energy counter and others only power: no one sum covers it")
-    return energy, pd.Series(why, dtype=object)
+    return {"cpu_energy_j": energy, "cpu_energy_null": pd.Series(why, dtype=object),
+            "cpu_edge_gap_s": c["edge_gap"], "cpu_update_period_s": np.full(len(start), period)}
 
 
 def _shared_devices(gpu: pd.DataFrame, start: np.ndarray, end: np.ndarray) -> pd.Series:
@@ -446,9 +452,11 @@ def attribute_events(events: pd.DataFrame, power: pd.DataFrame | None) -> pd.Dat
         else np.zeros(n, dtype=bool)
 
     if cpu is not None and len(cpu) > 0 and n > 0:
-        out["cpu_energy_j"], out["cpu_energy_null"] = _cpu_energy_j(cpu, start, end)
+        for col, values in _cpu_energy_j(cpu, start, end).items():
+            out[col] = values
     else:
-        out["cpu_energy_j"] = np.full(n, np.nan)
+        for col in ("cpu_energy_j", "cpu_edge_gap_s", "cpu_update_period_s"):
+            out[col] = np.full(n, np.nan)
         out["cpu_energy_null"] = pd.Series([None] * n, dtype=object)
 
     e = out["energy_j"].to_numpy(np.float64)

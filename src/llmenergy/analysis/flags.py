@@ -38,13 +38,13 @@ DISCREPANCY_LIMIT_PCT = 1.0
 #: Columns of ``energy_reason`` clauses that leave a repeat's total energy intact: a figure
 #: that does not draw them is not affected (its points stay filled).
 PHASE_COLUMNS = ("prefill_energy_j", "decode_energy_j", "idle_power_w", "active_energy_j",
-                 "compile_j", "cpu_energy_j")
+                 "compile_j", "cpu_energy_j", "prefill_only_energy_j", "prefill_j_per_token_in")
 #: What the report's headline numbers read (the short answer, best cells, ratios, J/token
 #: columns): a phase clause alone does not mark them, as it does not hollow such a figure.
 HEADLINE_COLUMNS = ("energy_j", "j_per_token", "tokens_per_s", "avg_power_w", "j_per_word",
                     "j_per_response")
 #: A column computed from another: null because that one is, flagged when that one is.
-DERIVED_FROM = {"active_energy_j": "idle_power_w"}
+DERIVED_FROM = {"active_energy_j": "idle_power_w", "prefill_j_per_token_in": "prefill_only_energy_j"}
 
 
 #: A number or a range of them (``0.003-0.004``: one window's ``0.003`` is the same kind); not the 8 of int8.
@@ -66,12 +66,27 @@ def _truthy(series: pd.Series) -> pd.Series:
 _CLAUSE_HEAD = re.compile(r"^([A-Za-z0-9_]+) (?:null:|interpolated |shared:)")
 
 
+#: What separates the clauses of ``energy_reason``; a clause never holds it.
+CLAUSE_SEP = "; "
+
+
+def join_clauses(clauses: Iterable[str]) -> str | None:
+    """``energy_reason`` from its clauses (None when there are none). A clause holding
+    :data:`CLAUSE_SEP` would be read back as two, the second about no column (flagging
+    every figure): that is a bug in whoever wrote it, raised here."""
+    clauses = list(clauses)
+    for clause in clauses:
+        if CLAUSE_SEP in clause:
+            raise ValueError(f"an energy_reason clause holds {CLAUSE_SEP!r}: {clause}")
+    return CLAUSE_SEP.join(clauses) or None
+
+
 def reason_clauses(text: Any) -> list[tuple[str | None, str]]:
     """``energy_reason`` split into ``(column, clause)``; column is None when none is named."""
     if text is None or (isinstance(text, float) and pd.isna(text)) or not str(text).strip():
         return []
     out = []
-    for clause in str(text).split("; "):
+    for clause in str(text).split(CLAUSE_SEP):
         clause = clause.strip()
         if clause:
             head = _CLAUSE_HEAD.match(clause)

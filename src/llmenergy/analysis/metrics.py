@@ -42,7 +42,9 @@ import pyarrow.parquet as pq
 
 from llmenergy.analysis.balance import cell_balance
 from llmenergy.analysis.energy import GPU_DOMAINS, SHORT_WINDOW_S, attribute_events, power_source_of, update_period_s
+from llmenergy.analysis.flags import CLAUSE_SEP, join_clauses
 from llmenergy.analysis.reasons import (
+    cpu_edge_note,
     cpu_reason,
     sample_reason,
     shared_note,
@@ -62,7 +64,8 @@ J_PER_KWH = 3.6e6
 #: reasons from the same raw files, so that ``aggregate`` recomputes older cells' rows.
 #: 1: files without the key (before 2026-12-05). 2: RAPL under the gap and reset rules, edges in
 #: gaps of 10-20 update periods flagged, NVML averaged power flagged, a GPU shared with another
-#: process flagged. 3: the idle window's shared GPU flagged (idle_power_w, active_energy_j).
+#: process flagged. 3: the idle window's shared GPU flagged (idle_power_w, active_energy_j); RAPL
+#: edges in gaps of 10-20 periods flagged (cpu_energy_j).
 RULES_VERSION = 3
 RULES_KEY = b"llmenergy.metrics_rules"
 #: A node's clock offset to rank 0 above this is flagged in ``energy_reason`` (it is corrected).
@@ -133,7 +136,7 @@ def _idle_power_w(att: pd.DataFrame) -> tuple[float | None, str | None]:
         return None, (uncovered_reason(idle, "idle_power_w") or sample_reason(idle, "idle_power_w")
                       or "idle_power_w null: no power samples cover the idle window")
     notes = [n for n in (wide_edge_note(idle, "idle_power_w"), shared_note(idle, "idle_power_w")) if n]
-    return power, "; ".join(notes) or None
+    return power, join_clauses(notes)
 
 
 def missing_devices(record: CellRecord | None, power: pd.DataFrame | None) -> list[str]:
@@ -186,7 +189,7 @@ def _clock_offsets(record: CellRecord | None) -> tuple[float | None, str | None]
     if worst_ms <= CLOCK_FLAG_MS:
         return worst_ms, None
     return worst_ms, (f"clock of node {node} off rank 0's by {worst / 1e6:+.1f} ms "
-                      f"(> {CLOCK_FLAG_MS:g} ms; its power timestamps were corrected)")
+                      f"(> {CLOCK_FLAG_MS:g} ms, its power timestamps were corrected)")
 
 
 def _repeat_row(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | None,
@@ -202,7 +205,7 @@ def _repeat_row(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | None,
         reasons.insert(0, "energy_j null: no power samples cover this repeat")
     if base.get("metered"):
         row["energy_complete"] = row.get("energy_j") is not None and not missing
-    row["energy_reason"] = "; ".join(reasons + cell_reasons) or None
+    row["energy_reason"] = join_clauses(reasons + cell_reasons)
     return row
 
 
@@ -279,7 +282,7 @@ def _energy_of_repeat(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | Non
             if note:
                 reasons.append(note)
         if not use_counter and "nvml-avg" in str(base.get("power_source", "")).split("+"):
-            reasons.append("energy_j from NVML's averaged power (nvml-avg; no energy counter): a 1-s "
+            reasons.append("energy_j from NVML's averaged power (nvml-avg, no energy counter): a 1-s "
                            "average lags the load, so windows of a few seconds may be off")
         for phase in ("prefill", "decode"):
             ph = ev[ev["phase"] == phase]
@@ -305,7 +308,8 @@ def _energy_of_repeat(r: int, att: pd.DataFrame | None, resp: pd.DataFrame | Non
         row["active_energy_j"] = energy - idle_power_w * duration_s
     if energy is not None and grid_gco2_per_kwh is not None:
         row["gco2e"] = energy / J_PER_KWH * float(grid_gco2_per_kwh)
-    if row["cpu_energy_j"] is None and (why := cpu_reason(ev)):
+    why = cpu_reason(ev) if row["cpu_energy_j"] is None else cpu_edge_note(ev)
+    if why:
         reasons.append(why)
     return row
 
@@ -325,8 +329,9 @@ def _prefill_only(po: pd.DataFrame, col: str, metered_all: bool, reasons: list[s
         reasons.append(why)
     elif metered_all and energy is None:
         reasons.append("prefill_only_energy_j null: its window is not covered by every device's samples")
-    elif energy is not None and (note := wide_edge_note(po, "prefill_only_energy_j")):
-        reasons.append(note)
+    elif energy is not None:
+        reasons += [n for n in (wide_edge_note(po, "prefill_only_energy_j"),
+                                shared_note(po, "prefill_only_energy_j")) if n]
     row["prefill_only_energy_j"] = energy
     row["prefill_j_per_token_in"] = _div(energy, row["prefill_only_tokens_in"])
     return row
@@ -485,4 +490,4 @@ def energy_incomplete_reason(table: pa.Table) -> str | None:
         return None
     first = bad[0]["energy_reason"] or "energy_j null"
     return (f"energy incomplete in {len(bad)} repeat(s) (repeat {bad[0]['repeat']}: "
-            f"{first.split('; ')[0]})")
+            f"{first.split(CLAUSE_SEP)[0]})")

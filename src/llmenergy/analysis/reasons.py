@@ -55,19 +55,31 @@ def sample_reason(ev: pd.DataFrame, column: str = "energy_j") -> str | None:
     return None
 
 
+def _edge_note(ev: pd.DataFrame, column: str, gap: str, period: str, samples: str, off: str) -> str | None:
+    if len(ev) == 0 or gap not in ev.columns:
+        return None
+    limit_s = FLAG_GAP_PERIODS * float(ev[period].iloc[0])
+    wide = ev[ev[gap].fillna(0.0) > limit_s]
+    if len(wide) == 0:
+        return None
+    return (f"{column} interpolated across a gap in the {samples}: {len(wide)} of {len(ev)} window(s) "
+            f"begin or end in a gap of up to {float(wide[gap].max()):.2f} s (over {FLAG_GAP_PERIODS} "
+            f"{off}, docs/measurement.md)")
+
+
 def wide_edge_note(ev: pd.DataFrame, column: str = "energy_j") -> str | None:
     """A flag (not a null) on ``column`` when some of ``ev``'s windows begin or end in a gap of
     the power samples over :data:`~llmenergy.analysis.energy.FLAG_GAP_PERIODS` update periods
     (a longer one withholds the energy): the energy across it is interpolated."""
-    if len(ev) == 0:
-        return None
-    limit_s = FLAG_GAP_PERIODS * float(ev["update_period_s"].iloc[0])
-    wide = ev[ev["edge_gap_s"].fillna(0.0) > limit_s]
-    if len(wide) == 0:
-        return None
-    return (f"{column} interpolated across a gap in the power samples: {len(wide)} of {len(ev)} window(s) "
-            f"begin or end in a gap of up to {float(wide['edge_gap_s'].max()):.2f} s (over {FLAG_GAP_PERIODS} "
-            "sensor update periods; up to ~4 % off, docs/measurement.md)")
+    return _edge_note(ev, column, "edge_gap_s", "update_period_s", "power samples",
+                      "sensor update periods, up to ~4 % off")
+
+
+def cpu_edge_note(ev: pd.DataFrame) -> str | None:
+    """The same flag on ``cpu_energy_j`` for gaps in the RAPL samples (over 10 times the period of
+    its gap limit: 1 s at polls of 100 ms or faster); the error across such a gap is not measured."""
+    return _edge_note(ev, "cpu_energy_j", "cpu_edge_gap_s", "cpu_update_period_s", "RAPL samples",
+                      "RAPL poll periods of at least 100 ms, an error not measured")
 
 
 def cpu_reason(ev: pd.DataFrame) -> str | None:
