@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from pathlib import Path
@@ -229,8 +231,81 @@ def test_cells_metered_under_older_rules_are_recomputed_from_their_raw_files(tmp
     assert summary.loc["older", "energy_j"].tolist() == pytest.approx(truth)
     assert summary.loc["older-no-events", "energy_j"].tolist() == pytest.approx([2 * e for e in truth])
     found = json.loads(result.problems_path.read_text())
-    assert (found["remetered"], found["older_rules_kept"]) == (["older"], ["older-no-events"])
+    assert found["remetered"] == ["older"]
+    assert found["older_rules_kept"] == [{"cell_id": "older-no-events", "why": "no events.parquet"}]
     assert found["rules_version"] == RULES_VERSION
     assert (old_dir / "metrics.parquet").read_bytes() == on_disk
     text = render_report(tmp_path).read_text()
     assert "1 cell(s) were metered under older rules" in text and "1 cell(s) keep numbers computed" in text
+    assert "<code>older-no-events</code></td><td>no events.parquet</td>" in text
+
+
+def _as_older(cdir: Path) -> None:
+    """Rewrite a cell's metrics.parquet as an older version wrote it (no rules key)."""
+    from llmenergy.analysis.metrics import RULES_KEY
+
+    t = pq.read_table(cdir / "metrics.parquet")
+    write_parquet(cdir / "metrics.parquet",
+                  t.replace_schema_metadata({k: v for k, v in (t.schema.metadata or {}).items() if k != RULES_KEY}))
+
+
+def test_an_older_cell_is_computed_again_only_from_all_the_raw_inputs_it_was_first_computed_from(
+        tmp_path: Path) -> None:
+    """Raw files lost or broken since the first computation keep the older rows (named, with
+    why): computed again from less, their numbers would be nulls, not news; a cell without a
+    record keeps its status; a failure inside the computation keeps the cell, not the aggregate."""
+    cases = {"no-power": "no power.parquet", "bad-power": "power.parquet does not read",
+             "no-responses": "no responses.parquet", "no-record": "no readable cell.json",
+             "no-batch-index": "computing it again failed: KeyError"}
+    before = {}
+    for name in cases:
+        cdir = make_cell(tmp_path, name)
+        _as_older(cdir)
+        before[name] = pq.read_table(cdir / "metrics.parquet").to_pandas()
+    (tmp_path / "cells" / "no-power" / "power.parquet").unlink()
+    bad = tmp_path / "cells" / "bad-power" / "power.parquet"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    (tmp_path / "cells" / "no-responses" / "responses.parquet").unlink()
+    (tmp_path / "cells" / "no-record" / "cell.json").unlink()
+    ev_path = tmp_path / "cells" / "no-batch-index" / "events.parquet"
+    write_parquet(ev_path, pq.read_table(ev_path).drop_columns(["batch_index"]))
+
+    result = aggregate(tmp_path)
+    found = json.loads(result.problems_path.read_text())
+    assert found["remetered"] == [] and found["status_changed"] == []
+    kept = {k["cell_id"]: k["why"] for k in found["older_rules_kept"]}
+    assert set(kept) == set(cases)
+    for name, why in cases.items():
+        assert kept[name].startswith(why), (name, kept[name])
+    summary = pq.read_table(result.summary_path).to_pandas()
+    for name, old in before.items():
+        rows = summary[summary["cell_id"] == name].sort_values("repeat")
+        assert rows["energy_j"].tolist() == pytest.approx(old.sort_values("repeat")["energy_j"].tolist())
+        assert set(rows["status"]) == {"ok"} and rows["words_out"].notna().all()
+
+
+def test_an_older_cell_whose_status_changes_under_the_new_rules_is_named_for_a_forced_rerun(
+        tmp_path: Path) -> None:
+    """Old rows ok, the same raw files now give incomplete energy (here a GPU the ranks used that the
+    power file never metered): the new rows say so, and the cell is named, since its cell.json,
+    which decides what reruns, still says ok."""
+    from llmenergy.analysis.report import render_report
+    from llmenergy.cellfiles import CellRecord
+
+    cdir = make_cell(tmp_path, "changed")
+    _as_older(cdir)
+    record = CellRecord.read(cdir / "cell.json")
+    gpus = [*record.provenance.gpus, {**record.provenance.gpus[0], "uuid": "GPU-never-metered", "rank": 1}]
+    record = dataclasses.replace(record, provenance=dataclasses.replace(record.provenance, gpus=gpus))
+    record.write(cdir / "cell.json")
+
+    result = aggregate(tmp_path)
+    found = json.loads(result.problems_path.read_text())
+    assert found["remetered"] == ["changed"]
+    (changed,) = found["status_changed"]
+    assert (changed["cell_id"], changed["was"], changed["now"]) == ("changed", "ok", "incomplete")
+    assert "GPU-never-metered" in changed["why"]
+    assert CellRecord.read(cdir / "cell.json").status == "ok"  # aggregate writes no cell file
+    text = render_report(tmp_path).read_text()
+    assert "1 of them changed status under this version's rules" in text
+    assert "llmenergy run-cell --config CONFIG --cell ID --force" in text

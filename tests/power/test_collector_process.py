@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -152,6 +153,18 @@ def test_merge_prefers_final_file_and_handles_empty_dir(tmp_path) -> None:
     assert recovered_nodes(merged) == []
     empty = merge_node_files(tmp_path / "nothing")
     assert empty.num_rows == 0 and empty.schema.remove_metadata() == POWER_SCHEMA
+
+
+def test_merge_takes_a_node_file_of_an_earlier_version_without_its_newer_columns(tmp_path) -> None:
+    dev = DeviceInfo(0, "GPU-a", "H100", "gpu")
+    new = rows_to_table([make_row(node="n1", device=dev, timestamp_ns=t, source="nvml", compute_processes=1)
+                         for t in (1, 2)])
+    write_parquet(tmp_path / "n1.parquet", new)
+    write_parquet(tmp_path / "n2.parquet", new.drop_columns(["compute_processes"]).set_column(
+        0, "node", pa.array(["n2", "n2"])))
+    merged = merge_node_files(tmp_path)
+    assert merged.column("node").to_pylist() == ["n1", "n1", "n2", "n2"]
+    assert merged.column("compute_processes").to_pylist() == [1, 1, None, None]
 
 
 def test_read_uuid_files_matches_only_this_node(tmp_path) -> None:

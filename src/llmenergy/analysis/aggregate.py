@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from llmenergy.analysis.balance import BALANCE_COLUMNS
@@ -32,11 +31,11 @@ from llmenergy.analysis.metrics import (
     J_PER_KWH,
     RULES_VERSION,
     cell_identity,
-    cell_metrics,
     read_records,
     rules_version,
     to_table,
 )
+from llmenergy.analysis.remeter import remeter
 from llmenergy.atomic import file_sha256, write_json, write_parquet
 from llmenergy.cellfiles import (
     IDENTITY_COLUMNS,
@@ -155,63 +154,32 @@ def _read_all(files: list[str], problems: list[dict[str, str]], stale: list[Path
         return METRICS_SCHEMA.empty_table()
     dataset = ds.dataset(files, format="parquet", schema=METRICS_SCHEMA)
     good: list[ds.Fragment] = []
+    older: list[Path] = []
     for frag in dataset.get_fragments():
         why = _validate(frag)
         if why is None:
             good.append(frag)
             if rules_version(frag.physical_schema.metadata) < RULES_VERSION:
-                stale.append(Path(frag.path).parent)
+                older.append(Path(frag.path).parent)
         else:
             problems.append({"path": frag.path, "cell_id": Path(frag.path).parent.name, "error": why})
     valid = ds.FileSystemDataset(good, schema=METRICS_SCHEMA, format=ds.ParquetFileFormat(),
                                  filesystem=dataset.filesystem)
     try:
-        return valid.to_table(use_threads=True)
+        table = valid.to_table(use_threads=True)
     except (OSError, pa.ArrowException):
         log.warning("a metrics file failed to decode: reading fragments one by one to find it")
-    tables = []
-    for frag in good:
-        try:
-            tables.append(frag.to_table(schema=METRICS_SCHEMA))
-        except (OSError, pa.ArrowException) as exc:
-            problems.append({"path": frag.path, "cell_id": Path(frag.path).parent.name,
-                             "error": f"unreadable: {str(exc).splitlines()[0]}"})
-    return pa.concat_tables(tables) if tables else METRICS_SCHEMA.empty_table()
-
-
-def _remeter(table: pa.Table, stale: list[Path]) -> tuple[pa.Table, list[str], list[str]]:
-    """``table`` with the rows of the ``stale`` cells (metrics computed under older rules)
-    computed again from their raw files, as ``finalize`` would now; the files themselves are
-    left as they are. Returns the table, the cells recomputed, and those kept as they were
-    (no ``events.parquet`` to recompute from, or it failed: logged)."""
-    if not stale:
-        return table, [], []
-    log.warning("%d cell(s) were metered under older rules than this version's (%d): their rows are "
-                "computed again from their raw files", len(stale), RULES_VERSION)
-    fresh: list[pa.Table] = []
-    done: list[str] = []
-    kept: list[str] = []
-    for i, cell_dir in enumerate(stale, 1):
-        if not CellFiles(cell_dir).events.exists():
-            kept.append(cell_dir.name)
-            continue
-        try:
-            record, spec = read_records(cell_dir)
-            fresh.append(cell_metrics(cell_dir, record=record, spec=spec)[0])
-            done.append(cell_dir.name)
-        except (OSError, ValueError, RecordError, UserError, pa.ArrowException) as exc:
-            log.warning("%s: not recomputed (%s): its rows are kept as they were", cell_dir, exc)
-            kept.append(cell_dir.name)
-        if i % 50 == 0:
-            log.info("recomputed %d of %d cell(s)", i, len(stale))
-    if kept:
-        log.warning("%d cell(s) keep rows computed under older rules: %s", len(kept), ", ".join(kept))
-    if not done:
-        return table, done, kept
-    redone = pa.array(done)
-    rest = table.filter(pc.invert(pc.is_in(table["cell_id"], value_set=redone)))
-    fresh = [t.cast(METRICS_SCHEMA) for t in fresh]
-    return pa.concat_tables([rest, *fresh]), done, kept
+        tables = []
+        for frag in good:
+            try:
+                tables.append(frag.to_table(schema=METRICS_SCHEMA))
+            except (OSError, pa.ArrowException) as exc:
+                problems.append({"path": frag.path, "cell_id": Path(frag.path).parent.name,
+                                 "error": f"unreadable: {str(exc).splitlines()[0]}"})
+        table = pa.concat_tables(tables) if tables else METRICS_SCHEMA.empty_table()
+    unread = {Path(p["path"]).parent for p in problems}
+    stale += [d for d in older if d not in unread]  # an unreadable file is a problem, not a cell to redo
+    return table
 
 
 def _placeholder(cell_id: str, ident: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
@@ -334,7 +302,8 @@ def aggregate(output_dir: Path, *, grid_gco2_per_kwh: float | None = None,
     problems: list[dict[str, str]] = []
     stale: list[Path] = []
     table = _read_all(files, problems, stale)
-    table, remetered, kept = _remeter(table, stale)
+    redone = remeter(table, stale)
+    table = redone.table
 
     extra_rows = [_cell_row(Path(p["path"]).parent, f"metrics.parquet {p['error']}")
                   for p in problems]
@@ -377,7 +346,8 @@ def aggregate(output_dir: Path, *, grid_gco2_per_kwh: float | None = None,
         log.warning("%d cell(s) in %s are not in the config's plan (an earlier matrix): %s",
                     len(not_in_plan), cells_dir, ", ".join(not_in_plan))
     write_json(problems_path, {"problems": problems, "n_files": len(files), "not_in_plan": not_in_plan,
-                               "remetered": remetered, "older_rules_kept": kept,
+                               "remetered": redone.done, "older_rules_kept": redone.kept,
+                               "status_changed": redone.status_changed,
                                "rules_version": RULES_VERSION, "summary_sha256": digest})
     counts = {str(k): int(v) for k, v in summary["status"].value_counts().items()}
     for p in problems:

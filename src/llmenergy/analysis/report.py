@@ -51,6 +51,7 @@ from llmenergy.analysis.flags import (
 )
 from llmenergy.analysis.plots import FigureInfo, load_manifest, make_figures
 from llmenergy.analysis.precision import precision_costs
+from llmenergy.analysis.remeter import kept_entries
 from llmenergy.atomic import write_text
 from llmenergy.cellfiles import AXES, FIDELITY_TAIL, CellRecord
 from llmenergy.errors import RecordError, UserError
@@ -478,7 +479,8 @@ def render_report(output_dir: Path, *, summary_path: Path | None = None,
         "problems_known": found is not None,
         "problems_file": PROBLEMS_NAME,
         "remetered": (found or {}).get("remetered", []),
-        "older_rules_kept": (found or {}).get("older_rules_kept", []),
+        "older_rules_kept": kept_entries(found),
+        "status_changed": (found or {}).get("status_changed", []),
         "rules_version": (found or {}).get("rules_version"),
         "not_in_plan": (found or {}).get("not_in_plan", []),
         "accuracy": _accuracy(summary),

@@ -266,8 +266,17 @@ class NodeCollector:
         return rc
 
 
+def _in_schema(t: pa.Table) -> pa.Table:
+    """``t`` with :data:`POWER_SCHEMA`'s columns: a column a node file of an earlier version did
+    not write (``compute_processes``) comes as nulls; what is unknown is not invented."""
+    for f in POWER_SCHEMA:
+        if f.name not in t.column_names:
+            t = t.append_column(f.name, pa.nulls(t.num_rows, f.type))
+    return t.select(list(POWER_SCHEMA.names)).cast(POWER_SCHEMA)
+
+
 def _concat_sorted(tables: list[pa.Table]) -> pa.Table:
-    table = pa.concat_tables([t.select(list(POWER_SCHEMA.names)).cast(POWER_SCHEMA) for t in tables])
+    table = pa.concat_tables([_in_schema(t) for t in tables])
     return table.sort_by([("node", "ascending"), ("timestamp_ns", "ascending"),
                           ("device_index", "ascending")])
 
