@@ -181,6 +181,7 @@ case "$mode" in
       TAIL=4 step "$left" "${E[@]}" "${A[@]}" --cache-dir "/tmp/inductor_$v" --out "$OUT/h200_variant_$v.json"
     done ;;
   precision)
+    nvml_tests  # also: a CUDA context of this process is counted on its GPU (compute_processes)
     TAIL=45 step $(( 590 - SECONDS )) python3 bench/engines.py --engines reference compiled hf \
       --precision fp16 bf16 int8 fp8 --batches 1 16 --gen 128 --min-window-s 5 \
       --cache-dir /tmp/inductor --out "$OUT/h200_precision_all.json" ;;
