@@ -97,7 +97,7 @@ export PYTHONPATH=$PWD/src:/tmp/pylibs
 nvidia-smi --query-gpu=name,uuid,driver_version,power.limit,clocks.sm,temperature.gpu --format=csv | tee "$OUT/gpus_$mode.csv"
 nproc
 step() { local t=$1; shift; echo "== $* (limit ${t}s)"; local s=$SECONDS; timeout "$t" "$@" 2>&1 | tee -a "$OUT/log_$mode.txt" | tail -"${TAIL:-6}"; echo "== rc ${PIPESTATUS[0]} in $((SECONDS - s)) s"; }
-nvml_tests() { step 60 python3 -m pytest -q -p no:cacheprovider tests/power/test_nvml_hardware.py; }
+nvml_tests() { step 90 python3 -m pytest -q -rP -p no:cacheprovider tests/power/test_nvml_hardware.py; }
 cell7b=llama-7b_alpaca_H100_s1_b16_g256_pnone_reference
 # the CLI as a command `timeout` can start (a shell function it cannot)
 lle=(python3 -c 'import sys; from llmenergy.cli import main; sys.exit(main())')
@@ -181,7 +181,7 @@ case "$mode" in
       TAIL=4 step "$left" "${E[@]}" "${A[@]}" --cache-dir "/tmp/inductor_$v" --out "$OUT/h200_variant_$v.json"
     done ;;
   precision)
-    nvml_tests  # also: a CUDA context of this process is counted on its GPU (compute_processes)
+    nvml_tests  # also: the rank's own context and its compile workers are not other processes
     TAIL=45 step $(( 590 - SECONDS )) python3 bench/engines.py --engines reference compiled hf \
       --precision fp16 bf16 int8 fp8 --batches 1 16 --gen 128 --min-window-s 5 \
       --cache-dir /tmp/inductor --out "$OUT/h200_precision_all.json" ;;

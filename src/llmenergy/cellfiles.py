@@ -375,7 +375,7 @@ POWER_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("mem_used_mb", pa.float64()), ("sm_clock_mhz", pa.float64()), ("mem_clock_mhz", pa.float64()),
     ("temperature_c", pa.float64()), ("power_limit_w", pa.float64()),
     ("clock_event_reasons", pa.int64()), ("power_cap_throttle_ns", pa.int64()), ("source", pa.string()),
-    ("compute_processes", pa.int32()),
+    ("other_processes", pa.int32()),
 )
 POWER_COLUMNS: tuple[str, ...] = tuple(name for name, _ in POWER_FIELDS)
 POWER_SCHEMA: pa.Schema = pa.schema([pa.field(name, typ) for name, typ in POWER_FIELDS])

@@ -99,6 +99,7 @@ class RankDevice(_Handshake):
     uuid: str = ""  # "GPU-…", or "cpu"
     name: str = ""
     index: int = -1
+    pid: int = -1  # the rank's process on its node: its children are the job's too (power.processes)
 
     @classmethod
     def read(cls, path: Path) -> Self:

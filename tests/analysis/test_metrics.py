@@ -515,14 +515,14 @@ def test_a_gpu_counting_another_process_during_a_repeat_is_flagged(tmp_path: Pat
     from trace_helpers import T0_NS, nvml_trace, standard_segments, timeline, write_trace_cell
 
     tl = timeline(standard_segments())
-    power = nvml_trace(tl).assign(compute_processes=1)
+    power = nvml_trace(tl).assign(other_processes=0)
     t_s = (power["timestamp_ns"] - T0_NS) / 1e9
-    power.loc[(t_s > 60.0) & (t_s < 61.0), "compute_processes"] = 2  # inside repeat 1's first decode
+    power.loc[(t_s > 60.0) & (t_s < 61.0), "other_processes"] = 1  # inside repeat 1's first decode
     cdir, _ = write_trace_cell(tmp_path, power=power)
     r0, r1 = _rows(cdir)
     assert "shared" not in (r0["energy_reason"] or "")
     assert r1["energy_j"] is not None and r1["energy_complete"] is True
-    assert ("energy_j shared: 1 of 4 window(s) ran while node0/GPU-0000 (2) counted more than one process"
+    assert ("energy_j shared: 1 of 4 window(s) ran while node0/GPU-0000 (1) counted other processes holding"
             in r1["energy_reason"])
 
 
@@ -531,15 +531,15 @@ def test_a_gpu_counting_another_process_during_the_idle_window_flags_idle_power(
     from trace_helpers import T0_NS, nvml_trace, standard_segments, timeline, write_trace_cell
 
     tl = timeline(standard_segments())
-    power = nvml_trace(tl).assign(compute_processes=1)
+    power = nvml_trace(tl).assign(other_processes=0)
     t_s = (power["timestamp_ns"] - T0_NS) / 1e9
-    power.loc[(t_s > 2.0) & (t_s < 3.0), "compute_processes"] = 3  # inside the idle window (1.03-6.07 s)
+    power.loc[(t_s > 2.0) & (t_s < 3.0), "other_processes"] = 2  # inside the idle window (1.03-6.07 s)
     cdir, _ = write_trace_cell(tmp_path, power=power)
     rows = _rows(cdir)
     for r in rows:
         assert r["idle_power_w"] is not None  # kept, flagged
-        assert ("idle_power_w shared: 1 of 1 window(s) ran while node0/GPU-0000 (3) counted more than one "
-                "process" in r["energy_reason"])
+        assert ("idle_power_w shared: 1 of 1 window(s) ran while node0/GPU-0000 (2) counted other "
+                "processes" in r["energy_reason"])
         assert "energy_j shared" not in r["energy_reason"]  # no repeat's window was shared
     df = pd.DataFrame(rows)
     # a figure of active energy (idle subtracted) is hollowed; one of total energy is not

@@ -62,7 +62,7 @@ def test_schema_matches_internals_doc_columns() -> None:
         "node", "device", "device_index", "domain", "timestamp_ns", "energy_mj", "power_w",
         "gpu_util_pct", "mem_util_pct", "mem_used_mb", "sm_clock_mhz", "mem_clock_mhz",
         "temperature_c", "power_limit_w", "clock_event_reasons", "power_cap_throttle_ns", "source",
-        "compute_processes")
+        "other_processes")
     assert POWER_SCHEMA.field("device_index").type == pa.int32()
     assert POWER_SCHEMA.field("power_cap_throttle_ns").type == pa.int64()
 

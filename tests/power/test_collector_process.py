@@ -157,14 +157,14 @@ def test_merge_prefers_final_file_and_handles_empty_dir(tmp_path) -> None:
 
 def test_merge_takes_a_node_file_of_an_earlier_version_without_its_newer_columns(tmp_path) -> None:
     dev = DeviceInfo(0, "GPU-a", "H100", "gpu")
-    new = rows_to_table([make_row(node="n1", device=dev, timestamp_ns=t, source="nvml", compute_processes=1)
+    new = rows_to_table([make_row(node="n1", device=dev, timestamp_ns=t, source="nvml", other_processes=1)
                          for t in (1, 2)])
     write_parquet(tmp_path / "n1.parquet", new)
-    write_parquet(tmp_path / "n2.parquet", new.drop_columns(["compute_processes"]).set_column(
+    write_parquet(tmp_path / "n2.parquet", new.drop_columns(["other_processes"]).set_column(
         0, "node", pa.array(["n2", "n2"])))
     merged = merge_node_files(tmp_path)
     assert merged.column("node").to_pylist() == ["n1", "n1", "n2", "n2"]
-    assert merged.column("compute_processes").to_pylist() == [1, 1, None, None]
+    assert merged.column("other_processes").to_pylist() == [1, 1, None, None]
 
 
 def test_read_uuid_files_matches_only_this_node(tmp_path) -> None:
@@ -243,3 +243,32 @@ def test_dcgm_rows_keep_dcgm_sample_times(tmp_path, fake_dcgm) -> None:
     assert [(r["timestamp_ns"], r["energy_mj"], r["power_w"]) for r in rows] == [
         ((t0_us + 100_000 * k) * 1000, 5_000_000 + 20_000 * k, 200.0 + k) for k in range(4)]
     assert {r["source"] for r in rows} == {"dcgm"}
+
+
+def test_a_gpu_process_of_the_rank_is_its_own_and_one_of_another_job_is_counted(tmp_path, make_nvml) -> None:
+    """The collector takes the ranks' PIDs from their device files: on GPU-p the rank and its
+    child (a compile worker) hold contexts, on GPU-q the rank and a process outside the job."""
+    from launch_helpers import load_fake
+
+    rank = subprocess.Popen([sys.executable, "-c", ";".join([
+        "import subprocess, sys, time",
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])",
+        "print(c.pid, flush=True)", "time.sleep(30)"])], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(rank.stdout.readline())
+        make_nvml([load_fake("fake_nvml").make_gpu("GPU-p", processes=[rank.pid, worker]),
+                   load_fake("fake_nvml").make_gpu("GPU-q", processes=[rank.pid, os.getpid()])])
+        d = dirs(tmp_path)
+        write_json(d["uuids"] / "n1.0.json", {"uuid": "GPU-p", "pid": rank.pid})
+        write_json(d["uuids"] / "n1.1.json", {"uuid": "GPU-q", "pid": rank.pid})
+        timer = threading.Timer(0.6, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        rc = main(["--backend", "nvml", "--interval-ms", "100", "--out", str(d["out"]), "--node", "n1",
+                   "--uuid-dir", str(d["uuids"]), "--ready-dir", str(d["ready"]), "--expect-devices", "2"])
+        timer.join()
+    finally:
+        rank.kill()
+        rank.wait()
+    assert rc == 0
+    rows = pq.read_table(d["out"] / "n1.parquet").to_pandas()
+    assert rows.groupby("device")["other_processes"].max().to_dict() == {"GPU-p": 0, "GPU-q": 1}

@@ -185,11 +185,30 @@ def test_unwatched_index_is_rejected(fake) -> None:
 
 
 def test_full_rows_count_the_processes_holding_a_context_on_each_gpu(fake, gpus) -> None:
+    """Without the ranks' PIDs (or where none of the listed can be traced to one) the rank is
+    taken to be one of the GPU's processes: the others are counted."""
     gpus[0]["processes"] = [101, 202]
     gpus[1]["unsupported"] = ["nvmlDeviceGetComputeRunningProcesses"]
     with NvmlBackend(["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]) as backend:
         for t in range(2):
             rows = backend.sample(t)
-            assert [r["compute_processes"] for r in rows] == [2, None, 0]
-        assert all(r["compute_processes"] is None for r in backend.sample_power(3))  # light rows: not read
+            assert [r["other_processes"] for r in rows] == [1, None, 0]
+        assert all(r["other_processes"] is None for r in backend.sample_power(3))  # light rows: not read
     assert fake.calls["nvmlDeviceGetComputeRunningProcesses"] == 2 + 2 + 1  # GPU-bbbb's asked once
+
+
+def test_the_ranks_and_their_children_are_not_counted_as_other_processes(fake, gpus) -> None:
+    import os
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a compile worker
+    try:
+        gpus[0]["processes"] = [os.getpid(), child.pid]
+        gpus[1]["processes"] = [os.getpid(), child.pid, os.getppid()]  # and another job's process
+        with NvmlBackend(["GPU-aaaa", "GPU-bbbb"]) as backend:
+            backend.own_pids = frozenset({os.getpid()})
+            assert [r["other_processes"] for r in backend.sample(0)] == [0, 1]
+    finally:
+        child.kill()
+        child.wait()

@@ -377,17 +377,18 @@ def _cpu_energy_j(cpu: pd.DataFrame, start: np.ndarray, end: np.ndarray) -> dict
 
 
 def _shared_devices(gpu: pd.DataFrame, start: np.ndarray, end: np.ndarray) -> pd.Series:
-    """Per event: ``node/device (N)`` of each GPU whose sample inside it counted N > 1 processes
-    holding a compute context (a cell's rank is one a GPU: the rest are another job's, a
-    leftover rank's, a notebook's); None where none did or none was counted."""
+    """Per event: ``node/device (N)`` of each GPU whose sample inside it counted N > 0 other
+    processes holding a compute context (not the job's ranks or their children: another job's, a
+    leftover rank's, a notebook's; :mod:`llmenergy.power.processes`); None where none did or none
+    was counted."""
     out: list[list[str]] = [[] for _ in range(len(start))]
-    if "compute_processes" in gpu.columns:
-        many = gpu[gpu["compute_processes"].fillna(0) > 1]
+    if "other_processes" in gpu.columns:
+        many = gpu[gpu["other_processes"].fillna(0) > 0]
         keys = ["node", "device"] if "node" in many.columns else ["device"]
         for key, dev in many.groupby(keys, sort=True, dropna=False):
             label = "/".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
             t = dev["timestamp_ns"].to_numpy(np.float64)
-            count = dev["compute_processes"].to_numpy(np.float64)
+            count = dev["other_processes"].to_numpy(np.float64)
             for k in range(len(start)):
                 inside = (t >= start[k]) & (t <= end[k])
                 if inside.any():

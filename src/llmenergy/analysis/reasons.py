@@ -91,7 +91,7 @@ def cpu_reason(ev: pd.DataFrame) -> str | None:
 
 
 def shared_note(ev: pd.DataFrame, column: str = "energy_j") -> str | None:
-    """A flag (not a null) when a metered GPU counted more than one process holding a compute
+    """A flag (not a null) when a metered GPU counted another process holding a compute
     context during some of ``ev``'s windows: the counter meters the whole GPU, so another
     process's draw, if it drew any, is in ``column`` (the energy, or the idle power that
     ``active_energy_j`` subtracts)."""
@@ -101,5 +101,5 @@ def shared_note(ev: pd.DataFrame, column: str = "energy_j") -> str | None:
     who = sorted({d for text in shared for d in str(text).split(", ")})
     what = "power" if column.endswith("_w") else "energy"
     return (f"{column} shared: {len(shared)} of {len(ev)} window(s) ran while {', '.join(who)} "
-            "counted more than one process on the GPU (the cell's rank is one): another process's "
-            f"draw, if any, is in this {what}")
+            "counted other processes holding a compute context on the GPU (not the job's ranks or "
+            f"their children): their draw, if any, is in this {what}")

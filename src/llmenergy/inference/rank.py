@@ -118,11 +118,11 @@ def device_info(dev: Any, node: str, rank: int) -> RankDevice:
     import torch
 
     if dev.type != "cuda":
-        return RankDevice(node=node, rank=rank, uuid="cpu", name="cpu", index=-1)
+        return RankDevice(node=node, rank=rank, uuid="cpu", name="cpu", index=-1, pid=os.getpid())
     props = torch.cuda.get_device_properties(dev)
     uuid = str(props.uuid)
     uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
-    return RankDevice(node=node, rank=rank, uuid=uuid, name=props.name, index=dev.index)
+    return RankDevice(node=node, rank=rank, uuid=uuid, name=props.name, index=dev.index, pid=os.getpid())
 
 
 class StopFlag:

@@ -249,6 +249,7 @@ class NodeCollector:
                                   f"{self.uuid_dir} after {self.wait_s:.0f} s")
             backend = select_backend(self.backend_name, uuid_list=list(dict.fromkeys(uuid_list)),
                                      interval_ms=self.interval_ms, options=self.options)
+            backend.own_pids = frozenset(int(e["pid"]) for e in entries if int(e.get("pid", -1)) > 0)
         except LLMEnergyError as exc:
             log.error("%s", exc)
             self.write_ready(None, error=str(exc))
@@ -268,7 +269,7 @@ class NodeCollector:
 
 def _in_schema(t: pa.Table) -> pa.Table:
     """``t`` with :data:`POWER_SCHEMA`'s columns: a column a node file of an earlier version did
-    not write (``compute_processes``) comes as nulls; what is unknown is not invented."""
+    not write (``other_processes``) comes as nulls; what is unknown is not invented."""
     for f in POWER_SCHEMA:
         if f.name not in t.column_names:
             t = t.append_column(f.name, pa.nulls(t.num_rows, f.type))

@@ -95,6 +95,9 @@ class PowerBackend(abc.ABC):
     name: str = "none"
     #: True when ``read_power_w`` is cheap enough to poll at ~50 Hz between full samples.
     fast_power: bool = False
+    #: PIDs of the job's ranks on this node (the collector sets them from the ranks' device files):
+    #: a backend that lists a GPU's processes counts those that are neither these nor their children.
+    own_pids: frozenset[int] = frozenset()
 
     def __init__(self, *, node: str | None = None) -> None:
         self.node = node or socket.gethostname()

@@ -29,6 +29,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from llmenergy.power.processes import other_processes
 from llmenergy.errors import SensorError
 from llmenergy.power.backends import nvml_lib
 from llmenergy.power.backends.base import (
@@ -229,7 +230,8 @@ class NvmlBackend(PowerBackend):
             power_limit_w=nvml_lib.mw_to_w(limit_mw),
             clock_event_reasons=reasons,
             power_cap_throttle_ns=violation_ns,
-            compute_processes=None if processes is None else len(processes),
+            other_processes=None if processes is None else other_processes([p.pid for p in processes],
+                                                                            self.own_pids),
         )
 
     def close(self) -> None:
