@@ -232,12 +232,12 @@ def test_cells_metered_under_older_rules_are_recomputed_from_their_raw_files(tmp
     assert summary.loc["older-no-events", "energy_j"].tolist() == pytest.approx([2 * e for e in truth])
     found = json.loads(result.problems_path.read_text())
     assert found["remetered"] == ["older"]
-    assert found["older_rules_kept"] == [{"cell_id": "older-no-events", "why": "no events.parquet"}]
+    assert found["older_rules_kept"] == [{"cell_id": "older-no-events", "status": "ok", "why": "no events.parquet"}]
     assert found["rules_version"] == RULES_VERSION
     assert (old_dir / "metrics.parquet").read_bytes() == on_disk
     text = render_report(tmp_path).read_text()
     assert "1 cell(s) were metered under older rules" in text and "1 cell(s) keep numbers computed" in text
-    assert "<code>older-no-events</code></td><td>no events.parquet</td>" in text
+    assert "<code>older-no-events</code></td><td>ok</td><td>no events.parquet</td>" in text
 
 
 def _as_older(cdir: Path) -> None:
@@ -254,14 +254,26 @@ def test_an_older_cell_is_computed_again_only_from_all_the_raw_inputs_it_was_fir
     """Raw files lost or broken since the first computation keep the older rows (named, with
     why): computed again from less, their numbers would be nulls, not news; a cell without a
     record keeps its status; a failure inside the computation keeps the cell, not the aggregate."""
+    from llmenergy.analysis.metrics import compute_cell_metrics
+    from trace_helpers import nvml_trace, standard_segments, timeline, write_trace_cell
+
     cases = {"no-power": "no power.parquet", "bad-power": "power.parquet does not read",
              "no-responses": "no responses.parquet", "no-record": "no readable cell.json",
-             "no-batch-index": "computing it again failed: KeyError"}
+             "no-batch-index": "computing it again failed: KeyError", "cpu-no-power": "no power.parquet"}
     before = {}
     for name in cases:
-        cdir = make_cell(tmp_path, name)
+        if name == "cpu-no-power":  # a CPU rank metered by RAPL alone: its power source says none
+            rapl = nvml_trace(timeline(standard_segments()), device="cpu-package-0").assign(
+                domain="cpu_package", source="rapl")
+            cdir, _ = write_trace_cell(tmp_path, name, power=rapl, collector="auto",
+                                       gpus=[{"node": "node0", "rank": 0, "uuid": "cpu", "name": "cpu", "index": -1}])
+            write_parquet(cdir / "metrics.parquet", compute_cell_metrics(cdir))
+        else:
+            cdir = make_cell(tmp_path, name)
         _as_older(cdir)
         before[name] = pq.read_table(cdir / "metrics.parquet").to_pandas()
+    (tmp_path / "cells" / "cpu-no-power" / "power.parquet").unlink()
+    assert before["cpu-no-power"]["power_source"].eq("none").all() and before["cpu-no-power"]["cpu_energy_j"].notna().all()
     (tmp_path / "cells" / "no-power" / "power.parquet").unlink()
     bad = tmp_path / "cells" / "bad-power" / "power.parquet"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
@@ -280,8 +292,23 @@ def test_an_older_cell_is_computed_again_only_from_all_the_raw_inputs_it_was_fir
     summary = pq.read_table(result.summary_path).to_pandas()
     for name, old in before.items():
         rows = summary[summary["cell_id"] == name].sort_values("repeat")
-        assert rows["energy_j"].tolist() == pytest.approx(old.sort_values("repeat")["energy_j"].tolist())
+        for col in ("energy_j", "cpu_energy_j"):
+            assert rows[col].tolist() == pytest.approx(old.sort_values("repeat")[col].tolist(), nan_ok=True)
         assert set(rows["status"]) == {"ok"} and rows["words_out"].notna().all()
+
+
+def test_an_older_failed_cell_without_measurements_is_neither_recomputed_nor_kept(tmp_path: Path) -> None:
+    """A failed cell's rows hold no measured number that other rules would change: nothing to say."""
+    from llmenergy.analysis.remeter import kept_entries
+
+    cdir = make_cell(tmp_path, "failed", status="failed", reason="RuntimeError: boom", write_events=False)
+    _as_older(cdir)
+    result = aggregate(tmp_path)
+    found = json.loads(result.problems_path.read_text())
+    assert (found["remetered"], found["older_rules_kept"]) == ([], [])
+    assert set(pq.read_table(result.summary_path).column("status").to_pylist()) == {"failed"}
+    # a problems file of before older_rules_kept said why: names alone
+    assert kept_entries({"older_rules_kept": ["a"]}) == [{"cell_id": "a", "status": "", "why": ""}]
 
 
 def test_an_older_cell_whose_status_changes_under_the_new_rules_is_named_for_a_forced_rerun(

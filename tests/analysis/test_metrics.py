@@ -549,6 +549,23 @@ def test_a_gpu_counting_another_process_during_the_idle_window_flags_idle_power(
     assert all("idle_power_w shared" in f for f in row_flags(df, ["energy_j", "active_energy_j"]))
 
 
+def test_an_idle_window_both_shared_and_in_a_wide_gap_keeps_both_notes(tmp_path: Path, caplog) -> None:
+    from llmenergy.analysis.flags import reason_clauses
+    from trace_helpers import T0_NS, nvml_trace, standard_segments, timeline, write_trace_cell
+
+    tl = timeline(standard_segments())
+    power = nvml_trace(tl).assign(other_processes=0)
+    t_s = (power["timestamp_ns"] - T0_NS) / 1e9
+    power.loc[(t_s > 2.0) & (t_s < 3.0), "other_processes"] = 1
+    power = power[(t_s < 0.3) | (t_s > 1.8)]  # polls missed over 1.5 s around the idle window's start (1.03 s)
+    cdir, _ = write_trace_cell(tmp_path, power=power)
+    for r in _rows(cdir):
+        assert r["idle_power_w"] is not None
+        idle = [c for column, c in reason_clauses(r["energy_reason"]) if column == "idle_power_w"]
+        assert [c.split(" ")[1] for c in idle] == ["interpolated", "shared:"], idle
+    assert "energy_reason clause holds" not in caplog.text  # each written as one clause
+
+
 def test_a_rapl_edge_in_a_gap_of_one_to_two_seconds_keeps_cpu_energy_flagged(tmp_path: Path) -> None:
     from llmenergy.analysis.flags import row_flags
     from trace_helpers import T0_NS, nvml_trace, standard_segments, timeline, write_trace_cell

@@ -72,23 +72,34 @@ CLAUSE_SEP = "; "
 
 def join_clauses(clauses: Iterable[str]) -> str | None:
     """``energy_reason`` from its clauses (None when there are none). A clause holding
-    :data:`CLAUSE_SEP` would be read back as two, the second about no column (flagging
-    every figure): that is a bug in whoever wrote it, raised here."""
-    clauses = list(clauses)
+    :data:`CLAUSE_SEP` would be read back as two, the second about no column (flagging every
+    figure): a bug in whoever wrote it, logged as an error; the separator in it becomes ``, ``
+    rather than cost the cell its measured numbers."""
+    out = []
     for clause in clauses:
         if CLAUSE_SEP in clause:
-            raise ValueError(f"an energy_reason clause holds {CLAUSE_SEP!r}: {clause}")
-    return CLAUSE_SEP.join(clauses) or None
+            log.error("an energy_reason clause holds %r (a bug: it is written with ', '): %s", CLAUSE_SEP, clause)
+            clause = clause.replace(CLAUSE_SEP, ", ")
+        out.append(clause)
+    return CLAUSE_SEP.join(out) or None
+
+
+#: How clauses written by earlier versions went on after a ``; `` inside them: such a piece is
+#: the end of the clause before it, not a clause of its own.
+_LEGACY_TAILS = ("its power timestamps were corrected)", "up to ~4 % off", "no energy counter)")
 
 
 def reason_clauses(text: Any) -> list[tuple[str | None, str]]:
     """``energy_reason`` split into ``(column, clause)``; column is None when none is named."""
     if text is None or (isinstance(text, float) and pd.isna(text)) or not str(text).strip():
         return []
-    out = []
+    out: list[tuple[str | None, str]] = []
     for clause in str(text).split(CLAUSE_SEP):
         clause = clause.strip()
-        if clause:
+        if clause and out and clause.startswith(_LEGACY_TAILS):
+            column, before = out.pop()
+            out.append((column, f"{before}, {clause}"))
+        elif clause:
             head = _CLAUSE_HEAD.match(clause)
             out.append((head.group(1) if head else None, clause))
     return out

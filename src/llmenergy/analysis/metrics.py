@@ -64,9 +64,10 @@ J_PER_KWH = 3.6e6
 #: reasons from the same raw files, so that ``aggregate`` recomputes older cells' rows.
 #: 1: files without the key (before 2026-12-05). 2: RAPL under the gap and reset rules, edges in
 #: gaps of 10-20 update periods flagged, NVML averaged power flagged, a GPU shared with another
-#: process flagged. 3: the idle window's shared GPU flagged (idle_power_w, active_energy_j); RAPL
-#: edges in gaps of 10-20 periods flagged (cpu_energy_j).
-RULES_VERSION = 3
+#: process flagged. 3: the idle window's shared GPU flagged (idle_power_w, active_energy_j). 4: RAPL
+#: edges in gaps of 10-20 periods flagged (cpu_energy_j), the prefill-only loop's shared GPU flagged,
+#: no clause holds '; ', sharing counts only processes outside the job (power.parquet other_processes).
+RULES_VERSION = 4
 RULES_KEY = b"llmenergy.metrics_rules"
 #: A node's clock offset to rank 0 above this is flagged in ``energy_reason`` (it is corrected).
 CLOCK_FLAG_MS = 5.0
@@ -123,20 +124,20 @@ def _total(values: pd.Series) -> float | None:
     return float(values.sum())
 
 
-def _idle_power_w(att: pd.DataFrame) -> tuple[float | None, str | None]:
+def _idle_power_w(att: pd.DataFrame) -> tuple[float | None, list[str]]:
+    """The idle baseline's power and its clauses (why it is null, or the notes that flag it)."""
     idle = att[att["phase"] == "idle"]
     if len(idle) == 0:
-        return None, None
+        return None, []
     why = short_reason("idle_power_w", idle)
     if why:
-        return None, why
+        return None, [why]
     energy = idle["energy_j"].where(idle["energy_j"].notna(), idle["energy_instant_j"])
     power = _div(_total(energy), float(idle["duration_s"].sum()))
     if power is None:
-        return None, (uncovered_reason(idle, "idle_power_w") or sample_reason(idle, "idle_power_w")
-                      or "idle_power_w null: no power samples cover the idle window")
-    notes = [n for n in (wide_edge_note(idle, "idle_power_w"), shared_note(idle, "idle_power_w")) if n]
-    return power, join_clauses(notes)
+        return None, [uncovered_reason(idle, "idle_power_w") or sample_reason(idle, "idle_power_w")
+                      or "idle_power_w null: no power samples cover the idle window"]
+    return power, [n for n in (wide_edge_note(idle, "idle_power_w"), shared_note(idle, "idle_power_w")) if n]
 
 
 def missing_devices(record: CellRecord | None, power: pd.DataFrame | None) -> list[str]:
@@ -444,11 +445,11 @@ def compute_cell_metrics(cell_dir: Path, *, record: CellRecord | None = None, sp
     base["stop_at_eos"] = spec.stop_at_eos if spec is not None else None
 
     att = attribute_events(events, power) if events is not None and len(events) else None
-    idle_power_w, idle_why = _idle_power_w(att) if att is not None else (None, None)
+    idle_power_w, idle_clauses = _idle_power_w(att) if att is not None else (None, [])
     missing = missing_devices(record, power) if metered else []
     balance, cell_reasons = cell_balance(att, power)
     base.update(balance)
-    cell_reasons = ([idle_why] if idle_why else []) + cell_reasons
+    cell_reasons = idle_clauses + cell_reasons
     base["clock_offset_max_ms"], clock_flag = _clock_offsets(record)
     cell_reasons += [clock_flag] if clock_flag else []
     repeats: list[int] = []

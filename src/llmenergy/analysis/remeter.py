@@ -35,7 +35,7 @@ class Remetered:
     table: pa.Table
     #: cells whose rows were computed again
     done: list[str] = field(default_factory=list)
-    #: ``{"cell_id", "why"}`` of cells that keep their older rows
+    #: ``{"cell_id", "status", "why"}`` of cells that keep their older rows
     kept: list[dict[str, str]] = field(default_factory=list)
     #: ``{"cell_id", "was", "now", "why"}`` of recomputed cells whose status changed
     status_changed: list[dict[str, str]] = field(default_factory=list)
@@ -49,6 +49,19 @@ def _unreadable(path: Path) -> str | None:
     return None
 
 
+#: Columns whose values come from the power samples: old rows with any of them set were metered.
+METERED_COLUMNS = ("energy_j", "energy_instant_j", "cpu_energy_j", "idle_power_w")
+
+
+def _any_set(table: pa.Table, *columns: str) -> bool:
+    return any(table.column(c).null_count < table.num_rows for c in columns if c in table.column_names)
+
+
+def measured(old: pa.Table) -> bool:
+    """Whether the old rows hold measured numbers (a failed cell's placeholder rows do not)."""
+    return _any_set(old, "duration_s")
+
+
 def missing_inputs(cell_dir: Path, old: pa.Table) -> str | None:
     """Why the cell's rows cannot be computed again as they were first (a raw input the old
     rows ``old`` were computed from is absent or does not read), or None when all are there."""
@@ -60,7 +73,8 @@ def missing_inputs(cell_dir: Path, old: pa.Table) -> str | None:
         return "no readable spec.json"
     need = [files.events]
     sources = {str(s) for s in old.column("power_source").to_pylist() if s is not None}
-    if sources - {"none", ""}:
+    # GPU or CPU (RAPL) samples: a CPU cell's power_source says none
+    if sources - {"none", ""} or _any_set(old, *METERED_COLUMNS) or files.power.exists():
         need.append(files.power)
     if any(v is not None for v in old.column("responses").to_pylist()) or files.responses.exists():
         need.append(files.responses)
@@ -88,6 +102,8 @@ def remeter(table: pa.Table, stale: list[Path]) -> Remetered:
     fresh: list[pa.Table] = []
     for i, cell_dir in enumerate(stale, 1):
         old = table.filter(pc.equal(table["cell_id"], cell_dir.name))
+        if not measured(old):  # a failed cell's rows: no numbers that other rules would change
+            continue
         try:
             why = missing_inputs(cell_dir, old)
             if why is None:
@@ -97,7 +113,7 @@ def remeter(table: pa.Table, stale: list[Path]) -> Remetered:
             why = f"computing it again failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if why is not None:
             log.warning("%s: not computed again (%s): its rows are kept as they were", cell_dir, why)
-            out.kept.append({"cell_id": cell_dir.name, "why": why})
+            out.kept.append({"cell_id": cell_dir.name, "status": _statuses(old), "why": why})
             continue
         fresh.append(new.cast(METRICS_SCHEMA))
         out.done.append(cell_dir.name)
@@ -122,5 +138,5 @@ def remeter(table: pa.Table, stale: list[Path]) -> Remetered:
 def kept_entries(found: dict[str, Any] | None) -> list[dict[str, str]]:
     """``older_rules_kept`` of an ``aggregate_problems.json``: names alone in files written
     before it said why."""
-    return [k if isinstance(k, dict) else {"cell_id": str(k), "why": ""}
+    return [{"status": "", "why": "", **k} if isinstance(k, dict) else {"cell_id": str(k), "status": "", "why": ""}
             for k in (found or {}).get("older_rules_kept", [])]

@@ -267,12 +267,17 @@ class NodeCollector:
         return rc
 
 
+#: Columns added to :data:`POWER_SCHEMA` after the first release: a node file of an earlier
+#: version lacks them (read as nulls); any other column missing makes it not a power file.
+LATER_COLUMNS = ("other_processes",)
+
+
 def _in_schema(t: pa.Table) -> pa.Table:
     """``t`` with :data:`POWER_SCHEMA`'s columns: a column a node file of an earlier version did
-    not write (``other_processes``) comes as nulls; what is unknown is not invented."""
-    for f in POWER_SCHEMA:
-        if f.name not in t.column_names:
-            t = t.append_column(f.name, pa.nulls(t.num_rows, f.type))
+    not write (:data:`LATER_COLUMNS`) comes as nulls; what is unknown is not invented."""
+    for name in LATER_COLUMNS:
+        if name not in t.column_names:
+            t = t.append_column(name, pa.nulls(t.num_rows, POWER_SCHEMA.field(name).type))
     return t.select(list(POWER_SCHEMA.names)).cast(POWER_SCHEMA)
 
 
