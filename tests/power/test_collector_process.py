@@ -167,6 +167,16 @@ def test_merge_takes_a_node_file_of_an_earlier_version_without_its_newer_columns
     assert merged.column("other_processes").to_pylist() == [1, 1, None, None]
 
 
+def test_merge_leaves_out_a_stray_parquet_file_that_is_no_collectors(tmp_path, caplog) -> None:
+    dev = DeviceInfo(0, "GPU-a", "H100", "gpu")
+    write_parquet(tmp_path / "n1.parquet", rows_to_table([make_row(node="n1", device=dev, timestamp_ns=1,
+                                                                   source="nvml")]))
+    write_parquet(tmp_path / "notes.parquet", pa.table({"x": [1, 2]}))
+    merged = merge_node_files(tmp_path)
+    assert merged.column("node").to_pylist() == ["n1"]
+    assert "notes.parquet is not a collector's file (no column node" in caplog.text
+
+
 def test_read_uuid_files_matches_only_this_node(tmp_path) -> None:
     write_json(tmp_path / "n1.1.json", {"uuid": "GPU-b"})
     write_json(tmp_path / "n1.0.json", {"uuid": "GPU-a"})

@@ -192,7 +192,7 @@ def test_full_rows_count_the_processes_holding_a_context_on_each_gpu(fake, gpus)
     with NvmlBackend(["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]) as backend:
         for t in range(2):
             rows = backend.sample(t)
-            assert [r["other_processes"] for r in rows] == [1, None, 0]
+            assert [r["other_processes"] for r in rows] == [1, None, None]  # none listed: nothing to tell
         assert all(r["other_processes"] is None for r in backend.sample_power(3))  # light rows: not read
     assert fake.calls["nvmlDeviceGetComputeRunningProcesses"] == 2 + 2 + 1  # GPU-bbbb's asked once
 
@@ -212,3 +212,12 @@ def test_the_ranks_and_their_children_are_not_counted_as_other_processes(fake, g
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_process_list_that_cannot_be_counted_gives_null_not_a_dead_collector(fake, gpus, caplog) -> None:
+    gpus[0]["processes"] = [None]  # a driver answering a PID that is not one
+    with NvmlBackend(["GPU-aaaa"]) as backend:
+        for t in range(3):
+            [row] = backend.sample(t)
+            assert row["other_processes"] is None and row["energy_mj"] is not None
+    assert caplog.text.count("counting other processes failed") == 1

@@ -112,30 +112,43 @@ def test_counter_energy_matches_integrated_instant_power_within_3pct_under_load(
     assert abs(row["energy_discrepancy_pct"]) < 3, row
 
 
-def test_this_process_and_its_compile_workers_are_not_other_processes_on_its_gpu() -> None:
-    """NVML lists this process once it holds a context on GPU 0; with it as the rank, neither it nor
-    Inductor's compile workers (its children, started by torch.compile with a worker pool) count as
-    other processes. Prints the PIDs NVML lists (``-rP``): whether the workers hold contexts."""
+def test_a_child_holding_its_own_context_is_the_jobs_and_the_compile_workers_are_listed() -> None:
+    """A child of this process (the rank) makes a CUDA context of its own on GPU 0: NVML lists it,
+    and with this process as the rank it is not another process. Then torch.compile with a
+    worker pool; what NVML lists is printed (``-rP``): whether Inductor's workers hold contexts."""
     torch = pytest.importorskip("torch", reason="torch is needed to make a CUDA context")
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")
     import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
     from llmenergy.power.backends import nvml_lib
     from llmenergy.power.backends.nvml import NvmlBackend
     from llmenergy.power.processes import is_own
 
-    with torch._inductor.config.patch(compile_threads=4):  # the worker pool, as on a node with cores to spare
-        f = torch.compile(lambda x: (x.sin() + x.cos()).relu().sum())
-        f(torch.randn(4096, device="cuda:0")).item()
-    with NvmlBackend() as backend:
-        handle = nvml_lib.pynvml.nvmlDeviceGetHandleByIndex(0)
-        pids = [p.pid for p in nvml_lib.pynvml.nvmlDeviceGetComputeRunningProcesses(handle)]
-        print(f"NVML lists on GPU 0: {pids}; this process {os.getpid()}; "
-              f"its children among them: {[p for p in pids if p != os.getpid() and is_own(p, {os.getpid()})]}")
-        if not pids:
-            pytest.skip("NVML lists no process (another PID namespace): sharing cannot be told here")
-        assert os.getpid() in pids, "this process's context on GPU 0 is not listed"
-        backend.own_pids = frozenset({os.getpid()})
-        rows = {r["device_index"]: r for r in backend.sample(time.time_ns())}
-    assert rows[0]["other_processes"] == 0, f"counted as other: {pids}"
+    child = subprocess.Popen([sys.executable, "-c", "import time, torch; torch.ones(1, device='cuda:0').sum().item(); "
+                              "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        torch.ones(1, device="cuda:0").sum().item()
+        with torch._inductor.config.patch(compile_threads=4):  # the worker pool, as on a node with cores to spare
+            f = torch.compile(lambda x: (x.sin() + x.cos()).relu().sum())
+            f(torch.randn(4096, device="cuda:0")).item()
+        with NvmlBackend() as backend:
+            handle = nvml_lib.pynvml.nvmlDeviceGetHandleByIndex(0)
+            pids = [p.pid for p in nvml_lib.pynvml.nvmlDeviceGetComputeRunningProcesses(handle)]
+            own = {os.getpid()}
+            print(f"NVML lists on GPU 0: {pids}; this process {os.getpid()}, the child {child.pid}; "
+                  f"other descendants among them (compile workers): "
+                  f"{[p for p in pids if p not in (os.getpid(), child.pid) and is_own(p, own)]}")
+            if not any(Path(f"/proc/{p}").exists() for p in pids):
+                pytest.skip(f"NVML lists {pids}, none in this /proc (another PID namespace): ancestry cannot be read")
+            assert {os.getpid(), child.pid} <= set(pids), "a context of this process or its child is not listed"
+            backend.own_pids = frozenset(own)
+            rows = {r["device_index"]: r for r in backend.sample(time.time_ns())}
+        assert rows[0]["other_processes"] == 0, f"counted as other: {pids}"
+    finally:
+        child.kill()
+        child.wait()

@@ -73,8 +73,9 @@ def missing_inputs(cell_dir: Path, old: pa.Table) -> str | None:
         return "no readable spec.json"
     need = [files.events]
     sources = {str(s) for s in old.column("power_source").to_pylist() if s is not None}
-    # GPU or CPU (RAPL) samples: a CPU cell's power_source says none
-    if sources - {"none", ""} or _any_set(old, *METERED_COLUMNS) or files.power.exists():
+    # GPU or CPU (RAPL) samples (a CPU cell's power_source says none), or a collector that was to write them
+    if (sources - {"none", ""} or _any_set(old, *METERED_COLUMNS) or files.power.exists()
+            or spec.collector.backend != "none"):
         need.append(files.power)
     if any(v is not None for v in old.column("responses").to_pylist()) or files.responses.exists():
         need.append(files.responses)
@@ -95,15 +96,14 @@ def remeter(table: pa.Table, stale: list[Path]) -> Remetered:
     computed again from their raw files where all of them are there (:func:`missing_inputs`);
     any failure keeps the cell's older rows (logged, and named with why)."""
     out = Remetered(table)
-    if not stale:
+    stale = [d for d in stale if measured(table.filter(pc.equal(table["cell_id"], d.name)))]
+    if not stale:  # a failed cell's rows: no numbers that other rules would change
         return out
     log.warning("%d cell(s) were metered under older rules than this version's (%d): their rows are "
                 "computed again from their raw files", len(stale), RULES_VERSION)
     fresh: list[pa.Table] = []
     for i, cell_dir in enumerate(stale, 1):
         old = table.filter(pc.equal(table["cell_id"], cell_dir.name))
-        if not measured(old):  # a failed cell's rows: no numbers that other rules would change
-            continue
         try:
             why = missing_inputs(cell_dir, old)
             if why is None:

@@ -249,7 +249,7 @@ class NodeCollector:
                                   f"{self.uuid_dir} after {self.wait_s:.0f} s")
             backend = select_backend(self.backend_name, uuid_list=list(dict.fromkeys(uuid_list)),
                                      interval_ms=self.interval_ms, options=self.options)
-            backend.own_pids = frozenset(int(e["pid"]) for e in entries if int(e.get("pid", -1)) > 0)
+            backend.own_pids = frozenset(e["pid"] for e in entries if isinstance(e.get("pid"), int) and e["pid"] > 0)
         except LLMEnergyError as exc:
             log.error("%s", exc)
             self.write_ready(None, error=str(exc))
@@ -270,6 +270,17 @@ class NodeCollector:
 #: Columns added to :data:`POWER_SCHEMA` after the first release: a node file of an earlier
 #: version lacks them (read as nulls); any other column missing makes it not a power file.
 LATER_COLUMNS = ("other_processes",)
+
+
+def _read_node_file(path: Path) -> pa.Table | None:
+    """A node's power file, or None (logged) when it lacks a column this schema has had from the
+    start: not a collector's file (a stray parquet file beside them), so its rows are not used."""
+    table = pq.read_table(path)
+    missing = [n for n in POWER_SCHEMA.names if n not in table.column_names and n not in LATER_COLUMNS]
+    if missing:
+        log.error("power: %s is not a collector's file (no column %s): left out", path, ", ".join(missing))
+        return None
+    return table
 
 
 def _in_schema(t: pa.Table) -> pa.Table:
@@ -312,13 +323,14 @@ def merge_node_files(directory: str | Path) -> pa.Table:
     recovered = []
     for node in sorted(set(finals) | set(parts)):
         if node in finals:
-            tables.append(pq.read_table(finals[node]))
+            tables.append(_read_node_file(finals[node]))
         else:
             log.warning("power: node %s has no final file; recovering from %d part files",
                         node, len(parts[node]))
             recovered.append(node)
-            tables.extend(pq.read_table(p) for p in parts[node])
-    table = _concat_sorted(tables) if tables else empty_table()
+            tables.extend(_read_node_file(p) for p in parts[node])
+    read = [t for t in tables if t is not None]
+    table = _concat_sorted(read) if read else empty_table()
     return table.replace_schema_metadata({RECOVERED_KEY: json.dumps(recovered).encode()})
 
 

@@ -12,7 +12,7 @@ H100 (driver 580) both values change every ~100 ms and one NVML call takes
 ~2.9 ms (``bench/nvml_probe.py``), so polling faster than ~25 Hz adds little.  The rest of a sample
 (utilisation, memory, clocks, temperature, enforced limit, clock-event reasons,
 power-cap throttle time, the number of processes holding a compute context on the
-GPU) is best effort: a metric the GPU does not support is asked once, then reported as null.
+GPU other than the job's own: :mod:`llmenergy.power.processes`) is best effort: a metric the GPU does not support is asked once, then reported as null.
 
 NVML itself (initialisation, GPUs by UUID, error mapping, units) is reached
 through :mod:`~llmenergy.power.backends.nvml_lib`; tests patch
@@ -61,6 +61,7 @@ class NvmlBackend(PowerBackend):
         self._devices: list[DeviceInfo] = []
         self._unsupported: dict[int, set[str]] = {}
         self._power_via_usage: set[int] = set()
+        self._listed: dict[int, list[int]] = {}  # each GPU's compute processes at its last full sample
         self._init()
         try:
             self._discover(uuid_list)
@@ -230,9 +231,25 @@ class NvmlBackend(PowerBackend):
             power_limit_w=nvml_lib.mw_to_w(limit_mw),
             clock_event_reasons=reasons,
             power_cap_throttle_ns=violation_ns,
-            other_processes=None if processes is None else other_processes([p.pid for p in processes],
-                                                                            self.own_pids),
+            other_processes=self._others(i, processes),
         )
+
+    def _others(self, device_index: int, processes: list[Any] | None) -> int | None:
+        """How many of a GPU's compute processes are not the job's own (:mod:`.processes`); None
+        where NVML lists none (while the rank holds a context: another PID namespace, nothing to
+        tell) or the count fails (logged once)."""
+        if not processes:
+            return None
+        try:
+            pids = [int(p.pid) for p in processes]
+            before, self._listed[device_index] = self._listed.get(device_index, []), pids
+            return other_processes(pids, self.own_pids, listed_before=before)
+        except Exception as exc:  # noqa: BLE001 - a flag's input, never worth the collector
+            if "others" not in self._unsupported[device_index]:
+                self._unsupported[device_index].add("others")
+                log.warning("nvml: GPU %d: counting other processes failed (%s); reporting null",
+                            device_index, exc)
+            return None
 
     def close(self) -> None:
         nvml, self._nvml = self._nvml, None
