@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (read-only on the GPU; carry wheels/):
+# One device call (read-only on the GPU; carry wheels/, made by bench/wheels.sh):
 #   bash bench/gpu_session.sh MODE
 #   x1     - real-NVML tests, the 7B cells of bench/configs/h100x1.yaml, run-cell overhead (3 rounds)
 #   x2     - 7B shards 1 vs 2 (both GPUs metered) and run-cell overhead (3 rounds)
