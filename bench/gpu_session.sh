@@ -10,6 +10,7 @@
 #            overhead bench (20 ABBA rounds, default 40 ms poll, unpinned);
 #   accept - real-NVML tests and the run-cell overhead (ABBA, 4 rounds);
 #   shards - real-NVML tests and 7B shards 1 vs 2 (both GPUs metered);
+#   quick - real-NVML tests, then the compiled engine at fp16/int8/fp8, batch 1 and 16 (~5 min);
 #   engines - bench/engines.py: reference vs compiled at batch 1/16/64 (7B, in one process);
 #   engcells - the engine axis through run-cell (bench/configs/h200x1_engines.yaml);
 #   precision - issue 24's acceptance: bench/engines.py with reference, compiled and hf at
@@ -180,6 +181,13 @@ case "$mode" in
       left=$(( ${END:-585} - SECONDS )); [ "$left" -gt 60 ] || break
       TAIL=4 step "$left" "${E[@]}" "${A[@]}" --cache-dir "/tmp/inductor_$v" --out "$OUT/h200_variant_$v.json"
     done ;;
+  quick)
+    # a short call when time on the device is scarce: the NVML hardware tests (the job's own GPU
+    # processes), then the compiled engine's precisions at batch 1 and 16 (~5 min)
+    nvml_tests
+    TAIL=20 step $(( 420 - SECONDS )) python3 bench/engines.py --engines compiled \
+      --precision fp16 int8 fp8 --batches 1 16 --gen 128 --min-window-s 5 \
+      --cache-dir /tmp/inductor --out "$OUT/quick_compiled.json" ;;
   precision)
     nvml_tests  # also: the rank's own context and its compile workers are not other processes
     TAIL=45 step $(( 590 - SECONDS )) python3 bench/engines.py --engines reference compiled hf \
