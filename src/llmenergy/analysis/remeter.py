@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from llmenergy.analysis.metrics import RULES_VERSION, cell_metrics, read_records
-from llmenergy.cellfiles import METRICS_SCHEMA
+from llmenergy.cellfiles import METRICS_SCHEMA, CellRecord, CellSpec
 from llmenergy.layout import CellFiles
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,11 @@ def measured(old: pa.Table) -> bool:
     return _any_set(old, "duration_s")
 
 
-def missing_inputs(cell_dir: Path, old: pa.Table) -> str | None:
+def missing_inputs(cell_dir: Path, old: pa.Table, record: CellRecord | None, spec: CellSpec | None) -> str | None:
     """Why the cell's rows cannot be computed again as they were first (a raw input the old
-    rows ``old`` were computed from is absent or does not read), or None when all are there."""
+    rows ``old`` were computed from is absent or does not read; ``record`` and ``spec`` as read
+    from the cell), or None when all are there."""
     files = CellFiles(cell_dir)
-    record, spec = read_records(cell_dir)
     if record is None:
         return "no readable cell.json (its status would be guessed)"
     if spec is None:
@@ -96,18 +96,19 @@ def remeter(table: pa.Table, stale: list[Path]) -> Remetered:
     computed again from their raw files where all of them are there (:func:`missing_inputs`);
     any failure keeps the cell's older rows (logged, and named with why)."""
     out = Remetered(table)
-    stale = [d for d in stale if measured(table.filter(pc.equal(table["cell_id"], d.name)))]
+    olds = {d: table.filter(pc.equal(table["cell_id"], d.name)) for d in stale}
+    stale = [d for d in stale if measured(olds[d])]
     if not stale:  # a failed cell's rows: no numbers that other rules would change
         return out
     log.warning("%d cell(s) were metered under older rules than this version's (%d): their rows are "
                 "computed again from their raw files", len(stale), RULES_VERSION)
     fresh: list[pa.Table] = []
     for i, cell_dir in enumerate(stale, 1):
-        old = table.filter(pc.equal(table["cell_id"], cell_dir.name))
+        old = olds[cell_dir]
         try:
-            why = missing_inputs(cell_dir, old)
+            record, spec = read_records(cell_dir)
+            why = missing_inputs(cell_dir, old, record, spec)
             if why is None:
-                record, spec = read_records(cell_dir)
                 new, _ = cell_metrics(cell_dir, record=record, spec=spec)
         except Exception as exc:  # noqa: BLE001 - one cell's failure keeps its rows, not the aggregate
             why = f"computing it again failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
