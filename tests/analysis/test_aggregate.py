@@ -311,11 +311,13 @@ def test_an_older_failed_cell_without_measurements_is_neither_recomputed_nor_kep
     assert kept_entries({"older_rules_kept": ["a"]}) == [{"cell_id": "a", "status": "", "why": ""}]
 
 
-def test_an_older_cell_whose_status_changes_under_the_new_rules_is_named_for_a_forced_rerun(
+def test_an_older_cell_whose_status_changes_under_the_new_rules_is_named_for_the_next_run(
         tmp_path: Path) -> None:
     """Old rows ok, the same raw files now give incomplete energy (here a GPU the ranks used that the
     power file never metered): the new rows say so, and the cell is named, since its cell.json,
     which decides what reruns, still says ok."""
+    from llmenergy.analysis.metrics import RULES_VERSION
+    from llmenergy.analysis.remeter import status_changed_since
     from llmenergy.analysis.report import render_report
     from llmenergy.cellfiles import CellRecord
 
@@ -335,4 +337,15 @@ def test_an_older_cell_whose_status_changes_under_the_new_rules_is_named_for_a_f
     assert CellRecord.read(cdir / "cell.json").status == "ok"  # aggregate writes no cell file
     text = render_report(tmp_path).read_text()
     assert "1 of them changed status under this version's rules" in text
-    assert "llmenergy run-cell --config CONFIG --cell ID --force" in text
+    assert "the\nnext run of the workflow" in text and "--cell ID --force" in text
+    # the workflow's next parse reads it back (smk.Context.rules_changed_cells) while cell.json
+    # is the one the aggregate read, and not once the cell was measured again
+    records = {"changed": cdir / "cell.json", "other": tmp_path / "cells" / "other" / "cell.json"}
+    ((cid, why),) = status_changed_since(result.problems_path, records)
+    assert cid == "changed" and why.startswith(f"under metrics rules {RULES_VERSION} its rows say incomplete, "
+                                               "its cell.json ok: ") and "GPU-never-metered" in why
+    dataclasses.replace(record, reason="measured again").write(cdir / "cell.json")
+    assert status_changed_since(result.problems_path, records) == []
+    (cdir / "cell.json").unlink()
+    assert status_changed_since(result.problems_path, records) == []
+    assert status_changed_since(tmp_path / "absent.json", records) == []

@@ -138,6 +138,46 @@ def test_prepare_supersedes_exactly_the_changed_cells(tmp_path: Path, caplog) ->
     assert load(demo_config(tmp_path)).prepare() == []  # nothing left to rerun
 
 
+def test_prepare_reruns_a_cell_whose_status_changed_under_newer_metrics_rules(tmp_path: Path, caplog) -> None:
+    """aggregate_problems.json names a finished cell whose rows, computed again under this
+    version's rules, say incomplete: its cell.json (the same the aggregate read) says ok and would
+    keep it from rerunning, so the next parse sets its files aside, also under
+    on_config_change: error (the config did not change); a cell measured again since is not."""
+    import json
+
+    from llmenergy.atomic import file_sha256
+    from llmenergy.cli import _changed_cells
+
+    ctx = load(demo_config(tmp_path))
+    changed, remeasured, same = ctx.plan.cells[0], ctx.plan.cells[1], ctx.plan.cells[2]
+    for cell in (changed, remeasured, same):
+        _finish(ctx, cell, *measurement(ctx.cfg, cell))
+    entries = [{"cell_id": c.id, "was": "ok", "now": "incomplete", "why": "energy_j null: GPU-x not metered",
+                "rules": "4", "record_sha256": file_sha256(c.dir(ctx.output_dir) / "cell.json")}
+               for c in (changed, remeasured)]
+    problems = tmp_path / "results" / "aggregate_problems.json"
+    problems.write_text(json.dumps({"problems": [], "status_changed": entries}))
+    again = remeasured.dir(ctx.output_dir) / "cell.json"
+    dataclasses.replace(CellRecord.read(again), reason="measured again").write(again)
+    summary = tmp_path / "results" / "summary.parquet"
+    summary.write_bytes(b"x")
+
+    strict = demo_config(tmp_path, policies={"on_config_change": "error"})
+    with caplog.at_level("WARNING"):
+        assert load(strict).prepare(dry_run=True, derived=[summary]) == [changed.id]
+    assert (f"{changed.id}: status changed under newer rules (under metrics rules 4 its rows say incomplete, "
+            "its cell.json ok: energy_j null: GPU-x not metered); would rerun (dry run)") in caplog.text
+    assert (changed.dir(ctx.output_dir) / "cell.json").exists() and summary.exists()
+    assert _changed_cells(load(strict).cfg, "group") == {changed.id}  # llmenergy plan counts it to run
+
+    assert load(strict).prepare(derived=[summary]) == [changed.id]
+    moved = changed.dir(ctx.output_dir) / SUPERSEDED / measurement(ctx.cfg, changed)[0]
+    assert sorted(p.name for p in moved.iterdir()) == ["cell.json", "logs", "metrics.parquet"]
+    assert (remeasured.dir(ctx.output_dir) / "cell.json").exists() and not summary.exists()
+    assert (same.dir(ctx.output_dir) / "cell.json").exists()
+    assert load(strict).prepare() == []  # the entry names a record no longer there
+
+
 def test_run_cell_treats_another_fingerprint_as_not_finished(tmp_path: Path) -> None:
     ctx = load(demo_config(tmp_path))
     cell = ctx.plan.cells[0]

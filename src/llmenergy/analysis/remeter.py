@@ -6,13 +6,16 @@ pass for current: :func:`remeter` computes its rows again from the cell's raw fi
 ``finalize`` would now, and leaves the file as it is. It does so only when every raw input the
 old rows were computed from is there and reads whole; otherwise the old rows are kept and the
 cell is named with why, since a number computed from fewer inputs than the first time would be
-wrong, not newer. The cell's record keeps its say on the status: a cell whose new rows say
-otherwise than its old ones (its energy now incomplete, say) is named, as its ``cell.json``,
-which decides what reruns, still says what it did.
+wrong, not newer. A cell whose new rows say another status than its old ones (its energy now
+incomplete, say) is named with its ``cell.json``'s SHA-256: that record still says what the cell
+did and decides what reruns, so the workflow's next parse (:func:`status_changed_since`) sets
+the cell's files aside and measures it again, as for a changed config.
 """
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from llmenergy.analysis.metrics import RULES_VERSION, cell_metrics, read_records
+from llmenergy.atomic import file_sha256
 from llmenergy.cellfiles import METRICS_SCHEMA, CellRecord, CellSpec
 from llmenergy.layout import CellFiles
 
@@ -37,7 +41,8 @@ class Remetered:
     done: list[str] = field(default_factory=list)
     #: ``{"cell_id", "status", "why"}`` of cells that keep their older rows
     kept: list[dict[str, str]] = field(default_factory=list)
-    #: ``{"cell_id", "was", "now", "why"}`` of recomputed cells whose status changed
+    #: ``{"cell_id", "was", "now", "why", "rules", "record_sha256"}`` of recomputed cells whose
+    #: status changed
     status_changed: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -121,15 +126,16 @@ def remeter(table: pa.Table, stale: list[Path]) -> Remetered:
         if (was := _statuses(old)) != (now := _statuses(new)):
             reasons = [str(r) for r in new.column("reason").to_pylist() if r]
             out.status_changed.append({"cell_id": cell_dir.name, "was": was, "now": now,
-                                       "why": reasons[0] if reasons else ""})
+                                       "why": reasons[0] if reasons else "", "rules": str(RULES_VERSION),
+                                       "record_sha256": file_sha256(CellFiles(cell_dir).record)})
         if i % 50 == 0:
             log.info("computed %d of %d cell(s) again", i, len(stale))
     if out.kept:
         log.warning("%d cell(s) keep rows computed under older rules: %s", len(out.kept),
                     ", ".join(k["cell_id"] for k in out.kept))
     for c in out.status_changed:
-        log.warning("%s: %s under older rules, %s now (%s); its cell.json still says what it did: rerun it "
-                    "with --force to measure it again", c["cell_id"], c["was"], c["now"], c["why"])
+        log.warning("%s: %s under older rules, %s now (%s); the next run of the workflow measures it again",
+                    c["cell_id"], c["was"], c["now"], c["why"])
     if out.done:
         rest = table.filter(pc.invert(pc.is_in(table["cell_id"], value_set=pa.array(out.done))))
         out.table = pa.concat_tables([rest, *fresh])
@@ -141,3 +147,25 @@ def kept_entries(found: dict[str, Any] | None) -> list[dict[str, str]]:
     before it said why."""
     return [{"status": "", "why": "", **k} if isinstance(k, dict) else {"cell_id": str(k), "status": "", "why": ""}
             for k in (found or {}).get("older_rules_kept", [])]
+
+
+def status_changed_since(problems: Path, records: Mapping[str, Path]) -> list[tuple[str, str]]:
+    """``(cell id, why)`` of the ``status_changed`` cells of the ``aggregate_problems.json``
+    ``problems`` that are in ``records`` (``{cell id: its cell.json}``) with the same
+    ``cell.json`` the aggregate read (a cell measured again since is not one of them)."""
+    try:
+        found = json.loads(problems.read_text())
+    except (OSError, ValueError):
+        return []  # none yet, or unreadable (the report says so)
+    out: list[tuple[str, str]] = []
+    for entry in found.get("status_changed") or [] if isinstance(found, dict) else []:
+        if not isinstance(entry, dict) or (path := records.get(str(entry.get("cell_id")))) is None:
+            continue
+        try:
+            same = entry.get("record_sha256") == file_sha256(path)
+        except OSError:
+            same = False
+        if same:
+            out.append((str(entry["cell_id"]), f"under metrics rules {entry.get('rules', '?')} its rows say "
+                        f"{entry.get('now')}, its cell.json {entry.get('was')}: {entry.get('why') or 'no reason given'}"))
+    return out

@@ -5,8 +5,8 @@ job's), so it only validates the config and expands the matrix: no heavy
 imports (no torch). The one filesystem pass, :meth:`Context.prepare`, runs on
 the main process only and reads a few bytes per cell: it moves aside corrupt or
 unfinished outputs (:meth:`Context.quarantine_corrupt`) and the outputs of
-finished cells whose fingerprint no longer matches the config
-(:meth:`Context.supersede_changed`), and keeps each unfinished cell's last
+finished cells whose fingerprint no longer matches the config, or whose status changed
+under newer metrics rules (:meth:`Context.supersede_changed`), and keeps each unfinished cell's last
 record, so that a cell stopped at its time limit asks for more time.
 
 Every job's resources come from :func:`llmenergy.planning.jobs.job_request`, the
@@ -90,12 +90,15 @@ def output_problem(path: Path, accept: Callable[[str], bool] | None = None) -> s
 
 @dataclass
 class Changed:
-    """A finished cell whose recorded fingerprint differs from the current config's."""
+    """A finished cell whose recorded fingerprint differs from the current config's, or
+    (``rules``) whose rows, computed again under this version's metrics rules, say another
+    status than its record."""
 
     cell: Cell
     old: str
     new: str
     why: str
+    rules: bool = False
 
 
 @dataclass
@@ -298,8 +301,9 @@ class Context:
         self._base.clear()
 
     def changed_cells(self) -> list[Changed]:
-        """Finished cells whose recorded fingerprint is not the current config's; a record
-        without a fingerprint is one of them (nothing unchecked passes for current)."""
+        """Finished cells whose recorded fingerprint is not the current config's (a record
+        without a fingerprint is one of them: nothing unchecked passes for current), then
+        those of :meth:`rules_changed_cells`."""
         from llmenergy.orchestrate.fingerprint import (
             changes,
             checkpoint_files,
@@ -324,6 +328,25 @@ class Context:
             if new != old:
                 why = changes(data.get("definition"), defn) if old else "recorded without a fingerprint"
                 out.append(Changed(cell, str(old or ""), new, why))
+        seen = {c.cell.id for c in out}
+        return out + [c for c in self.rules_changed_cells() if c.cell.id not in seen]
+
+    def rules_changed_cells(self) -> list[Changed]:
+        """Finished cells whose status the last ``aggregate`` found changed under this
+        version's metrics rules (``aggregate_problems.json`` ``status_changed``: its energy
+        now incomplete, say), while their ``cell.json`` is still the one it read (its
+        SHA-256): the record says ``ok`` and would keep the cell from rerunning."""
+        from llmenergy.analysis.remeter import status_changed_since
+
+        cells = {c.id: c for c in self.plan.cells}
+        records = {cid: c.files(self.output_dir).record for cid, c in cells.items()}
+        out: list[Changed] = []
+        for cid, why in status_changed_since(RunLayout(Path(self.output_dir)).problems, records):
+            data = peek_record(records[cid])
+            if data is None or not accepted(str(data.get("status")), self.cfg.policies):
+                continue  # unfinished anyway: it reruns
+            fp = str(data.get("fingerprint") or "")
+            out.append(Changed(cells[cid], fp, fp, why, rules=True))
         return out
 
     def supersede_changed(self, changed: list[Changed], *, dry_run: bool = False,
@@ -333,14 +356,16 @@ class Context:
         Under ``policies.on_config_change: error``, raise one error listing them."""
         if not changed:
             return
-        if self.cfg.policies.on_config_change == "error":
-            listed = "; ".join(f"{c.cell.id} ({c.why})" for c in changed)
+        config = [c for c in changed if not c.rules]
+        if self.cfg.policies.on_config_change == "error" and config:
+            listed = "; ".join(f"{c.cell.id} ({c.why})" for c in config)
             raise ConfigError(f"{self.cfg.source}: policies.on_config_change: error: the config changed "
-                              f"for {len(changed)} finished cell(s): {listed}")
+                              f"for {len(config)} finished cell(s): {listed}")
         from llmenergy.orchestrate.fingerprint import supersede
 
         for c in changed:
-            log.warning("llmenergy: %s: config changed (%s); %s", c.cell.id, c.why,
+            log.warning("llmenergy: %s: %s (%s); %s", c.cell.id,
+                        "status changed under newer rules" if c.rules else "config changed", c.why,
                         "would rerun (dry run)" if dry_run else "rerunning")
             if not dry_run:
                 supersede(c.cell.files(self.output_dir), c.old)
@@ -352,7 +377,7 @@ class Context:
         """The main process's pass before anything runs; returns the cells to rerun."""
         changed = self.changed_cells()
         self._changed = {c.cell.id for c in changed}
-        if self.cfg.policies.on_config_change == "error" and changed:
+        if self.cfg.policies.on_config_change == "error" and any(not c.rules for c in changed):
             self.supersede_changed(changed, dry_run=dry_run, derived=derived)  # raises
         before = read_history(self.cfg, self.plan.cells)
         bad = self.quarantine_corrupt(dry_run=dry_run, derived=derived)
