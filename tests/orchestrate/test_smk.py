@@ -11,29 +11,10 @@ import pytest
 
 from llmenergy import config
 from llmenergy.cellfiles import accepted
-from llmenergy.orchestrate.smk import load, output_problem
+from llmenergy.orchestrate.smk import load
 from llmenergy.planning import jobs
 from llmenergy.planning.matrix import estimate_runtime_s
 from orchestrate_helpers import demo_config
-
-
-def test_output_problem_detects_truncated_parquet_and_unfinished_status(tmp_path: Path) -> None:
-    good = tmp_path / "metrics.parquet"
-    pq.write_table(pa.table({"x": [1, 2]}), good)
-    assert output_problem(good) is None
-    cut = tmp_path / "cut.parquet"
-    cut.write_bytes(good.read_bytes()[:-10])
-    assert "bad magic" in output_problem(cut)
-    tiny = tmp_path / "tiny.parquet"
-    tiny.write_bytes(b"PAR1")
-    assert "too short" in output_problem(tiny)
-    cell = tmp_path / "cell.json"
-    cell.write_text(json.dumps({"status": "incomplete"}))
-    assert output_problem(cell, lambda s: s == "ok") == "status incomplete, not finished"
-    cell.write_text(json.dumps({"status": "ok"}))
-    assert output_problem(cell, lambda s: s == "ok") is None
-    cell.write_text("{not json")
-    assert output_problem(cell).startswith("unreadable")
 
 
 def test_quarantine_moves_bad_outputs_aside_and_drops_derived(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llmenergy import atomic
-from llmenergy.cellfiles import Cell, accepted, peek_record
+from llmenergy.cellfiles import Cell, accepted, output_problem, peek_record
 from llmenergy.config import Config, from_dict
 from llmenergy.errors import ConfigError
 from llmenergy.layout import RunLayout
@@ -55,38 +55,6 @@ RESOLVED_CONFIG = ".llmenergy/config.json"
 #: directory and makes it the job's input, newer than its outputs, so that ``-n`` lists the
 #: job and what follows it; a real run removes the folder.
 WOULD_RERUN_DIR = ".llmenergy/would-rerun"
-
-PARQUET_MAGIC = b"PAR1"
-
-
-def output_problem(path: Path, accept: Callable[[str], bool] | None = None) -> str | None:
-    """Why an existing cell output is unusable, else None.
-
-    Cheap: a Parquet file must start and end with ``PAR1`` (else truncated or
-    corrupt); ``cell.json`` must parse as a JSON object whose ``status`` passes
-    ``accept``: a cell recorded ``incomplete`` or ``failed`` is not finished,
-    even where its job's end raced Snakemake's cleanup of failed outputs.
-    """
-    try:
-        if path.suffix == ".parquet":
-            size = path.stat().st_size
-            if size < 12:
-                return f"{size} bytes, too short for Parquet"
-            with open(path, "rb") as f:
-                head = f.read(4)
-                f.seek(-4, 2)
-                tail = f.read(4)
-            if head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
-                return "not a Parquet file (bad magic bytes)"
-            return None
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            return "not a JSON object"
-        status = str(data.get("status"))
-        return None if accept is None or accept(status) else f"status {status}, not finished"
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        return f"unreadable: {exc}"
-
 
 @dataclass
 class Changed:
