@@ -205,3 +205,42 @@ def test_a_field_sampled_twice_between_rows_gives_each_row_its_value_then(engine
         assert [r["temperature_c"] for r in backend.sample(0)] == [50]
         _append(engine, 0, T0_US + 100_000, f156=9_020_000)
         assert [r["temperature_c"] for r in backend.sample(0)] == [52]
+
+
+def test_other_processes_come_from_nvml_on_each_calls_last_row(engine, monkeypatch, caplog) -> None:
+    """DCGM lists no processes: NVML's listing of the same GPUs gives the count of those that are
+    not the job's own, on the last row of each GPU a sample call returns; a GPU whose listing NVML
+    refuses is asked once and null."""
+    import os
+
+    from llmenergy.power.backends import nvml_lib
+
+    monkeypatch.setattr(nvml_lib, "pynvml", engine.nvml.module())
+    gpus = engine.nvml.gpus()
+    gpus[0]["processes"] = [os.getpid(), os.getppid()]  # a rank and a process outside the job
+    gpus[1]["unsupported"] = ["nvmlDeviceGetComputeRunningProcesses"]
+    _append(engine, 0, T0_US + 100_000, f156=9_020_000)
+    with DcgmBackend(["GPU-a", "GPU-b"], profiling=False) as backend:
+        backend.own_pids = frozenset({os.getpid()})
+        rows = backend.sample(0)
+        assert [(r["device"], r["other_processes"]) for r in rows] == [
+            ("GPU-a", None), ("GPU-a", 1), ("GPU-b", None)]
+        gpus[0]["processes"] = [os.getpid()]
+        _append(engine, 0, T0_US + 200_000, f156=9_040_000)
+        _append(engine, 1, T0_US + 200_000, f156=9_040_000)
+        assert [r["other_processes"] for r in backend.sample(1)] == [0, None]
+    assert engine.nvml.calls["nvmlDeviceGetComputeRunningProcesses"] == 2 + 1  # GPU-b's asked once
+    assert caplog.text.count("GPU GPU-b: NVML lists no processes") == 1
+    assert engine.nvml.calls["nvmlShutdown"] == 1  # NVML's session closed with the backend
+
+
+def test_without_nvml_beside_dcgm_other_processes_is_null_and_said(engine, monkeypatch, caplog) -> None:
+    from llmenergy.power.backends import nvml_lib
+
+    monkeypatch.setattr(nvml_lib, "pynvml", fake_nvml.FakeNvml(
+        {"gpus": engine.nvml.gpus(), "init_error": fake_nvml.NVML_ERROR_DRIVER_NOT_LOADED}).module())
+    engine.nvml.gpus()[0]["processes"] = [1, 2, 3]
+    with DcgmBackend(["GPU-a"], profiling=False) as backend:
+        rows = backend.sample(0)
+    assert rows and all(r["other_processes"] is None for r in rows) and rows[0]["energy_mj"] == 9_000_000
+    assert "NVML not usable beside DCGM" in caplog.text and "not flagged" in caplog.text

@@ -18,8 +18,9 @@ listing, while another user's process hidden by ``hidepid`` stays.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +79,33 @@ def other_processes(pids: Sequence[int], own: Collection[int], proc: Path = PROC
     if not ours:
         return max(len(rest) - 1, 0)
     return sum(1 for p in rest if (proc / str(p)).exists() or p in listed_before)
+
+
+class OtherProcessCount:
+    """:func:`other_processes` of each GPU from its successive listings, for a backend that lists
+    them (``what`` names it in the log). A GPU whose listing is empty or absent gives None (while
+    a rank holds a context there: another PID namespace, nothing to tell); one whose listing
+    cannot be counted gives None too, logged once per GPU: a flag's input is never worth the
+    collector."""
+
+    def __init__(self, what: str, proc: Path = PROC) -> None:
+        self.what = what
+        self.proc = proc
+        self._listed: dict[Hashable, list[int]] = {}  # each GPU's PIDs at its listing before
+        self._failed: set[Hashable] = set()
+
+    def count(self, gpu: Hashable, processes: Sequence[Any] | None, own: Collection[int]) -> int | None:
+        """How many of ``processes`` (objects with a ``pid``: NVML's process records) holding a
+        compute context on ``gpu`` are not the job's own (``own``: the ranks' PIDs)."""
+        if not processes:
+            return None
+        try:
+            pids = [int(p.pid) for p in processes]
+            before, self._listed[gpu] = self._listed.get(gpu, []), pids
+            return other_processes(pids, own, self.proc, listed_before=before)
+        except Exception as exc:  # noqa: BLE001 - a flag's input, never worth the collector
+            if gpu not in self._failed:
+                self._failed.add(gpu)
+                log.warning("%s: GPU %s: counting other processes failed (%s); reporting null",
+                            self.what, gpu, exc)
+            return None

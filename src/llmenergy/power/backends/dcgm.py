@@ -16,6 +16,12 @@ instant (µs → ns, the same wall clock as every ``*_ns``); the other fields ca
 their latest value at or before it.  The ``timestamp_ns`` the collector passes
 (when it asked) is not used.  A standalone ``nv-hostengine`` on another host
 stamps with that host's clock.
+
+DCGM lists no processes, so the count of processes holding a compute context on a GPU other
+than the job's own (``other_processes``: :mod:`llmenergy.power.processes`) comes from NVML, as
+in the NVML backend: listed at each :meth:`DcgmBackend.sample` and set on that call's last
+row of each GPU. Where NVML is not usable beside DCGM or does not see the GPU, the column is
+null, said once in the log.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import os
 from typing import Any
 
 from llmenergy.errors import SensorError, SensorUnavailable
-from llmenergy.power.backends import dcgm_lib
+from llmenergy.power.backends import dcgm_lib, nvml_lib
 from llmenergy.power.backends.base import (
     DeviceInfo,
     PowerBackend,
@@ -56,6 +62,7 @@ from llmenergy.power.backends.dcgm_lib import (  # noqa: F401 - re-exported for 
     clean,
     load_bindings,
 )
+from llmenergy.power.processes import OtherProcessCount
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +101,14 @@ class DcgmBackend(PowerBackend):
         self._history: dict[int, dict[int, list[Sample]]] = {}
         # per GPU id: instants (ns) of new ROW_FIELDS samples not yet returned by sample()
         self._pending: dict[int, set[int]] = {}
+        self._nvml: nvml_lib.NvmlSession | None = None  # the processes' listing (DCGM has none)
+        self._others = OtherProcessCount("dcgm")
+        self._unlisted: set[str] = set()  # GPUs whose listing NVML refused
         try:
             self._connect()
             self._discover(uuid_list)
             self._watch(profiling)
+            self._open_nvml()
         except BaseException:
             self.close()
             raise
@@ -159,6 +170,29 @@ class DcgmBackend(PowerBackend):
         log.info("dcgm: watching fields %s on GPU ids %s every %d us",
                  list(fields), [d.index for d in self._devices], self._interval_us)
         return reader
+
+    def _open_nvml(self) -> None:
+        try:
+            self._nvml = nvml_lib.NvmlSession()
+        except nvml_lib.vendor_errors() as exc:
+            log.warning("dcgm: NVML not usable beside DCGM (%s): other_processes is null "
+                        "(a GPU shared with another job is not flagged)", exc)
+
+    def _processes(self, dev: DeviceInfo) -> list[Any] | None:
+        """NVML's list of the processes holding a compute context on ``dev``; None where it has none
+        to give (unsupported, refused: asked once, logged; another failure: this time only)."""
+        if self._nvml is None or dev.uuid in self._unlisted:
+            return None
+        try:
+            return list(nvml_lib.pynvml.nvmlDeviceGetComputeRunningProcesses(self._nvml.handle(dev.uuid)))
+        except (AttributeError, *nvml_lib.vendor_errors()) as exc:
+            if isinstance(exc, AttributeError) or nvml_lib.error_in(exc, nvml_lib.UNSUPPORTED_ERRORS
+                                                                     + nvml_lib.UNAVAILABLE_ERRORS):
+                self._unlisted.add(dev.uuid)
+                log.warning("dcgm: GPU %s: NVML lists no processes (%s); other_processes is null", dev.uuid, exc)
+            else:
+                log.debug("dcgm: GPU %s: listing processes failed: %s", dev.uuid, exc)
+            return None
 
     # -- reading -----------------------------------------------------------
     def devices(self) -> list[DeviceInfo]:
@@ -224,6 +258,7 @@ class DcgmBackend(PowerBackend):
             if instants:  # later rows need each field's value at the last row and what came after
                 for samples in history.values():
                     _drop_before(samples, instants[-1])
+                rows[-1]["other_processes"] = self._others.count(dev.index, self._processes(dev), self.own_pids)
         return rows
 
     def _row(self, dev: DeviceInfo, timestamp_ns: int, v: dict[int, Any]) -> dict[str, Any]:
@@ -275,6 +310,9 @@ class DcgmBackend(PowerBackend):
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        nvml, self._nvml = self._nvml, None
+        if nvml is not None:
+            nvml.close()
 
 
 def _values_at(history: dict[int, list[Sample]], timestamp_ns: int) -> dict[int, Any]:

@@ -29,7 +29,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from llmenergy.power.processes import other_processes
+from llmenergy.power.processes import OtherProcessCount
 from llmenergy.errors import SensorError
 from llmenergy.power.backends import nvml_lib
 from llmenergy.power.backends.base import (
@@ -61,7 +61,7 @@ class NvmlBackend(PowerBackend):
         self._devices: list[DeviceInfo] = []
         self._unsupported: dict[int, set[str]] = {}
         self._power_via_usage: set[int] = set()
-        self._listed: dict[int, list[int]] = {}  # each GPU's compute processes at its last full sample
+        self._others = OtherProcessCount("nvml")  # of each GPU's compute processes at its full samples
         self._init()
         try:
             self._discover(uuid_list)
@@ -231,25 +231,8 @@ class NvmlBackend(PowerBackend):
             power_limit_w=nvml_lib.mw_to_w(limit_mw),
             clock_event_reasons=reasons,
             power_cap_throttle_ns=violation_ns,
-            other_processes=self._others(i, processes),
+            other_processes=self._others.count(i, processes, self.own_pids),
         )
-
-    def _others(self, device_index: int, processes: list[Any] | None) -> int | None:
-        """How many of a GPU's compute processes are not the job's own (:mod:`.processes`); None
-        where NVML lists none (while the rank holds a context: another PID namespace, nothing to
-        tell) or the count fails (logged once)."""
-        if not processes:
-            return None
-        try:
-            pids = [int(p.pid) for p in processes]
-            before, self._listed[device_index] = self._listed.get(device_index, []), pids
-            return other_processes(pids, self.own_pids, listed_before=before)
-        except Exception as exc:  # noqa: BLE001 - a flag's input, never worth the collector
-            if "others" not in self._unsupported[device_index]:
-                self._unsupported[device_index].add("others")
-                log.warning("nvml: GPU %d: counting other processes failed (%s); reporting null",
-                            device_index, exc)
-            return None
 
     def close(self) -> None:
         nvml, self._nvml = self._nvml, None
