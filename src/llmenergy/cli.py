@@ -9,13 +9,9 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from llmenergy import __version__, entrypoints
 from llmenergy.errors import LLMEnergyError, UserError
-
-if TYPE_CHECKING:
-    from llmenergy.config import Config
 
 log = logging.getLogger("llmenergy")
 
@@ -27,6 +23,7 @@ def _load(args: argparse.Namespace, check_files: bool = True):  # noqa: ANN202
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from llmenergy.orchestrate.smk import changed_cell_ids
     from llmenergy.planning.groups import resolve_packing
     from llmenergy.planning.plan import format_plan
 
@@ -34,18 +31,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     packing = args.packing or resolve_packing(cfg)
     sys.stdout.write(format_plan(cfg, show_infeasible=not args.hide_infeasible, fmt=args.format,
                                  all_left_out=args.all, packing=packing, cells=args.cells,
-                                 changed=_changed_cells(cfg, packing)))
+                                 changed=changed_cell_ids(cfg, packing)))
     return 0
-
-
-def _changed_cells(cfg: Config, packing: str) -> set[str]:
-    """The finished cells whose recorded definition is not the config's (the next run
-    reruns them; the plan counts them as left to run)."""
-    from llmenergy.orchestrate.smk import Context
-    from llmenergy.planning.matrix import expand
-
-    ctx = Context(cfg=cfg, plan=expand(cfg), config_arg=str(cfg.source), packing=packing)
-    return {c.cell.id for c in ctx.changed_cells()}
 
 
 def cmd_run_cell(args: argparse.Namespace) -> int:

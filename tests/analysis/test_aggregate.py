@@ -337,7 +337,7 @@ def test_an_older_cell_whose_status_changes_under_the_new_rules_is_named_for_the
     assert CellRecord.read(cdir / "cell.json").status == "ok"  # aggregate writes no cell file
     text = render_report(tmp_path).read_text()
     assert "1 of them changed status under this version's rules" in text
-    assert "the\nnext run of the workflow" in text and "--cell ID --force" in text
+    assert "the\nnext run of the workflow" in text and "no longer plans is not rerun" in text
     # the workflow's next parse reads it back (smk.Context.rules_changed_cells) while cell.json
     # is the one the aggregate read, and not once the cell was measured again
     records = {"changed": cdir / "cell.json", "other": tmp_path / "cells" / "other" / "cell.json"}

@@ -145,16 +145,18 @@ def test_prepare_reruns_a_cell_whose_status_changed_under_newer_metrics_rules(tm
     on_config_change: error (the config did not change); a cell measured again since is not."""
     import json
 
+    from llmenergy.analysis.metrics import RULES_VERSION
     from llmenergy.atomic import file_sha256
-    from llmenergy.cli import _changed_cells
+    from llmenergy.orchestrate.smk import changed_cell_ids
 
     ctx = load(demo_config(tmp_path))
-    changed, remeasured, same = ctx.plan.cells[0], ctx.plan.cells[1], ctx.plan.cells[2]
-    for cell in (changed, remeasured, same):
+    changed, remeasured, same, older = ctx.plan.cells[0], ctx.plan.cells[1], ctx.plan.cells[2], ctx.plan.cells[3]
+    for cell in (changed, remeasured, same, older):
         _finish(ctx, cell, *measurement(ctx.cfg, cell))
     entries = [{"cell_id": c.id, "was": "ok", "now": "incomplete", "why": "energy_j null: GPU-x not metered",
-                "rules": "4", "record_sha256": file_sha256(c.dir(ctx.output_dir) / "cell.json")}
-               for c in (changed, remeasured)]
+                "rules": str(RULES_VERSION if c is not older else RULES_VERSION - 1),  # older: judged by other rules
+                "record_sha256": file_sha256(c.dir(ctx.output_dir) / "cell.json")}
+               for c in (changed, remeasured, older)]
     problems = tmp_path / "results" / "aggregate_problems.json"
     problems.write_text(json.dumps({"problems": [], "status_changed": entries}))
     again = remeasured.dir(ctx.output_dir) / "cell.json"
@@ -165,17 +167,49 @@ def test_prepare_reruns_a_cell_whose_status_changed_under_newer_metrics_rules(tm
     strict = demo_config(tmp_path, policies={"on_config_change": "error"})
     with caplog.at_level("WARNING"):
         assert load(strict).prepare(dry_run=True, derived=[summary]) == [changed.id]
-    assert (f"{changed.id}: status changed under newer rules (under metrics rules 4 its rows say incomplete, "
-            "its cell.json ok: energy_j null: GPU-x not metered); would rerun (dry run)") in caplog.text
+    assert (f"{changed.id}: status changed under newer rules (under metrics rules {RULES_VERSION} its rows say "
+            "incomplete, its cell.json ok: energy_j null: GPU-x not metered); would rerun (dry run)") in caplog.text
     assert (changed.dir(ctx.output_dir) / "cell.json").exists() and summary.exists()
-    assert _changed_cells(load(strict).cfg, "group") == {changed.id}  # llmenergy plan counts it to run
+    marks = tmp_path / "results" / ".llmenergy" / "would-rerun"
+    assert [p.name for p in marks.iterdir()] == [j.id for j in ctx.jobs if changed in j.cells]  # -n lists its job
+    assert changed_cell_ids(load(strict).cfg, "group") == {changed.id}  # plan and submit count it to run
 
     assert load(strict).prepare(derived=[summary]) == [changed.id]
     moved = changed.dir(ctx.output_dir) / SUPERSEDED / measurement(ctx.cfg, changed)[0]
     assert sorted(p.name for p in moved.iterdir()) == ["cell.json", "logs", "metrics.parquet"]
     assert (remeasured.dir(ctx.output_dir) / "cell.json").exists() and not summary.exists()
-    assert (same.dir(ctx.output_dir) / "cell.json").exists()
-    assert load(strict).prepare() == []  # the entry names a record no longer there
+    assert (same.dir(ctx.output_dir) / "cell.json").exists() and (older.dir(ctx.output_dir) / "cell.json").exists()
+    assert load(strict).prepare() == []
+
+
+def test_run_group_and_run_cell_rerun_a_cell_whose_status_changed_under_newer_rules(tmp_path: Path) -> None:
+    """The other routes (llmenergy submit, run-group and run-cell by hand) decide through
+    launch.finished: a cell named in status_changed with its cell.json as it is is not finished,
+    its files set aside; submit sends a group whose every cell is finished but one so named."""
+    import json
+
+    from llmenergy.analysis.metrics import RULES_VERSION
+    from llmenergy.atomic import file_sha256
+    from llmenergy.orchestrate.submit import group_jobs
+
+    ctx = load(demo_config(tmp_path))
+    (job, *_rest) = ctx.jobs
+    for c in ctx.plan.cells:
+        _finish(ctx, c, *measurement(ctx.cfg, c))
+    path = tmp_path / "config.yaml"
+    path.write_text(__import__("yaml").safe_dump(demo_config(tmp_path)))
+    assert group_jobs(path)[2] == []  # every cell finished: nothing to submit
+    cell = job.cells[0]
+    record = cell.dir(ctx.output_dir) / "cell.json"
+    (tmp_path / "results" / "aggregate_problems.json").write_text(json.dumps({"status_changed": [
+        {"cell_id": cell.id, "was": "ok", "now": "incomplete", "why": "energy_j null: x", "rules": str(RULES_VERSION),
+         "record_sha256": file_sha256(record)}]}))
+    assert group_jobs(path)[2] == [job.id]
+    current = measurement(ctx.cfg, cell)
+    assert finished(ctx.cfg, cell.files(ctx.output_dir), current) is None
+    assert not record.exists() and (cell.dir(ctx.output_dir) / SUPERSEDED / current[0] / "cell.json").is_file()
+    other = job.cells[1]
+    assert finished(ctx.cfg, other.files(ctx.output_dir), measurement(ctx.cfg, other)) == "ok"
 
 
 def test_run_cell_treats_another_fingerprint_as_not_finished(tmp_path: Path) -> None:

@@ -237,9 +237,10 @@ def test_other_processes_come_from_nvml_on_each_calls_last_row(engine, monkeypat
 def test_without_nvml_beside_dcgm_other_processes_is_null_and_said(engine, monkeypatch, caplog) -> None:
     from llmenergy.power.backends import nvml_lib
 
+    gpus = engine.nvml.gpus()
+    gpus[0]["processes"] = [1, 2, 3]  # listed, were NVML usable: would count 2
     monkeypatch.setattr(nvml_lib, "pynvml", fake_nvml.FakeNvml(
-        {"gpus": engine.nvml.gpus(), "init_error": fake_nvml.NVML_ERROR_DRIVER_NOT_LOADED}).module())
-    engine.nvml.gpus()[0]["processes"] = [1, 2, 3]
+        {"gpus": gpus, "init_error": fake_nvml.NVML_ERROR_DRIVER_NOT_LOADED}).module())
     with DcgmBackend(["GPU-a"], profiling=False) as backend:
         rows = backend.sample(0)
     assert rows and all(r["other_processes"] is None for r in rows) and rows[0]["energy_mj"] == 9_000_000

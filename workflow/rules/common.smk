@@ -29,8 +29,9 @@ wildcard_constraints:
 
 # Before anything runs (main process only): corrupt or unfinished cell outputs are moved
 # aside (*.rejected), and so are those of finished cells whose fingerprint no longer
-# matches the config (cells/<id>/superseded/<old>/), so that exactly those cells rerun;
-# under policies.on_config_change: error, one error lists them instead.
+# matches the config, or whose status changed under newer metrics rules (aggregate's
+# status_changed) (cells/<id>/superseded/<fingerprint>/), so that exactly those cells rerun;
+# under policies.on_config_change: error, one error lists the changed configs instead.
 # (workflow.dryrun is not yet set while the Snakefile is parsed: read -n from the command line.)
 _DRY_RUN = workflow.dryrun or smk.dry_run_requested(sys.argv)
 if workflow.is_main_process:

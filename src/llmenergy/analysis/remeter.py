@@ -134,7 +134,7 @@ def remeter(table: pa.Table, stale: list[Path]) -> Remetered:
         log.warning("%d cell(s) keep rows computed under older rules: %s", len(out.kept),
                     ", ".join(k["cell_id"] for k in out.kept))
     for c in out.status_changed:
-        log.warning("%s: %s under older rules, %s now (%s); the next run of the workflow measures it again",
+        log.warning("%s: %s under older rules, %s now (%s); the next run measures it again if it is planned",
                     c["cell_id"], c["was"], c["now"], c["why"])
     if out.done:
         rest = table.filter(pc.invert(pc.is_in(table["cell_id"], value_set=pa.array(out.done))))
@@ -152,7 +152,8 @@ def kept_entries(found: dict[str, Any] | None) -> list[dict[str, str]]:
 def status_changed_since(problems: Path, records: Mapping[str, Path]) -> list[tuple[str, str]]:
     """``(cell id, why)`` of the ``status_changed`` cells of the ``aggregate_problems.json``
     ``problems`` that are in ``records`` (``{cell id: its cell.json}``) with the same
-    ``cell.json`` the aggregate read (a cell measured again since is not one of them)."""
+    ``cell.json`` the aggregate read (a cell measured again since is not one of them), judged
+    under this version's rules (an entry of other rules waits for the next aggregate)."""
     try:
         found = json.loads(problems.read_text())
     except (OSError, ValueError):
@@ -160,6 +161,8 @@ def status_changed_since(problems: Path, records: Mapping[str, Path]) -> list[tu
     out: list[tuple[str, str]] = []
     for entry in found.get("status_changed") or [] if isinstance(found, dict) else []:
         if not isinstance(entry, dict) or (path := records.get(str(entry.get("cell_id")))) is None:
+            continue
+        if str(entry.get("rules")) != str(RULES_VERSION):
             continue
         try:
             same = entry.get("record_sha256") == file_sha256(path)

@@ -267,7 +267,9 @@ def launch_srun(job: CellFiles, fwd: Forward, cfg: Config, cell: Cell, worker_ar
 def finished(cfg: Config, files: CellFiles, current: tuple[str, dict[str, Any]]) -> str | None:
     """The status of the cell's record, when it is finished (accepted) under the config's
     policies with the current fingerprint. A finished cell of another fingerprint is
-    superseded (its files moved aside), and so is one without a fingerprint."""
+    superseded (its files moved aside), and so is one without a fingerprint, and one whose
+    status the last ``aggregate`` found changed under this version's metrics rules
+    (:func:`llmenergy.analysis.remeter.status_changed_since`)."""
     if not files.record.exists():
         return None
     try:
@@ -280,6 +282,13 @@ def finished(cfg: Config, files: CellFiles, current: tuple[str, dict[str, Any]])
     if record.fingerprint != current[0]:
         log.warning("%s: the config changed (%s); rerunning", files.root.name,
                     changes(record.definition, current[1]))
+        supersede(files, record.fingerprint)
+        return None
+    from llmenergy.analysis.remeter import status_changed_since
+
+    problems = RunLayout(Path(cfg.output_dir)).problems
+    for _cid, why in status_changed_since(problems, {files.root.name: files.record}):
+        log.warning("%s: status changed under newer rules (%s); rerunning", files.root.name, why)
         supersede(files, record.fingerprint)
         return None
     return record.status

@@ -455,6 +455,13 @@ def _source(configfiles: Sequence[str | Path]) -> str:
     return str(configfiles[-1]) if configfiles else "config"
 
 
+def changed_cell_ids(cfg: Config, packing: str) -> set[str]:
+    """The finished cells the next run measures again (:meth:`Context.changed_cells`): ``llmenergy
+    plan`` counts them as left to run and ``llmenergy submit`` submits their groups."""
+    ctx = Context(cfg=cfg, plan=expand(cfg), config_arg=str(cfg.source), packing=packing)
+    return {c.cell.id for c in ctx.changed_cells()}
+
+
 def load(config: dict[str, Any], configfiles: Sequence[str | Path] = ()) -> Context:
     """Validate Snakemake's merged ``config`` and expand the matrix.
 

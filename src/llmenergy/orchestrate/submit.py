@@ -304,6 +304,7 @@ def group_jobs(config_path: str | Path, group_ids: Sequence[str] | None = None,
     left out; ``group_ids`` names groups (all their parts) or parts."""
     from llmenergy import config
     from llmenergy.planning import jobs
+    from llmenergy.orchestrate.smk import changed_cell_ids
     from llmenergy.planning.groups import find_group
     from llmenergy.planning.matrix import expand
 
@@ -320,10 +321,11 @@ def group_jobs(config_path: str | Path, group_ids: Sequence[str] | None = None,
             g = find_group(cfg, cells, gid)
             match = [jobs.Job(g.id, g.id, g.cells, max_time_min=jobs.max_time_min(cfg, g.first.gpu, limits))]
         chosen += [j for j in match if j not in chosen]
+    changed = changed_cell_ids(cfg, "group")  # finished, but rerun (run-group sets their files aside)
     base = llmenergy_command()
     commands, resources, names = [], [], []
     for job in chosen:
-        if all(history.finished(c) for c in job.cells):
+        if all(history.finished(c) and c.id not in changed for c in job.cells):
             log.info("%s: every cell finished; not submitted", job.id)
             continue
         commands.append([*base, "run-group", "--config", str(cfg_path), "--group", job.id])
