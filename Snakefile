@@ -8,7 +8,12 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The repository's matrix, unless a config file is given (--configfile, or a profile's
+# configfile: as profiles/local's demo): Snakemake would merge this one under it key by key,
+# so keys left out of yours would come from here rather than from the defaults.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 report: "workflow/report/workflow.rst"

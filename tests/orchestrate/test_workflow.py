@@ -105,6 +105,21 @@ def test_snakemake_lint_is_clean(tmp_path: Path) -> None:
     assert "Lints for" not in out.stdout + out.stderr
 
 
+def test_a_given_config_file_is_the_whole_config_not_merged_over_the_repositorys(tmp_path: Path) -> None:
+    """--configfile (or a profile's configfile:) is the config: keys it leaves out take their
+    defaults, not the values of the config.yaml beside the Snakefile, as llmenergy plan reads it;
+    without one, config.yaml is read and --config overrides it."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**CONFIG, "repeats": 3, "seed": 7}))
+    mine = {k: v for k, v in CONFIG.items() if k not in ("repeats", "seed")}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({**mine, "output_dir": "mine"}))
+    assert _snakemake(tmp_path, "-n", "--configfile", "mine.yaml").returncode == 0
+    resolved = json.loads((tmp_path / "mine" / ".llmenergy" / "config.json").read_text())
+    assert "repeats" not in resolved and "seed" not in resolved  # the defaults, as `llmenergy plan` has them
+    assert _snakemake(tmp_path, "-n", "--config", "output_dir=repo").returncode == 0
+    resolved = json.loads((tmp_path / "repo" / ".llmenergy" / "config.json").read_text())
+    assert (resolved["repeats"], resolved["seed"]) == (3, 7)
+
+
 def test_snakemake_stops_on_bad_config_with_one_line(tmp_path: Path) -> None:
     bad = {**CONFIG, "matrix": [{**CONFIG["matrix"][0], "batch_size": [2, -4]}]}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(bad))
