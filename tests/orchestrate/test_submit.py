@@ -83,6 +83,19 @@ def test_group_jobs_cut_a_long_group_into_parts(tmp_path: Path) -> None:
     assert chosen == [p for p in parts if p.startswith(names[0] + ".cells")]
 
 
+def test_a_selection_that_contradicts_the_packing_is_one_error_not_every_job(tmp_path: Path) -> None:
+    """--cells with --packing group (or --groups with --packing cell) used to drop the selection
+    and submit every job of the config."""
+    path = _config(tmp_path)
+    for argv, hint in ((["--cells", "x", "--packing", "group"], "use --groups"),
+                       (["--groups", "x", "--packing", "cell"], "use --cells"),
+                       (["--cells", "x", "--groups", "y"], "not both")):
+        with pytest.raises(UserError, match=hint) as err:
+            main(["--config", str(path), *argv])
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "results" / "submitit").exists()  # nothing submitted
+
+
 # ---------------------------------------------------------------- pure mapping
 
 def test_submitit_parameters_one_task_per_node() -> None:

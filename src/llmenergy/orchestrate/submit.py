@@ -363,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is not None:
         if args.cells and args.groups:
             raise UserError("submit: give --cells or --groups, not both")
+        if args.cells and args.packing == "group":
+            raise UserError("submit: --cells submits one job per cell; with --packing group use --groups")
+        if args.groups and args.packing == "cell":
+            raise UserError("submit: --groups submits one job per group; with --packing cell use --cells")
         if _packing(args) == "group":
             commands, resources, names, out_dir = group_jobs(args.config, args.groups)
             if not commands:
