@@ -44,6 +44,14 @@ def with_(path: str, value: Any) -> dict[str, Any]:
 
 
 _DELETE = object()
+
+
+def _default_gen_long_prompts() -> dict[str, Any]:
+    """No max_gen_len (the default, 256) with prompts of up to 400 tokens: over llama-tiny's 512."""
+    data = with_("datasets.alp.max_prompt_len", 400)
+    del data["matrix"][0]["max_gen_len"]
+    return data
+
 M0 = "matrix.0"
 
 BAD: list[tuple[str, dict[str, Any], str]] = [
@@ -55,6 +63,8 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("string for a number", with_(f"{M0}.batch_size", ["four"]), "matrix[0].batch_size"),
     ("shards not an integer", with_(f"{M0}.shards", [1.5]), "matrix[0].shards"),
     ("generation over context", with_(f"{M0}.max_gen_len", [4000]), "matrix[0].max_gen_len: 4000"),
+    ("default generation over context", _default_gen_long_prompts(),
+     "matrix[0].max_gen_len: 256 (the default) + datasets.alp.max_prompt_len 400 exceeds tiny's context of 512"),
     ("power cap above range", with_(f"{M0}.power_cap_w", [900]), "matrix[0].power_cap_w: 900 W is outside"),
     ("power cap below range", with_(f"{M0}.power_cap_w", [50]), "matrix[0].power_cap_w: 50 W is outside"),
     ("power cap negative", with_(f"{M0}.power_cap_w", [-5]), "matrix[0].power_cap_w"),

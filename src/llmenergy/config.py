@@ -27,6 +27,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 COLLECTOR_BACKENDS = ("auto", "dcgm", "nvml", "rapl", "estimate", "none")
 #: Instant-power sampling period between full samples (NVML).
 DEFAULT_POWER_INTERVAL_MS = 40
+#: The value of each matrix axis a group leaves out (the planner's and the checks' one default).
+AXIS_DEFAULTS: dict[str, list[Any]] = {
+    "shards": [1], "batch_size": [1], "max_gen_len": [256], "power_cap_w": [None], "engine": ["reference"],
+    "precision": [DEFAULT_PRECISION],
+}
 SCHEMA_PATH = Path(str(resources.files("llmenergy") / "schemas" / "config.schema.json"))
 
 
@@ -214,10 +219,10 @@ def _check_matrix(cfg: Config) -> None:
         for axis, values in group.items():
             if len(values) != len(set(map(str, values))):
                 raise ConfigError(f"{src}: matrix[{i}].{axis}: duplicate value in {values!r}")
-        for v in group.get("engine", ["reference"]):
+        for v in group.get("engine", AXIS_DEFAULTS["engine"]):
             if v not in ENGINES:
                 raise ConfigError(f"{src}: matrix[{i}].engine: unknown engine {v!r} (known: {', '.join(ENGINES)})")
-        for v in group.get("precision", [DEFAULT_PRECISION]):
+        for v in group.get("precision", AXIS_DEFAULTS["precision"]):
             if v not in PRECISIONS:
                 raise ConfigError(f"{src}: matrix[{i}].precision: unknown precision {v!r} "
                                   f"(known: {', '.join(PRECISIONS)})")
@@ -226,15 +231,16 @@ def _check_matrix(cfg: Config) -> None:
                 if v in ("fp16", "bf16") and dtype not in ("auto", PRECISION_DTYPE[v]) and "precision" in group:
                     raise ConfigError(f"{src}: matrix[{i}].precision: {v} contradicts models.{m}.dtype "
                                       f"{dtype} (precision sets the dtype; leave dtype auto)")
-        for gen in group.get("max_gen_len", []):
+        default = "" if "max_gen_len" in group else " (the default)"
+        for gen in group.get("max_gen_len", AXIS_DEFAULTS["max_gen_len"]):
             for m in group["model"]:
                 for d in group["dataset"]:
                     ctx = cfg.models[m].args.max_seq_len
                     if gen + cfg.datasets[d].max_prompt_len > ctx:
                         raise ConfigError(
-                            f"{src}: matrix[{i}].max_gen_len: {gen} + datasets.{d}.max_prompt_len "
+                            f"{src}: matrix[{i}].max_gen_len: {gen}{default} + datasets.{d}.max_prompt_len "
                             f"{cfg.datasets[d].max_prompt_len} exceeds {m}'s context of {ctx} tokens")
-        for cap in group.get("power_cap_w", [None]):
+        for cap in group.get("power_cap_w", AXIS_DEFAULTS["power_cap_w"]):
             if cap is None:
                 continue
             for g in group["gpu"]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from llmenergy.arch import (
-    DEFAULT_PRECISION,
     DTYPE_BYTES,
     PRECISION_DTYPE,
     compute_capability,
@@ -25,15 +23,11 @@ from llmenergy.arch import (
     weight_loads,
 )
 from llmenergy.cellfiles import AXES, Cell
-from llmenergy.config import Config
+from llmenergy.config import AXIS_DEFAULTS, Config
 from llmenergy.errors import ConfigError
 from llmenergy.slurm import ShardLayoutError, node_layout
 
 MAX_SHARDS = 32
-DEFAULTS: dict[str, list[Any]] = {
-    "shards": [1], "batch_size": [1], "max_gen_len": [256], "power_cap_w": [None], "engine": ["reference"],
-    "precision": [DEFAULT_PRECISION],
-}
 # Per GPU: CUDA context, allocator slack and activations not counted in weights + KV cache.
 RESERVE_GB_PER_GPU = 2.0
 # Host memory of one rank besides the weights it loads: Python, torch, the CUDA context and
@@ -119,7 +113,7 @@ def expand(cfg: Config) -> Plan:
     cells: list[Cell] = []
     infeasible: list[Infeasible] = []
     for i, group in enumerate(cfg.matrix):
-        axes = {**DEFAULTS, **group}
+        axes = {**AXIS_DEFAULTS, **group}
         for values in itertools.product(*(axes[n] for n in AXES)):
             cell = Cell(**dict(zip(AXES, values, strict=True)))
             if cell.id in seen:
