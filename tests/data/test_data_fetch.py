@@ -269,7 +269,7 @@ def test_main_offline_returns_user_error_code(
     )
     assert rc == NetworkError.exit_code
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot download alpaca") and "alpaca_data.json" in err
+    assert err.startswith("llmenergy: error: cannot download alpaca") and "alpaca_data.json" in err
 
 
 def test_unknown_dataset(tmp_path: Path) -> None:

@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None, *, opener: Opener = urllib.request.u
             log.info("fetching from mirror %s (instead of %s)", args.mirror, UPSTREAM)
         path = fetch_dataset(args.name, args.dest, opener=opener, force=args.force, mirror=args.mirror)
     except UserError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write("".join(f"llmenergy: error: {line}\n" for line in str(exc).splitlines()))
         return exc.exit_code
     for source in SOURCES[args.name]:
         target = Path(args.dest) / source.filename
